@@ -1,0 +1,171 @@
+"""The ``postbote`` command. Errors meant for the admin are caught here, once, and printed as one line.
+
+Exit status: 0 every account was polled fine, 1 some account failed (or the state directory is busy),
+2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TextIO
+
+import pluggy
+import structlog
+
+from agent import __version__
+from agent.config import Config, find_config, load_config
+from agent.errors import ConfigError, PostboteError
+from agent.logconfig import configure_logging
+from agent.pluginmanager import make_plugin_manager
+from agent.poller import Poller
+from agent.state import StateLock, StateStore
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="postbote", description="Fetch mail from POP3 mailboxes and redeliver it.")
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="config file (default: $POSTBOTE_CONFIG, ./postbote.yaml, "
+                             "~/.config/postbote/postbote.yaml, /etc/postbote/postbote.yaml)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log.level")
+    parser.add_argument("--log-format", choices=["auto", "console", "json"], help="override log.format")
+    parser.add_argument("--version", action="version", version=f"postbote {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    poll = commands.add_parser("poll", help="poll the accounts once and exit")
+    poll.add_argument("accounts", nargs="*", metavar="ACCOUNT", help="only these accounts (default: all)")
+    commands.add_parser("run", help="run as a daemon, polling each account at its poll_interval")
+    commands.add_parser("check", help="validate the config and show the accounts it would poll")
+    retry = commands.add_parser("retry", help="let rejected messages be tried again on the next poll")
+    retry.add_argument("account", metavar="ACCOUNT")
+    retry.add_argument("uids", nargs="*", metavar="UID", help="only these messages (default: all rejected)")
+    demo = commands.add_parser("demo", help="fetch sample mail from a built-in POP3 server into a Maildir")
+    demo.add_argument("--maildir", metavar="DIR", help="where to deliver (default: a new temporary directory)")
+    demo.add_argument("--messages", type=int, default=None, metavar="N", help="how many extra generated messages")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        if args.command == "demo":
+            from agent.demo import run_demo
+
+            return run_demo(maildir=args.maildir, extra_messages=args.messages, log_format=args.log_format or "auto",
+                            log_level=args.log_level or "info")
+        return _dispatch(args)
+    except ConfigError as exc:
+        _print_error(exc)
+        return EXIT_USAGE
+    except PostboteError as exc:
+        _print_error(exc)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _print_error(exc: PostboteError, out: TextIO | None = None) -> None:
+    for line in str(exc).splitlines():
+        print(f"postbote: error: {line}", file=out or sys.stderr)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    pm = make_plugin_manager()
+    config = load_config(find_config(args.config), pm)
+    configure_logging(args.log_level or config.log.level, args.log_format or config.log.format)
+    if args.command == "check":
+        return check(config)
+    if args.command == "retry":
+        store = StateStore(config.state_dir)
+        try:
+            return retry(config, store, args.account, args.uids)
+        finally:
+            store.close()
+    with StateLock(config.state_dir):
+        store = StateStore(config.state_dir)
+        try:
+            with configured(pm, config):
+                if args.command == "poll":
+                    return poll(pm, config, store, args.accounts)
+                from agent.scheduler import Daemon
+
+                return Daemon(pm, config, store).run()
+        finally:
+            store.close()
+
+
+@contextmanager
+def configured(pm: pluggy.PluginManager, config: Config) -> Iterator[None]:
+    pm.hook.configure.call_historic(kwargs={"config": config})
+    try:
+        yield
+    finally:
+        pm.hook.unconfigure(config=config)
+
+
+def poll(pm: pluggy.PluginManager, config: Config, store: StateStore, names: Sequence[str]) -> int:
+    accounts = config.select(tuple(names))
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        poller = Poller(pm, store, stop)
+        results = []
+        for account in accounts:
+            if stop.is_set():
+                break
+            results.append(poller.poll(account))
+    return EXIT_OK if all(stats.ok for stats in results) else EXIT_FAILED
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT only set ``stop``: the message in hand is finished, then the session ends with QUIT."""
+
+    def request_stop(signum: int, _frame: object) -> None:
+        structlog.get_logger("postbote").info("stop.requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def check(config: Config, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    print(f"config {config.path}: OK, {len(config.accounts)} account(s); state in {config.state_dir}", file=out)
+    for account in config.accounts:
+        tls = {"implicit": "TLS", "starttls": "STARTTLS", "none": "no TLS"}[account.tls]
+        if account.tls != "none" and not account.tls_verify:
+            tls += ", certificate NOT verified"
+        print(f"  {account.name}: {account.username}@{account.host}:{account.port} ({tls}, auth {account.auth}, "
+              f"{account.password.describe()})", file=out)
+        print(f"    every {account.poll_interval:g} s; {'keep' if account.keep else 'delete'} after delivery; "
+              f"{'all messages' if account.fetch_all else 'new messages only'}", file=out)
+        for destination in account.destinations:
+            print(f"    -> {destination.label}", file=out)
+    return EXIT_OK
+
+
+def retry(config: Config, store: StateStore, account_name: str, uids: Sequence[str]) -> int:
+    account = config.account(account_name)
+    cleared = store.clear_rejected(account.name, uids)
+    missing = sorted(set(uids) - set(cleared))
+    print(f"{account.name}: {len(cleared)} rejected message(s) will be tried again on the next poll")
+    if missing:
+        print(f"{account.name}: not rejected (nothing to retry): {' '.join(missing)}", file=sys.stderr)
+    return EXIT_OK
+

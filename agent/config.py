@@ -1,0 +1,288 @@
+"""postbote's YAML configuration: read, validated and turned into typed objects before anything connects.
+
+Every mistake is reported as ``FILE:LINE: key.path: what was expected``, all of them in one go; unknown keys are
+errors with a "did you mean". Delivery targets are validated by the plugins that deliver to them
+(the ``parse_destination`` hook), so a new target brings its own options and their errors look the same.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from agent import settings as s
+from agent.credentials import PasswordSource, Secret
+from agent.errors import ConfigError
+from agent.settings import Node, Problems, Section
+
+CONFIG_ENV = "POSTBOTE_CONFIG"
+DEFAULT_STATE_DIR = "~/.local/state/postbote"
+PASSWORD_KEYS = ("password", "password_file", "password_command", "password_env")
+_ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}")
+
+
+def config_search_path() -> list[Path]:
+    """Where the config is looked for when ``-c`` is not given, in order."""
+    paths = [Path("postbote.yaml"), Path("~/.config/postbote/postbote.yaml").expanduser(),
+             Path("/etc/postbote/postbote.yaml")]
+    if env := os.environ.get(CONFIG_ENV):
+        paths.insert(0, Path(env))
+    return paths
+
+
+def find_config(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if env := os.environ.get(CONFIG_ENV):
+        return Path(env)
+    for candidate in config_search_path():
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(p) for p in config_search_path())
+    raise ConfigError(f"no config file found (tried {tried}); give one with -c FILE")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One ``deliver:`` entry: ``kind`` names the plugin, ``settings`` is what that plugin parsed."""
+
+    kind: str
+    settings: Any
+    label: str
+    line: int
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    host: str
+    port: int
+    tls: str
+    tls_verify: bool
+    tls_ca_file: Path | None
+    username: str
+    password: PasswordSource = field(repr=False)
+    auth: str
+    poll_interval: float
+    timeout: float
+    keep: bool
+    fetch_all: bool
+    max_size: int | None
+    max_messages: int | None
+    destinations: tuple[Destination, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    state_dir: Path
+    log: LogSettings
+    accounts: tuple[Account, ...]
+
+    def account(self, name: str) -> Account:
+        for account in self.accounts:
+            if account.name == name:
+                return account
+        known = ", ".join(a.name for a in self.accounts)
+        raise ConfigError(f"{self.path}: no account named {name!r} (accounts: {known})")
+
+    def select(self, names: list[str] | tuple[str, ...]) -> tuple[Account, ...]:
+        return tuple(self.account(name) for name in names) if names else self.accounts
+
+
+ACCOUNT_KEYS = {"name", "host", "port", "tls", "tls_verify", "tls_ca_file", "username", *PASSWORD_KEYS, "auth",
+                "poll_interval", "timeout", "keep", "fetch_all", "max_size", "max_messages", "deliver"}
+TOP_KEYS = {"state_dir", "log", "defaults", "accounts"}
+
+
+def load_config(path: Path, pm: pluggy.PluginManager) -> Config:
+    """Load and validate ``path``; raise `ConfigError` listing every problem found."""
+    root = s.load_yaml(path)
+    problems = Problems(str(path))
+    top = Section(root, problems, what="a mapping with accounts")
+    base_dir = path.resolve().parent
+    state_dir = top.get("state_dir", s.path_relative_to(base_dir), Path(DEFAULT_STATE_DIR).expanduser())
+    log = _log_settings(top.section("log"))
+    defaults = top.section("defaults")
+    if defaults is not None:
+        defaults.finish(ACCOUNT_KEYS - {"name"})
+    accounts = _accounts(top, defaults, problems, pm, base_dir)
+    top.finish(TOP_KEYS)
+    problems.raise_if_any()
+    config = Config(path=path, state_dir=state_dir, log=log, accounts=tuple(accounts))
+    _refuse_exposed_inline_password(config)
+    return config
+
+
+def _log_settings(section: Section | None) -> LogSettings:
+    if section is None:
+        return LogSettings()
+    settings = LogSettings(level=section.get("level", s.choice("debug", "info", "warning", "error"), "info"),
+                           format=section.get("format", s.choice("auto", "console", "json"), "auto"))
+    section.finish()
+    return settings
+
+
+def _accounts(top: Section, defaults: Section | None, problems: Problems, pm: pluggy.PluginManager,
+              base_dir: Path) -> list[Account]:
+    node = top.raw("accounts")
+    if node is None or node.value is None:
+        problems.add(top.line, "accounts", "required key is missing: list the mailboxes to poll")
+        return []
+    if not isinstance(node.value, list) or not node.value:
+        problems.add(node.line, "accounts", f"expected a non-empty list of accounts, got {s.describe(node.value)}")
+        return []
+    accounts: list[Account] = []
+    seen: dict[str, int] = {}
+    for item in node.value:
+        merged = _with_defaults(item, defaults)
+        account = _account(Section(merged, problems, what="an account mapping"), problems, pm, base_dir)
+        if account is None:
+            continue
+        if account.name in seen:
+            problems.add(item.line, f"{item.path}.name",
+                         f"duplicate account name {account.name!r} (first used on line {seen[account.name]})")
+            continue
+        seen[account.name] = item.line
+        accounts.append(account)
+    return accounts
+
+
+def _with_defaults(item: Node, defaults: Section | None) -> Node:
+    """The account's mapping with the ``defaults:`` keys it does not set itself (they keep their own line numbers)."""
+    if defaults is None or not isinstance(item.value, dict):
+        return item
+    merged = {key: node for key, node in defaults.items() if key != "name"}
+    merged.update(item.value)
+    return Node(merged, item.line, item.path)
+
+
+def _account(section: Section, problems: Problems, pm: pluggy.PluginManager, base_dir: Path) -> Account | None:
+    before = len(problems.lines)
+    name = section.get("name", s.nonempty_text, required=True)
+    if name is not None and not _ACCOUNT_NAME.fullmatch(name):
+        section.problem("expected letters, digits and . _ @ + - (up to 100 characters)", section.raw("name"))
+    tls = section.get("tls", s.choice("implicit", "starttls", "none"), "implicit")
+    port = section.get("port", s.port_number, 995 if tls == "implicit" else 110)
+    account_args = dict(
+        name=name,
+        host=section.get("host", s.nonempty_text, required=True),
+        port=port,
+        tls=tls,
+        tls_verify=section.get("tls_verify", s.boolean, True),
+        tls_ca_file=section.get("tls_ca_file", s.path_relative_to(base_dir), None),
+        username=section.get("username", s.nonempty_text, required=True),
+        password=_password_source(section, base_dir),
+        auth=section.get("auth", s.choice("auto", "user", "apop"), "auto"),
+        poll_interval=section.get("poll_interval", s.duration, 300.0),
+        timeout=section.get("timeout", s.duration, 60.0),
+        keep=section.get("keep", s.boolean, False),
+        fetch_all=section.get("fetch_all", s.boolean, False),
+        max_size=section.get("max_size", s.size, None),
+        max_messages=section.get("max_messages", s.integer(1), None),
+        destinations=_destinations(section, problems, pm, base_dir),
+    )
+    section.finish(ACCOUNT_KEYS)
+    if len(problems.lines) > before:
+        return None
+    return Account(**account_args)
+
+
+def _password_source(section: Section, base_dir: Path) -> PasswordSource | None:
+    given = [key for key in PASSWORD_KEYS if key in section]
+    if len(given) != 1:
+        what = "none" if not given else ", ".join(given)
+        section.problem(f"give exactly one of {', '.join(PASSWORD_KEYS)} (found {what})")
+        return None
+    kind = given[0]
+    if kind == "password":
+        value = section.get(kind, s.text)
+        return PasswordSource(kind, inline=Secret(value)) if value is not None else None
+    if kind == "password_file":
+        file = section.get(kind, s.path_relative_to(base_dir))
+        return PasswordSource(kind, file=file) if file is not None else None
+    if kind == "password_command":
+        argv = section.get(kind, _argv)
+        return PasswordSource(kind, command=tuple(argv)) if argv else None
+    env = section.get(kind, _env_name)
+    return PasswordSource(kind, env=env) if env else None
+
+
+def _argv(value: Any) -> list[str]:
+    if not isinstance(value, list):
+        raise ValueError("expected a command as a list of arguments (it is run without a shell), e.g. [pass, show, mail]")
+    return s.text_list(value)
+
+
+def _env_name(value: Any) -> str:
+    name = s.nonempty_text(value)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError("expected an environment variable name")
+    return name
+
+
+def _destinations(section: Section, problems: Problems, pm: pluggy.PluginManager,
+                  base_dir: Path) -> tuple[Destination, ...]:
+    node = section.raw("deliver")
+    if node is None or node.value is None:
+        problems.add(section.line, f"{section.path}.deliver",
+                     "required key is missing: say where messages go, e.g. deliver: {maildir: ~/Maildir}")
+        return ()
+    entries = node.value if isinstance(node.value, list) else [node]
+    if not entries:
+        problems.add(node.line, node.path, "expected at least one destination")
+    destinations = [d for entry in entries if (d := _destination(entry, problems, pm, base_dir))]
+    return tuple(destinations)
+
+
+def _destination(entry: Node, problems: Problems, pm: pluggy.PluginManager, base_dir: Path) -> Destination | None:
+    known = sorted(_known_destination_kinds(pm))
+    if not isinstance(entry.value, dict) or len(entry.value) != 1:
+        problems.add(entry.line, entry.path,
+                     f"expected a mapping with exactly one of {', '.join(known)}, e.g. {{smtp: {{host: localhost}}}}")
+        return None
+    ((kind, options),) = entry.value.items()
+    before = len(problems.lines)
+    parsed = pm.hook.parse_destination(kind=kind, options=options, problems=problems, base_dir=base_dir)
+    if parsed is None:
+        if len(problems.lines) == before:
+            problems.add(options.line, options.path, f"unknown delivery target {kind!r} (known: {', '.join(known)})")
+        return None
+    if len(problems.lines) > before:
+        return None
+    label = getattr(parsed, "label", None) or kind
+    return Destination(kind=kind, settings=parsed, label=f"{kind}:{label}" if label != kind else kind,
+                       line=options.line)
+
+
+def _known_destination_kinds(pm: pluggy.PluginManager) -> set[str]:
+    kinds: set[str] = set()
+    for plugin in pm.get_plugins():
+        kinds.update(getattr(plugin, "DESTINATION_KINDS", ()))
+    return kinds
+
+
+def _refuse_exposed_inline_password(config: Config) -> None:
+    """An inline password in a file others can read is refused, as fetchmail does."""
+    if not any(account.password.kind == "password" for account in config.accounts):
+        return
+    try:
+        mode = config.path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"{config.path}: holds an inline password but is accessible by group or others "
+            f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {config.path} (or use password_file)")

@@ -1,0 +1,136 @@
+"""The plugin author's contract: every hook postbote calls, when, with what, and what happens when it raises.
+
+Write a plugin as a module or class with functions marked ``@hookimpl`` (``from agent import hookimpl``), named
+after the hooks below. An implementation may accept any subset of a hook's arguments, by name. postbote always
+calls hooks with keyword arguments. A function marked ``@hookimpl`` whose name is not a hook here is a start-up
+error, so a misspelt hook never goes silently unused.
+
+Order: implementations run from the most recently registered to the first; ``@hookimpl(tryfirst=True)`` and
+``@hookimpl(trylast=True)`` move one to the front or the back. Built-in plugins are registered first, so plugins
+loaded after them (entry points, ``plugin_paths``) run before them unless they say otherwise.
+
+Safety: an exception raised by ``filter_message``, ``backup_message`` or ``deliver_message`` fails that message
+only. It stays on the server, is not recorded as delivered, the error is logged with the plugin's name, and the
+poll goes on with the next message. Exceptions from the observer hooks (``poll_started`` … ``account_error``) are
+logged and otherwise ignored: an observer can never lose or block mail.
+
+Per message the hooks run in this order: ``filter_message`` (each filter in turn), ``backup_message`` (all),
+``deliver_message`` (once per configured destination); then, after the outcome is recorded in the state store and
+before DELE is sent, one of ``message_delivered`` / ``message_dropped`` / ``message_failed``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from agent.config import Account, Config, Destination
+    from agent.errors import PostboteError
+    from agent.message import Message, Verdict
+    from agent.poller import PollContext, PollStats
+    from agent.settings import Node, Problems
+
+PROJECT = "postbote"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --- configuration and lifecycle ---
+
+
+@hookspec(firstresult=True)
+def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Path) -> Any | None:
+    """Validate the options of one ``deliver:`` entry of kind ``kind`` (``smtp``, ``maildir``, …).
+
+    Return a settings object for your own ``deliver_message`` when ``kind`` is yours, else None (no opinion).
+    ``options`` is the YAML value under the kind's key, with its line number; report mistakes with
+    ``problems.add(options.line, options.path, "expected …")`` or read it through ``agent.settings.Section``.
+    Relative paths are taken from ``base_dir``, the config file's directory. Stops at the first non-None result.
+    A kind no plugin claims is a config error that lists the kinds known.
+    """
+
+
+@hookspec(historic=True)
+def configure(config: Config) -> None:
+    """Called once after the configuration is loaded and valid, before the first poll; open shared resources.
+
+    Historic: a plugin registered later still receives it. Raising here is a start-up error (exit status 2).
+    """
+
+
+@hookspec
+def unconfigure(config: Config) -> None:
+    """Called once at shutdown (and before a reload); close what ``configure`` opened."""
+
+
+# --- per message, in this order ---
+
+
+@hookspec
+def filter_message(message: Message, account: Account) -> Verdict | None:
+    """Decide about one message before it is delivered.
+
+    Return None to pass it on to the next filter (after changing it in place if you like: add, remove or rewrite
+    header fields through ``message.add_header`` / ``remove_header`` / ``replace_header``, or reroute it by setting
+    ``message.recipients``), ``Verdict.accept()`` to deliver it without asking the remaining filters, or
+    ``Verdict.drop(reason)`` to deliver it nowhere: a dropped message counts as handled (deleted unless ``keep``)
+    and the drop is logged with its reason. Filters are called one at a time, so an exception names its plugin.
+    """
+
+
+@hookspec
+def backup_message(message: Message, account: Account) -> None:
+    """Archive a copy of a message that passed the filters, before it is delivered.
+
+    Every implementation is called. Raise to refuse: the message is then not delivered, stays on the server and is
+    retried on the next poll. Make the copy durable (fsync) before returning.
+    """
+
+
+@hookspec(firstresult=True)
+def deliver_message(message: Message, destination: Destination, account: Account, poll: PollContext) -> str | None:
+    """Hand a message to ``destination`` if its ``destination.kind`` is yours; else return None (no opinion).
+
+    Return a short description of where it went (``"250 2.0.0 Ok: queued as 4F…"``, a file name) only once the
+    message is durable there. Raise ``agent.errors.DeliveryError(reason, temporary=…)`` when the destination refuses
+    it: temporary leaves it on the server to be retried next poll, permanent marks it rejected (still on the server,
+    retried only after ``postbote retry``). Any other exception counts as temporary. Use
+    ``poll.resource(key, opener)`` to keep one connection for all messages of a poll; it is closed when the poll ends.
+    Stops at the first non-None result.
+    """
+
+
+# --- events for observers ---
+
+
+@hookspec
+def poll_started(account: Account) -> None:
+    """An account's poll begins (before connecting)."""
+
+
+@hookspec
+def poll_finished(account: Account, stats: PollStats) -> None:
+    """An account's poll ended, successfully or not; ``stats`` has the counts, the duration and the error if any."""
+
+
+@hookspec
+def message_delivered(message: Message, account: Account, destinations: list[str]) -> None:
+    """A message was delivered to every destination and recorded; ``destinations`` are the deliveries' answers."""
+
+
+@hookspec
+def message_dropped(message: Message, account: Account, reason: str) -> None:
+    """A filter dropped a message; it is recorded as handled."""
+
+
+@hookspec
+def message_failed(message: Message, account: Account, error: PostboteError, temporary: bool) -> None:
+    """A message could not be handled now; it stays on the server. ``temporary`` False means rejected."""
+
+
+@hookspec
+def account_error(account: Account, error: PostboteError) -> None:
+    """An account could not be polled (connection, TLS, login, protocol error); other accounts go on."""

@@ -1,0 +1,218 @@
+"""The message object that plugins receive.
+
+A message is its header block (small, kept in memory, editable) and its body (spooled: in memory while small, in a
+temporary file beyond `SPOOL_THRESHOLD`). Plugins get cheap header access without a MIME parse of the whole
+message; the bytes after the header block are never touched, so what arrives at the destination is what the
+server sent apart from the header edits plugins make (the ``Received:`` trace header, tags).
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import Message as EmailMessage
+from typing import BinaryIO
+
+SPOOL_THRESHOLD = 1 << 20
+MAX_HEADER_BYTES = 1 << 20
+CHUNK_SIZE = 1 << 16
+
+_FIELD_START = re.compile(rb"^([^\s:]+)[ \t]*:", re.MULTILINE)
+
+
+@dataclass
+class Verdict:
+    """What a filter decided: ``accept`` ends filtering and delivers; ``drop`` ends it and delivers nowhere."""
+
+    action: str
+    reason: str = ""
+
+    @classmethod
+    def accept(cls) -> Verdict:
+        return cls("accept")
+
+    @classmethod
+    def drop(cls, reason: str) -> Verdict:
+        return cls("drop", reason)
+
+    @property
+    def dropped(self) -> bool:
+        return self.action == "drop"
+
+
+class Message:
+    """One message fetched from the server.
+
+    ``uid`` is its POP3 unique id, ``server_size`` the octet count LIST announced. ``recipients`` is ``None`` (each
+    destination's configured recipients) until a filter reroutes the message by setting it to a list of addresses.
+    """
+
+    def __init__(self, uid: str, server_size: int = 0) -> None:
+        self.uid = uid
+        self.server_size = server_size
+        self.recipients: list[str] | None = None
+        self.tags: dict[str, str] = {}
+        self._header = bytearray()
+        self._header_done = False
+        self._body: BinaryIO = tempfile.SpooledTemporaryFile(max_size=SPOOL_THRESHOLD)  # noqa: SIM115
+        self._body_size = 0
+        self._eight_bit = False
+        self._parsed: EmailMessage | None = None
+
+    @classmethod
+    def from_bytes(cls, data: bytes, uid: str = "local") -> Message:
+        message = cls(uid, len(data))
+        message.write(data)
+        message.close_writing()
+        return message
+
+    # --- building (used by the POP3 reader) ---
+
+    def write(self, data: bytes) -> None:
+        """Append raw message bytes as they arrive; the header block is split off at the first empty line."""
+        if not data:
+            return
+        if not self._eight_bit and not data.isascii():
+            self._eight_bit = True
+        if self._header_done:
+            self._write_body(data)
+            return
+        scan_from = max(0, len(self._header) - 3)
+        self._header += data
+        end = _header_end(self._header, scan_from)
+        if end is not None:
+            rest = bytes(self._header[end:])
+            del self._header[end:]
+            self._header_done = True
+            self._write_body(rest)
+        elif len(self._header) > MAX_HEADER_BYTES:
+            # No empty line within the first MiB: treat it all as body, to be passed on untouched.
+            rest = bytes(self._header)
+            self._header.clear()
+            self._header_done = True
+            self._write_body(rest)
+
+    def _write_body(self, data: bytes) -> None:
+        if data:
+            self._body.write(data)
+            self._body_size += len(data)
+
+    def close_writing(self) -> None:
+        self._header_done = True
+        self._body.seek(0)
+
+    # --- reading ---
+
+    @property
+    def size(self) -> int:
+        """Octets as received (header block as now edited, plus body)."""
+        return len(self._header) + self._body_size
+
+    @property
+    def eight_bit(self) -> bool:
+        return self._eight_bit
+
+    @property
+    def header_bytes(self) -> bytes:
+        return bytes(self._header)
+
+    def chunks(self, size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        """The whole message, header block first, in chunks of at most ``size`` bytes of body."""
+        if self._header:
+            yield bytes(self._header)
+        self._body.seek(0)
+        while chunk := self._body.read(size):
+            yield chunk
+
+    def as_bytes(self) -> bytes:
+        return b"".join(self.chunks())
+
+    @property
+    def headers(self) -> EmailMessage:
+        """The header fields parsed (header block only, never the body); read-only view, use the methods to edit."""
+        if self._parsed is None:
+            parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+            self._parsed = parser.parsebytes(bytes(self._header))
+        return self._parsed
+
+    def get_header(self, name: str, default: str | None = None) -> str | None:
+        value = self.headers.get(name)
+        return default if value is None else str(value)
+
+    @property
+    def message_id(self) -> str | None:
+        value = self.get_header("Message-ID")
+        return value.strip() if value else None
+
+    @property
+    def return_path(self) -> str | None:
+        """The address from the Return-Path header without angle brackets; ``""`` for ``<>``; None when absent."""
+        value = self.get_header("Return-Path")
+        if value is None:
+            return None
+        value = value.strip()
+        if value.startswith("<") and ">" in value:
+            value = value[1 : value.index(">")]
+        return value.strip()
+
+    # --- editing the header block ---
+
+    def prepend_header(self, name: str, value: str) -> None:
+        """Add a field at the top of the header block, as trace fields go (RFC 5321 section 4.4)."""
+        self._header[0:0] = _field(name, value, self._newline())
+        self._parsed = None
+
+    def add_header(self, name: str, value: str) -> None:
+        """Add a field at the end of the header block."""
+        field_bytes = _field(name, value, self._newline())
+        if self._header and not self._header.endswith(b"\n"):
+            self._header += self._newline()
+        self._header += field_bytes
+        self._parsed = None
+
+    def remove_header(self, name: str) -> int:
+        """Remove every field called ``name`` (with its continuation lines); returns how many were removed."""
+        spans = [span for field_name, span in self._field_spans() if field_name.lower() == name.lower()]
+        for start, end in reversed(spans):
+            del self._header[start:end]
+        if spans:
+            self._parsed = None
+        return len(spans)
+
+    def replace_header(self, name: str, value: str) -> None:
+        self.remove_header(name)
+        self.add_header(name, value)
+
+    def _field_spans(self) -> Iterator[tuple[str, tuple[int, int]]]:
+        starts = [(m.start(), m.group(1).decode("ascii", "replace")) for m in _FIELD_START.finditer(self._header)]
+        for index, (start, name) in enumerate(starts):
+            end = starts[index + 1][0] if index + 1 < len(starts) else len(self._header)
+            yield name, (start, max(end, start))
+
+    def _newline(self) -> bytes:
+        return b"\r\n" if b"\r\n" in self._header[:4096] or not self._header else b"\n"
+
+    def discard(self) -> None:
+        self._body.close()
+
+
+def _field(name: str, value: str, newline: bytes) -> bytes:
+    if not re.fullmatch(r"[!-9;-~]+", name):
+        raise ValueError(f"invalid header field name {name!r}")
+    if "\r" in value or "\n" in value:
+        value = re.sub(r"\r?\n(?![ \t])", "\n ", value).replace("\r", "")
+        value = value.replace("\n", newline.decode())
+    return f"{name}: {value}".encode("utf-8") + newline
+
+
+def _header_end(buffer: bytearray, scan_from: int = 0) -> int | None:
+    """Offset of the empty line that ends the header block, or None if it has not arrived yet."""
+    if buffer.startswith(b"\r\n") or buffer.startswith(b"\n"):
+        return 0
+    positions = [p + len(sep) - len(tail) for sep, tail in ((b"\r\n\r\n", b"\r\n"), (b"\n\n", b"\n"))
+                 if (p := buffer.find(sep, scan_from)) != -1]
+    return min(positions) if positions else None

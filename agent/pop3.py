@@ -1,0 +1,276 @@
+"""A POP3 client (RFC 1939, RFC 2449 CAPA, RFC 2595 STLS) that distrusts the server.
+
+Unlike the standard library's poplib it reads message lines of any length, streams message data into a sink
+instead of holding it as a list of lines, bounds every reply line and listing, validates UIDs, and puts a timeout
+on every network operation. Commands are written and their replies read by separate methods, so several commands
+can be put in flight at once (RFC 2449 PIPELINING) without changing the reading side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.credentials import Secret
+from agent.errors import AccountError
+
+MAX_REPLY_LINE = 8192
+MAX_LISTING_ENTRIES = 2_000_000
+DATA_READ_SIZE = 1 << 16
+_UID = re.compile(rb"[\x21-\x7e]{1,70}")
+_APOP_TIMESTAMP = re.compile(rb"<[^<>\s]+@[^<>\s]+>")
+
+
+class POP3Error(AccountError):
+    """The server answered -ERR, or said something that is not POP3."""
+
+    def __init__(self, message: str, reply: str = "") -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+class POP3AuthError(POP3Error):
+    """The server refused the login."""
+
+
+class POP3ConnectionError(AccountError):
+    """The connection failed, timed out or was closed while waiting for the server."""
+
+
+class MessageTooLarge(POP3Error):
+    """The server sent more data for a message than the reader was told to accept."""
+
+
+@dataclass(frozen=True)
+class ListingEntry:
+    number: int
+    uid: str
+    size: int
+
+
+def tls_context(*, verify: bool = True, ca_file: str | None = None) -> ssl.SSLContext:
+    """Certificates and host names verified against ``ca_file`` or the system store; TLS 1.2 at least."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class POP3Client:
+    def __init__(self, sock: socket.socket, *, host: str, timeout: float) -> None:
+        self.host = host
+        self.timeout = timeout
+        self._sock = sock
+        self._reader = sock.makefile("rb", buffering=DATA_READ_SIZE)
+        self._doing = "reading the greeting"
+        self.greeting = ""
+        self.capabilities: dict[str, list[str]] = {}
+
+    @classmethod
+    def connect(cls, host: str, port: int, *, implicit_tls: bool, context: ssl.SSLContext | None,
+                timeout: float) -> POP3Client:
+        where = f"{host}:{port}"
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except TimeoutError:
+            raise POP3ConnectionError(f"connecting to {where} timed out after {timeout:g} s") from None
+        except OSError as exc:
+            raise POP3ConnectionError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+        try:
+            if implicit_tls:
+                assert context is not None
+                sock = _handshake(context, sock, host, where)
+            client = cls(sock, host=host, timeout=timeout)
+            client.greeting = client._expect_ok()
+        except BaseException:
+            sock.close()
+            raise
+        return client
+
+    # --- session commands ---
+
+    def capa(self) -> dict[str, list[str]]:
+        """The server's capabilities (empty when it does not know CAPA, as plain RFC 1939 servers don't)."""
+        self._send("CAPA")
+        try:
+            self._expect_ok()
+        except POP3Error:
+            self.capabilities = {}
+            return self.capabilities
+        capabilities: dict[str, list[str]] = {}
+        for line in self._read_listing(limit=1000):
+            words = line.decode("ascii", "replace").split()
+            if words:
+                capabilities[words[0].upper()] = words[1:]
+        self.capabilities = capabilities
+        return capabilities
+
+    def starttls(self, context: ssl.SSLContext) -> None:
+        """Upgrade the connection with STLS; raises unless the server offered and completed it (never downgrades)."""
+        if "STLS" not in self.capabilities:
+            raise POP3Error(f"{self.host} does not offer STLS; refusing to log in without TLS (tls: starttls)")
+        self._send("STLS")
+        self._expect_ok()
+        # Anything the server (or a man in the middle) sent before the handshake is discarded with the old reader.
+        self._reader.close()
+        self._sock = _handshake(context, self._sock, self.host, self.host)
+        self._reader = self._sock.makefile("rb", buffering=DATA_READ_SIZE)
+        self.capa()
+
+    def login_user(self, username: str, password: Secret) -> None:
+        self._send(f"USER {username}")
+        self._expect_ok(auth=True)
+        self._send(f"PASS {password.reveal()}", shown="PASS ********")
+        self._expect_ok(auth=True)
+
+    def login_apop(self, username: str, password: Secret) -> None:
+        match = _APOP_TIMESTAMP.search(self.greeting.encode("ascii", "replace"))
+        if not match:
+            raise POP3AuthError(f"{self.host} does not support APOP (no timestamp in its greeting)")
+        digest = hashlib.md5(match.group(0) + password.reveal().encode("utf-8"), usedforsecurity=False).hexdigest()
+        self._send(f"APOP {username} {digest}")
+        self._expect_ok(auth=True)
+
+    def listing(self) -> list[ListingEntry]:
+        """UIDL joined with LIST: every message's number, UID and size. Malformed lines are errors."""
+        self._send("UIDL")
+        self._expect_ok()
+        uids: dict[int, str] = {}
+        for line in self._read_listing(limit=MAX_LISTING_ENTRIES):
+            number, rest = _number_and_rest(line, "UIDL")
+            if not _UID.fullmatch(rest):
+                raise POP3Error(f"UIDL: invalid unique id for message {number} (RFC 1939: 1-70 printable characters)",
+                                line[:100].decode("ascii", "replace"))
+            uids[number] = rest.decode("ascii")
+        self._send("LIST")
+        self._expect_ok()
+        sizes: dict[int, int] = {}
+        for line in self._read_listing(limit=MAX_LISTING_ENTRIES):
+            number, rest = _number_and_rest(line, "LIST")
+            if not rest.isdigit():
+                raise POP3Error(f"LIST: invalid size for message {number}", line[:100].decode("ascii", "replace"))
+            sizes[number] = int(rest)
+        return [ListingEntry(n, uid, sizes.get(n, 0)) for n, uid in sorted(uids.items()) if n in sizes]
+
+    def retrieve(self, number: int, sink: Callable[[bytes], None], *, limit: int | None = None) -> int:
+        """RETR ``number``, feeding the unstuffed message bytes to ``sink``; returns the octets received."""
+        self._send(f"RETR {number}")
+        self._expect_ok()
+        return self._read_data(sink, limit)
+
+    def delete(self, number: int) -> None:
+        self._send(f"DELE {number}")
+        self._expect_ok()
+
+    def quit(self) -> None:
+        """QUIT: the server now removes the messages marked with DELE (RFC 1939 UPDATE state)."""
+        self._send("QUIT")
+        self._expect_ok()
+        self.close()
+
+    def close(self) -> None:
+        for closable in (self._reader, self._sock):
+            try:
+                closable.close()
+            except OSError:
+                pass
+
+    # --- wire ---
+
+    def _send(self, command: str, *, shown: str | None = None) -> None:
+        self._doing = f"sending {shown or command.split(' ')[0]}"
+        try:
+            self._sock.sendall(command.encode("utf-8") + b"\r\n")
+        except TimeoutError:
+            raise POP3ConnectionError(f"{self.host}: timed out after {self.timeout:g} s {self._doing}") from None
+        except OSError as exc:
+            raise POP3ConnectionError(f"{self.host}: connection lost {self._doing}: {exc.strerror or exc}") from None
+        self._doing = f"waiting for the reply to {shown or command.split(' ')[0]}"
+
+    def _readline(self, limit: int) -> bytes:
+        try:
+            line = self._reader.readline(limit)
+        except TimeoutError:
+            raise POP3ConnectionError(f"{self.host}: timed out after {self.timeout:g} s {self._doing}") from None
+        except ssl.SSLError as exc:
+            raise POP3ConnectionError(f"{self.host}: TLS error {self._doing}: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise POP3ConnectionError(f"{self.host}: connection lost {self._doing}: {exc.strerror or exc}") from None
+        if not line:
+            raise POP3ConnectionError(f"{self.host}: connection closed by the server {self._doing}")
+        return line
+
+    def _read_reply_line(self) -> bytes:
+        line = self._readline(MAX_REPLY_LINE + 1)
+        if not line.endswith(b"\n"):
+            raise POP3Error(f"{self.host}: reply line longer than {MAX_REPLY_LINE} bytes {self._doing}")
+        return line.rstrip(b"\r\n")
+
+    def _expect_ok(self, *, auth: bool = False) -> str:
+        line = self._read_reply_line()
+        text = line.decode("utf-8", "replace")
+        if line.startswith(b"+OK"):
+            return text[3:].strip()
+        if line.startswith(b"-ERR"):
+            reason = text[4:].strip()
+            if auth:
+                raise POP3AuthError(f"{self.host}: login refused: {reason or 'no reason given'}", text)
+            raise POP3Error(f"{self.host}: server said -ERR {self._doing}: {reason or 'no reason given'}", text)
+        raise POP3Error(f"{self.host}: not a POP3 reply {self._doing}: {text[:100]!r}", text)
+
+    def _read_listing(self, *, limit: int) -> list[bytes]:
+        """The lines of a multi-line reply with short lines (CAPA, UIDL, LIST), at most ``limit`` of them."""
+        lines: list[bytes] = []
+        while True:
+            line = self._read_reply_line()
+            if line == b".":
+                return lines
+            if len(lines) >= limit:
+                raise POP3Error(f"{self.host}: more than {limit} lines {self._doing}")
+            lines.append(line[1:] if line.startswith(b"..") else line)
+
+    def _read_data(self, sink: Callable[[bytes], None], limit: int | None) -> int:
+        """Read a multi-line data block up to its terminating ``.`` line, unstuffing line starts, in bounded pieces."""
+        received = 0
+        at_line_start = True
+        while True:
+            piece = self._readline(DATA_READ_SIZE)
+            if at_line_start and piece[:1] == b".":
+                if piece in (b".\r\n", b".\n"):
+                    return received
+                if piece.startswith(b".."):
+                    piece = piece[1:]
+            at_line_start = piece.endswith(b"\n")
+            received += len(piece)
+            if limit is not None and received > limit:
+                raise MessageTooLarge(f"{self.host}: message data exceeds {limit} bytes {self._doing}")
+            sink(piece)
+
+
+def _handshake(context: ssl.SSLContext, sock: socket.socket, host: str, where: str) -> ssl.SSLSocket:
+    try:
+        return context.wrap_socket(sock, server_hostname=host)
+    except ssl.SSLCertVerificationError as exc:
+        sock.close()
+        raise POP3ConnectionError(f"TLS certificate of {where} not trusted: {exc.verify_message or exc.reason}"
+                                  " (set tls_ca_file for a private CA)") from None
+    except TimeoutError:
+        sock.close()
+        raise POP3ConnectionError(f"TLS handshake with {where} timed out") from None
+    except (ssl.SSLError, OSError) as exc:
+        sock.close()
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise POP3ConnectionError(f"TLS handshake with {where} failed: {reason}") from None
+
+
+def _number_and_rest(line: bytes, what: str) -> tuple[int, bytes]:
+    parts = line.split()
+    if len(parts) != 2 or not parts[0].isdigit():
+        raise POP3Error(f"{what}: malformed listing line", line[:100].decode("ascii", "replace"))
+    return int(parts[0]), parts[1]

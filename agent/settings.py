@@ -1,0 +1,290 @@
+"""Typed reading of YAML with file and line numbers, so that every config mistake can be named precisely.
+
+`load_yaml` turns a document into `Node`s that remember their line and key path. A `Section` wraps one mapping
+and hands out typed values (`section.get("port", port_number)`); a bad value is recorded as a problem and the
+reading goes on, so that one run of ``postbote check`` reports every mistake at once. Built-in and third-party
+plugins read their own options with the same `Section`, so their errors look the same as the core's.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from agent.errors import ConfigError
+
+T = TypeVar("T")
+Parser = Callable[[Any], T]
+
+
+@dataclass
+class Node:
+    """A value read from YAML: scalars as Python values, mappings as ``dict[str, Node]``, lists as ``list[Node]``."""
+
+    value: Any
+    line: int
+    path: str
+
+
+class Problems:
+    """Collects config problems as ``file:line: key: message`` lines."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.lines: list[str] = []
+
+    def add(self, line: int, path: str, message: str) -> None:
+        where = f"{self.file}:{line}" if line else self.file
+        self.lines.append(f"{where}: {path}: {message}" if path else f"{where}: {message}")
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError(self.lines)
+
+
+def load_yaml(path: Path) -> Node:
+    """Read ``path`` into a `Node` tree; unreadable files and malformed YAML are `ConfigError`s naming the line."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 0
+        raise ConfigError(f"{path}:{line}: malformed YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML: {exc}") from None
+    if root is None:
+        return Node({}, 1, "")
+    return _convert(root, "", str(path))
+
+
+def _convert(node: yaml.Node, path: str, file: str) -> Node:
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        mapping: dict[str, Node] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ConfigError(f"{file}:{key_node.start_mark.line + 1}: {path or 'top level'}: keys must be plain words")
+            key = str(key_node.value)
+            child_path = f"{path}.{key}" if path else key
+            if key in mapping:
+                raise ConfigError(f"{file}:{key_node.start_mark.line + 1}: {child_path}: key given twice")
+            mapping[key] = _convert(value_node, child_path, file)
+        return Node(mapping, line, path)
+    if isinstance(node, yaml.SequenceNode):
+        return Node([_convert(item, f"{path}[{i}]", file) for i, item in enumerate(node.value)], line, path)
+    try:
+        value = yaml.SafeLoader(b"").construct_object(node, deep=True)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}:{line}: {path}: {exc}") from None
+    return Node(value, line, path)
+
+
+class Section:
+    """One YAML mapping being validated. Typed getters record problems instead of raising."""
+
+    def __init__(self, node: Node, problems: Problems, *, what: str = "a mapping") -> None:
+        self.node = node
+        self.problems = problems
+        self.used: set[str] = set()
+        if not isinstance(node.value, dict):
+            self.problem(f"expected {what}, got {describe(node.value)}")
+            self.entries: dict[str, Node] = {}
+        else:
+            self.entries = node.value
+
+    @property
+    def path(self) -> str:
+        return self.node.path
+
+    @property
+    def line(self) -> int:
+        return self.node.line
+
+    def problem(self, message: str, node: Node | None = None) -> None:
+        target = node or self.node
+        self.problems.add(target.line, target.path, message)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def raw(self, key: str) -> Node | None:
+        self.used.add(key)
+        return self.entries.get(key)
+
+    def get(self, key: str, parse: Parser[T], default: Any = ..., *, required: bool = False) -> Any:
+        """The value of ``key`` parsed by ``parse``; ``default`` when absent (a problem when ``required``)."""
+        node = self.raw(key)
+        if node is None or node.value is None:
+            if required:
+                self.problems.add(self.line, _join(self.path, key), "required key is missing")
+            return None if default is ... else default
+        try:
+            return parse(node.value)
+        except ValueError as exc:
+            self.problem(f"{exc}, got {describe(node.value)}", node)
+            return None if default is ... else default
+
+    def section(self, key: str, *, what: str = "a mapping") -> Section | None:
+        node = self.raw(key)
+        if node is None or node.value is None:
+            return None
+        return Section(node, self.problems, what=what)
+
+    def finish(self, allowed: set[str] | None = None) -> None:
+        """Report keys nobody asked for, with a "did you mean" when one is close to a known key."""
+        known = allowed if allowed is not None else self.used
+        for key, node in self.entries.items():
+            if key in known:
+                continue
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            self.problems.add(node.line, node.path, f"unknown key{hint}")
+
+    def items(self) -> Iterator[tuple[str, Node]]:
+        return iter(self.entries.items())
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, str):
+        return repr(value)
+    return f"{value!r} ({type(value).__name__})"
+
+
+def text(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError("expected a string")
+    result = str(value)
+    if any(ch in result for ch in "\r\n\0"):
+        raise ValueError("expected a single line without control characters")
+    return result
+
+
+def nonempty_text(value: Any) -> str:
+    result = text(value)
+    if not result.strip():
+        raise ValueError("expected a non-empty string")
+    return result
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def integer(minimum: int | None = None, maximum: int | None = None) -> Parser[int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer{_range_text(minimum, maximum)}")
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise ValueError(f"expected an integer{_range_text(minimum, maximum)}")
+        return value
+
+    return parse
+
+
+def _range_text(minimum: int | None, maximum: int | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f" from {minimum} to {maximum}"
+    if minimum is not None:
+        return f" of at least {minimum}"
+    return ""
+
+
+port_number = integer(1, 65535)
+
+
+def choice(*options: str) -> Parser[str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or value.lower() not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return value.lower()
+
+    return parse
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+
+
+def duration(value: Any) -> float:
+    """Seconds from a number or a string such as ``30s``, ``5m``, ``1h30m``, ``2d``; must be positive."""
+    expected = "expected a duration such as 30, 30s, 5m or 1h"
+    if isinstance(value, bool):
+        raise ValueError(expected)
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        compact = value.strip().lower().replace(" ", "")
+        parts = _DURATION.findall(compact)
+        if not parts or "".join(n + u for n, u in parts) != compact:
+            raise ValueError(expected)
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    else:
+        raise ValueError(expected)
+    if seconds <= 0:
+        raise ValueError("expected a positive duration")
+    return seconds
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+               "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+
+
+def size(value: Any) -> int:
+    """Bytes from a number or a string such as ``512k``, ``25MB``, ``1GiB``."""
+    expected = "expected a size in bytes such as 1000000, 512kB, 25MB or 1GiB"
+    if isinstance(value, bool):
+        raise ValueError(expected)
+    if isinstance(value, int):
+        number, unit = float(value), ""
+    elif isinstance(value, str) and (match := _SIZE.fullmatch(value.strip().lower())):
+        number, unit = float(match.group(1)), match.group(2)
+    else:
+        raise ValueError(expected)
+    if unit not in _SIZE_UNITS or number <= 0:
+        raise ValueError(expected)
+    return int(number * _SIZE_UNITS[unit])
+
+
+def text_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty list of strings")
+    return [nonempty_text(item.value if isinstance(item, Node) else item) for item in value]
+
+
+def path_relative_to(base: Path) -> Parser[Path]:
+    """A filesystem path; ``~`` is expanded and relative paths are taken from the config file's directory."""
+
+    def parse(value: Any) -> Path:
+        raw = nonempty_text(value)
+        candidate = Path(raw).expanduser()
+        return candidate if candidate.is_absolute() else (base / candidate)
+
+    return parse

@@ -1,0 +1,86 @@
+"""Line-ending and dot-stuffing codecs for the two wires and the disk.
+
+A message is kept as the POP3 server sent it (after undoing its dot-stuffing). On the way out only the line-ending
+convention of the destination is applied: CRLF everywhere on the SMTP/LMTP wire (a bare CR or LF is never sent as
+such) with dot-stuffing, LF on disk. Both encoders work on chunks of any size and split anywhere, so a message can
+be streamed without holding it whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+CRLF = b"\r\n"
+
+
+class SMTPDataEncoder:
+    """Turns message bytes into the DATA payload of RFC 5321 section 4.5.2, including the final ``.`` line."""
+
+    def __init__(self) -> None:
+        self._carry = b""
+        self._at_line_start = True
+
+    def encode(self, chunk: bytes) -> bytes:
+        data = self._carry + chunk
+        if data.endswith(b"\r"):
+            # The CR may be the first half of a CRLF split across chunks: decide when the next byte is known.
+            self._carry, data = b"\r", data[:-1]
+        else:
+            self._carry = b""
+        if not data:
+            return b""
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", CRLF)
+        data = data.replace(b"\r\n.", b"\r\n..")
+        if self._at_line_start and data.startswith(b"."):
+            data = b"." + data
+        self._at_line_start = data.endswith(CRLF)
+        return data
+
+    def finish(self) -> bytes:
+        """The rest of the payload: a pending CR, a line end if the message lacks a final one, and ``.CRLF``."""
+        tail = CRLF if self._carry else b""
+        if not tail and not self._at_line_start:
+            tail = CRLF
+        self._carry, self._at_line_start = b"", True
+        return tail + b"." + CRLF
+
+
+def smtp_data(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    encoder = SMTPDataEncoder()
+    for chunk in chunks:
+        if encoded := encoder.encode(chunk):
+            yield encoded
+    yield encoder.finish()
+
+
+class LFEncoder:
+    """CRLF to LF for files on disk (Maildir, mbox); a bare CR is data and stays."""
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def encode(self, chunk: bytes) -> bytes:
+        data = self._carry + chunk
+        if data.endswith(b"\r"):
+            self._carry, data = b"\r", data[:-1]
+        else:
+            self._carry = b""
+        return data.replace(CRLF, b"\n")
+
+    def finish(self) -> bytes:
+        tail, self._carry = self._carry, b""
+        return tail
+
+
+def lf_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    encoder = LFEncoder()
+    for chunk in chunks:
+        if encoded := encoder.encode(chunk):
+            yield encoded
+    if tail := encoder.finish():
+        yield tail
+
+
+def pop3_unstuff(line: bytes) -> bytes:
+    """Undo RFC 1939 byte-stuffing of one line of a multi-line response (the terminator is handled by the reader)."""
+    return line[1:] if line.startswith(b"..") else line

@@ -1,0 +1,104 @@
+"""Delivery into a Maildir: ``deliver: {maildir: /srv/mail/alice}`` (or ``{maildir: {path: …, create: false}}``).
+
+The message is written to ``tmp/`` under a unique name, fsynced, linked into ``new/``, and the directory is fsynced
+before the delivery counts: after a crash the file is either complete in ``new/`` or not there at all.
+Line endings become LF, the Maildir convention.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent import DeliveryError, Message, hookimpl
+from agent import settings as s
+from agent.config import Destination
+from agent.settings import Node, Problems, Section
+from agent.wire import lf_lines
+
+DESTINATION_KINDS = ("maildir",)
+_counter = itertools.count()
+
+
+@dataclass(frozen=True)
+class MaildirSettings:
+    path: Path
+    create: bool = True
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+
+@hookimpl
+def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Path) -> MaildirSettings | None:
+    if kind != "maildir":
+        return None
+    if not isinstance(options.value, dict):
+        path = Section(Node({"path": options}, options.line, options.path), problems).get(
+            "path", s.path_relative_to(base_dir), required=True)
+        return MaildirSettings(path) if path else None
+    section = Section(options, problems)
+    settings = MaildirSettings(path=section.get("path", s.path_relative_to(base_dir), required=True),
+                               create=section.get("create", s.boolean, True))
+    section.finish()
+    return settings
+
+
+@hookimpl
+def deliver_message(message: Message, destination: Destination) -> str | None:
+    if destination.kind != "maildir":
+        return None
+    settings: MaildirSettings = destination.settings
+    try:
+        return str(write_maildir(settings.path, message, create=settings.create))
+    except OSError as exc:
+        raise DeliveryError(f"maildir {settings.path}: {exc.strerror or exc}", temporary=True) from None
+
+
+def ensure_maildir(path: Path, *, create: bool) -> None:
+    for sub in ("tmp", "new", "cur"):
+        folder = path / sub
+        if not folder.is_dir():
+            if not create:
+                raise FileNotFoundError(2, f"not a Maildir (no {sub}/)")
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def unique_name() -> str:
+    now = time.time()
+    return (f"{int(now)}.M{int(now % 1 * 1_000_000)}P{os.getpid()}Q{next(_counter)}."
+            f"{socket.gethostname().replace('/', '_').replace(':', '_')}")
+
+
+def write_maildir(path: Path, message: Message, *, create: bool = True) -> Path:
+    """Write ``message`` durably into ``path/new``; returns the file's path."""
+    ensure_maildir(path, create=create)
+    name = unique_name()
+    temporary, final = path / "tmp" / name, path / "new" / name
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb", buffering=1 << 16) as handle:
+            for chunk in lf_lines(message.chunks()):
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(temporary, final)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    temporary.unlink()
+    fsync_directory(final.parent)
+    return final
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,114 @@
+"""Delivery over SMTP to an MTA, or over LMTP to a mail store: ``deliver: {smtp: {...}}`` / ``{lmtp: {...}}``.
+
+One session per destination and poll, reused for every message (``poll.resource``). A message counts as
+delivered only when the server accepted every recipient and answered 250 to its data (LMTP: for every recipient).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import Message, hookimpl
+from agent import settings as s
+from agent.config import Account, Destination
+from agent.poller import PollContext
+from agent.pop3 import tls_context
+from agent.settings import Node, Problems, Section
+from agent.smtp import SMTPClient
+from plugins.received import local_hostname
+
+DESTINATION_KINDS = ("smtp", "lmtp")
+_ADDRESS = re.compile(r"[^\s<>]+")
+
+
+@dataclass(frozen=True)
+class SMTPSettings:
+    lmtp: bool
+    host: str | None
+    port: int
+    unix_socket: str | None
+    recipients: tuple[str, ...]
+    helo: str
+    starttls: bool
+    tls_verify: bool
+    tls_ca_file: Path | None
+    envelope_sender: str | None  # None: take it from the message's Return-Path
+    timeout: float
+
+    @property
+    def label(self) -> str:
+        return self.unix_socket or f"{self.host}:{self.port}"
+
+
+def address(value: Any) -> str:
+    text = s.nonempty_text(value)
+    if not _ADDRESS.fullmatch(text):
+        raise ValueError("expected a mail address without spaces or angle brackets")
+    return text
+
+
+def addresses(value: Any) -> list[str]:
+    return [address(item) for item in s.text_list(value)]
+
+
+def envelope_sender(value: Any) -> str | None:
+    text = s.nonempty_text(value)
+    if text.lower() == "return-path":
+        return None
+    if text == "<>":
+        return ""
+    return address(text)
+
+
+@hookimpl
+def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Path) -> SMTPSettings | None:
+    if kind not in DESTINATION_KINDS:
+        return None
+    section = Section(options, problems)
+    lmtp = kind == "lmtp"
+    unix_socket = section.get("socket", s.path_relative_to(base_dir), None) if lmtp else None
+    settings = SMTPSettings(
+        lmtp=lmtp,
+        host=section.get("host", s.nonempty_text, None if unix_socket else "localhost"),
+        port=section.get("port", s.port_number, 24 if lmtp else 25),
+        unix_socket=str(unix_socket) if unix_socket else None,
+        recipients=tuple(section.get("recipients", addresses, [], required=True)),
+        helo=section.get("lhlo" if lmtp else "helo", s.nonempty_text, None) or local_hostname(),
+        starttls=section.get("starttls", s.boolean, False),
+        tls_verify=section.get("tls_verify", s.boolean, True),
+        tls_ca_file=section.get("tls_ca_file", s.path_relative_to(base_dir), None),
+        envelope_sender=section.get("envelope_sender", envelope_sender, None),
+        timeout=section.get("timeout", s.duration, 60.0),
+    )
+    section.finish()
+    return settings
+
+
+@hookimpl
+def deliver_message(message: Message, destination: Destination, poll: PollContext) -> str | None:
+    if destination.kind not in DESTINATION_KINDS:
+        return None
+    settings: SMTPSettings = destination.settings
+    client: SMTPClient = poll.resource(("smtp", destination.label), lambda: _connect(settings),
+                                       usable=lambda c: c.usable, close=SMTPClient.quit)
+    recipients = message.recipients or list(settings.recipients)
+    return client.send(_sender(message, settings), recipients, message.chunks(), eight_bit=message.eight_bit)
+
+
+def _connect(settings: SMTPSettings) -> SMTPClient:
+    context = tls_context(verify=settings.tls_verify,
+                          ca_file=str(settings.tls_ca_file) if settings.tls_ca_file else None)
+    return SMTPClient.connect(host=settings.host, port=settings.port, unix_socket=settings.unix_socket,
+                              timeout=settings.timeout, lmtp=settings.lmtp, helo=settings.helo,
+                              starttls=settings.starttls, context=context)
+
+
+def _sender(message: Message, settings: SMTPSettings) -> str:
+    """The configured envelope sender, else the message's Return-Path when it is a plain address, else ``<>``."""
+    if settings.envelope_sender is not None:
+        return settings.envelope_sender
+    return_path = message.return_path or ""
+    return return_path if _ADDRESS.fullmatch(return_path) else ""
