@@ -1,0 +1,170 @@
+"""Config loading: valid files become typed accounts; every mistake names file, line and key (issue #2)."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.config import load_config
+from agent.errors import ConfigError
+from agent.pluginmanager import make_plugin_manager
+
+VALID = """\
+state_dir: state
+log: {level: debug, format: json}
+defaults:
+  poll_interval: 5m
+  tls_ca_file: ca.pem
+accounts:
+  - name: alice
+    host: pop.example.org
+    username: alice
+    password_file: alice.pass
+    keep: true
+    max_size: 25MB
+    deliver:
+      smtp: {host: 127.0.0.1, port: 2525, recipients: [alice@example.org]}
+  - name: bob
+    host: pop.example.org
+    tls: starttls
+    poll_interval: 30s
+    username: bob
+    password_command: [pass, show, mail/bob]
+    deliver:
+      - maildir: Mail/bob
+      - smtp: {recipients: [bob@example.org], envelope_sender: "<>"}
+"""
+
+
+def write(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
+    path = tmp_path / "postbote.yaml"
+    path.write_text(textwrap.dedent(text))
+    os.chmod(path, mode)
+    return path
+
+
+def load(path: Path):
+    return load_config(path, make_plugin_manager(entry_points=False))
+
+
+def problems_of(tmp_path: Path, text: str, mode: int = 0o600) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text, mode))
+    return str(caught.value)
+
+
+def test_a_valid_config_becomes_typed_accounts_with_defaults_merged(tmp_path: Path) -> None:
+    config = load(write(tmp_path, VALID))
+    alice, bob = config.accounts
+    assert config.state_dir == tmp_path / "state"
+    assert (alice.port, alice.tls, alice.keep, alice.max_size) == (995, "implicit", True, 25_000_000)
+    assert alice.poll_interval == 300 and alice.tls_ca_file == tmp_path / "ca.pem"
+    assert (bob.port, bob.tls, bob.poll_interval, bob.keep) == (110, "starttls", 30, False)
+    assert [d.kind for d in bob.destinations] == ["maildir", "smtp"]
+    assert bob.destinations[0].settings.path == tmp_path / "Mail" / "bob"
+    assert bob.destinations[1].settings.envelope_sender == ""
+    assert bob.password.command == ("pass", "show", "mail/bob")
+
+
+@pytest.mark.parametrize(("snippet", "expected"), [
+    ("    port: http\n", ":9: accounts[0].port: expected an integer from 1 to 65535, got 'http'"),
+    ("    prot: 110\n", ":9: accounts[0].prot: unknown key (did you mean 'port'?)"),
+    ("    tls: maybe\n", ":9: accounts[0].tls: expected one of implicit, starttls, none, got 'maybe'"),
+    ("    poll_interval: soon\n", ":9: accounts[0].poll_interval: expected a duration such as 30, 30s, 5m or 1h"),
+    ("    max_size: huge\n", ":9: accounts[0].max_size: expected a size in bytes"),
+    ("    keep: yes please\n", ":9: accounts[0].keep: expected true or false, got 'yes please'"),
+    ("    password_env: MAIL_PASSWORD\n", ":3: accounts[0]: give exactly one of password, password_file, "
+                                        "password_command, password_env (found password, password_env)"),
+])
+def test_each_mistake_names_file_line_key_and_what_was_expected(tmp_path: Path, snippet: str, expected: str) -> None:
+    text = ("state_dir: s\naccounts:\n  - name: alice\n    host: h\n    username: u\n    password: p\n"
+            "    deliver:\n      maildir: m\n" + snippet)
+    message = problems_of(tmp_path, text)
+    assert f"{tmp_path / 'postbote.yaml'}{expected}" in message
+
+
+def test_password_command_must_be_an_argument_list_not_a_shell_line(tmp_path: Path) -> None:
+    message = problems_of(tmp_path, "accounts:\n  - name: a\n    host: h\n    username: u\n"
+                                    "    password_command: pass show mail\n    deliver: {maildir: m}\n")
+    assert ":5: accounts[0].password_command: expected a command as a list of arguments (it is run without a shell)" \
+        in message
+
+
+def test_all_mistakes_are_reported_at_once(tmp_path: Path) -> None:
+    message = problems_of(tmp_path, """\
+        accounts:
+          - name: a
+            host: h
+            port: 0
+            username: u
+            password: p
+            deliver: {maildir: m}
+          - name: a
+            host: h
+            username: u
+            password: p
+            deliver: {carrier_pigeon: {}}
+        """)
+    lines = message.splitlines()
+    assert any(":4: accounts[0].port:" in line for line in lines)
+    assert any(":12: accounts[1].deliver.carrier_pigeon: unknown delivery target 'carrier_pigeon' (known: lmtp, "
+               "maildir, smtp)" in line for line in lines)
+
+
+def test_duplicate_account_names_are_refused(tmp_path: Path) -> None:
+    account = "  - {name: a, host: h, username: u, password: p, deliver: {maildir: m}}\n"
+    assert ":3: accounts[1].name: duplicate account name 'a' (first used on line 2)" in problems_of(
+        tmp_path, "accounts:\n" + account + account)
+
+
+def test_required_keys_are_named(tmp_path: Path) -> None:
+    message = problems_of(tmp_path, "accounts:\n  - name: a\n    password: p\n")
+    assert ":2: accounts[0].host: required key is missing" in message
+    assert ":2: accounts[0].username: required key is missing" in message
+    assert ":2: accounts[0].deliver: required key is missing" in message
+
+
+def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
+    assert "postbote.yaml:3: malformed YAML" in problems_of(tmp_path, "accounts:\n  - name: a\n  host: [\n")
+
+
+def test_a_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load(tmp_path / "nope.yaml")
+
+
+def test_an_inline_password_in_a_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    text = "accounts:\n  - {name: a, host: h, username: u, password: p, deliver: {maildir: m}}\n"
+    assert "holds an inline password but is accessible by group or others (mode 0644)" in problems_of(
+        tmp_path, text, mode=0o644)
+
+
+def test_smtp_destination_options_are_validated_by_the_smtp_plugin(tmp_path: Path) -> None:
+    text = ("accounts:\n  - name: a\n    host: h\n    username: u\n    password: p\n    deliver:\n"
+            "      smtp: {host: mx, port: 25, recipents: [x@y]}\n")
+    message = problems_of(tmp_path, text)
+    assert ":7: accounts[0].deliver.smtp.recipents: unknown key (did you mean 'recipients'?)" in message
+    assert "accounts[0].deliver.smtp.recipients: required key is missing" in message
+
+
+def test_cli_reports_config_errors_on_one_line_each_with_exit_status_2(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "accounts:\n  - {name: a, host: h, port: x, username: u, password: p, "
+                           "deliver: {maildir: m}}\n")
+    assert main(["-c", str(path), "check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("postbote: error: ") and "accounts[0].port" in err
+    assert "Traceback" not in err
+
+
+def test_check_lists_accounts_without_showing_secrets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "accounts:\n  - {name: a, host: h, username: u, password: s3cr3t-pw, "
+                           "deliver: {maildir: m}}\n")
+    assert main(["-c", str(path), "check"]) == 0
+    out = capsys.readouterr().out
+    assert "a: u@h:995 (TLS, auth auto, inline password (********))" in out
+    assert "s3cr3t-pw" not in out

@@ -1,0 +1,295 @@
+"""Polling rules that keep mail safe, proven against the scriptable POP3 server and a real Maildir (issues #2, #3).
+
+Each test says what a user would check afterwards: what is still on the server, what was delivered, how often.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import DeliveryError, Verdict, hookimpl
+from agent.config import Config, load_config
+from agent.errors import StateLockedError
+from agent.pluginmanager import make_plugin_manager
+from agent.poller import Poller, PollStats
+from agent.pop3server import Action, Faults, POP3Server
+from agent.state import REJECTED, StateLock, StateStore
+
+
+def mail(n: int) -> bytes:
+    return f"Subject: message {n}\r\nMessage-ID: <{n}@test>\r\n\r\nbody {n}\r\n".encode()
+
+
+class Setup:
+    def __init__(self, tmp_path: Path, server: POP3Server) -> None:
+        self.tmp_path = tmp_path
+        self.server = server
+        self.maildir = tmp_path / "Maildir"
+
+    def config(self, extra: str = "", deliver: str = "", pm=None) -> Config:
+        path = self.tmp_path / "postbote.yaml"
+        path.write_text(textwrap.dedent(f"""\
+            state_dir: {self.tmp_path / 'state'}
+            accounts:
+              - name: test
+                host: 127.0.0.1
+                port: {self.server.port}
+                tls: none
+                username: demo
+                password: demo
+            """) + textwrap.indent(extra if "timeout" in extra else extra + "timeout: 2s\n", "    ") + textwrap.indent(deliver or f"deliver: {{maildir: {self.maildir}}}\n",
+                                                                   "    "))
+        os.chmod(path, 0o600)
+        return load_config(path, pm or make_plugin_manager(entry_points=False))
+
+    def poll(self, *plugins: object, extra: str = "", deliver: str = "",
+             stop: threading.Event | None = None) -> PollStats:
+        pm = make_plugin_manager(entry_points=False, extra=plugins)
+        config = self.config(extra, deliver, pm)
+        store = StateStore(config.state_dir)
+        try:
+            return Poller(pm, store, stop).poll(config.accounts[0])
+        finally:
+            store.close()
+
+    def delivered(self) -> list[bytes]:
+        folder = self.maildir / "new"
+        files = sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime_ns) if folder.is_dir() else []
+        return [p.read_bytes() for p in files]
+
+    def subjects(self) -> list[str]:
+        return sorted(line.decode() for data in self.delivered() for line in data.splitlines()
+                      if line.startswith(b"Subject:"))
+
+
+@pytest.fixture
+def make_setup(tmp_path: Path) -> Iterator:
+    servers: list[POP3Server] = []
+
+    def make(messages: list[bytes], faults: Faults | None = None) -> Setup:
+        server = POP3Server(messages, faults=faults).start()
+        servers.append(server)
+        return Setup(tmp_path, server)
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def test_fetches_delivers_and_deletes_every_message(make_setup) -> None:
+    setup = make_setup([mail(1), mail(2), mail(3)])
+    stats = setup.poll()
+    assert (stats.ok, stats.delivered, stats.deleted) == (True, 3, 3)
+    assert setup.subjects() == ["Subject: message 1", "Subject: message 2", "Subject: message 3"]
+    assert setup.server.uids() == []
+
+
+def test_trace_header_is_the_only_change_and_disk_gets_lf_line_endings(make_setup) -> None:
+    original = b"Subject: x\r\n\r\n.\r\n..\r\n\x00 nul and 8-bit \xe4\xf6\r\n"
+    setup = make_setup([original])
+    setup.poll()
+    (data,) = setup.delivered()
+    assert data.startswith(b"Received: from 127.0.0.1 by ")
+    assert data.split(b"\nSubject: x\n", 1)[1] == b"\n.\n..\n\x00 nul and 8-bit \xe4\xf6\n"
+
+
+def test_connection_dropped_during_retr_leaves_the_message_for_the_next_poll(make_setup) -> None:
+    setup = make_setup([mail(1), mail(2), mail(3)], Faults().on("RETR 2", action=Action.drop_midway(after_bytes=20)))
+    first = setup.poll()
+    assert not first.ok and first.delivered == 1
+    assert len(setup.server.uids()) == 3  # no QUIT reached the server: nothing deleted
+    second = setup.poll()
+    assert second.ok and second.delivered == 2 and second.deleted == 3
+    assert setup.subjects() == ["Subject: message 1", "Subject: message 2", "Subject: message 3"]
+    assert setup.server.uids() == []
+
+
+def test_delivered_message_whose_deletion_never_reached_the_server_is_deleted_without_redelivery(make_setup) -> None:
+    setup = make_setup([mail(1), mail(2)], Faults().on("QUIT", action=Action.drop()))
+    first = setup.poll()
+    assert first.delivered == 2 and len(setup.server.uids()) == 2
+    second = setup.poll()
+    assert (second.delivered, second.deleted) == (0, 2)
+    assert setup.server.uids() == []
+    assert len(setup.delivered()) == 2
+
+
+def test_state_is_committed_before_dele_is_sent(make_setup) -> None:
+    """If DELE kills the connection, the message was already recorded: no second delivery."""
+    setup = make_setup([mail(1)], Faults().on("DELE", action=Action.drop()))
+    assert setup.poll().delivered == 1
+    assert setup.poll().delivered == 0
+    assert len(setup.delivered()) == 1 and setup.server.uids() == []
+
+
+def test_keep_leaves_mail_on_the_server_and_fetches_only_new_messages(make_setup) -> None:
+    setup = make_setup([mail(1), mail(2)])
+    assert setup.poll(extra="keep: true\n").delivered == 2
+    assert setup.poll(extra="keep: true\n").delivered == 0
+    setup.server.add_message(mail(3))
+    assert setup.poll(extra="keep: true\n").delivered == 1
+    assert len(setup.server.uids()) == 3 and len(setup.delivered()) == 3
+
+
+def test_fetch_all_with_keep_fetches_everything_again(make_setup) -> None:
+    setup = make_setup([mail(1)])
+    setup.poll(extra="keep: true\n")
+    assert setup.poll(extra="keep: true\nfetch_all: true\n").delivered == 1
+
+
+def test_messages_over_max_size_are_left_on_the_server(make_setup) -> None:
+    big = b"Subject: big\r\n\r\n" + b"x" * 5000 + b"\r\n"
+    setup = make_setup([mail(1), big])
+    stats = setup.poll(extra="max_size: 1kB\n")
+    assert (stats.delivered, stats.left) == (1, 1)
+    assert len(setup.server.uids()) == 1
+
+
+def test_max_messages_limits_one_poll(make_setup) -> None:
+    setup = make_setup([mail(n) for n in range(5)])
+    assert setup.poll(extra="max_messages: 2\n").delivered == 2
+    assert len(setup.server.uids()) == 3
+
+
+class Explodes:
+    @hookimpl
+    def filter_message(self, message):
+        if b"message 2" in message.header_bytes:
+            raise RuntimeError("kaboom")
+
+
+def test_a_filter_that_raises_keeps_that_message_on_the_server_and_names_the_plugin(make_setup, caplog) -> None:
+    setup = make_setup([mail(1), mail(2), mail(3)])
+    stats = setup.poll(Explodes())
+    assert (stats.ok, stats.delivered, stats.deferred) == (True, 2, 1)
+    assert len(setup.server.uids()) == 1
+    assert "Subject: message 2" not in setup.subjects()
+
+
+class DropNewsletters:
+    @hookimpl
+    def filter_message(self, message):
+        return Verdict.drop("newsletter") if b"message 1" in message.header_bytes else None
+
+
+def test_a_dropped_message_is_handled_deleted_and_not_delivered(make_setup) -> None:
+    setup = make_setup([mail(1), mail(2)])
+    stats = setup.poll(DropNewsletters())
+    assert (stats.dropped, stats.delivered, stats.deleted) == (1, 1, 2)
+    assert setup.subjects() == ["Subject: message 2"]
+    assert setup.server.uids() == []
+
+
+class FailingBackup:
+    @hookimpl
+    def backup_message(self, message):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failing_backup_keeps_the_message_on_the_server_undelivered(make_setup) -> None:
+    setup = make_setup([mail(1)])
+    stats = setup.poll(FailingBackup())
+    assert (stats.delivered, stats.deferred) == (0, 1)
+    assert setup.delivered() == [] and len(setup.server.uids()) == 1
+
+
+class BrokenObserver:
+    @hookimpl
+    def message_delivered(self):
+        raise RuntimeError("metrics backend down")
+
+
+def test_a_failing_observer_never_affects_the_mail(make_setup) -> None:
+    setup = make_setup([mail(1)])
+    assert setup.poll(BrokenObserver()).delivered == 1
+    assert setup.server.uids() == []
+
+
+class RefusingTarget:
+    DESTINATION_KINDS = ("refuse",)
+
+    def __init__(self, temporary: bool) -> None:
+        self.temporary = temporary
+        self.calls = 0
+
+    @hookimpl
+    def parse_destination(self, kind, options):
+        return {"label": "refuse"} if kind == "refuse" else None
+
+    @hookimpl
+    def deliver_message(self, destination):
+        if destination.kind != "refuse":
+            return None
+        self.calls += 1
+        raise DeliveryError("550 5.7.1 no thanks", temporary=self.temporary)
+
+
+def test_a_permanent_refusal_is_recorded_and_not_retried_every_poll(make_setup, tmp_path: Path) -> None:
+    setup = make_setup([mail(1)])
+    target = RefusingTarget(temporary=False)
+    deliver = "deliver: {refuse: {}}\n"
+    assert setup.poll(target, deliver=deliver).rejected == 1
+    assert setup.poll(target, deliver=deliver).rejected == 0
+    assert target.calls == 1 and len(setup.server.uids()) == 1
+    store = StateStore(tmp_path / "state")
+    (record,) = store.records("test").values()
+    assert record.status == REJECTED and "550 5.7.1 no thanks" in record.reason
+    assert store.clear_rejected("test") == [record.uid]
+    store.close()
+    setup.poll(target, deliver=deliver)
+    assert target.calls == 2
+
+
+def test_with_two_destinations_a_retry_skips_the_one_that_already_took_the_message(make_setup) -> None:
+    setup = make_setup([mail(1)])
+    target = RefusingTarget(temporary=True)
+    both = f"deliver:\n  - maildir: {setup.maildir}\n  - refuse: {{}}\n"
+    assert setup.poll(target, deliver=both).deferred == 1
+    assert setup.poll(target, deliver=both).deferred == 1
+    assert len(setup.delivered()) == 1 and target.calls == 2
+    assert len(setup.server.uids()) == 1
+
+
+def test_a_server_listing_one_uid_twice_gets_neither_message_touched(make_setup) -> None:
+    setup = make_setup([mail(1), mail(2), mail(3)], Faults(uidl_override=lambda _s, uids: [uids[0], uids[0], uids[2]]))
+    stats = setup.poll()
+    assert (stats.delivered, stats.left) == (1, 2)
+    assert len(setup.server.uids()) == 2
+
+
+def test_login_refused_is_an_account_error_and_nothing_is_touched(make_setup) -> None:
+    setup = make_setup([mail(1)], Faults().on("PASS", action=Action.reply("-ERR [AUTH] invalid credentials")))
+    stats = setup.poll()
+    assert not stats.ok and "login refused: [AUTH] invalid credentials" in stats.error
+    assert len(setup.server.uids()) == 1
+
+
+def test_a_stalling_server_times_out(make_setup) -> None:
+    setup = make_setup([mail(1)], Faults().on("UIDL", action=Action.stall(10)))
+    stats = setup.poll(extra="timeout: 0.3s\n")
+    assert not stats.ok and "timed out" in stats.error
+
+
+def test_a_stop_request_finishes_the_message_in_hand_then_quits(make_setup) -> None:
+    stop = threading.Event()
+
+    class StopAfterFirst:
+        @hookimpl
+        def message_delivered(self):
+            stop.set()
+
+    setup = make_setup([mail(1), mail(2), mail(3)])
+    stats = setup.poll(StopAfterFirst(), stop=stop)
+    assert (stats.ok, stats.delivered) == (True, 1)
+    assert len(setup.server.uids()) == 2
+
+
+def test_two_processes_cannot_use_one_state_directory(tmp_path: Path) -> None:
+    with StateLock(tmp_path), pytest.raises(StateLockedError, match=f"pid {os.getpid()}"):
+        StateLock(tmp_path).acquire()
