@@ -21,7 +21,7 @@ from agent import __version__
 from agent.config import Config, find_config, load_config
 from agent.errors import ConfigError, PostboteError
 from agent.logconfig import configure_logging
-from agent.pluginmanager import make_plugin_manager
+from agent.pluginmanager import PluginManager, make_plugin_manager
 from agent.poller import Poller
 from agent.state import StateLock, StateStore
 
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     poll.add_argument("accounts", nargs="*", metavar="ACCOUNT", help="only these accounts (default: all)")
     commands.add_parser("run", help="run as a daemon, polling each account at its poll_interval")
     commands.add_parser("check", help="validate the config and show the accounts it would poll")
+    commands.add_parser("plugins", help="list the plugins found, where they come from, where they are enabled")
     retry = commands.add_parser("retry", help="let rejected messages be tried again on the next poll")
     retry.add_argument("account", metavar="ACCOUNT")
     retry.add_argument("uids", nargs="*", metavar="UID", help="only these messages (default: all rejected)")
@@ -84,6 +85,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     configure_logging(args.log_level or config.log.level, args.log_format or config.log.format)
     if args.command == "check":
         return check(config)
+    if args.command == "plugins":
+        return list_plugins(pm, config)
     if args.command == "retry":
         store = StateStore(config.state_dir)
         try:
@@ -157,6 +160,22 @@ def check(config: Config, out: TextIO | None = None) -> int:
               f"{'all messages' if account.fetch_all else 'new messages only'}", file=out)
         for destination in account.destinations:
             print(f"    -> {destination.label}", file=out)
+    return EXIT_OK
+
+
+def list_plugins(pm: PluginManager, config: Config, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    for name, source in sorted(pm.sources.items(), key=lambda item: (item[1].origin != "built-in", item[0])):
+        users = [a.name for a in config.accounts if a.uses(name)]
+        if source.essential:
+            enabled = "always"
+        elif len(users) == len(config.accounts) and users:
+            enabled = "all accounts"
+        else:
+            enabled = ", ".join(users) if users else "off"
+        print(f"{name}  [{source.origin}: {source.where}]", file=out)
+        print(f"    enabled: {enabled}", file=out)
+        print(f"    hooks: {', '.join(pm.hooks_of(name)) or '-'}", file=out)
     return EXIT_OK
 
 

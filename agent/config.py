@@ -7,18 +7,19 @@ errors with a "did you mean". Delivery targets are validated by the plugins that
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pluggy
-
 from agent import settings as s
 from agent.credentials import PasswordSource, Secret
 from agent.errors import ConfigError
+from agent.pluginmanager import PluginManager
 from agent.settings import Node, Problems, Section
 
 CONFIG_ENV = "POSTBOTE_CONFIG"
@@ -82,6 +83,15 @@ class Account:
     max_size: int | None
     max_messages: int | None
     destinations: tuple[Destination, ...]
+    plugins: Mapping[str, Any] = field(default_factory=dict)
+
+    def uses(self, plugin: str) -> bool:
+        """Whether ``plugin`` is enabled for this account."""
+        return plugin in self.plugins
+
+    def options_for(self, plugin: str) -> Any:
+        """The options ``plugin`` parsed from the config for this account (None when it takes none)."""
+        return self.plugins.get(plugin)
 
 
 @dataclass(frozen=True)
@@ -103,22 +113,30 @@ class Config:
 
 
 ACCOUNT_KEYS = {"name", "host", "port", "tls", "tls_verify", "tls_ca_file", "username", *PASSWORD_KEYS, "auth",
-                "poll_interval", "timeout", "keep", "fetch_all", "max_size", "max_messages", "deliver"}
-TOP_KEYS = {"state_dir", "log", "defaults", "accounts"}
+                "poll_interval", "timeout", "keep", "fetch_all", "max_size", "max_messages", "deliver", "plugins"}
+TOP_KEYS = {"state_dir", "log", "defaults", "accounts", "plugins", "plugin_paths"}
 
 
-def load_config(path: Path, pm: pluggy.PluginManager) -> Config:
-    """Load and validate ``path``; raise `ConfigError` listing every problem found."""
+def load_config(path: Path, pm: PluginManager) -> Config:
+    """Load and validate ``path``, registering its ``plugin_paths`` in ``pm``; `ConfigError` lists every problem."""
     root = s.load_yaml(path)
     problems = Problems(str(path))
     top = Section(root, problems, what="a mapping with accounts")
     base_dir = path.resolve().parent
+    plugin_paths = top.get("plugin_paths", lambda v: [s.path_relative_to(base_dir)(p) for p in s.text_list(v)], [])
+    problems.raise_if_any()
+    try:
+        pm.load_paths(plugin_paths)
+    except ConfigError as exc:
+        node = top.raw("plugin_paths")
+        raise ConfigError(f"{path}:{node.line if node else 0}: {exc}") from None
+    global_plugins = _plugin_entries(top.section("plugins"), pm, problems)
     state_dir = top.get("state_dir", s.path_relative_to(base_dir), Path(DEFAULT_STATE_DIR).expanduser())
     log = _log_settings(top.section("log"))
     defaults = top.section("defaults")
     if defaults is not None:
         defaults.finish(ACCOUNT_KEYS - {"name"})
-    accounts = _accounts(top, defaults, problems, pm, base_dir)
+    accounts = _accounts(top, defaults, problems, pm, base_dir, global_plugins)
     top.finish(TOP_KEYS)
     problems.raise_if_any()
     config = Config(path=path, state_dir=state_dir, log=log, accounts=tuple(accounts))
@@ -135,8 +153,8 @@ def _log_settings(section: Section | None) -> LogSettings:
     return settings
 
 
-def _accounts(top: Section, defaults: Section | None, problems: Problems, pm: pluggy.PluginManager,
-              base_dir: Path) -> list[Account]:
+def _accounts(top: Section, defaults: Section | None, problems: Problems, pm: PluginManager,
+              base_dir: Path, global_plugins: dict[str, Node | bool]) -> list[Account]:
     node = top.raw("accounts")
     if node is None or node.value is None:
         problems.add(top.line, "accounts", "required key is missing: list the mailboxes to poll")
@@ -148,7 +166,8 @@ def _accounts(top: Section, defaults: Section | None, problems: Problems, pm: pl
     seen: dict[str, int] = {}
     for item in node.value:
         merged = _with_defaults(item, defaults)
-        account = _account(Section(merged, problems, what="an account mapping"), problems, pm, base_dir)
+        account = _account(Section(merged, problems, what="an account mapping"), problems, pm, base_dir,
+                           global_plugins)
         if account is None:
             continue
         if account.name in seen:
@@ -169,7 +188,8 @@ def _with_defaults(item: Node, defaults: Section | None) -> Node:
     return Node(merged, item.line, item.path)
 
 
-def _account(section: Section, problems: Problems, pm: pluggy.PluginManager, base_dir: Path) -> Account | None:
+def _account(section: Section, problems: Problems, pm: PluginManager, base_dir: Path,
+             global_plugins: dict[str, Node | bool]) -> Account | None:
     before = len(problems.lines)
     name = section.get("name", s.nonempty_text, required=True)
     if name is not None and not _ACCOUNT_NAME.fullmatch(name):
@@ -193,6 +213,7 @@ def _account(section: Section, problems: Problems, pm: pluggy.PluginManager, bas
         max_size=section.get("max_size", s.size, None),
         max_messages=section.get("max_messages", s.integer(1), None),
         destinations=_destinations(section, problems, pm, base_dir),
+        plugins=_account_plugins(section, pm, problems, base_dir, global_plugins),
     )
     section.finish(ACCOUNT_KEYS)
     if len(problems.lines) > before:
@@ -233,7 +254,7 @@ def _env_name(value: Any) -> str:
     return name
 
 
-def _destinations(section: Section, problems: Problems, pm: pluggy.PluginManager,
+def _destinations(section: Section, problems: Problems, pm: PluginManager,
                   base_dir: Path) -> tuple[Destination, ...]:
     node = section.raw("deliver")
     if node is None or node.value is None:
@@ -247,7 +268,7 @@ def _destinations(section: Section, problems: Problems, pm: pluggy.PluginManager
     return tuple(destinations)
 
 
-def _destination(entry: Node, problems: Problems, pm: pluggy.PluginManager, base_dir: Path) -> Destination | None:
+def _destination(entry: Node, problems: Problems, pm: PluginManager, base_dir: Path) -> Destination | None:
     known = sorted(_known_destination_kinds(pm))
     if not isinstance(entry.value, dict) or len(entry.value) != 1:
         problems.add(entry.line, entry.path,
@@ -267,7 +288,62 @@ def _destination(entry: Node, problems: Problems, pm: pluggy.PluginManager, base
                        line=options.line)
 
 
-def _known_destination_kinds(pm: pluggy.PluginManager) -> set[str]:
+def _plugin_entries(section: Section | None, pm: PluginManager, problems: Problems) -> dict[str, Node | bool]:
+    """A ``plugins:`` mapping: name -> True, False or an options mapping. Names must be plugins that exist."""
+    if section is None:
+        return {}
+    entries: dict[str, Node | bool] = {}
+    for name, node in section.items():
+        section.raw(name)
+        if name not in pm.sources:
+            close = difflib.get_close_matches(name, sorted(pm.sources), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.add(node.line, node.path, f"unknown plugin ({hint}plugins found: {', '.join(sorted(pm.sources))})")
+        elif isinstance(node.value, bool):
+            if not node.value and pm.sources[name].essential:
+                problems.add(node.line, node.path, f"the built-in plugin {name!r} cannot be disabled")
+            entries[name] = node.value
+        elif isinstance(node.value, dict) or node.value is None:
+            entries[name] = node if node.value else True
+        else:
+            problems.add(node.line, node.path, f"expected true, false or a mapping of options, got {s.describe(node.value)}")
+    return entries
+
+
+def _account_plugins(section: Section, pm: PluginManager, problems: Problems, base_dir: Path,
+                     global_plugins: dict[str, Node | bool]) -> dict[str, Any]:
+    """The plugins enabled for one account, each with the options it parsed (global ones, shallowly overridden)."""
+    own = _plugin_entries(section.section("plugins"), pm, problems)
+    enabled: dict[str, Any] = {}
+    for name, source in pm.sources.items():
+        entry = own.get(name, global_plugins.get(name))
+        if not source.essential and (entry is False or (entry is None and not source.on_by_default)):
+            continue
+        options = _merged_options(global_plugins.get(name), own.get(name))
+        enabled[name] = _parse_plugin_options(name, options or Node({}, section.line, f"{section.path}.plugins.{name}"),
+                                              pm, problems, base_dir)
+    return enabled
+
+
+def _merged_options(global_entry: Node | bool | None, own_entry: Node | bool | None) -> Node | None:
+    if isinstance(own_entry, Node) and isinstance(global_entry, Node):
+        return Node({**global_entry.value, **own_entry.value}, own_entry.line, own_entry.path)
+    if isinstance(own_entry, Node):
+        return own_entry
+    if isinstance(global_entry, Node) and own_entry is not False:
+        return global_entry
+    return None
+
+
+def _parse_plugin_options(name: str, options: Node, pm: PluginManager, problems: Problems, base_dir: Path) -> Any:
+    before = len(problems.lines)
+    parsed = pm.hook.parse_plugin_options(name=name, options=options, problems=problems, base_dir=base_dir)
+    if parsed is None and options.value and len(problems.lines) == before:
+        problems.add(options.line, options.path, f"plugin {name!r} takes no options")
+    return parsed
+
+
+def _known_destination_kinds(pm: PluginManager) -> set[str]:
     kinds: set[str] = set()
     for plugin in pm.get_plugins():
         kinds.update(getattr(plugin, "DESTINATION_KINDS", ()))

@@ -53,6 +53,19 @@ def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Pa
     """
 
 
+@hookspec(firstresult=True)
+def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir: Path) -> Any | None:
+    """Validate the options of the plugin called ``name`` for one account; return them parsed if ``name`` is you.
+
+    Called for every account where the plugin is enabled, with the top-level ``plugins: {name: {...}}`` mapping
+    shallowly overridden by the account's own ``plugins:`` entry (an empty mapping when neither gives options),
+    so defaults and required keys are checked in one place. The result is what ``account.options_for(name)``
+    returns while handling that account's messages. Report mistakes through ``problems`` (or read ``options`` with
+    ``agent.settings.Section``). Return None if ``name`` is not yours; options given to a plugin that parses none
+    are a config error. Stops at the first non-None result.
+    """
+
+
 @hookspec(historic=True)
 def configure(config: Config) -> None:
     """Called once after the configuration is loaded and valid, before the first poll; open shared resources.

@@ -28,11 +28,16 @@ class Outcome:
     answers: list[str] = field(default_factory=list)
 
 
+def implementations(hook: pluggy.HookCaller, kwargs: dict[str, Any]) -> list[Any]:
+    """The hook's implementations in pluggy's call order, less those of plugins the account has turned off."""
+    account = kwargs.get("account")
+    return [impl for impl in reversed(hook.get_hookimpls())
+            if not (impl.hookwrapper or impl.wrapper) and (account is None or account.uses(impl.plugin_name))]
+
+
 def call_each(hook: pluggy.HookCaller, **kwargs: Any) -> Iterator[tuple[str, Any]]:
     """Call a hook's implementations one at a time, in pluggy's order, so that a failure names its plugin."""
-    for impl in reversed(hook.get_hookimpls()):
-        if impl.hookwrapper or impl.wrapper:
-            continue
+    for impl in implementations(hook, kwargs):
         try:
             result = impl.function(*(kwargs[name] for name in impl.argnames))
         except DeliveryError:
@@ -45,9 +50,7 @@ def call_each(hook: pluggy.HookCaller, **kwargs: Any) -> Iterator[tuple[str, Any
 def call_all(hook: pluggy.HookCaller, **kwargs: Any) -> list[PluginError]:
     """Call every implementation even when some raise (observer hooks); returns the errors."""
     errors = []
-    for impl in reversed(hook.get_hookimpls()):
-        if impl.hookwrapper or impl.wrapper:
-            continue
+    for impl in implementations(hook, kwargs):
         try:
             impl.function(*(kwargs[name] for name in impl.argnames))
         except Exception as exc:  # noqa: BLE001 - an observer's failure is reported, never propagated
