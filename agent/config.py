@@ -264,11 +264,11 @@ def _destinations(section: Section, problems: Problems, pm: PluginManager,
     entries = node.value if isinstance(node.value, list) else [node]
     if not entries:
         problems.add(node.line, node.path, "expected at least one destination")
-    destinations = [d for entry in entries if (d := _destination(entry, problems, pm, base_dir))]
+    destinations = [d for entry in entries if (d := parse_destination_entry(entry, problems, pm, base_dir))]
     return tuple(destinations)
 
 
-def _destination(entry: Node, problems: Problems, pm: PluginManager, base_dir: Path) -> Destination | None:
+def parse_destination_entry(entry: Node, problems: Problems, pm: PluginManager, base_dir: Path) -> Destination | None:
     known = sorted(_known_destination_kinds(pm))
     if not isinstance(entry.value, dict) or len(entry.value) != 1:
         problems.add(entry.line, entry.path,
@@ -276,7 +276,8 @@ def _destination(entry: Node, problems: Problems, pm: PluginManager, base_dir: P
         return None
     ((kind, options),) = entry.value.items()
     before = len(problems.lines)
-    parsed = pm.hook.parse_destination(kind=kind, options=options, problems=problems, base_dir=base_dir)
+    parsed = pm.hook.parse_destination(kind=kind, options=options, problems=problems, base_dir=base_dir,
+                                       pluginmanager=pm)
     if parsed is None:
         if len(problems.lines) == before:
             problems.add(options.line, options.path, f"unknown delivery target {kind!r} (known: {', '.join(known)})")
@@ -337,7 +338,8 @@ def _merged_options(global_entry: Node | bool | None, own_entry: Node | bool | N
 
 def _parse_plugin_options(name: str, options: Node, pm: PluginManager, problems: Problems, base_dir: Path) -> Any:
     before = len(problems.lines)
-    parsed = pm.hook.parse_plugin_options(name=name, options=options, problems=problems, base_dir=base_dir)
+    parsed = pm.hook.parse_plugin_options(name=name, options=options, problems=problems, base_dir=base_dir,
+                                          pluginmanager=pm)
     if parsed is None and options.value and len(problems.lines) == before:
         problems.add(options.line, options.path, f"plugin {name!r} takes no options")
     return parsed

@@ -42,7 +42,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec(firstresult=True)
-def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Path) -> Any | None:
+def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Path,
+                      pluginmanager: pluggy.PluginManager) -> Any | None:
     """Validate the options of one ``deliver:`` entry of kind ``kind`` (``smtp``, ``maildir``, …).
 
     Return a settings object for your own ``deliver_message`` when ``kind`` is yours, else None (no opinion).
@@ -54,7 +55,8 @@ def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Pa
 
 
 @hookspec(firstresult=True)
-def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir: Path) -> Any | None:
+def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir: Path,
+                         pluginmanager: pluggy.PluginManager) -> Any | None:
     """Validate the options of the plugin called ``name`` for one account; return them parsed if ``name`` is you.
 
     Called for every account where the plugin is enabled, with the top-level ``plugins: {name: {...}}`` mapping
@@ -62,7 +64,9 @@ def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir:
     so defaults and required keys are checked in one place. The result is what ``account.options_for(name)``
     returns while handling that account's messages. Report mistakes through ``problems`` (or read ``options`` with
     ``agent.settings.Section``). Return None if ``name`` is not yours; options given to a plugin that parses none
-    are a config error. Stops at the first non-None result.
+    are a config error. A plugin whose options name delivery targets (as ``rules`` does) turns them into
+    destinations with ``agent.config.parse_destination_entry(node, problems, pluginmanager, base_dir)``.
+    Stops at the first non-None result.
     """
 
 
@@ -87,8 +91,9 @@ def filter_message(message: Message, account: Account) -> Verdict | None:
     """Decide about one message before it is delivered.
 
     Return None to pass it on to the next filter (after changing it in place if you like: add, remove or rewrite
-    header fields through ``message.add_header`` / ``remove_header`` / ``replace_header``, or reroute it by setting
-    ``message.recipients``), ``Verdict.accept()`` to deliver it without asking the remaining filters, or
+    header fields through ``message.add_header`` / ``remove_header`` / ``replace_header``, reroute it by setting
+    ``message.recipients`` (envelope recipients for SMTP/LMTP) or ``message.destinations`` (a list of
+    ``Destination`` replacing the account's ``deliver:``)), ``Verdict.accept()`` to deliver it without asking the remaining filters, or
     ``Verdict.drop(reason)`` to deliver it nowhere: a dropped message counts as handled (deleted unless ``keep``)
     and the drop is logged with its reason. Filters are called one at a time, so an exception names its plugin.
     """

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import Message as EmailMessage
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 SPOOL_THRESHOLD = 1 << 20
 MAX_HEADER_BYTES = 1 << 20
@@ -48,13 +48,15 @@ class Message:
     """One message fetched from the server.
 
     ``uid`` is its POP3 unique id, ``server_size`` the octet count LIST announced. ``recipients`` is ``None`` (each
-    destination's configured recipients) until a filter reroutes the message by setting it to a list of addresses.
+    destination's configured recipients) until a filter reroutes the message by setting it to a list of addresses;
+    ``destinations`` likewise is ``None`` (the account's ``deliver:``) until a filter sends it elsewhere.
     """
 
     def __init__(self, uid: str, server_size: int = 0) -> None:
         self.uid = uid
         self.server_size = server_size
         self.recipients: list[str] | None = None
+        self.destinations: list[Any] | None = None
         self.tags: dict[str, str] = {}
         self._header = bytearray()
         self._header_done = False

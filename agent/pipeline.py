@@ -81,10 +81,13 @@ def run_filters(pm: pluggy.PluginManager, message: Message, account: Account) ->
 def deliver_everywhere(pm: pluggy.PluginManager, store: StateStore, message: Message, account: Account,
                        poll: PollContext) -> list[str]:
     """Deliver to every destination; with several, remember each success so a retry skips it (no duplicates)."""
-    several = len(account.destinations) > 1
+    destinations = message.destinations if message.destinations is not None else account.destinations
+    if not destinations:
+        raise DeliveryError("a filter left the message without destinations", temporary=True)
+    several = len(destinations) > 1
     done = store.destinations_done(account.name, message.uid) if several else {}
     answers = []
-    for index, destination in enumerate(account.destinations):
+    for index, destination in enumerate(destinations):
         key = f"{index}:{destination.label}"
         if key in done:
             answers.append(done[key])

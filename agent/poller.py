@@ -106,8 +106,16 @@ class Poller:
                 stats.duration = round(time.monotonic() - started, 3)
                 log.log(40 if stats.error else 20, "poll.finished", ok=stats.ok, duration_s=stats.duration,
                         **stats.counts())
+                self._remember(stats)
                 self._notify("poll_finished", account=account, stats=stats)
         return stats
+
+    def _remember(self, stats: PollStats) -> None:
+        try:
+            self.store.record_poll(stats.account, ok=stats.ok, duration=stats.duration, counts=stats.counts(),
+                                   error=stats.error)
+        except PostboteError as exc:
+            log.error("state.poll_not_recorded", error=str(exc))
 
     def _session(self, account: Account, stats: PollStats, poll: PollContext) -> None:
         client = self._login(account)

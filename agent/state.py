@@ -8,6 +8,7 @@ dropped or rejected. Every write commits before the caller goes on, and the poll
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sqlite3
 import time
@@ -43,7 +44,29 @@ CREATE TABLE IF NOT EXISTS destinations_done (
     answer TEXT NOT NULL,
     PRIMARY KEY (account, uid, destination)
 );
+CREATE TABLE IF NOT EXISTS polls (
+    account TEXT PRIMARY KEY,
+    finished REAL NOT NULL,
+    ok INTEGER NOT NULL,
+    duration REAL NOT NULL,
+    counts TEXT NOT NULL,
+    error TEXT,
+    last_success REAL,
+    totals TEXT NOT NULL DEFAULT '{}'
+);
 """
+
+
+@dataclass(frozen=True)
+class PollRecord:
+    account: str
+    finished: float
+    ok: bool
+    duration: float
+    counts: dict[str, int]
+    error: str | None
+    last_success: float | None
+    totals: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -105,6 +128,29 @@ class StateStore:
             self._db.executemany("DELETE FROM messages WHERE account = ? AND uid = ?", [(account, u) for u in uids])
             self._db.executemany("DELETE FROM destinations_done WHERE account = ? AND uid = ?",
                                  [(account, u) for u in uids])
+
+    def record_poll(self, account: str, *, ok: bool, duration: float, counts: dict[str, int],
+                    error: str | None) -> None:
+        """Remember the last poll of an account and add its counts to the account's running totals."""
+        previous = self.last_poll(account)
+        totals = dict(previous.totals) if previous else {}
+        for key, value in counts.items():
+            totals[key] = totals.get(key, 0) + value
+        now = time.time()
+        last_success = now if ok else (previous.last_success if previous else None)
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO polls VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (account, now, int(ok), duration, json.dumps(counts), error, last_success,
+                              json.dumps(totals)))
+
+    def last_poll(self, account: str) -> PollRecord | None:
+        rows = self._query("SELECT account, finished, ok, duration, counts, error, last_success, totals FROM polls "
+                           "WHERE account = ?", (account,))
+        if not rows:
+            return None
+        name, finished, ok, duration, counts, error, last_success, totals = rows[0]
+        return PollRecord(name, finished, bool(ok), duration, json.loads(counts), error, last_success,
+                          json.loads(totals))
 
     def clear_rejected(self, account: str, uids: Iterable[str] = ()) -> list[str]:
         """Make rejected messages eligible again; all of the account's when ``uids`` is empty. Returns the UIDs."""
