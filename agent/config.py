@@ -100,6 +100,8 @@ class Config:
     state_dir: Path
     log: LogSettings
     accounts: tuple[Account, ...]
+    max_parallel: int = 4
+    backoff_max: float = 3600.0
 
     def account(self, name: str) -> Account:
         for account in self.accounts:
@@ -114,7 +116,7 @@ class Config:
 
 ACCOUNT_KEYS = {"name", "host", "port", "tls", "tls_verify", "tls_ca_file", "username", *PASSWORD_KEYS, "auth",
                 "poll_interval", "timeout", "keep", "fetch_all", "max_size", "max_messages", "deliver", "plugins"}
-TOP_KEYS = {"state_dir", "log", "defaults", "accounts", "plugins", "plugin_paths"}
+TOP_KEYS = {"state_dir", "log", "defaults", "accounts", "plugins", "plugin_paths", "max_parallel", "backoff_max"}
 
 
 def load_config(path: Path, pm: PluginManager) -> Config:
@@ -139,7 +141,10 @@ def load_config(path: Path, pm: PluginManager) -> Config:
     accounts = _accounts(top, defaults, problems, pm, base_dir, global_plugins)
     top.finish(TOP_KEYS)
     problems.raise_if_any()
-    config = Config(path=path, state_dir=state_dir, log=log, accounts=tuple(accounts))
+    config = Config(path=path, state_dir=state_dir, log=log, accounts=tuple(accounts),
+                    max_parallel=top.get("max_parallel", s.integer(1, 256), 4),
+                    backoff_max=top.get("backoff_max", s.duration, 3600.0))
+    problems.raise_if_any()
     _refuse_exposed_inline_password(config)
     return config
 

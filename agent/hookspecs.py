@@ -130,6 +130,11 @@ def poll_started(account: Account) -> None:
 
 
 @hookspec
+def messages_listed(account: Account, count: int, octets: int) -> None:
+    """The server's listing was read: ``count`` messages of ``octets`` bytes in all will be fetched this poll."""
+
+
+@hookspec
 def poll_finished(account: Account, stats: PollStats) -> None:
     """An account's poll ended, successfully or not; ``stats`` has the counts, the duration and the error if any."""
 

@@ -123,6 +123,8 @@ class Poller:
             entries = client.listing()
             stats.listed = len(entries)
             to_delete, to_fetch = self._plan(account, entries, stats)
+            self._notify("messages_listed", account=account, count=len(to_fetch),
+                         octets=sum(entry.size for entry in to_fetch))
             for entry in to_delete:
                 client.delete(entry.number)
                 stats.deleted_uids.append(entry.uid)
