@@ -1,0 +1,255 @@
+"""The hook contract stays honest: every hook is documented with its signature and exercised here (issue #3)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import agent.hookspecs
+from agent import DeliveryError, Verdict, hookimpl
+from agent.config import load_config
+from agent.pluginmanager import make_plugin_manager
+from agent.poller import Poller, PollStats
+from agent.pop3server import Action, Faults, POP3Server
+from agent.state import StateStore
+
+ROOT = Path(__file__).resolve().parent.parent
+HOOKS = {name: fn for name, fn in inspect.getmembers(agent.hookspecs, inspect.isfunction)
+         if hasattr(fn, "postbote_spec")}
+
+
+def test_every_hook_is_documented_with_its_exact_arguments() -> None:
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    for name, spec in HOOKS.items():
+        arguments = ", ".join(inspect.signature(spec).parameters)
+        assert f"### {name}({arguments})" in docs, f"docs/plugins.md lacks '### {name}({arguments})'"
+        assert spec.__doc__ and len(spec.__doc__.strip()) > 40, f"hookspecs.{name} needs a docstring"
+
+
+def test_every_hook_has_a_test_named_after_it() -> None:
+    tests = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    missing = [name for name in HOOKS if not re.search(rf"def test_hook_{name}\b", tests)]
+    assert not missing, f"hooks without a test_hook_<name>: {missing}"
+
+
+class Recorder:
+    """Records every call of every hook with its arguments, and can be told to misbehave."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.verdicts: dict[str, Verdict] = {}
+        self.refuse: dict[str, DeliveryError] = {}
+
+    def seen(self, hook: str) -> list[dict[str, Any]]:
+        return [kwargs for name, kwargs in self.calls if name == hook]
+
+    def order(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    @hookimpl
+    def parse_destination(self, kind, options, problems, base_dir, pluginmanager):
+        self.calls.append(("parse_destination", {"kind": kind, "base_dir": base_dir}))
+        return {"label": "recorded"} if kind == "recorded" else None
+
+    @hookimpl
+    def parse_plugin_options(self, name, options):
+        if name != "recorder":
+            return None
+        values = {key: node.value for key, node in options.value.items()}
+        self.calls.append(("parse_plugin_options", {"line": options.line, "values": values}))
+        return values
+
+    @hookimpl
+    def configure(self, config):
+        self.calls.append(("configure", {"config": config}))
+
+    @hookimpl
+    def unconfigure(self, config):
+        self.calls.append(("unconfigure", {"config": config}))
+
+    @hookimpl
+    def poll_started(self, account):
+        self.calls.append(("poll_started", {"account": account.name}))
+
+    @hookimpl
+    def messages_listed(self, account, count, octets):
+        self.calls.append(("messages_listed", {"count": count, "octets": octets}))
+
+    @hookimpl
+    def filter_message(self, message, account):
+        self.calls.append(("filter_message", {"uid": message.uid, "options": account.options_for("recorder"),
+                                              "traced": message.get_header("Received") is not None}))
+        subject = message.get_header("Subject") or ""
+        return self.verdicts.get(subject)
+
+    @hookimpl
+    def backup_message(self, message):
+        self.calls.append(("backup_message", {"uid": message.uid}))
+
+    @hookimpl
+    def deliver_message(self, message, destination, account, poll):
+        if destination.kind != "recorded":
+            return None
+        self.calls.append(("deliver_message", {"uid": message.uid, "destination": destination.label}))
+        subject = message.get_header("Subject") or ""
+        if subject in self.refuse:
+            raise self.refuse[subject]
+        return f"recorded {message.uid}"
+
+    @hookimpl
+    def message_delivered(self, message, account, destinations):
+        self.calls.append(("message_delivered", {"uid": message.uid, "destinations": destinations}))
+
+    @hookimpl
+    def message_dropped(self, message, reason):
+        self.calls.append(("message_dropped", {"uid": message.uid, "reason": reason}))
+
+    @hookimpl
+    def message_failed(self, message, error, temporary):
+        self.calls.append(("message_failed", {"uid": message.uid, "error": str(error), "temporary": temporary}))
+
+    @hookimpl
+    def poll_finished(self, account, stats):
+        self.calls.append(("poll_finished", {"stats": stats}))
+
+    @hookimpl
+    def account_error(self, account, error):
+        self.calls.append(("account_error", {"error": str(error)}))
+
+
+def mail(subject: str) -> bytes:
+    return f"Subject: {subject}\r\n\r\nbody\r\n".encode()
+
+
+@pytest.fixture
+def run(tmp_path: Path):
+    def poll(messages: list[bytes], recorder: Recorder, faults: Faults | None = None) -> tuple[PollStats, POP3Server]:
+        with POP3Server(messages, faults=faults) as server:
+            path = tmp_path / "postbote.yaml"
+            path.write_text(textwrap.dedent(f"""\
+                state_dir: {tmp_path / 'state'}
+                plugins: {{recorder: {{colour: blue}}}}
+                accounts:
+                  - {{name: acct, host: 127.0.0.1, port: {server.port}, tls: none, username: demo, password: demo,
+                      timeout: 2s, deliver: {{recorded: {{}}}}}}
+                """))
+            os.chmod(path, 0o600)
+            pm = make_plugin_manager(entry_points=False, extra=[recorder])
+            config = load_config(path, pm)
+            pm.hook.configure.call_historic(kwargs={"config": config})
+            store = StateStore(config.state_dir)
+            stats = Poller(pm, store).poll(config.accounts[0])
+            pm.hook.unconfigure(config=config)
+            store.close()
+            server.remaining = server.uids()  # type: ignore[attr-defined]
+        return stats, server
+
+    return poll
+
+
+def test_hook_parse_destination(run, tmp_path: Path) -> None:
+    recorder = Recorder()
+    run([], recorder)
+    assert {"kind": "recorded", "base_dir": tmp_path.resolve()} in recorder.seen("parse_destination")
+
+
+def test_hook_parse_plugin_options(run) -> None:
+    recorder = Recorder()
+    run([mail("a")], recorder)
+    assert recorder.seen("parse_plugin_options") == [{"line": 2, "values": {"colour": "blue"}}]
+    assert recorder.seen("filter_message")[0]["options"] == {"colour": "blue"}
+
+
+def test_hook_configure(run) -> None:
+    recorder = Recorder()
+    run([], recorder)
+    assert recorder.order()[recorder.order().index("configure") + 1] == "poll_started"
+
+
+def test_hook_unconfigure(run) -> None:
+    recorder = Recorder()
+    run([], recorder)
+    assert recorder.order()[-1] == "unconfigure"
+
+
+def test_hook_poll_started(run) -> None:
+    recorder = Recorder()
+    run([mail("a")], recorder)
+    assert recorder.seen("poll_started") == [{"account": "acct"}]
+
+
+def test_hook_messages_listed(run) -> None:
+    recorder = Recorder()
+    run([mail("a"), mail("b")], recorder)
+    assert recorder.seen("messages_listed") == [{"count": 2, "octets": 2 * len(mail("a"))}]
+
+
+def test_hook_filter_message(run) -> None:
+    recorder = Recorder()
+    run([mail("a")], recorder)
+    (call,) = recorder.seen("filter_message")
+    assert call["traced"], "the built-in trace header is added before any other filter runs"
+
+
+def test_hook_backup_message(run) -> None:
+    recorder = Recorder()
+    run([mail("a")], recorder)
+    order = recorder.order()
+    assert order.index("filter_message") < order.index("backup_message") < order.index("deliver_message")
+
+
+def test_hook_deliver_message(run) -> None:
+    recorder = Recorder()
+    stats, server = run([mail("a"), mail("b")], recorder)
+    assert [c["destination"] for c in recorder.seen("deliver_message")] == ["recorded", "recorded"]
+    assert stats.delivered == 2 and server.remaining == []
+
+
+def test_hook_message_delivered(run) -> None:
+    recorder = Recorder()
+    run([mail("a")], recorder)
+    (call,) = recorder.seen("message_delivered")
+    assert call["destinations"] == [f"recorded {call['uid']}"]
+
+
+def test_hook_message_dropped(run) -> None:
+    recorder = Recorder()
+    recorder.verdicts["spam"] = Verdict.drop("looks like spam")
+    stats, server = run([mail("spam"), mail("ham")], recorder)
+    assert [c["reason"] for c in recorder.seen("message_dropped")] == ["looks like spam"]
+    assert len(recorder.seen("deliver_message")) == 1 and server.remaining == []
+
+
+def test_hook_message_failed(run) -> None:
+    recorder = Recorder()
+    recorder.refuse["later"] = DeliveryError("451 4.3.0 try later", temporary=True)
+    recorder.refuse["never"] = DeliveryError("550 5.1.1 no such user", temporary=False)
+    stats, server = run([mail("later"), mail("never"), mail("fine")], recorder)
+    failed = recorder.seen("message_failed")
+    assert [(c["error"], c["temporary"]) for c in failed] == [("451 4.3.0 try later", True),
+                                                              ("550 5.1.1 no such user", False)]
+    assert (stats.delivered, stats.deferred, stats.rejected) == (1, 1, 1) and len(server.remaining) == 2
+
+
+def test_hook_poll_finished(run) -> None:
+    recorder = Recorder()
+    run([mail("a")], recorder)
+    (call,) = recorder.seen("poll_finished")
+    assert call["stats"].ok and call["stats"].delivered == 1 and call["stats"].deleted == 1
+
+
+def test_hook_account_error(run) -> None:
+    recorder = Recorder()
+    stats, _ = run([mail("a")], recorder, Faults().on("PASS", action=Action.reply("-ERR [AUTH] go away")))
+    assert not stats.ok
+    (call,) = recorder.seen("account_error")
+    assert "login refused: [AUTH] go away" in call["error"]
+    assert recorder.seen("poll_finished")[0]["stats"].error == stats.error
