@@ -8,12 +8,15 @@ can be put in flight at once (RFC 2449 PIPELINING) without changing the reading 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import re
 import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from agent.credentials import Secret
 from agent.errors import AccountError
@@ -43,6 +46,18 @@ class POP3ConnectionError(AccountError):
 
 class MessageTooLarge(POP3Error):
     """The server sent more data for a message than the reader was told to accept."""
+
+
+class SASLMechanism(Protocol):
+    """One SASL exchange (RFC 4422) as `POP3Client.authenticate` drives it: implemented in `agent.sasl`."""
+
+    name: str
+
+    def initial_response(self) -> bytes | None:
+        """The client-first data (sent with AUTH when it is short enough), or None for server-first mechanisms."""
+
+    def respond(self, challenge: bytes) -> bytes:
+        """The answer to one server challenge (decoded from base64)."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +151,44 @@ class POP3Client:
         digest = hashlib.md5(match.group(0) + password.reveal().encode("utf-8"), usedforsecurity=False).hexdigest()
         self._send(f"APOP {username} {digest}")
         self._expect_ok(auth=True)
+
+    def sasl_mechanisms(self) -> list[str]:
+        return [m.upper() for m in self.capabilities.get("SASL", [])]
+
+    def authenticate(self, mechanism: SASLMechanism, *, max_rounds: int = 10) -> None:
+        """POP3 AUTH (RFC 5034) with SASL-IR: the initial response rides on the AUTH line when it fits in 255 octets."""
+        initial = mechanism.initial_response()
+        encoded = None if initial is None else (base64.b64encode(initial).decode("ascii") or "=")
+        if encoded is not None and len(encoded) <= 255 - len(f"AUTH {mechanism.name} "):
+            self._send(f"AUTH {mechanism.name} {encoded}", shown=f"AUTH {mechanism.name}")
+            encoded = None
+        else:
+            self._send(f"AUTH {mechanism.name}")
+        for _ in range(max_rounds):
+            line = self._read_reply_line()
+            if not line.startswith(b"+ ") and line != b"+":
+                self._auth_result(line)
+                return
+            if encoded is not None:
+                reply, encoded = encoded, None
+            else:
+                try:
+                    challenge = base64.b64decode(line[2:], validate=True)
+                except binascii.Error:
+                    self._send("*")
+                    self._read_reply_line()
+                    raise POP3AuthError(f"{self.host}: invalid base64 in an AUTH {mechanism.name} challenge") from None
+                reply = base64.b64encode(mechanism.respond(challenge)).decode("ascii")
+            self._send(reply, shown=f"AUTH {mechanism.name} response")
+        raise POP3AuthError(f"{self.host}: AUTH {mechanism.name} took more than {max_rounds} rounds")
+
+    def _auth_result(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace")
+        if line.startswith(b"+OK"):
+            return
+        if line.startswith(b"-ERR"):
+            raise POP3AuthError(f"{self.host}: login refused: {text[4:].strip() or 'no reason given'}", text)
+        raise POP3Error(f"{self.host}: not a POP3 reply {self._doing}: {text[:100]!r}", text)
 
     def listing(self) -> list[ListingEntry]:
         """UIDL joined with LIST: every message's number, UID and size. Malformed lines are errors."""
