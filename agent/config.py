@@ -21,6 +21,7 @@ from agent.credentials import PasswordSource, Secret
 from agent.errors import ConfigError
 from agent.pluginmanager import PluginManager
 from agent.settings import Node, Problems, Section
+from agent.tls import normalise_fingerprint
 
 CONFIG_ENV = "POSTBOTE_CONFIG"
 DEFAULT_STATE_DIR = "~/.local/state/postbote"
@@ -73,6 +74,7 @@ class Account:
     tls: str
     tls_verify: bool
     tls_ca_file: Path | None
+    tls_fingerprint: str | None
     username: str
     password: PasswordSource = field(repr=False)
     auth: str
@@ -114,7 +116,7 @@ class Config:
         return tuple(self.account(name) for name in names) if names else self.accounts
 
 
-ACCOUNT_KEYS = {"name", "host", "port", "tls", "tls_verify", "tls_ca_file", "username", *PASSWORD_KEYS, "auth",
+ACCOUNT_KEYS = {"name", "host", "port", "tls", "tls_verify", "tls_ca_file", "tls_fingerprint", "username", *PASSWORD_KEYS, "auth",
                 "poll_interval", "timeout", "keep", "fetch_all", "max_size", "max_messages", "deliver", "plugins"}
 TOP_KEYS = {"state_dir", "log", "defaults", "accounts", "plugins", "plugin_paths", "max_parallel", "backoff_max"}
 
@@ -208,6 +210,7 @@ def _account(section: Section, problems: Problems, pm: PluginManager, base_dir: 
         tls=tls,
         tls_verify=section.get("tls_verify", s.boolean, True),
         tls_ca_file=section.get("tls_ca_file", s.path_relative_to(base_dir), None),
+        tls_fingerprint=section.get("tls_fingerprint", _fingerprint, None),
         username=section.get("username", s.nonempty_text, required=True),
         password=_password_source(section, base_dir),
         auth=section.get("auth", s.choice("auto", "user", "apop"), "auto"),
@@ -244,6 +247,10 @@ def _password_source(section: Section, base_dir: Path) -> PasswordSource | None:
         return PasswordSource(kind, command=tuple(argv)) if argv else None
     env = section.get(kind, _env_name)
     return PasswordSource(kind, env=env) if env else None
+
+
+def _fingerprint(value: Any) -> str:
+    return normalise_fingerprint(s.nonempty_text(value))
 
 
 def _argv(value: Any) -> list[str]:

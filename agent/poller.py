@@ -21,7 +21,8 @@ from agent import pipeline
 from agent.config import Account
 from agent.errors import DeliveryError, PluginError, PostboteError
 from agent.message import Message
-from agent.pop3 import ListingEntry, POP3Client, tls_context
+from agent.pop3 import ListingEntry, POP3Client
+from agent.tls import TLSPolicy
 from agent.state import DELIVERED, DROPPED, HANDLED, REJECTED, StateStore
 
 log = structlog.get_logger("postbote.poll")
@@ -142,18 +143,15 @@ class Poller:
         self.store.forget(account.name, stats.deleted_uids)
 
     def _login(self, account: Account) -> POP3Client:
-        context = None
-        if account.tls != "none":
-            context = tls_context(verify=account.tls_verify,
-                                  ca_file=str(account.tls_ca_file) if account.tls_ca_file else None)
+        tls = TLSPolicy(verify=account.tls_verify, fingerprint=account.tls_fingerprint,
+                        ca_file=str(account.tls_ca_file) if account.tls_ca_file else None)
         password = account.password.resolve()
-        client = POP3Client.connect(account.host, account.port, implicit_tls=account.tls == "implicit",
-                                    context=context, timeout=account.timeout)
+        client = POP3Client.connect(account.host, account.port, implicit_tls=account.tls == "implicit", tls=tls,
+                                    timeout=account.timeout)
         try:
             client.capa()
             if account.tls == "starttls":
-                assert context is not None
-                client.starttls(context)
+                client.starttls(tls)
             elif account.tls == "none" and account.auth != "apop":
                 log.warning("login.cleartext", reason="tls: none: the password crosses the network unencrypted")
             if account.auth == "apop":

@@ -14,12 +14,14 @@ import hashlib
 import re
 import socket
 import ssl
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from agent.credentials import Secret
 from agent.errors import AccountError
+from agent.tls import TLSPolicy
 
 MAX_REPLY_LINE = 8192
 MAX_LISTING_ENTRIES = 2_000_000
@@ -67,16 +69,6 @@ class ListingEntry:
     size: int
 
 
-def tls_context(*, verify: bool = True, ca_file: str | None = None) -> ssl.SSLContext:
-    """Certificates and host names verified against ``ca_file`` or the system store; TLS 1.2 at least."""
-    context = ssl.create_default_context(cafile=ca_file)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 class POP3Client:
     def __init__(self, sock: socket.socket, *, host: str, timeout: float) -> None:
         self.host = host
@@ -86,10 +78,11 @@ class POP3Client:
         self._doing = "reading the greeting"
         self.greeting = ""
         self.capabilities: dict[str, list[str]] = {}
+        self.refused_deletions: dict[int, str] = {}
+        self._in_flight: deque[tuple[str, int]] = deque()
 
     @classmethod
-    def connect(cls, host: str, port: int, *, implicit_tls: bool, context: ssl.SSLContext | None,
-                timeout: float) -> POP3Client:
+    def connect(cls, host: str, port: int, *, implicit_tls: bool, tls: TLSPolicy, timeout: float) -> POP3Client:
         where = f"{host}:{port}"
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
@@ -99,8 +92,7 @@ class POP3Client:
             raise POP3ConnectionError(f"cannot connect to {where}: {exc.strerror or exc}") from None
         try:
             if implicit_tls:
-                assert context is not None
-                sock = _handshake(context, sock, host, where)
+                sock = tls.wrap(sock, host, where)
             client = cls(sock, host=host, timeout=timeout)
             client.greeting = client._expect_ok()
         except BaseException:
@@ -126,7 +118,7 @@ class POP3Client:
         self.capabilities = capabilities
         return capabilities
 
-    def starttls(self, context: ssl.SSLContext) -> None:
+    def starttls(self, tls: TLSPolicy) -> None:
         """Upgrade the connection with STLS; raises unless the server offered and completed it (never downgrades)."""
         if "STLS" not in self.capabilities:
             raise POP3Error(f"{self.host} does not offer STLS; refusing to log in without TLS (tls: starttls)")
@@ -134,7 +126,7 @@ class POP3Client:
         self._expect_ok()
         # Anything the server (or a man in the middle) sent before the handshake is discarded with the old reader.
         self._reader.close()
-        self._sock = _handshake(context, self._sock, self.host, self.host)
+        self._sock = tls.wrap(self._sock, self.host, self.host)
         self._reader = self._sock.makefile("rb", buffering=DATA_READ_SIZE)
         self.capa()
 
@@ -190,9 +182,17 @@ class POP3Client:
             raise POP3AuthError(f"{self.host}: login refused: {text[4:].strip() or 'no reason given'}", text)
         raise POP3Error(f"{self.host}: not a POP3 reply {self._doing}: {text[:100]!r}", text)
 
+    @property
+    def pipelining(self) -> bool:
+        """Whether commands may be sent before earlier replies are read (RFC 2449 PIPELINING)."""
+        return "PIPELINING" in self.capabilities
+
     def listing(self) -> list[ListingEntry]:
         """UIDL joined with LIST: every message's number, UID and size. Malformed lines are errors."""
-        self._send("UIDL")
+        if self.pipelining:
+            self._send_all(["UIDL", "LIST"])
+        else:
+            self._send("UIDL")
         self._expect_ok()
         uids: dict[int, str] = {}
         for line in self._read_listing(limit=MAX_LISTING_ENTRIES):
@@ -201,7 +201,8 @@ class POP3Client:
                 raise POP3Error(f"UIDL: invalid unique id for message {number} (RFC 1939: 1-70 printable characters)",
                                 line[:100].decode("ascii", "replace"))
             uids[number] = rest.decode("ascii")
-        self._send("LIST")
+        if not self.pipelining:
+            self._send("LIST")
         self._expect_ok()
         sizes: dict[int, int] = {}
         for line in self._read_listing(limit=MAX_LISTING_ENTRIES):
@@ -211,18 +212,61 @@ class POP3Client:
             sizes[number] = int(rest)
         return [ListingEntry(n, uid, sizes.get(n, 0)) for n, uid in sorted(uids.items()) if n in sizes]
 
-    def retrieve(self, number: int, sink: Callable[[bytes], None], *, limit: int | None = None) -> int:
-        """RETR ``number``, feeding the unstuffed message bytes to ``sink``; returns the octets received."""
+    # RETR and DELE may be pipelined: each command sent is queued in ``_in_flight`` and its reply is read in
+    # order. DELE replies are read lazily; a -ERR to DELE is remembered in ``refused_deletions``, not raised,
+    # because the message was already recorded as handled: the next poll simply deletes it again.
+
+    def send_retrieve(self, number: int) -> None:
         self._send(f"RETR {number}")
+        self._in_flight.append(("RETR", number))
+
+    def read_retrieved(self, sink: Callable[[bytes], None], *, limit: int | None = None) -> int:
+        """Read the next RETR reply in line (after the DELE replies queued before it) into ``sink``."""
+        self._read_deletion_replies(stop_at_retrieve=True)
+        if not self._in_flight:
+            raise POP3Error(f"{self.host}: no RETR in flight")
+        _, number = self._in_flight.popleft()
+        self._doing = f"waiting for the reply to RETR {number}"
         self._expect_ok()
         return self._read_data(sink, limit)
 
-    def delete(self, number: int) -> None:
+    def retrieve(self, number: int, sink: Callable[[bytes], None], *, limit: int | None = None) -> int:
+        """RETR ``number``, feeding the unstuffed message bytes to ``sink``; returns the octets received."""
+        self.send_retrieve(number)
+        return self.read_retrieved(sink, limit=limit)
+
+    def delete(self, number: int, *, wait: bool = True) -> None:
+        """DELE ``number``; with ``wait=False`` on a pipelining server its reply is read later."""
         self._send(f"DELE {number}")
-        self._expect_ok()
+        self._in_flight.append(("DELE", number))
+        if wait or not self.pipelining:
+            self._read_deletion_replies(stop_at_retrieve=False)
+
+    def settle(self) -> None:
+        """Read every reply still owed (abandoning the data of RETRs nobody will read)."""
+        while self._in_flight:
+            kind, _ = self._in_flight[0]
+            if kind == "RETR":
+                self.read_retrieved(lambda _data: None)
+            else:
+                self._read_deletion_replies(stop_at_retrieve=True)
+
+    def _read_deletion_replies(self, *, stop_at_retrieve: bool) -> None:
+        while self._in_flight and self._in_flight[0][0] == "DELE":
+            _, number = self._in_flight.popleft()
+            self._doing = f"waiting for the reply to DELE {number}"
+            try:
+                self._expect_ok()
+            except POP3Error as exc:
+                if isinstance(exc, POP3ConnectionError):
+                    raise
+                self.refused_deletions[number] = exc.reply
+        if not stop_at_retrieve and self._in_flight:
+            raise POP3Error(f"{self.host}: DELE reply expected, but RETR replies are still in flight")
 
     def quit(self) -> None:
         """QUIT: the server now removes the messages marked with DELE (RFC 1939 UPDATE state)."""
+        self.settle()
         self._send("QUIT")
         self._expect_ok()
         self.close()
@@ -235,6 +279,10 @@ class POP3Client:
                 pass
 
     # --- wire ---
+
+    def _send_all(self, commands: list[str]) -> None:
+        """Several commands in one write (pipelining); their replies are read in order by the caller."""
+        self._send("\r\n".join(commands), shown=" + ".join(commands))
 
     def _send(self, command: str, *, shown: str | None = None) -> None:
         self._doing = f"sending {shown or command.split(' ')[0]}"
@@ -304,22 +352,6 @@ class POP3Client:
             if limit is not None and received > limit:
                 raise MessageTooLarge(f"{self.host}: message data exceeds {limit} bytes {self._doing}")
             sink(piece)
-
-
-def _handshake(context: ssl.SSLContext, sock: socket.socket, host: str, where: str) -> ssl.SSLSocket:
-    try:
-        return context.wrap_socket(sock, server_hostname=host)
-    except ssl.SSLCertVerificationError as exc:
-        sock.close()
-        raise POP3ConnectionError(f"TLS certificate of {where} not trusted: {exc.verify_message or exc.reason}"
-                                  " (set tls_ca_file for a private CA)") from None
-    except TimeoutError:
-        sock.close()
-        raise POP3ConnectionError(f"TLS handshake with {where} timed out") from None
-    except (ssl.SSLError, OSError) as exc:
-        sock.close()
-        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
-        raise POP3ConnectionError(f"TLS handshake with {where} failed: {reason}") from None
 
 
 def _number_and_rest(line: bytes, what: str) -> tuple[int, bytes]:

@@ -11,11 +11,11 @@ bounded and checked, since the MTA side is attack surface too. Failures raise `D
 from __future__ import annotations
 
 import socket
-import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agent.errors import DeliveryError
+from agent.tls import TLSError, TLSPolicy
 from agent.wire import smtp_data
 
 MAX_REPLY_LINE = 4096
@@ -54,8 +54,7 @@ class SMTPClient:
 
     @classmethod
     def connect(cls, *, host: str | None = None, port: int = 25, unix_socket: str | None = None, timeout: float,
-                lmtp: bool = False, helo: str, starttls: bool = False,
-                context: ssl.SSLContext | None = None) -> SMTPClient:
+                lmtp: bool = False, helo: str, starttls: bool = False, tls: TLSPolicy | None = None) -> SMTPClient:
         server = unix_socket or f"{host}:{port}"
         sock = _open_socket(host, port, unix_socket, timeout, server)
         client = cls(sock, server=server, timeout=timeout, lmtp=lmtp)
@@ -63,7 +62,7 @@ class SMTPClient:
             client._expect(client._read_reply(), "greeting", 220)
             client.hello(helo)
             if starttls:
-                client.starttls(context or ssl.create_default_context(), host or "localhost", helo)
+                client.starttls(tls or TLSPolicy(), host or "localhost", helo)
         except BaseException:
             client.close()
             raise
@@ -83,16 +82,16 @@ class SMTPClient:
             keyword, _, params = line.partition(" ")
             self.extensions[keyword.upper()] = params
 
-    def starttls(self, context: ssl.SSLContext, host: str, helo: str) -> None:
+    def starttls(self, tls: TLSPolicy, host: str, helo: str) -> None:
         if "STARTTLS" not in self.extensions:
             raise DeliveryError(f"{self.server} does not offer STARTTLS (starttls: true in the config)", temporary=True)
         self._expect(self._command("STARTTLS"), "STARTTLS", 220)
         self._reader.close()
         try:
-            self._sock = context.wrap_socket(self._sock, server_hostname=host)
-        except (ssl.SSLError, OSError) as exc:
+            self._sock = tls.wrap(self._sock, host, self.server)
+        except TLSError as exc:
             self.usable = False
-            raise DeliveryError(f"{self.server}: STARTTLS handshake failed: {exc}", temporary=True) from None
+            raise DeliveryError(f"STARTTLS to the MTA: {exc}", temporary=True) from None
         self._reader = self._sock.makefile("rb")
         self.hello(helo)
 

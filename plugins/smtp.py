@@ -15,9 +15,9 @@ from agent import Message, hookimpl
 from agent import settings as s
 from agent.config import Account, Destination
 from agent.poller import PollContext
-from agent.pop3 import tls_context
 from agent.settings import Node, Problems, Section
 from agent.smtp import SMTPClient
+from agent.tls import TLSPolicy
 from plugins.received import local_hostname
 
 DESTINATION_KINDS = ("smtp", "lmtp")
@@ -99,11 +99,10 @@ def deliver_message(message: Message, destination: Destination, poll: PollContex
 
 
 def _connect(settings: SMTPSettings) -> SMTPClient:
-    context = tls_context(verify=settings.tls_verify,
-                          ca_file=str(settings.tls_ca_file) if settings.tls_ca_file else None)
+    tls = TLSPolicy(verify=settings.tls_verify, ca_file=str(settings.tls_ca_file) if settings.tls_ca_file else None)
     return SMTPClient.connect(host=settings.host, port=settings.port, unix_socket=settings.unix_socket,
                               timeout=settings.timeout, lmtp=settings.lmtp, helo=settings.helo,
-                              starttls=settings.starttls, context=context)
+                              starttls=settings.starttls, tls=tls)
 
 
 def _sender(message: Message, settings: SMTPSettings) -> str:

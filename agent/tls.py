@@ -1,0 +1,74 @@
+"""TLS policy: certificates and host names verified by default, TLS 1.2 at least, optional SHA-256 pinning.
+
+One place decides how postbote trusts a server, for POP3 (implicit TLS and STLS) and for STARTTLS to the MTA.
+A pinned ``tls_fingerprint`` replaces CA verification for self-signed servers, as fetchmail's ``sslfingerprint``
+does, but with SHA-256 and compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import socket
+import ssl
+from dataclasses import dataclass
+
+from agent.errors import AccountError
+
+
+class TLSError(AccountError):
+    """The TLS handshake failed or the server's certificate is not trusted."""
+
+
+def normalise_fingerprint(value: str) -> str:
+    """``AB:CD:…`` or ``abcd…`` (64 hex digits) to lower-case hex without colons; ValueError otherwise."""
+    digits = value.replace(":", "").strip().lower()
+    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise ValueError("expected a SHA-256 fingerprint: 64 hex digits, optionally separated by colons")
+    return digits
+
+
+@dataclass(frozen=True)
+class TLSPolicy:
+    verify: bool = True
+    ca_file: str | None = None
+    fingerprint: str | None = None  # normalised SHA-256 of the server certificate (DER)
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if not self.verify or self.fingerprint:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def wrap(self, sock: socket.socket, host: str, where: str) -> ssl.SSLSocket:
+        """Handshake on ``sock`` (closed on failure) and check the pin; errors name the server and the reason."""
+        try:
+            wrapped = self.context().wrap_socket(sock, server_hostname=host)
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise TLSError(f"TLS certificate of {where} not trusted: {exc.verify_message or exc.reason}"
+                           " (set tls_ca_file for a private CA, or tls_fingerprint for a self-signed server)") from None
+        except TimeoutError:
+            sock.close()
+            raise TLSError(f"TLS handshake with {where} timed out") from None
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+            raise TLSError(f"TLS handshake with {where} failed: {reason}") from None
+        if self.fingerprint:
+            self._check_pin(wrapped, where)
+        return wrapped
+
+    def _check_pin(self, wrapped: ssl.SSLSocket, where: str) -> None:
+        certificate = wrapped.getpeercert(binary_form=True) or b""
+        actual = hashlib.sha256(certificate).hexdigest()
+        if not hmac.compare_digest(actual, self.fingerprint or ""):
+            wrapped.close()
+            raise TLSError(f"TLS certificate of {where} does not match tls_fingerprint "
+                           f"(server presented SHA-256 {_colons(actual)})")
+
+
+def _colons(digits: str) -> str:
+    return ":".join(digits[i:i + 2] for i in range(0, len(digits), 2)).upper()
