@@ -1,12 +1,15 @@
 """The ``postbote`` command. Errors meant for the admin are caught here, once, and printed as one line.
 
 Exit status: 0 every account was polled fine, 1 some account failed (or the state directory is busy),
-2 usage or configuration error.
+2 usage or configuration error. ``postbote poll`` while a daemon holds the state directory asks the daemon to poll
+(SIGUSR1) and exits 0; ``postbote status`` exits 1 when some account's last poll failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
 import threading
@@ -19,11 +22,11 @@ import structlog
 
 from agent import __version__
 from agent.config import Config, find_config, load_config
-from agent.errors import ConfigError, PostboteError
+from agent.errors import ConfigError, PostboteError, StateLockedError
 from agent.logconfig import configure_logging
 from agent.pluginmanager import PluginManager, make_plugin_manager
 from agent.poller import Poller
-from agent.state import StateLock, StateStore
+from agent.state import StateLock, StateStore, read_lock_holder
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -40,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     poll = commands.add_parser("poll", help="poll the accounts once and exit")
     poll.add_argument("accounts", nargs="*", metavar="ACCOUNT", help="only these accounts (default: all)")
     commands.add_parser("run", help="run as a daemon, polling each account at its poll_interval")
+    status = commands.add_parser("status", help="show each account's last poll, next poll and last error")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
     commands.add_parser("check", help="validate the config and show the accounts it would poll")
     commands.add_parser("plugins", help="list the plugins found, where they come from, where they are enabled")
     retry = commands.add_parser("retry", help="let rejected messages be tried again on the next poll")
@@ -79,31 +84,119 @@ def _print_error(exc: PostboteError, out: TextIO | None = None) -> None:
         print(f"postbote: error: {line}", file=out or sys.stderr)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def load_setup(args: argparse.Namespace) -> tuple[PluginManager, Config]:
+    """A fresh plugin manager and the config loaded with it: at start-up, and again on every SIGHUP reload."""
     pm = make_plugin_manager()
-    config = load_config(find_config(args.config), pm)
+    return pm, load_config(find_config(args.config), pm)
+
+
+def apply_logging(args: argparse.Namespace, config: Config) -> None:
     configure_logging(args.log_level or config.log.level, args.log_format or config.log.format)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    pm, config = load_setup(args)
+    apply_logging(args, config)
     if args.command == "check":
         return check(config)
     if args.command == "plugins":
         return list_plugins(pm, config)
+    if args.command == "status":
+        from agent.status import show_status
+
+        return show_status(config, as_json=args.json)
     if args.command == "retry":
         store = StateStore(config.state_dir)
         try:
             return retry(config, store, args.account, args.uids)
         finally:
             store.close()
-    with StateLock(config.state_dir):
+    if args.command == "run":
+        return run_daemon(args, pm, config)
+    return poll_command(pm, config, args.accounts)
+
+
+def run_daemon(args: argparse.Namespace, pm: PluginManager, config: Config) -> int:
+    from agent.scheduler import Daemon
+    from agent.sdnotify import Notifier
+
+    notifier = Notifier.from_environment()
+    with StateLock(config.state_dir, role="daemon"):
         store = StateStore(config.state_dir)
         try:
-            with configured(pm, config):
-                if args.command == "poll":
-                    return poll(pm, config, store, args.accounts)
-                from agent.scheduler import Daemon
-
-                return Daemon(pm, config, store).run()
+            daemon = Daemon(pm, config, store, load=lambda: load_setup(args),
+                            on_reload=lambda new: apply_logging(args, new), notifier=notifier)
+            status = daemon.run()
+            if daemon.abandoned:
+                _exit_leaving_threads(status)
+            return status
         finally:
             store.close()
+
+
+def _exit_leaving_threads(status: int) -> None:
+    """Exit now, with polls still blocked in the network: no QUIT reaches their servers, so nothing is deleted
+    there; a message whose hand-off was not finished is simply fetched again. Closing the state store under those
+    threads instead could fail them halfway through a write."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def poll_command(pm: PluginManager, config: Config, names: Sequence[str]) -> int:
+    """Poll once; when a daemon holds the state directory, ask it to poll now instead of failing."""
+    config.select(tuple(names))
+    lock = StateLock(config.state_dir, role="poll")
+    try:
+        lock.acquire()
+    except StateLockedError:
+        holder = read_lock_holder(config.state_dir)
+        if holder is None or holder.role != "daemon" or not holder.alive():
+            raise
+        return ask_daemon_to_poll(holder.pid, config, names)
+    try:
+        store = StateStore(config.state_dir)
+        try:
+            with configured(pm, config), progress_shown(pm):
+                return poll(pm, config, store, names)
+        finally:
+            store.close()
+    finally:
+        lock.release()
+
+
+def ask_daemon_to_poll(pid: int, config: Config, names: Sequence[str], out: TextIO | None = None) -> int:
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        raise StateLockedError(f"the postbote daemon (pid {pid}) holding {config.state_dir} has just exited; "
+                               f"try again") from None
+    except PermissionError:
+        raise StateLockedError(f"a postbote daemon (pid {pid}) is using {config.state_dir}, and this user may not "
+                               f"signal it; run this as the daemon's user (or: systemctl kill -s USR1 postbote)") from None
+    note = f" (it polls every account, not only {', '.join(names)})" if names else ""
+    print(f"postbote: the daemon (pid {pid}) is running: asked it to poll now{note}; "
+          f"see `postbote status` or its log for the outcome", file=out or sys.stdout)
+    return EXIT_OK
+
+
+@contextmanager
+def progress_shown(pm: PluginManager) -> Iterator[None]:
+    """Per-account progress (messages and bytes) on stderr, when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from plugins.progress import ProgressDisplay
+
+    display = ProgressDisplay(sys.stderr)
+    pm.register(display, name="postbote.progress")
+    try:
+        yield
+    finally:
+        display.close()
+        pm.unregister(display)
 
 
 @contextmanager

@@ -93,7 +93,8 @@ def deliver_everywhere(pm: pluggy.PluginManager, store: StateStore, message: Mes
             answers.append(done[key])
             continue
         answer = deliver_one(pm, message, account, destination, poll)
-        if several:
+        if several and not poll.has_staged(message.uid):
+            # A staged delivery becomes durable only with the whole message's record, so it is not noted alone.
             store.record_destination(account.name, message.uid, key, answer)
         answers.append(answer)
     return answers

@@ -25,8 +25,8 @@ from agent.errors import ConfigError
 
 ENTRY_POINT_GROUP = "postbote"
 
-ESSENTIAL_PLUGINS = ("received", "smtp", "maildir")
-OPTIONAL_PLUGINS: tuple[str, ...] = ()
+ESSENTIAL_PLUGINS = ("received", "smtp", "maildir", "mbox", "mda")
+OPTIONAL_PLUGINS: tuple[str, ...] = ("backup", "rules", "dedupe", "spamassassin", "metrics")
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,14 @@ other way, the records stay and the next poll deletes those messages without del
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pluggy
@@ -21,11 +24,13 @@ from agent import pipeline
 from agent.config import Account
 from agent.errors import DeliveryError, PluginError, PostboteError
 from agent.message import Message
-from agent.pop3 import ListingEntry, POP3Client
+from agent.pop3 import ListingEntry, MessageTooLarge, POP3Client
 from agent.tls import TLSPolicy
 from agent.state import DELIVERED, DROPPED, HANDLED, REJECTED, StateStore
 
 log = structlog.get_logger("postbote.poll")
+PIPELINE_WINDOW = 16
+BATCH_SIZE = 64
 
 
 @dataclass
@@ -41,7 +46,6 @@ class PollStats:
     bytes: int = 0
     duration: float = 0.0
     error: str | None = None
-    deleted_uids: list[str] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -58,7 +62,32 @@ class PollContext:
 
     def __init__(self, account: Account) -> None:
         self.account = account
+        self.current_uid = ""
         self._resources: dict[Any, tuple[Any, Callable[[Any], None]]] = {}
+        self._staged: dict[str, list[tuple[str, str]]] = {}
+
+    def stage_rename(self, source: str, target: str) -> None:
+        """Defer making a written file visible: postbote syncs ``source`` with the rest of its batch, records the
+        message, then renames ``source`` to ``target``. A delivery target that stages returns at once, without its
+        own fsync; if the message fails later, ``source`` is removed."""
+        self._staged.setdefault(self.current_uid, []).append((str(source), str(target)))
+
+    def has_staged(self, uid: str) -> bool:
+        return uid in self._staged
+
+    def take_staged(self, uids: list[str]) -> list[tuple[str, str, str]]:
+        return [(uid, source, target) for uid in uids for source, target in self._staged.pop(uid, [])]
+
+    def discard_staged(self, uid: str) -> None:
+        self.discard([(uid, source, target) for source, target in self._staged.pop(uid, [])])
+
+    @staticmethod
+    def discard(staged: list[tuple[str, str, str]]) -> None:
+        for _, source, _ in staged:
+            try:
+                os.unlink(source)
+            except OSError:
+                pass
 
     def resource(self, key: Any, opener: Callable[[], Any], *, usable: Callable[[Any], bool] = lambda _: True,
                  close: Callable[[Any], None] = lambda r: r.close()) -> Any:
@@ -82,6 +111,19 @@ class PollContext:
     def close(self) -> None:
         for key in reversed(list(self._resources)):
             self._close_one(key)
+        for uid in list(self._staged):
+            self.discard_staged(uid)
+
+
+@dataclass
+class Handled:
+    """A message the pipeline handled, waiting to be recorded (and then deleted) with its batch."""
+
+    entry: ListingEntry
+    message: Message
+    dropped: bool
+    reason: str
+    answers: list[str]
 
 
 class Poller:
@@ -119,7 +161,9 @@ class Poller:
             log.error("state.poll_not_recorded", error=str(exc))
 
     def _session(self, account: Account, stats: PollStats, poll: PollContext) -> None:
+        self._finish_interrupted_commits(account)
         client = self._login(account)
+        session = AccountSession(self, account, client, stats, poll)
         try:
             entries = client.listing()
             stats.listed = len(entries)
@@ -127,20 +171,31 @@ class Poller:
             self._notify("messages_listed", account=account, count=len(to_fetch),
                          octets=sum(entry.size for entry in to_fetch))
             for entry in to_delete:
-                client.delete(entry.number)
-                stats.deleted_uids.append(entry.uid)
+                session.delete(entry)
                 log.info("message.deleted", uid=entry.uid, reason="delivered in an earlier poll")
-            for entry in to_fetch:
-                if self.stop.is_set():
-                    log.info("poll.stopping", remaining=len(to_fetch) - (stats.delivered + stats.dropped))
-                    break
-                self._message(client, account, entry, stats, poll)
+            session.fetch(to_fetch)
+            session.settle()
             client.quit()
         except BaseException:
+            session.settle_after_error()
             client.close()
             raise
-        stats.deleted = len(stats.deleted_uids)
-        self.store.forget(account.name, stats.deleted_uids)
+        confirmed = session.confirmed_deletions()
+        stats.deleted = len(confirmed)
+        self.store.forget(account.name, confirmed)
+
+    def _finish_interrupted_commits(self, account: Account) -> None:
+        """Complete the file renames of a batch whose state was committed just before a crash (see `settle`)."""
+        for uid, source, target in self.store.pending_renames(account.name):
+            try:
+                if not os.path.exists(target):
+                    os.rename(source, target)
+                    fsync_directory(os.path.dirname(target))
+            except FileNotFoundError:
+                log.error("message.file_missing", uid=uid, file=source,
+                          reason="recorded as delivered but the file is gone: it will be fetched again")
+                self.store.forget(account.name, [uid])
+            self.store.clear_renames(account.name, [uid])
 
     def _login(self, account: Account) -> POP3Client:
         tls = TLSPolicy(verify=account.tls_verify, fingerprint=account.tls_fingerprint,
@@ -193,60 +248,200 @@ class Poller:
             to_fetch = to_fetch[: account.max_messages]
         return to_delete, to_fetch
 
-    def _message(self, client: POP3Client, account: Account, entry: ListingEntry, stats: PollStats,
-                 poll: PollContext) -> None:
-        message = Message(entry.uid, entry.size)
-        try:
-            with structlog.contextvars.bound_contextvars(uid=entry.uid):
-                client.retrieve(entry.number, message.write, limit=account.max_size)
-                message.close_writing()
-                stats.bytes += message.size
-                self._hand_on(client, account, entry, message, stats, poll)
-        finally:
-            message.discard()
-
-    def _hand_on(self, client: POP3Client, account: Account, entry: ListingEntry, message: Message,
-                 stats: PollStats, poll: PollContext) -> None:
-        facts = {"size": message.size, "message_id": message.message_id}
-        try:
-            outcome = pipeline.handle(self.pm, self.store, message, account, poll)
-        except DeliveryError as exc:
-            self._failed(account, message, exc, stats, facts, temporary=exc.temporary)
-            return
-        except PluginError as exc:
-            self._failed(account, message, exc, stats, {**facts, "plugin": exc.plugin}, temporary=True)
-            return
-        status = DROPPED if outcome.dropped else DELIVERED
-        self.store.record(account.name, message.uid, status, reason=outcome.reason or "; ".join(outcome.answers),
-                          message_id=message.message_id, size=message.size)
-        if outcome.dropped:
-            stats.dropped += 1
-            log.info("message.dropped", reason=outcome.reason, **facts)
-            self._notify("message_dropped", message=message, account=account, reason=outcome.reason)
-        else:
-            stats.delivered += 1
-            log.info("message.delivered", destinations=outcome.answers, **facts)
-            self._notify("message_delivered", message=message, account=account, destinations=outcome.answers)
-        if account.keep:
-            stats.left += 1
-        else:
-            client.delete(entry.number)
-            stats.deleted_uids.append(message.uid)
-
-    def _failed(self, account: Account, message: Message, error: PostboteError, stats: PollStats,
-                facts: dict[str, Any], *, temporary: bool) -> None:
-        stats.left += 1
-        if temporary:
-            stats.deferred += 1
-            log.warning("message.deferred", reason=str(error), **facts)
-        else:
-            stats.rejected += 1
-            self.store.record(account.name, message.uid, REJECTED, reason=str(error),
-                              message_id=message.message_id, size=message.size)
-            log.error("message.rejected", reason=str(error), **facts)
-        self._notify("message_failed", message=message, account=account, error=error, temporary=temporary)
-
     def _notify(self, hook_name: str, **kwargs: Any) -> None:
         """Tell the observers; an observer that raises is logged and never affects the mail."""
         for error in pipeline.call_all(getattr(self.pm.hook, hook_name), **kwargs):
             log.error("plugin.failed", plugin=error.plugin, hook=hook_name, error=str(error.error))
+
+
+class AccountSession:
+    """The fetch loop of one logged-in POP3 session: pipelined RETRs, batched commits, deferred DELE replies.
+
+    Per message: RETR, the pipeline (filters, backups, deliveries), then the message joins the batch. A batch is
+    *settled* when a message needs no deferred work (SMTP, LMTP, MDA: durable on return), when it is full, or at
+    the end: files staged by deliveries are synced with one ``syncfs`` per filesystem, the outcomes and the staged
+    renames are committed in one state transaction, the renames are done, and only then are the DELEs sent. A
+    crash before the commit leaves the messages on the server and the files in ``tmp/`` (never delivered); a crash
+    after it is finished by `Poller._finish_interrupted_commits` from the journal: no loss, no duplicate.
+    """
+
+    def __init__(self, poller: Poller, account: Account, client: POP3Client, stats: PollStats,
+                 poll: PollContext) -> None:
+        self.poller = poller
+        self.account = account
+        self.client = client
+        self.stats = stats
+        self.poll = poll
+        self.batch: list[Handled] = []
+        self.deletions: dict[int, str] = {}
+
+    def fetch(self, to_fetch: list[ListingEntry]) -> None:
+        window = PIPELINE_WINDOW if self.client.pipelining else 1
+        waiting, in_flight = deque(to_fetch), deque[ListingEntry]()
+        while waiting or in_flight:
+            while waiting and len(in_flight) < window and not self.poller.stop.is_set():
+                entry = waiting.popleft()
+                self.client.send_retrieve(entry.number)
+                in_flight.append(entry)
+            if self.poller.stop.is_set():
+                log.info("poll.stopping", not_fetched=len(waiting) + len(in_flight))
+                return  # messages already requested are read and discarded before QUIT
+            self.message(in_flight.popleft(), more_coming=bool(waiting or in_flight))
+
+    def message(self, entry: ListingEntry, *, more_coming: bool) -> None:
+        message = Message(entry.uid, entry.size)
+        with structlog.contextvars.bound_contextvars(uid=entry.uid):
+            try:
+                self.client.read_retrieved(message.write, limit=retrieve_limit(entry, self.account))
+            except MessageTooLarge as exc:
+                message.discard()
+                self.poller.store.record(self.account.name, entry.uid, REJECTED, reason=str(exc), size=entry.size)
+                log.error("message.rejected", reason=str(exc), size=entry.size)
+                raise
+            except BaseException:
+                message.discard()
+                raise
+            message.close_writing()
+            self.stats.bytes += message.size
+            handled = self.hand_on(entry, message)
+        if handled is None:
+            message.discard()
+            return
+        self.batch.append(handled)
+        if not self.poll.has_staged(entry.uid) or len(self.batch) >= BATCH_SIZE or not more_coming:
+            self.settle()
+
+    def hand_on(self, entry: ListingEntry, message: Message) -> Handled | None:
+        self.poll.current_uid = message.uid
+        try:
+            outcome = pipeline.handle(self.poller.pm, self.poller.store, message, self.account, self.poll)
+        except (DeliveryError, PluginError) as exc:
+            self.poll.discard_staged(message.uid)
+            self.failed(message, exc, temporary=not (isinstance(exc, DeliveryError) and not exc.temporary))
+            return None
+        return Handled(entry, message, outcome.dropped, outcome.reason, outcome.answers)
+
+    def failed(self, message: Message, error: PostboteError, *, temporary: bool) -> None:
+        self.stats.left += 1
+        facts: dict[str, Any] = {"size": message.size, "message_id": message.message_id}
+        if isinstance(error, PluginError):
+            facts["plugin"] = error.plugin
+        if temporary:
+            self.stats.deferred += 1
+            log.warning("message.deferred", reason=str(error), **facts)
+        else:
+            self.stats.rejected += 1
+            self.poller.store.record(self.account.name, message.uid, REJECTED, reason=str(error),
+                                     message_id=message.message_id, size=message.size)
+            log.error("message.rejected", reason=str(error), **facts)
+        self.poller._notify("message_failed", message=message, account=self.account, error=error, temporary=temporary)
+
+    def settle(self, *, delete: bool = True) -> None:
+        """Make the batch durable, record it in one transaction, finish staged renames, then send the DELEs."""
+        if not self.batch:
+            return
+        batch, self.batch = self.batch, []
+        staged = self.poll.take_staged([h.message.uid for h in batch])
+        try:
+            sync_filesystems([source for _, source, _ in staged])
+            self.poller.store.record_batch(self.account.name, [self.record_of(h) for h in batch], renames=staged)
+        except BaseException:
+            self.poll.discard(staged)
+            for handled in batch:
+                handled.message.discard()
+            raise
+        finish_renames(staged)
+        self.poller.store.clear_renames(self.account.name, [uid for uid, _, _ in staged])
+        for handled in batch:
+            self.report(handled)
+            if delete:
+                self.delete(handled.entry)
+            handled.message.discard()
+
+    def settle_after_error(self) -> None:
+        """The session broke: still record what was fully handled (it is durable), but delete nothing."""
+        try:
+            self.settle(delete=False)
+        except Exception as exc:  # noqa: BLE001 - the original error is the one to report
+            log.error("batch.not_recorded", error=str(exc), reason="messages stay on the server")
+
+    def record_of(self, handled: Handled) -> tuple[str, str, str, str | None, int]:
+        status = DROPPED if handled.dropped else DELIVERED
+        reason = handled.reason or "; ".join(handled.answers)
+        return handled.message.uid, status, reason, handled.message.message_id, handled.message.size
+
+    def report(self, handled: Handled) -> None:
+        message = handled.message
+        with structlog.contextvars.bound_contextvars(uid=message.uid):
+            facts = {"size": message.size, "message_id": message.message_id}
+            if handled.dropped:
+                self.stats.dropped += 1
+                log.info("message.dropped", reason=handled.reason, **facts)
+                self.poller._notify("message_dropped", message=message, account=self.account, reason=handled.reason)
+            else:
+                self.stats.delivered += 1
+                log.info("message.delivered", destinations=handled.answers, **facts)
+                self.poller._notify("message_delivered", message=message, account=self.account,
+                                    destinations=handled.answers)
+
+    def delete(self, entry: ListingEntry) -> None:
+        if self.account.keep:
+            self.stats.left += 1
+            return
+        self.client.delete(entry.number, wait=False)
+        self.deletions[entry.number] = entry.uid
+
+    def confirmed_deletions(self) -> list[str]:
+        """UIDs whose DELE the server accepted and whose removal QUIT made final."""
+        for number, reply in self.client.refused_deletions.items():
+            log.warning("message.delete_refused", uid=self.deletions.get(number), reply=reply,
+                        reason="recorded as handled; deletion is tried again next poll")
+        return [uid for number, uid in self.deletions.items() if number not in self.client.refused_deletions]
+
+
+def retrieve_limit(entry: ListingEntry, account: Account) -> int:
+    """The most data accepted for one message: a server sending far more than LIST said is not trusted."""
+    generous = 2 * entry.size + (1 << 20)
+    return min(generous, account.max_size) if account.max_size else generous
+
+
+def sync_filesystems(paths: list[str]) -> None:
+    """Flush the data of many files with one ``syncfs`` per filesystem instead of one ``fsync`` per file."""
+    seen: set[int] = set()
+    for path in paths:
+        device = os.stat(path).st_dev
+        if device in seen:
+            continue
+        seen.add(device)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if _libc_syncfs is None or _libc_syncfs(fd) != 0:
+                os.sync()
+        finally:
+            os.close(fd)
+
+
+def finish_renames(staged: list[tuple[str, str, str]]) -> None:
+    for _, source, target in staged:
+        os.rename(source, target)
+    for directory in {os.path.dirname(target) for _, _, target in staged}:
+        fsync_directory(directory)
+
+
+def fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _find_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.syncfs  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_libc_syncfs = _find_syncfs()

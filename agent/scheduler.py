@@ -1,56 +1,507 @@
-"""``postbote run``: poll every account at its ``poll_interval`` until told to stop.
+"""``postbote run``: poll every account at its ``poll_interval``, several at once, until told to stop.
 
-A private `schedule.Scheduler` holds one job per account. Signals only set flags; the loop notices them between
-jobs and the poller between messages, so a stop never interrupts a message half handed on.
+A private `schedule.Scheduler` holds one job per account; a job only queues its account. The main thread starts
+queued polls in threads, at most ``max_parallel`` at a time and never two for one account, so a slow or hanging
+server delays nobody else (and every network operation has its ``timeout``). The main thread never polls: it sleeps
+on a wake-up socket that poll threads and signals write to, so it always answers signals and the systemd watchdog.
+
+After a failed poll an account waits twice as long each time, up to ``backoff_max``; one success brings it back to
+its ``poll_interval``. A refused login is logged once per streak of refusals, not on every poll.
+
+Signals are turned into requests handled by the main loop, between polls:
+
+* SIGTERM, SIGINT: start nothing new, let the polls in hand finish the message they hold (each poll stops between
+  messages and ends with QUIT, which is safe: every message deleted by it was recorded first) and exit 0. Polls
+  still busy after `STOP_GRACE` seconds are abandoned without QUIT, so the server deletes nothing of theirs;
+  a second signal abandons them at once.
+* SIGHUP: load the config again; an invalid one is logged and the old one stays. The new one takes over once the
+  polls running on the old one have finished.
+* SIGUSR1 (``postbote poll`` sends it when a daemon holds the state directory): poll every account now.
 """
 
 from __future__ import annotations
 
+import logging
 import random
+import select
+import signal
+import socket
 import threading
-from datetime import datetime, timedelta
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from queue import Empty, SimpleQueue
 
-import pluggy
 import schedule
 import structlog
 
-from agent.cli import stop_on_signals
 from agent.config import Account, Config
-from agent.poller import Poller
+from agent.errors import PostboteError
+from agent.hookspecs import hookimpl
+from agent.pluginmanager import PluginManager
+from agent.poller import Poller, PollStats
+from agent.pop3 import POP3AuthError
+from agent.sdnotify import Notifier
 from agent.state import StateStore
 
 log = structlog.get_logger("postbote.daemon")
+
+START_JITTER = 5.0  # the first polls are spread over this many seconds (at most one poll_interval)
+BACKOFF_JITTER = 0.1  # a delay after failures is shortened by up to this fraction, so that accounts drift apart
+STOP_GRACE = 20.0  # seconds the polls in hand get to finish after SIGTERM (the unit's TimeoutStopSec is 30 s)
 MAX_SLEEP = 60.0
-START_JITTER = 5.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1)
+
+Loader = Callable[[], tuple[PluginManager, Config]]
+PollerFactory = Callable[[PluginManager, StateStore, threading.Event], Poller]
+
+
+def start_delay(interval: float, rng: random.Random) -> float:
+    """Seconds until an account's first poll: soon, but spread so that many accounts do not connect together."""
+    return rng.uniform(0.0, min(START_JITTER, interval))
+
+
+@dataclass
+class Backoff:
+    """The delay before an account's next poll, from its interval and its current streak of failed polls."""
+
+    interval: float
+    maximum: float
+    failures: int = 0
+
+    def after(self, ok: bool, rng: random.Random) -> float:
+        """Record a poll's outcome; return the seconds to wait before the next one."""
+        if ok:
+            self.failures = 0
+            return self.interval
+        self.failures += 1
+        return self.failure_delay(rng)
+
+    def failure_delay(self, rng: random.Random) -> float:
+        ceiling = max(self.maximum, self.interval)
+        delay = min(self.interval * 2.0 ** min(self.failures, 32), ceiling)
+        return delay * rng.uniform(1.0 - BACKOFF_JITTER, 1.0)
+
+
+@dataclass
+class AccountSlot:
+    """What the daemon knows about one account between polls."""
+
+    account: Account
+    job: schedule.Job
+    backoff: Backoff
+    auth_failures: int = 0
+
+
+@dataclass(frozen=True)
+class PollResult:
+    account: str
+    stats: PollStats
+    started: float
+    login_refused: bool
+
+
+class AuthFailureWatch:
+    """An observer telling the daemon which accounts' last poll failed because the server refused the login."""
+
+    def __init__(self) -> None:
+        self._refused: set[str] = set()
+        self._lock = threading.Lock()
+
+    @hookimpl
+    def account_error(self, account: Account, error: PostboteError) -> None:
+        if isinstance(error, POP3AuthError):
+            with self._lock:
+                self._refused.add(account.name)
+
+    def take(self, account: str) -> bool:
+        with self._lock:
+            refused = account in self._refused
+            self._refused.discard(account)
+            return refused
+
+
+@dataclass
+class _Generation:
+    """A plugin manager and the config loaded with it; replaced as a whole on reload."""
+
+    pm: PluginManager
+    config: Config
+    auth_watch: AuthFailureWatch = field(default_factory=AuthFailureWatch)
+
+
+class RepeatedLoginFailureFilter(logging.Filter):
+    """Drops the poller's ``account.failed`` event for a refused login already reported in the current streak."""
+
+    def __init__(self) -> None:
+        super().__init__("postbote.daemon.auth")
+        self.muted: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        event = record.msg if isinstance(record.msg, dict) else {}
+        return not (event.get("event") == "account.failed" and event.get("error_type") == POP3AuthError.__name__
+                    and event.get("account") in self.muted)
+
+
+class Wakeup:
+    """A socket pair the main loop sleeps on; poll threads and signal handlers write a byte to it to wake it."""
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+
+    def poke(self) -> None:
+        try:
+            self.writer.send(b"\0")
+        except OSError:
+            pass  # full: the loop is awake already
+
+    def wait(self, timeout: float) -> None:
+        readable, _, _ = select.select([self.reader], [], [], max(0.0, timeout))
+        if readable:
+            try:
+                while self.reader.recv(4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
 
 
 class Daemon:
-    def __init__(self, pm: pluggy.PluginManager, config: Config, store: StateStore,
-                 stop: threading.Event | None = None) -> None:
-        self.config = config
-        self.stop = stop or threading.Event()
-        self.poller = Poller(pm, store, self.stop)
+    def __init__(self, pm: PluginManager, config: Config, store: StateStore, *, load: Loader | None = None,
+                 on_reload: Callable[[Config], None] | None = None, notifier: Notifier | None = None,
+                 stop_grace: float = STOP_GRACE, rng: random.Random | None = None,
+                 poller_factory: PollerFactory = Poller) -> None:
+        self.store = store
+        self.stop = threading.Event()
+        self.abandoned: list[str] = []
+        self._load = load
+        self._on_reload = on_reload or (lambda _config: None)
+        self.notifier = notifier or Notifier(None)
+        self._stop_grace = stop_grace
+        self._rng = rng or random.Random()
+        self._current = _Generation(pm, config)
+        self._pending: _Generation | None = None
+        self._make_poller = poller_factory
+        self._poller = poller_factory(pm, store, self.stop)
         self.scheduler = schedule.Scheduler()
-        for account in config.accounts:
-            job = self.scheduler.every(account.poll_interval).seconds.do(self._poll, account)
-            # Start soon, spread a little, so that many accounts do not all connect in the same second.
-            job.next_run = datetime.now() + timedelta(seconds=random.uniform(0, min(START_JITTER, account.poll_interval)))
+        self._slots: dict[str, AccountSlot] = {}
+        self._queue: deque[str] = deque()
+        self._workers: dict[str, threading.Thread] = {}
+        self._results: SimpleQueue[PollResult] = SimpleQueue()
+        self._requests: deque[int] = deque()
+        self._wakeup = Wakeup()
+        self._stopping = False
+        self._mute = RepeatedLoginFailureFilter()
+        self._last_summary = "no poll yet"
+
+    @property
+    def config(self) -> Config:
+        return self._current.config
+
+    # --- life cycle
 
     def run(self) -> int:
-        log.info("daemon.started", accounts=len(self.config.accounts), config=str(self.config.path))
-        with stop_on_signals(self.stop):
-            while not self.stop.is_set():
-                self.scheduler.run_pending()
-                idle = self.scheduler.idle_seconds
-                self.stop.wait(MAX_SLEEP if idle is None else min(max(idle, 0.0), MAX_SLEEP))
-        log.info("daemon.stopped")
+        """Poll until SIGTERM/SIGINT (or `request` of one); returns the exit status, 0."""
+        poll_logger = logging.getLogger("postbote.poll")
+        poll_logger.addFilter(self._mute)
+        try:
+            with self._signals_routed():
+                self._configure(self._current)
+                try:
+                    self._plan(self.config.accounts, previous={})
+                    log.info("daemon.started", accounts=len(self.config.accounts), config=str(self.config.path),
+                             max_parallel=self.config.max_parallel)
+                    self.notifier.ready(self._status_line())
+                    self._loop()
+                    self._shut_down()
+                finally:
+                    self._unconfigure(self._current)
+        finally:
+            poll_logger.removeFilter(self._mute)
+            self._wakeup.close()
+            self.notifier.close()
+        log.info("daemon.stopped", abandoned=self.abandoned or None)
         return 0
 
-    def _poll(self, account: Account) -> None:
-        if self.stop.is_set():
+    def request(self, signum: int) -> None:
+        """Ask for what ``signum`` would do (thread-safe; this is also what the signal handlers call)."""
+        self._requests.append(signum)
+        self._wakeup.poke()
+
+    @contextmanager
+    def _signals_routed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
             return
-        structlog.contextvars.clear_contextvars()
+        previous = {sig: signal.signal(sig, lambda signum, _frame: self.request(signum)) for sig in HANDLED_SIGNALS}
         try:
-            self.poller.poll(account)
-        except Exception:  # noqa: BLE001 - schedule does not catch; one account's bug must not end the daemon
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._handle_requests()
+            self._collect_results()
+            if self._stopping:
+                break
+            self._apply_pending_reload()
+            self.scheduler.run_pending()
+            self._start_queued()
+            self.notifier.ping_if_due()
+            self._wakeup.wait(self._sleep_time())
+
+    def _sleep_time(self) -> float:
+        candidates = [MAX_SLEEP]
+        if (idle := self.scheduler.idle_seconds) is not None:
+            candidates.append(idle)
+        if (ping := self.notifier.seconds_to_next_ping()) is not None:
+            candidates.append(ping)
+        return max(0.0, min(candidates))
+
+    def _shut_down(self) -> None:
+        running = sorted(self._workers)
+        log.info("daemon.stopping", polls_running=running or None)
+        self.notifier.stopping(f"stopping; finishing {', '.join(running)}" if running else "stopping")
+        self.stop.set()
+        self._queue.clear()
+        deadline = time.monotonic() + self._stop_grace
+        abandon_now = False
+        while self._workers and not abandon_now and time.monotonic() < deadline:
+            self._wakeup.wait(min(1.0, deadline - time.monotonic()))
+            abandon_now = any(signum in STOP_SIGNALS for signum in self._drain_requests())
+            self._collect_results()
+            self.notifier.ping_if_due()
+        if self._workers:
+            self.abandoned = sorted(self._workers)
+            log.warning("daemon.polls_abandoned", accounts=self.abandoned,
+                        reason="second stop signal" if abandon_now else f"still busy after {self._stop_grace:g} s",
+                        effect="no QUIT sent: the server deletes nothing from these sessions; "
+                               "their messages are fetched again (not twice delivered) next time")
+        for name in self._slots:
+            self._remember_next_poll(name, None)
+
+    # --- requests (signals)
+
+    def _drain_requests(self) -> list[int]:
+        taken = []
+        while self._requests:
+            taken.append(self._requests.popleft())
+        return taken
+
+    def _handle_requests(self) -> None:
+        for signum in self._drain_requests():
+            if signum in STOP_SIGNALS:
+                log.info("stop.requested", signal=signal.Signals(signum).name)
+                self._stopping = True
+                return
+            if signum == signal.SIGHUP:
+                self._begin_reload()
+            elif signum == signal.SIGUSR1:
+                self._poll_everything_now()
+
+    def _poll_everything_now(self) -> None:
+        log.info("poll.requested", accounts=len(self._slots))
+        for name in self._slots:
+            self._enqueue(name)
+
+    # --- scheduling
+
+    def _plan(self, accounts: tuple[Account, ...], previous: dict[str, AccountSlot]) -> None:
+        """One job per account; accounts kept over a reload keep their next poll and their failure streak."""
+        self.scheduler.clear()
+        self._slots = {}
+        now = time.time()
+        for account in accounts:
+            job = self.scheduler.every(account.poll_interval).seconds.do(self._due, account.name)
+            backoff = Backoff(account.poll_interval, self.config.backoff_max)
+            old = previous.get(account.name)
+            if old is not None and old.job.next_run is not None:
+                backoff.failures = old.backoff.failures
+                next_poll = old.job.next_run.timestamp()
+                if old.account.poll_interval != account.poll_interval and not backoff.failures:
+                    next_poll = min(next_poll, now + account.poll_interval)
+            else:
+                next_poll = now + start_delay(account.poll_interval, self._rng)
+            slot = AccountSlot(account, job, backoff, auth_failures=old.auth_failures if old else 0)
+            self._slots[account.name] = slot
+            self._set_next_poll(slot, next_poll)
+        self._queue = deque(name for name in self._queue if name in self._slots)
+
+    def _due(self, name: str) -> None:
+        self._enqueue(name)
+
+    def _enqueue(self, name: str) -> None:
+        if name in self._workers or name in self._queue:
+            log.debug("poll.skipped", account=name, reason="already running or waiting for a free slot")
+            return
+        self._queue.append(name)
+
+    def _start_queued(self) -> None:
+        if self._pending is not None:
+            return  # a reload waits for the running polls; start nothing on the old config meanwhile
+        while self._queue and len(self._workers) < self.config.max_parallel:
+            self._start(self._slots[self._queue.popleft()])
+
+    def _start(self, slot: AccountSlot) -> None:
+        name = slot.account.name
+        thread = threading.Thread(target=self._work, args=(self._poller, self._current.auth_watch, slot.account),
+                                  name=f"poll-{name}", daemon=True)
+        self._workers[name] = thread
+        thread.start()
+
+    def _work(self, poller: Poller, auth_watch: AuthFailureWatch, account: Account) -> None:
+        """One poll, in its own thread; never raises, always reports back to the main loop."""
+        structlog.contextvars.clear_contextvars()
+        started = time.time()
+        try:
+            stats = poller.poll(account)
+        except Exception as exc:  # noqa: BLE001 - a bug in one poll must not take the daemon down
             log.exception("poll.crashed", account=account.name)
+            stats = PollStats(account.name, error=f"internal error: {type(exc).__name__}: {exc}")
+        self._results.put(PollResult(account.name, stats, started, auth_watch.take(account.name)))
+        self._wakeup.poke()
+
+    def _collect_results(self) -> None:
+        while True:
+            try:
+                result = self._results.get_nowait()
+            except Empty:
+                return
+            thread = self._workers.pop(result.account, None)
+            if thread is not None:
+                thread.join(1.0)
+            self._finished(result)
+
+    def _finished(self, result: PollResult) -> None:
+        slot = self._slots.get(result.account)
+        self._last_summary = _summary(result.stats)
+        if slot is None:  # removed by a reload while it ran
+            self.notifier.status(self._status_line())
+            return
+        streak_before = slot.backoff.failures
+        delay = slot.backoff.after(result.stats.ok, self._rng)
+        self._note_login_outcome(slot, result)
+        if result.stats.ok and streak_before:
+            log.info("account.recovered", account=slot.account.name, failed_polls=streak_before)
+        elif not result.stats.ok:
+            level = logging.DEBUG if slot.auth_failures > 1 else logging.INFO
+            log.log(level, "poll.backing_off", account=slot.account.name, failed_polls=slot.backoff.failures,
+                    next_poll_in_s=round(delay, 3))
+        if not self._stopping:
+            self._set_next_poll(slot, max(result.started + delay, time.time()))
+        self.notifier.status(self._status_line())
+
+    def _note_login_outcome(self, slot: AccountSlot, result: PollResult) -> None:
+        """Count a streak of refused logins; the poller's own error event is kept for the first one only."""
+        name = slot.account.name
+        if result.login_refused:
+            slot.auth_failures += 1
+            if slot.auth_failures == 1:
+                log.error("account.login_refused", account=name, error=result.stats.error,
+                          hint="check the username and password; repeats are not logged until the login works")
+            self._mute.muted.add(name)
+            return
+        if slot.auth_failures and result.stats.ok:
+            log.info("account.login_accepted", account=name, refused_before=slot.auth_failures)
+        slot.auth_failures = 0
+        self._mute.muted.discard(name)
+
+    def _set_next_poll(self, slot: AccountSlot, when: float) -> None:
+        slot.job.next_run = datetime.fromtimestamp(when)
+        self._remember_next_poll(slot.account.name, when)
+
+    def _remember_next_poll(self, name: str, when: float | None) -> None:
+        try:
+            self.store.set_next_poll(name, when)
+        except PostboteError as exc:
+            log.warning("state.next_poll_not_recorded", account=name, error=str(exc))
+
+    # --- reload
+
+    def _begin_reload(self) -> None:
+        if self._load is None:
+            log.warning("config.reload_unsupported")
+            return
+        log.info("config.reloading", config=str(self.config.path))
+        try:
+            pm, config = self._load()
+        except PostboteError as exc:
+            self._reload_failed(str(exc))
+            return
+        if config.state_dir != self.config.state_dir:
+            self._reload_failed(f"state_dir changed from {self.config.state_dir} to {config.state_dir}: "
+                                f"restart postbote to move to another state directory")
+            return
+        self.notifier.reloading()
+        self._pending = _Generation(pm, config)
+
+    def _reload_failed(self, why: str) -> None:
+        log.error("config.reload_failed", error=why.splitlines(), keeping=str(self.config.path))
+        self.notifier.status(f"config reload failed, running on the old config: {why.splitlines()[0]}")
+
+    def _apply_pending_reload(self) -> None:
+        """Switch to the reloaded config once no poll runs on the old one; on any trouble keep the old one."""
+        if self._pending is None or self._workers:
+            return
+        new, old = self._pending, self._current
+        self._pending = None
+        self._unconfigure(old)
+        try:
+            self._configure(new)
+        except Exception as exc:  # noqa: BLE001 - any plugin's configure may fail; the old config goes on
+            self._unconfigure(new)
+            self._configure(old)
+            self._reload_failed(f"a plugin refused the new config: {type(exc).__name__}: {exc}")
+            self.notifier.ready(self._status_line())
+            return
+        self._current = new
+        self._poller = self._make_poller(new.pm, self.store, self.stop)
+        self._on_reload(new.config)
+        before = set(self._slots)
+        self._plan(new.config.accounts, previous=self._slots)
+        log.info("config.reloaded", config=str(new.config.path), accounts=len(new.config.accounts),
+                 added=sorted(set(self._slots) - before) or None, removed=sorted(before - set(self._slots)) or None)
+        for name in before - set(self._slots):
+            self._remember_next_poll(name, None)
+        self.notifier.ready(self._status_line())
+
+    def _configure(self, generation: _Generation) -> None:
+        generation.pm.register(generation.auth_watch, name="postbote.daemon.auth-watch")
+        try:
+            generation.pm.hook.configure.call_historic(kwargs={"config": generation.config})
+        except BaseException:
+            generation.pm.unregister(name="postbote.daemon.auth-watch")
+            raise
+
+    @staticmethod
+    def _unconfigure(generation: _Generation) -> None:
+        try:
+            generation.pm.hook.unconfigure(config=generation.config)
+        except Exception as exc:  # noqa: BLE001 - a plugin failing to clean up must not stop the daemon
+            log.error("plugin.unconfigure_failed", error=f"{type(exc).__name__}: {exc}")
+        if generation.pm.get_plugin("postbote.daemon.auth-watch") is not None:
+            generation.pm.unregister(name="postbote.daemon.auth-watch")
+
+    def _status_line(self) -> str:
+        failing = sorted(name for name, slot in self._slots.items() if slot.backoff.failures)
+        health = f"{len(failing)} failing ({', '.join(failing)})" if failing else "all fine"
+        return f"{len(self._slots)} account(s), {health}; last poll: {self._last_summary}"
+
+
+def _summary(stats: PollStats) -> str:
+    at = datetime.now().strftime("%H:%M:%S")
+    if not stats.ok:
+        return f"{stats.account} failed at {at}: {stats.error}"
+    return (f"{stats.account} ok at {at}: {stats.delivered} delivered, {stats.dropped} dropped, "
+            f"{stats.rejected} rejected, {stats.left} left on the server")

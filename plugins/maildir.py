@@ -17,6 +17,7 @@ from pathlib import Path
 from agent import DeliveryError, Message, hookimpl
 from agent import settings as s
 from agent.config import Destination
+from agent.poller import PollContext
 from agent.settings import Node, Problems, Section
 from agent.wire import lf_lines
 
@@ -50,14 +51,20 @@ def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Pa
 
 
 @hookimpl
-def deliver_message(message: Message, destination: Destination) -> str | None:
+def deliver_message(message: Message, destination: Destination, poll: PollContext) -> str | None:
     if destination.kind != "maildir":
         return None
     settings: MaildirSettings = destination.settings
     try:
-        return str(write_maildir(settings.path, message, create=settings.create))
+        ensure_maildir(settings.path, create=settings.create)
+        name = unique_name()
+        temporary, final = settings.path / "tmp" / name, settings.path / "new" / name
+        write_file(temporary, message, sync=False)
     except OSError as exc:
         raise DeliveryError(f"maildir {settings.path}: {exc.strerror or exc}", temporary=True) from None
+    # Made durable together with the rest of the poll's batch, then renamed into new/ (group commit).
+    poll.stage_rename(temporary, final)
+    return str(final)
 
 
 def ensure_maildir(path: Path, *, create: bool) -> None:
@@ -75,23 +82,31 @@ def unique_name() -> str:
             f"{socket.gethostname().replace('/', '_').replace(':', '_')}")
 
 
-def write_maildir(path: Path, message: Message, *, create: bool = True) -> Path:
-    """Write ``message`` durably into ``path/new``; returns the file's path."""
-    ensure_maildir(path, create=create)
-    name = unique_name()
-    temporary, final = path / "tmp" / name, path / "new" / name
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def write_file(path: Path, message: Message, *, sync: bool) -> None:
+    """Write ``message`` with LF line endings to a new file ``path``; removed again if anything fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb", buffering=1 << 16) as handle:
             for chunk in lf_lines(message.chunks()):
                 handle.write(chunk)
             handle.flush()
-            os.fsync(handle.fileno())
-        os.link(temporary, final)
+            if sync:
+                os.fsync(handle.fileno())
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         raise
-    temporary.unlink()
+
+
+def write_maildir(path: Path, message: Message, *, create: bool = True) -> Path:
+    """Write ``message`` durably into ``path/new`` on its own (fsync file, link, fsync directory)."""
+    ensure_maildir(path, create=create)
+    name = unique_name()
+    temporary, final = path / "tmp" / name, path / "new" / name
+    write_file(temporary, message, sync=True)
+    try:
+        os.link(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)
     fsync_directory(final.parent)
     return final
 

@@ -246,13 +246,40 @@ def test_a_permanent_refusal_is_recorded_and_not_retried_every_poll(make_setup, 
     assert target.calls == 2
 
 
+class AcceptingTarget:
+    DESTINATION_KINDS = ("accept",)
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl
+    def parse_destination(self, kind):
+        return {"label": "accept"} if kind == "accept" else None
+
+    @hookimpl
+    def deliver_message(self, destination):
+        if destination.kind != "accept":
+            return None
+        self.calls += 1
+        return "250 ok"
+
+
 def test_with_two_destinations_a_retry_skips_the_one_that_already_took_the_message(make_setup) -> None:
     setup = make_setup([mail(1)])
-    target = RefusingTarget(temporary=True)
+    accepting, refusing = AcceptingTarget(), RefusingTarget(temporary=True)
+    both = "deliver:\n  - accept: {}\n  - refuse: {}\n"
+    assert setup.poll(accepting, refusing, deliver=both).deferred == 1
+    assert setup.poll(accepting, refusing, deliver=both).deferred == 1
+    assert (accepting.calls, refusing.calls) == (1, 2)
+    assert len(setup.server.uids()) == 1
+
+
+def test_a_maildir_copy_is_not_left_behind_when_another_destination_fails(make_setup) -> None:
+    setup = make_setup([mail(1)])
+    refusing = RefusingTarget(temporary=True)
     both = f"deliver:\n  - maildir: {setup.maildir}\n  - refuse: {{}}\n"
-    assert setup.poll(target, deliver=both).deferred == 1
-    assert setup.poll(target, deliver=both).deferred == 1
-    assert len(setup.delivered()) == 1 and target.calls == 2
+    assert setup.poll(refusing, deliver=both).deferred == 1
+    assert setup.delivered() == [] and list((setup.maildir / "tmp").iterdir()) == []
     assert len(setup.server.uids()) == 1
 
 
@@ -281,7 +308,7 @@ def test_a_stop_request_finishes_the_message_in_hand_then_quits(make_setup) -> N
 
     class StopAfterFirst:
         @hookimpl
-        def message_delivered(self):
+        def filter_message(self):
             stop.set()
 
     setup = make_setup([mail(1), mail(2), mail(3)])
@@ -293,3 +320,51 @@ def test_a_stop_request_finishes_the_message_in_hand_then_quits(make_setup) -> N
 def test_two_processes_cannot_use_one_state_directory(tmp_path: Path) -> None:
     with StateLock(tmp_path), pytest.raises(StateLockedError, match=f"pid {os.getpid()}"):
         StateLock(tmp_path).acquire()
+
+
+def test_a_refused_dele_keeps_the_record_and_the_next_poll_deletes_without_redelivery(make_setup) -> None:
+    setup = make_setup([mail(1), mail(2)], Faults().on("DELE", action=Action.reply("-ERR [SYS/TEMP] busy")))
+    first = setup.poll()
+    assert (first.ok, first.delivered, first.deleted) == (True, 2, 1)
+    second = setup.poll()
+    assert (second.delivered, second.deleted) == (0, 1)
+    assert setup.server.uids() == [] and len(setup.delivered()) == 2
+
+
+def test_data_far_beyond_the_listed_size_is_rejected_and_the_rest_still_flows(make_setup) -> None:
+    setup = make_setup([mail(1), mail(2)], Faults().on("RETR 1", action=Action.extend(b"x" * 70 + b"\r\n")))
+    first = setup.poll(extra="max_size: 100\n")
+    assert not first.ok and "exceeds 100 bytes" in first.error
+    second = setup.poll(extra="max_size: 100\n")
+    assert (second.ok, second.delivered, second.left) == (True, 1, 1)
+    assert setup.subjects() == ["Subject: message 2"]
+
+
+def test_retr_commands_are_pipelined_when_the_server_offers_it(make_setup) -> None:
+    setup = make_setup([mail(n) for n in range(4)])
+    setup.poll()
+    commands = [c.split()[0] for c in setup.server.commands]
+    assert commands.index("DELE") > commands.index("RETR") + 3, commands
+
+
+def test_a_server_without_pipelining_is_polled_command_by_command(tmp_path: Path) -> None:
+    with POP3Server([mail(1), mail(2)], capabilities=["UIDL", "USER"]) as server:
+        stats = Setup(tmp_path, server).poll()
+        assert (stats.ok, stats.delivered) == (True, 2) and server.uids() == []
+        assert [c.split()[0] for c in server.commands][-5:] == ["RETR", "RETR", "DELE", "DELE", "QUIT"]
+
+
+def test_a_crash_between_commit_and_rename_is_finished_by_the_next_poll(make_setup, tmp_path: Path) -> None:
+    """The journal of staged renames: recorded as delivered, file still in tmp/ -> moved into new/, not refetched."""
+    setup = make_setup([mail(1)])
+    assert setup.poll(extra="keep: true\n").delivered == 1
+    (delivered,) = (setup.maildir / "new").iterdir()
+    interrupted = setup.maildir / "tmp" / delivered.name
+    delivered.rename(interrupted)
+    store = StateStore(tmp_path / "state")
+    (uid,) = store.records("test")
+    store.record_batch("test", [], renames=[(uid, str(interrupted), str(delivered))])
+    store.close()
+    assert setup.poll(extra="keep: true\n").delivered == 0
+    assert delivered.exists() and not interrupted.exists()
+    assert len(setup.delivered()) == 1
