@@ -116,8 +116,9 @@ class Config:
         return tuple(self.account(name) for name in names) if names else self.accounts
 
 
-ACCOUNT_KEYS = {"name", "host", "port", "tls", "tls_verify", "tls_ca_file", "tls_fingerprint", "username", *PASSWORD_KEYS, "auth",
-                "poll_interval", "timeout", "keep", "fetch_all", "max_size", "max_messages", "deliver", "plugins"}
+ACCOUNT_KEYS = {"name", "host", "port", "tls", "tls_verify", "tls_ca_file", "tls_fingerprint", "username",
+                *PASSWORD_KEYS, "auth", "poll_interval", "timeout", "keep", "fetch_all", "max_size", "max_messages",
+                "deliver", "plugins"}
 TOP_KEYS = {"state_dir", "log", "defaults", "accounts", "plugins", "plugin_paths", "max_parallel", "backoff_max"}
 
 
@@ -255,7 +256,8 @@ def _fingerprint(value: Any) -> str:
 
 def _argv(value: Any) -> list[str]:
     if not isinstance(value, list):
-        raise ValueError("expected a command as a list of arguments (it is run without a shell), e.g. [pass, show, mail]")
+        raise ValueError("expected a command as a list of arguments (it is run without a shell), "
+                         "e.g. [pass, show, mail]")
     return s.text_list(value)
 
 
@@ -319,7 +321,8 @@ def _plugin_entries(section: Section | None, pm: PluginManager, problems: Proble
         elif isinstance(node.value, dict) or node.value is None:
             entries[name] = node if node.value else True
         else:
-            problems.add(node.line, node.path, f"expected true, false or a mapping of options, got {s.describe(node.value)}")
+            problems.add(node.line, node.path,
+                         f"expected true, false or a mapping of options, got {s.describe(node.value)}")
     return entries
 
 

@@ -94,14 +94,15 @@ def _run_password_command(argv: tuple[str, ...]) -> str:
     """Run ``argv`` without a shell and take the first line of its output as the password."""
     program = argv[0]
     try:
-        done = subprocess.run(list(argv), capture_output=True, timeout=PASSWORD_COMMAND_TIMEOUT, stdin=subprocess.DEVNULL,
-                              check=False)
+        done = subprocess.run(list(argv), capture_output=True, timeout=PASSWORD_COMMAND_TIMEOUT,
+                              stdin=subprocess.DEVNULL, check=False)
     except FileNotFoundError:
         raise CredentialError(f"password_command: {program}: no such program") from None
     except PermissionError:
         raise CredentialError(f"password_command: {program}: permission denied") from None
     except subprocess.TimeoutExpired:
-        raise CredentialError(f"password_command: {program} did not finish within {PASSWORD_COMMAND_TIMEOUT:.0f} s") from None
+        raise CredentialError(
+            f"password_command: {program} did not finish within {PASSWORD_COMMAND_TIMEOUT:.0f} s") from None
     if done.returncode != 0:
         # stderr is the program's own diagnostics, not its secret output: show its first line to help the admin.
         detail = done.stderr.decode("utf-8", "replace").strip().splitlines()

@@ -93,9 +93,10 @@ def filter_message(message: Message, account: Account) -> Verdict | None:
     Return None to pass it on to the next filter (after changing it in place if you like: add, remove or rewrite
     header fields through ``message.add_header`` / ``remove_header`` / ``replace_header``, reroute it by setting
     ``message.recipients`` (envelope recipients for SMTP/LMTP) or ``message.destinations`` (a list of
-    ``Destination`` replacing the account's ``deliver:``)), ``Verdict.accept()`` to deliver it without asking the remaining filters, or
-    ``Verdict.drop(reason)`` to deliver it nowhere: a dropped message counts as handled (deleted unless ``keep``)
-    and the drop is logged with its reason. Filters are called one at a time, so an exception names its plugin.
+    ``Destination`` replacing the account's ``deliver:``)), ``Verdict.accept()`` to deliver it without asking the
+    remaining filters, or ``Verdict.drop(reason)`` to deliver it nowhere: a dropped message counts as handled
+    (deleted unless ``keep``) and the drop is logged with its reason. Filters are called one at a time, so an
+    exception names its plugin.
     """
 
 

@@ -208,7 +208,7 @@ def _field(name: str, value: str, newline: bytes) -> bytes:
     if "\r" in value or "\n" in value:
         value = re.sub(r"\r?\n(?![ \t])", "\n ", value).replace("\r", "")
         value = value.replace("\n", newline.decode())
-    return f"{name}: {value}".encode("utf-8") + newline
+    return f"{name}: {value}".encode() + newline
 
 
 def _header_end(buffer: bytearray, scan_from: int = 0) -> int | None:

@@ -7,6 +7,7 @@ other way, the records stay and the next poll deletes those messages without del
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -25,8 +26,8 @@ from agent.config import Account
 from agent.errors import DeliveryError, PluginError, PostboteError
 from agent.message import Message
 from agent.pop3 import ListingEntry, MessageTooLarge, POP3Client
-from agent.tls import TLSPolicy
 from agent.state import DELIVERED, DROPPED, HANDLED, REJECTED, StateStore
+from agent.tls import TLSPolicy
 
 log = structlog.get_logger("postbote.poll")
 PIPELINE_WINDOW = 16
@@ -84,10 +85,8 @@ class PollContext:
     @staticmethod
     def discard(staged: list[tuple[str, str, str]]) -> None:
         for _, source, _ in staged:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(source)
-            except OSError:
-                pass
 
     def resource(self, key: Any, opener: Callable[[], Any], *, usable: Callable[[Any], bool] = lambda _: True,
                  close: Callable[[Any], None] = lambda r: r.close()) -> Any:
@@ -234,9 +233,7 @@ class Poller:
                 stats.left += 1
             elif record is not None and record.status in HANDLED and not account.keep:
                 to_delete.append(entry)
-            elif record is not None and record.status == REJECTED:
-                stats.left += 1
-            elif record is not None and record.status in HANDLED and not account.fetch_all:
+            elif record is not None and (record.status == REJECTED or not account.fetch_all):
                 stats.left += 1
             elif account.max_size is not None and entry.size > account.max_size:
                 log.warning("message.too_large", uid=entry.uid, size=entry.size, max_size=account.max_size)

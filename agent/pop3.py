@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import re
 import socket
@@ -273,10 +274,8 @@ class POP3Client:
 
     def close(self) -> None:
         for closable in (self._reader, self._sock):
-            try:
+            with contextlib.suppress(OSError):
                 closable.close()
-            except OSError:
-                pass
 
     # --- wire ---
 

@@ -73,7 +73,8 @@ def _convert(node: yaml.Node, path: str, file: str) -> Node:
         mapping: dict[str, Node] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
-                raise ConfigError(f"{file}:{key_node.start_mark.line + 1}: {path or 'top level'}: keys must be plain words")
+                line = key_node.start_mark.line + 1
+                raise ConfigError(f"{file}:{line}: {path or 'top level'}: keys must be plain words")
             key = str(key_node.value)
             child_path = f"{path}.{key}" if path else key
             if key in mapping:

@@ -10,6 +10,7 @@ bounded and checked, since the MTA side is attack surface too. Failures raise `D
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -123,19 +124,15 @@ class SMTPClient:
 
     def quit(self) -> None:
         if self.usable:
-            try:
+            with contextlib.suppress(DeliveryError):
                 self._command("QUIT")
-            except DeliveryError:
-                pass
         self.close()
 
     def close(self) -> None:
         self.usable = False
         for closable in (self._reader, self._sock):
-            try:
+            with contextlib.suppress(OSError):
                 closable.close()
-            except OSError:
-                pass
 
     # --- internals ---
 
@@ -190,7 +187,8 @@ class SMTPClient:
             self._sock.sendall(data)
         except OSError as exc:
             self.usable = False
-            raise DeliveryError(f"{self.server}: connection lost while sending: {_reason(exc)}", temporary=True) from None
+            raise DeliveryError(f"{self.server}: connection lost while sending: {_reason(exc)}",
+                                temporary=True) from None
 
     def _read_reply(self) -> Reply:
         lines: list[str] = []

@@ -13,7 +13,7 @@ from typing import Any
 
 from agent import Message, hookimpl
 from agent import settings as s
-from agent.config import Account, Destination
+from agent.config import Destination
 from agent.poller import PollContext
 from agent.settings import Node, Problems, Section
 from agent.smtp import SMTPClient
