@@ -1,0 +1,151 @@
+"""Shared fixtures: a test PKI, real Dovecot instances and SMTP sinks on loopback.
+
+Fixtures
+--------
+``pki``               session-wide test CA + server certificate (:class:`TestPKI`)
+``dovecot``           a fresh Dovecot with TLS (STLS + POP3S), users alice and bob
+``dovecot_factory``   ``dovecot_factory(tls=False, users={...}, extra_config="")``
+                      for variants; every server made is stopped after the test
+``smtp_sink``         a fresh recording SMTP server (:class:`SMTPSink`)
+``smtp_sink_factory`` ``smtp_sink_factory(starttls=True, require_starttls=False)``
+
+When the ``dovecot`` binary is missing, Dovecot tests are skipped -- except in
+CI (``CI`` set) or with ``POSTBOTE_REQUIRE_DOVECOT=1``, where they fail loudly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from tests.servers.certs import TestPKI, make_test_pki
+from tests.servers.dovecot import DEFAULT_USERS, DovecotServer, dovecot_binary
+from tests.servers.smtp_sink import SMTPSink
+
+DovecotFactory = Callable[..., DovecotServer]
+SinkFactory = Callable[..., SMTPSink]
+
+
+def dovecot_required() -> bool:
+    """CI must never silently skip the tests against the real server."""
+    return bool(os.environ.get("CI")) or os.environ.get("POSTBOTE_REQUIRE_DOVECOT") == "1"
+
+
+def _require_dovecot() -> None:
+    if dovecot_binary() is not None:
+        return
+    message = "the dovecot binary is not installed (apt-get install dovecot-pop3d dovecot-lmtpd)"
+    if dovecot_required():
+        pytest.fail(f"{message}; CI / POSTBOTE_REQUIRE_DOVECOT=1 requires it", pytrace=False)
+    pytest.skip(message)
+
+
+DOVECOT_FIXTURES = {"dovecot", "dovecot_factory"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests using a Dovecot fixture get the ``dovecot`` marker even if unmarked,
+    so ``-m "not dovecot"`` reliably deselects everything needing the server."""
+    for item in items:
+        if DOVECOT_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.dovecot)
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Remember each phase's report on the item so fixtures can see failures."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"_report_{report.when}", report)
+
+
+def _test_failed(request: pytest.FixtureRequest) -> bool:
+    return any(
+        getattr(getattr(request.node, f"_report_{when}", None), "failed", False)
+        for when in ("setup", "call")
+    )
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    return make_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def _dovecot_shutdowns() -> Iterator[list[DovecotServer]]:
+    """Servers told to stop; waited for at the end of the session.
+
+    Dovecot's master sleeps a second before exiting, so waiting after every
+    test would add a second per test.  The listeners close at once, and every
+    server has its own ports and directories, so the stragglers harm no one.
+    """
+    stopping: list[DovecotServer] = []
+    yield stopping
+    for server in stopping:
+        server.wait_stopped()
+
+
+@pytest.fixture
+def dovecot_factory(
+    request: pytest.FixtureRequest, pki: TestPKI, _dovecot_shutdowns: list[DovecotServer]
+) -> Iterator[DovecotFactory]:
+    _require_dovecot()
+    servers: list[DovecotServer] = []
+
+    def make(
+        *, tls: bool = True, users: Mapping[str, str] = DEFAULT_USERS, extra_config: str = ""
+    ) -> DovecotServer:
+        server = DovecotServer(pki=pki, tls=tls, users=users, extra_config=extra_config)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+
+    failed = _test_failed(request)
+    for server in servers:
+        if failed:
+            print(f"\n===== Dovecot log ({server.root}) =====\n{server.log_text()}")
+        server.terminate()
+        _dovecot_shutdowns[:] = [s for s in _dovecot_shutdowns if not _finished(s)]
+        _dovecot_shutdowns.append(server)
+
+
+def _finished(server: DovecotServer) -> bool:
+    """Clean up *server* if its master has exited already; report whether it did."""
+    if server.stopped:
+        server.wait_stopped()
+        return True
+    return False
+
+
+@pytest.fixture
+def dovecot(dovecot_factory: DovecotFactory) -> DovecotServer:
+    """A running Dovecot with TLS and the users alice and bob, empty mailboxes."""
+    return dovecot_factory()
+
+
+@pytest.fixture
+def smtp_sink_factory(pki: TestPKI) -> Iterator[SinkFactory]:
+    sinks: list[SMTPSink] = []
+
+    def make(*, starttls: bool = False, require_starttls: bool = False, **kwargs: Any) -> SMTPSink:
+        context = pki.server_context() if starttls else None
+        sink = SMTPSink(tls_context=context, require_starttls=require_starttls, **kwargs)
+        sink.start()
+        sinks.append(sink)
+        return sink
+
+    yield make
+    for sink in sinks:
+        sink.stop()
+
+
+@pytest.fixture
+def smtp_sink(smtp_sink_factory: SinkFactory) -> SMTPSink:
+    """A running SMTP server on 127.0.0.1 that accepts and records everything."""
+    return smtp_sink_factory()
+

@@ -1,0 +1,45 @@
+"""Real servers on loopback for postbote's tests.
+
+* :mod:`tests.servers.certs` -- a throw-away test CA and a server certificate
+  for ``localhost``/``127.0.0.1``, made with the ``openssl`` command line tool.
+* :mod:`tests.servers.dovecot` -- a private Dovecot instance (POP3 with STLS,
+  POP3S, LMTP) with its own configuration, users and Maildirs.
+* :mod:`tests.servers.smtp_sink` -- an aiosmtpd SMTP server that records what
+  arrives and answers as scripted.
+
+The pytest fixtures wrapping them live in ``tests/conftest.py``.  This module
+holds the small networking helpers the servers share.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """Return a TCP port on *host* that was free a moment ago.
+
+    The kernel picks it (bind to port 0); there is a small window in which
+    someone else could take it, which is acceptable for tests.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Poll *predicate* until it is true or *timeout* seconds have passed.
+
+    Returns the last result, so callers can ``assert wait_until(...)``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
