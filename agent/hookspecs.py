@@ -15,8 +15,10 @@ poll goes on with the next message. Exceptions from the observer hooks (``poll_s
 logged and otherwise ignored: an observer can never lose or block mail.
 
 Per message the hooks run in this order: ``filter_message`` (each filter in turn), ``backup_message`` (all),
-``deliver_message`` (once per configured destination); then, after the outcome is recorded in the state store and
-before DELE is sent, one of ``message_delivered`` / ``message_dropped`` / ``message_failed``.
+``deliver_message`` (once per configured destination). ``message_failed`` follows at once when the message could
+not be handled. ``message_delivered`` / ``message_dropped`` follow once the outcome is recorded in the state store,
+before DELE is sent; records are committed in batches (group commit), so several later messages may have been
+filtered and delivered before an earlier one's ``message_delivered`` arrives.
 """
 
 from __future__ import annotations

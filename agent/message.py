@@ -142,8 +142,14 @@ class Message:
         return self._parsed
 
     def get_header(self, name: str, default: str | None = None) -> str | None:
-        value = self.headers.get(name)
-        return default if value is None else str(value)
+        """The first field called ``name``, unfolded, as text: UTF-8 where it is valid, else Latin-1, so 8-bit
+        bytes are never lost to replacement characters. RFC 2047 encoded words are left as they are."""
+        wanted = name.lower()
+        for field_name, (start, end) in self._field_spans():
+            if field_name.lower() == wanted:
+                raw = bytes(self._header[start:end]).split(b":", 1)[1]
+                return _decode_header_bytes(re.sub(rb"\r?\n(?=[ \t])", b"", raw).strip())
+        return default
 
     @property
     def message_id(self) -> str | None:
@@ -186,8 +192,16 @@ class Message:
         return len(spans)
 
     def replace_header(self, name: str, value: str) -> None:
-        self.remove_header(name)
-        self.add_header(name, value)
+        """Rewrite the first field called ``name`` where it stands (others of that name go); add it if absent."""
+        spans = [span for field_name, span in self._field_spans() if field_name.lower() == name.lower()]
+        if not spans:
+            self.add_header(name, value)
+            return
+        for start, end in reversed(spans[1:]):
+            del self._header[start:end]
+        start, end = spans[0]
+        self._header[start:end] = _field(name, value, self._newline())
+        self._parsed = None
 
     def _field_spans(self) -> Iterator[tuple[str, tuple[int, int]]]:
         starts = [(m.start(), m.group(1).decode("ascii", "replace")) for m in _FIELD_START.finditer(self._header)]
@@ -200,6 +214,13 @@ class Message:
 
     def discard(self) -> None:
         self._body.close()
+
+
+def _decode_header_bytes(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def _field(name: str, value: str, newline: bytes) -> bytes:

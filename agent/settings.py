@@ -41,7 +41,9 @@ class Problems:
 
     def add(self, line: int, path: str, message: str) -> None:
         where = f"{self.file}:{line}" if line else self.file
-        self.lines.append(f"{where}: {path}: {message}" if path else f"{where}: {message}")
+        text = f"{where}: {path}: {message}" if path else f"{where}: {message}"
+        if text not in self.lines:  # options shared by several accounts are checked once per account
+            self.lines.append(text)
 
     def raise_if_any(self) -> None:
         if self.lines:

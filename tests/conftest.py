@@ -44,14 +44,18 @@ def _require_dovecot() -> None:
 
 
 DOVECOT_FIXTURES = {"dovecot", "dovecot_factory"}
+SPAMD_FIXTURES = {"spamd"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests using a Dovecot fixture get the ``dovecot`` marker even if unmarked,
-    so ``-m "not dovecot"`` reliably deselects everything needing the server."""
+    """Tests using a real server's fixture get its marker even if unmarked, so that ``-m "not dovecot"`` or
+    ``-m "not spamd"`` reliably deselects everything needing that server."""
     for item in items:
-        if DOVECOT_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if DOVECOT_FIXTURES & fixtures:
             item.add_marker(pytest.mark.dovecot)
+        if SPAMD_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.spamd)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -22,13 +22,20 @@ def test_prepending_a_field_leaves_every_other_byte_as_it_was() -> None:
     assert message.as_bytes() == b"Received: from a\r\n\tby b; date\r\n" + RAW
 
 
-def test_removing_and_replacing_fields_keeps_the_body() -> None:
+def test_eight_bit_header_values_are_read_without_replacement_characters() -> None:
+    message = Message.from_bytes(b"Subject: caf\xe9 \xc3\xa0\r\nX-Utf8: gr\xc3\xbc\xc3\x9fe\r\n\r\n")
+    assert message.get_header("Subject") == "caf\xe9 \xc3\xa0"  # not UTF-8: read as Latin-1, byte for byte
+    assert message.get_header("X-Utf8") == "grüße"
+
+
+def test_removing_and_replacing_fields_keeps_the_body_and_the_field_order() -> None:
     message = Message.from_bytes(RAW)
     assert message.remove_header("x-long") == 1
     message.replace_header("Subject", "[list] Hello")
     data = message.as_bytes()
     assert b"X-Long" not in data and b"folded" not in data
-    assert data.endswith(b"Subject: [list] Hello\r\n\r\nbody line\r\n.\r\nSubject: not a header\r\n")
+    assert data == (b"Return-Path: <list-bounces@example.org>\r\nSubject: [list] Hello\r\n"
+                    b"Message-ID: <m1@example.org>\r\n\r\nbody line\r\n.\r\nSubject: not a header\r\n")
     assert message.get_header("Subject") == "[list] Hello"
 
 

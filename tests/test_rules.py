@@ -321,7 +321,7 @@ def test_a_message_without_a_header_body_separator_is_matched_and_tagged(tmp_pat
         """)
     result, message = verdict(account, b"Subject: only headers\r\nX: y")
     assert result is None
-    assert message.as_bytes() == b"X: y\r\nX-Postbote-Rule: headers-only\r\nSubject: [x] only headers\r\n"
+    assert message.as_bytes() == b"Subject: [x] only headers\r\nX: y\r\nX-Postbote-Rule: headers-only\r\n"
 
 
 # --- actions ---
