@@ -16,7 +16,23 @@ import structlog
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of each event, not the stream it was when configured."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    handler: logging.Handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     stream = stream or sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     shared: list[structlog.typing.Processor] = [
@@ -30,7 +46,6 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     else:
         shared.append(structlog.processors.dict_tracebacks)
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
-    handler = logging.StreamHandler(stream)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
