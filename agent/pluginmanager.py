@@ -25,6 +25,8 @@ from agent.errors import ConfigError
 
 ENTRY_POINT_GROUP = "postbote"
 
+# Registration order is call order reversed: among filters, later entries run first. spamassassin comes after
+# rules so that its X-Spam-* fields exist when the rules run; dedupe is trylast, so it sees final recipients.
 ESSENTIAL_PLUGINS = ("received", "smtp", "maildir", "mbox", "mda")
 OPTIONAL_PLUGINS: tuple[str, ...] = ("backup", "rules", "dedupe", "spamassassin", "metrics")
 

@@ -1,0 +1,197 @@
+"""Delivery through a local mail delivery agent: ``deliver: {mda: [/usr/bin/procmail, -d, alice]}``
+(or ``{mda: {command: [...], timeout: 5m}}``).
+
+The command is an argument list run without a shell, so nothing in it is ever interpreted. ``{account}`` and
+``{uid}`` in an argument are replaced by the account's name and the message's POP3 UID; other text, braces
+included, is passed as written. The message goes to the command's standard input with LF line endings, as
+procmail, maildrop and dovecot-lda expect.
+
+The exit status decides, following sysexits(3): 0 means delivered, 75 (EX_TEMPFAIL) a temporary failure (the
+message stays on the server for the next poll), anything else, or death by a signal, a permanent failure (the
+message stays on the server, marked rejected). A command that runs past ``timeout`` is killed, with every process
+it started, and the failure is temporary. A command that exits without reading all of its input is judged by its
+exit status too: some filters decide from the header alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import selectors
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from agent import DeliveryError, Message, hookimpl
+from agent import settings as s
+from agent.config import Account, Destination
+from agent.settings import Node, Problems, Section
+from agent.wire import lf_lines
+
+DESTINATION_KINDS = ("mda",)
+DEFAULT_TIMEOUT = 300.0
+EX_TEMPFAIL = 75
+PLACEHOLDERS = ("{account}", "{uid}")
+STDERR_EXCERPT = 300
+
+_PLACEHOLDER_LIKE = re.compile(r"\{[A-Za-z_]+\}")
+
+
+@dataclass(frozen=True)
+class MDASettings:
+    command: tuple[str, ...]
+    timeout: float = DEFAULT_TIMEOUT
+
+    @property
+    def label(self) -> str:
+        return self.command[0]
+
+
+class _InputTimeout(Exception):
+    """The command did not take all of its input before the deadline."""
+
+
+@hookimpl
+def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Path) -> MDASettings | None:
+    if kind != "mda":
+        return None
+    if not isinstance(options.value, dict):
+        options = Node({"command": options}, options.line, options.path)
+    section = Section(options, problems)
+    command = section.get("command", _command(base_dir), required=True)
+    timeout = section.get("timeout", s.duration, DEFAULT_TIMEOUT)
+    section.finish()
+    if not command or not _placeholders_known(section):
+        return None
+    return MDASettings(tuple(command), timeout)
+
+
+def _command(base_dir: Path) -> s.Parser[list[str]]:
+    """An argument list; a program given with a relative path (``bin/deliver``) is taken from ``base_dir``,
+    a bare name (``procmail``) is looked up in PATH when it runs."""
+
+    def parse(value: Any) -> list[str]:
+        if not isinstance(value, list):
+            raise ValueError("expected a command as a list of arguments (it is run without a shell), "
+                             "e.g. [/usr/bin/procmail, -d, alice]")
+        argv = s.text_list(value)
+        program = argv[0]
+        if "/" in program or program.startswith("~"):
+            argv[0] = str(s.path_relative_to(base_dir)(program))
+        return argv
+
+    return parse
+
+
+def _placeholders_known(section: Section) -> bool:
+    """A ``{word}`` that is not a placeholder is almost surely a mistake (``{recipient}``): report it."""
+    known = True
+    node = section.raw("command")
+    for item in node.value if node is not None else []:
+        for unknown in (p for p in _PLACEHOLDER_LIKE.findall(str(item.value)) if p not in PLACEHOLDERS):
+            section.problem(f"unknown placeholder {unknown} (known: {', '.join(PLACEHOLDERS)})", item)
+            known = False
+    return known
+
+
+@hookimpl
+def deliver_message(message: Message, destination: Destination, account: Account) -> str | None:
+    if destination.kind != "mda":
+        return None
+    settings: MDASettings = destination.settings
+    argv = [expand(argument, account=account.name, uid=message.uid) for argument in settings.command]
+    return run_mda(argv, lf_lines(message.chunks()), timeout=settings.timeout)
+
+
+def expand(argument: str, *, account: str, uid: str) -> str:
+    return argument.replace("{account}", account).replace("{uid}", uid)
+
+
+def run_mda(argv: list[str], data: Iterable[bytes], *, timeout: float) -> str:
+    """Run ``argv`` with ``data`` on its standard input; a description when it exits 0, else `DeliveryError`."""
+    name = Path(argv[0]).name
+    deadline = time.monotonic() + timeout
+    with tempfile.TemporaryFile() as stderr:
+        try:
+            process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr,
+                                       start_new_session=True)
+        except OSError as exc:
+            raise DeliveryError(f"mda {name}: cannot run {argv[0]}: {exc.strerror or exc}", temporary=True) from None
+        try:
+            fed_all = _feed(process, data, deadline)
+            status = process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except (_InputTimeout, subprocess.TimeoutExpired):
+            raise DeliveryError(f"mda {name}: no answer within {timeout:g}s, killed", temporary=True) from None
+        finally:
+            _kill_if_running(process)
+        return _verdict(name, status, fed_all, _first_line(stderr))
+
+
+def _feed(process: subprocess.Popen[bytes], data: Iterable[bytes], deadline: float) -> bool:
+    """Write ``data`` to the process's stdin without ever blocking past ``deadline``; False if it stopped reading."""
+    assert process.stdin is not None
+    fd = process.stdin.fileno()
+    os.set_blocking(fd, False)
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_WRITE)
+            for chunk in data:
+                view = memoryview(chunk)
+                while view:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise _InputTimeout
+                    if not selector.select(remaining):
+                        continue
+                    try:
+                        view = view[os.write(fd, view):]
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:
+                        return False
+        return True
+    finally:
+        _close_quietly(process.stdin)
+
+
+def _close_quietly(stream: IO[bytes]) -> None:
+    with contextlib.suppress(BrokenPipeError):
+        stream.close()
+
+
+def _kill_if_running(process: subprocess.Popen[bytes]) -> None:
+    """Kill the command and everything it started (its own session), and reap it."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _verdict(name: str, status: int, fed_all: bool, stderr_line: str) -> str:
+    unread = "" if fed_all else " (it did not read all of the message)"
+    if status == 0:
+        return f"mda {name}: exit status 0{unread}"
+    detail = f": {stderr_line}" if stderr_line else ""
+    if status < 0:
+        raise DeliveryError(f"mda {name}: killed by {_signal_name(-status)}{unread}{detail}", temporary=False)
+    raise DeliveryError(f"mda {name}: exit status {status}{unread}{detail}", temporary=status == EX_TEMPFAIL)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _first_line(stream: IO[bytes]) -> str:
+    stream.seek(0)
+    text = stream.read(4096).decode("utf-8", "replace")
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return line[:STDERR_EXCERPT]
