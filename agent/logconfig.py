@@ -56,7 +56,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # Events below the level are dropped first, before any formatting work is done for them.
+        processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,

@@ -64,6 +64,7 @@ class Message:
         self._body_size = 0
         self._eight_bit = False
         self._parsed: EmailMessage | None = None
+        self._message_id: Any = ...
 
     @classmethod
     def from_bytes(cls, data: bytes, uid: str = "local") -> Message:
@@ -153,8 +154,10 @@ class Message:
 
     @property
     def message_id(self) -> str | None:
-        value = self.get_header("Message-ID")
-        return value.strip() if value else None
+        if self._message_id is ...:
+            value = self.get_header("Message-ID")
+            self._message_id = value.strip() if value else None
+        return self._message_id
 
     @property
     def return_path(self) -> str | None:
@@ -172,7 +175,7 @@ class Message:
     def prepend_header(self, name: str, value: str) -> None:
         """Add a field at the top of the header block, as trace fields go (RFC 5321 section 4.4)."""
         self._header[0:0] = _field(name, value, self._newline())
-        self._parsed = None
+        self._edited()
 
     def add_header(self, name: str, value: str) -> None:
         """Add a field at the end of the header block."""
@@ -180,7 +183,7 @@ class Message:
         if self._header and not self._header.endswith(b"\n"):
             self._header += self._newline()
         self._header += field_bytes
-        self._parsed = None
+        self._edited()
 
     def remove_header(self, name: str) -> int:
         """Remove every field called ``name`` (with its continuation lines); returns how many were removed."""
@@ -188,7 +191,7 @@ class Message:
         for start, end in reversed(spans):
             del self._header[start:end]
         if spans:
-            self._parsed = None
+            self._edited()
         return len(spans)
 
     def replace_header(self, name: str, value: str) -> None:
@@ -201,13 +204,17 @@ class Message:
             del self._header[start:end]
         start, end = spans[0]
         self._header[start:end] = _field(name, value, self._newline())
-        self._parsed = None
+        self._edited()
 
     def _field_spans(self) -> Iterator[tuple[str, tuple[int, int]]]:
         starts = [(m.start(), m.group(1).decode("ascii", "replace")) for m in _FIELD_START.finditer(self._header)]
         for index, (start, name) in enumerate(starts):
             end = starts[index + 1][0] if index + 1 < len(starts) else len(self._header)
             yield name, (start, max(end, start))
+
+    def _edited(self) -> None:
+        self._parsed = None
+        self._message_id = ...
 
     def _newline(self) -> bytes:
         return b"\r\n" if b"\r\n" in self._header[:4096] or not self._header else b"\n"

@@ -80,6 +80,7 @@ class POP3Client:
         self.greeting = ""
         self.capabilities: dict[str, list[str]] = {}
         self.refused_deletions: dict[int, str] = {}
+        self._outgoing = bytearray()
         self._in_flight: deque[tuple[str, int]] = deque()
 
     @classmethod
@@ -87,6 +88,7 @@ class POP3Client:
         where = f"{host}:{port}"
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # pipelined commands must not wait
         except TimeoutError:
             raise POP3ConnectionError(f"connecting to {where} timed out after {timeout:g} s") from None
         except OSError as exc:
@@ -218,7 +220,7 @@ class POP3Client:
     # because the message was already recorded as handled: the next poll simply deletes it again.
 
     def send_retrieve(self, number: int) -> None:
-        self._send(f"RETR {number}")
+        self._send(f"RETR {number}", defer=self.pipelining)
         self._in_flight.append(("RETR", number))
 
     def read_retrieved(self, sink: Callable[[bytes], None], *, limit: int | None = None) -> int:
@@ -238,7 +240,7 @@ class POP3Client:
 
     def delete(self, number: int, *, wait: bool = True) -> None:
         """DELE ``number``; with ``wait=False`` on a pipelining server its reply is read later."""
-        self._send(f"DELE {number}")
+        self._send(f"DELE {number}", defer=self.pipelining and not wait)
         self._in_flight.append(("DELE", number))
         if wait or not self.pipelining:
             self._read_deletion_replies(stop_at_retrieve=False)
@@ -283,17 +285,28 @@ class POP3Client:
         """Several commands in one write (pipelining); their replies are read in order by the caller."""
         self._send("\r\n".join(commands), shown=" + ".join(commands))
 
-    def _send(self, command: str, *, shown: str | None = None) -> None:
-        self._doing = f"sending {shown or command.split(' ')[0]}"
+    def _send(self, command: str, *, shown: str | None = None, defer: bool = False) -> None:
+        """Write a command; ``defer`` (pipelining only) collects it with others until the next read."""
+        self._outgoing += command.encode("utf-8") + b"\r\n"
+        if not defer:
+            self._flush(shown or command.split(" ")[0])
+        self._doing = f"waiting for the reply to {shown or command.split(' ')[0]}"
+
+    def _flush(self, what: str = "commands") -> None:
+        if not self._outgoing:
+            return
+        data, self._outgoing = bytes(self._outgoing), bytearray()
+        self._doing = f"sending {what}"
         try:
-            self._sock.sendall(command.encode("utf-8") + b"\r\n")
+            self._sock.sendall(data)
         except TimeoutError:
             raise POP3ConnectionError(f"{self.host}: timed out after {self.timeout:g} s {self._doing}") from None
         except OSError as exc:
             raise POP3ConnectionError(f"{self.host}: connection lost {self._doing}: {exc.strerror or exc}") from None
-        self._doing = f"waiting for the reply to {shown or command.split(' ')[0]}"
 
     def _readline(self, limit: int) -> bytes:
+        if self._outgoing:
+            self._flush()
         try:
             line = self._reader.readline(limit)
         except TimeoutError:

@@ -7,11 +7,13 @@ Line endings become LF, the Maildir convention.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
 import time
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from agent import DeliveryError, Message, hookimpl
@@ -56,15 +58,21 @@ def deliver_message(message: Message, destination: Destination, poll: PollContex
         return None
     settings: MaildirSettings = destination.settings
     try:
-        ensure_maildir(settings.path, create=settings.create)
+        # Checked once per poll, not per message: a Maildir vanishing mid-poll still fails the open below.
+        folder = poll.resource(("maildir", settings.path), lambda: _checked(settings), close=lambda _: None)
         name = unique_name()
-        temporary, final = settings.path / "tmp" / name, settings.path / "new" / name
+        temporary, final = f"{folder}/tmp/{name}", f"{folder}/new/{name}"
         write_file(temporary, message, sync=False)
     except OSError as exc:
         raise DeliveryError(f"maildir {settings.path}: {exc.strerror or exc}", temporary=True) from None
     # Made durable together with the rest of the poll's batch, then renamed into new/ (group commit).
     poll.stage_rename(temporary, final)
     return str(final)
+
+
+def _checked(settings: MaildirSettings) -> str:
+    ensure_maildir(settings.path, create=settings.create)
+    return str(settings.path)
 
 
 def ensure_maildir(path: Path, *, create: bool) -> None:
@@ -76,13 +84,18 @@ def ensure_maildir(path: Path, *, create: bool) -> None:
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
+@cache
+def _host_part() -> str:
+    return socket.gethostname().replace("/", "_").replace(":", "_")
+
+
 def unique_name() -> str:
+    """``time.M<usec>P<pid>Q<counter>.host``, unique per process and time as the Maildir convention asks."""
     now = time.time()
-    return (f"{int(now)}.M{int(now % 1 * 1_000_000)}P{os.getpid()}Q{next(_counter)}."
-            f"{socket.gethostname().replace('/', '_').replace(':', '_')}")
+    return f"{int(now)}.M{int(now % 1 * 1_000_000)}P{os.getpid()}Q{next(_counter)}.{_host_part()}"
 
 
-def write_file(path: Path, message: Message, *, sync: bool) -> None:
+def write_file(path: str | Path, message: Message, *, sync: bool) -> None:
     """Write ``message`` with LF line endings to a new file ``path``; removed again if anything fails."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -93,7 +106,8 @@ def write_file(path: Path, message: Message, *, sync: bool) -> None:
             if sync:
                 os.fsync(handle.fileno())
     except BaseException:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         raise
 
 
