@@ -8,6 +8,7 @@ the next poll need not refresh. Nothing secret is printed: only the URL to open 
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from typing import TextIO
@@ -23,7 +24,13 @@ FLOWS = ("auto", "device", "loopback")
 def run_auth(account_settings: AuthSettings, out: TextIO, *, flow: str = "auto", open_browser: bool = True,
              paste_input: TextIO | None = None, wait: float = LOOPBACK_TIMEOUT,
              sleep: Callable[[float], None] = time.sleep) -> int:
-    """Authorize ``account_settings.account`` and store its refresh token; returns the exit status."""
+    """Authorize ``account_settings.account`` and store its refresh token; returns the exit status.
+
+    In the loopback flow the user may paste the address the browser ended on into ``paste_input`` (default: the
+    terminal, when standard input is one), for a browser on another machine.
+    """
+    if paste_input is None and sys.stdin is not None and sys.stdin.isatty():
+        paste_input = sys.stdin
     oauth = account_settings.oauth2
     name = account_settings.account
     if oauth is None:

@@ -20,12 +20,16 @@ from agent import settings as s
 from agent.credentials import PasswordSource, Secret
 from agent.errors import ConfigError
 from agent.pluginmanager import PluginManager
+from agent.oauth2 import OAuth2Settings, oauth2_from_section
+from agent.sasl import AUTH_CHOICES, TOKEN_MECHANISMS
 from agent.settings import Node, Problems, Section
 from agent.tls import normalise_fingerprint
 
 CONFIG_ENV = "POSTBOTE_CONFIG"
 DEFAULT_STATE_DIR = "~/.local/state/postbote"
 PASSWORD_KEYS = ("password", "password_file", "password_command", "password_env")
+TOKEN_KEYS = ("token_command", "oauth2")
+SECRET_KEYS = (*PASSWORD_KEYS, *TOKEN_KEYS)
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}")
 
 
@@ -76,7 +80,7 @@ class Account:
     tls_ca_file: Path | None
     tls_fingerprint: str | None
     username: str
-    password: PasswordSource = field(repr=False)
+    password: PasswordSource | None = field(repr=False)
     auth: str
     poll_interval: float
     timeout: float
@@ -86,6 +90,16 @@ class Account:
     max_messages: int | None
     destinations: tuple[Destination, ...]
     plugins: Mapping[str, Any] = field(default_factory=dict)
+    token_command: tuple[str, ...] = ()
+    oauth2: OAuth2Settings | None = None
+
+    def describe_credentials(self) -> str:
+        """Where the secret comes from, for ``postbote check``; never the secret itself."""
+        if self.password is not None:
+            return self.password.describe()
+        if self.token_command:
+            return f"token_command {self.token_command[0]} (+{len(self.token_command) - 1} args)"
+        return f"oauth2 ({self.oauth2.provider or 'custom'}, client {self.oauth2.client_id})" if self.oauth2 else "none"
 
     def uses(self, plugin: str) -> bool:
         """Whether ``plugin`` is enabled for this account."""
@@ -117,7 +131,7 @@ class Config:
 
 
 ACCOUNT_KEYS = {"name", "host", "port", "tls", "tls_verify", "tls_ca_file", "tls_fingerprint", "username",
-                *PASSWORD_KEYS, "auth", "poll_interval", "timeout", "keep", "fetch_all", "max_size", "max_messages",
+                *SECRET_KEYS, "auth", "poll_interval", "timeout", "keep", "fetch_all", "max_size", "max_messages",
                 "deliver", "plugins"}
 TOP_KEYS = {"state_dir", "log", "defaults", "accounts", "plugins", "plugin_paths", "max_parallel", "backoff_max"}
 
@@ -213,8 +227,7 @@ def _account(section: Section, problems: Problems, pm: PluginManager, base_dir: 
         tls_ca_file=section.get("tls_ca_file", s.path_relative_to(base_dir), None),
         tls_fingerprint=section.get("tls_fingerprint", _fingerprint, None),
         username=section.get("username", s.nonempty_text, required=True),
-        password=_password_source(section, base_dir),
-        auth=section.get("auth", s.choice("auto", "user", "apop"), "auto"),
+        auth=section.get("auth", s.choice(*AUTH_CHOICES), "auto"),
         poll_interval=section.get("poll_interval", s.duration, 300.0),
         timeout=section.get("timeout", s.duration, 60.0),
         keep=section.get("keep", s.boolean, False),
@@ -224,19 +237,35 @@ def _account(section: Section, problems: Problems, pm: PluginManager, base_dir: 
         destinations=_destinations(section, problems, pm, base_dir),
         plugins=_account_plugins(section, pm, problems, base_dir, global_plugins),
     )
+    account_args.update(_credentials(section, base_dir, account_args["auth"]))
     section.finish(ACCOUNT_KEYS)
     if len(problems.lines) > before:
         return None
     return Account(**account_args)
 
 
-def _password_source(section: Section, base_dir: Path) -> PasswordSource | None:
-    given = [key for key in PASSWORD_KEYS if key in section]
+def _credentials(section: Section, base_dir: Path, auth: str | None) -> dict[str, Any]:
+    """Exactly one secret: a password source, a ``token_command`` or ``oauth2``; it must suit ``auth``."""
+    given = [key for key in SECRET_KEYS if key in section]
     if len(given) != 1:
         what = "none" if not given else ", ".join(given)
-        section.problem(f"give exactly one of {', '.join(PASSWORD_KEYS)} (found {what})")
-        return None
+        section.problem(f"give exactly one of {', '.join(SECRET_KEYS)} (found {what})")
+        return {"password": None}
     kind = given[0]
+    node = section.raw(kind)
+    if auth in TOKEN_MECHANISMS and kind in PASSWORD_KEYS:
+        section.problem(f"auth: {auth} logs in with an OAuth2 access token: give token_command or oauth2", node)
+    elif auth not in ("auto", *TOKEN_MECHANISMS) and kind in TOKEN_KEYS:
+        section.problem(f"auth: {auth} logs in with a password: give one of {', '.join(PASSWORD_KEYS)}", node)
+    if kind == "token_command":
+        return {"password": None, "token_command": tuple(section.get(kind, _argv) or ())}
+    if kind == "oauth2":
+        oauth = section.section(kind)
+        return {"password": None, "oauth2": oauth2_from_section(oauth, base_dir) if oauth else None}
+    return {"password": _password_source(section, base_dir, kind)}
+
+
+def _password_source(section: Section, base_dir: Path, kind: str) -> PasswordSource | None:
     if kind == "password":
         value = section.get(kind, s.text)
         return PasswordSource(kind, inline=Secret(value)) if value is not None else None
@@ -369,7 +398,7 @@ def _known_destination_kinds(pm: PluginManager) -> set[str]:
 
 def _refuse_exposed_inline_password(config: Config) -> None:
     """An inline password in a file others can read is refused, as fetchmail does."""
-    if not any(account.password.kind == "password" for account in config.accounts):
+    if not any(account.password and account.password.kind == "password" for account in config.accounts):
         return
     try:
         mode = config.path.stat().st_mode

@@ -8,6 +8,7 @@ refused and what to check; no message or log event carries a password or a token
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ def login(client: POP3Client, settings: AuthSettings, log: Any = default_log, *,
           token_source: TokenSource | None = None) -> str:
     """Authenticate on ``client`` (after CAPA and any STLS); returns the ``auth:`` choice that was used."""
     tokens = token_source or settings.token_source()
-    encrypted = settings.tls != "none"  # starttls() raises rather than go on unencrypted
+    encrypted = connection_encrypted(client)
     offered = client.sasl_mechanisms()
     choice = choose_mechanism(settings.auth, offered, encrypted, settings.password is not None, tokens is not None,
                               explicit_cleartext_ok=settings.tls == "none",
@@ -77,6 +78,14 @@ def login(client: POP3Client, settings: AuthSettings, log: Any = default_log, *,
         assert settings.password is not None
         _login_with_password(client, settings, choice, settings.password.resolve())
     return choice
+
+
+def connection_encrypted(client: POP3Client) -> bool:
+    """Whether the session runs over TLS now (implicit, or after STLS): asked of the socket, not of the config."""
+    encrypted = getattr(client, "encrypted", None)
+    if isinstance(encrypted, bool):
+        return encrypted
+    return isinstance(getattr(client, "_sock", None), ssl.SSLSocket)
 
 
 def _label(choice: str) -> str:

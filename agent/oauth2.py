@@ -24,6 +24,7 @@ import secrets
 import ssl
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -391,13 +392,18 @@ def parse_token_response(body: dict[str, Any], url: str) -> TokenResponse:
 
 
 def _expires_in(value: Any) -> float:
+    return _positive_number(value, DEFAULT_EXPIRES_IN)
+
+
+def _positive_number(value: Any, default: float) -> float:
+    """A positive number of seconds from JSON (some providers send "3599" as a string), else ``default``."""
     if isinstance(value, bool):
-        return DEFAULT_EXPIRES_IN
+        return default
     if isinstance(value, (int, float)) and value > 0:
         return float(value)
     if isinstance(value, str) and value.strip().isdigit() and int(value) > 0:
         return float(value)
-    return DEFAULT_EXPIRES_IN
+    return default
 
 
 # --- refresher ------------------------------------------------------------------------------------------------------
@@ -447,7 +453,7 @@ class OAuth2Refresher:
             return from_cache
 
     def store(self, response: TokenResponse, *, previous: Secret | None = None) -> None:
-        """Keep a token response: a new (rotated) refresh token atomically in its file, the access token in the cache."""
+        """Keep a token response: a new (rotated) refresh token atomically in its file, the access token cached."""
         refresh_token = previous
         if response.refresh_token is not None and response.refresh_token != previous:
             try:
@@ -558,8 +564,8 @@ def device_flow(settings: OAuth2Settings, out: TextIO, *, account: str,
         raise AccountError(f"the device endpoint {settings.device_url} answered without device_code, user_code "
                            "and verification_uri")
     assert isinstance(device_code, str)
-    interval = float(body.get("interval") or 5)
-    deadline = clock() + float(body.get("expires_in") or 900)
+    interval = _positive_number(body.get("interval"), 5.0)
+    deadline = clock() + _positive_number(body.get("expires_in"), 900.0)
     print(f"To let postbote read the mail of {account}, open\n\n    {uri}\n\nand enter the code\n\n    {user_code}\n",
           file=out, flush=True)
     fields = {"grant_type": DEVICE_GRANT, "device_code": device_code, "client_id": settings.client_id}
@@ -692,6 +698,10 @@ def loopback_flow(settings: OAuth2Settings, out: TextIO, *, account: str, open_b
 
 
 def _open_browser(url: str) -> None:
+    """Open a graphical browser if there is a display; never a console browser that would take the terminal."""
+    graphical = sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    if not graphical:
+        return
     try:
         webbrowser.open(url)
     except webbrowser.Error:

@@ -24,6 +24,7 @@ import structlog
 from agent import pipeline
 from agent.config import Account
 from agent.errors import DeliveryError, PluginError, PostboteError
+from agent.login import AuthSettings, login
 from agent.message import Message
 from agent.pop3 import ListingEntry, MessageTooLarge, POP3Client
 from agent.state import DELIVERED, DROPPED, HANDLED, REJECTED, StateStore
@@ -199,19 +200,13 @@ class Poller:
     def _login(self, account: Account) -> POP3Client:
         tls = TLSPolicy(verify=account.tls_verify, fingerprint=account.tls_fingerprint,
                         ca_file=str(account.tls_ca_file) if account.tls_ca_file else None)
-        password = account.password.resolve()
         client = POP3Client.connect(account.host, account.port, implicit_tls=account.tls == "implicit", tls=tls,
                                     timeout=account.timeout)
         try:
             client.capa()
             if account.tls == "starttls":
                 client.starttls(tls)
-            elif account.tls == "none" and account.auth != "apop":
-                log.warning("login.cleartext", reason="tls: none: the password crosses the network unencrypted")
-            if account.auth == "apop":
-                client.login_apop(account.username, password)
-            else:
-                client.login_user(account.username, password)
+            login(client, AuthSettings.from_account(account, self.store.path.parent), log)
         except BaseException:
             client.close()
             raise

@@ -147,6 +147,11 @@ class POP3Client:
         self._send(f"APOP {username} {digest}")
         self._expect_ok(auth=True)
 
+    @property
+    def encrypted(self) -> bool:
+        """Whether the session runs over TLS now (implicit, or after STLS)."""
+        return isinstance(self._sock, ssl.SSLSocket)
+
     def sasl_mechanisms(self) -> list[str]:
         return [m.upper() for m in self.capabilities.get("SASL", [])]
 
@@ -173,7 +178,12 @@ class POP3Client:
                     self._send("*")
                     self._read_reply_line()
                     raise POP3AuthError(f"{self.host}: invalid base64 in an AUTH {mechanism.name} challenge") from None
-                reply = base64.b64encode(mechanism.respond(challenge)).decode("ascii")
+                try:
+                    reply = base64.b64encode(mechanism.respond(challenge)).decode("ascii")
+                except Exception:
+                    self._send("*")  # cancel the exchange (RFC 5034) before reporting why
+                    self._read_reply_line()
+                    raise
             self._send(reply, shown=f"AUTH {mechanism.name} response")
         raise POP3AuthError(f"{self.host}: AUTH {mechanism.name} took more than {max_rounds} rounds")
 

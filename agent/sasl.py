@@ -129,11 +129,14 @@ def parse_attributes(message: bytes, what: str) -> list[tuple[str, str]]:
 
 
 def strict_b64decode(value: str, what: str) -> bytes:
-    """Base64 with padding and nothing else, as SCRAM requires; raises SASLError otherwise."""
+    """Canonical base64 with padding and nothing else, as SCRAM requires; raises SASLError otherwise."""
     try:
-        return base64.b64decode(value.encode("ascii"), validate=True)
+        decoded = base64.b64decode(value.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):
         raise SASLError(f"{what}: invalid base64") from None
+    if base64.b64encode(decoded).decode("ascii") != value:
+        raise SASLError(f"{what}: invalid base64 (not in canonical form)")
+    return decoded
 
 
 def _printable_nonce(value: str) -> bool:
@@ -168,7 +171,7 @@ class Plain(Mechanism):
         self._authzid = authzid
 
     def initial_response(self) -> bytes:
-        return f"{self._authzid}\0{self._username}\0{self._password.reveal()}".encode("utf-8")
+        return f"{self._authzid}\0{self._username}\0{self._password.reveal()}".encode()
 
 
 class Login(Mechanism):
@@ -207,7 +210,7 @@ class CramMD5(Mechanism):
             raise SASLError("AUTH CRAM-MD5: the server sent no usable challenge")
         self._answered = True
         digest = hmac.new(self._password.reveal().encode("utf-8"), challenge, hashlib.md5).hexdigest()
-        return f"{self._username} {digest}".encode("utf-8")
+        return f"{self._username} {digest}".encode()
 
 
 class Scram(Mechanism):
@@ -253,7 +256,7 @@ class Scram(Mechanism):
     def _client_final(self, server_first: bytes) -> bytes:
         nonce, salt, iterations = self._parse_server_first(server_first)
         without_proof = f"c={base64.b64encode(self._gs2_header.encode('utf-8')).decode('ascii')},r={nonce}"
-        auth_message = f"{self._client_first_bare},{server_first.decode('utf-8')},{without_proof}".encode("utf-8")
+        auth_message = f"{self._client_first_bare},{server_first.decode('utf-8')},{without_proof}".encode()
         password = _prepared(self._password.reveal()).encode("utf-8")
         salted = hashlib.pbkdf2_hmac(self._hash, password, salt, iterations)
         client_key = self._hmac(salted, b"Client Key")
@@ -261,7 +264,7 @@ class Scram(Mechanism):
         signature = self._hmac(stored_key, auth_message)
         proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
         self._expected_server_signature = self._hmac(self._hmac(salted, b"Server Key"), auth_message)
-        return f"{without_proof},p={base64.b64encode(proof).decode('ascii')}".encode("utf-8")
+        return f"{without_proof},p={base64.b64encode(proof).decode('ascii')}".encode()
 
     def _parse_server_first(self, message: bytes) -> tuple[str, bytes, int]:
         what = f"AUTH {self.name} server-first-message"
@@ -312,7 +315,7 @@ class XOAuth2(Mechanism):
         self.error: dict[str, object] | None = None
 
     def initial_response(self) -> bytes:
-        return f"user={self._username}\x01auth=Bearer {self._token.reveal()}\x01\x01".encode("utf-8")
+        return f"user={self._username}\x01auth=Bearer {self._token.reveal()}\x01\x01".encode()
 
     def respond(self, challenge: bytes) -> bytes:
         self.error = parse_oauth_error(challenge)

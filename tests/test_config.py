@@ -78,7 +78,8 @@ def test_a_valid_config_becomes_typed_accounts_with_defaults_merged(tmp_path: Pa
     ("    max_size: huge\n", ":9: accounts[0].max_size: expected a size in bytes"),
     ("    keep: yes please\n", ":9: accounts[0].keep: expected true or false, got 'yes please'"),
     ("    password_env: MAIL_PASSWORD\n", ":3: accounts[0]: give exactly one of password, password_file, "
-                                        "password_command, password_env (found password, password_env)"),
+                                        "password_command, password_env, token_command, oauth2 "
+                                        "(found password, password_env)"),
 ])
 def test_each_mistake_names_file_line_key_and_what_was_expected(tmp_path: Path, snippet: str, expected: str) -> None:
     text = ("state_dir: s\naccounts:\n  - name: alice\n    host: h\n    username: u\n    password: p\n"
@@ -168,3 +169,13 @@ def test_check_lists_accounts_without_showing_secrets(tmp_path: Path, capsys: py
     out = capsys.readouterr().out
     assert "a: u@h:995 (TLS, auth auto, inline password (********))" in out
     assert "s3cr3t-pw" not in out
+
+
+def test_token_mechanisms_need_a_token_source_and_password_mechanisms_a_password(tmp_path: Path) -> None:
+    base = "accounts:\n  - name: a\n    host: h\n    username: u\n    deliver: {maildir: m}\n"
+    assert ":6: accounts[0].password: auth: xoauth2 logs in with an OAuth2 access token: give token_command or " \
+        "oauth2" in problems_of(tmp_path, base + "    password: p\n    auth: xoauth2\n")
+    assert ":6: accounts[0].token_command: auth: scram-sha-256 logs in with a password" in problems_of(
+        tmp_path, base + "    token_command: [get-token]\n    auth: scram-sha-256\n")
+    config = load(write(tmp_path, base + "    token_command: [get-token, --account, a]\n"))
+    assert config.accounts[0].describe_credentials() == "token_command get-token (+2 args)"
