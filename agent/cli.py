@@ -8,6 +8,7 @@ Exit status: 0 every account was polled fine, 1 some account failed (or the stat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -159,8 +160,8 @@ def poll_command(pm: PluginManager, config: Config, names: Sequence[str]) -> int
     try:
         store = StateStore(config.state_dir)
         try:
-            with configured(pm, config), progress_shown(pm):
-                return poll(pm, config, store, names)
+            with configured(pm, config), progress_shown(pm) as observer:
+                return poll(pm, enabled_everywhere(config, observer) if observer else config, store, names)
         finally:
             store.close()
     finally:
@@ -175,7 +176,8 @@ def ask_daemon_to_poll(pid: int, config: Config, names: Sequence[str], out: Text
                                f"try again") from None
     except PermissionError:
         raise StateLockedError(f"a postbote daemon (pid {pid}) is using {config.state_dir}, and this user may not "
-                               f"signal it; run this as the daemon's user (or: systemctl kill -s USR1 postbote)") from None
+                               f"signal it; run this as the daemon's user (or: systemctl kill -s USR1 postbote)"
+                               ) from None
     note = f" (it polls every account, not only {', '.join(names)})" if names else ""
     print(f"postbote: the daemon (pid {pid}) is running: asked it to poll now{note}; "
           f"see `postbote status` or its log for the outcome", file=out or sys.stdout)
@@ -183,20 +185,27 @@ def ask_daemon_to_poll(pid: int, config: Config, names: Sequence[str], out: Text
 
 
 @contextmanager
-def progress_shown(pm: PluginManager) -> Iterator[None]:
-    """Per-account progress (messages and bytes) on stderr, when stderr is a terminal."""
+def progress_shown(pm: PluginManager) -> Iterator[str | None]:
+    """Per-account progress (messages and bytes) on stderr when it is a terminal; yields the observer's name."""
     if not sys.stderr.isatty():
-        yield
+        yield None
         return
     from plugins.progress import ProgressDisplay
 
     display = ProgressDisplay(sys.stderr)
     pm.register(display, name="postbote.progress")
     try:
-        yield
+        yield "postbote.progress"
     finally:
         display.close()
         pm.unregister(display)
+
+
+def enabled_everywhere(config: Config, plugin: str) -> Config:
+    """``config`` with ``plugin`` (registered at run time, not named in the file) enabled for every account, so
+    that the hooks, which skip plugins an account does not use, call it for all of them."""
+    accounts = tuple(dataclasses.replace(a, plugins={**a.plugins, plugin: None}) for a in config.accounts)
+    return dataclasses.replace(config, accounts=accounts)
 
 
 @contextmanager

@@ -21,9 +21,10 @@ Signals are turned into requests handled by the main loop, between polls:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
-import select
+import selectors
 import signal
 import socket
 import threading
@@ -38,6 +39,7 @@ from queue import Empty, SimpleQueue
 import schedule
 import structlog
 
+from agent.cli import enabled_everywhere
 from agent.config import Account, Config
 from agent.errors import PostboteError
 from agent.hookspecs import hookimpl
@@ -55,6 +57,8 @@ STOP_GRACE = 20.0  # seconds the polls in hand get to finish after SIGTERM (the 
 MAX_SLEEP = 60.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1)
+
+AUTH_WATCH = "postbote.daemon.auth-watch"
 
 Loader = Callable[[], tuple[PluginManager, Config]]
 PollerFactory = Callable[[PluginManager, StateStore, threading.Event], Poller]
@@ -133,6 +137,9 @@ class _Generation:
     config: Config
     auth_watch: AuthFailureWatch = field(default_factory=AuthFailureWatch)
 
+    def __post_init__(self) -> None:
+        self.config = enabled_everywhere(self.config, AUTH_WATCH)
+
 
 class RepeatedLoginFailureFilter(logging.Filter):
     """Drops the poller's ``account.failed`` event for a refused login already reported in the current streak."""
@@ -154,16 +161,15 @@ class Wakeup:
         self.reader, self.writer = socket.socketpair()
         self.reader.setblocking(False)
         self.writer.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.reader, selectors.EVENT_READ)
 
     def poke(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # full: the loop is awake already; closed: the daemon is gone
             self.writer.send(b"\0")
-        except OSError:
-            pass  # full: the loop is awake already
 
     def wait(self, timeout: float) -> None:
-        readable, _, _ = select.select([self.reader], [], [], max(0.0, timeout))
-        if readable:
+        if self._selector.select(max(0.0, timeout)):
             try:
                 while self.reader.recv(4096):
                     pass
@@ -171,6 +177,7 @@ class Wakeup:
                 pass
 
     def close(self) -> None:
+        self._selector.close()
         self.reader.close()
         self.writer.close()
 
@@ -286,8 +293,8 @@ class Daemon:
             self.abandoned = sorted(self._workers)
             log.warning("daemon.polls_abandoned", accounts=self.abandoned,
                         reason="second stop signal" if abandon_now else f"still busy after {self._stop_grace:g} s",
-                        effect="no QUIT sent: the server deletes nothing from these sessions; "
-                               "their messages are fetched again (not twice delivered) next time")
+                        effect="no QUIT sent, so the server deletes nothing from these sessions; a message whose "
+                               "hand-off was cut short is fetched again next time (at worst delivered twice)")
         for name in self._slots:
             self._remember_next_poll(name, None)
 
@@ -323,7 +330,8 @@ class Daemon:
         self._slots = {}
         now = time.time()
         for account in accounts:
-            job = self.scheduler.every(account.poll_interval).seconds.do(self._due, account.name)
+            every = self.scheduler.every(account.poll_interval)  # type: ignore[arg-type]  # floats work
+            job = every.seconds.do(self._due, account.name)
             backoff = Backoff(account.poll_interval, self.config.backoff_max)
             old = previous.get(account.name)
             if old is not None and old.job.next_run is not None:
@@ -477,11 +485,11 @@ class Daemon:
         self.notifier.ready(self._status_line())
 
     def _configure(self, generation: _Generation) -> None:
-        generation.pm.register(generation.auth_watch, name="postbote.daemon.auth-watch")
+        generation.pm.register(generation.auth_watch, name=AUTH_WATCH)
         try:
             generation.pm.hook.configure.call_historic(kwargs={"config": generation.config})
         except BaseException:
-            generation.pm.unregister(name="postbote.daemon.auth-watch")
+            generation.pm.unregister(name=AUTH_WATCH)
             raise
 
     @staticmethod
@@ -490,8 +498,8 @@ class Daemon:
             generation.pm.hook.unconfigure(config=generation.config)
         except Exception as exc:  # noqa: BLE001 - a plugin failing to clean up must not stop the daemon
             log.error("plugin.unconfigure_failed", error=f"{type(exc).__name__}: {exc}")
-        if generation.pm.get_plugin("postbote.daemon.auth-watch") is not None:
-            generation.pm.unregister(name="postbote.daemon.auth-watch")
+        if generation.pm.get_plugin(AUTH_WATCH) is not None:
+            generation.pm.unregister(name=AUTH_WATCH)
 
     def _status_line(self) -> str:
         failing = sorted(name for name, slot in self._slots.items() if slot.backoff.failures)

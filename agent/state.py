@@ -11,6 +11,7 @@ One store may be shared by the daemon's poll threads: its connection is used by 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -234,8 +235,8 @@ class StateStore:
             f"FROM polls p LEFT JOIN {counters} c ON c.account = p.account WHERE p.account = ?", (account,))
         if not rows:
             return None
-        name, finished, ok, duration, counts, error, last_success, totals, *counters = rows[0]
-        polls, failures, failure_streak, duration_total = counters
+        name, finished, ok, duration, counts, error, last_success, totals = rows[0][:8]
+        polls, failures, failure_streak, duration_total = rows[0][8:]
         return PollRecord(name, finished, bool(ok), duration, json.loads(counts), error, last_success,
                           json.loads(totals), polls=polls, failures=failures, failure_streak=failure_streak,
                           duration_total=duration_total)
@@ -366,10 +367,8 @@ class StateLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            try:
+            with contextlib.suppress(OSError):  # the lock goes with the descriptor; a stale pid is only informative
                 os.ftruncate(self._fd, 0)
-            except OSError:
-                pass  # the lock itself goes with the descriptor; the stale pid is only informative
             os.close(self._fd)
             self._fd = None
 

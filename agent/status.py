@@ -8,14 +8,16 @@ daemon. Nothing here talks to a mail server.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from agent.config import Account, Config
+from agent.errors import StateError
 from agent.state import PollRecord, StateStore, read_lock_holder
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -51,6 +53,9 @@ class ServiceStatus:
 
 
 def collect(config: Config) -> ServiceStatus:
+    if config.state_dir.is_dir() and not os.access(config.state_dir, os.R_OK | os.X_OK):
+        raise StateError(f"cannot read the state directory {config.state_dir}: permission denied; run this as the "
+                         f"user postbote runs as (e.g. sudo -u postbote postbote status)")
     holder = read_lock_holder(config.state_dir)
     daemon_pid = holder.pid if holder is not None and holder.role == "daemon" and holder.alive() else None
     records: dict[str, tuple[PollRecord | None, float | None]] = {}
@@ -67,14 +72,14 @@ def collect(config: Config) -> ServiceStatus:
 
 def _account_status(account: Account, record: PollRecord | None, next_poll: float | None, *,
                     daemon_running: bool) -> AccountStatus:
-    common = {"name": account.name, "server": f"{account.username}@{account.host}:{account.port}",
-              "poll_interval": account.poll_interval, "next_poll": next_poll if daemon_running else None}
+    never = AccountStatus(name=account.name, server=f"{account.username}@{account.host}:{account.port}",
+                          poll_interval=account.poll_interval, outcome="never polled",
+                          next_poll=next_poll if daemon_running else None)
     if record is None:
-        return AccountStatus(outcome="never polled", **common)
-    return AccountStatus(outcome="ok" if record.ok else "failed", last_poll=record.finished,
-                         duration=record.duration, counts=dict(record.counts), totals=dict(record.totals),
-                         error=record.error, last_success=record.last_success,
-                         failure_streak=record.failure_streak, **common)
+        return never
+    return replace(never, outcome="ok" if record.ok else "failed", last_poll=record.finished,
+                   duration=record.duration, counts=dict(record.counts), totals=dict(record.totals),
+                   error=record.error, last_success=record.last_success, failure_streak=record.failure_streak)
 
 
 def show_status(config: Config, *, as_json: bool = False, out: TextIO | None = None,
@@ -119,7 +124,7 @@ def _account_lines(account: AccountStatus, now: float, width: int, *, daemon_run
     else:
         counts = ", ".join(f"{account.counts.get(key, 0)} {_count_label(key)}" for key in SHOWN_COUNTS)
         lines = [f"{head}{account.outcome.upper() if account.outcome == 'failed' else account.outcome}, "
-                 f"last poll {_when(account.last_poll, now)} ({account.duration:g} s): {counts}"]
+                 f"last poll {_when(account.last_poll, now)}, took {account.duration:g} s: {counts}"]
         if account.outcome == "failed":
             success = _when(account.last_success, now) if account.last_success else "never"
             lines.append(f"{indent}error: {account.error}")
@@ -159,4 +164,4 @@ def _duration(seconds: float) -> str:
 def _iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(timestamp, tz=UTC).isoformat(timespec="seconds")

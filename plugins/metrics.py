@@ -1,0 +1,295 @@
+"""Prometheus metrics per account: messages, bytes, polls, failures and poll durations.
+
+Optional; enable it with ``plugins: {metrics: {textfile: /var/lib/prometheus/node-exporter/postbote.prom}}`` for
+node-exporter's textfile collector (rewritten atomically after every poll, so it suits ``postbote poll`` from a
+timer as well as the daemon) and/or ``listen: 127.0.0.1:9465`` for an HTTP endpoint serving ``/metrics``. The
+endpoint only binds to loopback addresses unless ``allow_remote: true`` says otherwise: the metrics name the
+accounts and their errors' frequency, which is nobody else's business.
+
+The numbers come from the state store (the same running totals ``postbote status`` shows), so the counters survive
+restarts and do not depend on which process polled.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from socket import AF_INET, AF_INET6
+
+import structlog
+
+from agent import hookimpl
+from agent import settings as s
+from agent.config import Account, Config
+from agent.errors import ConfigError, PostboteError
+from agent.settings import Node, Problems, Section
+from agent.state import PollRecord, StateStore
+
+NAME = "metrics"
+DEFAULT_PORT = 9465
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+HTTP_TIMEOUT = 10.0
+MESSAGE_OUTCOMES = ("delivered", "dropped", "rejected", "deferred")
+
+log = structlog.get_logger("postbote.metrics")
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    textfile: Path | None = None
+    listen: tuple[str, int] | None = None
+    allow_remote: bool = False
+
+
+@hookimpl
+def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir: Path) -> MetricsSettings | None:
+    if name != NAME:
+        return None
+    section = Section(options, problems)
+    settings = MetricsSettings(textfile=section.get("textfile", s.path_relative_to(base_dir), None),
+                               listen=section.get("listen", listen_address, None),
+                               allow_remote=section.get("allow_remote", s.boolean, False))
+    section.finish({"textfile", "listen", "allow_remote"})
+    if settings.textfile is None and settings.listen is None:
+        section.problem("give textfile: PATH (for node-exporter's textfile collector) and/or "
+                        f"listen: 127.0.0.1:{DEFAULT_PORT} (an HTTP endpoint)")
+        return None
+    if settings.textfile is not None and settings.textfile.suffix != ".prom":
+        section.problem("textfile: node-exporter reads only files ending in .prom", section.raw("textfile"))
+    if settings.listen is not None and not settings.allow_remote and not _is_loopback(settings.listen[0]):
+        section.problem(f"listen: {settings.listen[0]} is not a loopback address, so anyone on the network could "
+                        f"read the metrics; use 127.0.0.1 or ::1, or set allow_remote: true", section.raw("listen"))
+    return settings
+
+
+def listen_address(value: object) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9465`` for IPv6) with HOST an IP address or ``localhost``."""
+    expected = f"expected HOST:PORT such as 127.0.0.1:{DEFAULT_PORT} or [::1]:{DEFAULT_PORT}"
+    text = s.nonempty_text(value)
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(expected)
+    host = "127.0.0.1" if host == "localhost" else host.removeprefix("[").removesuffix("]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(expected + " (an IP address, not a host name)") from None
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    return ipaddress.ip_address(host).is_loopback
+
+
+# --- rendering
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render(records: Iterable[PollRecord]) -> str:
+    """The Prometheus text exposition format (version 0.0.4) for the given accounts' poll records."""
+    records = sorted(records, key=lambda r: r.account)
+    families: list[tuple[str, str, str, Callable[[PollRecord], list[tuple[str, float]]]]] = [
+        ("postbote_messages_total", "counter", "Messages handled, by outcome (deferred counts every attempt).",
+         lambda r: [(f',outcome="{o}"', r.totals.get(o, 0)) for o in MESSAGE_OUTCOMES]),
+        ("postbote_bytes_total", "counter", "Bytes of messages fetched.", lambda r: [("", r.totals.get("bytes", 0))]),
+        ("postbote_polls_total", "counter", "Polls finished, successful or not.", lambda r: [("", r.polls)]),
+        ("postbote_poll_failures_total", "counter", "Polls that failed (connection, TLS, login, protocol).",
+         lambda r: [("", r.failures)]),
+        ("postbote_poll_duration_seconds", "summary", "Time spent polling.",
+         lambda r: [("_sum", r.duration_total), ("_count", r.polls)]),
+        ("postbote_last_poll_duration_seconds", "gauge", "Duration of the last poll.", lambda r: [("", r.duration)]),
+        ("postbote_last_poll_timestamp_seconds", "gauge", "When the last poll finished (Unix time).",
+         lambda r: [("", r.finished)]),
+        ("postbote_last_poll_success", "gauge", "1 if the last poll succeeded, else 0.", lambda r: [("", int(r.ok))]),
+        ("postbote_last_success_timestamp_seconds", "gauge", "When the last successful poll finished (Unix time).",
+         lambda r: [("", r.last_success)] if r.last_success is not None else []),
+        ("postbote_consecutive_poll_failures", "gauge", "Failed polls since the last success.",
+         lambda r: [("", r.failure_streak)]),
+        ("postbote_messages_left", "gauge", "Messages left on the server by the last poll.",
+         lambda r: [("", r.counts.get("left", 0))]),
+    ]
+    lines: list[str] = []
+    for name, kind, help_text, samples in families:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for record in records:
+            account = f'account="{_label(record.account)}"'
+            for extra, value in samples(record):
+                suffix, labels = (extra, "") if extra.startswith("_") else ("", extra)
+                lines.append(f"{name}{suffix}{{{account}{labels}}} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def write_textfile(path: Path, text: str) -> None:
+    """Replace ``path`` atomically (temporary file and rename), readable by node-exporter's user."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), 0o644)
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+# --- serving
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    server: MetricsServer
+    timeout = HTTP_TIMEOUT
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        if self.path.split("?", 1)[0] != "/metrics":
+            self._reply(404, "not found; metrics are at /metrics\n")
+            return
+        self._reply(200, self.server.render())
+
+    def _reply(self, code: int, text: str) -> None:
+        body = text.encode("utf-8")
+        self.send_response(code)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server's signature
+        """Scrapes are not worth a log line each."""
+
+
+class MetricsServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], render_metrics: Callable[[], str]) -> None:
+        self.address_family = AF_INET6 if ":" in address[0] else AF_INET
+        self.render = render_metrics
+        super().__init__(address, _MetricsHandler)
+        self._thread = threading.Thread(target=self.serve_forever, name=f"metrics-{address[1]}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self._thread.join(HTTP_TIMEOUT)
+
+
+class MetricsExporter:
+    """The metrics of the accounts that enable the plugin, written to their textfiles and served on their ports."""
+
+    def __init__(self, config: Config) -> None:
+        self.state_dir = config.state_dir
+        self.textfiles: dict[Path, list[str]] = {}
+        self.listeners: dict[tuple[str, int], list[str]] = {}
+        for account in config.accounts:
+            settings: MetricsSettings | None = account.options_for(NAME) if account.uses(NAME) else None
+            if settings is None:
+                continue
+            if settings.textfile is not None:
+                self.textfiles.setdefault(settings.textfile, []).append(account.name)
+            if settings.listen is not None:
+                self.listeners.setdefault(settings.listen, []).append(account.name)
+        self._records: dict[str, PollRecord] = {}
+        self._lock = threading.Lock()
+        self._store: StateStore | None = None
+        self._servers: list[MetricsServer] = []
+
+    def start(self) -> None:
+        for path in self.textfiles:
+            if not path.parent.is_dir():
+                raise ConfigError(f"plugins.metrics.textfile: {path.parent} is not a directory")
+        for name in {name for names in (*self.textfiles.values(), *self.listeners.values()) for name in names}:
+            self.refresh(name)
+        for address, names in self.listeners.items():
+            try:
+                self._servers.append(MetricsServer(address, functools.partial(self.render, names)))
+            except OSError as exc:
+                self.close()
+                raise ConfigError(f"plugins.metrics.listen: cannot listen on {_show(address)}: "
+                                  f"{exc.strerror or exc}") from None
+            log.info("metrics.listening", address=_show(address), accounts=names)
+        self.write_textfiles()
+
+    def refresh(self, account: str) -> None:
+        """Read the account's latest poll record from the state store."""
+        try:
+            if self._store is None:
+                if not StateStore.exists(self.state_dir):
+                    return
+                self._store = StateStore(self.state_dir)
+            record = self._store.last_poll(account)
+        except PostboteError as exc:
+            log.warning("metrics.state_unreadable", error=str(exc))
+            return
+        if record is not None:
+            with self._lock:
+                self._records[account] = record
+
+    def render(self, accounts: list[str]) -> str:
+        with self._lock:
+            return render(self._records[name] for name in accounts if name in self._records)
+
+    def write_textfiles(self, account: str | None = None) -> None:
+        for path, names in self.textfiles.items():
+            if account is not None and account not in names:
+                continue
+            try:
+                write_textfile(path, self.render(names))
+            except OSError as exc:
+                log.warning("metrics.textfile_failed", path=str(path), error=exc.strerror or str(exc))
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers = []
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+def _show(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_exporter: MetricsExporter | None = None
+
+
+@hookimpl
+def configure(config: Config) -> None:
+    global _exporter
+    unconfigure()
+    if not any(account.uses(NAME) for account in config.accounts):
+        return
+    exporter = MetricsExporter(config)
+    exporter.start()
+    _exporter = exporter
+
+
+@hookimpl
+def poll_finished(account: Account) -> None:
+    exporter = _exporter
+    if exporter is None or not account.uses(NAME):
+        return
+    exporter.refresh(account.name)
+    exporter.write_textfiles(account.name)
+
+
+@hookimpl
+def unconfigure() -> None:
+    global _exporter
+    if _exporter is not None:
+        _exporter.close()
+        _exporter = None

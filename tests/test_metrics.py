@@ -1,0 +1,184 @@
+"""The built-in ``metrics`` plugin (issue: runs as a service): Prometheus metrics per account in a node-exporter
+textfile and/or on a loopback HTTP endpoint, from the state store's running totals.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.cli import configured, main
+from agent.config import Config, load_config
+from agent.errors import ConfigError
+from agent.pluginmanager import make_plugin_manager
+from agent.poller import Poller
+from agent.pop3server import POP3Server
+from agent.state import PollRecord, StateStore
+from plugins import metrics
+from tests.test_daemon import account, mail, write_config
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load(tmp_path: Path, options: dict[str, Any] | bool, *accounts: dict[str, Any]) -> Config:
+    accounts = accounts or (account("alice", None, tmp_path / "Maildir"),)
+    path = write_config(tmp_path / "postbote.yaml", list(accounts), plugins={"metrics": options})
+    return load_config(path, make_plugin_manager(entry_points=False))
+
+
+def problems(tmp_path: Path, options: dict[str, Any] | bool) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, options)
+    return str(caught.value)
+
+
+@pytest.fixture
+def server() -> Iterator[POP3Server]:
+    pop3 = POP3Server([mail(1), mail(2)]).start()
+    yield pop3
+    pop3.stop()
+
+
+def record(account: str, **overrides: Any) -> PollRecord:
+    values: dict[str, Any] = dict(account=account, finished=1_700_000_000.0, ok=True, duration=1.5,
+                                  counts={"left": 2}, error=None, last_success=1_700_000_000.0,
+                                  totals={"delivered": 10, "dropped": 1, "rejected": 2, "deferred": 3,
+                                          "bytes": 12345},
+                                  polls=7, failures=1, failure_streak=0, duration_total=9.25)
+    values.update(overrides)
+    return PollRecord(**values)
+
+
+# --- options
+
+
+def test_metrics_is_an_optional_built_in_off_unless_named(tmp_path: Path, capsys) -> None:
+    path = write_config(tmp_path / "postbote.yaml", [account("alice", None, tmp_path / "Maildir")])
+    assert main(["-c", str(path), "plugins"]) == 0
+    assert "metrics  [built-in: plugins.metrics]\n    enabled: off" in capsys.readouterr().out
+
+
+def test_options_need_a_textfile_or_a_listen_address(tmp_path: Path) -> None:
+    assert "give textfile: PATH (for node-exporter's textfile collector) and/or listen:" in problems(tmp_path, True)
+
+
+def test_the_textfile_must_be_a_prom_file(tmp_path: Path) -> None:
+    assert "node-exporter reads only files ending in .prom" in problems(tmp_path, {"textfile": "postbote.txt"})
+
+
+def test_listen_refuses_addresses_off_loopback_unless_allowed(tmp_path: Path) -> None:
+    assert "0.0.0.0 is not a loopback address" in problems(tmp_path, {"listen": "0.0.0.0:9465"})
+    config = load(tmp_path, {"listen": "0.0.0.0:9465", "allow_remote": True})
+    assert config.accounts[0].options_for("metrics").listen == ("0.0.0.0", 9465)
+
+
+@pytest.mark.parametrize(("given", "parsed"), [("127.0.0.1:9465", ("127.0.0.1", 9465)),
+                                               ("localhost:9100", ("127.0.0.1", 9100)),
+                                               ("[::1]:9465", ("::1", 9465))])
+def test_listen_addresses(given: str, parsed: tuple[str, int]) -> None:
+    assert metrics.listen_address(given) == parsed
+
+
+@pytest.mark.parametrize("given", ["9465", "127.0.0.1", "example.org:9465", "127.0.0.1:0", "127.0.0.1:http"])
+def test_bad_listen_addresses(given: str) -> None:
+    with pytest.raises(ValueError, match="expected HOST:PORT"):
+        metrics.listen_address(given)
+
+
+# --- the exposition format
+
+
+def test_render_gives_counters_gauges_and_a_summary_per_account() -> None:
+    text = metrics.render([record("bob", ok=False, error="refused", failure_streak=2, last_success=None),
+                           record('a"l\\ice')])
+    assert text.endswith("\n")
+    lines = text.splitlines()
+    assert "# TYPE postbote_messages_total counter" in lines
+    assert 'postbote_messages_total{account="a\\"l\\\\ice",outcome="delivered"} 10' in lines
+    assert 'postbote_messages_total{account="bob",outcome="deferred"} 3' in lines
+    assert 'postbote_bytes_total{account="bob"} 12345' in lines
+    assert 'postbote_poll_failures_total{account="bob"} 1' in lines
+    assert "# TYPE postbote_poll_duration_seconds summary" in lines
+    assert 'postbote_poll_duration_seconds_sum{account="bob"} 9.25' in lines
+    assert 'postbote_poll_duration_seconds_count{account="bob"} 7' in lines
+    assert 'postbote_last_poll_success{account="bob"} 0' in lines
+    assert 'postbote_consecutive_poll_failures{account="bob"} 2' in lines
+    assert 'postbote_last_success_timestamp_seconds{account="bob"}' not in text
+    assert 'postbote_last_poll_timestamp_seconds{account="bob"} 1700000000' in lines
+    assert 'postbote_messages_left{account="bob"} 2' in lines
+
+
+# --- exporting
+
+
+def test_textfile_is_rewritten_atomically_after_each_poll(tmp_path: Path, server: POP3Server) -> None:
+    textfile = tmp_path / "textfiles" / "postbote.prom"
+    textfile.parent.mkdir()
+    config = load(tmp_path, {"textfile": str(textfile)}, account("alice", server, tmp_path / "Maildir"),
+                  account("bob", None, tmp_path / "Maildir", plugins={"metrics": False}))
+    pm = make_plugin_manager(entry_points=False)
+    config = load_config(config.path, pm)
+    store = StateStore(config.state_dir)
+    try:
+        with configured(pm, config):
+            assert textfile.read_text().count("# TYPE") == 11  # written at start-up, before any poll
+            Poller(pm, store).poll(config.accounts[0])
+            Poller(pm, store).poll(config.accounts[1])
+            text = textfile.read_text()
+    finally:
+        store.close()
+    assert 'postbote_messages_total{account="alice",outcome="delivered"} 2' in text
+    assert 'postbote_polls_total{account="alice"} 1' in text
+    assert 'account="bob"' not in text  # bob turned the plugin off
+    assert os.listdir(textfile.parent) == ["postbote.prom"]
+    assert stat.S_IMODE(textfile.stat().st_mode) == 0o644
+
+
+def test_http_endpoint_serves_metrics_on_loopback_and_stops_with_the_config(tmp_path: Path,
+                                                                             server: POP3Server) -> None:
+    port = free_port()
+    pm = make_plugin_manager(entry_points=False)
+    config = load(tmp_path, {"listen": f"127.0.0.1:{port}"}, account("alice", server, tmp_path / "Maildir"))
+    config = load_config(config.path, pm)
+    store = StateStore(config.state_dir)
+    try:
+        with configured(pm, config):
+            Poller(pm, store).poll(config.accounts[0])
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                body = response.read().decode()
+                assert response.headers["Content-Type"] == metrics.CONTENT_TYPE
+            assert 'postbote_messages_total{account="alice",outcome="delivered"} 2' in body
+            with pytest.raises(urllib.error.HTTPError) as not_found:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+            assert not_found.value.code == 404
+    finally:
+        store.close()
+    with socket.socket() as sock:  # the port is free again once the config is unconfigured (shutdown, reload)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+
+
+def test_a_port_in_use_is_a_start_up_error_naming_the_option(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        pm = make_plugin_manager(entry_points=False)
+        config = load(tmp_path, {"listen": f"127.0.0.1:{port}"})
+        config = load_config(config.path, pm)
+        with pytest.raises(ConfigError, match=f"plugins.metrics.listen: cannot listen on 127.0.0.1:{port}"), \
+                configured(pm, config):
+            pass
