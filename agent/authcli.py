@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from agent.errors import CredentialError, PostboteError
+from agent.errors import ConfigError, CredentialError
 from agent.login import AuthSettings
 from agent.oauth2 import LOOPBACK_TIMEOUT, OAuth2Refresher, OAuth2Settings, TokenResponse, device_flow, loopback_flow
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK = 0
 FLOWS = ("auto", "device", "loopback")
 
 
@@ -34,20 +34,14 @@ def run_auth(account_settings: AuthSettings, out: TextIO, *, flow: str = "auto",
     oauth = account_settings.oauth2
     name = account_settings.account
     if oauth is None:
-        print(f"postbote: error: account {name} has no oauth2: section (postbote auth is for accounts that let "
-              "postbote refresh their OAuth2 tokens)", file=out)
-        return EXIT_USAGE
-    try:
-        response = _authorize(oauth, out, name, flow=flow, open_browser=open_browser, paste_input=paste_input,
-                              wait=wait, sleep=sleep)
-        if response.refresh_token is None:
-            raise CredentialError("the provider issued no refresh token; check that the scope asks for offline "
-                                  "access (Microsoft: offline_access) and run postbote auth again")
-        OAuth2Refresher(oauth, account=name, cache_dir=account_settings.cache_dir).store(response)
-    except PostboteError as exc:
-        for line in str(exc).splitlines():
-            print(f"postbote: error: {line}", file=out)
-        return EXIT_FAILED
+        raise ConfigError(f"account {name} has no oauth2: section (postbote auth is for accounts that let postbote "
+                          "refresh their OAuth2 tokens)")
+    response = _authorize(oauth, out, name, flow=flow, open_browser=open_browser, paste_input=paste_input,
+                          wait=wait, sleep=sleep)
+    if response.refresh_token is None:
+        raise CredentialError("the provider issued no refresh token; check that the scope asks for offline "
+                              "access (Microsoft: offline_access) and run postbote auth again")
+    OAuth2Refresher(oauth, account=name, cache_dir=account_settings.cache_dir).store(response)
     print(f"Authorized. The refresh token is stored in {oauth.refresh_token_file} (mode 0600); postbote can now "
           f"poll {name}.", file=out)
     return EXIT_OK

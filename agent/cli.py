@@ -8,13 +8,13 @@ Exit status: 0 every account was polled fine, 1 some account failed (or the stat
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TextIO
 
@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     retry = commands.add_parser("retry", help="let rejected messages be tried again on the next poll")
     retry.add_argument("account", metavar="ACCOUNT")
     retry.add_argument("uids", nargs="*", metavar="UID", help="only these messages (default: all rejected)")
+    auth = commands.add_parser("auth", help="authorize an OAuth2 account once and store its refresh token")
+    auth.add_argument("account", metavar="ACCOUNT")
+    auth.add_argument("--flow", choices=["auto", "device", "loopback"], default="auto",
+                      help="device code flow, loopback redirect flow, or whichever the provider supports")
+    auth.add_argument("--no-browser", action="store_true", help="print the address instead of opening a browser")
     demo = commands.add_parser("demo", help="fetch sample mail from a built-in POP3 server into a Maildir")
     demo.add_argument("--maildir", metavar="DIR", help="where to deliver (default: a new temporary directory)")
     demo.add_argument("--messages", type=int, default=None, metavar="N", help="how many extra generated messages")
@@ -112,6 +117,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             return retry(config, store, args.account, args.uids)
         finally:
             store.close()
+    if args.command == "auth":
+        from agent.authcli import run_auth
+        from agent.login import AuthSettings
+
+        settings = AuthSettings.from_account(config.account(args.account), config.state_dir)
+        return run_auth(settings, sys.stdout, flow=args.flow, open_browser=not args.no_browser)
     if args.command == "run":
         return run_daemon(args, pm, config)
     return poll_command(pm, config, args.accounts)
@@ -160,8 +171,8 @@ def poll_command(pm: PluginManager, config: Config, names: Sequence[str]) -> int
     try:
         store = StateStore(config.state_dir)
         try:
-            with configured(pm, config), progress_shown(pm) as observer:
-                return poll(pm, enabled_everywhere(config, observer) if observer else config, store, names)
+            with configured(pm, config), progress_shown(pm):
+                return poll(pm, config, store, names)
         finally:
             store.close()
     finally:
@@ -201,33 +212,42 @@ def progress_shown(pm: PluginManager) -> Iterator[str | None]:
         pm.unregister(display)
 
 
-def enabled_everywhere(config: Config, plugin: str) -> Config:
-    """``config`` with ``plugin`` (registered at run time, not named in the file) enabled for every account, so
-    that the hooks, which skip plugins an account does not use, call it for all of them."""
-    accounts = tuple(dataclasses.replace(a, plugins={**a.plugins, plugin: None}) for a in config.accounts)
-    return dataclasses.replace(config, accounts=accounts)
-
-
 @contextmanager
 def configured(pm: pluggy.PluginManager, config: Config) -> Iterator[None]:
-    pm.hook.configure.call_historic(kwargs={"config": config})
+    try:
+        pm.hook.configure.call_historic(kwargs={"config": config})
+    except PostboteError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a plugin that cannot start is a start-up error, named, exit 2
+        plugin = plugin_that_raised(pm.hook.configure, exc)
+        raise ConfigError(f"plugin {plugin!r} failed to start (configure): {type(exc).__name__}: {exc}") from None
     try:
         yield
     finally:
         pm.hook.unconfigure(config=config)
 
 
+def plugin_that_raised(hook: pluggy.HookCaller, exc: BaseException) -> str:
+    """The plugin whose implementation of ``hook`` appears in the traceback of ``exc``."""
+    owners = {impl.function.__code__: impl.plugin_name for impl in hook.get_hookimpls()}
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code in owners:
+            return owners[frame.tb_frame.f_code]
+        frame = frame.tb_next
+    return "unknown"
+
+
 def poll(pm: pluggy.PluginManager, config: Config, store: StateStore, names: Sequence[str]) -> int:
+    """Poll ``names`` (all accounts when empty) once, up to ``max_parallel`` accounts at a time."""
     accounts = config.select(tuple(names))
     stop = threading.Event()
     with stop_on_signals(stop):
         poller = Poller(pm, store, stop)
-        results = []
-        for account in accounts:
-            if stop.is_set():
-                break
-            results.append(poller.poll(account))
-    return EXIT_OK if all(stats.ok for stats in results) else EXIT_FAILED
+        with ThreadPoolExecutor(max_workers=max(1, min(config.max_parallel, len(accounts))),
+                                thread_name_prefix="poll") as pool:
+            results = list(pool.map(lambda account: None if stop.is_set() else poller.poll(account), accounts))
+    return EXIT_OK if all(stats is None or stats.ok for stats in results) else EXIT_FAILED
 
 
 @contextmanager
@@ -257,7 +277,7 @@ def check(config: Config, out: TextIO | None = None) -> int:
         if account.tls != "none" and not account.tls_verify:
             tls += ", certificate NOT verified"
         print(f"  {account.name}: {account.username}@{account.host}:{account.port} ({tls}, auth {account.auth}, "
-              f"{account.password.describe()})", file=out)
+              f"{account.describe_credentials()})", file=out)
         print(f"    every {account.poll_interval:g} s; {'keep' if account.keep else 'delete'} after delivery; "
               f"{'all messages' if account.fetch_all else 'new messages only'}", file=out)
         for destination in account.destinations:

@@ -19,8 +19,8 @@ from typing import Any
 from agent import settings as s
 from agent.credentials import PasswordSource, Secret
 from agent.errors import ConfigError
-from agent.pluginmanager import PluginManager
 from agent.oauth2 import OAuth2Settings, oauth2_from_section
+from agent.pluginmanager import PluginManager
 from agent.sasl import AUTH_CHOICES, TOKEN_MECHANISMS
 from agent.settings import Node, Problems, Section
 from agent.tls import normalise_fingerprint
@@ -40,6 +40,13 @@ def config_search_path() -> list[Path]:
     if env := os.environ.get(CONFIG_ENV):
         paths.insert(0, Path(env))
     return paths
+
+
+def default_state_dir() -> Path:
+    """systemd's ``$STATE_DIRECTORY`` (from ``StateDirectory=``) when set, so unit and config cannot disagree."""
+    if systemd_dirs := os.environ.get("STATE_DIRECTORY"):
+        return Path(systemd_dirs.split(":")[0])
+    return Path(DEFAULT_STATE_DIR).expanduser()
 
 
 def find_config(explicit: str | None) -> Path:
@@ -90,6 +97,7 @@ class Account:
     max_messages: int | None
     destinations: tuple[Destination, ...]
     plugins: Mapping[str, Any] = field(default_factory=dict)
+    disabled_plugins: frozenset[str] = frozenset()
     token_command: tuple[str, ...] = ()
     oauth2: OAuth2Settings | None = None
 
@@ -102,8 +110,8 @@ class Account:
         return f"oauth2 ({self.oauth2.provider or 'custom'}, client {self.oauth2.client_id})" if self.oauth2 else "none"
 
     def uses(self, plugin: str) -> bool:
-        """Whether ``plugin`` is enabled for this account."""
-        return plugin in self.plugins
+        """Whether ``plugin`` is enabled for this account (plugins registered after the config was read are)."""
+        return plugin not in self.disabled_plugins
 
     def options_for(self, plugin: str) -> Any:
         """The options ``plugin`` parsed from the config for this account (None when it takes none)."""
@@ -150,7 +158,7 @@ def load_config(path: Path, pm: PluginManager) -> Config:
         node = top.raw("plugin_paths")
         raise ConfigError(f"{path}:{node.line if node else 0}: {exc}") from None
     global_plugins = _plugin_entries(top.section("plugins"), pm, problems)
-    state_dir = top.get("state_dir", s.path_relative_to(base_dir), Path(DEFAULT_STATE_DIR).expanduser())
+    state_dir = top.get("state_dir", s.path_relative_to(base_dir), default_state_dir())
     log = _log_settings(top.section("log"))
     defaults = top.section("defaults")
     if defaults is not None:
@@ -237,6 +245,7 @@ def _account(section: Section, problems: Problems, pm: PluginManager, base_dir: 
         destinations=_destinations(section, problems, pm, base_dir),
         plugins=_account_plugins(section, pm, problems, base_dir, global_plugins),
     )
+    account_args["disabled_plugins"] = frozenset(pm.sources) - set(account_args["plugins"] or {})
     account_args.update(_credentials(section, base_dir, account_args["auth"]))
     section.finish(ACCOUNT_KEYS)
     if len(problems.lines) > before:
@@ -270,13 +279,24 @@ def _password_source(section: Section, base_dir: Path, kind: str) -> PasswordSou
         value = section.get(kind, s.text)
         return PasswordSource(kind, inline=Secret(value)) if value is not None else None
     if kind == "password_file":
-        file = section.get(kind, s.path_relative_to(base_dir))
+        file = section.get(kind, _password_file_path(base_dir))
         return PasswordSource(kind, file=file) if file is not None else None
     if kind == "password_command":
         argv = section.get(kind, _argv)
         return PasswordSource(kind, command=tuple(argv)) if argv else None
     env = section.get(kind, _env_name)
     return PasswordSource(kind, env=env) if env else None
+
+
+def _password_file_path(base_dir: Path) -> s.Parser[Path]:
+    """A path that may name environment variables (``${CREDENTIALS_DIRECTORY}/alice``), expanded when read."""
+    relative = s.path_relative_to(base_dir)
+
+    def parse(value: Any) -> Path:
+        text = s.nonempty_text(value)
+        return Path(text) if "$" in text else relative(text)
+
+    return parse
 
 
 def _fingerprint(value: Any) -> str:

@@ -76,7 +76,12 @@ class PasswordSource:
 
 
 def _read_password_file(path: Path) -> str:
-    """The first line of ``path``; systemd credentials (``$CREDENTIALS_DIRECTORY/name``) work as they are."""
+    """The first line of ``path``; ``${CREDENTIALS_DIRECTORY}/name`` reads systemd credentials (LoadCredential=)."""
+    expanded = os.path.expandvars(str(path))
+    if "$" in expanded:
+        raise CredentialError(f"password_file {path}: the environment variable in it is not set "
+                              "(CREDENTIALS_DIRECTORY is set by systemd for units with LoadCredential=)")
+    path = Path(expanded)
     try:
         if os.stat(path).st_mode & stat.S_IROTH:
             raise CredentialError(f"password_file {path} is readable by other users; run: chmod o-r {path}")

@@ -39,7 +39,8 @@ class DeliveryError(PostboteError):
     """A destination did not take the message.
 
     ``temporary`` errors (4xx replies, connection trouble, exit 75) leave the message on the server to be retried on
-    the next poll; permanent ones (5xx) leave it on the server too, but mark it rejected so it is not retried every poll.
+    the next poll; permanent ones (5xx) leave it on the server too, but mark it rejected so it is not retried every
+    poll.
     """
 
     def __init__(self, reason: str, *, temporary: bool) -> None:

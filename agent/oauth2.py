@@ -15,6 +15,7 @@ might be echoed in them cut out, never a token. Token files readable or writable
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -40,8 +41,8 @@ from typing import Any, Protocol, TextIO
 
 import structlog
 
-from agent.credentials import Secret
 from agent import settings as s
+from agent.credentials import Secret
 from agent.errors import AccountError, CredentialError
 from agent.settings import Section
 from agent.tls import TLSPolicy
@@ -246,10 +247,8 @@ def write_secret_file(path: Path, content: str) -> None:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(temporary)
-        except OSError:
-            pass
         raise
     _fsync_directory(directory)
 
@@ -702,10 +701,8 @@ def _open_browser(url: str) -> None:
     graphical = sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
     if not graphical:
         return
-    try:
+    with contextlib.suppress(webbrowser.Error):
         webbrowser.open(url)
-    except webbrowser.Error:
-        pass
 
 
 def exchange_code(settings: OAuth2Settings, *, code: str, redirect_uri: str, verifier: str,

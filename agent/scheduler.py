@@ -39,7 +39,6 @@ from queue import Empty, SimpleQueue
 import schedule
 import structlog
 
-from agent.cli import enabled_everywhere
 from agent.config import Account, Config
 from agent.errors import PostboteError
 from agent.hookspecs import hookimpl
@@ -136,9 +135,6 @@ class _Generation:
     pm: PluginManager
     config: Config
     auth_watch: AuthFailureWatch = field(default_factory=AuthFailureWatch)
-
-    def __post_init__(self) -> None:
-        self.config = enabled_everywhere(self.config, AUTH_WATCH)
 
 
 class RepeatedLoginFailureFilter(logging.Filter):

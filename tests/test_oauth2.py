@@ -353,15 +353,15 @@ def test_device_flow(settings: OAuth2Settings, provider: FakeOAuthProvider, tmp_
 def test_device_flow_denied(settings: OAuth2Settings, provider: FakeOAuthProvider, tmp_path: Path) -> None:
     provider.approve_device("alice", polls_before_approval=0, outcome="deny")
     out = io.StringIO()
-    assert run_auth(_auth_settings(settings, tmp_path), out, sleep=lambda _: None) == 1
-    assert "declined" in out.getvalue()
+    with pytest.raises(CredentialError, match="declined"):
+        run_auth(_auth_settings(settings, tmp_path), out, sleep=lambda _: None)
     assert not settings.refresh_token_file.exists()
 
 
 def test_auth_without_oauth2_section() -> None:
     out = io.StringIO()
-    assert run_auth(AuthSettings(account="plain", username="u"), out) == 2
-    assert "no oauth2: section" in out.getvalue()
+    with pytest.raises(ConfigError, match="no oauth2: section"):
+        run_auth(AuthSettings(account="plain", username="u"), out)
 
 
 # --- postbote auth: loopback redirect flow --------------------------------------------------------------------------
@@ -403,16 +403,16 @@ def test_loopback_flow_ignores_a_wrong_state(settings: OAuth2Settings, provider:
                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(oauth2, "_open_browser", _browser(provider, tamper={"state": "forged"}))
     out = io.StringIO()
-    assert run_auth(_auth_settings(settings, tmp_path), out, flow="loopback", wait=0.5) == 1
-    assert "no authorization arrived" in out.getvalue()
+    with pytest.raises(CredentialError, match="no authorization arrived"):
+        run_auth(_auth_settings(settings, tmp_path), out, flow="loopback", wait=0.5)
 
 
 def test_loopback_flow_denied(settings: OAuth2Settings, provider: FakeOAuthProvider, tmp_path: Path,
                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(oauth2, "_open_browser", _browser(provider, tamper={"error": "access_denied", "code": ""}))
     out = io.StringIO()
-    assert run_auth(_auth_settings(settings, tmp_path), out, flow="loopback", wait=5) == 1
-    assert "not granted (access_denied)" in out.getvalue()
+    with pytest.raises(CredentialError, match=r"not granted \(access_denied\)"):
+        run_auth(_auth_settings(settings, tmp_path), out, flow="loopback", wait=5)
 
 
 class _PastingTerminal(io.StringIO):

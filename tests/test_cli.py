@@ -1,0 +1,87 @@
+"""The command line: start-up errors as one line with exit status 2, systemd paths, parallel polls."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.config import load_config
+from agent.pluginmanager import make_plugin_manager
+from agent.pop3server import Action, Faults, POP3Server
+
+
+def write_config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "postbote.yaml"
+    path.write_text(textwrap.dedent(body))
+    os.chmod(path, 0o600)
+    return path
+
+
+def test_a_plugin_whose_configure_raises_is_named_and_exits_2(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "fragile.py").write_text("from agent import hookimpl\n\n@hookimpl\ndef configure(config):\n"
+                                         "    raise OSError(13, 'Permission denied')\n")
+    path = write_config(tmp_path, f"""\
+        state_dir: {tmp_path / 'state'}
+        plugin_paths: [{tmp_path / 'fragile.py'}]
+        accounts:
+          - {{name: a, host: 127.0.0.1, port: 1, tls: none, username: u, password: p, deliver: {{maildir: m}}}}
+        """)
+    assert main(["-c", str(path), "poll"]) == 2
+    err = capsys.readouterr().err
+    assert "plugin 'fragile' failed to start (configure): PermissionError: [Errno 13] Permission denied" in err
+    assert "Traceback" not in err
+
+
+def test_password_file_may_name_the_systemd_credentials_directory(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "alice").write_text("s3cret\n")
+    os.chmod(tmp_path / "creds" / "alice", 0o400)
+    path = write_config(tmp_path, """\
+        accounts:
+          - name: a
+            host: h
+            username: u
+            password_file: ${CREDENTIALS_DIRECTORY}/alice
+            deliver: {maildir: m}
+        """)
+    account = load_config(path, make_plugin_manager(entry_points=False)).accounts[0]
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+    assert account.password is not None and account.password.resolve().reveal() == "s3cret"
+
+
+def test_the_state_directory_defaults_to_systemds_state_directory(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/postbote:/var/lib/other")
+    path = write_config(tmp_path, "accounts:\n  - {name: a, host: h, username: u, password: p, "
+                                  "deliver: {maildir: m}}\n")
+    assert load_config(path, make_plugin_manager(entry_points=False)).state_dir == Path("/var/lib/postbote")
+
+
+def test_poll_polls_accounts_in_parallel_so_a_slow_one_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    mail = b"Subject: hi\r\n\r\nbody\r\n"
+    slow_faults = Faults().on("UIDL", action=Action.stall(1.5))
+    with POP3Server([mail], faults=slow_faults) as slow, POP3Server([mail]) as fast1, POP3Server([mail]) as fast2:
+        accounts = "\n".join(
+            f"  - {{name: {name}, host: 127.0.0.1, port: {server.port}, tls: none, username: demo, password: demo, "
+            f"deliver: {{maildir: {tmp_path / name}}}}}"
+            for name, server in (("slow", slow), ("fast1", fast1), ("fast2", fast2)))
+        path = write_config(tmp_path, f"state_dir: {tmp_path / 'state'}\nmax_parallel: 3\naccounts:\n{accounts}\n")
+        started = time.monotonic()
+        assert main(["-c", str(path), "poll"]) == 0
+        elapsed = time.monotonic() - started
+        assert [s.uids() for s in (slow, fast1, fast2)] == [[], [], []]
+    assert elapsed < 3.0, f"three accounts, one stalling 1.5 s, took {elapsed:.1f} s"
+
+
+def test_auth_refuses_an_account_without_oauth2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, "accounts:\n  - {name: a, host: h, username: u, password: p, "
+                                  "deliver: {maildir: m}}\n")
+    assert main(["-c", str(path), "auth", "a"]) == 2
+    assert "has no oauth2: section" in capsys.readouterr().err
