@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pluggy
+
 from agent import settings as s
 from agent.credentials import PasswordSource, Secret
 from agent.errors import ConfigError
@@ -331,7 +333,8 @@ def _destinations(section: Section, problems: Problems, pm: PluginManager,
     return tuple(destinations)
 
 
-def parse_destination_entry(entry: Node, problems: Problems, pm: PluginManager, base_dir: Path) -> Destination | None:
+def parse_destination_entry(entry: Node, problems: Problems, pm: pluggy.PluginManager,
+                            base_dir: Path) -> Destination | None:
     known = sorted(_known_destination_kinds(pm))
     if not isinstance(entry.value, dict) or len(entry.value) != 1:
         problems.add(entry.line, entry.path,
@@ -409,7 +412,7 @@ def _parse_plugin_options(name: str, options: Node, pm: PluginManager, problems:
     return parsed
 
 
-def _known_destination_kinds(pm: PluginManager) -> set[str]:
+def _known_destination_kinds(pm: pluggy.PluginManager) -> set[str]:
     kinds: set[str] = set()
     for plugin in pm.get_plugins():
         kinds.update(getattr(plugin, "DESTINATION_KINDS", ()))

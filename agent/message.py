@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import Message as EmailMessage
-from typing import Any, BinaryIO
+from typing import Any
 
 SPOOL_THRESHOLD = 1 << 20
 MAX_HEADER_BYTES = 1 << 20
@@ -60,7 +60,8 @@ class Message:
         self.tags: dict[str, str] = {}
         self._header = bytearray()
         self._header_done = False
-        self._body: BinaryIO = tempfile.SpooledTemporaryFile(max_size=SPOOL_THRESHOLD)  # noqa: SIM115
+        self._body: tempfile.SpooledTemporaryFile[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115
+            max_size=SPOOL_THRESHOLD)
         self._body_size = 0
         self._eight_bit = False
         self._parsed: EmailMessage | None = None

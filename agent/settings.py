@@ -127,6 +127,11 @@ class Section:
         self.used.add(key)
         return self.entries.get(key)
 
+    def present(self, key: str) -> Node:
+        """The node of a key known to be present (``key in section``)."""
+        self.used.add(key)
+        return self.entries[key]
+
     def get(self, key: str, parse: Parser[T], default: Any = ..., *, required: bool = False) -> Any:
         """The value of ``key`` parsed by ``parse``; ``default`` when absent (a problem when ``required``)."""
         node = self.raw(key)

@@ -18,7 +18,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +153,7 @@ class StateStore:
                 self._db.execute("DELETE FROM destinations_done WHERE account = ? AND uid = ?", (account, uid))
 
     def record_batch(self, account: str, records: list[tuple[str, str, str, str | None, int]],
-                     renames: list[tuple[str, str, str]] = ()) -> None:
+                     renames: Sequence[tuple[str, str, str]] = ()) -> None:
         """Record many outcomes ``(uid, status, reason, message_id, size)`` and the renames that complete their
         delivery, in one transaction (one sync). The renames are journaled until `clear_renames`."""
         now = time.time()

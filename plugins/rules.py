@@ -383,7 +383,7 @@ def _condition_parts(section: Section, reader: _Reader) -> list[Condition | None
                         f"sender: {{{given[0]}: ...}})", section.raw(given[0]))
     for key, which in (("sender", "senders"), ("recipient", "recipients")):
         if key in section:
-            test = _address_test(section.raw(key), reader)
+            test = _address_test(section.present(key), reader)
             parts.append(AddressCondition(which, test) if test else None)
     for key, over in (("size_over", True), ("size_under", False)):
         if key in section:
@@ -391,9 +391,9 @@ def _condition_parts(section: Section, reader: _Reader) -> list[Condition | None
             parts.append(SizeCondition(limit, over) if limit is not None else None)
     for key, combine in (("all", AllOf), ("any", AnyOf)):
         if key in section:
-            parts.append(_combination(section.raw(key), combine, reader))
+            parts.append(_combination(section.present(key), combine, reader))
     if "not" in section:
-        inner = _condition(section.raw("not"), reader)
+        inner = _condition(section.present("not"), reader)
         parts.append(Not(inner) if inner is not None else None)
     return parts
 
@@ -404,7 +404,7 @@ def _header_condition(section: Section, reader: _Reader) -> HeaderCondition | No
     if len(given) > 1:
         section.problem(f"give at most one of {', '.join(TEXT_TESTS)} (found {', '.join(given)})")
         return None
-    test = _text_test(given[0], section.raw(given[0]), reader) if given else None
+    test = _text_test(given[0], section.present(given[0]), reader) if given else None
     if name is None or (given and test is None):
         return None
     return HeaderCondition(name, test)
@@ -419,7 +419,7 @@ def _address_test(node: Node, reader: _Reader) -> TextTest | None:
     if len(given) != 1:
         reader.problem(node, f"expected a text (a substring) or a mapping with exactly one of {', '.join(TEXT_TESTS)}")
         return None
-    return _text_test(given[0], section.raw(given[0]), reader)
+    return _text_test(given[0], section.present(given[0]), reader)
 
 
 def _text_test(kind: str, node: Node, reader: _Reader) -> TextTest | None:
