@@ -179,3 +179,11 @@ def test_token_mechanisms_need_a_token_source_and_password_mechanisms_a_password
         tmp_path, base + "    token_command: [get-token]\n    auth: scram-sha-256\n")
     config = load(write(tmp_path, base + "    token_command: [get-token, --account, a]\n"))
     assert config.accounts[0].describe_credentials() == "token_command get-token (+2 args)"
+
+
+def test_the_example_config_shows_valid_keys_only() -> None:
+    """examples/postbote.yaml documents every key; it must stay a config postbote accepts."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "postbote.yaml"
+    config = load(example)
+    assert [a.name for a in config.accounts] == ["alice", "bob", "carol-gmail"]
+    assert config.accounts[0].options_for("backup") is not None and not config.accounts[0].uses("spamassassin")
