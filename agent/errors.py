@@ -43,10 +43,11 @@ class DeliveryError(PostboteError):
     poll.
     """
 
-    def __init__(self, reason: str, *, temporary: bool) -> None:
+    def __init__(self, reason: str, *, temporary: bool, accepted: tuple[str, ...] = ()) -> None:
         super().__init__(reason)
         self.reason = reason
         self.temporary = temporary
+        self.accepted = accepted  # recipients that did take the message (a partial LMTP success)
 
 
 class PluginError(PostboteError):

@@ -8,6 +8,7 @@ server sent apart from the header edits plugins make (the ``Received:`` trace he
 
 from __future__ import annotations
 
+import contextlib
 import email.parser
 import email.policy
 import re
@@ -221,7 +222,9 @@ class Message:
         return b"\r\n" if b"\r\n" in self._header[:4096] or not self._header else b"\n"
 
     def discard(self) -> None:
-        self._body.close()
+        """Free the spool; a failure to flush a half-written spool file (disk full) no longer matters."""
+        with contextlib.suppress(OSError):
+            self._body.close()
 
 
 def _decode_header_bytes(raw: bytes) -> str:

@@ -80,24 +80,45 @@ def run_filters(pm: pluggy.PluginManager, message: Message, account: Account) ->
 
 def deliver_everywhere(pm: pluggy.PluginManager, store: StateStore, message: Message, account: Account,
                        poll: PollContext) -> list[str]:
-    """Deliver to every destination; with several, remember each success so a retry skips it (no duplicates)."""
+    """Deliver to every destination, remembering partial successes so that a retry skips what already took the
+    message: a destination, with several; recipients, when an LMTP server accepted some of them (no duplicates)."""
     destinations = message.destinations if message.destinations is not None else account.destinations
     if not destinations:
         raise DeliveryError("a filter left the message without destinations", temporary=True)
     several = len(destinations) > 1
-    done = store.destinations_done(account.name, message.uid) if several else {}
+    done = store.destinations_done(account.name, message.uid)
     answers = []
     for index, destination in enumerate(destinations):
         key = f"{index}:{destination.label}"
         if key in done:
             answers.append(done[key])
             continue
-        answer = deliver_one(pm, message, account, destination, poll)
+        served = [name.split(">", 1)[1] for name in done if name.startswith(f"{key}>")]
+        try:
+            answer = deliver_to_the_rest(pm, message, account, destination, poll, served)
+        except DeliveryError as exc:
+            for recipient in exc.accepted:
+                store.record_destination(account.name, message.uid, f"{key}>{recipient}", exc.reason)
+            raise
         if several and not poll.has_staged(message.uid):
             # A staged delivery becomes durable only with the whole message's record, so it is not noted alone.
             store.record_destination(account.name, message.uid, key, answer)
         answers.append(answer)
     return answers
+
+
+def deliver_to_the_rest(pm: pluggy.PluginManager, message: Message, account: Account, destination: Any,
+                        poll: PollContext, served: list[str]) -> str:
+    """Deliver, leaving out the recipients an earlier, partly successful attempt already reached."""
+    if not served:
+        return deliver_one(pm, message, account, destination, poll)
+    rerouted = message.recipients
+    everyone = rerouted or list(getattr(destination.settings, "recipients", ()))
+    message.recipients = [recipient for recipient in everyone if recipient not in served]
+    try:
+        return deliver_one(pm, message, account, destination, poll) if message.recipients else "; ".join(served)
+    finally:
+        message.recipients = rerouted
 
 
 def deliver_one(pm: pluggy.PluginManager, message: Message, account: Account, destination: Any,

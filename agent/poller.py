@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import threading
 import time
@@ -23,10 +24,10 @@ import structlog
 
 from agent import pipeline
 from agent.config import Account
-from agent.errors import DeliveryError, PluginError, PostboteError
+from agent.errors import AccountError, DeliveryError, PluginError, PostboteError
 from agent.login import AuthSettings, login
 from agent.message import Message
-from agent.pop3 import ListingEntry, MessageTooLarge, POP3Client
+from agent.pop3 import ListingEntry, MessageTooLarge, POP3Client, POP3ConnectionError, POP3Error
 from agent.state import DELIVERED, DROPPED, HANDLED, REJECTED, StateStore
 from agent.tls import TLSPolicy
 
@@ -195,6 +196,9 @@ class Poller:
                 log.error("message.file_missing", uid=uid, file=source,
                           reason="recorded as delivered but the file is gone: it will be fetched again")
                 self.store.forget(account.name, [uid])
+            except OSError as exc:
+                raise AccountError(f"cannot move {source} into place: {exc.strerror or exc}; nothing is deleted on "
+                                   "the server until it can") from None
             self.store.clear_renames(account.name, [uid])
 
     def _login(self, account: Account) -> POP3Client:
@@ -223,6 +227,11 @@ class Poller:
         to_fetch: list[ListingEntry] = []
         for entry in entries:
             record = records.get(entry.uid)
+            if record is not None and record.size is not None and record.size != entry.size:
+                log.warning("message.uid_reused", uid=entry.uid, size=entry.size, recorded_size=record.size,
+                            reason="this UID now names a message of another size: treated as a new message")
+                self.store.forget(account.name, [entry.uid])
+                record = None
             if entry.uid in duplicated:
                 log.warning("message.skipped", uid=entry.uid, reason="the server lists this UID more than once")
                 stats.left += 1
@@ -284,16 +293,32 @@ class AccountSession:
         message = Message(entry.uid, entry.size)
         with structlog.contextvars.bound_contextvars(uid=entry.uid):
             try:
-                self.client.read_retrieved(message.write, limit=retrieve_limit(entry, self.account))
+                received = self.client.read_retrieved(message.write, limit=retrieve_limit(entry, self.account))
             except MessageTooLarge as exc:
                 message.discard()
                 self.poller.store.record(self.account.name, entry.uid, REJECTED, reason=str(exc), size=entry.size)
                 log.error("message.rejected", reason=str(exc), size=entry.size)
                 raise
-            except BaseException:
+            except POP3ConnectionError:
                 message.discard()
                 raise
+            except OSError as exc:
+                message.discard()
+                raise AccountError(f"cannot spool the message to a temporary file: {exc.strerror or exc} "
+                                   "(is the temporary directory full?)") from None
+            except POP3Error as exc:
+                # A -ERR to this RETR: the session is still in step, so only this message waits for the next poll.
+                message.discard()
+                self.stats.left += 1
+                log.warning("message.not_retrieved", reason=str(exc), size=entry.size)
+                return
             message.close_writing()
+            if looks_truncated(received, entry.size):
+                message.discard()
+                self.stats.left += 1
+                log.warning("message.truncated", size=entry.size, received=received,
+                            reason="the server sent far less than LIST announced; left on the server")
+                return
             self.stats.bytes += message.size
             handled = self.hand_on(entry, message)
         if handled is None:
@@ -324,7 +349,7 @@ class AccountSession:
         else:
             self.stats.rejected += 1
             self.poller.store.record(self.account.name, message.uid, REJECTED, reason=str(error),
-                                     message_id=message.message_id, size=message.size)
+                                     message_id=message.message_id, size=message.server_size)
             log.error("message.rejected", reason=str(error), **facts)
         self.poller._notify("message_failed", message=message, account=self.account, error=error, temporary=temporary)
 
@@ -336,13 +361,29 @@ class AccountSession:
         staged = self.poll.take_staged([h.message.uid for h in batch])
         try:
             sync_filesystems([source for _, source, _ in staged])
+        except OSError as exc:
+            # The data may not have reached the disk: nothing of this batch counts as delivered, and the disk is
+            # unlikely to do better for the next messages, so the poll stops here.
+            self.poll.discard(staged)
+            for handled in batch:
+                handled.message.discard()
+            self.stats.deferred += len(batch)
+            self.stats.left += len(batch)
+            raise AccountError(f"writing delivered messages to disk failed: {exc.strerror or exc}; "
+                               f"{len(batch)} message(s) stay on the server") from None
+        try:
             self.poller.store.record_batch(self.account.name, [self.record_of(h) for h in batch], renames=staged)
         except BaseException:
             self.poll.discard(staged)
             for handled in batch:
                 handled.message.discard()
             raise
-        finish_renames(staged)
+        try:
+            finish_renames(staged)
+        except OSError as exc:
+            # Recorded but not yet in place: the journal keeps the renames for the next poll, and no DELE is sent.
+            raise AccountError(f"delivered files could not be moved into place: {exc.strerror or exc}; "
+                               "retried on the next poll, nothing is deleted on the server until then") from None
         self.poller.store.clear_renames(self.account.name, [uid for uid, _, _ in staged])
         for handled in batch:
             self.report(handled)
@@ -360,7 +401,7 @@ class AccountSession:
     def record_of(self, handled: Handled) -> tuple[str, str, str, str | None, int]:
         status = DROPPED if handled.dropped else DELIVERED
         reason = handled.reason or "; ".join(handled.answers)
-        return handled.message.uid, status, reason, handled.message.message_id, handled.message.size
+        return handled.message.uid, status, reason, handled.message.message_id, handled.entry.size
 
     def report(self, handled: Handled) -> None:
         message = handled.message
@@ -391,6 +432,12 @@ class AccountSession:
         return [uid for number, uid in self.deletions.items() if number not in self.client.refused_deletions]
 
 
+def looks_truncated(received: int, listed: int) -> bool:
+    """Far less data than LIST announced is a cut transfer, not the message (small differences are line-ending
+    counting: some servers announce LF sizes and send CRLF)."""
+    return received < listed * 0.9 - 64
+
+
 def retrieve_limit(entry: ListingEntry, account: Account) -> int:
     """The most data accepted for one message: a server sending far more than LIST said is not trusted."""
     generous = 2 * entry.size + (1 << 20)
@@ -407,10 +454,22 @@ def sync_filesystems(paths: list[str]) -> None:
         seen.add(device)
         fd = os.open(path, os.O_RDONLY)
         try:
-            if _libc_syncfs is None or _libc_syncfs(fd) != 0:
-                os.sync()
+            _syncfs(fd)
         finally:
             os.close(fd)
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs(2), which reports writeback errors (EIO, ENOSPC) since Linux 5.8; plain sync() where it is missing."""
+    if _libc_syncfs is None:
+        os.sync()
+        return
+    if _libc_syncfs(fd) != 0:
+        error = ctypes.get_errno()
+        if error == errno.ENOSYS:
+            os.sync()
+            return
+        raise OSError(error, f"syncfs: {os.strerror(error)}")
 
 
 def finish_renames(staged: list[tuple[str, str, str]]) -> None:

@@ -120,7 +120,7 @@ class SMTPClient:
             self._reset()
             raise DeliveryError(f"{self.server} answered DATA with {reply}", temporary=reply.code < 500)
         self._write_data(chunks)
-        return self._data_replies(len(recipients))
+        return self._data_replies(recipients)
 
     def quit(self) -> None:
         if self.usable:
@@ -147,13 +147,17 @@ class SMTPClient:
             params += " SMTPUTF8"
         return params
 
-    def _data_replies(self, accepted: int) -> str:
-        replies = [self._read_reply() for _ in range(accepted if self.lmtp else 1)]
+    def _data_replies(self, recipients: list[str]) -> str:
+        """SMTP answers the data once; LMTP once per recipient (RFC 2033 4.2), and some may take it while others
+        refuse: those that took it are named in the error, so that a retry goes only to the others."""
+        replies = [self._read_reply() for _ in (recipients if self.lmtp else recipients[:1])]
         failed = [r for r in replies if not r.ok]
         if failed:
             worst = max(failed, key=lambda r: r.code)
+            accepted = tuple(rcpt for rcpt, reply in zip(recipients, replies, strict=False) if reply.ok and self.lmtp)
             what = f"{len(failed)} of {len(replies)} recipients" if self.lmtp and len(replies) > 1 else "the message"
-            raise DeliveryError(f"{self.server} refused {what} after DATA: {worst}", temporary=worst.code < 500)
+            raise DeliveryError(f"{self.server} refused {what} after DATA: {worst}", temporary=worst.code < 500,
+                                accepted=accepted)
         return str(replies[-1])
 
     def _write_data(self, chunks: Iterable[bytes]) -> None:
@@ -205,6 +209,8 @@ class SMTPClient:
             code = line_code
             lines.append(raw[4:].decode("utf-8", "replace"))
             if raw[3:4] != b"-":
+                if code == 421:
+                    self.usable = False  # RFC 5321 3.8: the server is closing the channel
                 return Reply(code, "\n".join(lines))
             if len(lines) >= MAX_REPLY_LINES:
                 self.usable = False

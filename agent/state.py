@@ -101,6 +101,7 @@ class Record:
     uid: str
     status: str
     reason: str
+    size: int | None = None  # the size the server listed when the outcome was recorded
 
 
 class StateStore:
@@ -136,8 +137,8 @@ class StateStore:
             self._db.close()
 
     def records(self, account: str) -> dict[str, Record]:
-        rows = self._query("SELECT uid, status, reason FROM messages WHERE account = ?", (account,))
-        return {uid: Record(uid, status, reason) for uid, status, reason in rows}
+        rows = self._query("SELECT uid, status, reason, size FROM messages WHERE account = ?", (account,))
+        return {uid: Record(uid, status, reason, size) for uid, status, reason, size in rows}
 
     def record(self, account: str, uid: str, status: str, *, reason: str = "", message_id: str | None = None,
                size: int | None = None) -> None:
@@ -361,8 +362,12 @@ class StateLock:
             raise StateLockedError(f"another postbote {who}(pid {holder[0] if holder else 'unknown'}) is using the "
                                    f"state directory {self.path.parent}; stop it first, or give this one another "
                                    f"state_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {self.role}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {self.role}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise StateError(f"cannot write lock file {self.path}: {exc.strerror or exc}") from None
         self._fd = fd
 
     def release(self) -> None:
