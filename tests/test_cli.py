@@ -85,3 +85,36 @@ def test_auth_refuses_an_account_without_oauth2(tmp_path: Path, capsys: pytest.C
                                   "deliver: {maildir: m}}\n")
     assert main(["-c", str(path), "auth", "a"]) == 2
     assert "has no oauth2: section" in capsys.readouterr().err
+
+
+def test_demo_fetches_the_sample_mail_into_a_maildir_with_nothing_else_installed(tmp_path: Path) -> None:
+    """The README's first command: a built-in POP3 server, a poll, a Maildir whose path is printed."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "agent", "demo", "--maildir", str(tmp_path / "Mail")],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert f"4 message(s) delivered to the Maildir {tmp_path / 'Mail'} (0 left on the server)" in done.stdout
+    delivered = [p.read_bytes() for p in (tmp_path / "Mail" / "new").iterdir()]
+    assert any(b"\n.\n..and one that starts with two.\n" in data for data in delivered)
+    assert any("Grüße aus Köln".encode() in data for data in delivered)
+
+
+def test_installed_plugins_are_found_through_the_postbote_entry_point_group(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package declaring ``[project.entry-points.postbote]`` is loaded and listed with its distribution."""
+    site = tmp_path / "site"
+    (site / "greeter_plugin.py").parent.mkdir(parents=True)
+    (site / "greeter_plugin.py").write_text("from agent import hookimpl\n\n@hookimpl\ndef filter_message(message):\n"
+                                            "    message.add_header('X-Greeting', 'hello')\n")
+    dist_info = site / "postbote_greeter-1.2.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: postbote-greeter\nVersion: 1.2\n")
+    (dist_info / "entry_points.txt").write_text("[postbote]\ngreeter = greeter_plugin\n")
+    monkeypatch.syspath_prepend(str(site))
+    pm = make_plugin_manager()
+    assert pm.sources["greeter"].origin == "entry point"
+    assert pm.sources["greeter"].where == "postbote-greeter 1.2"
+    assert pm.hooks_of("greeter") == ["filter_message"]
