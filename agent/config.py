@@ -14,18 +14,20 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from agent import settings as s
 from agent.credentials import PasswordSource, Secret
 from agent.errors import ConfigError
-from agent.oauth2 import OAuth2Settings, oauth2_from_section
 from agent.pluginmanager import PluginManager
 from agent.sasl import AUTH_CHOICES, TOKEN_MECHANISMS
 from agent.settings import Node, Problems, Section
 from agent.tls import normalise_fingerprint
+
+if TYPE_CHECKING:
+    from agent.oauth2 import OAuth2Settings
 
 CONFIG_ENV = "POSTBOTE_CONFIG"
 DEFAULT_STATE_DIR = "~/.local/state/postbote"
@@ -271,6 +273,8 @@ def _credentials(section: Section, base_dir: Path, auth: str | None) -> dict[str
     if kind == "token_command":
         return {"password": None, "token_command": tuple(section.get(kind, _argv) or ())}
     if kind == "oauth2":
+        from agent.oauth2 import oauth2_from_section  # HTTP and browser modules: loaded only for OAuth2 accounts
+
         oauth = section.section(kind)
         return {"password": None, "oauth2": oauth2_from_section(oauth, base_dir) if oauth else None}
     return {"password": _password_source(section, base_dir, kind)}

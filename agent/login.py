@@ -11,15 +11,17 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from agent.credentials import PasswordSource, Secret
 from agent.errors import CredentialError
-from agent.oauth2 import OAuth2Refresher, OAuth2Settings, TokenCommand, TokenSource
 from agent.pop3 import POP3AuthError, POP3Client
 from agent.sasl import SASL_NAMES, TOKEN_MECHANISMS, choose_mechanism, make_mechanism, sends_secret_in_clear
+
+if TYPE_CHECKING:
+    from agent.oauth2 import OAuth2Settings, TokenSource
 
 default_log = structlog.get_logger("postbote.login")
 
@@ -50,6 +52,8 @@ class AuthSettings:
         return self.state_dir / "oauth2" if self.state_dir is not None else None
 
     def token_source(self) -> TokenSource | None:
+        from agent.oauth2 import OAuth2Refresher, TokenCommand  # loaded only for accounts that use tokens
+
         if self.token_command:
             return TokenCommand(self.token_command)
         if self.oauth2 is not None:

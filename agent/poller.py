@@ -176,6 +176,7 @@ class Poller:
                 log.info("message.deleted", uid=entry.uid, reason="delivered in an earlier poll")
             session.fetch(to_fetch)
             session.settle()
+            self.store.make_durable()  # deletions take effect at QUIT: the records behind them must be on disk
             client.quit()
         except BaseException:
             session.settle_after_error()

@@ -100,8 +100,12 @@ class SMTPClient:
         """Deliver one message to all ``recipients``; returns the server's final answer. All or nothing."""
         params = self._mail_parameters(sender, recipients, eight_bit)
         commands = [f"MAIL FROM:<{sender}>{params}"] + [f"RCPT TO:<{rcpt}>" for rcpt in recipients]
-        if "PIPELINING" in self.extensions:
-            self._write("".join(c + "\r\n" for c in commands).encode("utf-8"))
+        pipelining = "PIPELINING" in self.extensions
+        # With one recipient DATA can join the pipeline (RFC 2920): if that recipient is refused, the server has no
+        # recipient to start a transaction for and refuses DATA too, so all-or-nothing still holds.
+        data_pipelined = pipelining and len(recipients) == 1
+        if pipelining:
+            self._write("".join(c + "\r\n" for c in commands + ["DATA"] * data_pipelined).encode("utf-8"))
             replies = [self._read_reply() for _ in commands]
         else:
             replies = []
@@ -109,13 +113,18 @@ class SMTPClient:
                 replies.append(self._command(command))
                 if not replies[-1].ok:
                     break
+        reply = self._read_reply() if data_pipelined else None
         refused = [(c, r) for c, r in zip(commands, replies, strict=False) if not r.ok]
         if refused:
-            self._reset()
-            command, reply = max(refused, key=lambda item: item[1].code)
+            if reply is not None and reply.code == 354:
+                self.close()  # the server would take data for nobody we want: abandon the session, send nothing
+            else:
+                self._reset()
+            command, worst = max(refused, key=lambda item: item[1].code)
             raise DeliveryError(f"{self.server} refused {command.split(':')[0]} "
-                                f"{command.partition(':')[2]}: {reply}", temporary=not reply.code >= 500)
-        reply = self._command("DATA")
+                                f"{command.partition(':')[2]}: {worst}", temporary=not worst.code >= 500)
+        if reply is None:
+            reply = self._command("DATA")
         if reply.code != 354:
             self._reset()
             raise DeliveryError(f"{self.server} answered DATA with {reply}", temporary=reply.code < 500)

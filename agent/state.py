@@ -4,6 +4,10 @@ One SQLite database (WAL) under ``state_dir`` holds, per account and UID, whethe
 dropped or rejected. Every write commits before the caller goes on, and the poller records a message as handled
 *before* it sends DELE: after a crash at any point the worst case is one duplicate delivery, never a loss.
 
+Commits reach the operating system at once (they survive the process being killed) but are synced to the disk
+by `make_durable`, which the poller calls before QUIT: POP3 applies deletions only at QUIT, so that is the moment
+the records must survive a power cut. One sync per poll instead of one per message.
+
 It also keeps, per account, the summary of the last poll, running totals, and the next poll the daemon has
 planned, so that ``postbote status`` and the metrics plugin can tell what happened without asking the daemon.
 One store may be shared by the daemon's poll threads: its connection is used by one thread at a time.
@@ -123,7 +127,7 @@ class StateStore:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"state database {self.path}: {exc}") from None
@@ -136,13 +140,30 @@ class StateStore:
         with self._lock:
             self._db.close()
 
+    def make_durable(self) -> None:
+        """Sync every committed record to the disk (the write-ahead log, where WAL commits land)."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        with self._lock:
+            try:
+                fd = os.open(wal, os.O_RDONLY)
+            except FileNotFoundError:
+                return  # everything is checkpointed into the database file, which SQLite synced then
+            except OSError as exc:
+                raise StateError(f"state database {self.path}: cannot sync: {exc.strerror or exc}") from None
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                raise StateError(f"state database {self.path}: cannot sync: {exc.strerror or exc}") from None
+            finally:
+                os.close(fd)
+
     def records(self, account: str) -> dict[str, Record]:
         rows = self._query("SELECT uid, status, reason, size FROM messages WHERE account = ?", (account,))
         return {uid: Record(uid, status, reason, size) for uid, status, reason, size in rows}
 
     def record(self, account: str, uid: str, status: str, *, reason: str = "", message_id: str | None = None,
                size: int | None = None) -> None:
-        """Record the outcome for one message, committed (and synced, ``synchronous=FULL``) before returning."""
+        """Record the outcome for one message, committed before returning (synced by `make_durable`)."""
         with self._transaction():
             self._db.execute(
                 "INSERT INTO messages (account, uid, status, reason, message_id, size, updated) "
