@@ -1,0 +1,313 @@
+"""SMTP and LMTP faults: a message counts as delivered only when the MTA answered 250 to its data (LMTP: for every
+recipient); anything else leaves it on the server -- deferred (4xx, connection trouble) or recorded as rejected
+with the MTA's reply (5xx). The scripted server of ``tests/servers/faulty_smtp.py`` produces the faults a real MTA
+won't on demand; the aiosmtpd sink and Dovecot's LMTP show the same rules against real implementations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DovecotFactory
+from tests.servers.faulty_smtp import DROP, FaultySMTP, Stall
+from tests.servers.smtp_sink import SMTPSink
+from tests.test_faults_pop3 import (
+    FaultyTarget,
+    RigFactory,
+    SinkTarget,
+    corpus,
+    corpus_number,
+    limited_time,
+    rig_factory,
+)
+
+
+@pytest.fixture(autouse=True)
+def time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield from limited_time(request)
+
+
+@pytest.fixture
+def make_rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RigFactory]:
+    yield from rig_factory(tmp_path, request)
+
+TEMPORARY = (421, 451, 452)
+PERMANENT = (550, 552, 554)
+STAGES = ("CONNECT", "EHLO", "MAIL", "RCPT", "DATA", "END")
+
+
+@pytest.fixture
+def faulty() -> Iterator[FaultySMTP]:
+    with FaultySMTP() as server:
+        yield server
+
+
+@pytest.fixture
+def faulty_lmtp() -> Iterator[FaultySMTP]:
+    with FaultySMTP(lmtp=True) as server:
+        yield server
+
+
+def scripted(code: int) -> str:
+    return f"{code} {code // 100}.3.0 scripted refusal"
+
+
+def expected_fate(stage: str, code: int) -> str:
+    """What the matrix expects for the first message: a refused EHLO still leaves HELO (RFC 5321 3.2), except
+    after 421, which closes the connection."""
+    if stage == "EHLO" and code != 421:
+        return "delivered"
+    return "deferred" if code < 500 else "rejected"
+
+
+@pytest.mark.parametrize("code", TEMPORARY + PERMANENT)
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_refusal_at_every_stage_keeps_the_message_on_the_server_or_records_why(
+        make_rig: RigFactory, faulty: FaultySMTP, stage: str, code: int) -> None:
+    faulty.on(stage, scripted(code))
+    rig = make_rig(corpus(3), target=FaultyTarget(faulty))
+
+    first = rig.poll()
+
+    assert first.ok, "a refusing MTA is not a failure of the POP3 account"
+    audit = rig.audit()
+    fate = expected_fate(stage, code)
+    if fate == "delivered":
+        assert audit.delivered_once == [1, 2, 3] and not audit.on_server
+        return
+    assert audit.on_server == (1,) and audit.delivered_once == [2, 3]
+    if fate == "rejected":
+        assert str(code) in audit.rejected[1] and "scripted refusal" in audit.rejected[1]
+        rig.poll()
+        assert rig.audit().on_server == (1,), "a rejected message must wait for `postbote retry`"
+        assert sum(1 for c in faulty.commands if c.startswith("MAIL")) <= 3 + (stage != "MAIL")
+    else:
+        assert audit.rejected == {}
+        rig.poll()
+        assert rig.audit().everything_delivered_once_and_deleted
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_connection_dropped_at_any_stage_defers_the_message(make_rig: RigFactory, faulty: FaultySMTP,
+                                                              stage: str) -> None:
+    faulty.on(stage, DROP)
+    rig = make_rig(corpus(3), target=FaultyTarget(faulty))
+
+    assert rig.poll().deferred == 1
+    assert rig.audit().on_server == (1,)
+
+    rig.poll()
+    audit = rig.audit()
+    assert not audit.on_server and audit.undelivered == []
+    assert audit.duplicates == 0
+
+
+def test_dropped_after_the_data_before_the_reply_the_message_stays_and_costs_at_most_one_duplicate(
+        make_rig: RigFactory, faulty: FaultySMTP) -> None:
+    """The ambiguous case (RFC 1047): the MTA has the whole message but said nothing. It may or may not have kept
+    it; postbote must assume it did not, keep the message on the server and send it again."""
+    faulty.on("END", DROP)
+    rig = make_rig(corpus(2), target=FaultyTarget(faulty))
+
+    rig.poll()
+
+    assert [corpus_number(r.data) for r in faulty.received if r.replies is None] == [1]
+    assert rig.audit().on_server == (1,)
+    rig.poll()
+    assert rig.audit().everything_delivered_once_and_deleted
+    copies_the_mta_may_hold = [corpus_number(r.data) for r in faulty.received]
+    assert copies_the_mta_may_hold.count(1) == 2 and copies_the_mta_may_hold.count(2) == 1
+
+
+def test_an_mta_that_never_answers_the_data_is_given_up_on_after_the_timeout(make_rig: RigFactory,
+                                                                             faulty: FaultySMTP) -> None:
+    faulty.on("END", Stall(5.0))
+    rig = make_rig(corpus(2), target=FaultyTarget(faulty, timeout="0.5s"))
+
+    stats = rig.poll()
+
+    assert stats.duration < 3.0 and stats.deferred == 1
+    assert rig.audit().on_server == (1,)
+
+
+@pytest.mark.parametrize("reply", ["garbage instead of a reply", "2", "250" + "x" * 5000,
+                                   "\r\n".join(["250-more"] * 150 + ["250 ok"])],
+                         ids=["garbage", "too short", "over-long line", "endless multi-line"])
+def test_a_garbled_reply_after_the_data_is_a_temporary_failure(make_rig: RigFactory, faulty: FaultySMTP,
+                                                               reply: str) -> None:
+    """Whatever the MTA meant, postbote cannot know it took the message: like the ambiguous case, the message
+    stays and is sent again, at the price of at most one duplicate."""
+    faulty.on("END", reply)
+    rig = make_rig(corpus(2), target=FaultyTarget(faulty))
+
+    assert rig.poll().deferred == 1
+
+    assert rig.audit().on_server == (1,)
+    rig.poll()
+    audit = rig.audit()
+    assert not audit.on_server and audit.undelivered == [] and audit.duplicates <= 1
+
+
+def test_an_mta_closed_for_maintenance_defers_every_message_and_delivers_them_later(make_rig: RigFactory,
+                                                                                  faulty: FaultySMTP) -> None:
+    faulty.on("CONNECT", "421 4.3.2 shutting down for maintenance", times=None)
+    rig = make_rig(corpus(3), target=FaultyTarget(faulty))
+
+    stats = rig.poll()
+
+    assert (stats.ok, stats.deferred, stats.deleted) == (True, 3, 0)
+    assert rig.audit().on_server == (1, 2, 3)
+    faulty.clear_rules()
+    rig.poll()
+    assert rig.audit().everything_delivered_once_and_deleted
+
+
+def test_an_mta_that_is_not_listening_defers_every_message(make_rig: RigFactory) -> None:
+    closed = FaultySMTP()
+    closed.stop()  # nothing listens on its port any more
+    rig = make_rig(corpus(2), target=FaultyTarget(closed))
+
+    stats = rig.poll()
+
+    assert (stats.ok, stats.deferred) == (True, 2)
+    assert rig.audit().on_server == (1, 2)
+
+
+def test_all_recipients_must_be_accepted_before_the_data_is_sent(make_rig: RigFactory, faulty: FaultySMTP) -> None:
+    faulty.on("RCPT", "452 4.2.2 mailbox full", argument="bob@example.org")
+    rig = make_rig(corpus(1), target=FaultyTarget(faulty, recipients=("alice@example.org", "bob@example.org")))
+
+    assert rig.poll().deferred == 1
+
+    assert faulty.received == [], "the data was sent although a recipient had been refused"
+    rig.poll()
+    assert [len(faulty.copies_for(r)) for r in ("alice@example.org", "bob@example.org")] == [1, 1]
+    assert not rig.audit().on_server
+
+
+def test_a_recipient_refused_for_good_gets_the_message_rejected_for_everyone(make_rig: RigFactory,
+                                                                            faulty: FaultySMTP) -> None:
+    faulty.on("RCPT", "550 5.1.1 no such user", argument="ghost@example.org", times=None)
+    rig = make_rig(corpus(1), target=FaultyTarget(faulty, recipients=("alice@example.org", "ghost@example.org")))
+
+    assert rig.poll().rejected == 1
+
+    audit = rig.audit()
+    assert audit.on_server == (1,) and "550 5.1.1 no such user" in audit.rejected[1]
+    assert faulty.received == []
+
+
+def test_a_partial_lmtp_success_is_retried_only_for_the_recipients_that_did_not_take_it(
+        make_rig: RigFactory, faulty_lmtp: FaultySMTP) -> None:
+    faulty_lmtp.on("END", ["250 2.0.0 <alice@example.org> saved", "452 4.2.2 <bob@example.org> over quota"])
+    rig = make_rig(corpus(1), target=FaultyTarget(faulty_lmtp, recipients=("alice@example.org", "bob@example.org")))
+
+    assert rig.poll().deferred == 1
+    assert rig.audit().on_server == (1,)
+    rig.poll()
+
+    assert not rig.audit().on_server
+    assert len(faulty_lmtp.copies_for("bob@example.org")) == 1
+    assert len(faulty_lmtp.copies_for("alice@example.org")) == 1, "alice got the message again"
+
+
+def test_a_partial_lmtp_success_keeps_the_message_on_the_server(make_rig: RigFactory,
+                                                                faulty_lmtp: FaultySMTP) -> None:
+    faulty_lmtp.on("END", ["250 2.0.0 saved", "452 4.2.2 over quota"], times=None)
+    rig = make_rig(corpus(1), target=FaultyTarget(faulty_lmtp, recipients=("alice@example.org", "bob@example.org")))
+
+    stats = rig.poll()
+
+    assert stats.deferred == 1 and rig.audit().on_server == (1,)
+    assert faulty_lmtp.copies_for("bob@example.org") == []
+
+
+def test_a_permanent_lmtp_refusal_for_one_recipient_records_the_message_as_rejected(
+        make_rig: RigFactory, faulty_lmtp: FaultySMTP) -> None:
+    faulty_lmtp.on("END", ["250 2.0.0 saved", "552 5.2.2 mailbox too big"])
+    rig = make_rig(corpus(1), target=FaultyTarget(faulty_lmtp, recipients=("alice@example.org", "bob@example.org")))
+
+    assert rig.poll().rejected == 1
+
+    audit = rig.audit()
+    assert audit.on_server == (1,) and "1 of 2 recipients" in audit.rejected[1] and "552" in audit.rejected[1]
+
+
+@pytest.mark.parametrize("code", TEMPORARY + PERMANENT)
+def test_lmtp_refusal_of_the_data_follows_the_same_rules(make_rig: RigFactory, faulty_lmtp: FaultySMTP,
+                                                        code: int) -> None:
+    faulty_lmtp.on("END", [scripted(code)])
+    rig = make_rig(corpus(2), target=FaultyTarget(faulty_lmtp))
+
+    rig.poll()
+
+    audit = rig.audit()
+    assert audit.on_server == (1,) and audit.delivered_once == [2]
+    assert (1 in audit.rejected) == (code >= 500)
+
+
+# --- the same rules against real servers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("reply", "fate"), [("451 4.3.0 queue full", "deferred"),
+                                             ("452 4.3.1 insufficient system storage", "deferred"),
+                                             ("552 5.3.4 message too big", "rejected"),
+                                             ("554 5.6.0 content refused", "rejected")])
+def test_the_aiosmtpd_sink_refusing_the_data_leaves_the_message_on_the_server(
+        make_rig: RigFactory, smtp_sink: SMTPSink, reply: str, fate: str) -> None:
+    smtp_sink.respond_with(reply, count=1)
+    rig = make_rig(corpus(2), target=SinkTarget(smtp_sink))
+
+    rig.poll()
+
+    audit = rig.audit()
+    assert audit.on_server == (1,) and audit.delivered_once == [2]
+    assert (reply in audit.rejected.get(1, "")) == (fate == "rejected")
+    rig.poll()
+    assert rig.audit().on_server == ((1,) if fate == "rejected" else ())
+
+
+def test_the_aiosmtpd_sink_refusing_a_recipient_rejects_the_message(make_rig: RigFactory,
+                                                                    smtp_sink: SMTPSink) -> None:
+    smtp_sink.reject_rcpt("ghost@example.org", "550 5.1.1 no such user here")
+    rig = make_rig(corpus(1), target=SinkTarget(smtp_sink, recipients=("me@example.org", "ghost@example.org")))
+
+    assert rig.poll().rejected == 1
+
+    assert smtp_sink.attempts == []
+    assert "550 5.1.1 no such user here" in rig.audit().rejected[1]
+
+
+@pytest.mark.dovecot
+def test_dovecot_lmtp_refusing_an_unknown_recipient_rejects_the_message_and_delivers_to_nobody(
+        make_rig: RigFactory, dovecot_factory: DovecotFactory) -> None:
+    dovecot = dovecot_factory(tls=False)
+    lmtp = {"lmtp": {"socket": str(dovecot.lmtp_socket), "recipients": ["alice", "ghost"], "timeout": "5s"}}
+    rig = make_rig(corpus(1))
+
+    stats = rig.poll(deliver=lmtp)
+
+    assert stats.rejected == 1
+    assert dovecot.count("alice") == 0, "alice got the message although another recipient was refused"
+    audit = rig.audit()
+    assert audit.on_server == (1,) and "ghost" in audit.rejected[1]
+
+
+@pytest.mark.dovecot
+def test_dovecot_lmtp_delivery_is_byte_exact_and_then_the_message_is_deleted(
+        make_rig: RigFactory, dovecot_factory: DovecotFactory) -> None:
+    dovecot = dovecot_factory(tls=False)
+    lmtp = {"lmtp": {"socket": str(dovecot.lmtp_socket), "recipients": ["alice", "bob"], "timeout": "5s"}}
+    messages = corpus(2)
+    rig = make_rig(messages)
+
+    assert rig.poll(deliver=lmtp).delivered == 2
+
+    assert rig.server.uids() == []
+    for user in ("alice", "bob"):
+        stored = sorted(dovecot.messages(user), key=lambda data: corpus_number(data) or 0)
+        assert [data.split(b"\nFrom: ", 1)[1] for data in stored] == [
+            m.replace(b"\r\n", b"\n").split(b"From: ", 1)[1] for m in messages]

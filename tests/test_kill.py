@@ -1,0 +1,235 @@
+"""Process death: ``postbote poll`` killed with SIGKILL at many points of a large poll never loses a message.
+
+Four chains each start with a mailbox of 300 messages (two deliver into a Maildir, two over SMTP to the aiosmtpd
+sink). In a chain, ``python -m agent poll`` runs as a child and is killed with SIGKILL, five times at five
+different points, and then runs once more to completion. After every run, killed or not, each message must be on
+the server or delivered; duplicates are counted and may be at most one per kill -- the promise: a crash costs at
+worst one duplicate, never a loss.
+
+Kill points are spread over a whole poll, measured first: an uninterrupted poll of a full mailbox gives the time
+the start-up takes and the number of POP3 commands a poll sends. A point in the first tenth is a moment in the
+start-up (interpreter, config, state); any other point is the moment the server has received that share of the
+commands the poll still has to send (logging in, listing, RETR and DELE interleaved, QUIT). Counting commands
+instead of seconds makes every kill land inside the poll however fast or slow the machine is.
+
+The figures (kills, the phases they hit, message fates checked, lost, duplicates) are printed at the end and, with
+``POSTBOTE_FIGURES=FILE``, appended to that file for docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from agent.pop3server import POP3Server
+from tests.servers.smtp_sink import SMTPSink
+from tests.test_faults_pop3 import (
+    Audit,
+    MaildirTarget,
+    Rig,
+    SinkTarget,
+    Target,
+    child_env,
+    corpus_message,
+    limited_time,
+    postbote_argv,
+    record_figures,
+    run_postbote,
+)
+
+
+@pytest.fixture(autouse=True)
+def time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield from limited_time(request)
+
+TIME_LIMIT = 150.0
+MAILBOX = 300
+CHAINS = ("maildir", "smtp", "maildir", "smtp")
+KILLS_PER_CHAIN = 5
+STARTUP_SHARE = 0.1  # kill points below this fraction fall into the start-up
+SEED = 20_240_601
+
+
+def mailbox() -> list[bytes]:
+    """300 messages of 1-20 kB, so that batches end at different points when the kill lands."""
+    return [corpus_message(n, body_lines=40 + (n * 37) % 700) for n in range(1, MAILBOX + 1)]
+
+
+def phase_of(commands: list[str]) -> str:
+    """Where in the POP3 session the child was when it died, from the commands the server received."""
+    verbs = [command.split(" ", 1)[0].upper() for command in commands]
+    if "QUIT" in verbs:
+        return "at QUIT"
+    if "DELE" in verbs:
+        return "fetching and deleting"
+    if "RETR" in verbs:
+        return "fetching"
+    if "UIDL" in verbs or "LIST" in verbs:
+        return "listing"
+    if verbs:
+        return "logging in"
+    return "starting up"
+
+
+@dataclass
+class Tally:
+    kills: int = 0
+    missed: int = 0
+    runs: int = 0
+    fates_checked: int = 0
+    duplicates: int = 0
+    lost: int = 0
+    phases: Counter[str] = field(default_factory=Counter)
+    stray_tmp_files: int = 0
+
+    def check(self, audit: Audit) -> None:
+        self.fates_checked += len(audit.numbers)
+        self.lost += len(audit.lost)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """An uninterrupted child poll of a full mailbox: how long it took, its start-up, the commands it sent."""
+
+    seconds: float
+    startup: float
+    commands: int
+
+    @property
+    def fixed_commands(self) -> int:
+        """Commands that do not depend on the messages (log-in, listing, QUIT)."""
+        return self.commands - 2 * MAILBOX
+
+
+class Chain:
+    """One mailbox, one destination, one state directory; the child postbote runs against them again and again."""
+
+    def __init__(self, directory: Path, sink: SMTPSink | None) -> None:
+        self.server = POP3Server(mailbox()).start()
+        target: Target = SinkTarget(sink) if sink is not None else MaildirTarget(directory / "Maildir")
+        self.rig = Rig(directory, self.server, target)
+        self.config = self.rig.configure(timeout="10s")
+
+    def commands_left(self, measured: Measured) -> int:
+        """Commands a poll would send now: the fixed ones, a RETR per message not yet delivered, a DELE per
+        message still on the server."""
+        audit = self.rig.audit()
+        return measured.fixed_commands + len(audit.undelivered) + len(audit.on_server)
+
+    def run_killed_at(self, fraction: float, measured: Measured, tally: Tally) -> None:
+        seen_before = len(self.server.commands)
+        if fraction < STARTUP_SHARE:
+            delay: float | None = measured.startup * fraction / STARTUP_SHARE
+            commands: int | None = None
+        else:
+            delay = None
+            share = (fraction - STARTUP_SHARE) / (1 - STARTUP_SHARE)
+            commands = max(1, round(share * self.commands_left(measured)))
+        with open(self.rig.directory / "child.log", "ab") as log:
+            child = subprocess.Popen(postbote_argv(self.config, "poll"), stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=log, env=child_env(), cwd=self.rig.directory)
+            started = time.monotonic()
+            while child.poll() is None:
+                due = (time.monotonic() - started >= delay if delay is not None
+                       else len(self.server.commands) - seen_before >= (commands or 0))
+                if due:
+                    child.kill()  # SIGKILL
+                    child.wait(timeout=30)
+                    tally.kills += 1
+                    tally.phases[phase_of(self.server.commands[seen_before:])] += 1
+                    break
+                if time.monotonic() - started > 60:
+                    child.kill()
+                    child.wait(timeout=30)
+                    pytest.fail("a poll ran for a minute without reaching its kill point")
+                time.sleep(0.0005)
+            else:
+                tally.missed += 1  # the poll ended before its kill point
+        tally.runs += 1
+        tally.check(self.rig.audit())
+
+    def finish(self, tally: Tally) -> Audit:
+        for _ in range(3):
+            run = run_postbote(self.config, "poll", timeout=60)
+            tally.runs += 1
+            if run.status == 0 and not self.server.uids():
+                break
+            time.sleep(0.5)  # the server had not yet noticed the killed session and said [IN-USE]
+        audit = self.rig.audit()
+        tally.check(audit)
+        if isinstance(self.rig.target, MaildirTarget):
+            tally.stray_tmp_files += len(self.rig.target.files("tmp"))
+        return audit
+
+
+@pytest.fixture
+def new_sink() -> Iterator[Callable[[], SMTPSink]]:
+    made: list[SMTPSink] = []
+
+    def make() -> SMTPSink:
+        sink = SMTPSink()
+        sink.start()
+        made.append(sink)
+        return sink
+
+    yield make
+    for sink in made:
+        sink.stop()
+
+
+def measure(directory: Path, sink: SMTPSink | None) -> Measured:
+    chain = Chain(directory, sink)
+    try:
+        startup = run_postbote(chain.config, "check", timeout=60).duration
+        run = run_postbote(chain.config, "poll", timeout=60)
+        assert run.status == 0, run.output
+        assert chain.rig.audit().everything_delivered_once_and_deleted
+        return Measured(run.duration, startup, len(chain.server.commands))
+    finally:
+        chain.server.stop()
+
+
+def test_sigkill_at_many_points_of_a_large_poll_loses_nothing_and_costs_at_most_one_duplicate_per_kill(
+        tmp_path: Path, new_sink: Callable[[], SMTPSink], request: pytest.FixtureRequest,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    measured = {kind: measure(tmp_path / f"measure-{kind}", new_sink() if kind == "smtp" else None)
+                for kind in sorted(set(CHAINS))}
+    points = [(k + 1) / (len(CHAINS) * KILLS_PER_CHAIN) for k in range(len(CHAINS) * KILLS_PER_CHAIN)]  # to 1: QUIT
+    random.Random(SEED).shuffle(points)
+    tally = Tally()
+    chains: list[Chain] = []
+    try:
+        for index, kind in enumerate(CHAINS):
+            chain = Chain(tmp_path / f"chain{index}-{kind}", new_sink() if kind == "smtp" else None)
+            chains.append(chain)
+            kills_before = tally.kills
+            for point in points[index * KILLS_PER_CHAIN:(index + 1) * KILLS_PER_CHAIN]:
+                chain.run_killed_at(point, measured[kind], tally)
+            audit = chain.finish(tally)
+            assert not audit.on_server and audit.undelivered == [], f"chain {index}: not every message arrived"
+            tally.duplicates += audit.duplicates
+            assert audit.duplicates <= tally.kills - kills_before, f"chain {index}: more duplicates than kills"
+    finally:
+        for chain in chains:
+            chain.server.stop()
+
+    figures = (f"kill test: {tally.kills} kills ({tally.missed} polls ended first) in {tally.runs} runs; "
+               f"phases {dict(sorted(tally.phases.items()))}; {tally.fates_checked} message fates checked; "
+               f"lost {tally.lost}; duplicates {tally.duplicates}; an uninterrupted poll of {MAILBOX}: "
+               + ", ".join(f"{kind} {m.seconds:.2f} s ({m.startup:.2f} s start-up, {m.commands} commands)"
+                           for kind, m in measured.items())
+               + f"; files left in Maildir tmp/ by killed polls: {tally.stray_tmp_files}")
+    with capsys.disabled():
+        print(f"\n{figures}")
+    record_figures(request.node.nodeid, [], kills=tally.kills, faults=tally.kills,
+                   messages=tally.fates_checked, lost=tally.lost, duplicates=tally.duplicates)
+    assert tally.lost == 0
+    assert tally.kills >= len(points) - 2, figures
+    assert tally.duplicates <= tally.kills
