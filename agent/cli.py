@@ -22,7 +22,7 @@ import pluggy
 import structlog
 
 from agent import __version__
-from agent.config import Config, find_config, load_config
+from agent.config import Config, check_files, find_config, load_config
 from agent.errors import ConfigError, PostboteError, StateLockedError
 from agent.logconfig import configure_logging
 from agent.pluginmanager import PluginManager, make_plugin_manager
@@ -271,6 +271,7 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 def check(config: Config, out: TextIO | None = None) -> int:
     out = out or sys.stdout
+    check_files(config)
     print(f"config {config.path}: OK, {len(config.accounts)} account(s); state in {config.state_dir}", file=out)
     for account in config.accounts:
         tls = {"implicit": "TLS", "starttls": "STARTTLS", "none": "no TLS"}[account.tls]

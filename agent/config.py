@@ -104,6 +104,7 @@ class Account:
     disabled_plugins: frozenset[str] = frozenset()
     token_command: tuple[str, ...] = ()
     oauth2: OAuth2Settings | None = None
+    files: Mapping[str, tuple[Path, int, str]] = field(default_factory=dict)  # key -> (path, line, key path)
 
     def describe_credentials(self) -> str:
         """Where the secret comes from, for ``postbote check``; never the secret itself."""
@@ -251,10 +252,38 @@ def _account(section: Section, problems: Problems, pm: PluginManager, base_dir: 
     )
     account_args["disabled_plugins"] = frozenset(pm.sources) - set(account_args["plugins"] or {})
     account_args.update(_credentials(section, base_dir, account_args["auth"]))
+    named = {"tls_ca_file": account_args["tls_ca_file"], "password_file": _password_file(account_args)}
+    account_args["files"] = {key: (path, node.line, node.path) for key, path in named.items()
+                             if path is not None and (node := section.raw(key)) is not None}
     section.finish(ACCOUNT_KEYS)
     if len(problems.lines) > before:
         return None
     return Account(**account_args)
+
+
+def _password_file(args: dict[str, Any]) -> Path | None:
+    source = args.get("password")
+    return source.file if source is not None and source.kind == "password_file" else None
+
+
+def check_files(config: Config) -> None:
+    """What ``postbote check`` adds to loading: the files the accounts name must be there and readable now.
+
+    Not part of loading itself, since a daemon may start before, say, a credentials directory is mounted;
+    paths naming an unset variable (``${CREDENTIALS_DIRECTORY}`` outside the service) are left alone.
+    """
+    problems = Problems(str(config.path))
+    for account in config.accounts:
+        for path, line, key_path in account.files.values():
+            expanded = os.path.expandvars(str(path))
+            if "$" in expanded:
+                continue
+            try:
+                with open(expanded, "rb"):
+                    pass
+            except OSError as exc:
+                problems.add(line, key_path, f"cannot read {expanded}: {exc.strerror or exc}")
+    problems.raise_if_any()
 
 
 def _credentials(section: Section, base_dir: Path, auth: str | None) -> dict[str, Any]:

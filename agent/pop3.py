@@ -16,7 +16,7 @@ import re
 import socket
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +26,7 @@ from agent.tls import TLSPolicy
 
 MAX_REPLY_LINE = 8192
 MAX_LISTING_ENTRIES = 2_000_000
+MAX_LISTING_LINE = 100  # "NUMBER UID" with a UID of at most 70 characters (RFC 1939 7), with room to spare
 DATA_READ_SIZE = 1 << 16
 _UID = re.compile(rb"[\x21-\x7e]{1,70}")
 _APOP_TIMESTAMP = re.compile(rb"<[^<>\s]+@[^<>\s]+>")
@@ -114,7 +115,7 @@ class POP3Client:
             self.capabilities = {}
             return self.capabilities
         capabilities: dict[str, list[str]] = {}
-        for line in self._read_listing(limit=1000):
+        for line in self._read_listing(limit=1000, line_limit=MAX_REPLY_LINE):
             words = line.decode("ascii", "replace").split()
             if words:
                 capabilities[words[0].upper()] = words[1:]
@@ -208,7 +209,7 @@ class POP3Client:
             self._send("UIDL")
         self._expect_ok()
         uids: dict[int, str] = {}
-        for line in self._read_listing(limit=MAX_LISTING_ENTRIES):
+        for line in self._read_listing(limit=MAX_LISTING_ENTRIES, line_limit=MAX_LISTING_LINE):
             number, rest = _number_and_rest(line, "UIDL")
             if not _UID.fullmatch(rest):
                 raise POP3Error(f"UIDL: invalid unique id for message {number} (RFC 1939: 1-70 printable characters)",
@@ -218,7 +219,7 @@ class POP3Client:
             self._send("LIST")
         self._expect_ok()
         sizes: dict[int, int] = {}
-        for line in self._read_listing(limit=MAX_LISTING_ENTRIES):
+        for line in self._read_listing(limit=MAX_LISTING_ENTRIES, line_limit=MAX_LISTING_LINE):
             number, rest = _number_and_rest(line, "LIST")
             if not rest.isdigit():
                 raise POP3Error(f"LIST: invalid size for message {number}", line[:100].decode("ascii", "replace"))
@@ -329,10 +330,10 @@ class POP3Client:
             raise POP3ConnectionError(f"{self.host}: connection closed by the server {self._doing}")
         return line
 
-    def _read_reply_line(self) -> bytes:
-        line = self._readline(MAX_REPLY_LINE + 1)
+    def _read_reply_line(self, limit: int = MAX_REPLY_LINE) -> bytes:
+        line = self._readline(limit + 1)
         if not line.endswith(b"\n"):
-            raise POP3Error(f"{self.host}: reply line longer than {MAX_REPLY_LINE} bytes {self._doing}")
+            raise POP3Error(f"{self.host}: reply line longer than {limit} bytes {self._doing}")
         return line.rstrip(b"\r\n")
 
     def _expect_ok(self, *, auth: bool = False) -> str:
@@ -347,16 +348,18 @@ class POP3Client:
             raise POP3Error(f"{self.host}: server said -ERR {self._doing}: {reason or 'no reason given'}", text)
         raise POP3Error(f"{self.host}: not a POP3 reply {self._doing}: {text[:100]!r}", text)
 
-    def _read_listing(self, *, limit: int) -> list[bytes]:
-        """The lines of a multi-line reply with short lines (CAPA, UIDL, LIST), at most ``limit`` of them."""
-        lines: list[bytes] = []
+    def _read_listing(self, *, limit: int, line_limit: int) -> Iterator[bytes]:
+        """The lines of a multi-line reply with short lines (CAPA, UIDL, LIST), one at a time so the caller keeps
+        only what it parsed; at most ``limit`` lines of at most ``line_limit`` bytes each."""
+        count = 0
         while True:
-            line = self._read_reply_line()
+            line = self._read_reply_line(line_limit)
             if line == b".":
-                return lines
-            if len(lines) >= limit:
+                return
+            count += 1
+            if count > limit:
                 raise POP3Error(f"{self.host}: more than {limit} lines {self._doing}")
-            lines.append(line[1:] if line.startswith(b"..") else line)
+            yield line[1:] if line.startswith(b"..") else line
 
     def _read_data(self, sink: Callable[[bytes], None], limit: int | None) -> int:
         """Read a multi-line data block up to its terminating ``.`` line, unstuffing line starts, in bounded pieces."""

@@ -58,6 +58,10 @@ def load_yaml(path: Path) -> Node:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: malformed YAML: not valid UTF-8 text, byte 0x{exc.character:02x} "
+                          "(save the file as UTF-8)") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0

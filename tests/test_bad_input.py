@@ -265,18 +265,14 @@ CONFIG_CASES = {
         "  - {name: a, host: h, username: u, password_env: PW, deliver: {maildir: m}}\n",
         "plugins.backup: give exactly one of maildir, mbox"),
     "invalid UTF-8 in the file": config_case(
-        "accounts:\n  - name: \xff\n", ":2: malformed YAML",
-        xfail="BUG: a byte that is not UTF-8 makes a two-line error without a line number (yaml.ReaderError is "
-              "reported with str(exc), which holds a newline and only a byte position)"),
+        "accounts:\n  - name: \xff\n", ":2: malformed YAML"),
     "a password_file that does not exist": config_case(
         ACCOUNT.format(password_file="/nonexistent/alice.password"),
-        ":5: accounts[0].password_file: ",
-        xfail="BUG: `check` accepts a password_file that does not exist (exit 0); the poll then fails at run time"),
+        ":5: accounts[0].password_file: cannot read /nonexistent/alice.password: No such file or directory"),
     "a tls_ca_file that does not exist": config_case(
         "accounts:\n  - name: a\n    host: h\n    username: u\n    password_env: PW\n"
         "    tls_ca_file: /nonexistent/ca.pem\n    deliver: {maildir: m}\n",
-        ":6: accounts[0].tls_ca_file: ",
-        xfail="BUG: `check` accepts a tls_ca_file that does not exist (exit 0); every poll then fails its TLS set-up"),
+        ":6: accounts[0].tls_ca_file: cannot read /nonexistent/ca.pem: No such file or directory"),
 }
 
 

@@ -366,8 +366,6 @@ def test_a_flooding_server_is_cut_off_within_bounded_memory(make_rig: RigFactory
     assert rig.audit().on_server == (1, 2)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: UIDL/LIST lines are kept whole (up to 8 kB each, up to 2,000,000 "
-                                       "of them) until the listing ends: a server can make a poll hold 16 GB")
 def test_long_listing_lines_are_cut_off_within_bounded_memory(make_rig: RigFactory) -> None:
     rig = make_rig(corpus(2), Faults().on("UIDL", action=Action.flood(b"1 " + b"u" * 8000, count=40_000)))
 
