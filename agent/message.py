@@ -9,14 +9,14 @@ server sent apart from the header edits plugins make (the ``Received:`` trace he
 from __future__ import annotations
 
 import contextlib
-import email.parser
-import email.policy
 import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email.message import Message as EmailMessage
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from email.message import Message as EmailMessage
 
 SPOOL_THRESHOLD = 1 << 20
 MAX_HEADER_BYTES = 1 << 20
@@ -140,6 +140,9 @@ class Message:
     def headers(self) -> EmailMessage:
         """The header fields parsed (header block only, never the body); read-only view, use the methods to edit."""
         if self._parsed is None:
+            import email.parser  # the full parser only for plugins that ask for it
+            import email.policy
+
             parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
             self._parsed = parser.parsebytes(bytes(self._header))
         return self._parsed

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import email.utils
 import re
 import socket
+import time
 from functools import cache
 
 from agent import Message, hookimpl
@@ -24,5 +24,18 @@ def filter_message(message: Message, account: Account) -> None:
     message.prepend_header(
         "Received",
         f"from {account.host} by {local_hostname()} with POP3{'S' if account.tls != 'none' else ''}"
-        f" (postbote, account {account.name}){uid};\n\t{email.utils.formatdate(localtime=True)}",
+        f" (postbote, account {account.name}){uid};\n\t{rfc5322_date()}",
     )
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def rfc5322_date(now: float | None = None) -> str:
+    """``Sun, 29 Nov 2026 18:53:55 +0100`` in local time, independent of the locale."""
+    local = time.localtime(now)
+    offset = local.tm_gmtoff // 60
+    zone = f"{'+' if offset >= 0 else '-'}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"
+    return (f"{_DAYS[local.tm_wday]}, {local.tm_mday:02d} {_MONTHS[local.tm_mon - 1]} {local.tm_year} "
+            f"{local.tm_hour:02d}:{local.tm_min:02d}:{local.tm_sec:02d} {zone}")

@@ -77,3 +77,13 @@ def test_large_bodies_are_spooled_to_disk_not_held_in_memory() -> None:
 def test_eight_bit_content_is_noticed_for_8bitmime() -> None:
     assert not Message.from_bytes(RAW).eight_bit
     assert Message.from_bytes(b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\n").eight_bit
+
+
+def test_the_trace_date_is_rfc5322_like_the_standard_library_writes_it() -> None:
+    import email.utils
+    import time
+
+    from plugins.received import rfc5322_date
+
+    for moment in (0.0, 1_700_000_000.0, time.time()):
+        assert rfc5322_date(moment) == email.utils.formatdate(moment, localtime=True)
