@@ -18,7 +18,6 @@ import re
 import subprocess
 import textwrap
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,27 +26,17 @@ from hypothesis import strategies as st
 
 from agent.pop3server import Faults, POP3Server, crlf_normalised
 from tests.servers.smtp_sink import SMTPSink
-from tests.test_faults_pop3 import (
+from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401 - the shared fixtures
     MaildirTarget,
     Rig,
     RigFactory,
     SinkTarget,
     child_env,
-    limited_time,
+    make_rig,
     postbote_argv,
-    rig_factory,
     run_postbote,
+    time_limit,
 )
-
-
-@pytest.fixture(autouse=True)
-def time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield from limited_time(request)
-
-
-@pytest.fixture
-def make_rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RigFactory]:
-    yield from rig_factory(tmp_path, request)
 
 TIME_LIMIT = 90.0
 

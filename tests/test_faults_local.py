@@ -21,27 +21,17 @@ import pytest
 
 from agent.pop3server import Action, Faults
 from agent.state import DATABASE_NAME, DELIVERED, StateLock
-from tests.test_faults_pop3 import (
+from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401 - the shared fixtures
     MaildirTarget,
     RigFactory,
     child_env,
     corpus,
     corpus_message,
-    limited_time,
+    make_rig,
     postbote_argv,
-    rig_factory,
     run_postbote,
+    time_limit,
 )
-
-
-@pytest.fixture(autouse=True)
-def time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield from limited_time(request)
-
-
-@pytest.fixture
-def make_rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RigFactory]:
-    yield from rig_factory(tmp_path, request)
 
 BIG_BODY_LINES = 60_000  # about 2 MB: more than the small file systems below can take
 

@@ -7,32 +7,21 @@ won't on demand; the aiosmtpd sink and Dovecot's LMTP show the same rules agains
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import DovecotFactory
 from tests.servers.faulty_smtp import DROP, FaultySMTP, Stall
 from tests.servers.smtp_sink import SMTPSink
-from tests.test_faults_pop3 import (
+from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401 - the shared fixtures
     FaultyTarget,
     RigFactory,
     SinkTarget,
     corpus,
     corpus_number,
-    limited_time,
-    rig_factory,
+    make_rig,
+    time_limit,
 )
-
-
-@pytest.fixture(autouse=True)
-def time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield from limited_time(request)
-
-
-@pytest.fixture
-def make_rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RigFactory]:
-    yield from rig_factory(tmp_path, request)
 
 TEMPORARY = (421, 451, 452)
 PERMANENT = (550, 552, 554)

@@ -11,10 +11,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.credentials import Secret
-from agent.sasl import (AUTH_CHOICES, CLEARTEXT_MECHANISMS, SASL_NAMES, CramMD5, Login, MechanismChoiceError,
-                        OAuthBearer, Plain, SASLError, Scram, XOAuth2, _prepared, choose_mechanism,
-                        escape_saslname, make_mechanism, parse_attributes, saslprep, strict_b64decode,
-                        unescape_saslname)
+from agent.sasl import (
+    AUTH_CHOICES,
+    CLEARTEXT_MECHANISMS,
+    SASL_NAMES,
+    CramMD5,
+    Login,
+    MechanismChoiceError,
+    OAuthBearer,
+    Plain,
+    SASLError,
+    Scram,
+    XOAuth2,
+    _prepared,
+    choose_mechanism,
+    escape_saslname,
+    make_mechanism,
+    parse_attributes,
+    saslprep,
+    strict_b64decode,
+    unescape_saslname,
+)
 
 # --- RFC test vectors -----------------------------------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ import hashlib
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,27 +26,17 @@ from tests.conftest import DovecotFactory, SinkFactory
 from tests.servers.certs import TestPKI, openssl_binary
 from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp_sink import SMTPSink
-from tests.test_faults_pop3 import (
+from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401 - the shared fixtures
     MaildirTarget,
     Rig,
     RigFactory,
     Run,
     SinkTarget,
     corpus,
-    limited_time,
-    rig_factory,
+    make_rig,
     run_postbote,
+    time_limit,
 )
-
-
-@pytest.fixture(autouse=True)
-def time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield from limited_time(request)
-
-
-@pytest.fixture
-def make_rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RigFactory]:
-    yield from rig_factory(tmp_path, request)
 
 SECRET = "pw-Zebra-7731-do-not-print"
 MEMORY_BOUND = 256 << 20  # bytes: a poll idles at about 35 MB; 2,000,000 listed messages take about 140 MB
