@@ -72,7 +72,28 @@ def deliver_message(message: Message, destination: Destination, poll: PollContex
 
 def _checked(settings: MaildirSettings) -> str:
     ensure_maildir(settings.path, create=settings.create)
+    remove_stale_temporary_files(settings.path)
     return str(settings.path)
+
+
+STALE_AFTER = 36 * 3600
+
+
+def remove_stale_temporary_files(path: Path, now: float | None = None) -> int:
+    """Delete files left in ``tmp/`` for over 36 hours (the Maildir convention), e.g. by a killed poll.
+
+    Such a file was never renamed into ``new/``, so its message was not recorded as delivered or, if it was (a
+    crash between the commit and the rename), it is still on the server and fetched again: nothing is lost.
+    """
+    limit = (now or time.time()) - STALE_AFTER
+    removed = 0
+    with os.scandir(path / "tmp") as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < limit:
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
 
 
 def ensure_maildir(path: Path, *, create: bool) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -368,3 +369,15 @@ def test_a_crash_between_commit_and_rename_is_finished_by_the_next_poll(make_set
     assert setup.poll(extra="keep: true\n").delivered == 0
     assert delivered.exists() and not interrupted.exists()
     assert len(setup.delivered()) == 1
+
+
+def test_files_a_killed_poll_left_in_maildir_tmp_are_removed_after_36_hours(make_setup) -> None:
+    setup = make_setup([mail(1)])
+    (setup.maildir / "tmp").mkdir(parents=True)
+    stale, fresh = setup.maildir / "tmp" / "1.M1P1Q1.host", setup.maildir / "tmp" / "2.M2P2Q2.host"
+    for leftover in (stale, fresh):
+        leftover.write_bytes(b"partial")
+    old = time.time() - 37 * 3600
+    os.utime(stale, (old, old))
+    assert setup.poll().delivered == 1
+    assert not stale.exists() and fresh.exists()
