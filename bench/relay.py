@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.children import stop_child
+
 HIGH_WATER = 1 << 20
 # The loop runs on select(2), whose timeout has microsecond resolution (epoll's is rounded up to whole
 # milliseconds, which made every hop up to 1 ms late); wake this much early to absorb the timer's overshoot.
@@ -192,13 +194,7 @@ class RelayProcess:
         self.port = int(line[1])
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_child(self._proc)
         self._proc = None
 
 

@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.children import stop_child
+
 MODES = ("prompt", "delayed-ack")
 MAX_COMMAND_LINE = 4096
 READ_SIZE = 1 << 18
@@ -245,13 +247,7 @@ class SinkProcess:
             path.unlink()
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_child(self._proc)
         self._proc = None
 
 

@@ -19,13 +19,11 @@ import os
 import poplib
 import random
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import pytest
@@ -33,7 +31,7 @@ import structlog
 import yaml
 
 from tests.conftest import DovecotFactory
-from tests.servers import free_port
+from tests.servers import free_port, interrupt_after
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp_sink import SMTPSink
@@ -125,11 +123,6 @@ def stored_with_crlf() -> bytes:
 # -- driving postbote --------------------------------------------------------
 
 
-class PostboteTimeout(BaseException):
-    """Raised into a hanging in-process run (a BaseException so that postbote's
-    own ``except Exception`` handlers cannot swallow it)."""
-
-
 @contextmanager
 def logging_restored() -> Iterator[None]:
     """Undo postbote's process-wide logging set-up after an in-process run.
@@ -151,22 +144,6 @@ def logging_restored() -> Iterator[None]:
                 root.addHandler(handler)
         root.setLevel(level)
         structlog.configure(**structlog_config)
-
-
-@contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Interrupt the main thread after *seconds*: no test may hang forever."""
-
-    def expire(signum: int, frame: FrameType | None) -> None:
-        raise PostboteTimeout(f"postbote did not finish within {seconds}s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 class Postbote:
@@ -200,7 +177,7 @@ class Postbote:
         """``postbote -c CONFIG ARGS...`` in this process; returns the exit code."""
         from agent.cli import main  # imported late: a missing core fails tests, not collection
 
-        with deadline(RUN_TIMEOUT), logging_restored():
+        with interrupt_after(RUN_TIMEOUT, "postbote"), logging_restored():
             try:
                 return main(["-c", str(self.config_file), *args])
             except SystemExit as exit:

@@ -21,7 +21,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol
 
 import pytest
@@ -33,6 +32,7 @@ from agent.pluginmanager import make_plugin_manager
 from agent.poller import Poller, PollStats
 from agent.pop3server import Action, Faults, POP3Server
 from agent.state import REJECTED, Record, StateStore
+from tests.servers import interrupt_after
 from tests.servers.faulty_smtp import FaultySMTP
 from tests.servers.smtp_sink import SMTPSink
 
@@ -45,26 +45,10 @@ TIME_LIMIT = 60.0
 # --- no test may hang ---------------------------------------------------------------------------------
 
 
-class Overtime(BaseException):
-    """Raised into a test that ran past its module's ``TIME_LIMIT`` (a BaseException: postbote's own
-    ``except Exception`` handlers cannot swallow it)."""
-
-
 def limited_time(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Interrupt the test after ``TIME_LIMIT`` seconds (a module may set its own): a hang fails, never blocks CI.
-    Each fault suite makes it an autouse fixture of its own (``yield from limited_time(request)``)."""
-    seconds = float(getattr(request.module, "TIME_LIMIT", TIME_LIMIT))
-
-    def expire(signum: int, frame: FrameType | None) -> None:
-        raise Overtime(f"{request.node.name} did not finish within {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
+    """Interrupt the test after ``TIME_LIMIT`` seconds (a module may set its own): a hang fails, never blocks CI."""
+    with interrupt_after(float(getattr(request.module, "TIME_LIMIT", TIME_LIMIT)), request.node.name):
         yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # --- the corpus ---------------------------------------------------------------------------------------

@@ -38,16 +38,11 @@ from tests.test_faults_pop3 import (
     Target,
     child_env,
     corpus_message,
-    limited_time,
     postbote_argv,
     record_figures,
     run_postbote,
+    time_limit,  # noqa: F401 - the shared fixture
 )
-
-
-@pytest.fixture(autouse=True)
-def time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield from limited_time(request)
 
 TIME_LIMIT = 150.0
 MAILBOX = 300

@@ -13,9 +13,11 @@ holds the small networking helpers the servers share.
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 LOOPBACK = "127.0.0.1"
 
@@ -43,3 +45,24 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+class Overtime(BaseException):
+    """Raised into a test that ran past its time limit (a BaseException, so that postbote's own
+    ``except Exception`` handlers cannot swallow it)."""
+
+
+@contextmanager
+def interrupt_after(seconds: float, what: str) -> Iterator[None]:
+    """Interrupt the main thread with `Overtime` after ``seconds``: a hang fails a test, never blocks CI."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise Overtime(f"{what} did not finish within {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
