@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import base64
 import io
-import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from agent.credentials import PasswordSource, Secret
 from agent.errors import CredentialError
-from agent.logconfig import configure_logging
 from agent.login import AuthSettings, login
 from agent.oauth2 import OAuth2Refresher, TokenCommand, oauth2_settings
 from agent.pop3 import POP3AuthError, POP3Client
@@ -30,6 +27,7 @@ from agent.tls import TLSPolicy
 from tests.conftest import _require_dovecot
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot_sasl import FakeOAuthProvider, SaslDovecotServer, scram_credentials
+from tests.test_oauth2 import _capture_logging
 
 pytestmark = pytest.mark.dovecot
 
@@ -317,17 +315,3 @@ def test_no_secret_appears_anywhere(server: SaslDovecotServer, pki: TestPKI, pro
     secrets = [*PASSWORDS.values(), WRONG_PASSWORD, CLIENT_SECRET, "at-bogus-token-value", *provider.state.issued]
     secrets += [base64.b64encode(f"\0alice\0{p}".encode()).decode() for p in (PASSWORDS["alice"], WRONG_PASSWORD)]
     assert [secret for secret in secrets if secret in everything] == []
-
-
-def _capture_logging(stream: io.StringIO) -> Callable[[], None]:
-    """Route postbote's logs (debug and up, JSON) to ``stream``; returns what puts the previous set-up back."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    configure_logging("debug", "json", stream=stream)
-
-    def restore() -> None:
-        structlog.reset_defaults()
-        root.handlers[:] = handlers
-        root.setLevel(level)
-
-    return restore
