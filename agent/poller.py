@@ -283,7 +283,7 @@ class AccountSession:
         while waiting or in_flight:
             while waiting and len(in_flight) < window and not self.poller.stop.is_set():
                 entry = waiting.popleft()
-                self.client.send_retrieve(entry.number)
+                self.client.send_retrieve(entry.number, limit=retrieve_limit(entry, self.account))
                 in_flight.append(entry)
             if self.poller.stop.is_set():
                 log.info("poll.stopping", not_fetched=len(waiting) + len(in_flight))
@@ -294,7 +294,7 @@ class AccountSession:
         message = Message(entry.uid, entry.size)
         with structlog.contextvars.bound_contextvars(uid=entry.uid):
             try:
-                received = self.client.read_retrieved(message.write, limit=retrieve_limit(entry, self.account))
+                received = self.client.read_retrieved(message.write)
             except MessageTooLarge as exc:
                 message.discard()
                 self.poller.store.record(self.account.name, entry.uid, REJECTED, reason=str(exc), size=entry.size)

@@ -82,7 +82,7 @@ class POP3Client:
         self.capabilities: dict[str, list[str]] = {}
         self.refused_deletions: dict[int, str] = {}
         self._outgoing = bytearray()
-        self._in_flight: deque[tuple[str, int]] = deque()
+        self._in_flight: deque[tuple[str, int, int | None]] = deque()  # (command, message number, data limit)
 
     @classmethod
     def connect(cls, host: str, port: int, *, implicit_tls: bool, tls: TLSPolicy, timeout: float) -> POP3Client:
@@ -230,44 +230,39 @@ class POP3Client:
     # order. DELE replies are read lazily; a -ERR to DELE is remembered in ``refused_deletions``, not raised,
     # because the message was already recorded as handled: the next poll simply deletes it again.
 
-    def send_retrieve(self, number: int) -> None:
+    def send_retrieve(self, number: int, *, limit: int | None = None) -> None:
+        """RETR ``number``; at most ``limit`` octets of its data will be accepted when it is read."""
         self._send(f"RETR {number}", defer=self.pipelining)
-        self._in_flight.append(("RETR", number))
+        self._in_flight.append(("RETR", number, limit))
 
-    def read_retrieved(self, sink: Callable[[bytes], None], *, limit: int | None = None) -> int:
+    def read_retrieved(self, sink: Callable[[bytes], None]) -> int:
         """Read the next RETR reply in line (after the DELE replies queued before it) into ``sink``."""
         self._read_deletion_replies(stop_at_retrieve=True)
         if not self._in_flight:
             raise POP3Error(f"{self.host}: no RETR in flight")
-        _, number = self._in_flight.popleft()
+        _, number, limit = self._in_flight.popleft()
         self._doing = f"waiting for the reply to RETR {number}"
         self._expect_ok()
         return self._read_data(sink, limit)
 
-    def retrieve(self, number: int, sink: Callable[[bytes], None], *, limit: int | None = None) -> int:
-        """RETR ``number``, feeding the unstuffed message bytes to ``sink``; returns the octets received."""
-        self.send_retrieve(number)
-        return self.read_retrieved(sink, limit=limit)
-
     def delete(self, number: int, *, wait: bool = True) -> None:
         """DELE ``number``; with ``wait=False`` on a pipelining server its reply is read later."""
         self._send(f"DELE {number}", defer=self.pipelining and not wait)
-        self._in_flight.append(("DELE", number))
+        self._in_flight.append(("DELE", number, None))
         if wait or not self.pipelining:
             self._read_deletion_replies(stop_at_retrieve=False)
 
     def settle(self) -> None:
         """Read every reply still owed (abandoning the data of RETRs nobody will read)."""
         while self._in_flight:
-            kind, _ = self._in_flight[0]
-            if kind == "RETR":
-                self.read_retrieved(lambda _data: None)
+            if self._in_flight[0][0] == "RETR":
+                self.read_retrieved(lambda _data: None)  # bounded by the limit given when it was sent
             else:
                 self._read_deletion_replies(stop_at_retrieve=True)
 
     def _read_deletion_replies(self, *, stop_at_retrieve: bool) -> None:
         while self._in_flight and self._in_flight[0][0] == "DELE":
-            _, number = self._in_flight.popleft()
+            _, number, _ = self._in_flight.popleft()
             self._doing = f"waiting for the reply to DELE {number}"
             try:
                 self._expect_ok()
