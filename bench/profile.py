@@ -15,10 +15,14 @@ not rates.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -73,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=400, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--lines", action="store_true", help="per source line instead of per function")
+    parser.add_argument("--cpu", action="store_true",
+                        help="only time on the CPU (leave out waiting for servers, the disk and locks)")
     parser.add_argument("--focus", default="Poller.poll",
                         help="only stacks through this function (py-spy's name, default Poller.poll; '' for all)")
     parser.add_argument("--source", type=Path, default=environment.REPO)
@@ -80,48 +86,81 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="keep the folded stacks here (default: a temp file)")
     args = parser.parse_args(argv)
 
-    args.cache_dir.mkdir(parents=True, exist_ok=True)
-    user = environment.run_user(args.cache_dir)
-    python = environment.postbote_venv(args.cache_dir, user, args.source, print)
-    profiler = py_spy(args.cache_dir)
-    with tempfile.TemporaryDirectory(prefix="pbprofile-", dir=args.cache_dir) as scratch:
+    folded_output = args.output
+    with prepared_poll(args.mode, args.n, args.source, args.cache_dir) as poll:
+        profiler = py_spy(args.cache_dir)
+        folded = poll.work / "profile.folded"
+        line_option = [] if args.lines else ["--nolineno"]
+        idle_option = [] if args.cpu else ["--idle"]
+        argv_ = [str(profiler), "record", "--format", "raw", *line_option, *idle_option, "--rate", str(args.rate),
+                 "--output", str(folded), "--", *poll.command]
+        poll.seed()
+        subprocess.run(argv_, env=poll.env, cwd=poll.work, check=True, stdout=subprocess.DEVNULL,
+                       **poll.user.popen_args())
+        print(f"postbote poll of {args.n} messages to {args.mode}; left on server: {poll.left()}")
+        print(summarise(folded, args.top, args.focus))
+        if folded_output:
+            folded_output.write_bytes(folded.read_bytes())
+    return 0
+
+
+@dataclass
+class PreparedPoll:
+    """A running Dovecot (and SMTP sink) and the ``postbote poll`` command line for one mailbox of ``n`` messages.
+
+    Run the command in ``work``: ``python -m`` puts the current directory first on ``sys.path``, and a checkout
+    there would be imported instead of the snapshot.
+    """
+
+    server: BenchMailServer
+    user: environment.RunUser
+    work: Path
+    command: list[str]
+    env: dict[str, str]
+    n: int
+    maildir: Path | None
+
+    def seed(self) -> None:
+        """A fresh mailbox of ``n`` small messages, indexed; an empty Maildir."""
+        if self.maildir:
+            shutil.rmtree(self.maildir, ignore_errors=True)
+            for sub in ("tmp", "new", "cur"):
+                (self.maildir / sub).mkdir(parents=True)
+            self.user.own(self.maildir)
+        shutil.rmtree(self.work / "run" / "state", ignore_errors=True)
+        self.server.seed("u1", small_corpus(self.n))
+        self.server.warm("u1", self.n)
+
+    def left(self) -> int:
+        return self.server.left(["u1"])
+
+
+@contextlib.contextmanager
+def prepared_poll(mode: str, n: int, source: Path, cache_dir: Path) -> Iterator[PreparedPoll]:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    user = environment.run_user(cache_dir)
+    python = environment.postbote_venv(cache_dir, user, source, print)
+    with tempfile.TemporaryDirectory(prefix="pbprofile-", dir=cache_dir) as scratch:
         work = Path(scratch)
         work.chmod(0o755)
-        code = environment.snapshot_postbote(args.source, work / "code", user)
+        code = environment.snapshot_postbote(source, work / "code", user)
         runtime = Runtime(user=user, postbote_python=python, postbote_code=code)
         server = BenchMailServer()
-        sink = SinkProcess("prompt", None) if args.mode == "smtp" else None
+        sink = SinkProcess("prompt", None) if mode == "smtp" else None
         server.start()
         try:
             if sink:
                 sink.start()
-            corpus = small_corpus(args.n)
-            server.seed("u1", corpus)
-            server.warm("u1", len(corpus))
             target = Target("smtp", smtp_port=sink.port) if sink else Target("maildir", maildir=work / "Maildir")
-            if target.maildir:
-                for sub in ("tmp", "new", "cur"):
-                    (target.maildir / sub).mkdir(parents=True)
             job = Job((Mailbox("u1", "u1", PASSWORD, server.host, server.port),), target, work / "run")
             job.workdir.mkdir()
             (command,) = Postbote().commands(job, runtime)
-            folded = work / "profile.folded"
             user.own(work)
-            line_option = [] if args.lines else ["--nolineno"]
-            argv_ = [str(profiler), "record", "--format", "raw", *line_option, "--idle", "--rate", str(args.rate),
-                     "--output", str(folded), "--", *command]
-            subprocess.run(argv_, env=Postbote().env(runtime), check=True, stdout=subprocess.DEVNULL,
-                           **user.popen_args())
-            left = server.left(["u1"])
-            print(f"postbote poll of {args.n} messages to {args.mode}; left on server: {left}")
-            print(summarise(folded, args.top, args.focus))
-            if args.output:
-                args.output.write_bytes(folded.read_bytes())
+            yield PreparedPoll(server, user, work, command, Postbote().env(runtime), n, target.maildir)
         finally:
             if sink:
                 sink.stop()
             server.stop()
-    return 0
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", type=Path, default=environment.DEFAULT_CACHE,
                         help=f"venv and work directories (default {environment.DEFAULT_CACHE})")
     parser.add_argument("--keep-workdir", action="store_true", help="keep destinations, spools and logs")
+    parser.add_argument("--no-chunking", action="store_true",
+                        help="SMTP sinks do not offer CHUNKING (BDAT), so every tool sends DATA")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install missing packages")
     return parser
 
@@ -100,7 +102,8 @@ def parse_settings(argv: list[str] | None) -> tuple[argparse.Namespace, Settings
                         latency_n=args.latency_n, mixed_n=args.mixed_n, big_mb=args.big_mb,
                         accounts=args.accounts, per_account=args.per_account,
                         repeat=args.repeat, rtt_ms=args.rtt_ms, seed=args.seed, timeout=args.timeout,
-                        max_parallel=args.max_parallel, workdir=workdir, keep_workdir=args.keep_workdir)
+                        max_parallel=args.max_parallel, workdir=workdir, keep_workdir=args.keep_workdir,
+                        chunking=not args.no_chunking)
     return args, settings
 
 

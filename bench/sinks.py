@@ -16,9 +16,10 @@ competes with the benchmark driver for the GIL):
     segment after unacknowledged data then waits for the sink's delayed ACK, which is exactly what such a
     client meets in production.
 
-Both speak just enough ESMTP (EHLO with PIPELINING, 8BITMIME, SIZE; HELO, MAIL, RCPT, DATA, RSET, NOOP,
-QUIT). With ``--spool DIR`` each message is written, dot-unstuffed and with its CRLF line endings, to
-``DIR/NNNNNNNN.eml`` (no fsync) before the ``250`` goes out.
+Both speak just enough ESMTP (EHLO with PIPELINING, 8BITMIME, SIZE, CHUNKING; HELO, MAIL, RCPT, DATA, BDAT,
+RSET, NOOP, QUIT). CHUNKING (RFC 3030) is offered as Postfix (since 3.0) and Dovecot's LMTP offer it;
+``--no-chunking`` leaves it out. With ``--spool DIR`` each message is written, dot-unstuffed and with its CRLF
+line endings, to ``DIR/NNNNNNNN.eml`` (no fsync) before the ``250`` goes out.
 
 Run as ``python -m bench.sinks --mode prompt --port 0 --spool DIR``; it prints ``READY <port>`` when it
 listens. ``python -m bench.sinks --selftest`` measures the sink alone with a trivial client.
@@ -44,6 +45,7 @@ MODES = ("prompt", "delayed-ack")
 MAX_COMMAND_LINE = 4096
 READ_SIZE = 1 << 18
 EHLO_REPLY = b"250-sink.bench.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 0\r\n250 HELP\r\n"
+EHLO_REPLY_CHUNKING = EHLO_REPLY.replace(b"250 HELP", b"250-CHUNKING\r\n250 HELP")
 END_OF_DATA = b"\r\n.\r\n"
 
 
@@ -54,6 +56,9 @@ class _Session:
     outbox: bytearray = field(default_factory=bytearray)
     in_data: bool = False
     data_scanned: int = 0
+    chunk_left: int = 0  # BDAT data still to come for the current chunk
+    chunk_last: bool = False
+    chunks: bytearray = field(default_factory=bytearray)
     closing: bool = False
     closed: bool = False
 
@@ -61,10 +66,11 @@ class _Session:
 class SMTPSink:
     """The server loop; ``serve_forever`` until SIGTERM/SIGINT."""
 
-    def __init__(self, host: str, port: int, mode: str, spool: Path | None) -> None:
+    def __init__(self, host: str, port: int, mode: str, spool: Path | None, chunking: bool = True) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         self.prompt = mode == "prompt"
+        self.chunking = chunking
         self.spool = spool
         self.counter = itertools.count(1)
         self.accepted = 0
@@ -159,6 +165,10 @@ class SMTPSink:
                 if not self._take_message(session):
                     return
                 continue
+            if session.chunk_left or session.chunk_last:
+                if not self._take_chunk(session):
+                    return
+                continue
             end = session.inbox.find(b"\n")
             if end < 0:
                 if len(session.inbox) > MAX_COMMAND_LINE:
@@ -172,7 +182,13 @@ class SMTPSink:
     def _command(self, session: _Session, line: bytes) -> bytes:
         verb = line[:4].upper()
         if verb == b"EHLO":
-            return EHLO_REPLY
+            return EHLO_REPLY_CHUNKING if self.chunking else EHLO_REPLY
+        if verb == b"BDAT" and self.chunking:
+            size, _, last = line[5:].partition(b" ")
+            session.chunk_left, session.chunk_last = int(size), last.strip().upper() == b"LAST"
+            if session.chunk_left == 0:
+                return self._chunk_done(session)
+            return b""
         if verb in (b"HELO", b"MAIL", b"RCPT", b"RSET", b"NOOP"):
             return b"250 2.0.0 Ok\r\n"
         if verb == b"DATA":
@@ -205,11 +221,34 @@ class SMTPSink:
         session.outbox += b"250 2.0.0 Ok: queued as B%08d\r\n" % number
         return True
 
-    def _store(self, number: int, payload: bytes) -> None:
+    def _take_chunk(self, session: _Session) -> bool:
+        """Consume the data of the current BDAT chunk as far as it has arrived; False when more input is needed."""
+        taken = min(session.chunk_left, len(session.inbox))
+        session.chunks += session.inbox[:taken]
+        del session.inbox[:taken]
+        session.chunk_left -= taken
+        if session.chunk_left:
+            return False
+        session.outbox += self._chunk_done(session)
+        return True
+
+    def _chunk_done(self, session: _Session) -> bytes:
+        if not session.chunk_last:
+            return b"250 2.0.0 chunk received\r\n"
+        session.chunk_last = False
+        payload = bytes(session.chunks)
+        session.chunks.clear()
+        number = next(self.counter)
+        self._store(number, payload, stuffed=False)
+        self.accepted += 1
+        return b"250 2.0.0 Ok: queued as B%08d\r\n" % number
+
+    def _store(self, number: int, payload: bytes, *, stuffed: bool = True) -> None:
         if self.spool is None:
             return
-        unstuffed = (b"\r\n" + payload).replace(b"\r\n..", b"\r\n.")[2:]
-        (self.spool / f"{number:08d}.eml").write_bytes(unstuffed)
+        if stuffed:
+            payload = (b"\r\n" + payload).replace(b"\r\n..", b"\r\n.")[2:]
+        (self.spool / f"{number:08d}.eml").write_bytes(payload)
 
 
 # -- driver side ----------------------------------------------------------------
@@ -218,9 +257,10 @@ class SMTPSink:
 class SinkProcess:
     """A sink running in a child process, for the benchmark driver."""
 
-    def __init__(self, mode: str, spool: Path | None, host: str = "127.0.0.1") -> None:
+    def __init__(self, mode: str, spool: Path | None, host: str = "127.0.0.1", chunking: bool = True) -> None:
         self.mode = mode
         self.spool = spool
+        self.chunking = chunking
         self.host = host
         self.port = 0
         self._proc: subprocess.Popen[str] | None = None
@@ -230,6 +270,8 @@ class SinkProcess:
         if self.spool is not None:
             self.spool.mkdir(parents=True, exist_ok=True)
             argv += ["--spool", str(self.spool)]
+        if not self.chunking:
+            argv.append("--no-chunking")
         repo = Path(__file__).resolve().parent.parent
         self._proc = subprocess.Popen(argv, cwd=repo, stdout=subprocess.PIPE, text=True)
         assert self._proc.stdout is not None
@@ -284,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--spool", type=Path, help="store every accepted message here")
+    parser.add_argument("--no-chunking", action="store_true", help="do not offer CHUNKING (BDAT)")
     parser.add_argument("--selftest", action="store_true", help="measure the sink alone and exit")
     parser.add_argument("--count", type=int, default=5000, help="messages for --selftest")
     args = parser.parse_args(argv)
@@ -291,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in MODES:
             print(f"{mode}: {selftest(mode, args.count):,.0f} msg/s (lock-step client, one connection)")
         return 0
-    sink = SMTPSink(args.host, args.port, args.mode, args.spool)
+    sink = SMTPSink(args.host, args.port, args.mode, args.spool, chunking=not args.no_chunking)
     signal.signal(signal.SIGTERM, sink.stop)
     signal.signal(signal.SIGINT, sink.stop)
     print(f"READY {sink.port}", flush=True)
