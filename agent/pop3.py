@@ -27,7 +27,8 @@ from agent.tls import TLSPolicy
 MAX_REPLY_LINE = 8192
 MAX_LISTING_ENTRIES = 2_000_000
 MAX_LISTING_LINE = 100  # "NUMBER UID" with a UID of at most 70 characters (RFC 1939 7), with room to spare
-DATA_READ_SIZE = 1 << 16
+DATA_READ_SIZE = 1 << 18
+FLUSH_AFTER = 16  # pipelined commands sent together at most: few writes, and the server is never left idle
 _UID = re.compile(rb"[\x21-\x7e]{1,70}")
 _APOP_TIMESTAMP = re.compile(rb"<[^<>\s]+@[^<>\s]+>")
 
@@ -72,16 +73,17 @@ class ListingEntry:
 
 
 class POP3Client:
-    def __init__(self, sock: socket.socket, *, host: str, timeout: float) -> None:
+    def __init__(self, sock: socket.socket, *, host: str, timeout: float, read_buffer: int = DATA_READ_SIZE) -> None:
         self.host = host
         self.timeout = timeout
         self._sock = sock
-        self._reader = sock.makefile("rb", buffering=DATA_READ_SIZE)
+        self._receiver = Receiver(sock, read_buffer)
         self._doing = "reading the greeting"
         self.greeting = ""
         self.capabilities: dict[str, list[str]] = {}
         self.refused_deletions: dict[int, str] = {}
         self._outgoing = bytearray()
+        self._queued = 0
         self._in_flight: deque[tuple[str, int, int | None]] = deque()  # (command, message number, data limit)
 
     @classmethod
@@ -128,10 +130,9 @@ class POP3Client:
             raise POP3Error(f"{self.host} does not offer STLS; refusing to log in without TLS (tls: starttls)")
         self._send("STLS")
         self._expect_ok()
-        # Anything the server (or a man in the middle) sent before the handshake is discarded with the old reader.
-        self._reader.close()
+        # Anything the server (or a man in the middle) sent before the handshake is discarded with the old receiver.
         self._sock = tls.wrap(self._sock, self.host, self.host)
-        self._reader = self._sock.makefile("rb", buffering=DATA_READ_SIZE)
+        self._receiver = Receiver(self._sock, self._receiver.size)
         self.capa()
 
     def login_user(self, username: str, password: Secret) -> None:
@@ -281,9 +282,8 @@ class POP3Client:
         self.close()
 
     def close(self) -> None:
-        for closable in (self._reader, self._sock):
-            with contextlib.suppress(OSError):
-                closable.close()
+        with contextlib.suppress(OSError):
+            self._sock.close()
 
     # --- wire ---
 
@@ -292,16 +292,18 @@ class POP3Client:
         self._send("\r\n".join(commands), shown=" + ".join(commands))
 
     def _send(self, command: str, *, shown: str | None = None, defer: bool = False) -> None:
-        """Write a command; ``defer`` (pipelining only) collects it with others until the next read."""
+        """Write a command; ``defer`` (pipelining only) collects it with others until a read has to wait for the
+        server, or `FLUSH_AFTER` commands are waiting -- enough for few writes, soon enough to keep the server busy."""
         self._outgoing += command.encode("utf-8") + b"\r\n"
-        if not defer:
+        self._queued += 1
+        if not defer or self._queued >= FLUSH_AFTER:
             self._flush(shown or command.split(" ")[0])
         self._doing = f"waiting for the reply to {shown or command.split(' ')[0]}"
 
     def _flush(self, what: str = "commands") -> None:
         if not self._outgoing:
             return
-        data, self._outgoing = bytes(self._outgoing), bytearray()
+        data, self._outgoing, self._queued = bytes(self._outgoing), bytearray(), 0
         self._doing = f"sending {what}"
         try:
             self._sock.sendall(data)
@@ -310,19 +312,25 @@ class POP3Client:
         except OSError as exc:
             raise POP3ConnectionError(f"{self.host}: connection lost {self._doing}: {exc.strerror or exc}") from None
 
-    def _readline(self, limit: int) -> bytes:
+    def _receive(self) -> None:
+        """Wait for more data from the server (sending the commands still queued first, or it would wait too)."""
         if self._outgoing:
             self._flush()
         try:
-            line = self._reader.readline(limit)
+            received = self._receiver.fill()
         except TimeoutError:
             raise POP3ConnectionError(f"{self.host}: timed out after {self.timeout:g} s {self._doing}") from None
         except ssl.SSLError as exc:
             raise POP3ConnectionError(f"{self.host}: TLS error {self._doing}: {exc.reason or exc}") from None
         except OSError as exc:
             raise POP3ConnectionError(f"{self.host}: connection lost {self._doing}: {exc.strerror or exc}") from None
-        if not line:
+        if not received:
             raise POP3ConnectionError(f"{self.host}: connection closed by the server {self._doing}")
+
+    def _readline(self, limit: int) -> bytes:
+        """One line with its line end, or ``limit`` bytes of a longer one."""
+        while (line := self._receiver.line(limit)) is None:
+            self._receive()
         return line
 
     def _read_reply_line(self, limit: int = MAX_REPLY_LINE) -> bytes:
@@ -357,21 +365,99 @@ class POP3Client:
             yield line[1:] if line.startswith(b"..") else line
 
     def _read_data(self, sink: Callable[[bytes], None], limit: int | None) -> int:
-        """Read a multi-line data block up to its terminating ``.`` line, unstuffing line starts, in bounded pieces."""
+        """Read a multi-line data block up to its terminating ``.`` line, undoing the byte-stuffing of line starts.
+
+        Works on everything that has arrived at once (a small message is one step), not line by line; only a line
+        starting with a dot that is not complete yet waits for more data before it is judged.
+        """
         received = 0
         at_line_start = True
         while True:
-            piece = self._readline(DATA_READ_SIZE)
-            if at_line_start and piece[:1] == b".":
-                if piece in (b".\r\n", b".\n"):
-                    return received
-                if piece.startswith(b".."):
-                    piece = piece[1:]
-            at_line_start = piece.endswith(b"\n")
-            received += len(piece)
-            if limit is not None and received > limit:
-                raise MessageTooLarge(f"{self.host}: message data exceeds {limit} bytes {self._doing}")
-            sink(piece)
+            if not self._receiver.pending:
+                self._receive()
+            piece, done = self._receiver.data_lines(at_line_start)
+            if piece is None:
+                self._receive()  # a dot at a line start, and the rest of its line still to come
+                continue
+            if piece:
+                at_line_start = piece.endswith(b"\n")
+                received += len(piece)
+                if limit is not None and received > limit:
+                    raise MessageTooLarge(f"{self.host}: message data exceeds {limit} bytes {self._doing}")
+                sink(piece)
+            if done:
+                return received
+
+
+class Receiver:
+    """The receiving side of a connection, with a buffer the client can look into: whether a reply has arrived
+    already decides whether queued commands must go out now, and a message's data is taken in whole runs of lines
+    instead of line by line."""
+
+    def __init__(self, sock: socket.socket, size: int) -> None:
+        self.size = size
+        self._sock = sock
+        self._data = b""
+        self._pos = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._data) - self._pos
+
+    def fill(self) -> bool:
+        """Receive what the server has sent (waiting for it); False at the end of the stream."""
+        more = self._sock.recv(self.size)
+        if not more:
+            return False
+        self._data = self._data[self._pos:] + more if self._pos < len(self._data) else more
+        self._pos = 0
+        return True
+
+    def line(self, limit: int) -> bytes | None:
+        """The next line (at most ``limit`` bytes of it), or None when it has not arrived yet."""
+        end = self._data.find(b"\n", self._pos, self._pos + limit)
+        if end == -1:
+            if self.pending < limit:
+                return None
+            end = self._pos + limit - 1
+        return self._take(end + 1)
+
+    def data_lines(self, at_line_start: bool) -> tuple[bytes | None, bool]:
+        """The whole lines of a POP3 data block that have arrived, unstuffed, and whether its terminating ``.``
+        line was among them (what follows it is left for the next reply). ``(None, False)``: the buffer ends
+        inside a line that starts with a dot, which cannot be judged yet."""
+        data, start = self._data, self._pos
+        if at_line_start and data.startswith(b".", start):
+            if data.startswith(b".\r\n", start) or data.startswith(b".\n", start):
+                self._take(data.index(b"\n", start) + 1)
+                return b"", True
+            if data.find(b"\n", start) == -1:
+                return None, False
+        end = data.find(b"\n.\r\n", start)
+        # Bare-LF terminators (rare servers) only before the first CRLF one: the buffer may hold many messages.
+        bare = data.find(b"\n.\n", start, len(data) if end == -1 else end)
+        end = bare if bare != -1 else end
+        if end != -1:
+            end += 1
+            block = self._take(end)
+            self._take(data.index(b"\n", end) + 1)
+            return _unstuffed(block, at_line_start), True
+        last_line_end = data.rfind(b"\n", start)
+        if last_line_end == -1:
+            return self._take(len(data)), False  # a piece of a long line
+        return _unstuffed(self._take(last_line_end + 1), at_line_start), False
+
+    def _take(self, end: int) -> bytes:
+        taken = self._data[self._pos:end]
+        self._pos = end
+        return taken
+
+
+def _unstuffed(block: bytes, at_line_start: bool) -> bytes:
+    """Undo RFC 1939 byte-stuffing: a line that starts with a dot lost one to the server's stuffing."""
+    if at_line_start and block.startswith(b".."):
+        block = block[1:]
+    return block.replace(b"\n..", b"\n.") if b"\n.." in block else block
 
 
 def _number_and_rest(line: bytes, what: str) -> tuple[int, bytes]:

@@ -13,8 +13,9 @@ from collections.abc import Iterable, Iterator
 CRLF = b"\r\n"
 
 
-class SMTPDataEncoder:
-    """Turns message bytes into the DATA payload of RFC 5321 section 4.5.2, including the final ``.`` line."""
+class CRLFEncoder:
+    """Turns message bytes into CRLF lines, the SMTP wire's form (RFC 5321 2.3.8): a bare CR or LF becomes CRLF,
+    and a message not ending in a line break gets one. What BDAT sends (RFC 3030), and what DATA sends stuffed."""
 
     def __init__(self) -> None:
         self._carry = b""
@@ -29,20 +30,44 @@ class SMTPDataEncoder:
             self._carry = b""
         if not data:
             return b""
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", CRLF)
-        data = data.replace(b"\r\n.", b"\r\n..")
-        if self._at_line_start and data.startswith(b"."):
-            data = b"." + data
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        data = data.replace(b"\n", CRLF)
         self._at_line_start = data.endswith(CRLF)
         return data
 
     def finish(self) -> bytes:
-        """The rest of the payload: a pending CR, a line end if the message lacks a final one, and ``.CRLF``."""
-        tail = CRLF if self._carry else b""
-        if not tail and not self._at_line_start:
-            tail = CRLF
+        """A pending CR, or a line end if the message lacks a final one."""
+        tail = CRLF if self._carry or not self._at_line_start else b""
         self._carry, self._at_line_start = b"", True
-        return tail + b"." + CRLF
+        return tail
+
+
+class SMTPDataEncoder(CRLFEncoder):
+    """Turns message bytes into the DATA payload of RFC 5321 section 4.5.2, including the final ``.`` line."""
+
+    def encode(self, chunk: bytes) -> bytes:
+        at_line_start = self._at_line_start
+        data = super().encode(chunk)
+        if not data:
+            return b""
+        data = data.replace(b"\r\n.", b"\r\n..")
+        if at_line_start and data.startswith(b"."):
+            data = b"." + data
+        return data
+
+    def finish(self) -> bytes:
+        """The rest of the payload and ``.CRLF``."""
+        return super().finish() + b"." + CRLF
+
+
+def crlf_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    encoder = CRLFEncoder()
+    for chunk in chunks:
+        if encoded := encoder.encode(chunk):
+            yield encoded
+    if tail := encoder.finish():
+        yield tail
 
 
 def smtp_data(chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -80,7 +105,3 @@ def lf_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
     if tail := encoder.finish():
         yield tail
 
-
-def pop3_unstuff(line: bytes) -> bytes:
-    """Undo RFC 1939 byte-stuffing of one line of a multi-line response (the terminator is handled by the reader)."""
-    return line[1:] if line.startswith(b"..") else line

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from agent.message import Message
 from agent.pop3 import POP3Client
-from agent.wire import LFEncoder, SMTPDataEncoder, lf_lines, smtp_data
+from agent.wire import LFEncoder, SMTPDataEncoder, crlf_lines, lf_lines, smtp_data
 
 # Messages biased towards the dangerous bytes: dots, CR, LF, NUL and 8-bit.
 tricky_bytes = st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"\x00", b"\xff", b"a", b"..", b"\r\n.\r\n"]),
@@ -93,3 +93,55 @@ def test_pop3_then_smtp_round_trip_is_byte_exact(data: bytes) -> None:
         writer.join()
     assert message.as_bytes() == data
     assert smtp_unstuff(b"".join(smtp_data(message.chunks(7)))) == data
+
+
+def pop3_stuff_lines(data: bytes, newline: bytes) -> bytes:
+    """A POP3 data block for ``data`` whose lines end in ``newline`` (some servers send bare LF)."""
+    lines = data.split(newline)
+    if lines[-1] == b"":
+        lines.pop()
+    return b"".join((b"." + line if line.startswith(b".") else line) + newline for line in lines) + b"." + newline
+
+
+def read_one_block(wire: bytes, read_buffer: int) -> tuple[bytes, bytes]:
+    """The message the POP3 reader takes from ``wire`` (after a +OK line), and the bytes it leaves unread."""
+    left, right = socket.socketpair()
+    with left, right:
+        right.sendall(wire)
+        right.shutdown(socket.SHUT_WR)
+        client = POP3Client(left, host="test", timeout=5, read_buffer=read_buffer)
+        message = Message("1")
+        client._expect_ok()
+        received = client._read_data(message.write, None)
+        message.close_writing()
+        while client._receiver.fill():
+            pass
+        rest = client._receiver._take(len(client._receiver._data))
+    assert received == message.size
+    return message.as_bytes(), rest
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")) |
+                st.sampled_from([b".", b"..", b"...", b".\r", b"", b"\x00\xff"]), max_size=25),
+       st.sampled_from([b"\r\n", b"\n"]), st.integers(min_value=1, max_value=64))
+def test_pop3_data_is_unstuffed_exactly_however_the_read_buffer_cuts_it(
+        lines: list[bytes], newline: bytes, read_buffer: int) -> None:
+    """Bulk reading of whole buffered lines must give what line-by-line reading gave: every cut of the stream
+    (mid-line, right before a dot, inside the terminator) ends the message at its own terminator and no later."""
+    data = b"".join(line + newline for line in lines)
+    next_reply = b"+OK next\r\n.x\r\n"
+    message, rest = read_one_block(b"+OK\r\n" + pop3_stuff_lines(data, newline) + next_reply, read_buffer)
+    assert message == data
+    assert rest == next_reply
+
+
+@settings(max_examples=200, deadline=None)
+@given(tricky_bytes, st.integers(min_value=1, max_value=17))
+def test_bdat_data_is_the_message_with_crlf_line_ends_however_it_is_split(data: bytes, size: int) -> None:
+    """BDAT (RFC 3030) sends no dot-stuffing and no terminator: the receiver gets the CRLF form of the message as
+    DATA would have delivered it, a final line break included."""
+    chunks = [data[i:i + size] for i in range(0, len(data), size)]
+    sent = b"".join(crlf_lines(chunks))
+    assert sent == smtp_unstuff(b"".join(smtp_data([data])))
+    assert b"\r" not in sent.replace(b"\r\n", b"") and b"\n" not in sent.replace(b"\r\n", b"")
