@@ -112,7 +112,7 @@ def backup_message(message: Message, account: Account) -> None:
 
 
 @hookspec(firstresult=True)
-def deliver_message(message: Message, destination: Destination, account: Account, poll: PollContext) -> str | None:
+def deliver_message(message: Message, destination: Destination, account: Account, poll: PollContext) -> Any | None:
     """Hand a message to ``destination`` if its ``destination.kind`` is yours; else return None (no opinion).
 
     Return a short description of where it went (``"250 2.0.0 Ok: queued as 4F…"``, a file name) only once the
@@ -121,6 +121,13 @@ def deliver_message(message: Message, destination: Destination, account: Account
     retried only after ``postbote retry``). Any other exception counts as temporary. Use
     ``poll.resource(key, opener)`` to keep one connection for all messages of a poll; it is closed when the poll ends.
     Stops at the first non-None result.
+
+    Two ways to let postbote overlap your destination's work with the next message: ``poll.stage_rename(source,
+    target)`` for a file written but not yet synced (postbote syncs a whole batch at once, then renames), or return
+    a *deferred answer* -- any object with a ``result()`` method that waits for the destination's verdict and
+    returns the description or raises as above. postbote calls ``result()`` after fetching the next message and
+    before handing that one on, and records the message only if it returns; the built-in SMTP plugin returns one for
+    a single recipient, so the MTA stores a message while the next is fetched.
     """
 
 

@@ -23,9 +23,40 @@ if TYPE_CHECKING:
 
 @dataclass
 class Outcome:
+    """``answers`` has one entry per destination: its answer, or a `Deferred` one still to be confirmed.
+    ``durable_elsewhere``: some destination took the message for good on return (an MTA, a program), so its
+    record must not wait for a batch -- a crash would deliver it again."""
+
     dropped: bool = False
     reason: str = ""
-    answers: list[str] = field(default_factory=list)
+    answers: list[str | Deferred] = field(default_factory=list)
+    durable_elsewhere: bool = False
+
+    @property
+    def deferred(self) -> bool:
+        return any(isinstance(answer, Deferred) for answer in self.answers)
+
+
+class Deferred:
+    """A destination's answer that arrives later (`deliver_message` returned an object with ``result()``): the
+    message counts as delivered only once ``result()`` returns; exceptions other than `DeliveryError` become
+    `PluginError`, as they do when raised by the hook itself."""
+
+    def __init__(self, plugin: str, pending: Any) -> None:
+        self.plugin = plugin
+        self.pending = pending
+
+    def result(self) -> str:
+        try:
+            return str(self.pending.result())
+        except DeliveryError:
+            raise
+        except Exception as exc:
+            raise PluginError(self.plugin, "deliver_message", exc) from exc
+
+
+def settled(answer: str | Deferred) -> str:
+    return answer.result() if isinstance(answer, Deferred) else answer
 
 
 def implementations(hook: pluggy.HookCaller, kwargs: dict[str, Any]) -> list[Any]:
@@ -65,7 +96,10 @@ def handle(pm: pluggy.PluginManager, store: StateStore, message: Message, accoun
         return Outcome(dropped=True, reason=verdict.reason)
     for _ in call_each(pm.hook.backup_message, message=message, account=account):
         pass
-    return Outcome(answers=deliver_everywhere(pm, store, message, account, poll))
+    staged_before = poll.staged_count(message.uid)
+    answers = deliver_everywhere(pm, store, message, account, poll)
+    unstaged = len(answers) - (poll.staged_count(message.uid) - staged_before)
+    return Outcome(answers=answers, durable_elsewhere=unstaged > 0)
 
 
 def run_filters(pm: pluggy.PluginManager, message: Message, account: Account) -> Verdict | None:
@@ -79,15 +113,15 @@ def run_filters(pm: pluggy.PluginManager, message: Message, account: Account) ->
 
 
 def deliver_everywhere(pm: pluggy.PluginManager, store: StateStore, message: Message, account: Account,
-                       poll: PollContext) -> list[str]:
+                       poll: PollContext) -> list[str | Deferred]:
     """Deliver to every destination, remembering partial successes so that a retry skips what already took the
     message: a destination, with several; recipients, when an LMTP server accepted some of them (no duplicates)."""
     destinations = message.destinations if message.destinations is not None else account.destinations
     if not destinations:
         raise DeliveryError("a filter left the message without destinations", temporary=True)
     several = len(destinations) > 1
-    done = store.destinations_done(account.name, message.uid)
-    answers = []
+    done = store.destinations_done(account.name, message.uid) if message.uid in poll.partly_delivered else {}
+    answers: list[str | Deferred] = []
     for index, destination in enumerate(destinations):
         key = f"{index}:{destination.label}"
         if key in done:
@@ -96,19 +130,23 @@ def deliver_everywhere(pm: pluggy.PluginManager, store: StateStore, message: Mes
         served = [name.split(">", 1)[1] for name in done if name.startswith(f"{key}>")]
         try:
             answer = deliver_to_the_rest(pm, message, account, destination, poll, served)
+            if several:
+                answer = settled(answer)  # each destination's success is noted on its own, so it must be known now
         except DeliveryError as exc:
             for recipient in exc.accepted:
                 store.record_destination(account.name, message.uid, f"{key}>{recipient}", exc.reason)
+                poll.partly_delivered.add(message.uid)
             raise
         if several and not poll.has_staged(message.uid):
             # A staged delivery becomes durable only with the whole message's record, so it is not noted alone.
-            store.record_destination(account.name, message.uid, key, answer)
+            store.record_destination(account.name, message.uid, key, settled(answer))
+            poll.partly_delivered.add(message.uid)
         answers.append(answer)
     return answers
 
 
 def deliver_to_the_rest(pm: pluggy.PluginManager, message: Message, account: Account, destination: Any,
-                        poll: PollContext, served: list[str]) -> str:
+                        poll: PollContext, served: list[str]) -> str | Deferred:
     """Deliver, leaving out the recipients an earlier, partly successful attempt already reached."""
     if not served:
         return deliver_one(pm, message, account, destination, poll)
@@ -122,7 +160,7 @@ def deliver_to_the_rest(pm: pluggy.PluginManager, message: Message, account: Acc
 
 
 def deliver_one(pm: pluggy.PluginManager, message: Message, account: Account, destination: Any,
-                poll: PollContext) -> str:
+                poll: PollContext) -> str | Deferred:
     try:
         answer = pm.hook.deliver_message(message=message, destination=destination, account=account, poll=poll)
     except DeliveryError:
@@ -131,4 +169,6 @@ def deliver_one(pm: pluggy.PluginManager, message: Message, account: Account, de
         raise PluginError(destination.kind, "deliver_message", exc) from exc
     if answer is None:
         raise DeliveryError(f"no plugin delivers to {destination.kind!r}", temporary=True)
+    if not isinstance(answer, str) and callable(getattr(answer, "result", None)):
+        return Deferred(destination.kind, answer)
     return str(answer)

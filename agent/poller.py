@@ -66,6 +66,7 @@ class PollContext:
     def __init__(self, account: Account) -> None:
         self.account = account
         self.current_uid = ""
+        self.partly_delivered: set[str] = set()  # UIDs some destinations already took in an earlier poll
         self._resources: dict[Any, tuple[Any, Callable[[Any], None]]] = {}
         self._staged: dict[str, list[tuple[str, str]]] = {}
 
@@ -77,6 +78,9 @@ class PollContext:
 
     def has_staged(self, uid: str) -> bool:
         return uid in self._staged
+
+    def staged_count(self, uid: str) -> int:
+        return len(self._staged.get(uid, ()))
 
     def take_staged(self, uids: list[str]) -> list[tuple[str, str, str]]:
         return [(uid, source, target) for uid in uids for source, target in self._staged.pop(uid, [])]
@@ -122,9 +126,11 @@ class Handled:
 
     entry: ListingEntry
     message: Message
-    dropped: bool
-    reason: str
-    answers: list[str]
+    outcome: pipeline.Outcome
+
+    @property
+    def answers(self) -> list[str]:
+        return [answer for answer in self.outcome.answers if isinstance(answer, str)]
 
 
 class Poller:
@@ -168,7 +174,7 @@ class Poller:
         try:
             entries = client.listing()
             stats.listed = len(entries)
-            to_delete, to_fetch = self._plan(account, entries, stats)
+            to_delete, to_fetch = self._plan(account, entries, stats, poll)
             self._notify("messages_listed", account=account, count=len(to_fetch),
                          octets=sum(entry.size for entry in to_fetch))
             for entry in to_delete:
@@ -217,10 +223,11 @@ class Poller:
             raise
         return client
 
-    def _plan(self, account: Account, entries: list[ListingEntry],
-              stats: PollStats) -> tuple[list[ListingEntry], list[ListingEntry]]:
+    def _plan(self, account: Account, entries: list[ListingEntry], stats: PollStats,
+              poll: PollContext) -> tuple[list[ListingEntry], list[ListingEntry]]:
         """Split the listing into messages to delete without delivery (handled before) and messages to fetch."""
         records = self.store.records(account.name)
+        poll.partly_delivered = self.store.partly_delivered(account.name)
         present = {entry.uid for entry in entries}
         self.store.forget(account.name, [uid for uid in records if uid not in present])
         duplicated = {uid for uid, count in Counter(e.uid for e in entries).items() if count > 1}
@@ -275,6 +282,7 @@ class AccountSession:
         self.stats = stats
         self.poll = poll
         self.batch: list[Handled] = []
+        self.awaiting_answer = False  # a message in the batch has a deferred answer
         self.deletions: dict[int, str] = {}
 
     def fetch(self, to_fetch: list[ListingEntry]) -> None:
@@ -321,12 +329,17 @@ class AccountSession:
                             reason="the server sent far less than LIST announced; left on the server")
                 return
             self.stats.bytes += message.size
+            if self.awaiting_answer:
+                self.settle()  # the previous message's answer has had this message's transfer to arrive
             handled = self.hand_on(entry, message)
         if handled is None:
             message.discard()
             return
         self.batch.append(handled)
-        if not self.poll.has_staged(entry.uid) or len(self.batch) >= BATCH_SIZE or not more_coming:
+        if handled.outcome.deferred:
+            self.awaiting_answer = True
+            return  # settled before the next message is handed on, or at the end of the poll
+        if handled.outcome.durable_elsewhere or len(self.batch) >= BATCH_SIZE or not more_coming:
             self.settle()
 
     def hand_on(self, entry: ListingEntry, message: Message) -> Handled | None:
@@ -337,7 +350,7 @@ class AccountSession:
             self.poll.discard_staged(message.uid)
             self.failed(message, exc, temporary=not (isinstance(exc, DeliveryError) and not exc.temporary))
             return None
-        return Handled(entry, message, outcome.dropped, outcome.reason, outcome.answers)
+        return Handled(entry, message, outcome)
 
     def failed(self, message: Message, error: PostboteError, *, temporary: bool) -> None:
         self.stats.left += 1
@@ -355,10 +368,17 @@ class AccountSession:
         self.poller._notify("message_failed", message=message, account=self.account, error=error, temporary=temporary)
 
     def settle(self, *, delete: bool = True) -> None:
-        """Make the batch durable, record it in one transaction, finish staged renames, then send the DELEs."""
+        """Confirm deferred answers, make the batch durable, record it in one transaction, finish staged renames,
+        then send the DELEs.
+
+        A message whose delivery was deferred (an MTA's answer still on its way) is settled before the next message
+        is handed on, so at most one message is ever delivered but not recorded: a crash costs one duplicate."""
         if not self.batch:
             return
-        batch, self.batch = self.batch, []
+        self.awaiting_answer = False
+        batch, self.batch = [h for h in self.batch if self.confirmed(h)], []
+        if not batch:
+            return
         staged = self.poll.take_staged([h.message.uid for h in batch])
         try:
             sync_filesystems([source for _, source, _ in staged])
@@ -392,6 +412,19 @@ class AccountSession:
                 self.delete(handled.entry)
             handled.message.discard()
 
+    def confirmed(self, handled: Handled) -> bool:
+        """Wait for the message's deferred answers; a refusal fails the message as if its delivery had raised."""
+        message = handled.message
+        try:
+            handled.outcome.answers = [pipeline.settled(answer) for answer in handled.outcome.answers]
+        except (DeliveryError, PluginError) as exc:
+            with structlog.contextvars.bound_contextvars(uid=message.uid):
+                self.poll.discard_staged(message.uid)
+                self.failed(message, exc, temporary=not (isinstance(exc, DeliveryError) and not exc.temporary))
+            message.discard()
+            return False
+        return True
+
     def settle_after_error(self) -> None:
         """The session broke: still record what was fully handled (it is durable), but delete nothing."""
         try:
@@ -400,18 +433,19 @@ class AccountSession:
             log.error("batch.not_recorded", error=str(exc), reason="messages stay on the server")
 
     def record_of(self, handled: Handled) -> tuple[str, str, str, str | None, int]:
-        status = DROPPED if handled.dropped else DELIVERED
-        reason = handled.reason or "; ".join(handled.answers)
+        status = DROPPED if handled.outcome.dropped else DELIVERED
+        reason = handled.outcome.reason or "; ".join(handled.answers)
         return handled.message.uid, status, reason, handled.message.message_id, handled.entry.size
 
     def report(self, handled: Handled) -> None:
         message = handled.message
         with structlog.contextvars.bound_contextvars(uid=message.uid):
             facts = {"size": message.size, "message_id": message.message_id}
-            if handled.dropped:
+            if handled.outcome.dropped:
                 self.stats.dropped += 1
-                log.info("message.dropped", reason=handled.reason, **facts)
-                self.poller._notify("message_dropped", message=message, account=self.account, reason=handled.reason)
+                log.info("message.dropped", reason=handled.outcome.reason, **facts)
+                self.poller._notify("message_dropped", message=message, account=self.account,
+                                    reason=handled.outcome.reason)
             else:
                 self.stats.delivered += 1
                 log.info("message.delivered", destinations=handled.answers, **facts)
@@ -448,12 +482,12 @@ def retrieve_limit(entry: ListingEntry, account: Account) -> int:
 def sync_filesystems(paths: list[str]) -> None:
     """Flush the data of many files with one ``syncfs`` per filesystem instead of one ``fsync`` per file."""
     seen: set[int] = set()
-    for path in paths:
-        device = os.stat(path).st_dev
+    for directory in {os.path.dirname(path) for path in paths}:
+        device = os.stat(directory).st_dev
         if device in seen:
             continue
         seen.add(device)
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(directory, os.O_RDONLY)
         try:
             _syncfs(fd)
         finally:

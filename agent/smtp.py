@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 from agent.errors import DeliveryError
 from agent.tls import TLSError, TLSPolicy
-from agent.wire import smtp_data
+from agent.wire import crlf_lines, smtp_data
 
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 100
 WRITE_BUFFER = 1 << 16
+BDAT_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class SMTPClient:
         self.usable = True
         self._sock = sock
         self._reader = sock.makefile("rb")
+        self._outstanding: Delivery | None = None
 
     @classmethod
     def connect(cls, *, host: str | None = None, port: int = 25, unix_socket: str | None = None, timeout: float,
@@ -98,12 +100,61 @@ class SMTPClient:
 
     def send(self, sender: str, recipients: list[str], chunks: Iterable[bytes], *, eight_bit: bool = False) -> str:
         """Deliver one message to all ``recipients``; returns the server's final answer. All or nothing."""
+        return self.start(sender, recipients, chunks, eight_bit=eight_bit).result()
+
+    def start(self, sender: str, recipients: list[str], chunks: Iterable[bytes], *,
+              eight_bit: bool = False) -> Delivery:
+        """Send one message and return without waiting for the server's answer to its data: `Delivery.result`
+        reads it, as late as the caller likes, so the next message can be fetched and filtered meanwhile. Any later
+        command reads it first; one message at a time is ever left unanswered.
+
+        With one recipient on a server that offers PIPELINING and CHUNKING (RFC 3030), the whole transaction --
+        MAIL, RCPT, BDAT with the data -- goes out in one write and nothing is waited for. With one recipient the
+        all-or-nothing rule holds without waiting: a refused recipient leaves no transaction for the data.
+        """
+        self.finish_outstanding()
         params = self._mail_parameters(sender, recipients, eight_bit)
         commands = [f"MAIL FROM:<{sender}>{params}"] + [f"RCPT TO:<{rcpt}>" for rcpt in recipients]
         pipelining = "PIPELINING" in self.extensions
-        # With one recipient DATA can join the pipeline (RFC 2920): if that recipient is refused, the server has no
-        # recipient to start a transaction for and refuses DATA too, so all-or-nothing still holds.
-        data_pipelined = pipelining and len(recipients) == 1
+        chunking = pipelining and "CHUNKING" in self.extensions
+        if chunking and len(recipients) == 1:
+            envelope = "".join(c + "\r\n" for c in commands).encode("utf-8")
+            return self._track(Delivery(self, recipients, commands, self._write_chunks(chunks, envelope)))
+        self._send_envelope(commands, pipelining, data_follows=not chunking)
+        if chunking:
+            return self._track(Delivery(self, recipients, [], self._write_chunks(chunks, b"")))
+        self._write_data(chunks)
+        return self._track(Delivery(self, recipients, [], 0))
+
+    def finish_outstanding(self) -> None:
+        """Read the answer still owed for the previous message, if any (its `Delivery` keeps it)."""
+        if self._outstanding is not None:
+            self._outstanding.settle()
+
+    def quit(self) -> None:
+        if self.usable:
+            with contextlib.suppress(DeliveryError):
+                self.finish_outstanding()
+                self._command("QUIT")
+        self.close()
+
+    def close(self) -> None:
+        self.usable = False
+        for closable in (self._reader, self._sock):
+            with contextlib.suppress(OSError):
+                closable.close()
+
+    # --- internals ---
+
+    def _track(self, delivery: Delivery) -> Delivery:
+        self._outstanding = delivery
+        return delivery
+
+    def _send_envelope(self, commands: list[str], pipelining: bool, *, data_follows: bool) -> None:
+        """MAIL and RCPT, waiting for their answers (several recipients: all must be accepted before any data is
+        sent). With one recipient DATA joins the pipeline (RFC 2920): if that recipient is refused, the server has
+        no recipient to start a transaction for and refuses DATA too, so all-or-nothing still holds."""
+        data_pipelined = data_follows and pipelining and len(commands) == 2
         if pipelining:
             self._write("".join(c + "\r\n" for c in commands + ["DATA"] * data_pipelined).encode("utf-8"))
             replies = [self._read_reply() for _ in commands]
@@ -120,30 +171,22 @@ class SMTPClient:
                 self.close()  # the server would take data for nobody we want: abandon the session, send nothing
             else:
                 self._reset()
-            command, worst = max(refused, key=lambda item: item[1].code)
-            raise DeliveryError(f"{self.server} refused {command.split(':')[0]} "
-                                f"{command.partition(':')[2]}: {worst}", temporary=not worst.code >= 500)
+            raise self._refusal(refused)
+        if not data_follows:
+            return
         if reply is None:
             reply = self._command("DATA")
         if reply.code != 354:
             self._reset()
             raise DeliveryError(f"{self.server} answered DATA with {reply}", temporary=reply.code < 500)
-        self._write_data(chunks)
-        return self._data_replies(recipients)
 
-    def quit(self) -> None:
-        if self.usable:
-            with contextlib.suppress(DeliveryError):
-                self._command("QUIT")
-        self.close()
-
-    def close(self) -> None:
-        self.usable = False
-        for closable in (self._reader, self._sock):
-            with contextlib.suppress(OSError):
-                closable.close()
-
-    # --- internals ---
+    def _refusal(self, refused: list[tuple[str, Reply]]) -> DeliveryError:
+        """The error for a refused envelope: a refused MAIL decides (the RCPTs pipelined behind it were refused for
+        lack of a transaction), else the worst of the refused recipients."""
+        mail_refused = refused[0][0].startswith("MAIL")
+        command, worst = refused[0] if mail_refused else max(refused, key=lambda item: item[1].code)
+        return DeliveryError(f"{self.server} refused {command.split(':')[0]} {command.partition(':')[2]}: {worst}",
+                             temporary=not worst.code >= 500)
 
     def _mail_parameters(self, sender: str, recipients: list[str], eight_bit: bool) -> str:
         params = ""
@@ -156,10 +199,9 @@ class SMTPClient:
             params += " SMTPUTF8"
         return params
 
-    def _data_replies(self, recipients: list[str]) -> str:
+    def _judge_data_replies(self, recipients: list[str], replies: list[Reply]) -> str:
         """SMTP answers the data once; LMTP once per recipient (RFC 2033 4.2), and some may take it while others
         refuse: those that took it are named in the error, so that a retry goes only to the others."""
-        replies = [self._read_reply() for _ in (recipients if self.lmtp else recipients[:1])]
         failed = [r for r in replies if not r.ok]
         if failed:
             worst = max(failed, key=lambda r: r.code)
@@ -179,6 +221,38 @@ class SMTPClient:
                 buffer.clear()
         self._write(bytes(buffer))
 
+    def _write_chunks(self, chunks: Iterable[bytes], envelope: bytes) -> int:
+        """The message as BDAT chunks (RFC 3030: CRLF line endings, no dot-stuffing, no terminator) behind
+        ``envelope``: a small message is one write of envelope, ``BDAT n LAST`` and data. Returns the number of BDAT
+        commands sent; a chunk is at most `BDAT_CHUNK` bytes, so a 200 MB message has 200 answers to read later,
+        which fit the socket buffers."""
+        prefix, pending, count = envelope, bytearray(), 0
+        for piece in crlf_lines(chunks):
+            pending += piece
+            if len(pending) >= BDAT_CHUNK:
+                self._write(prefix + b"BDAT %d\r\n" % len(pending) + pending)
+                prefix, count = b"", count + 1
+                pending.clear()
+        self._write(prefix + b"BDAT %d LAST\r\n" % len(pending) + pending)
+        return count + 1
+
+    def _final_answers(self, recipients: list[str], envelope: list[str], chunks: int) -> str:
+        """Read what a sent message is owed, in order: the answers to a pipelined envelope, to its BDAT chunks but
+        the last, then the final answer (LMTP: one per recipient)."""
+        envelope_replies = [self._read_reply() for _ in envelope]
+        chunk_replies = [self._read_reply() for _ in range(chunks - 1)]
+        final = [self._read_reply() for _ in (recipients if self.lmtp else recipients[:1])]
+        refused = [(c, r) for c, r in zip(envelope, envelope_replies, strict=True) if not r.ok]
+        if refused:
+            self._reset()
+            raise self._refusal(refused)
+        failed_chunk = next((reply for reply in chunk_replies if not reply.ok), None)
+        if failed_chunk is not None:
+            self._reset()
+            raise DeliveryError(f"{self.server} refused part of the message (BDAT): {failed_chunk}",
+                                temporary=failed_chunk.code < 500)
+        return self._judge_data_replies(recipients, final)
+
     def _reset(self) -> None:
         try:
             self._command("RSET")
@@ -186,6 +260,7 @@ class SMTPClient:
             self.usable = False
 
     def _command(self, line: str) -> Reply:
+        self.finish_outstanding()
         self._write(line.encode("utf-8") + b"\r\n")
         return self._read_reply()
 
@@ -238,6 +313,38 @@ class SMTPClient:
             self.usable = False
             raise DeliveryError(f"{self.server} sent a reply line longer than {MAX_REPLY_LINE} bytes", temporary=True)
         return raw.rstrip(b"\r\n")
+
+
+class Delivery:
+    """A message `SMTPClient.start` has sent, whose answers may still be on their way: `result` reads them."""
+
+    def __init__(self, client: SMTPClient, recipients: list[str], envelope: list[str], chunks: int) -> None:
+        self._client = client
+        self._recipients = recipients
+        self._envelope = envelope  # MAIL and RCPT commands pipelined with the data, answers unread
+        self._chunks = chunks  # BDAT commands sent (0 for DATA)
+        self._settled = False
+        self._answer = ""
+        self._error: DeliveryError | None = None
+
+    def result(self) -> str:
+        """The server's final answer once the message is accepted; raises `DeliveryError` if it was not."""
+        self.settle()
+        if self._error is not None:
+            raise self._error
+        return self._answer
+
+    def settle(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        client = self._client
+        if client._outstanding is self:
+            client._outstanding = None
+        try:
+            self._answer = client._final_answers(self._recipients, self._envelope, self._chunks)
+        except DeliveryError as exc:
+            self._error = exc
 
 
 def _open_socket(host: str | None, port: int, unix_socket: str | None, timeout: float, server: str) -> socket.socket:

@@ -189,8 +189,9 @@ class StateStore:
                  in records])
             self._db.executemany("DELETE FROM destinations_done WHERE account = ? AND uid = ?",
                                  [(account, uid) for uid, *_ in records])
-            self._db.executemany("INSERT INTO pending_renames VALUES (?, ?, ?, ?)",
-                                 [(account, uid, source, target) for uid, source, target in renames])
+            if renames:
+                self._db.executemany("INSERT INTO pending_renames VALUES (?, ?, ?, ?)",
+                                     [(account, uid, source, target) for uid, source, target in renames])
 
     def pending_renames(self, account: str) -> list[tuple[str, str, str]]:
         return [tuple(row) for row in self._query(  # type: ignore[misc]
@@ -209,6 +210,11 @@ class StateStore:
         rows = self._query("SELECT destination, answer FROM destinations_done WHERE account = ? AND uid = ?",
                            (account, uid))
         return dict(rows)
+
+    def partly_delivered(self, account: str) -> set[str]:
+        """UIDs with destinations noted by `record_destination` (normally none: one query per poll, not per message)."""
+        return {uid for (uid,) in self._query("SELECT DISTINCT uid FROM destinations_done WHERE account = ?",
+                                              (account,))}
 
     def record_destination(self, account: str, uid: str, destination: str, answer: str) -> None:
         with self._transaction():

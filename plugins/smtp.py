@@ -16,7 +16,7 @@ from agent import settings as s
 from agent.config import Destination
 from agent.poller import PollContext
 from agent.settings import Node, Problems, Section
-from agent.smtp import SMTPClient
+from agent.smtp import Delivery, SMTPClient
 from agent.tls import TLSPolicy
 from plugins.received import local_hostname
 
@@ -88,14 +88,18 @@ def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Pa
 
 
 @hookimpl
-def deliver_message(message: Message, destination: Destination, poll: PollContext) -> str | None:
+def deliver_message(message: Message, destination: Destination, poll: PollContext) -> str | Delivery | None:
+    """With one recipient the answer is left to be read later (a deferred answer, see the hook's contract), so that
+    the MTA stores this message while postbote fetches the next; with several it is read at once, because an LMTP
+    server may take the message for some recipients and not others, and those must be noted right away."""
     if destination.kind not in DESTINATION_KINDS:
         return None
     settings: SMTPSettings = destination.settings
     client: SMTPClient = poll.resource(("smtp", destination.label), lambda: _connect(settings),
                                        usable=lambda c: c.usable, close=SMTPClient.quit)
     recipients = message.recipients or list(settings.recipients)
-    return client.send(_sender(message, settings), recipients, message.chunks(), eight_bit=message.eight_bit)
+    delivery = client.start(_sender(message, settings), recipients, message.chunks(), eight_bit=message.eight_bit)
+    return delivery if len(recipients) == 1 else delivery.result()
 
 
 def _connect(settings: SMTPSettings) -> SMTPClient:

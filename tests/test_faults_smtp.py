@@ -6,10 +6,12 @@ won't on demand; the aiosmtpd sink and Dovecot's LMTP show the same rules agains
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
 
+from agent.state import DELIVERED
 from tests.conftest import DovecotFactory
 from tests.servers.faulty_smtp import DROP, FaultySMTP, Stall
 from tests.servers.smtp_sink import SMTPSink
@@ -18,6 +20,7 @@ from tests.test_faults_pop3 import (  # the shared fault harness and its fixture
     RigFactory,
     SinkTarget,
     corpus,
+    corpus_message,
     corpus_number,
     make_rig,
     time_limit,
@@ -26,11 +29,16 @@ from tests.test_faults_pop3 import (  # the shared fault harness and its fixture
 TEMPORARY = (421, 451, 452)
 PERMANENT = (550, 552, 554)
 STAGES = ("CONNECT", "EHLO", "MAIL", "RCPT", "DATA", "END")
+# Every stage, once for a server without CHUNKING (the data goes with DATA) and once with it (BDAT, RFC 3030: the
+# whole transaction is written without waiting, and the answers are read afterwards).
+WIRE_STAGES = [pytest.param(wire, stage, id=f"{wire}-{stage}") for wire in ("DATA", "BDAT") for stage in STAGES
+               if not (wire == "BDAT" and stage == "DATA")]
 
 
 @pytest.fixture
-def faulty() -> Iterator[FaultySMTP]:
-    with FaultySMTP() as server:
+def faulty(request: pytest.FixtureRequest) -> Iterator[FaultySMTP]:
+    """The scripted MTA; parametrize it indirectly with ``"BDAT"`` to have it offer CHUNKING."""
+    with FaultySMTP(chunking=getattr(request, "param", "DATA") == "BDAT") as server:
         yield server
 
 
@@ -53,7 +61,7 @@ def expected_fate(stage: str, code: int) -> str:
 
 
 @pytest.mark.parametrize("code", TEMPORARY + PERMANENT)
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize(("faulty", "stage"), WIRE_STAGES, indirect=["faulty"])
 def test_every_refusal_at_every_stage_keeps_the_message_on_the_server_or_records_why(
         make_rig: RigFactory, faulty: FaultySMTP, stage: str, code: int) -> None:
     faulty.on(stage, scripted(code))
@@ -79,7 +87,7 @@ def test_every_refusal_at_every_stage_keeps_the_message_on_the_server_or_records
         assert rig.audit().everything_delivered_once_and_deleted
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize(("faulty", "stage"), WIRE_STAGES, indirect=["faulty"])
 def test_a_connection_dropped_at_any_stage_defers_the_message(make_rig: RigFactory, faulty: FaultySMTP,
                                                               stage: str) -> None:
     faulty.on(stage, DROP)
@@ -94,6 +102,7 @@ def test_a_connection_dropped_at_any_stage_defers_the_message(make_rig: RigFacto
     assert audit.duplicates == 0
 
 
+@pytest.mark.parametrize("faulty", ["DATA", "BDAT"], indirect=True)
 def test_dropped_after_the_data_before_the_reply_the_message_stays_and_costs_at_most_one_duplicate(
         make_rig: RigFactory, faulty: FaultySMTP) -> None:
     """The ambiguous case (RFC 1047): the MTA has the whole message but said nothing. It may or may not have kept
@@ -111,6 +120,7 @@ def test_dropped_after_the_data_before_the_reply_the_message_stays_and_costs_at_
     assert copies_the_mta_may_hold.count(1) == 2 and copies_the_mta_may_hold.count(2) == 1
 
 
+@pytest.mark.parametrize("faulty", ["DATA", "BDAT"], indirect=True)
 def test_an_mta_that_never_answers_the_data_is_given_up_on_after_the_timeout(make_rig: RigFactory,
                                                                              faulty: FaultySMTP) -> None:
     faulty.on("END", Stall(5.0))
@@ -300,3 +310,80 @@ def test_dovecot_lmtp_delivery_is_byte_exact_and_then_the_message_is_deleted(
         stored = sorted(dovecot.messages(user), key=lambda data: corpus_number(data) or 0)
         assert [data.split(b"\nFrom: ", 1)[1] for data in stored] == [
             m.replace(b"\r\n", b"\n").split(b"From: ", 1)[1] for m in messages]
+
+
+# --- answers read late, and BDAT (RFC 3030) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("faulty", ["DATA", "BDAT"], indirect=True)
+def test_each_message_is_recorded_before_the_next_one_reaches_the_mta(make_rig: RigFactory,
+                                                                      faulty: FaultySMTP) -> None:
+    """The MTA's answer to a message is read late -- while the next message is fetched -- but always before the
+    next message's data goes out, and the message is recorded in between: whenever postbote dies, at most one
+    message can be with the MTA and not recorded, so a crash costs at most one duplicate."""
+    rig = make_rig(corpus(6), target=FaultyTarget(faulty))
+    recorded_when_the_mta_got_a_message: list[int] = []
+    faulty.on_received = lambda _received: recorded_when_the_mta_got_a_message.append(
+        sum(1 for record in rig.records().values() if record.status == DELIVERED))
+
+    assert rig.poll().delivered == 6
+
+    assert recorded_when_the_mta_got_a_message == [0, 1, 2, 3, 4, 5]
+    assert rig.audit().everything_delivered_once_and_deleted
+
+
+def test_with_chunking_the_whole_transaction_goes_out_in_bdat_and_arrives_byte_exact(make_rig: RigFactory) -> None:
+    awkward = [b"From: a@example.net\r\nSubject: dots\r\n\r\n.\r\n..\r\n.x\r\nend\r\n",
+               b"From: b@example.net\nSubject: bare LF, NUL, 8-bit\n\nline\x00one\n\xc3\xa4\xff\n",
+               b"From: c@example.net\r\nSubject: no final line break\r\n\r\nlast line"]
+    messages = [*corpus(3), *awkward]
+    with FaultySMTP(chunking=True) as server:
+        rig = make_rig(messages, target=FaultyTarget(server))
+
+        assert rig.poll().delivered == len(messages)
+
+        assert [r.via for r in server.received] == ["BDAT"] * len(messages)
+        arrived = sorted(strip_received(r.data) for r in server.received)
+    assert arrived == sorted(crlf_with_final_line_break(m) for m in messages)
+    assert not rig.server.uids()
+
+
+def test_a_message_larger_than_one_bdat_chunk_arrives_whole(make_rig: RigFactory) -> None:
+    big = corpus_message(1, body_lines=60_000)  # ~1.6 MB: two chunks
+    with FaultySMTP(chunking=True) as server:
+        rig = make_rig([big, corpus_message(2)], target=FaultyTarget(server))
+
+        assert rig.poll().delivered == 2
+
+        assert [strip_received(r.data) for r in server.received] == [big, corpus_message(2)]
+        assert sum(1 for c in server.commands if c.startswith("BDAT ")) == 3
+
+
+@pytest.mark.parametrize("code", [452, 554])
+def test_a_refused_bdat_chunk_fails_that_message_only(make_rig: RigFactory, code: int) -> None:
+    big = corpus_message(1, body_lines=60_000)
+    with FaultySMTP(chunking=True) as server:
+        server.on("BDAT", scripted(code))
+        rig = make_rig([big, corpus_message(2)], target=FaultyTarget(server))
+
+        stats = rig.poll()
+
+        assert (stats.delivered, stats.deferred + stats.rejected) == (1, 1)
+        audit = rig.audit()
+        assert audit.on_server == (1,) and audit.delivered_once == [2]
+        if code >= 500:
+            assert str(code) in audit.rejected[1]
+        else:
+            rig.poll()
+            assert rig.audit().everything_delivered_once_and_deleted
+
+
+def strip_received(data: bytes) -> bytes:
+    """The message as it left the POP3 server: our ``Received:`` field (folded over several lines) removed."""
+    assert data.startswith(b"Received: ")
+    return re.sub(rb"\AReceived: .*?\r\n(?![ \t])", b"", data, count=1, flags=re.DOTALL)
+
+
+def crlf_with_final_line_break(data: bytes) -> bytes:
+    data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    return data if data.endswith(b"\r\n") else data + b"\r\n"

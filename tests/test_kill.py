@@ -1,8 +1,9 @@
 """Process death: ``postbote poll`` killed with SIGKILL at many points of a large poll never loses a message.
 
-Four chains each start with a mailbox of 300 messages (two deliver into a Maildir, two over SMTP to the aiosmtpd
-sink). In a chain, ``python -m agent poll`` runs as a child and is killed with SIGKILL, five times at five
-different points, and then runs once more to completion. After every run, killed or not, each message must be on
+Four chains each start with a mailbox of 300 messages (two deliver into a Maildir, one over SMTP to the aiosmtpd
+sink, whose answers to DATA postbote reads late, and one to a server offering CHUNKING, to which each message goes
+as one pipelined MAIL, RCPT and BDAT). In a chain, ``python -m agent poll`` runs as a child and is killed with
+SIGKILL, five times at five different points, and then runs once more to completion. After every run, killed or not, each message must be on
 the server or delivered; duplicates are counted and may be at most one per kill -- the promise: a crash costs at
 worst one duplicate, never a loss.
 
@@ -29,9 +30,11 @@ from pathlib import Path
 import pytest
 
 from agent.pop3server import POP3Server
+from tests.servers.faulty_smtp import FaultySMTP
 from tests.servers.smtp_sink import SMTPSink
 from tests.test_faults_pop3 import (
     Audit,
+    FaultyTarget,
     MaildirTarget,
     Rig,
     SinkTarget,
@@ -46,7 +49,7 @@ from tests.test_faults_pop3 import (
 
 TIME_LIMIT = 150.0
 MAILBOX = 300
-CHAINS = ("maildir", "smtp", "maildir", "smtp")
+CHAINS = ("maildir", "smtp", "maildir", "bdat")
 KILLS_PER_CHAIN = 5
 STARTUP_SHARE = 0.1  # kill points below this fraction fall into the start-up
 SEED = 20_240_601
@@ -106,9 +109,8 @@ class Measured:
 class Chain:
     """One mailbox, one destination, one state directory; the child postbote runs against them again and again."""
 
-    def __init__(self, directory: Path, sink: SMTPSink | None) -> None:
+    def __init__(self, directory: Path, target: Target) -> None:
         self.server = POP3Server(mailbox()).start()
-        target: Target = SinkTarget(sink) if sink is not None else MaildirTarget(directory / "Maildir")
         self.rig = Rig(directory, self.server, target)
         self.config = self.rig.configure(timeout="10s")
 
@@ -164,23 +166,33 @@ class Chain:
         return audit
 
 
-@pytest.fixture
-def new_sink() -> Iterator[Callable[[], SMTPSink]]:
-    made: list[SMTPSink] = []
+TargetFactory = Callable[[str, Path], Target]
 
-    def make() -> SMTPSink:
-        sink = SMTPSink()
-        sink.start()
-        made.append(sink)
-        return sink
+
+@pytest.fixture
+def new_target() -> Iterator[TargetFactory]:
+    """A fresh destination of a chain's kind: a Maildir, the aiosmtpd sink, or a CHUNKING server."""
+    servers: list[SMTPSink | FaultySMTP] = []
+
+    def make(kind: str, directory: Path) -> Target:
+        if kind == "maildir":
+            return MaildirTarget(directory / "Maildir")
+        if kind == "smtp":
+            sink = SMTPSink()
+            sink.start()
+            servers.append(sink)
+            return SinkTarget(sink)
+        server = FaultySMTP(chunking=True).start()
+        servers.append(server)
+        return FaultyTarget(server, timeout="10s")
 
     yield make
-    for sink in made:
-        sink.stop()
+    for server in servers:
+        server.stop()
 
 
-def measure(directory: Path, sink: SMTPSink | None) -> Measured:
-    chain = Chain(directory, sink)
+def measure(directory: Path, target: Target) -> Measured:
+    chain = Chain(directory, target)
     try:
         startup = run_postbote(chain.config, "check", timeout=60).duration
         run = run_postbote(chain.config, "poll", timeout=60)
@@ -192,9 +204,9 @@ def measure(directory: Path, sink: SMTPSink | None) -> Measured:
 
 
 def test_sigkill_at_many_points_of_a_large_poll_loses_nothing_and_costs_at_most_one_duplicate_per_kill(
-        tmp_path: Path, new_sink: Callable[[], SMTPSink], request: pytest.FixtureRequest,
+        tmp_path: Path, new_target: TargetFactory, request: pytest.FixtureRequest,
         capsys: pytest.CaptureFixture[str]) -> None:
-    measured = {kind: measure(tmp_path / f"measure-{kind}", new_sink() if kind == "smtp" else None)
+    measured = {kind: measure(tmp_path / f"measure-{kind}", new_target(kind, tmp_path / f"measure-{kind}"))
                 for kind in sorted(set(CHAINS))}
     points = [(k + 1) / (len(CHAINS) * KILLS_PER_CHAIN) for k in range(len(CHAINS) * KILLS_PER_CHAIN)]  # to 1: QUIT
     random.Random(SEED).shuffle(points)
@@ -202,7 +214,8 @@ def test_sigkill_at_many_points_of_a_large_poll_loses_nothing_and_costs_at_most_
     chains: list[Chain] = []
     try:
         for index, kind in enumerate(CHAINS):
-            chain = Chain(tmp_path / f"chain{index}-{kind}", new_sink() if kind == "smtp" else None)
+            directory = tmp_path / f"chain{index}-{kind}"
+            chain = Chain(directory, new_target(kind, directory))
             chains.append(chain)
             kills_before = tally.kills
             for point in points[index * KILLS_PER_CHAIN:(index + 1) * KILLS_PER_CHAIN]:

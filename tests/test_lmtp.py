@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.smtp import SMTPClient
 from tests.servers.dovecot import DovecotServer
 from tests.test_end_to_end import Postbote, make_message, strip_trace_header, to_crlf
 
@@ -56,3 +57,26 @@ def test_an_unknown_lmtp_recipient_rejects_the_whole_message_and_it_stays_on_the
     result = postbote.run_process("poll")
     assert dovecot.count("bob") == 0 and dovecot.count("alice") == 1
     assert '"listed": 1' in result.stderr and '"rejected": 0' in result.stderr, "rejected once, not every poll"
+
+
+def test_dovecot_offers_chunking_and_takes_messages_sent_as_bdat_byte_exact(
+        dovecot: DovecotServer, postbote: Postbote) -> None:
+    """With one recipient and a server offering CHUNKING (Dovecot's LMTP does), each message goes out as MAIL, RCPT
+    and BDAT in one write, its answer read while the next is fetched; a message over 1 MiB is sent in chunks."""
+    client = SMTPClient.connect(host=dovecot.host, port=dovecot.lmtp_port, timeout=10, lmtp=True, helo="test")
+    try:
+        assert {"CHUNKING", "PIPELINING"} <= set(client.extensions)
+    finally:
+        client.quit()
+    big_body = b"".join(b"line %d of a long message, and some padding to make it longer\n" % i for i in range(30_000))
+    originals = [make_message("small"), make_message("dots", b".\n..\n.x\n\xc3\xa4\n"), make_message("big", big_body),
+                 make_message("after the big one")]
+    for data in originals:
+        dovecot.deliver("alice", data)
+    postbote.configure([lmtp_account(dovecot, {"host": dovecot.host, "port": dovecot.lmtp_port,
+                                               "recipients": ["bob"]})])
+
+    assert postbote.poll() == 0
+
+    assert sorted(after_our_trace(m) for m in dovecot.messages("bob")) == sorted(to_crlf(o) for o in originals)
+    assert dovecot.count("alice") == 0

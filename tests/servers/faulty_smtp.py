@@ -12,7 +12,8 @@ different answers after the data. This server can, one rule at a time::
     server.on("RCPT", "550 5.1.1 no such user", argument="bob@example.org", times=None)
 
 Stages: ``CONNECT`` (the greeting), ``EHLO`` (also LHLO/HELO), ``MAIL``, ``RCPT``, ``DATA`` (the reply to the DATA
-command itself), ``END`` (the reply after the message data), ``RSET``, ``QUIT``. An action is a reply line, a list
+command itself), ``BDAT`` (the reply to a chunk that is not the last, with ``chunking=True``), ``END`` (the reply
+after the message data: after ``.`` or after ``BDAT … LAST``), ``RSET``, ``QUIT``. An action is a reply line, a list
 of reply lines (``END`` in LMTP mode: one per accepted recipient), `DROP` (close without answering) or a `Stall`.
 Rules count matching commands across connections, like :class:`agent.pop3server.Faults`.
 
@@ -26,12 +27,12 @@ import contextlib
 import socket
 import socketserver
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tests.servers import LOOPBACK
 
-STAGES = ("CONNECT", "EHLO", "MAIL", "RCPT", "DATA", "END", "RSET", "QUIT")
+STAGES = ("CONNECT", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "END", "RSET", "QUIT")
 MAX_LINE = 1 << 21
 IDLE_TIMEOUT = 30.0
 
@@ -79,6 +80,7 @@ class Received:
     rcpt_tos: tuple[str, ...]
     data: bytes
     replies: tuple[str, ...] | None
+    via: str = "DATA"  # or "BDAT"
 
     @property
     def accepted_by(self) -> tuple[str, ...]:
@@ -92,8 +94,10 @@ class Received:
 
 @dataclass
 class _Transaction:
-    mail_from: str = ""
+    mail_from: str | None = None  # None: no MAIL accepted yet
     rcpt_tos: list[str] = field(default_factory=list)
+    chunks: list[bytes] = field(default_factory=list)
+    failed: bool = False  # a BDAT chunk was refused: the rest of the message is read and refused too
 
 
 class FaultySMTP:
@@ -103,9 +107,11 @@ class FaultySMTP:
 
     host = LOOPBACK
 
-    def __init__(self, *, lmtp: bool = False, pipelining: bool = True) -> None:
+    def __init__(self, *, lmtp: bool = False, pipelining: bool = True, chunking: bool = False) -> None:
         self.lmtp = lmtp
         self.pipelining = pipelining
+        self.chunking = chunking
+        self.on_received: Callable[[Received], None] | None = None  # called before the answer to each message
         self.fired: list[str] = []
         self.commands: list[str] = []
         self.connections = 0
@@ -225,6 +231,9 @@ class _Session(socketserver.StreamRequestHandler):
             server.sessions.add(self.request)
         with owner._lock:
             owner.connections += 1
+        # Each answer is its own write: without this, Nagle holds the second answer to a pipelined group until the
+        # client's delayed ACK (40 ms) -- real MTAs answer a group in one write (RFC 2920 3.1).
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             self._converse(owner)
         except (_HangUp, OSError):
@@ -248,6 +257,8 @@ class _Session(socketserver.StreamRequestHandler):
                 extensions = ["8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
                 if owner.pipelining:
                     extensions.insert(0, "PIPELINING")
+                if owner.chunking:
+                    extensions.append("CHUNKING")
                 lines = ["faulty.test", *extensions]
                 default = "\r\n".join(f"250-{text}" for text in lines[:-1]) + f"\r\n250 {lines[-1]}"
                 self._answer(owner, "EHLO", rest, default)
@@ -256,6 +267,8 @@ class _Session(socketserver.StreamRequestHandler):
                 address = _address(rest)
                 if self._answer(owner, "MAIL", address, "250 2.1.0 sender ok"):
                     transaction = _Transaction(mail_from=address)
+            elif verb == "RCPT" and transaction.mail_from is None:
+                self._send("503 5.5.1 MAIL first")
             elif verb == "RCPT":
                 address = _address(rest)
                 if self._answer(owner, "RCPT", address, "250 2.1.5 recipient ok"):
@@ -267,6 +280,9 @@ class _Session(socketserver.StreamRequestHandler):
                 if self._answer(owner, "DATA", "", "354 end data with <CRLF>.<CRLF>"):
                     self._end_of_data(owner, transaction, self._read_data())
                 transaction = _Transaction()
+            elif verb == "BDAT" and owner.chunking:
+                if self._chunk(owner, transaction, rest):
+                    transaction = _Transaction()
             elif verb == "RSET":
                 self._answer(owner, "RSET", "", "250 2.0.0 reset")
                 transaction = _Transaction()
@@ -299,12 +315,32 @@ class _Session(socketserver.StreamRequestHandler):
             raise _HangUp  # 421: the server closes the transmission channel (RFC 5321 3.8)
         return action
 
-    def _end_of_data(self, owner: FaultySMTP, transaction: _Transaction, data: bytes) -> None:
+    def _chunk(self, owner: FaultySMTP, transaction: _Transaction, argument: str) -> bool:
+        """One ``BDAT size [LAST]`` (RFC 3030): its data is always read; True when it ended the transaction."""
+        size_text, _, last = argument.partition(" ")
+        data = self.rfile.read(int(size_text))
+        if len(data) != int(size_text):
+            raise _HangUp
+        is_last = last.strip().upper() == "LAST"
+        if not transaction.rcpt_tos or transaction.failed:
+            self._send("554 5.5.1 no valid recipients" if not transaction.rcpt_tos else "554 5.6.0 message refused")
+            transaction.failed = True
+            return is_last
+        transaction.chunks.append(data)
+        if is_last:
+            self._end_of_data(owner, transaction, b"".join(transaction.chunks), via="BDAT")
+            return True
+        if not self._answer(owner, "BDAT", "", f"250 2.0.0 {len(data)} octets received"):
+            transaction.failed = True
+        return False
+
+    def _end_of_data(self, owner: FaultySMTP, transaction: _Transaction, data: bytes, via: str = "DATA") -> None:
         count = len(transaction.rcpt_tos) if owner.lmtp else 1
         action = owner._action("END") or ["250 2.0.0 queued"] * count
         if isinstance(action, str):
             action = [action] * count
-        received = lambda replies: Received(transaction.mail_from, tuple(transaction.rcpt_tos), data, replies)  # noqa: E731
+        received = lambda replies: Received(transaction.mail_from or "", tuple(transaction.rcpt_tos), data,  # noqa: E731
+                                            replies, via)
         if isinstance(action, (_Drop, Stall)):
             owner._record(received(None))
             self._perform(action)
@@ -312,6 +348,8 @@ class _Session(socketserver.StreamRequestHandler):
         replies = tuple(action)
         if len(replies) != count:
             raise ValueError(f"END needs {count} replies, got {len(replies)}")
+        if owner.on_received is not None:
+            owner.on_received(received(replies))
         owner._record(received(replies))
         for reply in replies:
             self._send(reply)
