@@ -9,6 +9,7 @@ server sent apart from the header edits plugins make (the ``Received:`` trace he
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +24,15 @@ MAX_HEADER_BYTES = 1 << 20
 CHUNK_SIZE = 1 << 16
 
 _FIELD_START = re.compile(rb"^([^\s:]+)[ \t]*:", re.MULTILINE)
+_FIELD_END = re.compile(rb"\n(?![ \t])")  # a line end not followed by a continuation line
+_FOLD = re.compile(rb"\r?\n(?=[ \t])")
+_FIELD_NAME = re.compile(r"[!-9;-~]+")
+
+
+@functools.lru_cache(maxsize=64)
+def _field_pattern(name: str) -> re.Pattern[bytes]:
+    """Finds the first field called ``name`` (any case) at a line start; the match ends after its colon."""
+    return re.compile(rb"^" + re.escape(name.encode("ascii", "replace")) + rb"[ \t]*:", re.MULTILINE | re.IGNORECASE)
 
 
 @dataclass
@@ -66,6 +76,7 @@ class Message:
         self._body_size = 0
         self._eight_bit = False
         self._parsed: EmailMessage | None = None
+        self._spans: list[tuple[str, tuple[int, int]]] | None = None
         self._message_id: Any = ...
 
     @classmethod
@@ -88,6 +99,7 @@ class Message:
             return
         scan_from = max(0, len(self._header) - 3)
         self._header += data
+        self._spans = None
         end = _header_end(self._header, scan_from)
         if end is not None:
             rest = bytes(self._header[end:])
@@ -150,12 +162,12 @@ class Message:
     def get_header(self, name: str, default: str | None = None) -> str | None:
         """The first field called ``name``, unfolded, as text: UTF-8 where it is valid, else Latin-1, so 8-bit
         bytes are never lost to replacement characters. RFC 2047 encoded words are left as they are."""
-        wanted = name.lower()
-        for field_name, (start, end) in self._field_spans():
-            if field_name.lower() == wanted:
-                raw = bytes(self._header[start:end]).split(b":", 1)[1]
-                return _decode_header_bytes(re.sub(rb"\r?\n(?=[ \t])", b"", raw).strip())
-        return default
+        found = _field_pattern(name).search(self._header)
+        if found is None:
+            return default
+        end_of_field = _FIELD_END.search(self._header, found.end())
+        raw = bytes(self._header[found.end(): end_of_field.start() if end_of_field else len(self._header)])
+        return _decode_header_bytes(_FOLD.sub(b"", raw).strip())
 
     @property
     def message_id(self) -> str | None:
@@ -211,14 +223,17 @@ class Message:
         self._header[start:end] = _field(name, value, self._newline())
         self._edited()
 
-    def _field_spans(self) -> Iterator[tuple[str, tuple[int, int]]]:
-        starts = [(m.start(), m.group(1).decode("ascii", "replace")) for m in _FIELD_START.finditer(self._header)]
-        for index, (start, name) in enumerate(starts):
-            end = starts[index + 1][0] if index + 1 < len(starts) else len(self._header)
-            yield name, (start, max(end, start))
+    def _field_spans(self) -> list[tuple[str, tuple[int, int]]]:
+        """Each field's name and byte span in the header block; kept until the next edit."""
+        if self._spans is None:
+            starts = [(m.start(), m.group(1).decode("ascii", "replace")) for m in _FIELD_START.finditer(self._header)]
+            ends = [start for start, _ in starts[1:]] + [len(self._header)]
+            self._spans = [(name, (start, max(end, start))) for (start, name), end in zip(starts, ends, strict=True)]
+        return self._spans
 
     def _edited(self) -> None:
         self._parsed = None
+        self._spans = None
         self._message_id = ...
 
     def _newline(self) -> bytes:
@@ -238,7 +253,7 @@ def _decode_header_bytes(raw: bytes) -> str:
 
 
 def _field(name: str, value: str, newline: bytes) -> bytes:
-    if not re.fullmatch(r"[!-9;-~]+", name):
+    if not _FIELD_NAME.fullmatch(name):
         raise ValueError(f"invalid header field name {name!r}")
     if "\r" in value or "\n" in value:
         value = re.sub(r"\r?\n(?![ \t])", "\n ", value).replace("\r", "")

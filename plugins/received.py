@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import socket
 import time
-from functools import cache
+from functools import cache, lru_cache
 
 from agent import Message, hookimpl
 from agent.config import Account
@@ -34,6 +34,12 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 
 def rfc5322_date(now: float | None = None) -> str:
     """``Sun, 29 Nov 2026 18:53:55 +0100`` in local time, independent of the locale."""
+    return _date_of_second(int(time.time() if now is None else now))
+
+
+@lru_cache(maxsize=4)
+def _date_of_second(now: int) -> str:
+    """Formatted once per second: a poll stamps hundreds of messages with the same date."""
     local = time.localtime(now)
     offset = local.tm_gmtoff // 60
     zone = f"{'+' if offset >= 0 else '-'}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"

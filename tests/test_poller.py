@@ -6,6 +6,8 @@ Each test says what a user would check afterwards: what is still on the server, 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import textwrap
 import threading
 import time
@@ -381,3 +383,30 @@ def test_files_a_killed_poll_left_in_maildir_tmp_are_removed_after_36_hours(make
     os.utime(stale, (old, old))
     assert setup.poll().delivered == 1
     assert not stale.exists() and fresh.exists()
+
+
+def test_empty_files_a_killed_poll_had_created_ahead_are_removed_by_the_next_poll(make_setup) -> None:
+    """Maildir delivery creates a few files in ``tmp/`` ahead of need; a poll killed mid-way leaves them empty.
+    The next poll removes those of a process that is gone -- and nothing that might still be written to."""
+    setup = make_setup([mail(1)])
+    (setup.maildir / "tmp").mkdir(parents=True)
+    host = socket.gethostname().replace("/", "_").replace(":", "_")
+    gone = setup.maildir / "tmp" / f"1764000000.M1P{_exited_pid()}Q1.{host}"
+    alive_empty = setup.maildir / "tmp" / f"1764000000.M2P{os.getppid()}Q2.{host}"
+    other_host = setup.maildir / "tmp" / f"1764000000.M3P{_exited_pid()}Q3.elsewhere"
+    written = setup.maildir / "tmp" / f"1764000000.M4P{_exited_pid()}Q4.{host}"
+    for path in (gone, alive_empty, other_host):
+        path.write_bytes(b"")
+    written.write_bytes(b"partial message")
+
+    assert setup.poll().delivered == 1
+
+    left = sorted(path.name for path in (setup.maildir / "tmp").iterdir())
+    assert left == sorted([alive_empty.name, other_host.name, written.name]), \
+        "the dead poll's empty file is gone, and the poll's own files created ahead are removed when it ends"
+
+
+def _exited_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
