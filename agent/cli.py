@@ -3,31 +3,32 @@
 Exit status: 0 every account was polled fine, 1 some account failed (or the state directory is busy),
 2 usage or configuration error. ``postbote poll`` while a daemon holds the state directory asks the daemon to poll
 (SIGUSR1) and exits 0; ``postbote status`` exits 1 when some account's last poll failed.
+
+Start-up time matters (a timer may run ``postbote poll`` every minute): this module imports only what parsing the
+command line needs, and each command imports what it uses, so ``--help`` loads no plugin, no YAML and no logging.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TextIO
-
-import pluggy
-import structlog
+from typing import TYPE_CHECKING, TextIO
 
 from agent import __version__
-from agent.config import Config, check_files, find_config, load_config
 from agent.errors import ConfigError, PostboteError, StateLockedError
-from agent.logconfig import configure_logging
-from agent.pluginmanager import PluginManager, make_plugin_manager
-from agent.poller import Poller
-from agent.state import StateLock, StateStore, read_lock_holder
+
+if TYPE_CHECKING:
+    import threading
+
+    import pluggy
+
+    from agent.config import Config
+    from agent.pluginmanager import PluginManager
+    from agent.state import StateStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -92,11 +93,16 @@ def _print_error(exc: PostboteError, out: TextIO | None = None) -> None:
 
 def load_setup(args: argparse.Namespace) -> tuple[PluginManager, Config]:
     """A fresh plugin manager and the config loaded with it: at start-up, and again on every SIGHUP reload."""
+    from agent.config import find_config, load_config
+    from agent.pluginmanager import make_plugin_manager
+
     pm = make_plugin_manager()
     return pm, load_config(find_config(args.config), pm)
 
 
 def apply_logging(args: argparse.Namespace, config: Config) -> None:
+    from agent.logconfig import configure_logging
+
     configure_logging(args.log_level or config.log.level, args.log_format or config.log.format)
 
 
@@ -112,6 +118,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return show_status(config, as_json=args.json)
     if args.command == "retry":
+        from agent.state import StateStore
+
         store = StateStore(config.state_dir)
         try:
             return retry(config, store, args.account, args.uids)
@@ -131,6 +139,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def run_daemon(args: argparse.Namespace, pm: PluginManager, config: Config) -> int:
     from agent.scheduler import Daemon
     from agent.sdnotify import Notifier
+    from agent.state import StateLock, StateStore
 
     notifier = Notifier.from_environment()
     with StateLock(config.state_dir, role="daemon"):
@@ -150,6 +159,8 @@ def _exit_leaving_threads(status: int) -> None:
     """Exit now, with polls still blocked in the network: no QUIT reaches their servers, so nothing is deleted
     there; a message whose hand-off was not finished is simply fetched again. Closing the state store under those
     threads instead could fail them halfway through a write."""
+    import logging
+
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stdout.flush()
@@ -159,6 +170,8 @@ def _exit_leaving_threads(status: int) -> None:
 
 def poll_command(pm: PluginManager, config: Config, names: Sequence[str]) -> int:
     """Poll once; when a daemon holds the state directory, ask it to poll now instead of failing."""
+    from agent.state import StateLock, StateStore, read_lock_holder
+
     config.select(tuple(names))
     lock = StateLock(config.state_dir, role="poll")
     try:
@@ -240,6 +253,11 @@ def plugin_that_raised(hook: pluggy.HookCaller, exc: BaseException) -> str:
 
 def poll(pm: pluggy.PluginManager, config: Config, store: StateStore, names: Sequence[str]) -> int:
     """Poll ``names`` (all accounts when empty) once, up to ``max_parallel`` accounts at a time."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agent.poller import Poller
+
     accounts = config.select(tuple(names))
     stop = threading.Event()
     with stop_on_signals(stop):
@@ -253,6 +271,9 @@ def poll(pm: pluggy.PluginManager, config: Config, store: StateStore, names: Seq
 @contextmanager
 def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     """SIGTERM and SIGINT only set ``stop``: the message in hand is finished, then the session ends with QUIT."""
+    import threading
+
+    import structlog
 
     def request_stop(signum: int, _frame: object) -> None:
         structlog.get_logger("postbote").info("stop.requested", signal=signal.Signals(signum).name)
@@ -270,6 +291,8 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 
 def check(config: Config, out: TextIO | None = None) -> int:
+    from agent.config import check_files
+
     out = out or sys.stdout
     check_files(config)
     print(f"config {config.path}: OK, {len(config.accounts)} account(s); state in {config.state_dir}", file=out)
@@ -288,6 +311,7 @@ def check(config: Config, out: TextIO | None = None) -> int:
 
 def list_plugins(pm: PluginManager, config: Config, out: TextIO | None = None) -> int:
     out = out or sys.stdout
+    pm.load_all_builtins()  # the optional ones no account enables are listed too, with their hooks
     for name, source in sorted(pm.sources.items(), key=lambda item: (item[1].origin != "built-in", item[0])):
         users = [a.name for a in config.accounts if a.uses(name)]
         if source.essential:

@@ -7,7 +7,6 @@ errors with a "did you mean". Delivery targets are validated by the plugins that
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import stat
@@ -16,18 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pluggy
-
 from agent import settings as s
 from agent.credentials import PasswordSource, Secret
 from agent.errors import ConfigError
-from agent.pluginmanager import PluginManager
 from agent.sasl import AUTH_CHOICES, TOKEN_MECHANISMS
 from agent.settings import Node, Problems, Section
 from agent.tls import normalise_fingerprint
 
 if TYPE_CHECKING:
+    import pluggy
+
     from agent.oauth2 import OAuth2Settings
+    from agent.pluginmanager import PluginManager
 
 CONFIG_ENV = "POSTBOTE_CONFIG"
 DEFAULT_STATE_DIR = "~/.local/state/postbote"
@@ -396,6 +395,8 @@ def _plugin_entries(section: Section | None, pm: PluginManager, problems: Proble
     for name, node in section.items():
         section.raw(name)
         if name not in pm.sources:
+            import difflib  # only for the error message
+
             close = difflib.get_close_matches(name, sorted(pm.sources), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             problems.add(node.line, node.path, f"unknown plugin ({hint}plugins found: {', '.join(sorted(pm.sources))})")
@@ -420,6 +421,7 @@ def _account_plugins(section: Section, pm: PluginManager, problems: Problems, ba
         entry = own.get(name, global_plugins.get(name))
         if not source.essential and (entry is False or (entry is None and not source.on_by_default)):
             continue
+        pm.load_builtin(name)  # an optional built-in is imported only once some account enables it
         options = _merged_options(global_plugins.get(name), own.get(name))
         enabled[name] = _parse_plugin_options(name, options or Node({}, section.line, f"{section.path}.plugins.{name}"),
                                               pm, problems, base_dir)

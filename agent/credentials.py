@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +96,8 @@ def _read_password_file(path: Path) -> str:
 
 def _run_password_command(argv: tuple[str, ...]) -> str:
     """Run ``argv`` without a shell and take the first line of its output as the password."""
+    import subprocess  # only password_command needs it
+
     program = argv[0]
     try:
         done = subprocess.run(list(argv), capture_output=True, timeout=PASSWORD_COMMAND_TIMEOUT,

@@ -8,7 +8,6 @@ refused and what to check; no message or log event carries a password or a token
 
 from __future__ import annotations
 
-import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,11 +51,14 @@ class AuthSettings:
         return self.state_dir / "oauth2" if self.state_dir is not None else None
 
     def token_source(self) -> TokenSource | None:
-        from agent.oauth2 import OAuth2Refresher, TokenCommand  # loaded only for accounts that use tokens
-
+        # agent.oauth2 (HTTP, token files) is imported only for accounts that log in with a token.
         if self.token_command:
+            from agent.oauth2 import TokenCommand
+
             return TokenCommand(self.token_command)
         if self.oauth2 is not None:
+            from agent.oauth2 import OAuth2Refresher
+
             return OAuth2Refresher(self.oauth2, account=self.account, cache_dir=self.cache_dir)
         return None
 
@@ -89,6 +91,8 @@ def connection_encrypted(client: POP3Client) -> bool:
     encrypted = getattr(client, "encrypted", None)
     if isinstance(encrypted, bool):
         return encrypted
+    import ssl  # only for a client that does not say (POP3Client does)
+
     return isinstance(getattr(client, "_sock", None), ssl.SSLSocket)
 
 

@@ -19,25 +19,17 @@ import contextlib
 import hashlib
 import json
 import os
-import queue
 import re
 import secrets
-import ssl
 import stat
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-import webbrowser
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import structlog
 
@@ -46,6 +38,14 @@ from agent.credentials import Secret
 from agent.errors import AccountError, CredentialError
 from agent.settings import Section
 from agent.tls import TLSPolicy
+
+if TYPE_CHECKING:
+    # Imported where they are used: a poll with a cached access token needs no HTTP, and only ``postbote auth``
+    # runs a web server or a browser.
+    import queue
+    import ssl
+    import urllib.error
+    from http.server import HTTPServer
 
 log = structlog.get_logger("postbote.oauth2")
 
@@ -236,6 +236,8 @@ def read_secret_file(path: Path, what: str) -> Secret:
 
 def write_secret_file(path: Path, content: str) -> None:
     """Replace ``path`` atomically with ``content``: a 0600 temporary file in the same directory, fsync, rename."""
+    import tempfile
+
     directory = path.parent
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
@@ -284,6 +286,8 @@ class TokenCommand:
         return False
 
     def token(self) -> Secret:
+        import subprocess
+
         program = self.argv[0]
         try:
             done = subprocess.run(list(self.argv), capture_output=True, timeout=self.timeout,
@@ -335,6 +339,10 @@ def redact(text: str, hidden: list[str | Secret | None]) -> str:
 def post_form(url: str, fields: Mapping[str, str], *, context: ssl.SSLContext, timeout: float = HTTP_TIMEOUT,
               hidden: list[str | Secret | None] | None = None) -> dict[str, Any]:
     """POST ``fields`` form-encoded and return the JSON object answered; OAuth2 errors raise TokenEndpointError."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
     hidden = [*(hidden or []), *fields.values()]
     request = urllib.request.Request(url, data=urllib.parse.urlencode(fields).encode("ascii"), method="POST",
                                      headers={"Content-Type": "application/x-www-form-urlencoded",
@@ -630,6 +638,8 @@ def _parse_redirect(query: str, state: str) -> _Redirect | None:
 
 
 def _redirect_server(state: str, results: queue.Queue[_Redirect]) -> HTTPServer:
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             parts = urllib.parse.urlsplit(self.path)
@@ -667,6 +677,8 @@ def loopback_flow(settings: OAuth2Settings, out: TextIO, *, account: str, open_b
                   paste_input: TextIO | None = None, wait: float = LOOPBACK_TIMEOUT,
                   timeout: float = HTTP_TIMEOUT) -> TokenResponse:
     """RFC 8252 loopback redirect with PKCE: the browser sends the code to a one-shot server on 127.0.0.1."""
+    import queue
+
     verifier, challenge = pkce_pair()
     state = secrets.token_urlsafe(24)
     results: queue.Queue[_Redirect] = queue.Queue()
@@ -701,6 +713,8 @@ def _open_browser(url: str) -> None:
     graphical = sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
     if not graphical:
         return
+    import webbrowser
+
     with contextlib.suppress(webbrowser.Error):
         webbrowser.open(url)
 

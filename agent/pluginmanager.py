@@ -3,15 +3,17 @@ config's ``plugin_paths``.
 
 There is no module-level manager: each command builds its own, so tests and reloads never share plugin state.
 Built-ins come in two tiers, as in pytest: *essential* ones (the trace header, the delivery targets) are always on;
-*optional* ones (backup, rules, spamassassin, dedupe) are on only where the config's ``plugins:`` names them.
+*optional* ones (backup, rules, spamassassin, dedupe, metrics) are on only where the config's ``plugins:`` names
+them. An optional built-in is known by name from the start but imported only once the config enables it (or
+``postbote plugins`` lists it), so a poll does not pay for plugins it does not use; it is then registered where it
+would have been had it been loaded at once, so the order in which plugins are called does not depend on it.
 Third-party and local plugins are on unless the config turns them off.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
-import importlib.util
+import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ ENTRY_POINT_GROUP = "postbote"
 # rules so that its X-Spam-* fields exist when the rules run; dedupe is trylast, so it sees final recipients.
 ESSENTIAL_PLUGINS = ("received", "smtp", "maildir", "mbox", "mda")
 OPTIONAL_PLUGINS: tuple[str, ...] = ("backup", "rules", "dedupe", "spamassassin", "metrics")
+BUILTIN_PLUGINS = (*ESSENTIAL_PLUGINS, *OPTIONAL_PLUGINS)
 
 
 @dataclass(frozen=True)
@@ -50,16 +53,44 @@ class PluginManager(pluggy.PluginManager):
     def __init__(self) -> None:
         super().__init__(hookspecs.PROJECT)
         self.sources: dict[str, PluginSource] = {}
+        self._not_loaded: set[str] = set()  # optional built-ins known by name, not imported yet
 
     def add(self, plugin: object, source: PluginSource) -> None:
-        if self.get_plugin(source.name) is not None:
-            raise ConfigError(f"two plugins are called {source.name!r} ({self.sources[source.name].where} and "
+        if self.get_plugin(source.name) is not None or source.name in self.sources:
+            known = self.sources.get(source.name)
+            raise ConfigError(f"two plugins are called {source.name!r} ({known.where if known else 'registered'} and "
                               f"{source.where}); rename one")
         try:
             self.register(plugin, name=source.name)
         except pluggy.PluginValidationError as exc:
             raise ConfigError(f"plugin {source.name!r} ({source.where}): {exc}") from None
         self.sources[source.name] = source
+
+    def add_builtin_later(self, name: str) -> None:
+        """Know the optional built-in ``name`` without importing it; `load_builtin` does that when it is needed."""
+        self.sources[name] = _builtin_source(name)
+        self._not_loaded.add(name)
+
+    def load_builtin(self, name: str) -> None:
+        """Import and register an optional built-in not loaded yet, at the place it would have had if registered at
+        once: pluggy calls plugins in the reverse order of registration, so those registered after that place are
+        registered again after it. Meant for loading the config, before the ``configure`` hook is called."""
+        if name not in self._not_loaded:
+            return
+        module = importlib.import_module(f"plugins.{name}")
+        earlier = set(BUILTIN_PLUGINS[:BUILTIN_PLUGINS.index(name)])
+        later = [(other, plugin) for other, plugin in self.list_name_plugin()
+                 if plugin is not None and other not in earlier]
+        for other, plugin in later:
+            self.unregister(plugin, name=other)
+        self.register(module, name=name)
+        self._not_loaded.discard(name)
+        for other, plugin in later:
+            self.register(plugin, name=other)
+
+    def load_all_builtins(self) -> None:
+        for name in BUILTIN_PLUGINS:
+            self.load_builtin(name)
 
     def load_paths(self, paths: Iterable[Path]) -> None:
         """Import and register every ``.py`` file given, or found directly inside a directory given."""
@@ -80,6 +111,8 @@ class PluginManager(pluggy.PluginManager):
             for impl in caller.get_hookimpls():
                 if impl.optionalhook:
                     continue
+                import difflib  # only for the error message
+
                 known = sorted(n for n in dir(self.hook) if not n.startswith("_") and getattr(self.hook, n).has_spec())
                 close = difflib.get_close_matches(name, known, n=1)
                 hint = f"did you mean {close[0]!r}?" if close else f"hooks: {', '.join(known)}"
@@ -87,6 +120,8 @@ class PluginManager(pluggy.PluginManager):
                                   f"({hint})")
 
     def hooks_of(self, name: str) -> list[str]:
+        """The hooks plugin ``name`` implements (an optional built-in not loaded yet is imported to find out)."""
+        self.load_builtin(name)
         plugin = self.get_plugin(name)
         return sorted(caller.name for caller in self.get_hookcallers(plugin) or ()) if plugin is not None else []
 
@@ -97,11 +132,11 @@ def make_plugin_manager(*, builtins: bool = True, entry_points: bool = True,
     pm = PluginManager()
     pm.add_hookspecs(hookspecs)
     if builtins:
-        for name in (*ESSENTIAL_PLUGINS, *OPTIONAL_PLUGINS):
-            module = importlib.import_module(f"plugins.{name}")
-            pm.add(module, PluginSource(name, "built-in", f"plugins.{name}", essential=name in ESSENTIAL_PLUGINS,
-                                        optional=name in OPTIONAL_PLUGINS))
-    if entry_points:
+        for name in ESSENTIAL_PLUGINS:
+            pm.add(importlib.import_module(f"plugins.{name}"), _builtin_source(name))
+        for name in OPTIONAL_PLUGINS:
+            pm.add_builtin_later(name)
+    if entry_points and may_have_entry_points():
         _load_entry_points(pm)
     for plugin in extra:
         name = getattr(plugin, "name", None) or getattr(plugin, "__name__", None) or type(plugin).__name__
@@ -110,12 +145,57 @@ def make_plugin_manager(*, builtins: bool = True, entry_points: bool = True,
     return pm
 
 
+def _builtin_source(name: str) -> PluginSource:
+    return PluginSource(name, "built-in", f"plugins.{name}", essential=name in ESSENTIAL_PLUGINS,
+                        optional=name in OPTIONAL_PLUGINS)
+
+
+def may_have_entry_points(paths: Iterable[str] | None = None) -> bool:
+    """Whether some installed distribution may declare a ``postbote`` entry point.
+
+    A look into the metadata directories on ``sys.path`` for an ``entry_points.txt`` naming the group, so that
+    importlib.metadata (25-30 ms at start-up) is imported only when there is a plugin to load. Whatever this
+    cannot look into (a zip file on the path, a finder of distributions other than the standard one) is a maybe.
+    """
+    from importlib.machinery import PathFinder
+
+    if any(hasattr(finder, "find_distributions") and finder is not PathFinder for finder in sys.meta_path):
+        return True
+    for entry in sys.path if paths is None else paths:
+        if not isinstance(entry, str):
+            return True
+        try:
+            with os.scandir(entry or ".") as children:
+                names = [child.name for child in children]
+        except NotADirectoryError:
+            return True
+        except OSError:
+            continue
+        if any(_declares_group(entry, name) for name in names):
+            return True
+    return False
+
+
+def _declares_group(entry: str, child: str) -> bool:
+    """Whether ``child`` of the ``sys.path`` entry ``entry`` is a distribution's metadata naming the group, as
+    importlib.metadata finds them: ``*.dist-info``, ``*.egg-info``, or the ``EGG-INFO`` of an ``*.egg``."""
+    low = child.lower()
+    if not (low.endswith((".dist-info", ".egg-info")) or (low == "egg-info" and entry.lower().endswith(".egg"))):
+        return False
+    try:
+        with open(os.path.join(entry, child, "entry_points.txt"), "rb") as handle:
+            return f"[{ENTRY_POINT_GROUP}]".encode() in handle.read()
+    except OSError:
+        return False
+
+
 def _load_entry_points(pm: PluginManager) -> None:
     """Load each installed plugin on its own, so a broken one is named instead of aborting the others' loading."""
     from importlib.metadata import entry_points
 
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        if pm.get_plugin(entry_point.name) is not None or pm.is_blocked(entry_point.name):
+        if entry_point.name in pm.sources or pm.get_plugin(entry_point.name) is not None \
+                or pm.is_blocked(entry_point.name):
             continue
         try:
             plugin = entry_point.load()
@@ -128,6 +208,8 @@ def _load_entry_points(pm: PluginManager) -> None:
 
 
 def _import_file(file: Path) -> ModuleType:
+    import importlib.util  # only for plugin_paths
+
     module_name = f"postbote_local_plugins.{file.stem}"
     spec = importlib.util.spec_from_file_location(module_name, file)
     if spec is None or spec.loader is None:

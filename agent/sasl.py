@@ -11,6 +11,9 @@ unencrypted connection unless the admin explicitly configured ``tls: none``.
 
 Secrets are held as `agent.credentials.Secret` and revealed only while building the bytes that go on the wire;
 no error message here contains a secret.
+
+Every login goes through `choose_mechanism`, so this module is loaded by every poll; what only the challenge-response
+mechanisms need (``hmac``, ``secrets``, the SASLprep tables) is imported when they run.
 """
 
 from __future__ import annotations
@@ -18,12 +21,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import json
-import secrets
-import stringprep
-import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from agent.credentials import Secret
 from agent.errors import AccountError
@@ -85,18 +84,18 @@ def unescape_saslname(value: str) -> str:
     return "".join(out)
 
 
-_PROHIBITED_TABLES: tuple[Callable[[str], bool], ...] = (
-    stringprep.in_table_c12, stringprep.in_table_c21, stringprep.in_table_c22, stringprep.in_table_c3,
-    stringprep.in_table_c4, stringprep.in_table_c5, stringprep.in_table_c6, stringprep.in_table_c7,
-    stringprep.in_table_c8, stringprep.in_table_c9, stringprep.in_table_a1)
-
-
 def saslprep(text: str) -> str:
     """RFC 4013 SASLprep for stored strings; raises ValueError on prohibited or badly mixed bidirectional text."""
+    import stringprep
+    import unicodedata
+
+    prohibited = (stringprep.in_table_c12, stringprep.in_table_c21, stringprep.in_table_c22, stringprep.in_table_c3,
+                  stringprep.in_table_c4, stringprep.in_table_c5, stringprep.in_table_c6, stringprep.in_table_c7,
+                  stringprep.in_table_c8, stringprep.in_table_c9, stringprep.in_table_a1)
     mapped = "".join(" " if stringprep.in_table_c12(ch) else ch for ch in text if not stringprep.in_table_b1(ch))
     prepared = unicodedata.normalize("NFKC", mapped)
     for char in prepared:
-        if any(table(char) for table in _PROHIBITED_TABLES):
+        if any(table(char) for table in prohibited):
             raise ValueError(f"prohibited character U+{ord(char):04X}")
     if any(stringprep.in_table_d1(ch) for ch in prepared):
         if any(stringprep.in_table_d2(ch) for ch in prepared):
@@ -206,6 +205,8 @@ class CramMD5(Mechanism):
         self._answered = False
 
     def respond(self, challenge: bytes) -> bytes:
+        import hmac
+
         if self._answered or not challenge:
             raise SASLError("AUTH CRAM-MD5: the server sent no usable challenge")
         self._answered = True
@@ -220,6 +221,8 @@ class Scram(Mechanism):
 
     def __init__(self, name: str, username: str, password: Secret, *, authzid: str = "",
                  nonce: str | None = None) -> None:
+        import secrets
+
         if name not in self.HASHES:
             raise ValueError(f"unknown SCRAM variant {name}")
         self.name = name
@@ -288,6 +291,8 @@ class Scram(Mechanism):
         return nonce, salt, iterations
 
     def _verify_server_final(self, message: bytes) -> None:
+        import hmac
+
         what = f"AUTH {self.name} server-final-message"
         attributes = parse_attributes(message, what)
         key, value = attributes[0]
@@ -301,6 +306,8 @@ class Scram(Mechanism):
                             "it may be an impostor; refusing the session")
 
     def _hmac(self, key: bytes, message: bytes) -> bytes:
+        import hmac
+
         return hmac.new(key, message, self._hash).digest()
 
 

@@ -8,7 +8,6 @@ plugins read their own options with the same `Section`, so their errors look the
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -161,6 +160,8 @@ class Section:
         for key, node in self.entries.items():
             if key in known:
                 continue
+            import difflib  # only for the error message
+
             close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             self.problems.add(node.line, node.path, f"unknown key{hint}")

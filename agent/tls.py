@@ -3,17 +3,20 @@
 One place decides how postbote trusts a server, for POP3 (implicit TLS and STLS) and for STARTTLS to the MTA.
 A pinned ``tls_fingerprint`` replaces CA verification for self-signed servers, as fetchmail's ``sslfingerprint``
 does, but with SHA-256 and compared in constant time.
+
+``ssl`` is imported when a connection is wrapped, not when the config is read.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import socket
-import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agent.errors import AccountError
+
+if TYPE_CHECKING:
+    import socket
+    import ssl
 
 
 class TLSError(AccountError):
@@ -35,6 +38,8 @@ class TLSPolicy:
     fingerprint: str | None = None  # normalised SHA-256 of the server certificate (DER)
 
     def context(self) -> ssl.SSLContext:
+        import ssl
+
         context = ssl.create_default_context(cafile=self.ca_file)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         if not self.verify or self.fingerprint:
@@ -44,6 +49,8 @@ class TLSPolicy:
 
     def wrap(self, sock: socket.socket, host: str, where: str) -> ssl.SSLSocket:
         """Handshake on ``sock`` (closed on failure) and check the pin; errors name the server and the reason."""
+        import ssl
+
         try:
             wrapped = self.context().wrap_socket(sock, server_hostname=host)
         except ssl.SSLCertVerificationError as exc:
@@ -62,6 +69,9 @@ class TLSPolicy:
         return wrapped
 
     def _check_pin(self, wrapped: ssl.SSLSocket, where: str) -> None:
+        import hashlib
+        import hmac
+
         certificate = wrapped.getpeercert(binary_form=True) or b""
         actual = hashlib.sha256(certificate).hexdigest()
         if not hmac.compare_digest(actual, self.fingerprint or ""):

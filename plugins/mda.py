@@ -18,21 +18,21 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import selectors
 import signal
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from agent import DeliveryError, Message, hookimpl
 from agent import settings as s
 from agent.config import Account, Destination
 from agent.settings import Node, Problems, Section
 from agent.wire import lf_lines
+
+if TYPE_CHECKING:
+    import subprocess
 
 DESTINATION_KINDS = ("mda",)
 DEFAULT_TIMEOUT = 300.0
@@ -115,6 +115,10 @@ def expand(argument: str, *, account: str, uid: str) -> str:
 
 def run_mda(argv: list[str], data: Iterable[bytes], *, timeout: float) -> str:
     """Run ``argv`` with ``data`` on its standard input; a description when it exits 0, else `DeliveryError`."""
+    # Imported here: this plugin is always loaded, but only mda: destinations run a command.
+    import subprocess
+    import tempfile
+
     name = Path(argv[0]).name
     deadline = time.monotonic() + timeout
     with tempfile.TemporaryFile() as stderr:
@@ -135,6 +139,8 @@ def run_mda(argv: list[str], data: Iterable[bytes], *, timeout: float) -> str:
 
 def _feed(process: subprocess.Popen[bytes], data: Iterable[bytes], deadline: float) -> bool:
     """Write ``data`` to the process's stdin without ever blocking past ``deadline``; False if it stopped reading."""
+    import selectors
+
     assert process.stdin is not None
     fd = process.stdin.fileno()
     os.set_blocking(fd, False)

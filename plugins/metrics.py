@@ -18,9 +18,9 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from socket import AF_INET, AF_INET6
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -30,6 +30,9 @@ from agent.config import Account, Config
 from agent.errors import ConfigError, PostboteError
 from agent.settings import Node, Problems, Section
 from agent.state import PollRecord, StateStore
+
+if TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer
 
 NAME = "metrics"
 DEFAULT_PORT = 9465
@@ -148,42 +151,49 @@ def write_textfile(path: Path, text: str) -> None:
 # --- serving
 
 
-class _MetricsHandler(BaseHTTPRequestHandler):
-    server: MetricsServer
-    timeout = HTTP_TIMEOUT
-
-    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
-        if self.path.split("?", 1)[0] != "/metrics":
-            self._reply(404, "not found; metrics are at /metrics\n")
-            return
-        self._reply(200, self.server.render())
-
-    def _reply(self, code: int, text: str) -> None:
-        body = text.encode("utf-8")
-        self.send_response(code)
-        self.send_header("Content-Type", CONTENT_TYPE)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server's signature
-        """Scrapes are not worth a log line each."""
-
-
-class MetricsServer(ThreadingHTTPServer):
-    daemon_threads = True
+class MetricsServer:
+    """The HTTP endpoint of one ``listen:`` address, serving ``/metrics`` from its own thread."""
 
     def __init__(self, address: tuple[str, int], render_metrics: Callable[[], str]) -> None:
-        self.address_family = AF_INET6 if ":" in address[0] else AF_INET
-        self.render = render_metrics
-        super().__init__(address, _MetricsHandler)
-        self._thread = threading.Thread(target=self.serve_forever, name=f"metrics-{address[1]}", daemon=True)
+        self._httpd = _http_server(address, render_metrics)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"metrics-{address[1]}", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        self.shutdown()
-        self.server_close()
+        self._httpd.shutdown()
+        self._httpd.server_close()
         self._thread.join(HTTP_TIMEOUT)
+
+
+def _http_server(address: tuple[str, int], render_metrics: Callable[[], str]) -> ThreadingHTTPServer:
+    # Imported here: only listen: needs http.server, and it costs some 10 ms at every start-up.
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        timeout = HTTP_TIMEOUT
+
+        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+            if self.path.split("?", 1)[0] != "/metrics":
+                self._reply(404, "not found; metrics are at /metrics\n")
+                return
+            self._reply(200, render_metrics())
+
+        def _reply(self, code: int, text: str) -> None:
+            body = text.encode("utf-8")
+            self.send_response(code)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server's signature
+            """Scrapes are not worth a log line each."""
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = AF_INET6 if ":" in address[0] else AF_INET
+
+    return Server(address, Handler)
 
 
 class MetricsExporter:
