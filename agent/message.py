@@ -9,12 +9,11 @@ server sent apart from the header edits plugins make (the ``Received:`` trace he
 from __future__ import annotations
 
 import contextlib
-import functools
+import io
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
     from email.message import Message as EmailMessage
@@ -27,12 +26,6 @@ _FIELD_START = re.compile(rb"^([^\s:]+)[ \t]*:", re.MULTILINE)
 _FIELD_END = re.compile(rb"\n(?![ \t])")  # a line end not followed by a continuation line
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 _FIELD_NAME = re.compile(r"[!-9;-~]+")
-
-
-@functools.lru_cache(maxsize=64)
-def _field_pattern(name: str) -> re.Pattern[bytes]:
-    """Finds the first field called ``name`` (any case) at a line start; the match ends after its colon."""
-    return re.compile(rb"^" + re.escape(name.encode("ascii", "replace")) + rb"[ \t]*:", re.MULTILINE | re.IGNORECASE)
 
 
 @dataclass
@@ -71,12 +64,12 @@ class Message:
         self.tags: dict[str, str] = {}
         self._header = bytearray()
         self._header_done = False
-        self._body: tempfile.SpooledTemporaryFile[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115
-            max_size=SPOOL_THRESHOLD)
+        self._body: BinaryIO = io.BytesIO()  # a temporary file once it grows beyond SPOOL_THRESHOLD
         self._body_size = 0
         self._eight_bit = False
         self._parsed: EmailMessage | None = None
         self._spans: list[tuple[str, tuple[int, int]]] | None = None
+        self._lowered: bytes | None = None  # the header block in lower case, for finding fields by name
         self._message_id: Any = ...
 
     @classmethod
@@ -99,7 +92,7 @@ class Message:
             return
         scan_from = max(0, len(self._header) - 3)
         self._header += data
-        self._spans = None
+        self._spans = self._lowered = None
         end = _header_end(self._header, scan_from)
         if end is not None:
             rest = bytes(self._header[end:])
@@ -114,9 +107,16 @@ class Message:
             self._write_body(rest)
 
     def _write_body(self, data: bytes) -> None:
-        if data:
-            self._body.write(data)
-            self._body_size += len(data)
+        if not data:
+            return
+        if self._body_size + len(data) > SPOOL_THRESHOLD and isinstance(self._body, io.BytesIO):
+            import tempfile  # only for large messages
+
+            spool = tempfile.TemporaryFile()  # noqa: SIM115 - closed by discard()
+            spool.write(self._body.getbuffer())
+            self._body = spool
+        self._body.write(data)
+        self._body_size += len(data)
 
     def close_writing(self) -> None:
         self._header_done = True
@@ -162,12 +162,27 @@ class Message:
     def get_header(self, name: str, default: str | None = None) -> str | None:
         """The first field called ``name``, unfolded, as text: UTF-8 where it is valid, else Latin-1, so 8-bit
         bytes are never lost to replacement characters. RFC 2047 encoded words are left as they are."""
-        found = _field_pattern(name).search(self._header)
-        if found is None:
+        value_start = self._value_start(name)
+        if value_start is None:
             return default
-        end_of_field = _FIELD_END.search(self._header, found.end())
-        raw = bytes(self._header[found.end(): end_of_field.start() if end_of_field else len(self._header)])
-        return _decode_header_bytes(_FOLD.sub(b"", raw).strip())
+        end_of_field = _FIELD_END.search(self._header, value_start)
+        raw = bytes(self._header[value_start: end_of_field.start() if end_of_field else len(self._header)])
+        return _decode_header_bytes(_FOLD.sub(b"", raw).strip() if b"\n" in raw else raw.strip())
+
+    def _value_start(self, name: str) -> int | None:
+        """Where the value of the first field called ``name`` (any case) starts: just after its colon."""
+        if self._lowered is None:
+            self._lowered = bytes(self._header).lower()
+        lowered, key = self._lowered, name.lower().encode("ascii", "replace")
+        start = 0 if lowered.startswith(key) else lowered.find(b"\n" + key) + 1
+        while start > 0 or (start == 0 and lowered.startswith(key)):
+            after = start + len(key)
+            while lowered[after:after + 1] in (b" ", b"\t"):
+                after += 1
+            if lowered[after:after + 1] == b":":
+                return after + 1
+            start = lowered.find(b"\n" + key, start) + 1
+        return None
 
     @property
     def message_id(self) -> str | None:
@@ -233,11 +248,11 @@ class Message:
 
     def _edited(self) -> None:
         self._parsed = None
-        self._spans = None
+        self._spans = self._lowered = None
         self._message_id = ...
 
     def _newline(self) -> bytes:
-        return b"\r\n" if b"\r\n" in self._header[:4096] or not self._header else b"\n"
+        return b"\r\n" if self._header.find(b"\r\n", 0, 4096) != -1 or not self._header else b"\n"
 
     def discard(self) -> None:
         """Free the spool; a failure to flush a half-written spool file (disk full) no longer matters."""

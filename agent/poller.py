@@ -8,9 +8,8 @@ other way, the records stay and the next poll deletes those messages without del
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
+import functools
 import os
 import threading
 import time
@@ -496,10 +495,13 @@ def sync_filesystems(paths: list[str]) -> None:
 
 def _syncfs(fd: int) -> None:
     """syncfs(2), which reports writeback errors (EIO, ENOSPC) since Linux 5.8; plain sync() where it is missing."""
-    if _libc_syncfs is None:
+    syncfs = _find_syncfs()
+    if syncfs is None:
         os.sync()
         return
-    if _libc_syncfs(fd) != 0:
+    if syncfs(fd) != 0:
+        import ctypes
+
         error = ctypes.get_errno()
         if error == errno.ENOSYS:
             os.sync()
@@ -522,12 +524,12 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+@functools.cache
 def _find_syncfs() -> Callable[[int], int] | None:
+    """syncfs from the C library Python runs on (looked up on first use: ``find_library`` would run ldconfig)."""
+    import ctypes
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.syncfs  # type: ignore[no-any-return]
+        return ctypes.CDLL(None, use_errno=True).syncfs  # type: ignore[no-any-return]
     except (OSError, AttributeError):
         return None
-
-
-_libc_syncfs = _find_syncfs()

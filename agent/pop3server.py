@@ -902,6 +902,9 @@ class POP3Server:
         except OSError:  # BlockingIOError when the client vanished, EMFILE, ...
             return
         sock.settimeout(self.idle_timeout)
+        # Replies are written one by one: without this, Nagle holds the answer to a pipelined command (LIST after
+        # UIDL) until the client's delayed ACK, ~40 ms per poll.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             session = _Session(self, sock, self.sessions + 1)
         except OSError:  # dup() failed, e.g. out of descriptors: refuse only this client

@@ -19,13 +19,16 @@ import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import DeliveryError, Message, hookimpl
 from agent import settings as s
 from agent.config import Destination
-from agent.poller import PollContext
 from agent.settings import Node, Problems, Section
 from agent.wire import lf_lines
+
+if TYPE_CHECKING:
+    from agent.poller import PollContext
 
 DESTINATION_KINDS = ("maildir",)
 _counter = itertools.count()

@@ -9,16 +9,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import Message, hookimpl
 from agent import settings as s
 from agent.config import Destination
-from agent.poller import PollContext
 from agent.settings import Node, Problems, Section
 from agent.smtp import Delivery, SMTPClient
 from agent.tls import TLSPolicy
 from plugins.received import local_hostname
+
+if TYPE_CHECKING:
+    from agent.poller import PollContext
 
 DESTINATION_KINDS = ("smtp", "lmtp")
 _ADDRESS = re.compile(r"[^\s<>]+")
