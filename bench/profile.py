@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import environment  # noqa: E402
 from bench.corpus import small_corpus  # noqa: E402
 from bench.mailserver import PASSWORD, BenchMailServer  # noqa: E402
+from bench.runner import spool_directory  # noqa: E402
 from bench.sinks import SinkProcess  # noqa: E402
 from bench.tools import Job, Mailbox, Postbote, Runtime, Target  # noqa: E402
 
@@ -119,9 +120,12 @@ class PreparedPoll:
     env: dict[str, str]
     n: int
     maildir: Path | None
+    sink: SinkProcess | None
 
     def seed(self) -> None:
-        """A fresh mailbox of ``n`` small messages, indexed; an empty Maildir."""
+        """A fresh mailbox of ``n`` small messages, indexed; an empty Maildir or SMTP spool."""
+        if self.sink is not None:
+            self.sink.clear()
         if self.maildir:
             shutil.rmtree(self.maildir, ignore_errors=True)
             for sub in ("tmp", "new", "cur"):
@@ -146,7 +150,8 @@ def prepared_poll(mode: str, n: int, source: Path, cache_dir: Path) -> Iterator[
         code = environment.snapshot_postbote(source, work / "code", user)
         runtime = Runtime(user=user, postbote_python=python, postbote_code=code)
         server = BenchMailServer()
-        sink = SinkProcess("prompt", None) if mode == "smtp" else None
+        # The sink keeps what it gets, as in the benchmark (on tmpfs where there is one).
+        sink = SinkProcess("prompt", spool_directory(work, "prompt")) if mode == "smtp" else None
         server.start()
         try:
             if sink:
@@ -156,10 +161,12 @@ def prepared_poll(mode: str, n: int, source: Path, cache_dir: Path) -> Iterator[
             job.workdir.mkdir()
             (command,) = Postbote().commands(job, runtime)
             user.own(work)
-            yield PreparedPoll(server, user, work, command, Postbote().env(runtime), n, target.maildir)
+            yield PreparedPoll(server, user, work, command, Postbote().env(runtime), n, target.maildir, sink)
         finally:
             if sink:
                 sink.stop()
+                if sink.spool:
+                    shutil.rmtree(sink.spool, ignore_errors=True)
             server.stop()
 
 
