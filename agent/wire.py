@@ -9,6 +9,7 @@ be streamed without holding it whole.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 CRLF = b"\r\n"
 
@@ -62,20 +63,11 @@ class SMTPDataEncoder(CRLFEncoder):
 
 
 def crlf_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    encoder = CRLFEncoder()
-    for chunk in chunks:
-        if encoded := encoder.encode(chunk):
-            yield encoded
-    if tail := encoder.finish():
-        yield tail
+    return _encoded(CRLFEncoder(), chunks)
 
 
 def smtp_data(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    encoder = SMTPDataEncoder()
-    for chunk in chunks:
-        if encoded := encoder.encode(chunk):
-            yield encoded
-    yield encoder.finish()
+    return _encoded(SMTPDataEncoder(), chunks)
 
 
 class LFEncoder:
@@ -98,7 +90,17 @@ class LFEncoder:
 
 
 def lf_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    encoder = LFEncoder()
+    return _encoded(LFEncoder(), chunks)
+
+
+class _Encoder(Protocol):
+    def encode(self, chunk: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+def _encoded(encoder: _Encoder, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The non-empty pieces ``encoder`` makes of ``chunks``, then what it holds back for the end."""
     for chunk in chunks:
         if encoded := encoder.encode(chunk):
             yield encoded
