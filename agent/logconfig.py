@@ -55,6 +55,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
+    _skip_unrendered_record_fields()
     structlog.configure(
         # Events below the level are dropped first, before any formatting work is done for them.
         processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -62,3 +63,13 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+
+
+def _skip_unrendered_record_fields() -> None:
+    """Leave out of every log record what no renderer of ours prints: the caller's file and line (a stack walk per
+    event), the thread and process names. The logging HOWTO's "Optimization" section names these switches; they
+    take about a sixth off each event, and a poll logs one event per message."""
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
