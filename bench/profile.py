@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import environment  # noqa: E402
 from bench.corpus import small_corpus  # noqa: E402
 from bench.mailserver import PASSWORD, BenchMailServer  # noqa: E402
-from bench.runner import spool_directory  # noqa: E402
+from bench.runner import empty_maildir, spool_directory  # noqa: E402
 from bench.sinks import SinkProcess  # noqa: E402
 from bench.tools import Job, Mailbox, Postbote, Runtime, Target  # noqa: E402
 
@@ -127,9 +127,7 @@ class PreparedPoll:
         if self.sink is not None:
             self.sink.clear()
         if self.maildir:
-            shutil.rmtree(self.maildir, ignore_errors=True)
-            for sub in ("tmp", "new", "cur"):
-                (self.maildir / sub).mkdir(parents=True)
+            empty_maildir(self.maildir)
             self.user.own(self.maildir)
         shutil.rmtree(self.work / "run" / "state", ignore_errors=True)
         self.server.seed("u1", small_corpus(self.n))
