@@ -3,9 +3,9 @@
 Four chains each start with a mailbox of 300 messages (two deliver into a Maildir, one over SMTP to the aiosmtpd
 sink, whose answers to DATA postbote reads late, and one to a server offering CHUNKING, to which each message goes
 as one pipelined MAIL, RCPT and BDAT). In a chain, ``python -m agent poll`` runs as a child and is killed with
-SIGKILL, five times at five different points, and then runs once more to completion. After every run, killed or not, each message must be on
-the server or delivered; duplicates are counted and may be at most one per kill -- the promise: a crash costs at
-worst one duplicate, never a loss.
+SIGKILL, five times at five different points, and then runs once more to completion. After every run, killed or
+not, each message must be on the server or delivered; duplicates are counted and may be at most one per kill --
+the promise: a crash costs at worst one duplicate, never a loss.
 
 Kill points are spread over a whole poll, measured first: an uninterrupted poll of a full mailbox gives the time
 the start-up takes and the number of POP3 commands a poll sends. A point in the first tenth is a moment in the

@@ -87,9 +87,12 @@ def test_essential_built_ins_cannot_be_disabled(tmp_path: Path) -> None:
 
 
 def test_a_misspelt_hook_name_is_a_start_up_error(tmp_path: Path) -> None:
-    (tmp_path / "typo.py").write_text("from agent import hookimpl\n\n@hookimpl\ndef filter_mesage(message):\n    pass\n")
+    (tmp_path / "typo.py").write_text("from agent import hookimpl\n\n"
+                                      "@hookimpl\ndef filter_mesage(message):\n    pass\n")
     path = write_config(tmp_path, f"plugin_paths: [{tmp_path / 'typo.py'}]\n" + ACCOUNTS)
-    with pytest.raises(ConfigError, match=r"plugin 'typo' implements 'filter_mesage', which is not a postbote hook \(did you mean 'filter_message'\?\)"):
+    expected = (r"plugin 'typo' implements 'filter_mesage', which is not a postbote hook"
+                r" \(did you mean 'filter_message'\?\)")
+    with pytest.raises(ConfigError, match=expected):
         load_config(path, make_plugin_manager(entry_points=False))
 
 

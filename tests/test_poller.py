@@ -37,6 +37,8 @@ class Setup:
 
     def config(self, extra: str = "", deliver: str = "", pm=None) -> Config:
         path = self.tmp_path / "postbote.yaml"
+        settings = extra if "timeout" in extra else extra + "timeout: 2s\n"
+        settings += deliver or f"deliver: {{maildir: {self.maildir}}}\n"
         path.write_text(textwrap.dedent(f"""\
             state_dir: {self.tmp_path / 'state'}
             accounts:
@@ -46,8 +48,7 @@ class Setup:
                 tls: none
                 username: demo
                 password: demo
-            """) + textwrap.indent(extra if "timeout" in extra else extra + "timeout: 2s\n", "    ") + textwrap.indent(deliver or f"deliver: {{maildir: {self.maildir}}}\n",
-                                                                   "    "))
+            """) + textwrap.indent(settings, "    "))
         os.chmod(path, 0o600)
         return load_config(path, pm or make_plugin_manager(entry_points=False))
 

@@ -11,6 +11,7 @@ import socket
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -79,9 +80,9 @@ def test_test_ca_certificate_is_not_trusted_by_the_system_store(dovecot: Dovecot
 def test_server_certificate_is_valid_for_localhost_and_127_0_0_1(dovecot: DovecotServer, pki: TestPKI) -> None:
     assert dovecot.pop3s_port is not None
     for hostname in ("localhost", "127.0.0.1"):
-        with socket.create_connection((dovecot.host, dovecot.pop3s_port), timeout=TIMEOUT) as sock:
-            with pki.client_context().wrap_socket(sock, server_hostname=hostname) as tls:
-                assert tls.recv(3) == b"+OK"
+        with (socket.create_connection((dovecot.host, dovecot.pop3s_port), timeout=TIMEOUT) as sock,
+              pki.client_context().wrap_socket(sock, server_hostname=hostname) as tls):
+            assert tls.recv(3) == b"+OK"
 
 
 # -- Dovecot -----------------------------------------------------------------
@@ -286,7 +287,7 @@ def test_a_server_that_cannot_start_raises_with_its_log(pki: TestPKI) -> None:
 
 
 def _start_time(pid: int) -> str:
-    stat = open(f"/proc/{pid}/stat").read()
+    stat = Path(f"/proc/{pid}/stat").read_text()
     return stat[stat.rindex(")") + 2 :].split()[19]
 
 
@@ -324,7 +325,8 @@ def test_sink_advertises_8bitmime_and_smtputf8(smtp_sink: SMTPSink) -> None:
         assert client.has_extn("8bitmime")
         assert client.has_extn("smtputf8")
         assert not client.has_extn("starttls")
-        client.sendmail("sender@example.org", ["rcpt@example.org"], b"Subject: \xc3\xa4\r\n\r\n", ["BODY=8BITMIME", "SMTPUTF8"])
+        client.sendmail("sender@example.org", ["rcpt@example.org"], b"Subject: \xc3\xa4\r\n\r\n",
+                        ["BODY=8BITMIME", "SMTPUTF8"])
     assert {"BODY=8BITMIME", "SMTPUTF8"} <= set(smtp_sink.attempts[0].mail_options)
 
 

@@ -20,6 +20,7 @@ chrooted and no chown is needed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import grp
 import itertools
@@ -317,10 +318,8 @@ class DovecotServer:
             return
         for pid, started in children.items():
             if _still_running(pid, started):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
     def process_ids(self) -> set[int]:
         """The master's pid and those of all its descendants."""

@@ -273,10 +273,7 @@ class SMTPSink:
         self, *, mail_from: str, rcpt_tos: list[str], data: bytes, mail_options: list[str], tls: bool
     ) -> str:
         with self._lock:
-            if self._queued_replies:
-                reply = self._queued_replies.popleft()
-            else:
-                reply = self._default_reply or ACCEPT_REPLY
+            reply = self._queued_replies.popleft() if self._queued_replies else self._default_reply or ACCEPT_REPLY
             self._attempts.append(Attempt(mail_from, rcpt_tos, data, reply, mail_options, tls))
             self._lock.notify_all()
             return reply
