@@ -254,7 +254,7 @@ class Bench:
 
     def _prepare_target(self, scenario: Scenario, rundir: Path) -> Target:
         if scenario.target_kind == "maildir":
-            maildir = self.settings.workdir / "maildirs" / scenario.mode
+            maildir = self._maildir(scenario)
             empty_maildir(maildir)
             self.user.own(maildir)
             return Target("maildir", maildir=maildir)
@@ -262,6 +262,9 @@ class Bench:
         sink = self.sinks[scenario.sink]
         sink.clear()
         return Target("smtp", smtp_port=sink.port)
+
+    def _maildir(self, scenario: Scenario) -> Path:
+        return self.settings.workdir / "maildirs" / scenario.mode
 
     def _check(self, record: RunRecord, scenario: Scenario, target: Target, users: list[str],
                mailbox_corpora: list[Corpus]) -> None:
@@ -294,7 +297,7 @@ class Bench:
                     shutil.move(path, rundir / "spool" / path.name)
             sink.clear()
         if keep and scenario.target_kind == "maildir":
-            shutil.copytree(self.settings.workdir / "maildirs" / scenario.mode, rundir / "Maildir")
+            shutil.copytree(self._maildir(scenario), rundir / "Maildir")
         if not (keep or self.settings.keep_workdir):
             shutil.rmtree(rundir, ignore_errors=True)
 
