@@ -121,15 +121,19 @@ class PreparedPoll:
     n: int
     maildir: Path | None
     sink: SinkProcess | None
+    job: Job
+    runtime: Runtime
 
-    def seed(self) -> None:
-        """A fresh mailbox of ``n`` small messages, indexed; an empty Maildir or SMTP spool."""
+    def seed(self, *, keep_state: bool = False) -> None:
+        """A fresh mailbox of ``n`` small messages, indexed; an empty Maildir or SMTP spool; postbote's state
+        directory removed unless ``keep_state`` (a running daemon holds it)."""
         if self.sink is not None:
             self.sink.clear()
         if self.maildir:
             empty_maildir(self.maildir)
             self.user.own(self.maildir)
-        shutil.rmtree(self.work / "run" / "state", ignore_errors=True)
+        if not keep_state:
+            shutil.rmtree(self.work / "run" / "state", ignore_errors=True)
         self.server.seed("u1", small_corpus(self.n))
         self.server.warm("u1", self.n)
 
@@ -159,7 +163,8 @@ def prepared_poll(mode: str, n: int, source: Path, cache_dir: Path) -> Iterator[
             job.workdir.mkdir()
             (command,) = Postbote().commands(job, runtime)
             user.own(work)
-            yield PreparedPoll(server, user, work, command, Postbote().env(runtime), n, target.maildir, sink)
+            yield PreparedPoll(server, user, work, command, Postbote().env(runtime), n, target.maildir, sink, job,
+                               runtime)
         finally:
             if sink:
                 sink.stop()
