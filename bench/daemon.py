@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import environment  # noqa: E402
 from bench.children import stop_child  # noqa: E402
 from bench.corpus import Corpus, small_corpus  # noqa: E402
+from bench.cost import one_run  # noqa: E402
 from bench.profile import PreparedPoll, prepared_poll  # noqa: E402
 from bench.tools import Fetchmail, Mpop, Postbote, Tool  # noqa: E402
 from bench.verify import maildir_files, verify  # noqa: E402
@@ -70,7 +71,7 @@ def wait_until_done(poll: PreparedPoll, daemon: subprocess.Popen[bytes], timeout
 
 def recorded_duration(poll: PreparedPoll) -> float:
     """The duration the daemon recorded for its last poll (login to QUIT, measured inside the poll thread)."""
-    database = poll.work / "run" / "state" / "postbote.sqlite3"
+    database = poll.job.workdir / "state" / "postbote.sqlite3"
     with contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as db:
         (duration,) = db.execute("SELECT duration FROM polls WHERE account = 'u1'").fetchone()
     return float(duration)
@@ -89,17 +90,15 @@ def process_polls(poll: PreparedPoll, corpus: Corpus, tool: Tool, repeat: int) -
     walls = []
     for repetition in range(repeat):
         poll.seed()
-        started = time.perf_counter()
-        subprocess.run(command, env=tool.env(poll.runtime), cwd=poll.work, check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, **poll.user.popen_args())
-        walls.append(time.perf_counter() - started)
+        wall, _, _ = one_run(command, tool.env(poll.runtime), poll.work, dict(poll.user.popen_args()))
+        walls.append(wall)
         check(poll, corpus, f"{tool.name}, run {repetition + 1}")
         print(f"{tool.name}, run {repetition + 1}: {walls[-1]:.3f} s, verified")
     return walls
 
 
 def daemon_polls(poll: PreparedPoll, corpus: Corpus, repeat: int, timeout: float) -> list[float]:
-    poll.seed()
+    poll.seed()  # a fresh state directory and destination; the daemon's first poll then finds an empty mailbox
     poll.server.clear(["u1"])
     daemon = subprocess.Popen([*poll.command[:-1], "run"], env=poll.env, cwd=poll.work, stdout=subprocess.DEVNULL,
                               **poll.user.popen_args())

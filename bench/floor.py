@@ -27,7 +27,6 @@ import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import environment  # noqa: E402
 from bench.corpus import small_corpus  # noqa: E402
+from bench.cost import one_run  # noqa: E402
 from bench.mailserver import PASSWORD, BenchMailServer  # noqa: E402
 from bench.profile import prepared_poll  # noqa: E402
 from bench.runner import empty_maildir  # noqa: E402
@@ -95,12 +95,6 @@ def disk_floor(maildir: Path, n: int, *, fsync_each: bool) -> tuple[float, float
     return written - started, time.perf_counter() - written
 
 
-def timed(command: list[str], **popen_args: object) -> float:
-    started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen_args)
-    return time.perf_counter() - started
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/floor.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1000)
@@ -111,11 +105,13 @@ def main(argv: list[str] | None = None) -> int:
 
     with prepared_poll("maildir", 0, environment.REPO, args.cache_dir) as poll:
         python = poll.command[0]
-        interpreter = median(timed([python, "-c", "pass"], cwd=poll.work) for _ in range(args.repeat))
+        as_user = dict(poll.user.popen_args())
+        interpreter = median(one_run([python, "-c", "pass"], poll.env, poll.work, as_user)[0]
+                             for _ in range(args.repeat))
         empty_polls = []
         for _ in range(args.repeat):
             poll.seed()
-            empty_polls.append(timed(poll.command, env=poll.env, cwd=poll.work, **poll.user.popen_args()))
+            empty_polls.append(one_run(poll.command, poll.env, poll.work, as_user)[0])
         empty_poll = median(empty_polls)
         server = poll.server
         sessions = []
