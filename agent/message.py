@@ -161,7 +161,12 @@ class Message:
 
     def get_header(self, name: str, default: str | None = None) -> str | None:
         """The first field called ``name``, unfolded, as text: UTF-8 where it is valid, else Latin-1, so 8-bit
-        bytes are never lost to replacement characters. RFC 2047 encoded words are left as they are."""
+        bytes are never lost to replacement characters. RFC 2047 encoded words are left as they are.
+
+        A ``name`` that cannot be a field name (empty, or with a colon, a space or a non-ASCII character) is in no
+        header block: the default comes back."""
+        if not _FIELD_NAME.fullmatch(name):
+            return default
         value_start = self._value_start(name)
         if value_start is None:
             return default
@@ -170,18 +175,23 @@ class Message:
         return _decode_header_bytes(_FOLD.sub(b"", raw).strip() if b"\n" in raw else raw.strip())
 
     def _value_start(self, name: str) -> int | None:
-        """Where the value of the first field called ``name`` (any case) starts: just after its colon."""
+        """Where the value of the first field called ``name`` (any case) starts: just after its colon.
+
+        Candidates are found with ``find`` (a line that starts with the name); a candidate whose name goes on
+        (``Message-IDs:`` when looking for ``Message-ID``) is passed over. Each search starts after the previous
+        candidate, so the scan always ends.
+        """
         if self._lowered is None:
             self._lowered = bytes(self._header).lower()
-        lowered, key = self._lowered, name.lower().encode("ascii", "replace")
-        start = 0 if lowered.startswith(key) else lowered.find(b"\n" + key) + 1
-        while start > 0 or (start == 0 and lowered.startswith(key)):
-            after = start + len(key)
+        lowered, key = self._lowered, name.lower().encode("ascii")
+        candidate = 0 if lowered.startswith(key) else _line_starting_with(lowered, key, 0)
+        while candidate is not None:
+            after = candidate + len(key)
             while lowered[after:after + 1] in (b" ", b"\t"):
                 after += 1
             if lowered[after:after + 1] == b":":
                 return after + 1
-            start = lowered.find(b"\n" + key, start) + 1
+            candidate = _line_starting_with(lowered, key, candidate + 1)
         return None
 
     @property
@@ -242,7 +252,7 @@ class Message:
         """Each field's name and byte span in the header block; kept until the next edit."""
         if self._spans is None:
             starts = [(m.start(), m.group(1).decode("ascii", "replace")) for m in _FIELD_START.finditer(self._header)]
-            ends = [start for start, _ in starts[1:]] + [len(self._header)]
+            ends = [start for start, _ in starts[1:]] + ([len(self._header)] if starts else [])
             self._spans = [(name, (start, max(end, start))) for (start, name), end in zip(starts, ends, strict=True)]
         return self._spans
 
@@ -258,6 +268,12 @@ class Message:
         """Free the spool; a failure to flush a half-written spool file (disk full) no longer matters."""
         with contextlib.suppress(OSError):
             self._body.close()
+
+
+def _line_starting_with(lowered: bytes, key: bytes, search_from: int) -> int | None:
+    """The offset of the first line at or after ``search_from`` that starts with ``key``, or None."""
+    newline = lowered.find(b"\n" + key, max(0, search_from - 1))
+    return None if newline == -1 else newline + 1
 
 
 def _decode_header_bytes(raw: bytes) -> str:
