@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from agent.cli import main
@@ -55,7 +56,7 @@ def test_status_shows_the_last_poll_the_totals_and_the_last_error(tmp_path: Path
     assert main(["-c", str(config), "status"]) == 1
     out = capsys.readouterr().out
     assert "alice  FAILED, last poll " in out
-    assert ": 2 delivered, 0 dropped, 0 rejected, 0 left on the server" in out
+    assert ": 2 delivered, 0 dropped, 0 deferred, 0 rejected, 0 left on the server" in out
     assert "in all: 2 delivered, 0 dropped" in out
     assert "bob    FAILED" in out and "error: cannot connect to 127.0.0.1:1" in out
     assert "1 failed poll(s) in a row; last success never" in out
@@ -102,11 +103,13 @@ def test_status_while_the_daemon_runs_shows_it_and_the_next_poll(tmp_path: Path)
         assert report["daemon"] == {"running": True, "pid": daemon.process.pid}
         (alice,) = report["accounts"]
         assert alice["outcome"] == "ok" and alice["counts"]["delivered"] == 1
-        assert alice["next_poll"] is not None
+        next_poll = datetime.fromisoformat(alice["next_poll"])
+        planned_after = next_poll - datetime.fromisoformat(alice["last_poll"])
+        assert timedelta(minutes=59) < planned_after <= timedelta(hours=1, seconds=1)  # one poll_interval later
         text = subprocess.run([sys.executable, "-m", "agent", "-c", str(config), "status"], cwd=REPO,
                               capture_output=True, text=True, timeout=10).stdout
         assert f"daemon: running (pid {daemon.process.pid})" in text
-        assert "next poll " in text and "(in 59m" in text
+        assert f"next poll {next_poll.astimezone().strftime('%Y-%m-%d %H:%M:%S')} (in " in text
     finally:
         assert daemon.stop() == 0
         server.stop()
