@@ -1,8 +1,10 @@
 """The ``postbote`` command. Errors meant for the admin are caught here, once, and printed as one line.
 
-Exit status: 0 every account was polled fine, 1 some account failed (or the state directory is busy),
-2 usage or configuration error. ``postbote poll`` while a daemon holds the state directory asks the daemon to poll
-(SIGUSR1) and exits 0; ``postbote status`` exits 1 when some account's last poll failed.
+Exit status (`agent.jobs.ExitStatus`): ``poll`` exits 0 only when every listed message was delivered, dropped by a
+filter or left on purpose; 1 when some message was deferred or rejected in this poll, some account failed, or the
+state directory is busy; 2 for a usage or configuration error (a plugin that cannot start included). ``postbote
+poll`` while a daemon holds the state directory asks the daemon to poll (SIGUSR1) and exits 0; ``postbote status``
+exits 1 when some account's last poll failed or some message waits on a server.
 
 Start-up time matters (a timer may run ``postbote poll`` every minute): this module imports only what parsing the
 command line needs, and each command imports what it uses, so ``--help`` loads no plugin, no YAML and no logging.
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from agent import __version__
 from agent.errors import ConfigError, PostboteError, StateLockedError
+from agent.jobs import ExitStatus
 
 if TYPE_CHECKING:
     import threading
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
     from agent.pluginmanager import PluginManager
     from agent.state import StateStore
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = ExitStatus.OK, ExitStatus.FAILED, ExitStatus.USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,20 +78,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(maildir=args.maildir, extra_messages=args.messages, log_format=args.log_format or "auto",
                             log_level=args.log_level or "info")
-        return _dispatch(args)
+        status = _dispatch(args)
+        sys.stdout.flush()  # a closed pipe is noticed here, inside the handlers below, not at interpreter exit
+        return status
     except ConfigError as exc:
         _print_error(exc)
         return EXIT_USAGE
     except PostboteError as exc:
         _print_error(exc)
         return EXIT_FAILED
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
 
 
+def _discard_stdout() -> None:
+    """The reader of our output went away (``postbote plugins | head -1``): say nothing more, and point stdout at
+    /dev/null so that Python's own flush at exit does not report the broken pipe with a traceback either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no real file (a test's capture): nothing is flushed at exit anyway
+        pass
+
+
 def _print_error(exc: PostboteError, out: TextIO | None = None) -> None:
-    for line in str(exc).splitlines():
+    for line in _redacted(str(exc)).splitlines():
         print(f"postbote: error: {line}", file=out or sys.stderr)
+
+
+def _redacted(text: str) -> str:
+    """``text`` without any secret postbote knows of: an error message may quote what a server or a command said."""
+    from agent import credentials
+
+    redact = getattr(credentials, "redact", None)  # added by issue 11; absent in older trees
+    return redact(text) if callable(redact) else text
 
 
 def load_setup(args: argparse.Namespace) -> tuple[PluginManager, Config]:
@@ -227,35 +254,20 @@ def progress_shown(pm: PluginManager) -> Iterator[str | None]:
 
 @contextmanager
 def configured(pm: pluggy.PluginManager, config: Config) -> Iterator[None]:
-    try:
-        pm.hook.configure.call_historic(kwargs={"config": config})
-    except PostboteError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a plugin that cannot start is a start-up error, named, exit 2
-        plugin = plugin_that_raised(pm.hook.configure, exc)
-        raise ConfigError(f"plugin {plugin!r} failed to start (configure): {type(exc).__name__}: {exc}") from None
-    try:
+    """Plugins started as ``poll`` and ``run`` both start them (`agent.jobs.plugins_started`)."""
+    from agent.jobs import plugins_started
+
+    with plugins_started(pm, config):
         yield
-    finally:
-        pm.hook.unconfigure(config=config)
-
-
-def plugin_that_raised(hook: pluggy.HookCaller, exc: BaseException) -> str:
-    """The plugin whose implementation of ``hook`` appears in the traceback of ``exc``."""
-    owners = {impl.function.__code__: impl.plugin_name for impl in hook.get_hookimpls()}
-    frame = exc.__traceback__
-    while frame is not None:
-        if frame.tb_frame.f_code in owners:
-            return owners[frame.tb_frame.f_code]
-        frame = frame.tb_next
-    return "unknown"
 
 
 def poll(pm: pluggy.PluginManager, config: Config, store: StateStore, names: Sequence[str]) -> int:
-    """Poll ``names`` (all accounts when empty) once, up to ``max_parallel`` accounts at a time."""
+    """Poll ``names`` (all accounts when empty) once, up to ``max_parallel`` accounts at a time; the exit status
+    says whether every listed message was taken care of (`agent.jobs.exit_status`)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
+    from agent.jobs import exit_status, poll_guarded
     from agent.poller import Poller
 
     accounts = config.select(tuple(names))
@@ -264,8 +276,9 @@ def poll(pm: pluggy.PluginManager, config: Config, store: StateStore, names: Seq
         poller = Poller(pm, store, stop)
         with ThreadPoolExecutor(max_workers=max(1, min(config.max_parallel, len(accounts))),
                                 thread_name_prefix="poll") as pool:
-            results = list(pool.map(lambda account: None if stop.is_set() else poller.poll(account), accounts))
-    return EXIT_OK if all(stats is None or stats.ok for stats in results) else EXIT_FAILED
+            results = list(pool.map(lambda account: None if stop.is_set() else poll_guarded(poller, account),
+                                    accounts))
+    return exit_status(results)
 
 
 @contextmanager

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.cli import main
 from agent.config import load_config
 from agent.pluginmanager import make_plugin_manager
+from agent.poller import Poller
 from agent.pop3server import Action, Faults, POP3Server
+from tests.test_end_to_end import logging_restored
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def write_config(tmp_path: Path, body: str) -> Path:
@@ -118,3 +126,79 @@ def test_installed_plugins_are_found_through_the_postbote_entry_point_group(
     assert pm.sources["greeter"].origin == "entry point"
     assert pm.sources["greeter"].where == "postbote-greeter 1.2"
     assert pm.hooks_of("greeter") == ["filter_message"]
+
+
+# --- one configure path, one job boundary, no tracebacks (issue 11, item 18)
+
+FRAGILE_PLUGIN = ("from agent import hookimpl\n\n@hookimpl\ndef configure(config):\n"
+                  "    raise OSError(13, 'Permission denied')\n")
+
+
+def run_postbote(*args: str, stdout: int = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], cwd=REPO, stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, timeout=60, check=False)
+
+
+def test_run_and_poll_refuse_a_plugin_whose_configure_raises_with_the_same_line_and_exit_2(tmp_path: Path) -> None:
+    """``RestartPreventExitStatus=2`` in the unit relies on it: a broken plugin must not crash-loop the service."""
+    (tmp_path / "fragile.py").write_text(FRAGILE_PLUGIN)
+    path = write_config(tmp_path, f"""\
+        state_dir: {tmp_path / 'state'}
+        plugin_paths: [{tmp_path / 'fragile.py'}]
+        accounts:
+          - {{name: a, host: 127.0.0.1, port: 1, tls: none, username: u, password: p, deliver: {{maildir: m}}}}
+        """)
+    expected = ("postbote: error: plugin 'fragile' failed to start (configure): "
+                "PermissionError: [Errno 13] Permission denied\n")
+    for command in ("poll", "run"):
+        done = run_postbote("-c", str(path), command)
+        assert (command, done.returncode, done.stderr) == (command, 2, expected)
+
+
+def test_a_crash_in_one_accounts_poll_is_one_event_the_others_are_polled_and_poll_exits_1(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    secret_local = "s3cret-in-a-local"  # noqa: F841 - a frame local that must never reach the log
+    real_session = Poller._session
+
+    def session(self: Poller, account: Any, *args: Any) -> Any:
+        if account.name == "broken":
+            password = secret_local  # noqa: F841 - in the crashing frame's locals
+            raise RuntimeError("unexpected state")
+        return real_session(self, account, *args)
+
+    monkeypatch.setattr(Poller, "_session", session)
+    mail = b"Subject: hi\r\n\r\nbody\r\n"
+    with POP3Server([mail]) as first, POP3Server([mail]) as second:
+        accounts = "\n".join(
+            f"  - {{name: {name}, host: 127.0.0.1, port: {server.port}, tls: none, username: demo, "
+            f"password: demo, deliver: {{maildir: {tmp_path / name}}}}}"
+            for name, server in (("broken", first), ("fine", second)))
+        path = write_config(tmp_path, f"state_dir: {tmp_path / 'state'}\nlog: {{format: json}}\n"
+                                      f"accounts:\n{accounts}\n")
+        with logging_restored():
+            assert main(["-c", str(path), "poll"]) == 1
+        assert second.uids() == [] and first.uids() != []
+    err = capsys.readouterr().err
+    crashes = [json.loads(line) for line in err.splitlines() if '"poll.crashed"' in line]
+    assert len(crashes) == 1
+    (crash,) = crashes
+    assert (crash["account"], crash["error"]) == ("broken", "internal error: RuntimeError: unexpected state")
+    assert crash["where"].endswith("in session")
+    assert "Traceback" not in err and "s3cret-in-a-local" not in err
+    with logging_restored():
+        assert main(["-c", str(path), "status"]) == 1
+    assert "error: internal error: RuntimeError: unexpected state" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["plugins"], ["status", "--json"], ["check"]])
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, command: list[str]) -> None:
+    """``postbote plugins | head -1``: once the reader has gone, no traceback and no second complaint at exit."""
+    path = write_config(tmp_path, f"state_dir: {tmp_path / 'state'}\naccounts:\n  - {{name: a, host: h, "
+                                  "username: u, password: p, deliver: {maildir: m}}\n")
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        done = run_postbote("-c", str(path), *command, stdout=writer)
+    finally:
+        os.close(writer)
+    assert (done.returncode, done.stderr) == (1, "")
