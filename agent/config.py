@@ -33,6 +33,8 @@ DEFAULT_STATE_DIR = "~/.local/state/postbote"
 PASSWORD_KEYS = ("password", "password_file", "password_command", "password_env")
 TOKEN_KEYS = ("token_command", "oauth2")
 SECRET_KEYS = (*PASSWORD_KEYS, *TOKEN_KEYS)
+DEFAULT_MAX_SIZE = 256 * 1024 * 1024  # larger messages stay on the server, reported as rejected (max_size: to change)
+DEFAULT_STALE_AFTER = 3600.0  # mail waiting longer than this shows as stale in `postbote status`
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}")
 
 
@@ -99,6 +101,8 @@ class Account:
     max_size: int | None
     max_messages: int | None
     destinations: tuple[Destination, ...]
+    poll_timeout: float | None = None  # the whole session's deadline; None: derived from timeout and the mail
+    stale_after: float = DEFAULT_STALE_AFTER
     plugins: Mapping[str, Any] = field(default_factory=dict)
     disabled_plugins: frozenset[str] = frozenset()
     token_command: tuple[str, ...] = ()
@@ -130,6 +134,7 @@ class Config:
     accounts: tuple[Account, ...]
     max_parallel: int = 4
     backoff_max: float = 3600.0
+    state_busy_timeout: float = 2.0
 
     def account(self, name: str) -> Account:
         for account in self.accounts:
@@ -143,9 +148,11 @@ class Config:
 
 
 ACCOUNT_KEYS = {"name", "host", "port", "tls", "tls_verify", "tls_ca_file", "tls_fingerprint", "username",
-                *SECRET_KEYS, "auth", "poll_interval", "timeout", "keep", "fetch_all", "max_size", "max_messages",
+                *SECRET_KEYS, "auth", "poll_interval", "timeout", "poll_timeout", "stale_after", "keep", "fetch_all",
+                "max_size", "max_messages",
                 "deliver", "plugins"}
-TOP_KEYS = {"state_dir", "log", "defaults", "accounts", "plugins", "plugin_paths", "max_parallel", "backoff_max"}
+TOP_KEYS = {"state_dir", "log", "defaults", "accounts", "plugins", "plugin_paths", "max_parallel", "backoff_max",
+            "state_busy_timeout"}
 
 
 def load_config(path: Path, pm: PluginManager) -> Config:
@@ -172,7 +179,8 @@ def load_config(path: Path, pm: PluginManager) -> Config:
     problems.raise_if_any()
     config = Config(path=path, state_dir=state_dir, log=log, accounts=tuple(accounts),
                     max_parallel=top.get("max_parallel", s.integer(1, 256), 4),
-                    backoff_max=top.get("backoff_max", s.duration, 3600.0))
+                    backoff_max=top.get("backoff_max", s.duration, 3600.0),
+                    state_busy_timeout=top.get("state_busy_timeout", s.duration, 2.0))
     problems.raise_if_any()
     _refuse_exposed_inline_password(config)
     return config
@@ -242,9 +250,11 @@ def _account(section: Section, problems: Problems, pm: PluginManager, base_dir: 
         auth=section.get("auth", s.choice(*AUTH_CHOICES), "auto"),
         poll_interval=section.get("poll_interval", s.duration, 300.0),
         timeout=section.get("timeout", s.duration, 60.0),
+        poll_timeout=section.get("poll_timeout", s.duration, None),
+        stale_after=section.get("stale_after", s.duration, DEFAULT_STALE_AFTER),
         keep=section.get("keep", s.boolean, False),
         fetch_all=section.get("fetch_all", s.boolean, False),
-        max_size=section.get("max_size", s.size, None),
+        max_size=section.get("max_size", s.size, DEFAULT_MAX_SIZE),
         max_messages=section.get("max_messages", s.integer(1), None),
         destinations=_destinations(section, problems, pm, base_dir),
         plugins=_account_plugins(section, pm, problems, base_dir, global_plugins),

@@ -11,14 +11,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pluggy
+import structlog
 
 from agent.errors import DeliveryError, PluginError
 from agent.message import Message, Verdict
+from agent.state import UNCERTAIN_ATTEMPTS, Delivery, DeliveryState
 
 if TYPE_CHECKING:
     from agent.config import Account
     from agent.poller import PollContext
     from agent.state import StateStore
+
+log = structlog.get_logger("postbote.deliver")
 
 
 @dataclass
@@ -114,35 +118,66 @@ def run_filters(pm: pluggy.PluginManager, message: Message, account: Account) ->
 
 def deliver_everywhere(pm: pluggy.PluginManager, store: StateStore, message: Message, account: Account,
                        poll: PollContext) -> list[str | Deferred]:
-    """Deliver to every destination, remembering partial successes so that a retry skips what already took the
-    message: a destination, with several; recipients, when an LMTP server accepted some of them (no duplicates)."""
+    """Deliver to every destination, each one's success noted on its own so that a retry gives a destination the
+    message only if it did not take it yet -- whatever its kind and its place in the list; and recipients, when an
+    LMTP server accepted some of them.
+
+    Before a hand-over that cannot be undone, an "in flight" note is committed: a state store that cannot be written
+    stops the delivery (the message is deferred, undelivered) instead of letting every poll deliver it again. Only
+    the one staged delivery of a message with a single destination needs no note: its file becomes visible in the
+    same transaction that records the message (see `PollContext.stage_rename`)."""
     destinations = message.destinations if message.destinations is not None else account.destinations
     if not destinations:
         raise DeliveryError("a filter left the message without destinations", temporary=True)
     several = len(destinations) > 1
-    done = store.destinations_done(account.name, message.uid) if message.uid in poll.partly_delivered else {}
+    notes = store.deliveries(account.name, message.uid) if message.uid in poll.partly_delivered else {}
     answers: list[str | Deferred] = []
     for index, destination in enumerate(destinations):
         key = f"{index}:{destination.label}"
-        if key in done:
-            answers.append(done[key])
+        note = notes.get(key)
+        if note is not None and note.state is DeliveryState.DONE:
+            answers.append(note.answer)
             continue
-        served = [name.split(">", 1)[1] for name in done if name.startswith(f"{key}>")]
+        served = [name.split(">", 1)[1] for name, part in notes.items()
+                  if name.startswith(f"{key}>") and part.state is DeliveryState.DONE]
+        poll.staging = not several and stages_delivery(destination)
+        if not poll.staging:
+            announce_delivery(store, account, message, destination, key, note)
         try:
             answer = deliver_to_the_rest(pm, message, account, destination, poll, served)
             if several:
                 answer = settled(answer)  # each destination's success is noted on its own, so it must be known now
         except DeliveryError as exc:
             for recipient in exc.accepted:
-                store.record_destination(account.name, message.uid, f"{key}>{recipient}", exc.reason)
+                store.finish_delivery(account.name, message.uid, f"{key}>{recipient}", exc.reason)
                 poll.partly_delivered.add(message.uid)
             raise
-        if several and not poll.has_staged(message.uid):
-            # A staged delivery becomes durable only with the whole message's record, so it is not noted alone.
-            store.record_destination(account.name, message.uid, key, settled(answer))
+        if several:
+            store.finish_delivery(account.name, message.uid, key, settled(answer))
             poll.partly_delivered.add(message.uid)
         answers.append(answer)
     return answers
+
+
+def stages_delivery(destination: Any) -> bool:
+    """Whether the destination's plugin stages its writes (`PollContext.stage_rename`) instead of finishing them."""
+    return bool(getattr(destination.settings, "stages_delivery", False))
+
+
+def announce_delivery(store: StateStore, account: Account, message: Message, destination: Any, key: str,
+                      note: Delivery | None) -> None:
+    """Commit the "in flight" note before the hand-over. A note left from an earlier attempt means that attempt
+    ended without an answer (postbote was killed, or its outcome could not be recorded): the message may have
+    arrived already. It is delivered again once, with a warning; after that it is held for the admin."""
+    if note is not None:
+        if note.attempts >= UNCERTAIN_ATTEMPTS:
+            raise DeliveryError(
+                f"{destination.label}: {note.attempts} deliveries ended without an answer (postbote was stopped "
+                "mid-delivery, or could not record the outcome); held so that it is not delivered again and again: "
+                "check the destination for copies, then `postbote retry` it", temporary=False)
+        log.warning("message.delivering_again", destination=destination.label, attempts=note.attempts,
+                    reason="an earlier delivery ended without an answer: the destination may get a second copy")
+    store.begin_delivery(account.name, message.uid, key)
 
 
 def deliver_to_the_rest(pm: pluggy.PluginManager, message: Message, account: Account, destination: Any,

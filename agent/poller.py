@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import os
 import threading
 import time
@@ -23,16 +24,21 @@ import structlog
 
 from agent import pipeline
 from agent.config import Account
-from agent.errors import AccountError, DeliveryError, PluginError, PostboteError
+from agent.errors import AccountError, DeliveryError, PluginError, PostboteError, StateError
 from agent.login import AuthSettings, login
 from agent.message import Message
 from agent.pop3 import ListingEntry, MessageTooLarge, POP3Client, POP3ConnectionError, POP3Error
-from agent.state import DELIVERED, DROPPED, HANDLED, REJECTED, StateStore
+from agent.state import DEFERRED, DELIVERED, DROPPED, REJECTED, Outcome, Record, StateStore, Status
 from agent.tls import TLSPolicy
 
 log = structlog.get_logger("postbote.poll")
 PIPELINE_WINDOW = 64  # RETRs in flight: enough to hide a 20 ms round trip behind small messages
 BATCH_SIZE = 64
+# The session's deadline when the account sets no poll_timeout: login and listing get a few `timeout`s, then each
+# message adds time for its size at a slow link's rate and a little for its hand-over.
+DEADLINE_TIMEOUTS = 4
+DEADLINE_RATE = 64 * 1024  # octets per second
+DEADLINE_PER_MESSAGE = 0.5  # seconds
 
 
 @dataclass
@@ -65,6 +71,7 @@ class PollContext:
     def __init__(self, account: Account) -> None:
         self.account = account
         self.current_uid = ""
+        self.staging = True  # whether the delivery in hand may stage its file (see `stage_rename`)
         self.partly_delivered: set[str] = set()  # UIDs some destinations already took in an earlier poll
         self._resources: dict[Any, tuple[Any, Callable[[Any], None]]] = {}
         self._staged: dict[str, list[tuple[str, str]]] = {}
@@ -72,8 +79,20 @@ class PollContext:
     def stage_rename(self, source: str, target: str) -> None:
         """Defer making a written file visible: postbote syncs ``source`` with the rest of its batch, records the
         message, then renames ``source`` to ``target``. A delivery target that stages returns at once, without its
-        own fsync; if the message fails later, ``source`` is removed."""
-        self._staged.setdefault(self.current_uid, []).append((str(source), str(target)))
+        own fsync; if the message fails later, ``source`` is removed.
+
+        When the message has other destinations as well, each destination's success is recorded on its own as it
+        happens, so the file is made durable and moved into place now (fsync, rename, fsync of the directory)."""
+        if self.staging:
+            self._staged.setdefault(self.current_uid, []).append((str(source), str(target)))
+            return
+        try:
+            fsync_file(str(source))
+            finish_renames([(self.current_uid, str(source), str(target))])
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(source)
+            raise DeliveryError(f"{target}: {exc.strerror or exc}", temporary=True) from None
 
     def has_staged(self, uid: str) -> bool:
         return uid in self._staged
@@ -126,6 +145,7 @@ class Handled:
     entry: ListingEntry
     message: Message
     outcome: pipeline.Outcome
+    header_digest: str
 
     @property
     def answers(self) -> list[str]:
@@ -168,15 +188,18 @@ class Poller:
 
     def _session(self, account: Account, stats: PollStats, poll: PollContext) -> None:
         self._finish_interrupted_commits(account)
-        client = self._login(account)
+        started = time.monotonic()
+        client = self._login(account, started)
         session = AccountSession(self, account, client, stats, poll)
         try:
             entries = client.listing()
             stats.listed = len(entries)
-            to_delete, to_fetch = self._plan(account, entries, stats, poll)
+            to_verify, to_fetch = self._plan(account, entries, stats, poll)
+            if account.poll_timeout is None:
+                client.deadline = session_deadline(account, started, to_fetch)
             self._notify("messages_listed", account=account, count=len(to_fetch),
                          octets=sum(entry.size for entry in to_fetch))
-            for entry in to_delete:
+            for entry in session.verified(to_verify, to_fetch):
                 session.delete(entry)
                 log.info("message.deleted", uid=entry.uid, reason="delivered in an earlier poll")
             session.fetch(to_fetch)
@@ -187,9 +210,9 @@ class Poller:
             session.settle_after_error()
             client.close()
             raise
-        confirmed = session.confirmed_deletions()
-        stats.deleted = len(confirmed)
-        self.store.forget(account.name, confirmed)
+        # The records stay until the UIDs are gone from the listing (`StateStore.note_listing`): a server that
+        # answers +OK to QUIT but keeps the messages has them deleted again next poll, not delivered again.
+        stats.deleted = len(session.confirmed_deletions())
 
     def _finish_interrupted_commits(self, account: Account) -> None:
         """Complete the file renames of a batch whose state was committed just before a crash (see `settle`)."""
@@ -207,11 +230,12 @@ class Poller:
                                    "the server until it can") from None
             self.store.clear_renames(account.name, [uid])
 
-    def _login(self, account: Account) -> POP3Client:
+    def _login(self, account: Account, started: float) -> POP3Client:
         tls = TLSPolicy(verify=account.tls_verify, fingerprint=account.tls_fingerprint,
                         ca_file=str(account.tls_ca_file) if account.tls_ca_file else None)
         client = POP3Client.connect(account.host, account.port, implicit_tls=account.tls == "implicit", tls=tls,
                                     timeout=account.timeout)
+        client.deadline = session_deadline(account, started, [])
         try:
             client.capa()
             if account.tls == "starttls":
@@ -223,18 +247,18 @@ class Poller:
         return client
 
     def _plan(self, account: Account, entries: list[ListingEntry], stats: PollStats,
-              poll: PollContext) -> tuple[list[ListingEntry], list[ListingEntry]]:
-        """Split the listing into messages to delete without delivery (handled before) and messages to fetch."""
+              poll: PollContext) -> tuple[list[tuple[ListingEntry, Record]], list[ListingEntry]]:
+        """Split the listing into messages handled before (to delete once their headers show they are the same
+        messages) and messages to fetch; note the UIDs the listing lacks (`StateStore.note_listing`)."""
         records = self.store.records(account.name)
         poll.partly_delivered = self.store.partly_delivered(account.name)
-        present = {entry.uid for entry in entries}
-        self.store.forget(account.name, [uid for uid in records if uid not in present])
+        self.store.note_listing(account.name, records, {entry.uid for entry in entries})
         duplicated = {uid for uid, count in Counter(e.uid for e in entries).items() if count > 1}
-        to_delete: list[ListingEntry] = []
+        to_verify: list[tuple[ListingEntry, Record]] = []
         to_fetch: list[ListingEntry] = []
         for entry in entries:
             record = records.get(entry.uid)
-            if record is not None and record.size is not None and record.size != entry.size:
+            if record is not None and record.handled and record.size is not None and record.size != entry.size:
                 log.warning("message.uid_reused", uid=entry.uid, size=entry.size, recorded_size=record.size,
                             reason="this UID now names a message of another size: treated as a new message")
                 self.store.forget(account.name, [entry.uid])
@@ -242,19 +266,27 @@ class Poller:
             if entry.uid in duplicated:
                 log.warning("message.skipped", uid=entry.uid, reason="the server lists this UID more than once")
                 stats.left += 1
-            elif record is not None and record.status in HANDLED and not account.keep:
-                to_delete.append(entry)
-            elif record is not None and (record.status == REJECTED or not account.fetch_all):
+            elif record is not None and record.handled and (not account.keep or record.absent):
+                to_verify.append((entry, record))  # a UID back after an absence is checked too, even with keep
+            elif record is not None and (record.status == REJECTED or (record.handled and not account.fetch_all)):
                 stats.left += 1
             elif account.max_size is not None and entry.size > account.max_size:
-                log.warning("message.too_large", uid=entry.uid, size=entry.size, max_size=account.max_size)
-                stats.left += 1
+                self._reject_too_large(account, entry, stats)
             else:
                 to_fetch.append(entry)
         if account.max_messages is not None and len(to_fetch) > account.max_messages:
             stats.left += len(to_fetch) - account.max_messages
             to_fetch = to_fetch[: account.max_messages]
-        return to_delete, to_fetch
+        return to_verify, to_fetch
+
+    def _reject_too_large(self, account: Account, entry: ListingEntry, stats: PollStats) -> None:
+        """A message over ``max_size`` stays on the server, reported as rejected (once): never spooled."""
+        reason = (f"larger than max_size ({entry.size} > {account.max_size} octets): left on the server; raise "
+                  "max_size to fetch it")
+        log.error("message.rejected", uid=entry.uid, size=entry.size, max_size=account.max_size, reason=reason)
+        self.store.record(account.name, entry.uid, REJECTED, reason=reason, size=entry.size)
+        stats.rejected += 1
+        stats.left += 1
 
     def _notify(self, hook_name: str, **kwargs: Any) -> None:
         """Tell the observers; an observer that raises is logged and never affects the mail."""
@@ -283,6 +315,30 @@ class AccountSession:
         self.batch: list[Handled] = []
         self.awaiting_answer = False  # a message in the batch has a deferred answer
         self.deletions: dict[int, str] = {}
+
+    def verified(self, handled: list[tuple[ListingEntry, Record]], to_fetch: list[ListingEntry]) -> list[ListingEntry]:
+        """The listed messages recorded as handled that are still the messages recorded: their header block
+        (``TOP n 0``) has the digest recorded at delivery. A UID the server gave to another message joins
+        ``to_fetch``; one whose headers cannot be read (no TOP) stays on the server, undeleted."""
+        same: list[ListingEntry] = []
+        for entry, record in handled:
+            if record.header_digest is None:  # recorded by an earlier version: the size was checked
+                same.append(entry)
+                continue
+            headers = self.client.top_headers(entry.number)
+            if headers is None:
+                log.warning("message.not_deleted", uid=entry.uid,
+                            reason="delivered before, but the server cannot show its headers (TOP) to confirm it is "
+                                   "the same message: left on the server")
+                self.stats.left += 1
+            elif header_block_digest(headers) == record.header_digest:
+                same.append(entry)
+            else:
+                log.warning("message.uid_reused", uid=entry.uid,
+                            reason="this UID now names a message with other headers: treated as a new message")
+                self.poller.store.forget(self.account.name, [entry.uid])
+                to_fetch.append(entry)
+        return [] if self.account.keep else same
 
     def fetch(self, to_fetch: list[ListingEntry]) -> None:
         window = PIPELINE_WINDOW if self.client.pipelining else 1
@@ -321,6 +377,7 @@ class AccountSession:
                 log.warning("message.not_retrieved", reason=str(exc), size=entry.size)
                 return
             message.close_writing()
+            digest = header_block_digest(message.header_bytes)  # before any filter edits the headers
             if looks_truncated(received, entry.size):
                 message.discard()
                 self.stats.left += 1
@@ -330,7 +387,7 @@ class AccountSession:
             self.stats.bytes += message.size
             if self.awaiting_answer:
                 self.settle()  # the previous message's answer has had this message's transfer to arrive
-            handled = self.hand_on(entry, message)
+            handled = self.hand_on(entry, message, digest)
         if handled is None:
             message.discard()
             return
@@ -341,7 +398,7 @@ class AccountSession:
         if handled.outcome.durable_elsewhere or len(self.batch) >= BATCH_SIZE or not more_coming:
             self.settle()
 
-    def hand_on(self, entry: ListingEntry, message: Message) -> Handled | None:
+    def hand_on(self, entry: ListingEntry, message: Message, digest: str) -> Handled | None:
         self.poll.current_uid = message.uid
         try:
             outcome = pipeline.handle(self.poller.pm, self.poller.store, message, self.account, self.poll)
@@ -349,7 +406,7 @@ class AccountSession:
             self.poll.discard_staged(message.uid)
             self.failed(message, exc, temporary=not (isinstance(exc, DeliveryError) and not exc.temporary))
             return None
-        return Handled(entry, message, outcome)
+        return Handled(entry, message, outcome, digest)
 
     def failed(self, message: Message, error: PostboteError, *, temporary: bool) -> None:
         self.stats.left += 1
@@ -361,9 +418,13 @@ class AccountSession:
             log.warning("message.deferred", reason=str(error), **facts)
         else:
             self.stats.rejected += 1
-            self.poller.store.record(self.account.name, message.uid, REJECTED, reason=str(error),
-                                     message_id=message.message_id, size=message.server_size)
             log.error("message.rejected", reason=str(error), **facts)
+        try:
+            self.poller.store.record(self.account.name, message.uid, DEFERRED if temporary else REJECTED,
+                                     reason=str(error), message_id=message.message_id, size=message.server_size)
+        except StateError as exc:
+            log.error("state.outcome_not_recorded", error=str(exc),
+                      reason="the message stays on the server and is tried again")
         self.poller._notify("message_failed", message=message, account=self.account, error=error, temporary=temporary)
 
     def settle(self, *, delete: bool = True) -> None:
@@ -431,10 +492,11 @@ class AccountSession:
         except Exception as exc:  # noqa: BLE001 - the original error is the one to report
             log.error("batch.not_recorded", error=str(exc), reason="messages stay on the server")
 
-    def record_of(self, handled: Handled) -> tuple[str, str, str, str | None, int]:
-        status = DROPPED if handled.outcome.dropped else DELIVERED
+    def record_of(self, handled: Handled) -> Outcome:
+        status: Status = DROPPED if handled.outcome.dropped else DELIVERED
         reason = handled.outcome.reason or "; ".join(handled.answers)
-        return handled.message.uid, status, reason, handled.message.message_id, handled.entry.size
+        return Outcome(handled.message.uid, status, reason, handled.message.message_id, handled.entry.size,
+                       handled.header_digest)
 
     def report(self, handled: Handled) -> None:
         message = handled.message
@@ -464,6 +526,32 @@ class AccountSession:
             log.warning("message.delete_refused", uid=self.deletions.get(number), reply=reply,
                         reason="recorded as handled; deletion is tried again next poll")
         return [uid for number, uid in self.deletions.items() if number not in self.client.refused_deletions]
+
+
+def session_deadline(account: Account, started: float, to_fetch: list[ListingEntry]) -> float:
+    """When the session must end, whatever the server does (a byte a second keeps every single read alive): the
+    account's ``poll_timeout``, or a budget from ``timeout`` and the mail still to fetch."""
+    if account.poll_timeout is not None:
+        return started + account.poll_timeout
+    octets = sum(entry.size for entry in to_fetch)
+    return started + DEADLINE_TIMEOUTS * account.timeout + octets / DEADLINE_RATE + DEADLINE_PER_MESSAGE * len(to_fetch)
+
+
+def header_block_digest(data: bytes) -> str:
+    """SHA-256 of a message's header lines, from a whole message, its header block or a ``TOP n 0`` reply alike:
+    carriage returns are left out, and so is everything from the empty line that ends the header block."""
+    text = data.replace(b"\r", b"")
+    end = text.find(b"\n\n")
+    header = text[:end] if end != -1 else text.rstrip(b"\n")
+    return hashlib.sha256(header).hexdigest()
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def looks_truncated(received: int, listed: int) -> bool:

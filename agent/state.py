@@ -16,6 +16,7 @@ One store may be shared by the daemon's poll threads: its connection is used by 
 from __future__ import annotations
 
 import contextlib
+import enum
 import fcntl
 import json
 import os
@@ -31,10 +32,34 @@ from agent.errors import StateError, StateLockedError
 DATABASE_NAME = "postbote.sqlite3"
 LOCK_NAME = "postbote.lock"
 
-DELIVERED = "delivered"
-DROPPED = "dropped"
-REJECTED = "rejected"
-HANDLED = (DELIVERED, DROPPED)
+DEFAULT_BUSY_TIMEOUT = 2.0  # seconds to wait for another process's write lock before the message is deferred
+FORGET_AFTER_LISTINGS = 3  # a record goes only when its UID was missing from this many listings in a row ...
+FORGET_AFTER_SECONDS = 86400.0  # ... and for at least this long: one odd listing must never forget a mailbox
+UNCERTAIN_ATTEMPTS = 2  # deliveries that ended without an answer (a crash) before the message is held for the admin
+
+
+class Status(enum.StrEnum):
+    """What became of a message, as recorded per account and UID."""
+
+    DELIVERED = "delivered"  # every destination took it
+    DROPPED = "dropped"  # a filter dropped it
+    REJECTED = "rejected"  # a destination refused it for good: left on the server until `postbote retry`
+    DEFERRED = "deferred"  # not delivered yet (a temporary failure): fetched again on the next poll
+
+
+class DeliveryState(enum.StrEnum):
+    """One destination's part in one message's delivery."""
+
+    IN_FLIGHT = "in_flight"  # about to be handed over, or handed over without an answer (a crash): maybe delivered
+    DONE = "done"  # the destination took it for good
+
+
+DELIVERED = Status.DELIVERED
+DROPPED = Status.DROPPED
+REJECTED = Status.REJECTED
+DEFERRED = Status.DEFERRED
+HANDLED = (Status.DELIVERED, Status.DROPPED)
+WAITING = (Status.DEFERRED, Status.REJECTED)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -47,11 +72,14 @@ CREATE TABLE IF NOT EXISTS messages (
     updated REAL NOT NULL,
     PRIMARY KEY (account, uid)
 );
-CREATE TABLE IF NOT EXISTS destinations_done (
+CREATE TABLE IF NOT EXISTS deliveries (
     account TEXT NOT NULL,
     uid TEXT NOT NULL,
     destination TEXT NOT NULL,
-    answer TEXT NOT NULL,
+    state TEXT NOT NULL,
+    answer TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL,
     PRIMARY KEY (account, uid, destination)
 );
 CREATE TABLE IF NOT EXISTS pending_renames (
@@ -84,6 +112,16 @@ CREATE TABLE IF NOT EXISTS poll_schedule (
 """
 
 
+# Columns of ``messages`` added after the first release: (name, declaration), added to older databases on open.
+_MESSAGE_COLUMNS = (
+    ("header_digest", "TEXT"),  # SHA-256 of the header block: tells a reused UID from the message recorded
+    ("since", "REAL"),  # when the message first failed (deferred, rejected): what `status` calls waiting since
+    ("attempts", "INTEGER NOT NULL DEFAULT 0"),  # polls that tried and failed
+    ("absent", "INTEGER NOT NULL DEFAULT 0"),  # listings in a row that did not list this UID
+    ("absent_since", "REAL"),  # when it was first missing from the listing
+)
+
+
 @dataclass(frozen=True)
 class PollRecord:
     account: str
@@ -103,13 +141,54 @@ class PollRecord:
 @dataclass(frozen=True)
 class Record:
     uid: str
-    status: str
+    status: Status
     reason: str
     size: int | None = None  # the size the server listed when the outcome was recorded
+    header_digest: str | None = None
+    absent: int = 0
+
+    @property
+    def handled(self) -> bool:
+        return self.status in HANDLED
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to record for one message: `StateStore.record_batch` takes a list of them."""
+
+    uid: str
+    status: Status
+    reason: str = ""
+    message_id: str | None = None
+    size: int | None = None
+    header_digest: str | None = None
+
+
+@dataclass(frozen=True)
+class WaitingMessage:
+    """A message still on the server that postbote could not deliver: what `postbote status` lists."""
+
+    uid: str
+    status: Status  # DEFERRED or REJECTED
+    reason: str
+    since: float  # time.time() when it first failed
+    attempts: int
+    size: int | None
+    message_id: str | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One destination's part in a message's delivery (see `DeliveryState`)."""
+
+    destination: str
+    state: DeliveryState
+    answer: str
+    attempts: int
 
 
 class StateStore:
-    def __init__(self, state_dir: Path, *, readonly: bool = False) -> None:
+    def __init__(self, state_dir: Path, *, readonly: bool = False, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
         """Open (and create) the database; ``readonly`` opens an existing one for reading without creating files.
 
         A read-only store never creates the ``-wal``/``-shm`` companions (which, made by root for
@@ -125,12 +204,29 @@ class StateStore:
                 self._tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master")}
                 return
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            _create_private(self.path)
+            self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
+                                       check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._upgrade()
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"state database {self.path}: {exc}") from None
+
+    def _upgrade(self) -> None:
+        """Bring a database written by an earlier version up to this schema (columns added, tables renamed)."""
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
+        for name, declaration in _MESSAGE_COLUMNS:
+            if name not in present:
+                self._db.execute(f"ALTER TABLE messages ADD COLUMN {name} {declaration}")
+        tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "destinations_done" in tables:
+            with self._transaction():
+                self._db.execute(
+                    "INSERT OR IGNORE INTO deliveries SELECT account, uid, destination, ?, answer, 1, ? "
+                    "FROM destinations_done", (DeliveryState.DONE, time.time()))
+                self._db.execute("DROP TABLE destinations_done")
 
     @staticmethod
     def exists(state_dir: Path) -> bool:
@@ -158,40 +254,58 @@ class StateStore:
                 os.close(fd)
 
     def records(self, account: str) -> dict[str, Record]:
-        rows = self._query("SELECT uid, status, reason, size FROM messages WHERE account = ?", (account,))
-        return {uid: Record(uid, status, reason, size) for uid, status, reason, size in rows}
+        rows = self._query("SELECT uid, status, reason, size, header_digest, absent FROM messages WHERE account = ?",
+                           (account,))
+        return {uid: Record(uid, Status(status), reason, size, digest, absent)
+                for uid, status, reason, size, digest, absent in rows}
 
-    def record(self, account: str, uid: str, status: str, *, reason: str = "", message_id: str | None = None,
-               size: int | None = None) -> None:
+    def record(self, account: str, uid: str, status: Status, *, reason: str = "", message_id: str | None = None,
+               size: int | None = None, header_digest: str | None = None) -> None:
         """Record the outcome for one message, committed before returning (synced by `make_durable`)."""
-        with self._transaction():
-            self._db.execute(
-                "INSERT INTO messages (account, uid, status, reason, message_id, size, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account, uid) DO UPDATE SET status = excluded.status, "
-                "reason = excluded.reason, message_id = excluded.message_id, size = excluded.size, "
-                "updated = excluded.updated",
-                (account, uid, status, reason, message_id, size, time.time()))
-            if status in HANDLED:
-                self._db.execute("DELETE FROM destinations_done WHERE account = ? AND uid = ?", (account, uid))
+        self.record_batch(account, [Outcome(uid, status, reason, message_id, size, header_digest)])
 
-    def record_batch(self, account: str, records: list[tuple[str, str, str, str | None, int]],
+    def record_batch(self, account: str, outcomes: Sequence[Outcome],
                      renames: Sequence[tuple[str, str, str]] = ()) -> None:
-        """Record many outcomes ``(uid, status, reason, message_id, size)`` and the renames that complete their
-        delivery, in one transaction (one sync). The renames are journaled until `clear_renames`."""
+        """Record many outcomes and the renames that complete their delivery, in one transaction (one sync). The
+        renames are journaled until `clear_renames`. A message that is handled (delivered, dropped) no longer needs
+        its per-destination notes; one that failed keeps the time it first failed and counts the attempt, and loses
+        its "in flight" notes (a destination answered no, or a plugin raised: no copy in doubt)."""
         now = time.time()
         with self._transaction():
             self._db.executemany(
-                "INSERT INTO messages (account, uid, status, reason, message_id, size, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account, uid) DO UPDATE SET status = excluded.status, "
-                "reason = excluded.reason, message_id = excluded.message_id, size = excluded.size, "
-                "updated = excluded.updated",
-                [(account, uid, status, reason, message_id, size, now) for uid, status, reason, message_id, size
-                 in records])
-            self._db.executemany("DELETE FROM destinations_done WHERE account = ? AND uid = ?",
-                                 [(account, uid) for uid, *_ in records])
+                "INSERT INTO messages (account, uid, status, reason, message_id, size, updated, header_digest, "
+                "since, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account, uid) DO UPDATE SET "
+                "since = CASE WHEN excluded.since IS NOT NULL AND messages.status IN (?, ?) "
+                "THEN coalesce(messages.since, excluded.since) ELSE excluded.since END, "
+                "attempts = CASE WHEN excluded.since IS NOT NULL AND messages.status IN (?, ?) "
+                "THEN messages.attempts + 1 ELSE excluded.attempts END, "
+                "status = excluded.status, reason = excluded.reason, "
+                "message_id = coalesce(excluded.message_id, messages.message_id), size = excluded.size, "
+                "updated = excluded.updated, header_digest = coalesce(excluded.header_digest, messages.header_digest), "
+                "absent = 0, absent_since = NULL",
+                [(account, o.uid, o.status, o.reason, o.message_id, o.size, now, o.header_digest,
+                  now if o.status in WAITING else None, 1 if o.status in WAITING else 0, *WAITING, *WAITING)
+                 for o in outcomes])
+            handled = [(account, o.uid) for o in outcomes if o.status in HANDLED]
+            if handled:
+                self._db.executemany("DELETE FROM deliveries WHERE account = ? AND uid = ?", handled)
+            answered = [(account, o.uid, DeliveryState.IN_FLIGHT) for o in outcomes if o.status in WAITING]
+            if answered:  # the destination said no: that attempt left no doubt behind
+                self._db.executemany("DELETE FROM deliveries WHERE account = ? AND uid = ? AND state = ?", answered)
             if renames:
                 self._db.executemany("INSERT INTO pending_renames VALUES (?, ?, ?, ?)",
                                      [(account, uid, source, target) for uid, source, target in renames])
+
+    def waiting(self, account: str) -> list[WaitingMessage]:
+        """The messages of ``account`` that wait on the server undelivered: deferred or rejected, oldest first."""
+        columns = {row[1] for row in self._query("PRAGMA table_info(messages)", ())}  # read-only: maybe older
+        since = "coalesce(since, updated)" if "since" in columns else "updated"
+        attempts = "attempts" if "attempts" in columns else "1"
+        rows = self._query(
+            f"SELECT uid, status, reason, {since}, {attempts}, size, message_id FROM messages "
+            f"WHERE account = ? AND status IN (?, ?) ORDER BY {since}, uid", (account, *WAITING))
+        return [WaitingMessage(uid, Status(status), reason, when, count, size, message_id)
+                for uid, status, reason, when, count, size, message_id in rows]
 
     def pending_renames(self, account: str) -> list[tuple[str, str, str]]:
         return [tuple(row) for row in self._query(  # type: ignore[misc]
@@ -205,31 +319,79 @@ class StateStore:
             self._db.executemany("DELETE FROM pending_renames WHERE account = ? AND uid = ?",
                                  [(account, uid) for uid in uids])
 
-    def destinations_done(self, account: str, uid: str) -> dict[str, str]:
-        """Destinations that already took this message in an earlier, partly failed attempt."""
-        rows = self._query("SELECT destination, answer FROM destinations_done WHERE account = ? AND uid = ?",
+    def deliveries(self, account: str, uid: str) -> dict[str, Delivery]:
+        """What each destination did with this message in earlier attempts that did not finish it."""
+        rows = self._query("SELECT destination, state, answer, attempts FROM deliveries WHERE account = ? AND uid = ?",
                            (account, uid))
-        return dict(rows)
+        return {name: Delivery(name, DeliveryState(state), answer, attempts) for name, state, answer, attempts in rows}
 
     def partly_delivered(self, account: str) -> set[str]:
-        """UIDs with destinations noted by `record_destination` (normally none: one query per poll, not per message)."""
-        return {uid for (uid,) in self._query("SELECT DISTINCT uid FROM destinations_done WHERE account = ?",
-                                              (account,))}
+        """UIDs with notes in `deliveries` (normally none: one query per poll, not per message)."""
+        return {uid for (uid,) in self._query("SELECT DISTINCT uid FROM deliveries WHERE account = ?", (account,))}
 
-    def record_destination(self, account: str, uid: str, destination: str, answer: str) -> None:
+    def begin_delivery(self, account: str, uid: str, destination: str) -> None:
+        """Note, committed, that ``destination`` is about to get this message: written *before* a hand-over that
+        cannot be undone, so that a state store that cannot be written stops the delivery instead of letting every
+        poll deliver again; a note still there at the next poll means the hand-over may have happened."""
         with self._transaction():
-            self._db.execute("INSERT OR REPLACE INTO destinations_done VALUES (?, ?, ?, ?)",
-                             (account, uid, destination, answer))
+            self._db.execute(
+                "INSERT INTO deliveries (account, uid, destination, state, answer, attempts, updated) "
+                "VALUES (?, ?, ?, ?, '', 1, ?) ON CONFLICT (account, uid, destination) DO UPDATE SET "
+                "attempts = deliveries.attempts + 1, updated = excluded.updated",
+                (account, uid, destination, DeliveryState.IN_FLIGHT, time.time()))
+
+    def finish_delivery(self, account: str, uid: str, destination: str, answer: str) -> None:
+        """``destination`` took the message for good: it is not given it again."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO deliveries (account, uid, destination, state, answer, attempts, updated) "
+                "VALUES (?, ?, ?, ?, ?, 1, ?) ON CONFLICT (account, uid, destination) DO UPDATE SET "
+                "state = excluded.state, answer = excluded.answer, updated = excluded.updated",
+                (account, uid, destination, DeliveryState.DONE, answer, time.time()))
+
+    def abandon_delivery(self, account: str, uid: str, destination: str) -> None:
+        """``destination`` answered that it did not take the message: no doubt remains about this attempt."""
+        with self._transaction():
+            self._db.execute("DELETE FROM deliveries WHERE account = ? AND uid = ? AND destination = ? AND state = ?",
+                             (account, uid, destination, DeliveryState.IN_FLIGHT))
+
+    def note_listing(self, account: str, records: dict[str, Record], listed: set[str],
+                     now: float | None = None) -> list[str]:
+        """Count, per record, the listings in a row that did not list its UID, and forget those missing from
+        `FORGET_AFTER_LISTINGS` listings over at least `FORGET_AFTER_SECONDS`: one odd listing (a server hiccup,
+        a wrong folder, another client's expunge) never forgets what was delivered. Returns the forgotten UIDs."""
+        now = time.time() if now is None else now
+        missing = [uid for uid in records if uid not in listed]
+        back = [uid for uid in listed if (record := records.get(uid)) is not None and record.absent]
+        if not missing and not back:
+            return []
+        with self._transaction():
+            if back:
+                self._db.executemany(
+                    "UPDATE messages SET absent = 0, absent_since = NULL WHERE account = ? AND uid = ?",
+                    [(account, uid) for uid in back])
+            if missing:
+                self._db.executemany(
+                    "UPDATE messages SET absent = absent + 1, absent_since = coalesce(absent_since, ?) "
+                    "WHERE account = ? AND uid = ?", [(now, account, uid) for uid in missing])
+            gone = [uid for (uid,) in self._db.execute(
+                "SELECT uid FROM messages WHERE account = ? AND absent >= ? AND absent_since <= ?",
+                (account, FORGET_AFTER_LISTINGS, now - FORGET_AFTER_SECONDS))]
+            self._delete(account, gone)
+        return gone
 
     def forget(self, account: str, uids: Iterable[str]) -> None:
-        """Drop the records of messages that are no longer on the server (deleted by us, or by someone else)."""
+        """Drop the records of messages at once (a retry, a file that vanished); see `note_listing` for the rest."""
         uids = list(uids)
         if not uids:
             return
         with self._transaction():
-            self._db.executemany("DELETE FROM messages WHERE account = ? AND uid = ?", [(account, u) for u in uids])
-            self._db.executemany("DELETE FROM destinations_done WHERE account = ? AND uid = ?",
-                                 [(account, u) for u in uids])
+            self._delete(account, uids)
+
+    def _delete(self, account: str, uids: list[str]) -> None:
+        pairs = [(account, uid) for uid in uids]
+        self._db.executemany("DELETE FROM messages WHERE account = ? AND uid = ?", pairs)
+        self._db.executemany("DELETE FROM deliveries WHERE account = ? AND uid = ?", pairs)
 
     def record_poll(self, account: str, *, ok: bool, duration: float, counts: dict[str, int],
                     error: str | None) -> None:
@@ -299,6 +461,15 @@ class StateStore:
         return _Transaction(self._db, self.path, self._lock)
 
 
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only (SQLite gives its -wal and -shm files the same mode)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
 def _connect_readonly(path: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise StateError(f"state database {path}: does not exist (no poll has run with this state_dir yet)")
@@ -327,11 +498,23 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
-            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
-        except sqlite3.Error as error:
-            raise StateError(f"state database {self._path}: cannot commit: {error}") from None
+            if exc_type:
+                self._rollback()
+                return
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as error:
+                # A COMMIT that failed (disk full, I/O error, busy) may leave the transaction open: rolled back
+                # here, or its writes would be read back on this connection -- and committed by the next COMMIT.
+                self._rollback()
+                raise StateError(f"state database {self._path}: cannot commit: {error}") from None
         finally:
             self._lock.release()
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
 
 @dataclass(frozen=True)

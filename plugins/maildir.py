@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from agent import DeliveryError, Message, hookimpl
 from agent import settings as s
@@ -38,6 +38,8 @@ _counter = itertools.count()
 class MaildirSettings:
     path: Path
     create: bool = True
+    # Files are staged (`PollContext.stage_rename`): made visible in the transaction that records the message.
+    stages_delivery: ClassVar[bool] = True
 
     @property
     def label(self) -> str:
@@ -73,7 +75,8 @@ def deliver_message(message: Message, destination: Destination, poll: PollContex
         write_into(fd, temporary, message, sync=False)
     except OSError as exc:
         raise DeliveryError(f"maildir {settings.path}: {exc.strerror or exc}", temporary=True) from None
-    # Made durable together with the rest of the poll's batch, then renamed into new/ (group commit).
+    # Made durable together with the rest of the poll's batch, then renamed into new/ (group commit); at once when
+    # the message has other destinations too, each of which must be recorded on its own.
     poll.stage_rename(temporary, final)
     return str(final)
 
