@@ -145,7 +145,8 @@ class Record:
     reason: str
     size: int | None = None  # the size the server listed when the outcome was recorded
     header_digest: str | None = None
-    absent: int = 0
+    absent: int = 0  # listings in a row that did not list this UID
+    absent_since: float | None = None
 
     @property
     def handled(self) -> bool:
@@ -254,10 +255,10 @@ class StateStore:
                 os.close(fd)
 
     def records(self, account: str) -> dict[str, Record]:
-        rows = self._query("SELECT uid, status, reason, size, header_digest, absent FROM messages WHERE account = ?",
-                           (account,))
-        return {uid: Record(uid, Status(status), reason, size, digest, absent)
-                for uid, status, reason, size, digest, absent in rows}
+        rows = self._query("SELECT uid, status, reason, size, header_digest, absent, absent_since FROM messages "
+                           "WHERE account = ?", (account,))
+        return {uid: Record(uid, Status(status), reason, size, digest, absent, absent_since)
+                for uid, status, reason, size, digest, absent, absent_since in rows}
 
     def record(self, account: str, uid: str, status: Status, *, reason: str = "", message_id: str | None = None,
                size: int | None = None, header_digest: str | None = None) -> None:
@@ -361,19 +362,22 @@ class StateStore:
         `FORGET_AFTER_LISTINGS` listings over at least `FORGET_AFTER_SECONDS`: one odd listing (a server hiccup,
         a wrong folder, another client's expunge) never forgets what was delivered. Returns the forgotten UIDs."""
         now = time.time() if now is None else now
-        missing = [uid for uid in records if uid not in listed]
+        missing = [uid for uid, record in records.items() if uid not in listed]
+        counting = [uid for uid in missing if records[uid].absent < FORGET_AFTER_LISTINGS]  # the rest wait for time
         back = [uid for uid in listed if (record := records.get(uid)) is not None and record.absent]
-        if not missing and not back:
-            return []
+        due = [uid for uid in missing if (since := records[uid].absent_since) is not None
+               and since <= now - FORGET_AFTER_SECONDS]
+        if not counting and not back and not due:
+            return []  # the usual poll: nothing to write
         with self._transaction():
             if back:
                 self._db.executemany(
                     "UPDATE messages SET absent = 0, absent_since = NULL WHERE account = ? AND uid = ?",
                     [(account, uid) for uid in back])
-            if missing:
+            if counting:
                 self._db.executemany(
                     "UPDATE messages SET absent = absent + 1, absent_since = coalesce(absent_since, ?) "
-                    "WHERE account = ? AND uid = ?", [(now, account, uid) for uid in missing])
+                    "WHERE account = ? AND uid = ?", [(now, account, uid) for uid in counting])
             gone = [uid for (uid,) in self._db.execute(
                 "SELECT uid FROM messages WHERE account = ? AND absent >= ? AND absent_since <= ?",
                 (account, FORGET_AFTER_LISTINGS, now - FORGET_AFTER_SECONDS))]
