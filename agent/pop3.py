@@ -15,9 +15,11 @@ import hashlib
 import re
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 from agent.credentials import Secret
@@ -27,6 +29,7 @@ from agent.tls import TLSPolicy
 MAX_REPLY_LINE = 8192
 MAX_LISTING_ENTRIES = 2_000_000
 MAX_LISTING_LINE = 100  # "NUMBER UID" with a UID of at most 70 characters (RFC 1939 7), with room to spare
+MAX_HEADER_BLOCK = 256 * 1024  # the most a ``TOP n 0`` reply may carry
 DATA_READ_SIZE = 1 << 18
 FLUSH_AFTER = 16  # pipelined commands sent together at most: few writes, and the server is never left idle
 _UID = re.compile(rb"[\x21-\x7e]{1,70}")
@@ -34,7 +37,8 @@ _APOP_TIMESTAMP = re.compile(rb"<[^<>\s]+@[^<>\s]+>")
 
 
 class POP3Error(AccountError):
-    """The server answered -ERR, or said something that is not POP3."""
+    """The server answered with a well-formed ``-ERR``: the only failure after which the session is still in step
+    (``reply`` holds the line). Anything else that goes wrong is a `POP3ConnectionError`, which ends the session."""
 
     def __init__(self, message: str, reply: str = "") -> None:
         super().__init__(message)
@@ -46,11 +50,24 @@ class POP3AuthError(POP3Error):
 
 
 class POP3ConnectionError(AccountError):
-    """The connection failed, timed out or was closed while waiting for the server."""
+    """The connection failed, timed out or was closed while waiting for the server: the session ends without QUIT,
+    so nothing is deleted."""
 
 
-class MessageTooLarge(POP3Error):
-    """The server sent more data for a message than the reader was told to accept."""
+class POP3ProtocolError(POP3ConnectionError):
+    """The server said something out of step or malformed: a reply that is neither ``+OK`` nor ``-ERR``, a line too
+    long, data where no reply was owed, a malformed listing or message data that breaks the framing. Nothing more
+    that arrives on this connection can be trusted to belong to the command it seems to answer, so the session
+    ends without QUIT, like for a lost connection."""
+
+    def __init__(self, message: str, reply: str = "") -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+class MessageTooLarge(POP3ProtocolError):
+    """The server sent more data for a message than the reader was told to accept (the rest of it is unread, so
+    the session cannot go on)."""
 
 
 class SASLMechanism(Protocol):
@@ -72,13 +89,50 @@ class ListingEntry:
     size: int
 
 
+class LineEnding(Enum):
+    """How the server ends its lines, as its greeting shows. It decides which ``.`` line ends a data block: with
+    CRLF (RFC 1939) only CRLF "." CRLF does, and a bare LF inside a message is data like any other byte."""
+
+    CRLF = "CRLF"
+    LF = "LF"
+
+
+class Wait(Enum):
+    """The limit that bounds the wait in progress, so that a timeout says which one expired."""
+
+    READ = "timeout"  # `timeout` for each receive
+    LINE = "line"  # `timeout` for a whole reply line
+    POLL = "poll_timeout"  # the session's deadline
+
+
+class _UnstuffedDot(Exception):
+    """A data line starts with a single dot that is not the terminator: the server did not dot-stuff it, or the
+    stream is out of step."""
+
+
 class POP3Client:
-    def __init__(self, sock: socket.socket, *, host: str, timeout: float, read_buffer: int = DATA_READ_SIZE) -> None:
+    """A POP3 session that stays in step with the server or ends.
+
+    Only a well-formed ``-ERR`` (`POP3Error`) leaves the session usable. Whatever is out of step or malformed
+    raises `POP3ProtocolError`, a `POP3ConnectionError`: the caller ends the session without QUIT, so nothing is
+    deleted. Every wait is bounded three ways: ``timeout`` for each receive, ``timeout`` for each whole reply line
+    (a server trickling one byte at a time cannot stretch a line), and the session's ``deadline``
+    (a ``time.monotonic()`` value, the end of the poll) for everything.
+    """
+
+    def __init__(self, sock: socket.socket, *, host: str, timeout: float, read_buffer: int = DATA_READ_SIZE,
+                 line_ending: LineEnding | None = None, deadline: float | None = None) -> None:
         self.host = host
         self.timeout = timeout
         self._sock = sock
+        self._socket_timeout: float | None = sock.gettimeout()
         self._receiver = Receiver(sock, read_buffer)
         self._doing = "reading the greeting"
+        self._started = time.monotonic()
+        self._deadline: float | None = None
+        self._wait = Wait.READ
+        self.deadline = deadline
+        self.line_ending = line_ending  # None until the greeting is read: a bare LF then ends a line too
         self.greeting = ""
         self.capabilities: dict[str, list[str]] = {}
         self.refused_deletions: dict[int, str] = {}
@@ -87,24 +141,45 @@ class POP3Client:
         self._in_flight: deque[tuple[str, int, int | None]] = deque()  # (command, message number, data limit)
 
     @classmethod
-    def connect(cls, host: str, port: int, *, implicit_tls: bool, tls: TLSPolicy, timeout: float) -> POP3Client:
+    def connect(cls, host: str, port: int, *, implicit_tls: bool, tls: TLSPolicy, timeout: float,
+                deadline: float | None = None) -> POP3Client:
+        """Connect and read the greeting; ``deadline`` (``time.monotonic()`` based) bounds the whole session."""
         where = f"{host}:{port}"
+        connect_timeout = timeout if deadline is None else max(0.0, min(timeout, deadline - time.monotonic()))
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
+            sock = socket.create_connection((host, port), timeout=connect_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # pipelined commands must not wait
         except TimeoutError:
-            raise POP3ConnectionError(f"connecting to {where} timed out after {timeout:g} s") from None
+            raise POP3ConnectionError(f"connecting to {where} timed out after {connect_timeout:g} s") from None
         except OSError as exc:
             raise POP3ConnectionError(f"cannot connect to {where}: {exc.strerror or exc}") from None
         try:
             if implicit_tls:
                 sock = tls.wrap(sock, host, where)
-            client = cls(sock, host=host, timeout=timeout)
-            client.greeting = client._expect_ok()
+            client = cls(sock, host=host, timeout=timeout, deadline=deadline)
+            client.read_greeting()
         except BaseException:
             sock.close()
             raise
         return client
+
+    @property
+    def deadline(self) -> float | None:
+        """When the session must end (``time.monotonic()``), whatever the server does; None: no such limit."""
+        return self._deadline
+
+    @deadline.setter
+    def deadline(self, value: float | None) -> None:
+        self._deadline = value
+
+    def read_greeting(self) -> str:
+        """The server's greeting, which also tells how it ends its lines (`LineEnding`)."""
+        self._doing = "reading the greeting"
+        line = self._readline(MAX_REPLY_LINE + 1)
+        self._check_complete(line, MAX_REPLY_LINE)
+        self.line_ending = LineEnding.CRLF if line.endswith(b"\r\n") else LineEnding.LF
+        self.greeting = self._ok_text(line.rstrip(b"\r\n"))
+        return self.greeting
 
     # --- session commands ---
 
@@ -132,6 +207,7 @@ class POP3Client:
         self._expect_ok()
         # Anything the server (or a man in the middle) sent before the handshake is discarded with the old receiver.
         self._sock = tls.wrap(self._sock, self.host, self.host)
+        self._socket_timeout = self._sock.gettimeout()
         self._receiver = Receiver(self._sock, self._receiver.size)
         self.capa()
 
@@ -190,12 +266,7 @@ class POP3Client:
         raise POP3AuthError(f"{self.host}: AUTH {mechanism.name} took more than {max_rounds} rounds")
 
     def _auth_result(self, line: bytes) -> None:
-        text = line.decode("utf-8", "replace")
-        if line.startswith(b"+OK"):
-            return
-        if line.startswith(b"-ERR"):
-            raise POP3AuthError(f"{self.host}: login refused: {text[4:].strip() or 'no reason given'}", text)
-        raise POP3Error(f"{self.host}: not a POP3 reply {self._doing}: {text[:100]!r}", text)
+        self._ok_text(line, auth=True)
 
     @property
     def pipelining(self) -> bool:
@@ -203,7 +274,7 @@ class POP3Client:
         return "PIPELINING" in self.capabilities
 
     def listing(self) -> list[ListingEntry]:
-        """UIDL joined with LIST: every message's number, UID and size. Malformed lines are errors."""
+        """UIDL joined with LIST: every message's number, UID and size. Malformed lines end the session."""
         if self.pipelining:
             self._send_all(["UIDL", "LIST"])
         else:
@@ -211,21 +282,41 @@ class POP3Client:
         self._expect_ok()
         uids: dict[int, str] = {}
         for line in self._read_listing(limit=MAX_LISTING_ENTRIES, line_limit=MAX_LISTING_LINE):
-            number, rest = _number_and_rest(line, "UIDL")
+            number, rest = self._number_and_rest(line, "UIDL")
             if not _UID.fullmatch(rest):
-                raise POP3Error(f"UIDL: invalid unique id for message {number} (RFC 1939: 1-70 printable characters)",
-                                line[:100].decode("ascii", "replace"))
+                raise POP3ProtocolError(f"UIDL: invalid unique id for message {number} (RFC 1939: 1-70 printable "
+                                        "characters)", line[:100].decode("ascii", "replace"))
             uids[number] = rest.decode("ascii")
         if not self.pipelining:
             self._send("LIST")
         self._expect_ok()
         sizes: dict[int, int] = {}
         for line in self._read_listing(limit=MAX_LISTING_ENTRIES, line_limit=MAX_LISTING_LINE):
-            number, rest = _number_and_rest(line, "LIST")
+            number, rest = self._number_and_rest(line, "LIST")
             if not rest.isdigit():
-                raise POP3Error(f"LIST: invalid size for message {number}", line[:100].decode("ascii", "replace"))
+                raise POP3ProtocolError(f"LIST: invalid size for message {number}",
+                                        line[:100].decode("ascii", "replace"))
             sizes[number] = int(rest)
         return [ListingEntry(n, uid, sizes.get(n, 0)) for n, uid in sorted(uids.items()) if n in sizes]
+
+    def top_headers(self, number: int, *, limit: int = MAX_HEADER_BLOCK) -> bytes | None:
+        """The header block of message ``number`` as ``TOP number 0`` shows it (un-dot-stuffed, the empty line
+        that ends it included when the server sends one), or None when the server answers ``-ERR`` (no TOP). More
+        than ``limit`` octets raise `MessageTooLarge`, which ends the session."""
+        self._read_deletion_replies(stop_at_retrieve=True)
+        if self._in_flight:
+            raise RuntimeError("top_headers() while RETR replies are still in flight")
+        self._send(f"TOP {number} 0")
+        self._doing = f"waiting for the reply to TOP {number} 0"
+        try:
+            self._expect_ok()
+        except POP3Error:
+            self._check_in_step()
+            return None
+        chunks: list[bytes] = []
+        self._read_data(chunks.append, limit)
+        self._check_in_step()
+        return b"".join(chunks)
 
     # RETR and DELE may be pipelined: each command sent is queued in ``_in_flight`` and its reply is read in
     # order. DELE replies are read lazily; a -ERR to DELE is remembered in ``refused_deletions``, not raised,
@@ -237,14 +328,24 @@ class POP3Client:
         self._in_flight.append(("RETR", number, limit))
 
     def read_retrieved(self, sink: Callable[[bytes], None]) -> int:
-        """Read the next RETR reply in line (after the DELE replies queued before it) into ``sink``."""
+        """Read the next RETR reply in line (after the DELE replies queued before it) into ``sink``.
+
+        After the data, what has already arrived must be the start of the next reply (or nothing, when no reply
+        is owed): a stray line after a message's terminator ends the session before that message is handed on.
+        """
         self._read_deletion_replies(stop_at_retrieve=True)
         if not self._in_flight:
-            raise POP3Error(f"{self.host}: no RETR in flight")
+            raise RuntimeError("read_retrieved() with no RETR in flight")
         _, number, limit = self._in_flight.popleft()
         self._doing = f"waiting for the reply to RETR {number}"
-        self._expect_ok()
-        return self._read_data(sink, limit)
+        try:
+            self._expect_ok()
+        except POP3Error:
+            self._check_in_step()
+            raise
+        received = self._read_data(sink, limit)
+        self._check_in_step()
+        return received
 
     def delete(self, number: int, *, wait: bool = True) -> None:
         """DELE ``number``; with ``wait=False`` on a pipelining server its reply is read later."""
@@ -257,7 +358,8 @@ class POP3Client:
         """Read every reply still owed (abandoning the data of RETRs nobody will read)."""
         while self._in_flight:
             if self._in_flight[0][0] == "RETR":
-                self.read_retrieved(lambda _data: None)  # bounded by the limit given when it was sent
+                with contextlib.suppress(POP3Error):  # a -ERR to an abandoned RETR: nothing to read
+                    self.read_retrieved(lambda _data: None)  # bounded by the limit given when it was sent
             else:
                 self._read_deletion_replies(stop_at_retrieve=True)
 
@@ -267,19 +369,23 @@ class POP3Client:
             self._doing = f"waiting for the reply to DELE {number}"
             try:
                 self._expect_ok()
-            except POP3Error as exc:
-                if isinstance(exc, POP3ConnectionError):
-                    raise
+            except POP3Error as exc:  # a well-formed -ERR: refused, and the session is still in step
                 self.refused_deletions[number] = exc.reply
         if not stop_at_retrieve and self._in_flight:
-            raise POP3Error(f"{self.host}: DELE reply expected, but RETR replies are still in flight")
+            raise RuntimeError("DELE reply expected, but RETR replies are still in flight")
 
     def quit(self) -> None:
-        """QUIT: the server now removes the messages marked with DELE (RFC 1939 UPDATE state)."""
+        """QUIT: the server now removes the messages marked with DELE (RFC 1939 UPDATE state). Data after QUIT's
+        reply means the replies were out of step: raised, so that no deletion counts as confirmed."""
         self.settle()
         self._send("QUIT")
-        self._expect_ok()
-        self.close()
+        try:
+            self._expect_ok()
+            if self._receiver.pending:
+                raise POP3ProtocolError(f"{self.host}: data after the reply to QUIT: the replies were out of step; "
+                                        "no deletion is taken as done")
+        finally:
+            self.close()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -287,13 +393,38 @@ class POP3Client:
 
     # --- wire ---
 
+    @property
+    def _replies_owed(self) -> int:
+        """Commands sent (not merely queued) whose replies have not been read."""
+        return len(self._in_flight) - self._queued
+
+    def _check_in_step(self) -> None:
+        """What has arrived after a complete reply must be the start of the next one: ``+OK``/``-ERR`` when a
+        reply is owed, nothing otherwise. A cheap look at the buffer, no wait."""
+        ahead = self._receiver.peek(4)
+        if not ahead:
+            return
+        if self._replies_owed <= 0:
+            raise POP3ProtocolError(f"{self.host}: data arrived where no reply was expected ({ahead!r}, after "
+                                    f"{self._doing}): the session is out of step", ahead.decode("latin-1"))
+        if not (ahead.startswith((b"+OK", b"-ERR")) or b"+OK".startswith(ahead) or b"-ERR".startswith(ahead)):
+            raise POP3ProtocolError(f"{self.host}: what follows the reply is not a reply ({ahead!r}, after "
+                                    f"{self._doing}): the session is out of step", ahead.decode("latin-1"))
+
     def _send_all(self, commands: list[str]) -> None:
         """Several commands in one write (pipelining); their replies are read in order by the caller."""
         self._send("\r\n".join(commands), shown=" + ".join(commands))
 
     def _send(self, command: str, *, shown: str | None = None, defer: bool = False) -> None:
         """Write a command; ``defer`` (pipelining only) collects it with others until a read has to wait for the
-        server, or `FLUSH_AFTER` commands are waiting -- enough for few writes, soon enough to keep the server busy."""
+        server, or `FLUSH_AFTER` commands are waiting -- enough for few writes, soon enough to keep the server busy.
+
+        Data the server sent when no reply was owed is out of step: the session ends before the command goes out."""
+        if self._receiver.pending and self._replies_owed <= 0:
+            stray = self._receiver.peek(40)
+            raise POP3ProtocolError(f"{self.host}: the server sent data nobody asked for before "
+                                    f"{shown or command.split(' ')[0]}: {stray!r}; the session is out of step",
+                                    stray.decode("latin-1"))
         self._outgoing += command.encode("utf-8") + b"\r\n"
         self._queued += 1
         if not defer or self._queued >= FLUSH_AFTER:
@@ -304,22 +435,52 @@ class POP3Client:
         if not self._outgoing:
             return
         data, self._outgoing, self._queued = bytes(self._outgoing), bytearray(), 0
-        self._doing = f"sending {what}"
+        doing, self._doing = self._doing, f"sending {what}"
+        self._limit_wait(None)
         try:
             self._sock.sendall(data)
         except TimeoutError:
-            raise POP3ConnectionError(f"{self.host}: timed out after {self.timeout:g} s {self._doing}") from None
+            raise POP3ConnectionError(self._timed_out()) from None
         except OSError as exc:
             raise POP3ConnectionError(f"{self.host}: connection lost {self._doing}: {exc.strerror or exc}") from None
+        self._doing = doing
 
-    def _receive(self) -> None:
+    def _limit_wait(self, line_deadline: float | None) -> None:
+        """Give the next socket operation ``timeout``, or less when the line's or the session's deadline is
+        nearer; past a deadline, end the session at once."""
+        wait, self._wait = self.timeout, Wait.READ
+        if line_deadline is not None or self._deadline is not None:
+            now = time.monotonic()
+            if self._deadline is not None and self._deadline - now < wait:
+                wait, self._wait = self._deadline - now, Wait.POLL
+            if line_deadline is not None and line_deadline - now < wait:
+                wait, self._wait = line_deadline - now, Wait.LINE
+            if wait <= 0:
+                raise POP3ConnectionError(self._timed_out())
+        if wait != self._socket_timeout:
+            self._sock.settimeout(wait)
+            self._socket_timeout = wait
+
+    def _timed_out(self) -> str:
+        """Why the wait in progress ended, naming the limit that expired."""
+        if self._wait is Wait.POLL:
+            budget = (self._deadline or 0.0) - self._started
+            return (f"{self.host}: timed out {self._doing}: the poll took longer than its poll_timeout "
+                    f"({budget:.3g} s); the session ends without QUIT, nothing is deleted")
+        if self._wait is Wait.LINE:
+            return (f"{self.host}: timed out after {self.timeout:g} s {self._doing}: a reply line must arrive whole "
+                    "within the timeout (the server sends too slowly)")
+        return f"{self.host}: timed out after {self.timeout:g} s {self._doing}"
+
+    def _receive(self, line_deadline: float | None = None) -> None:
         """Wait for more data from the server (sending the commands still queued first, or it would wait too)."""
         if self._outgoing:
             self._flush()
+        self._limit_wait(line_deadline)
         try:
             received = self._receiver.fill()
         except TimeoutError:
-            raise POP3ConnectionError(f"{self.host}: timed out after {self.timeout:g} s {self._doing}") from None
+            raise POP3ConnectionError(self._timed_out()) from None
         except ssl.SSLError as exc:
             raise POP3ConnectionError(f"{self.host}: TLS error {self._doing}: {exc.reason or exc}") from None
         except OSError as exc:
@@ -328,28 +489,40 @@ class POP3Client:
             raise POP3ConnectionError(f"{self.host}: connection closed by the server {self._doing}")
 
     def _readline(self, limit: int) -> bytes:
-        """One line with its line end, or ``limit`` bytes of a longer one."""
+        """One line with its line end, or ``limit`` bytes of a longer one; the whole line must arrive within
+        ``timeout``, however the server spreads it over time."""
+        line = self._receiver.line(limit)
+        if line is not None:
+            return line
+        line_deadline = time.monotonic() + self.timeout
         while (line := self._receiver.line(limit)) is None:
-            self._receive()
+            self._receive(line_deadline)
         return line
+
+    def _check_complete(self, line: bytes, limit: int) -> None:
+        if not line.endswith(b"\n"):
+            raise POP3ProtocolError(f"{self.host}: reply line longer than {limit} bytes {self._doing}")
 
     def _read_reply_line(self, limit: int = MAX_REPLY_LINE) -> bytes:
         line = self._readline(limit + 1)
-        if not line.endswith(b"\n"):
-            raise POP3Error(f"{self.host}: reply line longer than {limit} bytes {self._doing}")
+        self._check_complete(line, limit)
         return line.rstrip(b"\r\n")
 
     def _expect_ok(self, *, auth: bool = False) -> str:
-        line = self._read_reply_line()
+        return self._ok_text(self._read_reply_line(), auth=auth)
+
+    def _ok_text(self, line: bytes, *, auth: bool = False) -> str:
+        """The text of a ``+OK`` status line; a well-formed ``-ERR`` raises `POP3Error` (`POP3AuthError` for a
+        login), anything else `POP3ProtocolError`."""
         text = line.decode("utf-8", "replace")
-        if line.startswith(b"+OK"):
+        if _is_status(line, b"+OK"):
             return text[3:].strip()
-        if line.startswith(b"-ERR"):
-            reason = text[4:].strip()
+        if _is_status(line, b"-ERR"):
+            reason = text[4:].strip() or "no reason given"
             if auth:
-                raise POP3AuthError(f"{self.host}: login refused: {reason or 'no reason given'}", text)
-            raise POP3Error(f"{self.host}: server said -ERR {self._doing}: {reason or 'no reason given'}", text)
-        raise POP3Error(f"{self.host}: not a POP3 reply {self._doing}: {text[:100]!r}", text)
+                raise POP3AuthError(f"{self.host}: login refused: {reason}", text)
+            raise POP3Error(f"{self.host}: server said -ERR {self._doing}: {reason}", text)
+        raise POP3ProtocolError(f"{self.host}: not a POP3 reply {self._doing}: {text[:100]!r}", text)
 
     def _read_listing(self, *, limit: int, line_limit: int) -> Iterator[bytes]:
         """The lines of a multi-line reply with short lines (CAPA, UIDL, LIST), one at a time so the caller keeps
@@ -361,32 +534,53 @@ class POP3Client:
                 return
             count += 1
             if count > limit:
-                raise POP3Error(f"{self.host}: more than {limit} lines {self._doing}")
+                raise POP3ProtocolError(f"{self.host}: more than {limit} lines {self._doing}")
             yield line[1:] if line.startswith(b"..") else line
+
+    def _number_and_rest(self, line: bytes, what: str) -> tuple[int, bytes]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise POP3ProtocolError(f"{self.host}: {what}: malformed listing line",
+                                    line[:100].decode("ascii", "replace"))
+        return int(parts[0]), parts[1]
 
     def _read_data(self, sink: Callable[[bytes], None], limit: int | None) -> int:
         """Read a multi-line data block up to its terminating ``.`` line, undoing the byte-stuffing of line starts.
 
-        Works on everything that has arrived at once (a small message is one step), not line by line; only a line
-        starting with a dot that is not complete yet waits for more data before it is judged.
+        Works on everything that has arrived at once (a small message is one step), not line by line; only the
+        first two bytes of a line starting with a dot wait for more data before they are judged, so every byte
+        received is counted against ``limit`` as it arrives.
         """
         received = 0
         at_line_start = True
+        crlf = self.line_ending is LineEnding.CRLF
+        line_end = b"\r\n" if crlf else b"\n"
+        read = self._receiver.crlf_data_lines if crlf else self._receiver.lf_data_lines
         while True:
             if not self._receiver.pending:
                 self._receive()
-            piece, done = self._receiver.data_lines(at_line_start)
+            try:
+                piece, done = read(at_line_start)
+            except _UnstuffedDot:
+                raise POP3ProtocolError(f"{self.host}: a data line starts with a single dot that does not end the "
+                                        f"data {self._doing}: the server did not dot-stuff it, or the session is out "
+                                        "of step") from None
             if piece is None:
-                self._receive()  # a dot at a line start, and the rest of its line still to come
+                self._receive()  # a dot at a line start, and the one or two bytes that tell what it is still to come
                 continue
             if piece:
-                at_line_start = piece.endswith(b"\n")
                 received += len(piece)
                 if limit is not None and received > limit:
                     raise MessageTooLarge(f"{self.host}: message data exceeds {limit} bytes {self._doing}")
+                at_line_start = piece.endswith(line_end)
                 sink(piece)
             if done:
                 return received
+
+
+def _is_status(line: bytes, word: bytes) -> bool:
+    """``+OK`` or ``-ERR`` alone or followed by white space: "+OKAY" is not a status line."""
+    return line.startswith(word) and line[len(word):len(word) + 1] in (b"", b" ", b"\t")
 
 
 class Receiver:
@@ -403,6 +597,10 @@ class Receiver:
     @property
     def pending(self) -> int:
         return len(self._data) - self._pos
+
+    def peek(self, count: int) -> bytes:
+        """Up to ``count`` bytes that have arrived and not been taken, left in place."""
+        return self._data[self._pos:self._pos + count]
 
     def fill(self) -> bool:
         """Receive what the server has sent (waiting for it); False at the end of the stream."""
@@ -422,30 +620,59 @@ class Receiver:
             end = self._pos + limit - 1
         return self._take(end + 1)
 
-    def data_lines(self, at_line_start: bool) -> tuple[bytes | None, bool]:
-        """The whole lines of a POP3 data block that have arrived, unstuffed, and whether its terminating ``.``
-        line was among them (what follows it is left for the next reply). ``(None, False)``: the buffer ends
-        inside a line that starts with a dot, which cannot be judged yet."""
+    def crlf_data_lines(self, at_line_start: bool) -> tuple[bytes | None, bool]:
+        """Data of a block from a server whose lines end in CRLF (RFC 1939): what has arrived, unstuffed, and
+        whether the terminating CRLF "." CRLF was among it (what follows is left for the next reply). Only CRLF
+        ends a line: a bare LF followed by a dot is data. ``(None, False)``: the buffer ends in the first bytes of
+        a line starting with a dot, or in a CR that may start a line end -- at most two bytes wait."""
         data, start = self._data, self._pos
         if at_line_start and data.startswith(b".", start):
-            if data.startswith(b".\r\n", start) or data.startswith(b".\n", start):
-                self._take(data.index(b"\n", start) + 1)
+            head = data[start:start + 3]
+            if head == b".\r\n":
+                self._pos = start + 3
                 return b"", True
-            if data.find(b"\n", start) == -1:
+            if len(head) < 3 and b".\r\n".startswith(head):
                 return None, False
+            if head[1:2] != b".":
+                raise _UnstuffedDot
+        end = data.find(b"\r\n.\r\n", start)
+        if end != -1:
+            block = self._take(end + 2)
+            self._pos += 3
+            return _unstuffed(block, at_line_start, b"\r\n"), True
+        last_line_end = data.rfind(b"\r\n", start)
+        if last_line_end != -1:
+            return _unstuffed(self._take(last_line_end + 2), at_line_start, b"\r\n"), False
+        stop = len(data) - 1 if data.endswith(b"\r") else len(data)  # a CR may be the start of the line end
+        if stop <= start:
+            return None, False
+        return _unstuffed(self._take(stop), at_line_start, b"\r\n"), False  # a piece of a long line
+
+    def lf_data_lines(self, at_line_start: bool) -> tuple[bytes | None, bool]:
+        """The same for a server whose lines end in a bare LF: "." LF or "." CRLF after any LF ends the block
+        (bare-LF terminators only before the first CRLF one: the buffer may hold many messages)."""
+        data, start = self._data, self._pos
+        if at_line_start and data.startswith(b".", start):
+            head = data[start:start + 3]
+            if head.startswith(b".\n") or head == b".\r\n":
+                self._pos = data.index(b"\n", start) + 1
+                return b"", True
+            if len(head) < 3 and b".\r\n".startswith(head):
+                return None, False
+            if head[1:2] != b".":
+                raise _UnstuffedDot
         end = data.find(b"\n.\r\n", start)
-        # Bare-LF terminators (rare servers) only before the first CRLF one: the buffer may hold many messages.
         bare = data.find(b"\n.\n", start, len(data) if end == -1 else end)
         end = bare if bare != -1 else end
         if end != -1:
             end += 1
             block = self._take(end)
-            self._take(data.index(b"\n", end) + 1)
-            return _unstuffed(block, at_line_start), True
+            self._pos = data.index(b"\n", end) + 1
+            return _unstuffed(block, at_line_start, b"\n"), True
         last_line_end = data.rfind(b"\n", start)
         if last_line_end == -1:
-            return self._take(len(data)), False  # a piece of a long line
-        return _unstuffed(self._take(last_line_end + 1), at_line_start), False
+            return _unstuffed(self._take(len(data)), at_line_start, b"\n"), False  # a piece of a long line
+        return _unstuffed(self._take(last_line_end + 1), at_line_start, b"\n"), False
 
     def _take(self, end: int) -> bytes:
         taken = self._data[self._pos:end]
@@ -453,15 +680,15 @@ class Receiver:
         return taken
 
 
-def _unstuffed(block: bytes, at_line_start: bool) -> bytes:
-    """Undo RFC 1939 byte-stuffing: a line that starts with a dot lost one to the server's stuffing."""
-    if at_line_start and block.startswith(b".."):
-        block = block[1:]
-    return block.replace(b"\n..", b"\n.") if b"\n.." in block else block
-
-
-def _number_and_rest(line: bytes, what: str) -> tuple[int, bytes]:
-    parts = line.split()
-    if len(parts) != 2 or not parts[0].isdigit():
-        raise POP3Error(f"{what}: malformed listing line", line[:100].decode("ascii", "replace"))
-    return int(parts[0]), parts[1]
+def _unstuffed(block: bytes, at_line_start: bool, line_end: bytes) -> bytes:
+    """Undo RFC 1939 byte-stuffing: a line that starts with a dot lost one to the server's stuffing. A line that
+    starts with a single dot (and is not the terminator, which never reaches here) is not stuffed: out of step."""
+    if at_line_start and block.startswith(b"."):
+        block = block[1:]  # ".." (a lone dot was judged by the caller)
+    marker = line_end + b"."
+    if marker not in block:
+        return block
+    stuffed = marker + b"."
+    if block.count(marker) != block.count(stuffed):
+        raise _UnstuffedDot
+    return block.replace(stuffed, marker)

@@ -38,6 +38,7 @@ import time
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import ClassVar
 
 __all__ = [
@@ -47,13 +48,17 @@ __all__ = [
     "Drop",
     "DropAfterReply",
     "DropMidway",
+    "EndlessLine",
     "Extend",
     "Faults",
     "Flood",
+    "FollowedBy",
     "NoTerminator",
     "POP3Server",
     "Reply",
     "Stall",
+    "Stuffing",
+    "Trickle",
     "Truncate",
     "crlf_normalised",
 ]
@@ -132,6 +137,22 @@ class Action:
         return DropAfterReply()
 
     @staticmethod
+    def followed_by(extra: bytes, then: Action | None = None) -> FollowedBy:
+        """Answer normally (or apply ``then``), then send ``extra`` verbatim: a stray line after a reply."""
+        return FollowedBy(extra, then)
+
+    @staticmethod
+    def trickle(interval: float) -> Trickle:
+        """Answer normally, but one byte at a time with ``interval`` seconds between bytes (interruptible)."""
+        return Trickle(interval)
+
+    @staticmethod
+    def endless_line(prefix: bytes = b".") -> EndlessLine:
+        """Answer "+OK", then ``prefix`` and an endless line (no line end ever), until the client hangs up or the
+        server stops."""
+        return EndlessLine(prefix)
+
+    @staticmethod
     def flood(line: bytes, count: int | None = None) -> Flood:
         """Answer "+OK" followed by ``line`` ``count`` times (forever when None),
         streamed in chunks; a finite flood is terminated with ".".  ``line`` is
@@ -186,6 +207,29 @@ class Flood(Action):
     count: int | None = None
 
 
+@dataclass(frozen=True)
+class FollowedBy(Action):
+    extra: bytes
+    then: Action | None = None
+
+
+@dataclass(frozen=True)
+class Trickle(Action):
+    interval: float
+
+
+@dataclass(frozen=True)
+class EndlessLine(Action):
+    prefix: bytes = b"."
+
+
+class Stuffing(Enum):
+    """Which line starts a server dot-stuffs when it sends stored bytes raw (``Faults(raw_line_endings=True)``)."""
+
+    AFTER_LF = "after every LF"  # a bare-LF server: its greeting ends in a bare LF too
+    AFTER_CRLF = "after CRLF only"  # a CRLF server (RFC 1939 lines) that sends a bare LF inside a message as data
+
+
 # --------------------------------------------------------------------------- faults
 
 
@@ -209,7 +253,12 @@ class Faults:
     """Scripted misbehaviour for a :class:`POP3Server`.
 
     ``raw_line_endings``: RETR/TOP send stored bytes without LF -> CRLF
-    normalisation (still dot-stuffed after each LF); sizes are then the raw sizes.
+    normalisation; sizes are then the raw sizes. ``stuffing`` says which line
+    starts are dot-stuffed then: `Stuffing.AFTER_LF` (the default) is a bare-LF
+    server -- stuffed after each LF, and its greeting ends in a bare LF, which is
+    how a client knows; `Stuffing.AFTER_CRLF` is a CRLF server that stuffs only
+    lines after CRLF, so "\n.\n" inside a message goes out as it is, and ends the
+    data with CRLF "." CRLF (adding a CRLF when the message does not end in one).
 
     ``uidl_override(session_no, uids) -> uids``: rewrites the UIDs a session
     sees (``session_no`` counts accepted connections from 1), e.g. to report
@@ -219,9 +268,11 @@ class Faults:
     """
 
     def __init__(
-        self, *, raw_line_endings: bool = False, uidl_override: UidlOverride | None = None
+        self, *, raw_line_endings: bool = False, uidl_override: UidlOverride | None = None,
+        stuffing: Stuffing = Stuffing.AFTER_LF,
     ) -> None:
         self.raw_line_endings = raw_line_endings
+        self.stuffing = stuffing
         self.uidl_override = uidl_override
         self.fired: list[str] = []
         self._rules: list[_Rule] = []
@@ -270,14 +321,17 @@ def crlf_normalised(data: bytes) -> bytes:
     return re.sub(rb"\r?\n", CRLF, data)
 
 
-def _dot_stuffed(data: bytes) -> bytes:
+def _dot_stuffed(data: bytes, stuffing: Stuffing = Stuffing.AFTER_LF) -> bytes:
+    if stuffing is Stuffing.AFTER_CRLF:
+        return re.sub(rb"(\A|\r\n)\.", rb"\1..", data)
     return re.sub(rb"(?m)^\.", b"..", data)
 
 
-def _multiline_data(body: bytes, *, terminated: bool = True) -> bytes:
-    """Dot-stuff ``body``, make it end in a newline and add the terminator."""
-    stuffed = _dot_stuffed(body)
-    if stuffed and not stuffed.endswith(b"\n"):
+def _multiline_data(body: bytes, *, terminated: bool = True, stuffing: Stuffing = Stuffing.AFTER_LF) -> bytes:
+    """Dot-stuff ``body``, make it end in a newline (CRLF for `Stuffing.AFTER_CRLF`) and add the terminator."""
+    stuffed = _dot_stuffed(body, stuffing)
+    line_end = CRLF if stuffing is Stuffing.AFTER_CRLF else b"\n"
+    if stuffed and not stuffed.endswith(line_end):
         stuffed += CRLF
     return stuffed + TERMINATOR if terminated else stuffed
 
@@ -302,13 +356,17 @@ class _Response:
     body: bytes | None = None
     closes: bool = False
     after_sent: Callable[[], None] | None = None
+    stuffing: Stuffing = Stuffing.AFTER_LF
+    line_end: bytes = CRLF
 
     @property
     def status_line(self) -> bytes:
-        return self.status + CRLF
+        return self.status + self.line_end
 
     def data(self, *, terminated: bool = True) -> bytes:
-        return b"" if self.body is None else _multiline_data(self.body, terminated=terminated)
+        if self.body is None:
+            return b""
+        return _multiline_data(self.body, terminated=terminated, stuffing=self.stuffing)
 
     def encoded(self) -> bytes:
         return self.status_line + self.data()
@@ -423,7 +481,7 @@ class _Session:
         if self._server.ssl_context is not None:
             self._switch_to_tls(self._server.ssl_context)
         greeting = "POP3 ready " + self._timestamp if self._server.timestamp_banner else "POP3 ready"
-        self._respond(GREETING, "", lambda: _ok(greeting))
+        self._respond(GREETING, "", lambda: self._greeting(greeting))
         while not self._server._stopping.is_set():
             try:
                 line = self._reader.readline(MAX_COMMAND_LINE)
@@ -485,8 +543,42 @@ class _Session:
                 self._ignore_client()
             case Flood(line=line, count=count):
                 self._flood(line, count)
+            case FollowedBy(extra=extra, then=then):
+                self._perform(then, execute)
+                self._send(extra)
+            case Trickle(interval=interval):
+                response = execute()
+                self._trickle(response.encoded(), interval)
+                if response.closes:
+                    raise _EndSession
+            case EndlessLine(prefix=prefix):
+                self._endless_line(prefix)
             case _:
                 raise TypeError(f"unknown fault action {action!r}")
+
+    def _greeting(self, text: str) -> _Response:
+        response = _ok(text)
+        faults = self._server.faults
+        if faults is not None and faults.raw_line_endings and faults.stuffing is Stuffing.AFTER_LF:
+            response.line_end = b"\n"  # a bare-LF server says so from its first line on
+        return response
+
+    def _raw_stuffing(self) -> Stuffing:
+        faults = self._server.faults
+        return faults.stuffing if faults is not None and faults.raw_line_endings else Stuffing.AFTER_LF
+
+    def _trickle(self, data: bytes, interval: float) -> None:
+        for index in range(len(data)):
+            self._send(data[index:index + 1])
+            if self._server._stopping.wait(interval):
+                raise _EndSession
+
+    def _endless_line(self, prefix: bytes) -> None:
+        self._send(b"+OK endless line follows" + CRLF + prefix)
+        chunk = b"x" * _FLOOD_CHUNK_BYTES
+        while not self._server._stopping.is_set():
+            self._send(chunk)
+        raise _EndSession
 
     def _ignore_client(self) -> None:
         """Read and discard input until EOF, idle timeout or server stop, then end."""
@@ -668,7 +760,9 @@ class _Session:
         number = self._message_number(argument)
         assert self._snapshot is not None
         body = self._wire_body(self._snapshot[number - 1])
-        return _ok(f"{len(body)} octets", body)
+        response = _ok(f"{len(body)} octets", body)
+        response.stuffing = self._raw_stuffing()
+        return response
 
     def _top(self, arguments: str) -> _Response:
         message_argument, lines_argument = _expect_arguments(arguments, 2)
@@ -677,7 +771,9 @@ class _Session:
             raise _Refusal("Invalid line count")
         assert self._snapshot is not None
         body = _top_of(self._wire_body(self._snapshot[number - 1]), int(lines_argument))
-        return _ok("", body)
+        response = _ok("", body)
+        response.stuffing = self._raw_stuffing()
+        return response
 
     def _dele(self, arguments: str) -> _Response:
         (argument,) = _expect_arguments(arguments, 1)
