@@ -49,12 +49,26 @@ class Problems:
             raise ConfigError(self.lines)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file larger than this is refused before it is parsed: real ones are a few kB."""
+MAX_ALIAS_USES = 100
+"""Uses of YAML anchors (``*name``, ``<<: *name``) while reading one file: a config needs a handful. Every use copies
+the anchored value, so a few nested aliases in a few hundred bytes can stand for billions of values."""
+MAX_VALUES = 100_000
+"""Values (scalars, lists, mappings) one config file may expand to, aliases included."""
+MAX_DEPTH = 64
+"""Nesting of lists and mappings; a config needs about six levels."""
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def load_yaml(path: Path) -> Node:
-    """Read ``path`` into a `Node` tree; unreadable files and malformed YAML are `ConfigError`s naming the line."""
-    try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    """Read ``path`` into a `Node` tree; unreadable files and malformed YAML are `ConfigError`s naming the line.
+
+    Reading is bounded against a hostile or broken file: its size, the aliases used, the values they expand to and
+    the nesting depth are limited (`MAX_CONFIG_BYTES`, `MAX_ALIAS_USES`, `MAX_VALUES`, `MAX_DEPTH`), so that
+    ``postbote check`` answers at once with one line instead of filling the memory.
+    """
+    text = _read_bounded(path)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.reader.ReaderError as exc:
@@ -67,32 +81,108 @@ def load_yaml(path: Path) -> Node:
         raise ConfigError(f"{path}:{line}: malformed YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: malformed YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: malformed YAML: lists or mappings nested more than {MAX_DEPTH} deep") from None
     if root is None:
         return Node({}, 1, "")
-    return _convert(root, "", str(path))
+    return _Expansion(str(path)).convert(root, "", 0, copying=False)
 
 
-def _convert(node: yaml.Node, path: str, file: str) -> Node:
-    line = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
+def _read_bounded(path: Path) -> bytes:
+    """The file's bytes, refusing one larger than `MAX_CONFIG_BYTES` without reading it all (``/dev/zero``)."""
+    try:
+        with path.open("rb") as file:
+            text = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file larger than {MAX_CONFIG_BYTES // 1024} KiB: not a postbote config")
+    return text
+
+
+class _Expansion:
+    """Turns a composed YAML graph into `Node`s, counting what it costs.
+
+    PyYAML's composer shares one node among all the aliases of an anchor, which is cheap; copying it for every
+    alias is our work, and it is where an alias bomb would explode. So every node met again is counted as an alias
+    use and every value made as a value, and the conversion stops with a `ConfigError` the moment a bound is
+    passed, long before the expansion could grow.
+    """
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.values = 0
+        self.alias_uses = 0
+        self._seen: set[int] = set()  # ids of nodes converted once; the graph is alive meanwhile, so ids are unique
+        self._constructor = yaml.SafeLoader("")
+
+    def convert(self, node: yaml.Node, path: str, depth: int, *, copying: bool) -> Node:
+        """``node`` as a `Node`; ``copying`` when it is inside an alias's copy (then it is no alias use itself)."""
+        copying = self._count(node, depth, copying)
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            return Node(self._mapping(node, path, depth, copying), line, path)
+        if isinstance(node, yaml.SequenceNode):
+            return Node([self.convert(item, f"{path}[{i}]", depth + 1, copying=copying)
+                         for i, item in enumerate(node.value)], line, path)
+        try:
+            value = self._constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{self.file}:{line}: {path}: {exc}") from None
+        return Node(value, line, path)
+
+    def _mapping(self, node: yaml.MappingNode, path: str, depth: int, copying: bool) -> dict[str, Node]:
+        """The mapping's own keys, then those of its merge keys (``<<: *defaults``) that it does not set itself."""
         mapping: dict[str, Node] = {}
+        merged: list[dict[str, Node]] = []
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 line = key_node.start_mark.line + 1
-                raise ConfigError(f"{file}:{line}: {path or 'top level'}: keys must be plain words")
+                raise ConfigError(f"{self.file}:{line}: {path or 'top level'}: keys must be plain words")
+            if key_node.tag == _MERGE_TAG:
+                merged.extend(self._merge_sources(value_node, path, depth, copying))
+                continue
             key = str(key_node.value)
             child_path = f"{path}.{key}" if path else key
             if key in mapping:
-                raise ConfigError(f"{file}:{key_node.start_mark.line + 1}: {child_path}: key given twice")
-            mapping[key] = _convert(value_node, child_path, file)
-        return Node(mapping, line, path)
-    if isinstance(node, yaml.SequenceNode):
-        return Node([_convert(item, f"{path}[{i}]", file) for i, item in enumerate(node.value)], line, path)
-    try:
-        value = yaml.SafeLoader(b"").construct_object(node, deep=True)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}:{line}: {path}: {exc}") from None
-    return Node(value, line, path)
+                raise ConfigError(f"{self.file}:{key_node.start_mark.line + 1}: {child_path}: key given twice")
+            mapping[key] = self.convert(value_node, child_path, depth + 1, copying=copying)
+        for source in merged:
+            for key, value in source.items():
+                mapping.setdefault(key, value)
+        return mapping
+
+    def _merge_sources(self, node: yaml.Node, path: str, depth: int, copying: bool) -> list[dict[str, Node]]:
+        """The mappings named by a merge key: one mapping or a list of them, earlier ones winning (YAML 1.1)."""
+        items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        sources = []
+        for item in items:
+            if not isinstance(item, yaml.MappingNode):
+                line = item.start_mark.line + 1
+                raise ConfigError(f"{self.file}:{line}: {path or 'top level'}: '<<' merges only mappings")
+            converted = self.convert(item, path, depth, copying=copying)
+            sources.append(converted.value)
+        return sources
+
+    def _count(self, node: yaml.Node, depth: int, copying: bool) -> bool:
+        """Count one value made from ``node``; True when it is (part of) a copy made for an alias."""
+        line = node.start_mark.line + 1
+        self.values += 1
+        seen_before = id(node) in self._seen
+        if seen_before and not copying:
+            self.alias_uses += 1
+            if self.alias_uses > MAX_ALIAS_USES:
+                raise ConfigError(f"{self.file}:{line}: too many YAML aliases (more than {MAX_ALIAS_USES} uses of "
+                                  "anchors, the last of the one on this line): refused as a possible alias bomb")
+        self._seen.add(id(node))
+        if self.values > MAX_VALUES and self.alias_uses:
+            raise ConfigError(f"{self.file}:{line}: too many YAML aliases (they expand to more than {MAX_VALUES} "
+                              "values): refused as a possible alias bomb")
+        if self.values > MAX_VALUES:
+            raise ConfigError(f"{self.file}:{line}: too many YAML values (more than {MAX_VALUES})")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{self.file}:{line}: lists or mappings nested more than {MAX_DEPTH} deep")
+        return copying or seen_before
 
 
 class Section:
