@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import hashlib
 import os
 import threading
 import time
@@ -24,6 +23,7 @@ import structlog
 
 from agent import pipeline
 from agent.config import Account
+from agent.digest import header_block_digest
 from agent.errors import AccountError, DeliveryError, PluginError, PostboteError, StateError
 from agent.login import AuthSettings, login
 from agent.message import Message
@@ -234,8 +234,7 @@ class Poller:
         tls = TLSPolicy(verify=account.tls_verify, fingerprint=account.tls_fingerprint,
                         ca_file=str(account.tls_ca_file) if account.tls_ca_file else None)
         client = POP3Client.connect(account.host, account.port, implicit_tls=account.tls == "implicit", tls=tls,
-                                    timeout=account.timeout)
-        client.deadline = session_deadline(account, started, [])
+                                    timeout=account.timeout, deadline=session_deadline(account, started, []))
         try:
             client.capa()
             if account.tls == "starttls":
@@ -535,15 +534,6 @@ def session_deadline(account: Account, started: float, to_fetch: list[ListingEnt
         return started + account.poll_timeout
     octets = sum(entry.size for entry in to_fetch)
     return started + DEADLINE_TIMEOUTS * account.timeout + octets / DEADLINE_RATE + DEADLINE_PER_MESSAGE * len(to_fetch)
-
-
-def header_block_digest(data: bytes) -> str:
-    """SHA-256 of a message's header lines, from a whole message, its header block or a ``TOP n 0`` reply alike:
-    carriage returns are left out, and so is everything from the empty line that ends the header block."""
-    text = data.replace(b"\r", b"")
-    end = text.find(b"\n\n")
-    header = text[:end] if end != -1 else text.rstrip(b"\n")
-    return hashlib.sha256(header).hexdigest()
 
 
 def fsync_file(path: str) -> None:
