@@ -27,6 +27,7 @@ message is delivered (a duplicate is better than holding mail back), and the fai
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import threading
@@ -74,6 +75,43 @@ class _Unsettled:
     handed_on_at: float
 
 
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+PRIVATE_MODE = 0o600
+
+
+def create_private_file(path: Path) -> None:
+    """Create ``path`` readable by its owner only, or tighten it if an older version left it wider.
+
+    The history holds Message-IDs and recipients. SQLite would create the file under the process's umask (0644 with
+    the usual 022 outside systemd); it gives the ``-wal`` and ``-shm`` files the database file's mode, so creating
+    the database 0600 first makes all of them private.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, PRIVATE_MODE)
+    try:
+        _tighten(fd, path)
+    finally:
+        os.close(fd)
+
+
+def make_private(path: Path) -> None:
+    """Tighten an existing file of ours to `PRIVATE_MODE`; absent files are fine."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    try:
+        _tighten(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _tighten(fd: int, path: Path) -> None:
+    status = os.fstat(fd)
+    if status.st_mode & 0o077 and status.st_uid == os.geteuid():
+        os.fchmod(fd, PRIVATE_MODE)
+        log.info("dedupe.permissions_tightened", path=str(path), mode=oct(status.st_mode & 0o777))
+
+
 class DedupeStore:
     """The delivery history: one SQLite connection shared by every account, one lock around it for polling threads,
     plus each account's copies handed on but not yet committed (see the module docstring)."""
@@ -85,6 +123,7 @@ class DedupeStore:
         self._lock = threading.Lock()
         self._unsettled: dict[str, dict[str, _Unsettled]] = {}
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        create_private_file(path)
         self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -92,6 +131,8 @@ class DedupeStore:
         except sqlite3.Error:
             self._db.close()
             raise
+        for companion in SQLITE_COMPANIONS:
+            make_private(path.with_name(path.name + companion))
         self._next_prune = 0.0
         self.prune()
 

@@ -395,3 +395,44 @@ def test_the_drop_reason_says_when_the_first_copy_arrived(tmp_path: Path, clock:
         clock.advance(60)
         assert dedupe.filter_message(Message.from_bytes(mail()), account) == Verdict.drop(
             "duplicate of a message delivered at 2023-11-14T22:13:20Z")
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def file_modes(directory: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_mode & 0o777 for path in directory.iterdir()}
+
+
+def test_the_history_and_its_wal_files_are_private_under_umask_022(tmp_path: Path, clock: FakeClock,
+                                                                   umask_022: None) -> None:
+    """The history holds Message-IDs and recipients: owner-only, whatever the umask outside systemd."""
+    pm = make_plugin_manager(entry_points=False)
+    config = load_config(write_config(tmp_path, f"state_dir: {tmp_path}/state\nplugins: {{dedupe: true}}\n"
+                                      + ACCOUNT), pm)
+    with configured(pm, config):
+        dedupe.message_delivered(Message.from_bytes(mail()), config.accounts[0])
+        modes = file_modes(tmp_path / "state")
+    assert {"dedupe.sqlite3", "dedupe.sqlite3-wal", "dedupe.sqlite3-shm"} <= set(modes)
+    assert {name: mode for name, mode in modes.items() if name.startswith("dedupe")} == {
+        name: 0o600 for name in modes if name.startswith("dedupe")}
+
+
+def test_a_history_left_world_readable_by_an_older_version_is_made_private(tmp_path: Path,
+                                                                           umask_022: None) -> None:
+    path = tmp_path / "d.sqlite3"
+    dedupe.DedupeStore(path, retention=DAY).close()
+    os.chmod(path, 0o644)
+    store = dedupe.DedupeStore(path, retention=DAY)
+    try:
+        store.remember("<m1@example.org>", ["alice"])
+        assert {name: mode for name, mode in file_modes(tmp_path).items()} == {
+            "d.sqlite3": 0o600, "d.sqlite3-wal": 0o600, "d.sqlite3-shm": 0o600}
+    finally:
+        store.close()
