@@ -42,11 +42,13 @@ import structlog
 from agent.config import Account, Config
 from agent.errors import PostboteError
 from agent.hookspecs import hookimpl
+from agent.jobs import poll_guarded, start_plugins
 from agent.pluginmanager import PluginManager
 from agent.poller import Poller, PollStats
 from agent.pop3 import POP3AuthError
 from agent.sdnotify import Notifier
 from agent.state import StateStore
+from agent.status import WaitingSummary, stale_after, waiting_messages
 
 log = structlog.get_logger("postbote.daemon")
 
@@ -205,6 +207,7 @@ class Daemon:
         self._stopping = False
         self._mute = RepeatedLoginFailureFilter()
         self._last_summary = "no poll yet"
+        self._waiting: dict[str, WaitingSummary] = {}
 
     @property
     def config(self) -> Config:
@@ -221,6 +224,8 @@ class Daemon:
                 self._configure(self._current)
                 try:
                     self._plan(self.config.accounts, previous={})
+                    for account in self.config.accounts:
+                        self._refresh_waiting(account)
                     log.info("daemon.started", accounts=len(self.config.accounts), config=str(self.config.path),
                              max_parallel=self.config.max_parallel)
                     self.notifier.ready(self._status_line())
@@ -368,11 +373,7 @@ class Daemon:
         """One poll, in its own thread; never raises, always reports back to the main loop."""
         structlog.contextvars.clear_contextvars()
         started = time.time()
-        try:
-            stats = poller.poll(account)
-        except Exception as exc:  # noqa: BLE001 - a bug in one poll must not take the daemon down
-            log.exception("poll.crashed", account=account.name)
-            stats = PollStats(account.name, error=f"internal error: {type(exc).__name__}: {exc}")
+        stats = poll_guarded(poller, account)
         self._results.put(PollResult(account.name, stats, started, auth_watch.take(account.name)))
         self._wakeup.poke()
 
@@ -393,6 +394,7 @@ class Daemon:
         if slot is None:  # removed by a reload while it ran
             self.notifier.status(self._status_line())
             return
+        self._refresh_waiting(slot.account)
         streak_before = slot.backoff.failures
         delay = slot.backoff.after(result.stats.ok, self._rng)
         self._note_login_outcome(slot, result)
@@ -481,9 +483,10 @@ class Daemon:
         self.notifier.ready(self._status_line())
 
     def _configure(self, generation: _Generation) -> None:
+        """Start the plugins as ``postbote poll`` does: one that cannot start is a `ConfigError` (exit status 2)."""
         generation.pm.register(generation.auth_watch, name=AUTH_WATCH)
         try:
-            generation.pm.hook.configure.call_historic(kwargs={"config": generation.config})
+            start_plugins(generation.pm, generation.config)
         except BaseException:
             generation.pm.unregister(name=AUTH_WATCH)
             raise
@@ -497,9 +500,27 @@ class Daemon:
         if generation.pm.get_plugin(AUTH_WATCH) is not None:
             generation.pm.unregister(name=AUTH_WATCH)
 
+    def _refresh_waiting(self, account: Account) -> None:
+        """Count the account's deferred, rejected and stale messages for the status line."""
+        try:
+            messages = waiting_messages(self.store, account.name)
+        except PostboteError as exc:
+            log.warning("state.waiting_unreadable", account=account.name, error=str(exc))
+            return
+        self._waiting[account.name] = WaitingSummary.of(messages, now=time.time(), stale_after=stale_after(account))
+
     def _status_line(self) -> str:
+        """systemd's STATUS=: failing accounts, what waits where (deferred, rejected, stale), and the last poll."""
         failing = sorted(name for name, slot in self._slots.items() if slot.backoff.failures)
-        health = f"{len(failing)} failing ({', '.join(failing)})" if failing else "all fine"
+        waiting = {name: summary for name in sorted(self._slots)
+                   if (summary := self._waiting.get(name)) is not None and summary.total}
+        problems = []
+        if failing:
+            problems.append(f"{len(failing)} failing ({', '.join(failing)})")
+        if waiting:
+            problems.append("waiting: " + "; ".join(f"{name} {summary.describe()}"
+                                                    for name, summary in waiting.items()))
+        health = ", ".join(problems) if problems else "all fine"
         return f"{len(self._slots)} account(s), {health}; last poll: {self._last_summary}"
 
 
@@ -508,4 +529,4 @@ def _summary(stats: PollStats) -> str:
     if not stats.ok:
         return f"{stats.account} failed at {at}: {stats.error}"
     return (f"{stats.account} ok at {at}: {stats.delivered} delivered, {stats.dropped} dropped, "
-            f"{stats.rejected} rejected, {stats.left} left on the server")
+            f"{stats.deferred} deferred, {stats.rejected} rejected, {stats.left} left on the server")

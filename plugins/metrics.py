@@ -6,8 +6,9 @@ timer as well as the daemon) and/or ``listen: 127.0.0.1:9465`` for an HTTP endpo
 endpoint only binds to loopback addresses unless ``allow_remote: true`` says otherwise: the metrics name the
 accounts and their errors' frequency, which is nobody else's business.
 
-The numbers come from the state store (the same running totals ``postbote status`` shows), so the counters survive
-restarts and do not depend on which process polled.
+The numbers come from the state store (the same running totals and waiting messages ``postbote status`` shows), so
+the counters survive restarts and do not depend on which process polled. ``postbote_messages_waiting`` and
+``postbote_messages_stale`` are what to alert on: mail that stays on the server instead of arriving.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import functools
 import ipaddress
 import os
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from socket import AF_INET, AF_INET6
@@ -30,6 +32,7 @@ from agent.config import Account, Config
 from agent.errors import ConfigError, PostboteError
 from agent.settings import Node, Problems, Section
 from agent.state import PollRecord, StateStore
+from agent.status import WaitingMessage, WaitingSummary, stale_after, waiting_messages
 
 if TYPE_CHECKING:
     from http.server import ThreadingHTTPServer
@@ -97,9 +100,15 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(records: Iterable[PollRecord]) -> str:
-    """The Prometheus text exposition format (version 0.0.4) for the given accounts' poll records."""
+def render(records: Iterable[PollRecord], waiting: Mapping[str, WaitingSummary] | None = None) -> str:
+    """The Prometheus text exposition format (version 0.0.4) for the given accounts' poll records and the messages
+    waiting on their servers (``waiting``, by account name; none where missing)."""
     records = sorted(records, key=lambda r: r.account)
+    waiting = waiting or {}
+
+    def waits(record: PollRecord) -> WaitingSummary:
+        return waiting.get(record.account, WaitingSummary())
+
     families: list[tuple[str, str, str, Callable[[PollRecord], list[tuple[str, float]]]]] = [
         ("postbote_messages_total", "counter", "Messages handled, by outcome (deferred counts every attempt).",
          lambda r: [(f',outcome="{o}"', r.totals.get(o, 0)) for o in MESSAGE_OUTCOMES]),
@@ -119,6 +128,11 @@ def render(records: Iterable[PollRecord]) -> str:
          lambda r: [("", r.failure_streak)]),
         ("postbote_messages_left", "gauge", "Messages left on the server by the last poll.",
          lambda r: [("", r.counts.get("left", 0))]),
+        ("postbote_messages_waiting", "gauge",
+         "Messages waiting on the server: deferred (retried every poll) or rejected (until postbote retry).",
+         lambda r: [(',state="deferred"', waits(r).deferred), (',state="rejected"', waits(r).rejected)]),
+        ("postbote_messages_stale", "gauge", "Messages that have waited longer than the account's stale_after.",
+         lambda r: [("", waits(r).stale)]),
     ]
     lines: list[str] = []
     for name, kind, help_text, samples in families:
@@ -211,7 +225,9 @@ class MetricsExporter:
                 self.textfiles.setdefault(settings.textfile, []).append(account.name)
             if settings.listen is not None:
                 self.listeners.setdefault(settings.listen, []).append(account.name)
+        self._accounts = {account.name: account for account in config.accounts}
         self._records: dict[str, PollRecord] = {}
+        self._waiting: dict[str, list[WaitingMessage]] = {}
         self._lock = threading.Lock()
         self._store: StateStore | None = None
         self._servers: list[MetricsServer] = []
@@ -233,23 +249,29 @@ class MetricsExporter:
         self.write_textfiles()
 
     def refresh(self, account: str) -> None:
-        """Read the account's latest poll record from the state store."""
+        """Read the account's latest poll record and its waiting messages from the state store."""
         try:
             if self._store is None:
                 if not StateStore.exists(self.state_dir):
                     return
                 self._store = StateStore(self.state_dir)
             record = self._store.last_poll(account)
+            messages = waiting_messages(self._store, account)
         except PostboteError as exc:
             log.warning("metrics.state_unreadable", error=str(exc))
             return
         if record is not None:
             with self._lock:
                 self._records[account] = record
+                self._waiting[account] = messages
 
     def render(self, accounts: list[str]) -> str:
+        """The metrics of ``accounts``; staleness is judged now, so a scrape sees mail turn stale between polls."""
+        now = time.time()
         with self._lock:
-            return render(self._records[name] for name in accounts if name in self._records)
+            waiting = {name: WaitingSummary.of(messages, now=now, stale_after=stale_after(self._accounts[name]))
+                       for name, messages in self._waiting.items()}
+            return render((self._records[name] for name in accounts if name in self._records), waiting)
 
     def write_textfiles(self, account: str | None = None) -> None:
         for path, names in self.textfiles.items():

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 import yaml
 
 from agent.config import load_config
@@ -198,8 +200,9 @@ class StandInPoller:
         self.overlaps: list[str] = []
         self.starts: dict[str, list[float]] = {}
 
-    def factory(self, _pm: Any, _store: Any, stop: threading.Event) -> StandInPoller:
+    def factory(self, _pm: Any, store: StateStore, stop: threading.Event) -> StandInPoller:
         self.stop = stop
+        self.store = store
         return self
 
     def poll(self, account: Any) -> PollStats:
@@ -272,6 +275,25 @@ def test_failing_account_backs_off_exponentially_to_the_maximum(tmp_path: Path) 
     gaps = [later - earlier for earlier, later in zip(starts, starts[1:], strict=False)]
     # 0.2, 0.4, then capped at 0.4; each shortened by at most 10 % jitter
     assert 0.17 < gaps[0] < 0.3 and all(0.35 < gap < 0.55 for gap in gaps[1:4]), gaps
+
+
+def test_a_crashing_poll_is_one_event_a_failed_poll_and_the_other_accounts_go_on(tmp_path: Path) -> None:
+    def behaviour(name: str, _stop: threading.Event) -> None:
+        if name == "crashy":
+            raise RuntimeError("a bug")
+
+    poller = StandInPoller(behaviour)
+    with structlog.testing.capture_logs() as events:
+        daemon, thread, store = in_process_daemon(tmp_path, poller, ["crashy", "fine"], poll_interval=0.1,
+                                                  backoff_max=0.2)
+        wait_until(lambda: len(poller.starts.get("crashy", [])) >= 2 and len(poller.starts.get("fine", [])) >= 3,
+                   5, "polls of both accounts after the crash")
+        record = store.last_poll("crashy")
+        stop_daemon(daemon, thread, store)
+    crashes = [e for e in events if e["event"] == "poll.crashed"]
+    assert crashes and all(e["account"] == "crashy" for e in crashes)
+    assert crashes[0]["error"] == "internal error: RuntimeError: a bug" and "exc_info" not in crashes[0]
+    assert record is not None and not record.ok and record.error == "internal error: RuntimeError: a bug"
 
 
 def test_stop_abandons_a_poll_that_ignores_it_after_the_grace_period(tmp_path: Path) -> None:

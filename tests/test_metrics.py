@@ -22,6 +22,7 @@ from agent.pluginmanager import make_plugin_manager
 from agent.poller import Poller
 from agent.pop3server import POP3Server
 from agent.state import PollRecord, StateStore
+from agent.status import WaitingSummary
 from plugins import metrics
 from tests.test_daemon import account, mail, write_config
 
@@ -133,7 +134,7 @@ def test_textfile_is_rewritten_atomically_after_each_poll(tmp_path: Path, server
     store = StateStore(config.state_dir)
     try:
         with configured(pm, config):
-            assert textfile.read_text().count("# TYPE") == 11  # written at start-up, before any poll
+            assert textfile.read_text().count("# TYPE") == 13  # written at start-up, before any poll
             Poller(pm, store).poll(config.accounts[0])
             Poller(pm, store).poll(config.accounts[1])
             text = textfile.read_text()
@@ -182,3 +183,39 @@ def test_a_port_in_use_is_a_start_up_error_naming_the_option(tmp_path: Path) -> 
         with pytest.raises(ConfigError, match=f"plugins.metrics.listen: cannot listen on 127.0.0.1:{port}"), \
                 configured(pm, config):
             pass
+
+
+# --- mail that waits (issue 11, item 17)
+
+
+def test_render_counts_the_messages_waiting_and_stale_per_account() -> None:
+    text = metrics.render([record("alice"), record("bob")],
+                          {"alice": WaitingSummary(deferred=2, rejected=1, stale=1, oldest=1_700_000_000.0)})
+    lines = text.splitlines()
+    assert "# TYPE postbote_messages_waiting gauge" in lines and "# TYPE postbote_messages_stale gauge" in lines
+    assert 'postbote_messages_waiting{account="alice",state="deferred"} 2' in lines
+    assert 'postbote_messages_waiting{account="alice",state="rejected"} 1' in lines
+    assert 'postbote_messages_stale{account="alice"} 1' in lines
+    assert 'postbote_messages_waiting{account="bob",state="deferred"} 0' in lines
+    assert 'postbote_messages_stale{account="bob"} 0' in lines
+
+
+def test_textfile_shows_the_messages_a_failing_destination_left_waiting(tmp_path: Path, server: POP3Server) -> None:
+    textfile = tmp_path / "postbote.prom"
+    mda = tmp_path / "mda"
+    mda.write_text("#!/bin/sh\ncat >/dev/null\nexit 75\n")
+    mda.chmod(0o755)
+    pm = make_plugin_manager(entry_points=False)
+    config = load(tmp_path, {"textfile": str(textfile)},
+                  account("alice", server, tmp_path / "Maildir", deliver={"mda": [str(mda)]}, stale_after="1s"))
+    config = load_config(config.path, pm)
+    store = StateStore(config.state_dir)
+    try:
+        with configured(pm, config):
+            Poller(pm, store).poll(config.accounts[0])
+            text = textfile.read_text()
+    finally:
+        store.close()
+    assert 'postbote_messages_waiting{account="alice",state="deferred"} 2' in text
+    assert 'postbote_messages_waiting{account="alice",state="rejected"} 0' in text
+    assert 'postbote_messages_stale{account="alice"} 0' in text  # written right after the poll: not yet stale

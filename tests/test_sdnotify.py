@@ -155,7 +155,7 @@ def test_the_daemon_notifies_ready_status_reloading_and_stopping(tmp_path: Path,
         assert any(f.startswith("STATUS=1 account(s)") for f in path_listener.fields())
         daemon.send(signal.SIGUSR1)
         status = path_listener.wait_for("STATUS=1 account(s), all fine; last poll: box ok")[0]
-        assert "1 delivered, 0 dropped, 0 rejected, 0 left on the server" in status
+        assert "1 delivered, 0 dropped, 0 deferred, 0 rejected, 0 left on the server" in status
         assert subjects(tmp_path / "Maildir") == ["Subject: message 1"]
         assert seen_by_child.read_text().strip() == "unset"
         daemon.send(signal.SIGHUP)
@@ -179,3 +179,24 @@ def test_the_daemon_pings_the_watchdog_on_an_abstract_socket(tmp_path: Path, abs
     finally:
         assert daemon.stop() == 0
     assert "STOPPING=1" in abstract_listener.fields()
+
+
+def test_the_status_line_names_the_accounts_whose_mail_waits(tmp_path: Path, path_listener: Listener) -> None:
+    """systemctl status shows mail that is not arriving, not only accounts that cannot be polled."""
+    mda = tmp_path / "mda"
+    mda.write_text("#!/bin/sh\ncat >/dev/null\nexit 75\n")
+    mda.chmod(0o755)
+    server = POP3Server([mail(1), mail(2)]).start()
+    try:
+        config = write_config(tmp_path / "postbote.yaml", [
+            account("box", server, tmp_path / "Maildir", poll_interval="1h", deliver={"mda": [str(mda)]})])
+        daemon = DaemonRun(config, env={"NOTIFY_SOCKET": path_listener.address})
+        path_listener.wait_for("READY=1")
+        listed = server.uids()
+        daemon.send(signal.SIGUSR1)
+        (status,) = path_listener.wait_for("STATUS=1 account(s), waiting: box 2 deferred; last poll: box ok")
+        assert "0 delivered, 0 dropped, 2 deferred, 0 rejected, 2 left on the server" in status
+        assert daemon.stop() == 0
+    finally:
+        server.stop()
+    assert len(listed) == 2 and server.uids() == listed

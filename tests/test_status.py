@@ -7,11 +7,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -21,6 +26,7 @@ from agent.pluginmanager import make_plugin_manager
 from agent.poller import Poller
 from agent.pop3server import Action, Faults, POP3Server
 from agent.state import StateStore
+from agent.status import collect, show_status
 from plugins.progress import SHOW_AFTER, ProgressDisplay
 from tests.test_daemon import REPO, DaemonRun, account, mail, write_config
 
@@ -193,3 +199,140 @@ def test_a_log_line_first_wipes_the_progress_line() -> None:
     finally:
         display.close()
         logging.getLogger().removeHandler(handler)
+
+
+# --- what waits on the server (issue 11, item 17)
+
+
+def record_waiting(config_path: Path, *outcomes: tuple[str, str, str]) -> None:
+    """Write what the poller writes for messages it could not deliver: ``(uid, status, reason)``."""
+    config = load_config(config_path, make_plugin_manager(entry_points=False))
+    store = StateStore(config.state_dir)
+    try:
+        for uid, status, reason in outcomes:
+            store.record(config.accounts[0].name, uid, status, reason=reason, size=1234,
+                         message_id=f"<{uid}@example.net>")
+    finally:
+        store.close()
+
+
+def polled_fine(tmp_path: Path, **extra: object) -> Path:
+    server = POP3Server([]).start()
+    try:
+        config = write_config(tmp_path / "postbote.yaml", [account("alice", server, tmp_path / "Maildir", **extra)])
+        poll_once(config)
+    finally:
+        server.stop()
+    return config
+
+
+def test_status_lists_deferred_and_rejected_messages_with_their_reasons_and_exits_1(tmp_path: Path,
+                                                                                     capsys) -> None:
+    config = polled_fine(tmp_path)
+    record_waiting(config, ("u1", "deferred", "maildir /m: Permission denied"),
+                   ("u2", "rejected", "smtp 127.0.0.1:25: 550 5.7.1 refused"))
+    assert main(["-c", str(config), "status"]) == 1
+    out = capsys.readouterr().out
+    assert "alice  WAITING, last poll " in out
+    assert "2 messages waiting on the server: 1 deferred, 1 rejected" in out
+    assert "  u1  deferred since " in out and ": maildir /m: Permission denied" in out
+    assert "  u2  rejected since " in out and ": smtp 127.0.0.1:25: 550 5.7.1 refused" in out
+    assert "postbote retry alice [UID...]" in out
+    assert "STALE" not in out
+
+
+def test_status_json_lists_every_waiting_message_and_whether_the_account_is_stale(tmp_path: Path,
+                                                                                   capsys) -> None:
+    config = polled_fine(tmp_path)
+    record_waiting(config, ("u1", "deferred", "mda: exit status 75"))
+    assert main(["-c", str(config), "status", "--json"]) == 1
+    (alice,) = json.loads(capsys.readouterr().out)["accounts"]
+    (waiting,) = alice["waiting"]
+    assert {key: waiting[key] for key in ("uid", "status", "reason", "attempts", "size", "message_id")} == {
+        "uid": "u1", "status": "deferred", "reason": "mda: exit status 75", "attempts": 1, "size": 1234,
+        "message_id": "<u1@example.net>"}
+    assert abs(datetime.fromisoformat(waiting["since"]).timestamp() - time.time()) < 60
+    assert (alice["stale"], alice["stale_after"]) == (False, 3600.0)
+
+
+def test_an_account_is_stale_once_mail_has_waited_longer_than_stale_after(tmp_path: Path) -> None:
+    config_path = polled_fine(tmp_path, stale_after="30m")
+    record_waiting(config_path, ("u1", "deferred", "451 4.3.0 try later"))
+    config = load_config(config_path, make_plugin_manager(entry_points=False))
+    since = collect(config).accounts[0].waiting[0].since
+    fresh, late = io.StringIO(), io.StringIO()
+    show_status(config, out=fresh, now=since + 29 * 60)
+    assert show_status(config, out=late, now=since + 31 * 60) == 1
+    assert "alice  WAITING" in fresh.getvalue() and "STALE" not in fresh.getvalue()
+    assert "alice  STALE" in late.getvalue()
+    assert "STALE: mail has waited 31m, longer than stale_after (30m)" in late.getvalue()
+    assert "(1 stale)" in late.getvalue()
+
+
+def test_status_shows_at_most_twenty_waiting_messages_per_account_as_text(tmp_path: Path, capsys) -> None:
+    config = polled_fine(tmp_path)
+    record_waiting(config, *[(f"u{n:02}", "deferred", "451 later") for n in range(25)])
+    assert main(["-c", str(config), "status"]) == 1
+    out = capsys.readouterr().out
+    assert "25 messages waiting on the server: 25 deferred" in out
+    assert out.count("deferred since") == 20 and "... and 5 more (postbote status --json lists every one)" in out
+
+
+def test_status_is_0_again_once_nothing_waits(tmp_path: Path, capsys) -> None:
+    config = polled_fine(tmp_path)
+    assert main(["-c", str(config), "status"]) == 0
+    assert "alice  ok, last poll " in capsys.readouterr().out
+
+
+# --- one line, never a traceback (issue 11, item 18)
+
+
+@contextmanager
+def effective_user(uid: int) -> Iterator[None]:
+    """Run the block with the file permissions of ``uid`` (root is not stopped by chmod); a no-op for non-root."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(uid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def test_status_with_an_unreadable_state_directory_parent_prints_one_line(capsys) -> None:
+    base = Path(tempfile.mkdtemp(prefix="pb-status-"))
+    try:
+        base.chmod(0o755)
+        (base / "locked" / "state").mkdir(parents=True)
+        config = write_config(base / "postbote.yaml", [account("alice", None, base / "Maildir", password=None,
+                                                               password_env="PB_UNUSED")])
+        config.write_text(config.read_text().replace(str(base / "state"), str(base / "locked" / "state")))
+        config.chmod(0o644)
+        main(["-c", str(config), "status"])  # as root: every module the command needs is imported now
+        capsys.readouterr()
+        (base / "locked").chmod(0)
+        with effective_user(65534):
+            status = main(["-c", str(config), "status"])
+        captured = capsys.readouterr()
+        assert status == 1
+        assert captured.err == (f"postbote: error: cannot read the state directory {base / 'locked' / 'state'}: "
+                                f"Permission denied; run this as the user postbote runs as (e.g. sudo -u postbote "
+                                f"postbote status)\n")
+    finally:
+        (base / "locked").chmod(0o755)
+        shutil.rmtree(base)
+
+
+def test_status_json_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "postbote.yaml", [account("alice", None, tmp_path / "Maildir")])
+    reader, writer = os.pipe()
+    os.close(reader)  # `postbote status --json | head -1` after head has gone: every write fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "agent", "-c", str(config), "status", "--json"], cwd=REPO,
+                              stdout=writer, stderr=subprocess.PIPE, text=True, timeout=30)
+    finally:
+        os.close(writer)
+    assert (done.returncode, done.stderr) == (1, "")

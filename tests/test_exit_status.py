@@ -1,0 +1,212 @@
+"""Failures are visible (issue 11, item 17): the exit status of ``postbote poll`` and ``postbote status``, and what
+``status`` shows, when a destination cannot take the mail.
+
+A real Dovecot holds the messages; each test breaks one destination the way it breaks in life (a Maildir that
+cannot be written, an MDA that is missing or exits 75, an MTA answering 451 or 550), checks what a cron job or an
+admin would see, repairs the destination and checks that the next poll delivers and both commands exit 0 again.
+
+The contract: ``poll`` exits 0 only when every listed message was delivered, dropped by a filter or left on
+purpose; 1 when some message was deferred or rejected in this poll or some account failed. ``status`` exits 1 while
+any message waits on the server or an account's last poll failed, and lists the waiting messages.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.servers.dovecot import DovecotServer
+from tests.servers.faulty_smtp import FaultySMTP
+from tests.test_end_to_end import Postbote, make_message, uidls
+
+USER = "alice"
+SUBJECTS = ("first", "second", "third")
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What a user sees after one command: its exit status and what it printed."""
+
+    status: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Observed:
+    """``postbote status`` and ``postbote status --json`` after a poll."""
+
+    text: Seen
+    report: dict[str, Any]
+
+    @property
+    def waiting(self) -> list[dict[str, Any]]:
+        (account,) = self.report["accounts"]
+        return account["waiting"]
+
+
+def run(postbote: Postbote, *args: str) -> Seen:
+    done = postbote.run_process(*args)
+    assert "Traceback" not in done.stderr, done.stderr
+    return Seen(done.returncode, done.stdout + done.stderr)
+
+
+def observe(postbote: Postbote) -> Observed:
+    text = run(postbote, "status")
+    as_json = postbote.run_process("status", "--json")
+    assert as_json.returncode == text.status
+    return Observed(text, json.loads(as_json.stdout))
+
+
+@pytest.fixture
+def postbote(tmp_path: Path) -> Postbote:
+    return Postbote(tmp_path)
+
+
+@pytest.fixture
+def mailbox(dovecot: DovecotServer) -> list[str]:
+    """Three messages in alice's mailbox; their UIDs."""
+    for subject in SUBJECTS:
+        dovecot.deliver(USER, make_message(subject))
+    return uidls(dovecot, USER)
+
+
+def configure(postbote: Postbote, dovecot: DovecotServer, deliver: dict[str, Any], **extra: Any) -> None:
+    postbote.configure([{"name": USER, "host": dovecot.host, "port": dovecot.pop3_port, "tls": "none",
+                         "username": USER, "password": dovecot.password(USER), "deliver": deliver, **extra}])
+
+
+def assert_waiting(observed: Observed, uids: list[str], state: str, reason: str) -> None:
+    """``status`` exits 1 and names every message with its state and reason; ``--json`` carries the same."""
+    assert observed.text.status == 1
+    assert f"{USER}  WAITING" in observed.text.text
+    assert f"{len(uids)} messages waiting on the server: {len(uids)} {state}" in observed.text.text
+    for uid in uids:
+        assert f"  {uid}  {state} since " in observed.text.text
+    assert reason in observed.text.text
+    assert sorted(m["uid"] for m in observed.waiting) == sorted(uids)
+    for message in observed.waiting:
+        assert message["status"] == state and reason in message["reason"]
+        assert message["since"].endswith("+00:00") and message["attempts"] >= 1
+        assert message["size"] > 0 and message["message_id"].endswith("@example.net>")
+    (account,) = observed.report["accounts"]
+    assert account["stale"] is False  # waiting for seconds, not for stale_after (an hour by default)
+
+
+def assert_recovers(postbote: Postbote, dovecot: DovecotServer, delivered: Callable[[], int]) -> None:
+    """Once the destination works, one poll delivers everything, and both commands exit 0."""
+    poll = run(postbote, "poll")
+    assert poll.status == 0, poll.text
+    assert delivered() == len(SUBJECTS)
+    assert uidls(dovecot, USER) == []
+    after = observe(postbote)
+    assert after.text.status == 0, after.text.text
+    assert after.waiting == [] and "waiting" not in after.text.text.replace('"waiting"', "")
+    assert f"{USER}  ok, last poll" in after.text.text
+
+
+def files_in(maildir: Path) -> int:
+    return len(list((maildir / "new").iterdir())) if (maildir / "new").is_dir() else 0
+
+
+# --- one test per symptom of the issue
+
+
+def test_a_maildir_that_cannot_be_written_defers_every_message_and_poll_and_status_exit_1(
+        postbote: Postbote, dovecot: DovecotServer, mailbox: list[str], tmp_path: Path) -> None:
+    blocker = tmp_path / "mail"  # a file where the Maildir's parent directory should be: ENOTDIR, even for root
+    blocker.write_text("not a directory")
+    maildir = blocker / "Maildir"
+    configure(postbote, dovecot, {"maildir": str(maildir)})
+    poll = run(postbote, "poll")
+    assert poll.status == 1
+    assert uidls(dovecot, USER) == mailbox
+    assert_waiting(observe(postbote), mailbox, "deferred", "Not a directory")
+    blocker.unlink()
+    assert_recovers(postbote, dovecot, lambda: files_in(maildir))
+
+
+def mda_script(path: Path, body: str) -> Path:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+@pytest.mark.parametrize("broken", ["missing", "exits 75"])
+def test_an_mda_that_is_missing_or_exits_75_defers_every_message(
+        postbote: Postbote, dovecot: DovecotServer, mailbox: list[str], tmp_path: Path, broken: str) -> None:
+    command, out = tmp_path / "deliver-mail", tmp_path / "delivered"
+    out.mkdir()
+    if broken == "exits 75":
+        mda_script(command, "cat >/dev/null; exit 75")
+    configure(postbote, dovecot, {"mda": [str(command)]})
+    assert run(postbote, "poll").status == 1
+    reason = "No such file or directory" if broken == "missing" else "75"
+    assert_waiting(observe(postbote), mailbox, "deferred", reason)
+    mda_script(command, f'cat > "$(mktemp {out}/mail.XXXXXX)"')
+    assert_recovers(postbote, dovecot, lambda: len(list(out.iterdir())))
+
+
+@pytest.fixture
+def mta() -> Iterator[FaultySMTP]:
+    with FaultySMTP() as server:
+        yield server
+
+
+def smtp_to(server: FaultySMTP) -> dict[str, Any]:
+    return {"smtp": {"host": server.host, "port": server.port, "recipients": ["alice@example.org"],
+                     "starttls": False}}
+
+
+def test_an_mta_answering_451_defers_every_message_and_the_next_poll_delivers(
+        postbote: Postbote, dovecot: DovecotServer, mailbox: list[str], mta: FaultySMTP) -> None:
+    mta.on("END", "451 4.3.0 try again later", times=None)
+    configure(postbote, dovecot, smtp_to(mta))
+    assert run(postbote, "poll").status == 1
+    assert_waiting(observe(postbote), mailbox, "deferred", "451 4.3.0 try again later")
+    mta.clear_rules()
+    assert_recovers(postbote, dovecot, lambda: len(mta.copies_for("alice@example.org")))
+
+
+def test_messages_refused_with_550_are_listed_with_their_uids_and_replies_until_retried(
+        postbote: Postbote, dovecot: DovecotServer, mailbox: list[str], mta: FaultySMTP) -> None:
+    mta.on("END", "550 5.7.1 message refused", times=None)
+    configure(postbote, dovecot, smtp_to(mta))
+    assert run(postbote, "poll").status == 1
+    refused = observe(postbote)
+    assert_waiting(refused, mailbox, "rejected", "550 5.7.1 message refused")
+    assert f"postbote retry {USER}" in refused.text.text
+    again = run(postbote, "poll")  # rejected messages are not tried again, and that is no news for this poll
+    assert again.status == 0, again.text
+    assert observe(postbote).text.status == 1  # but they still wait, and status keeps saying so
+    mta.clear_rules()
+    assert run(postbote, "retry", USER).status == 0
+    assert_recovers(postbote, dovecot, lambda: len(mta.copies_for("alice@example.org")))
+
+
+def test_mail_waiting_longer_than_stale_after_makes_the_account_stale(
+        postbote: Postbote, dovecot: DovecotServer, mailbox: list[str], mta: FaultySMTP) -> None:
+    mta.on("END", "451 4.3.0 try again later", times=None)
+    configure(postbote, dovecot, smtp_to(mta), stale_after="1s")
+    assert run(postbote, "poll").status == 1
+    time.sleep(1.1)  # the messages have now waited longer than stale_after, whatever the machine's speed
+    observed = observe(postbote)
+    (account,) = observed.report["accounts"]
+    assert account["stale"] is True and account["stale_after"] == 1.0
+    assert f"{USER}  STALE" in observed.text.text and "longer than stale_after (1s)" in observed.text.text
+
+
+def test_messages_left_on_purpose_keep_the_exit_status_0(
+        postbote: Postbote, dovecot: DovecotServer, mailbox: list[str], tmp_path: Path) -> None:
+    configure(postbote, dovecot, {"maildir": str(tmp_path / "Maildir")}, keep=True)
+    assert run(postbote, "poll").status == 0
+    second = run(postbote, "poll")  # every message already delivered and kept: left on purpose
+    assert second.status == 0, second.text
+    assert uidls(dovecot, USER) == mailbox and files_in(tmp_path / "Maildir") == len(SUBJECTS)
+    assert observe(postbote).text.status == 0
