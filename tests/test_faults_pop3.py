@@ -212,7 +212,7 @@ class Rig:
     def poll(self, top: dict[str, Any] | None = None, **account: Any) -> PollStats:
         pm = make_plugin_manager(entry_points=False)
         config = load_config(self.configure(top, **account), pm)
-        store = StateStore(config.state_dir)
+        store = StateStore(config.state_dir, busy_timeout=config.state_busy_timeout)
         try:
             return Poller(pm, store).poll(config.accounts[0])
         finally:

@@ -144,19 +144,24 @@ def locked_state(tmp_path: Path) -> Iterator[Path]:
     holder.close()
 
 
-def test_a_locked_state_store_hands_nothing_to_an_mda_and_waits_briefly(make_rig: RigFactory, tmp_path: Path,
-                                                                       locked_state: Path) -> None:
+@pytest.mark.parametrize("kind", ["mda", "mbox", "smtp", "maildir"])
+def test_a_locked_state_store_hands_nothing_over_and_waits_briefly(make_rig: RigFactory, tmp_path: Path,
+                                                                   locked_state: Path, smtp_sink: SMTPSink,
+                                                                   kind: str) -> None:
     """With another process holding the SQLite write lock, every `postbote poll` used to deliver again (and each
-    write waited 10 s). Now nothing is handed over until the outcome can be recorded, after a short wait."""
+    write waited 10 s). Now nothing is handed over until its outcome can be recorded, after a short wait."""
     mda = Appender(tmp_path / "mda")
-    rig = make_rig(corpus(3), target=None)
-    top = {"state_busy_timeout": "0.2s"}
+    mbox, maildir = tmp_path / "mbox", tmp_path / "Maildir"
+    deliver = {"mda": mda.deliver(), "mbox": {"mbox": str(mbox)}, "smtp": SinkTarget(smtp_sink).deliver(),
+               "maildir": {"maildir": str(maildir)}}[kind]
+    rig = make_rig(corpus(3))
     for _ in range(3):
         started = time.monotonic()
-        stats = rig.poll(top=top, deliver=[mda.deliver()])
+        stats = rig.poll(top={"state_busy_timeout": "0.2s"}, deliver=[deliver])
         assert time.monotonic() - started < 5
         assert not stats.ok and stats.deleted == 0
-    assert mda.copies() == []
+    assert mda.copies() == [] and mbox_copies(mbox) == [] and smtp_sink.messages == []
+    assert maildir_copies(maildir) == []
     assert len(rig.server.messages()) == 3
 
 
