@@ -202,3 +202,20 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, command: list[st
     finally:
         os.close(writer)
     assert (done.returncode, done.stderr) == (1, "")
+
+
+def test_the_one_line_error_masks_a_secret_a_plugin_quoted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "leaky.py").write_text(
+        "from agent import hookimpl\n\n@hookimpl\ndef configure(config):\n"
+        "    raise ValueError('cannot log in with ' + config.accounts[0].password.resolve().reveal())\n")
+    path = write_config(tmp_path, f"""\
+        state_dir: {tmp_path / 'state'}
+        plugin_paths: [{tmp_path / 'leaky.py'}]
+        accounts:
+          - {{name: a, host: 127.0.0.1, port: 1, tls: none, username: u, password: pw-s3cret-1234,
+              deliver: {{maildir: m}}}}
+        """)
+    assert main(["-c", str(path), "poll"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("postbote: error: plugin 'leaky' failed to start (configure): "
+                   "ValueError: cannot log in with ********\n")
