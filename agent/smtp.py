@@ -71,6 +71,10 @@ class SMTPClient:
             raise
         return client
 
+    def offers(self, extension: str) -> bool:
+        """Whether the server named ``extension`` (``SMTPUTF8``, ``PIPELINING``…) in its EHLO/LHLO reply."""
+        return extension.upper() in self.extensions
+
     def hello(self, helo: str) -> None:
         verb = "LHLO" if self.lmtp else "EHLO"
         reply = self._command(f"{verb} {helo}")

@@ -2,6 +2,11 @@
 
 One session per destination and poll, reused for every message (``poll.resource``). A message counts as
 delivered only when the server accepted every recipient and answered 250 to its data (LMTP: for every recipient).
+
+The envelope sender is ``envelope_sender`` (``return-path``, the default: the message's Return-Path; ``<>``; or an
+address). When it is not ASCII and the server does not offer SMTPUTF8, which would refuse the message for good,
+``fallback_sender`` (``<>`` by default, or an ASCII address) goes in its place and ``smtp.sender_replaced`` is
+logged.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import structlog
 
 from agent import Message, hookimpl
 from agent import settings as s
@@ -24,6 +31,9 @@ if TYPE_CHECKING:
 
 DESTINATION_KINDS = ("smtp", "lmtp")
 _ADDRESS = re.compile(r"[^\s<>]+")
+NULL_SENDER = ""
+
+log = structlog.get_logger("postbote.smtp")
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class SMTPSettings:
     tls_ca_file: Path | None
     envelope_sender: str | None  # None: take it from the message's Return-Path
     timeout: float
+    fallback_sender: str = NULL_SENDER  # when the MTA cannot take a non-ASCII sender (no SMTPUTF8); "" is <>
 
     @property
     def label(self) -> str:
@@ -54,6 +65,16 @@ def address(value: Any) -> str:
 
 def addresses(value: Any) -> list[str]:
     return [address(item) for item in s.text_list(value)]
+
+
+def ascii_envelope_sender(value: Any) -> str:
+    """``<>`` or an ASCII address: a sender that every MTA can take, SMTPUTF8 or not."""
+    text = s.nonempty_text(value)
+    if text == "<>":
+        return NULL_SENDER
+    if not text.isascii():
+        raise ValueError("expected <> or an ASCII mail address (it is used when the MTA cannot take UTF-8)")
+    return address(text)
 
 
 def envelope_sender(value: Any) -> str | None:
@@ -84,6 +105,7 @@ def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Pa
         tls_ca_file=section.get("tls_ca_file", s.path_relative_to(base_dir), None),
         envelope_sender=section.get("envelope_sender", envelope_sender, None),
         timeout=section.get("timeout", s.duration, 60.0),
+        fallback_sender=section.get("fallback_sender", ascii_envelope_sender, NULL_SENDER),
     )
     section.finish()
     return settings
@@ -100,7 +122,8 @@ def deliver_message(message: Message, destination: Destination, poll: PollContex
     client: SMTPClient = poll.resource(("smtp", destination.label), lambda: _connect(settings),
                                        usable=lambda c: c.usable, close=SMTPClient.quit)
     recipients = message.recipients or list(settings.recipients)
-    delivery = client.start(_sender(message, settings), recipients, message.chunks(), eight_bit=message.eight_bit)
+    sender = sender_the_mta_can_take(_sender(message, settings), client, settings, message)
+    delivery = client.start(sender, recipients, message.chunks(), eight_bit=message.eight_bit)
     return delivery if len(recipients) == 1 else delivery.result()
 
 
@@ -117,3 +140,18 @@ def _sender(message: Message, settings: SMTPSettings) -> str:
         return settings.envelope_sender
     return_path = message.return_path or ""
     return return_path if _ADDRESS.fullmatch(return_path) else ""
+
+
+def sender_the_mta_can_take(sender: str, client: SMTPClient, settings: SMTPSettings, message: Message) -> str:
+    """``sender``, unless it is not ASCII and the MTA does not offer SMTPUTF8 (RFC 6531): then `fallback_sender`.
+
+    Such an MTA refuses the whole transaction for good although the recipients are ASCII, and the message could
+    never be delivered. The sender only receives bounces, so replacing it loses nothing of the message itself
+    (its Return-Path header is passed on unchanged); the replacement is logged.
+    """
+    if sender.isascii() or client.offers("SMTPUTF8"):
+        return sender
+    replacement = settings.fallback_sender
+    log.warning("smtp.sender_replaced", uid=message.uid, server=client.server, original=f"<{sender}>",
+                replacement=f"<{replacement}>", reason="the sender is not ASCII and the MTA does not offer SMTPUTF8")
+    return replacement

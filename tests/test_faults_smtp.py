@@ -10,7 +10,9 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from structlog.testing import capture_logs
 
+from agent.errors import ConfigError
 from agent.state import DELIVERED
 from tests.conftest import DovecotFactory
 from tests.servers.faulty_smtp import DROP, FaultySMTP, Stall
@@ -387,3 +389,64 @@ def strip_received(data: bytes) -> bytes:
 def crlf_with_final_line_break(data: bytes) -> bytes:
     data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
     return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
+# --- a sender the MTA cannot take (issue 11 item 16) ----------------------------------------------------
+
+UTF8_SENDER = "jörg@example.de"
+
+
+def without_smtputf8(sink: SMTPSink) -> SMTPSink:
+    """The sink as an MTA that does not offer SMTPUTF8 (it then takes only ASCII commands).
+
+    SMTPSink has no switch for it, so the keyword its aiosmtpd controller hands to each new session is changed:
+    the sessions of this test's polls start after it."""
+    sink._controller.SMTP_kwargs["enable_SMTPUTF8"] = False
+    return sink
+
+
+def with_return_path(data: bytes, sender: str) -> bytes:
+    return f"Return-Path: <{sender}>\r\n".encode() + data
+
+
+@pytest.mark.parametrize(("fallback", "expected_sender"),
+                         [(None, "<>"), ("bounces@example.org", "bounces@example.org")])
+def test_a_non_ascii_return_path_to_an_mta_without_smtputf8_is_sent_with_the_fallback_sender(
+        make_rig: RigFactory, smtp_sink: SMTPSink, fallback: str | None, expected_sender: str) -> None:
+    target = SinkTarget(without_smtputf8(smtp_sink))
+    options = target.deliver()
+    if fallback is not None:
+        options["smtp"]["fallback_sender"] = fallback
+    rig = make_rig([with_return_path(corpus_message(1), UTF8_SENDER), corpus_message(2)], target=target)
+
+    with capture_logs() as logs:
+        stats = rig.poll(deliver=options)
+
+    assert (stats.delivered, stats.rejected, stats.deferred) == (2, 0, 0)
+    assert rig.audit().on_server == ()
+    first, second = smtp_sink.messages
+    assert (first.mail_from, first.rcpt_tos) == (expected_sender, ["me@example.org"])
+    assert strip_received(first.data) == with_return_path(corpus_message(1), UTF8_SENDER), "the message is unchanged"
+    assert second.mail_from == "<>", "a message without Return-Path goes with <> as before"
+    replaced = [entry for entry in logs if entry["event"] == "smtp.sender_replaced"]
+    shown = "<>" if expected_sender == "<>" else f"<{expected_sender}>"
+    assert [(entry["original"], entry["replacement"]) for entry in replaced] == [(f"<{UTF8_SENDER}>", shown)]
+
+
+def test_a_non_ascii_return_path_is_kept_when_the_mta_offers_smtputf8(make_rig: RigFactory,
+                                                                      smtp_sink: SMTPSink) -> None:
+    rig = make_rig([with_return_path(corpus_message(1), UTF8_SENDER)], target=SinkTarget(smtp_sink))
+
+    assert rig.poll().delivered == 1
+
+    [attempt] = smtp_sink.attempts
+    assert attempt.mail_from == UTF8_SENDER and "SMTPUTF8" in attempt.mail_options
+
+
+def test_a_fallback_sender_that_is_not_ascii_is_a_config_error(make_rig: RigFactory, smtp_sink: SMTPSink) -> None:
+    options = SinkTarget(smtp_sink).deliver()
+    options["smtp"]["fallback_sender"] = UTF8_SENDER
+    rig = make_rig(corpus(1), target=SinkTarget(smtp_sink))
+
+    with pytest.raises(ConfigError, match="fallback_sender: expected <> or an ASCII mail address"):
+        rig.poll(deliver=options)
