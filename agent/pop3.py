@@ -105,9 +105,9 @@ class Wait(Enum):
     POLL = "poll_timeout"  # the session's deadline
 
 
-class _UnstuffedDot(Exception):
-    """A data line starts with a single dot that is not the terminator: the server did not dot-stuff it, or the
-    stream is out of step."""
+class _BrokenTerminator(Exception):
+    """A data line is a dot and a CR or LF, yet not the terminator (".\n" or ".\r" in a CRLF session): a mangled
+    terminator, or a stream out of step. (A dot followed by anything else is a line the server did not stuff: data.)"""
 
 
 class POP3Client:
@@ -561,10 +561,9 @@ class POP3Client:
                 self._receive()
             try:
                 piece, done = read(at_line_start)
-            except _UnstuffedDot:
-                raise POP3ProtocolError(f"{self.host}: a data line starts with a single dot that does not end the "
-                                        f"data {self._doing}: the server did not dot-stuff it, or the session is out "
-                                        "of step") from None
+            except _BrokenTerminator:
+                raise POP3ProtocolError(f"{self.host}: a data line is a dot and a line end that does not end the "
+                                        f"data {self._doing}: a broken terminator, out of step") from None
             if piece is None:
                 self._receive()  # a dot at a line start, and the one or two bytes that tell what it is still to come
                 continue
@@ -633,8 +632,8 @@ class Receiver:
                 return b"", True
             if len(head) < 3 and b".\r\n".startswith(head):
                 return None, False
-            if head[1:2] != b".":
-                raise _UnstuffedDot
+            if head[1:2] in (b"\r", b"\n"):
+                raise _BrokenTerminator
         end = data.find(b"\r\n.\r\n", start)
         if end != -1:
             block = self._take(end + 2)
@@ -659,8 +658,8 @@ class Receiver:
                 return b"", True
             if len(head) < 3 and b".\r\n".startswith(head):
                 return None, False
-            if head[1:2] != b".":
-                raise _UnstuffedDot
+            if head[1:2] == b"\r":
+                raise _BrokenTerminator
         end = data.find(b"\n.\r\n", start)
         bare = data.find(b"\n.\n", start, len(data) if end == -1 else end)
         end = bare if bare != -1 else end
@@ -680,15 +679,18 @@ class Receiver:
         return taken
 
 
+_BROKEN_TERMINATOR = {b"\r\n": re.compile(rb"\r\n\.[\r\n]"), b"\n": re.compile(rb"\n\.\r(?!\n)")}
+
+
 def _unstuffed(block: bytes, at_line_start: bool, line_end: bytes) -> bytes:
-    """Undo RFC 1939 byte-stuffing: a line that starts with a dot lost one to the server's stuffing. A line that
-    starts with a single dot (and is not the terminator, which never reaches here) is not stuffed: out of step."""
-    if at_line_start and block.startswith(b"."):
-        block = block[1:]  # ".." (a lone dot was judged by the caller)
+    """Undo RFC 1939 byte-stuffing: a line that starts with two dots lost one to the server's stuffing; one that
+    starts with a single dot and more text was not stuffed by the server and stays as it is. A dot and a line end
+    that is not the terminator is a broken terminator (the caller judged the first line already)."""
+    if at_line_start and block.startswith(b".."):
+        block = block[1:]
     marker = line_end + b"."
     if marker not in block:
         return block
-    stuffed = marker + b"."
-    if block.count(marker) != block.count(stuffed):
-        raise _UnstuffedDot
-    return block.replace(stuffed, marker)
+    if _BROKEN_TERMINATOR[line_end].search(block):
+        raise _BrokenTerminator
+    return block.replace(marker + b".", marker)

@@ -543,6 +543,13 @@ class _Session:
                 self._ignore_client()
             case Flood(line=line, count=count):
                 self._flood(line, count)
+            case FollowedBy(extra=extra, then=None):
+                response = execute()
+                self._send(response.encoded() + extra)  # one write: the stray bytes arrive with the reply
+                if response.after_sent is not None:
+                    response.after_sent()
+                if response.closes:
+                    raise _EndSession
             case FollowedBy(extra=extra, then=then):
                 self._perform(then, execute)
                 self._send(extra)
