@@ -3,15 +3,22 @@
 Events are dotted nouns (``poll.finished``, ``message.delivered``) with snake_case keys; the account and the UID are
 bound as context by the poller, so every event about a message says which one. The standard library's loggers
 render through the same chain, so nothing prints in another format.
+
+Nothing secret reaches the output: tracebacks never show frame locals (a frame holding the password would print
+it), and the last processor before rendering masks every secret `agent.credentials` knows of, in every value,
+the rendered exception included, for structlog events and standard-library records alike.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from collections.abc import MutableMapping
+from typing import Any, TextIO
 
 import structlog
+
+from agent.credentials import knows_secrets, redact
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -42,13 +49,18 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     ]
     renderer: structlog.typing.Processor
     if use_console:
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        # A plain text traceback, rendered before redaction; the renderer's own formatter is set to one without
+        # locals too, in case an exception ever reaches it (rich's, the default when rich is installed, shows them).
+        shared.append(structlog.processors.ExceptionRenderer())
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty(),
+                                                 exception_formatter=structlog.dev.plain_traceback)
     else:
-        shared.append(structlog.processors.dict_tracebacks)
+        shared.append(structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, redact_secrets, renderer],
     ))
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -63,6 +75,42 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+
+
+def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Mask every known secret in the event: in every value, nested dicts and lists, the rendered exception.
+    Runs last before the renderer, on structlog events and standard-library records alike."""
+    if not knows_secrets():
+        return event_dict
+    for key, value in list(event_dict.items()):
+        masked = _redacted(value)
+        if masked is not value:
+            event_dict[key] = masked
+    return event_dict
+
+
+_PLAIN = (int, float, bool, type(None))
+
+
+def _redacted(value: Any) -> Any:
+    """``value`` itself when it shows no secret, else a copy (or, for an object, its repr) with each one masked."""
+    if isinstance(value, str):
+        masked = redact(value)
+        return value if masked == value else masked
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, dict):
+        pairs = [(_redacted(key), _redacted(item)) for key, item in value.items()]
+        unchanged = all(new_key is key and new_item is item
+                        for (new_key, new_item), (key, item) in zip(pairs, value.items(), strict=True))
+        return value if unchanged else dict(pairs)
+    if type(value) in (list, tuple):
+        items = [_redacted(item) for item in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else type(value)(items)
+    # Anything else is rendered with its repr: an exception, a path, a set, an object. Kept unless that shows a secret.
+    shown = repr(value)
+    masked = redact(shown)
+    return value if masked == shown else masked
 
 
 def _skip_unrendered_record_fields() -> None:
