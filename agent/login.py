@@ -8,16 +8,27 @@ refused and what to check; no message or log event carries a password or a token
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.credentials import PasswordSource, Secret
+from agent.credentials import PasswordSource, Secret, register_secret
 from agent.errors import CredentialError
 from agent.pop3 import POP3AuthError, POP3Client
-from agent.sasl import SASL_NAMES, TOKEN_MECHANISMS, choose_mechanism, make_mechanism, sends_secret_in_clear
+from agent.sasl import (
+    SASL_NAMES,
+    TOKEN_MECHANISMS,
+    Mechanism,
+    OAuthBearer,
+    Plain,
+    XOAuth2,
+    choose_mechanism,
+    make_mechanism,
+    sends_secret_in_clear,
+)
 
 if TYPE_CHECKING:
     from agent.oauth2 import OAuth2Settings, TokenSource
@@ -110,6 +121,7 @@ def _login_with_password(client: POP3Client, settings: AuthSettings, choice: str
             client.login_apop(settings.username, password)
         else:
             mechanism = make_mechanism(choice, settings.username, password, host=client.host)
+            _register_wire_form(mechanism)
             client.authenticate(mechanism)
             mechanism.complete()
     except POP3AuthError as exc:
@@ -121,6 +133,7 @@ def _login_with_token(client: POP3Client, settings: AuthSettings, choice: str, t
                       log: Any) -> None:
     for attempt in (1, 2):
         mechanism = make_mechanism(choice, settings.username, tokens.token(), host=client.host)
+        _register_wire_form(mechanism)
         try:
             client.authenticate(mechanism)
             mechanism.complete()
@@ -131,6 +144,13 @@ def _login_with_token(client: POP3Client, settings: AuthSettings, choice: str, t
                 continue
             raise POP3AuthError(f"{exc}{_token_status(mechanism)} (user {settings.username}, {_label(choice)}); "
                                 f"{_token_hint(settings)}", exc.reply) from None
+
+
+def _register_wire_form(mechanism: Mechanism) -> None:
+    """The base64 of a one-shot initial response holds the password or token whole, and a server may echo it in
+    its error reply: have it masked in logs too. Only these mechanisms' initial responses can be built twice."""
+    if isinstance(mechanism, (Plain, XOAuth2, OAuthBearer)):
+        register_secret(base64.b64encode(mechanism.initial_response()).decode("ascii"))
 
 
 def _token_status(mechanism: Any) -> str:

@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import structlog
 
+from agent import credentials
 from agent import settings as s
-from agent.credentials import Secret
+from agent.credentials import Secret, child_environment, register_secret
 from agent.errors import AccountError, CredentialError
 from agent.settings import Section
 from agent.tls import TLSPolicy
@@ -271,7 +272,8 @@ def _fsync_directory(directory: Path) -> None:
 # --- token command --------------------------------------------------------------------------------------------------
 
 class TokenCommand:
-    """An argv, run without a shell, whose first line of output is the access token."""
+    """An argv, run without a shell and without the secret environment variables (`child_environment`), whose
+    first line of output is the access token."""
 
     def __init__(self, argv: tuple[str, ...] | list[str], *, timeout: float = TOKEN_COMMAND_TIMEOUT) -> None:
         if not argv:
@@ -291,7 +293,7 @@ class TokenCommand:
         program = self.argv[0]
         try:
             done = subprocess.run(list(self.argv), capture_output=True, timeout=self.timeout,
-                                  stdin=subprocess.DEVNULL, check=False)
+                                  stdin=subprocess.DEVNULL, check=False, env=child_environment())
         except FileNotFoundError:
             raise CredentialError(f"token_command: {program}: no such program") from None
         except PermissionError:
@@ -328,11 +330,13 @@ class TokenEndpointError(AccountError):
 
 
 def redact(text: str, hidden: list[str | Secret | None]) -> str:
-    """``text`` with every occurrence of the hidden values replaced, and control characters dropped."""
+    """``text`` with every occurrence of the hidden values and of every registered secret replaced, and control
+    characters dropped."""
     for value in hidden:
         raw = value.reveal() if isinstance(value, Secret) else value
         if raw and len(raw) >= 4:
             text = text.replace(raw, "********")
+    text = credentials.redact(text)
     return "".join(ch if ch.isprintable() else " " for ch in text)
 
 
@@ -571,6 +575,7 @@ def device_flow(settings: OAuth2Settings, out: TextIO, *, account: str,
         raise AccountError(f"the device endpoint {settings.device_url} answered without device_code, user_code "
                            "and verification_uri")
     assert isinstance(device_code, str)
+    register_secret(device_code)  # whoever has it (and the client id) gets the tokens once the user approves
     interval = _positive_number(body.get("interval"), 5.0)
     deadline = clock() + _positive_number(body.get("expires_in"), 900.0)
     print(f"To let postbote read the mail of {account}, open\n\n    {uri}\n\nand enter the code\n\n    {user_code}\n",
@@ -680,6 +685,7 @@ def loopback_flow(settings: OAuth2Settings, out: TextIO, *, account: str, open_b
     import queue
 
     verifier, challenge = pkce_pair()
+    register_secret(verifier)
     state = secrets.token_urlsafe(24)
     results: queue.Queue[_Redirect] = queue.Queue()
     server = _redirect_server(state, results)
@@ -722,6 +728,7 @@ def _open_browser(url: str) -> None:
 def exchange_code(settings: OAuth2Settings, *, code: str, redirect_uri: str, verifier: str,
                   timeout: float = HTTP_TIMEOUT) -> TokenResponse:
     """Trade an authorization code for tokens (RFC 6749 section 4.1.3 with the PKCE verifier)."""
+    register_secret(code)
     context = https_context(settings)
     fields = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
               "client_id": settings.client_id, "code_verifier": verifier}

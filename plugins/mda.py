@@ -10,7 +10,8 @@ The exit status decides, following sysexits(3): 0 means delivered, 75 (EX_TEMPFA
 message stays on the server for the next poll), anything else, or death by a signal, a permanent failure (the
 message stays on the server, marked rejected). A command that runs past ``timeout`` is killed, with every process
 it started, and the failure is temporary. A command that exits without reading all of its input is judged by its
-exit status too: some filters decide from the header alone.
+exit status too: some filters decide from the header alone. The command's environment is postbote's without the
+variables the configuration names as secret sources (``password_env``): an MDA has no use for a POP3 password.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import IO, TYPE_CHECKING, Any
 from agent import DeliveryError, Message, hookimpl
 from agent import settings as s
 from agent.config import Account, Destination
+from agent.credentials import child_environment
 from agent.settings import Node, Problems, Section
 from agent.wire import lf_lines
 
@@ -124,7 +126,7 @@ def run_mda(argv: list[str], data: Iterable[bytes], *, timeout: float) -> str:
     with tempfile.TemporaryFile() as stderr:
         try:
             process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr,
-                                       start_new_session=True)
+                                       start_new_session=True, env=child_environment())
         except OSError as exc:
             raise DeliveryError(f"mda {name}: cannot run {argv[0]}: {exc.strerror or exc}", temporary=True) from None
         try:
