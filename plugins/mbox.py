@@ -9,6 +9,10 @@ a dot-lock (``PATH.lock``, created exclusively; one left behind by a dead proces
 fcntl lock on the file. While another program holds either, postbote waits up to ``lock_timeout`` and then fails
 temporarily: the message stays on the server for the next poll.
 
+Where postbote may not create the dot-lock (Debian's ``/var/mail`` is root:mail 2775, and postbote runs as the user,
+not in group ``mail``), it locks with fcntl and flock only, as mutt and Python's ``mailbox`` do there, and logs
+``mbox.dotlock_unavailable`` once per mbox.
+
 A delivery counts only after the data is fsynced. On any error the file is truncated back to its size before the
 message, so a half-written message never remains to corrupt the mailbox.
 """
@@ -21,10 +25,13 @@ import fcntl
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import structlog
 
 from agent import DeliveryError, Message, hookimpl
 from agent import settings as s
@@ -32,6 +39,8 @@ from agent.config import Destination
 from agent.settings import Node, Problems, Section
 from agent.wire import lf_lines
 from plugins.maildir import fsync_directory
+
+log = structlog.get_logger("postbote.mbox")
 
 DESTINATION_KINDS = ("mbox",)
 DEFAULT_LOCK_TIMEOUT = 10.0
@@ -43,6 +52,11 @@ _NEEDS_QUOTING = re.compile(rb">*From ")
 _LINE = re.compile(rb"[^\n]*\n|[^\n]+")
 _FROM_ = b"From "
 _NOT_IN_SENDER = re.compile(r"[\x00-\x20\x7f]")
+DOTLOCK_NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+"""Errors creating ``PATH.lock`` that mean the directory does not let us dot-lock at all (not: the lock is held)."""
+
+_dotlock_unavailable_noted: set[Path] = set()
+_noted_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -95,7 +109,8 @@ def append_to_mbox(path: Path, message: Message, *, create: bool = True,
     elif not path.is_file():
         raise FileNotFoundError(errno.ENOENT, "no such mbox file (create: false)")
     deadline = time.monotonic() + lock_timeout
-    with dot_lock(path, deadline), locked_mbox(path, deadline, create=create) as (fd, created):
+    with dot_lock(path, deadline) as dotlock, \
+            locked_mbox(path, deadline, create=create, flock=dotlock is None) as (fd, created):
         offset = _append_or_restore(fd, message)
     if created:
         fsync_directory(path.parent)
@@ -225,8 +240,8 @@ def _truncate(fd: int, size: int, cause: BaseException) -> None:
 
 
 @contextlib.contextmanager
-def locked_mbox(path: Path, deadline: float, *, create: bool) -> Iterator[tuple[int, bool]]:
-    """The mbox opened for appending under an exclusive fcntl lock: ``(fd, created)``.
+def locked_mbox(path: Path, deadline: float, *, create: bool, flock: bool = False) -> Iterator[tuple[int, bool]]:
+    """The mbox opened for appending under an exclusive fcntl lock (and flock with ``flock``): ``(fd, created)``.
 
     The lock is taken on the file the path names once locked: if another program replaced the file meanwhile
     (an MUA rewriting the mailbox), it is opened again.
@@ -235,6 +250,8 @@ def locked_mbox(path: Path, deadline: float, *, create: bool) -> Iterator[tuple[
         fd, created = _open_mbox(path, create=create)
         try:
             _fcntl_lock(fd, path, deadline)
+            if flock:
+                _flock(fd, path, deadline)
             if _same_file(fd, path):
                 break
         except BaseException:
@@ -279,6 +296,20 @@ def _fcntl_lock(fd: int, path: Path, deadline: float) -> None:
         time.sleep(LOCK_RETRY_INTERVAL)
 
 
+def _flock(fd: int, path: Path, deadline: float) -> None:
+    """The BSD lock some MUAs take instead of fcntl's; on Linux the two do not see each other."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+        if time.monotonic() >= deadline:
+            raise TimeoutError(errno.ETIMEDOUT, f"another program holds the flock lock on {path}")
+        time.sleep(LOCK_RETRY_INTERVAL)
+
+
 def _same_file(fd: int, path: Path) -> bool:
     try:
         on_disk = os.stat(path)
@@ -288,24 +319,47 @@ def _same_file(fd: int, path: Path) -> bool:
     return (on_disk.st_dev, on_disk.st_ino) == (opened.st_dev, opened.st_ino)
 
 
+class DotLockNotAllowed(OSError):
+    """The mbox's directory does not let us create ``PATH.lock`` (permissions, read-only file system)."""
+
+
 @contextlib.contextmanager
-def dot_lock(path: Path, deadline: float) -> Iterator[Path]:
-    """Hold ``PATH.lock`` (created with O_EXCL, holding our pid) until the block ends.
+def dot_lock(path: Path, deadline: float) -> Iterator[Path | None]:
+    """Hold ``PATH.lock`` (created with O_EXCL, holding our pid) until the block ends; None where the directory
+    does not allow creating it (then the caller relies on fcntl and flock, and this is logged once per mbox).
 
     A lock file is stale, and removed, when the pid it names is not running on this host or when it is older than
     `STALE_DOTLOCK_AGE` (a lock held that long by a live delivery is not plausible; the rule other MDAs use).
     """
     lock = path.with_name(path.name + ".lock")
+    try:
+        _acquire_dot_lock(lock, deadline)
+    except DotLockNotAllowed as exc:
+        _note_dotlock_unavailable(path, exc)
+        yield None
+        return
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _acquire_dot_lock(lock: Path, deadline: float) -> None:
     while not _create_lock_file(lock):
         if _remove_if_stale(lock):
             continue
         if time.monotonic() >= deadline:
             raise TimeoutError(errno.ETIMEDOUT, f"{lock} is held by another program")
         time.sleep(LOCK_RETRY_INTERVAL)
-    try:
-        yield lock
-    finally:
-        lock.unlink(missing_ok=True)
+
+
+def _note_dotlock_unavailable(path: Path, exc: OSError) -> None:
+    with _noted_lock:
+        if path in _dotlock_unavailable_noted:
+            return
+        _dotlock_unavailable_noted.add(path)
+    log.warning("mbox.dotlock_unavailable", mbox=str(path), reason=exc.strerror,
+                locking="fcntl and flock only, as other programs without the right to dot-lock here do")
 
 
 def _create_lock_file(lock: Path) -> bool:
@@ -314,6 +368,8 @@ def _create_lock_file(lock: Path) -> bool:
     except FileExistsError:
         return False
     except OSError as exc:
+        if exc.errno in DOTLOCK_NOT_ALLOWED:
+            raise DotLockNotAllowed(exc.errno, f"cannot create the dot-lock {lock}: {exc.strerror}") from None
         raise OSError(exc.errno, f"cannot create the dot-lock {lock}: {exc.strerror}") from None
     try:
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -337,6 +393,10 @@ def _remove_if_stale(lock: Path) -> bool:
             lock.unlink()
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        if exc.errno in DOTLOCK_NOT_ALLOWED:  # a stale lock we may not remove: we could not create ours either
+            raise DotLockNotAllowed(exc.errno, f"cannot remove the stale dot-lock {lock}: {exc.strerror}") from None
+        raise
     return True
 
 

@@ -6,19 +6,29 @@ back with an mboxrd reader to prove that what went in comes out byte for byte (a
 
 from __future__ import annotations
 
+import grp
+import json
 import os
+import pwd
 import re
+import shutil
+import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from agent import DeliveryError, Message
 from agent.config import Destination, load_config
@@ -26,6 +36,7 @@ from agent.errors import ConfigError
 from agent.pluginmanager import make_plugin_manager
 from agent.state import StateStore
 from plugins.mbox import MboxSettings, append_to_mbox, deliver_message, mboxrd_messages, mboxrd_quoted
+from tests.servers import interrupt_after
 from tests.test_poller import mail, make_setup  # noqa: F401 - make_setup is a fixture
 
 REPO = Path(__file__).resolve().parent.parent
@@ -361,3 +372,146 @@ def test_the_delivery_answer_names_the_file_and_offset(tmp_path: Path) -> None:
     with pytest.raises(DeliveryError, match="no such mbox file") as info:
         deliver_message(Message.from_bytes(mail(1)), missing)
     assert info.value.temporary
+
+
+# --- /var/mail: a directory where the user may not create a dot-lock (issue 11 item 15) -----------------
+
+HOLD_LOCK = """\
+import fcntl, sys
+with open(sys.argv[1], "ab") as handle:
+    if sys.argv[2] == "flock":
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    else:
+        fcntl.lockf(handle, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+CHILD_TIME_LIMIT = 30  # seconds; the child has no interval timer of ours (fork does not inherit them)
+
+
+@dataclass
+class VarMail:
+    """A Debian-style mail spool: the directory root:mail 2775, the user's mbox user:mail 0660."""
+
+    mbox: Path
+    uid: int
+    gid: int
+
+
+@pytest.fixture
+def var_mail() -> Iterator[VarMail]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to build a root:mail 2775 spool and deliver into it as another user (CI runs as root)")
+    user, group = pwd.getpwnam("nobody"), grp.getgrnam("mail")
+    assert group.gr_gid not in os.getgrouplist(user.pw_name, user.pw_gid), "nobody must not be in group mail"
+    top = Path(tempfile.mkdtemp(prefix="postbote-var-"))
+    try:
+        top.chmod(0o755)
+        spool = top / "mail"
+        spool.mkdir()
+        os.chown(spool, 0, group.gr_gid)
+        spool.chmod(0o2775)
+        mbox = spool / "nobody"
+        mbox.write_bytes(b"")
+        os.chown(mbox, user.pw_uid, group.gr_gid)
+        mbox.chmod(0o660)
+        yield VarMail(mbox, user.pw_uid, user.pw_gid)
+    finally:
+        shutil.rmtree(top)
+
+
+def deliver_as(spool: VarMail, messages: list[bytes], *, lock_timeout: float,
+               started: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Append ``messages`` to the spool's mbox in a forked child that runs as the spool's user, as postbote does
+    there; returns what the child saw: the offsets or the error, and the log events."""
+    reading, writing = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        try:
+            signal.alarm(CHILD_TIME_LIMIT)
+            # Only the report pipe stays open: an inherited end of a lock holder's stdin would keep it holding.
+            os.closerange(3, writing)
+            os.closerange(writing + 1, os.sysconf("SC_OPEN_MAX"))
+            os.setgroups([])
+            os.setresgid(spool.gid, spool.gid, spool.gid)
+            os.setresuid(spool.uid, spool.uid, spool.uid)
+            os.write(writing, b"started\n")
+            report: dict[str, Any] = {"offsets": []}
+            with capture_logs() as logs:
+                try:
+                    for data in messages:
+                        report["offsets"].append(append_to_mbox(spool.mbox, Message.from_bytes(data),
+                                                                lock_timeout=lock_timeout))
+                except OSError as exc:
+                    report["error"] = f"{type(exc).__name__}: {exc}"
+            report["events"] = [entry for entry in logs if entry["event"].startswith("mbox.")]
+            os.write(writing, json.dumps(report, default=str).encode())
+        finally:
+            os._exit(0)
+    os.close(writing)
+    try:
+        with os.fdopen(reading, "rb") as pipe, interrupt_after(CHILD_TIME_LIMIT + 5, "the delivering child"):
+            assert pipe.readline() == b"started\n"
+            started()
+            output = pipe.read()
+    finally:
+        os.waitpid(pid, 0)
+    return json.loads(output)
+
+
+@pytest.fixture
+def lock_holder() -> Iterator[Callable[[Path, str], subprocess.Popen[str]]]:
+    """Another process (root, like an MDA running as root) holding an fcntl or flock lock until released."""
+    processes: list[subprocess.Popen[str]] = []
+
+    def hold(path: Path, kind: str) -> subprocess.Popen[str]:
+        process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path), kind], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)
+        processes.append(process)
+        assert process.stdout is not None and process.stdout.readline() == "locked\n"
+        return process
+
+    yield hold
+    for process in processes:
+        release(process)
+
+
+def test_in_a_spool_without_the_right_to_dot_lock_the_message_lands_and_it_is_said_once(var_mail: VarMail) -> None:
+    report = deliver_as(var_mail, [mail(1), mail(2)], lock_timeout=5)
+
+    assert "error" not in report, report
+    assert mboxrd_messages(var_mail.mbox.read_bytes()) == [on_disk(mail(1)), on_disk(mail(2))]
+    assert [event["event"] for event in report["events"]] == ["mbox.dotlock_unavailable"]
+    assert report["events"][0]["mbox"] == str(var_mail.mbox)
+    assert sorted(p.name for p in var_mail.mbox.parent.iterdir()) == ["nobody"], "no lock file left behind"
+    status = var_mail.mbox.stat()
+    assert (status.st_uid, stat.S_IMODE(status.st_mode)) == (var_mail.uid, 0o660)
+
+
+@pytest.mark.parametrize("kind", ["fcntl", "flock"])
+def test_in_a_spool_without_dot_locks_a_lock_held_by_another_program_defers_the_message(
+        var_mail: VarMail, lock_holder, kind: str) -> None:
+    lock_holder(var_mail.mbox, kind)
+
+    report = deliver_as(var_mail, [mail(1)], lock_timeout=0.5)
+
+    assert report["error"].startswith("TimeoutError") and f"{kind} lock" in report["error"]
+    assert var_mail.mbox.read_bytes() == b""
+
+
+@pytest.mark.parametrize("kind", ["fcntl", "flock"])
+def test_in_a_spool_without_dot_locks_delivery_waits_for_the_other_program(var_mail: VarMail, lock_holder,
+                                                                           kind: str) -> None:
+    holder = lock_holder(var_mail.mbox, kind)
+    seen_while_locked: list[bytes] = []
+
+    def release_later() -> None:
+        time.sleep(0.3)  # the child is trying meanwhile; had it ignored the lock, the file would have grown
+        seen_while_locked.append(var_mail.mbox.read_bytes())
+        release(holder)
+
+    report = deliver_as(var_mail, [mail(1)], lock_timeout=20, started=release_later)
+
+    assert "error" not in report, report
+    assert seen_while_locked == [b""]
+    assert mboxrd_messages(var_mail.mbox.read_bytes()) == [on_disk(mail(1))]
