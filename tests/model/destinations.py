@@ -1,0 +1,143 @@
+"""The five destination kinds of the model, each able to fail on a schedule, and what each has received.
+
+A schedule is per poll: the i-th delivery attempt to that destination in the poll gets the i-th `Outcome`
+(attempts past the schedule succeed). Where the real destination can be told to fail, it is: the SMTP and LMTP
+servers (`FaultySMTP`: 451, 550, or the connection dropped after the data) and the MDA (a shell script that exits 75
+or 1, or kills itself, as its schedule file says). A Maildir or an mbox cannot be made to refuse one message on
+demand when the tests run as root, so their refusals come from the model plugin (`runner.ModelPlugin`), which answers
+``deliver_message`` for that destination before the real plugin does.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from plugins.mbox import mboxrd_messages
+from tests.servers.faulty_smtp import DROP, FaultySMTP
+from tests.test_faults_pop3 import MaildirTarget
+
+RECIPIENT = "me@example.org"
+
+
+class Kind(enum.Enum):
+    MAILDIR = "maildir"
+    MBOX = "mbox"
+    MDA = "mda"
+    SMTP = "smtp"
+    LMTP = "lmtp"
+
+    @property
+    def refused_by_plugin(self) -> bool:
+        """Whether the model plugin, not the destination itself, plays its refusals."""
+        return self in (Kind.MAILDIR, Kind.MBOX)
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    TEMPORARY = "temporary"  # 451 / exit 75
+    PERMANENT = "permanent"  # 550 / exit 1
+    CRASH = "crash"          # SMTP/LMTP: connection dropped after the data; MDA: killed by a signal
+
+
+SMTP_REPLIES: dict[Outcome, Any] = {Outcome.TEMPORARY: "451 4.3.0 model: try again later",
+                                    Outcome.PERMANENT: "550 5.7.1 model: refused", Outcome.CRASH: DROP}
+
+# The MDA: appends its input to a new file, which it keeps only when its schedule says the delivery succeeds.
+MDA_SCRIPT = """#!/bin/sh
+here=$(dirname "$0")
+n=$(( $(cat "$here/count") + 1 ))
+echo $n > "$here/count"
+outcome=$(sed -n "${n}p" "$here/schedule")
+cat > "$here/incoming.$n" || exit 75
+case "$outcome" in
+  temporary) rm -f "$here/incoming.$n"; exit 75 ;;
+  permanent) rm -f "$here/incoming.$n"; echo "model: refused" >&2; exit 1 ;;
+  crash) rm -f "$here/incoming.$n"; kill -9 $$ ;;
+esac
+mv "$here/incoming.$n" "$here/copies/$$.$n"
+exit 0
+"""
+
+
+@dataclass
+class Destination:
+    """One configured destination of a case; `index` is its position in the account's ``deliver`` list."""
+
+    kind: Kind
+    index: int
+    directory: Path
+    server: FaultySMTP | None = None
+
+    @classmethod
+    def create(cls, kind: Kind, index: int, directory: Path) -> Destination:
+        directory.mkdir(parents=True, exist_ok=True)
+        destination = cls(kind, index, directory)
+        if kind is Kind.MDA:
+            (directory / "copies").mkdir()
+            (directory / "count").write_text("0\n")
+            (directory / "schedule").write_text("")
+            script = directory / "deliver.sh"
+            script.write_text(MDA_SCRIPT)
+            script.chmod(0o755)
+        elif kind in (Kind.SMTP, Kind.LMTP):
+            destination.server = FaultySMTP(lmtp=kind is Kind.LMTP).start()
+        return destination
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind.value}#{self.index}"
+
+    def config(self) -> dict[str, Any]:
+        """The entry for the account's ``deliver`` list."""
+        if self.kind is Kind.MAILDIR:
+            return {"maildir": str(self.directory / "Maildir")}
+        if self.kind is Kind.MBOX:
+            return {"mbox": str(self.directory / "mbox")}
+        if self.kind is Kind.MDA:
+            return {"mda": {"command": [str(self.directory / "deliver.sh")], "timeout": "10s"}}
+        assert self.server is not None
+        return {self.kind.value: {"host": self.server.host, "port": self.server.port, "recipients": [RECIPIENT],
+                                  "timeout": "2s"}}
+
+    def schedule(self, outcomes: tuple[Outcome, ...]) -> None:
+        """Make the next poll's attempts fail as ``outcomes`` says (plugin-played kinds: see `runner.ModelPlugin`)."""
+        if self.kind is Kind.MDA:
+            (self.directory / "count").write_text("0\n")
+            (self.directory / "schedule").write_text("".join(f"{o.value}\n" for o in outcomes))
+        elif self.server is not None:
+            self.server.clear_rules()
+            for attempt, outcome in enumerate(outcomes, start=1):
+                if outcome is not Outcome.OK:
+                    self.server.on("END", SMTP_REPLIES[outcome], nth=attempt)
+
+    def attempts_in_last_poll(self) -> int | None:
+        """Delivery attempts the destination saw since `schedule` (None: only the model plugin knows)."""
+        if self.kind is Kind.MDA:
+            return int((self.directory / "count").read_text())
+        return None
+
+    def copies(self) -> list[bytes]:
+        """Every copy the destination durably holds, as stored."""
+        if self.kind is Kind.MAILDIR:
+            return MaildirTarget(self.directory / "Maildir").delivered()
+        if self.kind is Kind.MBOX:
+            path = self.directory / "mbox"
+            return mboxrd_messages(path.read_bytes()) if path.exists() and path.stat().st_size else []
+        if self.kind is Kind.MDA:
+            return [file.read_bytes() for file in sorted((self.directory / "copies").iterdir())]
+        assert self.server is not None
+        return self.server.copies_for(RECIPIENT)
+
+    def stray_partial_files(self) -> int:
+        """MDA inputs cut short by a killed postbote (the MDA saw end of input), left unaccepted here."""
+        if self.kind is not Kind.MDA:
+            return 0
+        return len([name for name in os.listdir(self.directory) if name.startswith("incoming.")])
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()

@@ -1,0 +1,66 @@
+"""The model-based test of the whole poll (issue 11, "How we test from now on").
+
+Hypothesis generates cases (`tests.model.plan.cases`): a mailbox of unusual messages on the scripted POP3 server
+(dot lines, bare CR and LF, NUL, 8-bit, long lines, UIDs listed twice, a new message taking a deleted one's UID at the
+same size), one to three destinations of every kind (Maildir, mbox, MDA, SMTP, LMTP) each refusing on its own
+schedule (temporarily, permanently, or crashing), and several polls, each with server faults (drops, garbage, stalls,
+a stray line after a message, lenient dot-stuffing, an empty listing, ``+OK`` to QUIT without committing), the state
+database locked by another process from some step on, and SIGKILL at some step. Clean polls follow. After every poll
+the invariants of `tests.model.ledger` must hold: nothing lost, no duplicate beyond what a crash may cost, nothing
+stuck, no fault hidden from the poll's result.
+
+CI runs ``POSTBOTE_MODEL_EXAMPLES`` cases (default 150). The soak::
+
+    POSTBOTE_MODEL_EXAMPLES=5000 .venv/bin/python -m pytest tests/test_model_poll.py -x -s
+
+A failure prints the shrunk case (``case.describe()``) and what each poll did; it reads as a regular test's setup.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, note, settings
+
+from tests.model.ledger import InvariantBroken
+from tests.model.plan import Case, cases
+from tests.model.runner import TALLY, CaseRun
+
+EXAMPLES = int(os.environ.get("POSTBOTE_MODEL_EXAMPLES", "150"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary(request: pytest.FixtureRequest) -> Iterator[None]:
+    """At the end: how many cases and polls ran, and which faults they exercised."""
+    TALLY.clear()
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    reporter.write_line("")
+    reporter.write_line(f"model test: {TALLY['cases']} cases, {TALLY['polls']} polls; exercised:")
+    for name, count in sorted(TALLY.items()):
+        if name not in ("cases", "polls") and count:
+            reporter.write_line(f"  {count:6d}  {name}")
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(case=cases())
+def test_whatever_the_server_destinations_state_store_and_crashes_do_no_mail_is_lost_duplicated_or_stuck(
+        case: Case) -> None:
+    TALLY["cases"] += 1
+    note(case.describe())
+    with tempfile.TemporaryDirectory(prefix="model-") as scratch:
+        run = CaseRun(case, Path(scratch))
+        try:
+            run.run()
+        except InvariantBroken as broken:
+            raise type(broken)(f"{broken}\n--- case ---\n{case.describe()}\n--- polls ---\n"
+                                  + "\n".join(run.log)) from None
+        finally:
+            run.close()
