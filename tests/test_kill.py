@@ -26,10 +26,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.pop3server import POP3Server
+from plugins.mbox import mboxrd_messages
+from tests.servers.dovecot import DovecotServer
 from tests.servers.faulty_smtp import FaultySMTP
 from tests.servers.smtp_sink import SMTPSink
 from tests.test_faults_pop3 import (
@@ -41,6 +44,7 @@ from tests.test_faults_pop3 import (
     Target,
     child_env,
     corpus_message,
+    corpus_number,
     postbote_argv,
     record_figures,
     run_postbote,
@@ -99,20 +103,22 @@ class Measured:
     seconds: float
     startup: float
     commands: int
+    messages: int = MAILBOX
 
     @property
     def fixed_commands(self) -> int:
         """Commands that do not depend on the messages (log-in, listing, QUIT)."""
-        return self.commands - 2 * MAILBOX
+        return self.commands - 2 * self.messages
 
 
 class Chain:
     """One mailbox, one destination, one state directory; the child postbote runs against them again and again."""
 
-    def __init__(self, directory: Path, target: Target) -> None:
-        self.server = POP3Server(mailbox()).start()
+    def __init__(self, directory: Path, target: Target, messages: list[bytes] | None = None,
+                 **account: object) -> None:
+        self.server = POP3Server(mailbox() if messages is None else messages).start()
         self.rig = Rig(directory, self.server, target)
-        self.config = self.rig.configure(timeout="10s")
+        self.config = self.rig.configure(timeout="10s", **account)
 
     def commands_left(self, measured: Measured) -> int:
         """Commands a poll would send now: the fixed ones, a RETR per message not yet delivered, a DELE per
@@ -152,11 +158,11 @@ class Chain:
         tally.runs += 1
         tally.check(self.rig.audit())
 
-    def finish(self, tally: Tally) -> Audit:
+    def finish(self, tally: Tally, *, keep: bool = False) -> Audit:
         for _ in range(3):
             run = run_postbote(self.config, "poll", timeout=60)
             tally.runs += 1
-            if run.status == 0 and not self.server.uids():
+            if run.status == 0 and (keep or not self.server.uids()):
                 break
             time.sleep(0.5)  # the server had not yet noticed the killed session and said [IN-USE]
         audit = self.rig.audit()
@@ -191,14 +197,15 @@ def new_target() -> Iterator[TargetFactory]:
         server.stop()
 
 
-def measure(directory: Path, target: Target) -> Measured:
-    chain = Chain(directory, target)
+def measure(directory: Path, target: Target, messages: list[bytes] | None = None, **account: object) -> Measured:
+    chain = Chain(directory, target, messages, **account)
     try:
         startup = run_postbote(chain.config, "check", timeout=60).duration
         run = run_postbote(chain.config, "poll", timeout=60)
         assert run.status == 0, run.output
-        assert chain.rig.audit().everything_delivered_once_and_deleted
-        return Measured(run.duration, startup, len(chain.server.commands))
+        audit = chain.rig.audit()
+        assert audit.delivered_once == list(audit.numbers) and (account.get("keep") or not audit.on_server)
+        return Measured(run.duration, startup, len(chain.server.commands), len(chain.rig.numbers))
     finally:
         chain.server.stop()
 
@@ -241,3 +248,135 @@ def test_sigkill_at_many_points_of_a_large_poll_loses_nothing_and_costs_at_most_
     assert tally.lost == 0
     assert tally.kills >= len(points) - 2, figures
     assert tally.duplicates <= tally.kills
+
+
+# ================================================================== every destination kind, and a list
+
+SMALL_MAILBOX = 60
+KILLS_PER_KIND = 3
+
+# An MDA that keeps each input it read to the end in a file of its own (as procmail would deliver it).
+MDA_SCRIPT = """#!/bin/sh
+here=$(dirname "$0")
+cat > "$here/incoming.$$" && mv "$here/incoming.$$" "$here/copies/$$.$(date +%s%N)"
+"""
+
+
+class MboxTarget:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def deliver(self) -> dict[str, Any]:
+        return {"mbox": str(self.path)}
+
+    def delivered(self) -> list[bytes]:
+        return mboxrd_messages(self.path.read_bytes()) if self.path.exists() and self.path.stat().st_size else []
+
+
+class MdaTarget:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        (directory / "copies").mkdir(parents=True)
+        self.script = directory / "deliver.sh"
+        self.script.write_text(MDA_SCRIPT)
+        self.script.chmod(0o755)
+
+    def deliver(self) -> dict[str, Any]:
+        return {"mda": [str(self.script)]}
+
+    def delivered(self) -> list[bytes]:
+        return [file.read_bytes() for file in sorted((self.directory / "copies").iterdir())]
+
+
+class DovecotLmtpTarget:
+    """Dovecot's own LMTP service, delivering into the Maildir of ``user``."""
+
+    def __init__(self, dovecot: DovecotServer, user: str) -> None:
+        self.dovecot = dovecot
+        self.user = user
+
+    def deliver(self) -> dict[str, Any]:
+        return {"lmtp": {"host": self.dovecot.host, "port": self.dovecot.lmtp_port, "recipients": [self.user],
+                         "timeout": "10s"}}
+
+    def delivered(self) -> list[bytes]:
+        return self.dovecot.messages(self.user)
+
+
+class ListTarget:
+    """Several destinations for every message (``deliver: [...]``); each must end up with every message."""
+
+    def __init__(self, parts: list[Target]) -> None:
+        self.parts = parts
+
+    def deliver(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return [part.deliver() for part in self.parts]
+
+    def delivered(self) -> list[bytes]:
+        """The first destination's copies (the audit's view); `copies_per_destination` checks them all."""
+        return self.parts[0].delivered()
+
+
+def copies_per_destination(target: Target) -> list[Counter[int | None]]:
+    parts = target.parts if isinstance(target, ListTarget) else [target]
+    return [Counter(corpus_number(data) for data in part.delivered()) for part in parts]
+
+
+KINDS = {"mbox": {}, "mda": {}, "lmtp": {}, "maildir, mda, smtp": {}, "maildir, mda, smtp with keep": {"keep": True}}
+
+
+@pytest.mark.parametrize("kind", [pytest.param(kind, marks=[pytest.mark.dovecot] if kind == "lmtp" else [])
+                                  for kind in KINDS])
+def test_sigkill_during_a_poll_to_each_destination_kind_and_to_a_list_loses_nothing_and_costs_one_copy_per_kill(
+        tmp_path: Path, kind: str, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]) -> None:
+    """After each kill and a final clean poll, every message is in every destination, with at most one extra copy
+    per destination per kill, and nothing is left on the server (everything, with keep)."""
+    account = KINDS[kind]
+    sinks: list[SMTPSink] = []
+    dovecot: DovecotServer | None = None
+    if kind == "lmtp":  # only this case needs (and starts) a Dovecot; the measuring run delivers to alice
+        dovecot = request.getfixturevalue("dovecot_factory")(tls=False)
+
+    def target(directory: Path) -> Target:
+        directory.mkdir(parents=True, exist_ok=True)
+        if kind == "mbox":
+            return MboxTarget(directory / "mbox")
+        if kind == "mda":
+            return MdaTarget(directory / "mda")
+        if dovecot is not None:
+            return DovecotLmtpTarget(dovecot, "alice" if directory.name == "measure" else "bob")
+        sink = SMTPSink()
+        sink.start()
+        sinks.append(sink)
+        return ListTarget([MaildirTarget(directory / "Maildir"), MdaTarget(directory / "mda"), SinkTarget(sink)])
+
+    messages = [corpus_message(n, body_lines=20 + (n * 37) % 300) for n in range(1, SMALL_MAILBOX + 1)]
+    tally = Tally()
+    chain: Chain | None = None
+    try:
+        measured = measure(tmp_path / "measure", target(tmp_path / "measure"), messages, **account)
+        chain = Chain(tmp_path / "chain", target(tmp_path / "chain"), messages, **account)
+        points = [(k + 0.5) / KILLS_PER_KIND for k in range(KILLS_PER_KIND)]
+        random.Random(f"{SEED}-{kind}").shuffle(points)
+        for point in points:
+            chain.run_killed_at(point, measured, tally)
+        audit = chain.finish(tally, keep=bool(account.get("keep")))
+        assert audit.on_server == (audit.numbers if account.get("keep") else ()), "the server's mailbox is wrong"
+        for index, copies in enumerate(copies_per_destination(chain.rig.target)):
+            missing = [n for n in audit.numbers if copies[n] == 0]
+            extra = sum(max(0, copies[n] - 1) for n in audit.numbers)
+            assert not missing, f"destination {index} never got messages {missing}"
+            assert extra <= tally.kills, f"destination {index}: {extra} extra copies after {tally.kills} kills"
+            tally.duplicates += extra
+    finally:
+        if chain is not None:
+            chain.server.stop()
+        for sink in sinks:
+            sink.stop()
+    with capsys.disabled():
+        print(f"\nkill test ({kind}): {tally.kills} kills ({tally.missed} polls ended first) in {tally.runs} runs; "
+              f"phases {dict(sorted(tally.phases.items()))}; lost {tally.lost}; extra copies {tally.duplicates}")
+    record_figures(request.node.nodeid, [], kills=tally.kills, faults=tally.kills, messages=tally.fates_checked,
+                   lost=tally.lost, duplicates=tally.duplicates)
+    assert tally.lost == 0
+    assert tally.kills >= KILLS_PER_KIND - 1, "the polls ended before their kill points: the test proves little"
