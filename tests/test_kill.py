@@ -115,7 +115,7 @@ class Chain:
     """One mailbox, one destination, one state directory; the child postbote runs against them again and again."""
 
     def __init__(self, directory: Path, target: Target, messages: list[bytes] | None = None,
-                 **account: object) -> None:
+                 **account: Any) -> None:
         self.server = POP3Server(mailbox() if messages is None else messages).start()
         self.rig = Rig(directory, self.server, target)
         self.config = self.rig.configure(timeout="10s", **account)
@@ -197,7 +197,7 @@ def new_target() -> Iterator[TargetFactory]:
         server.stop()
 
 
-def measure(directory: Path, target: Target, messages: list[bytes] | None = None, **account: object) -> Measured:
+def measure(directory: Path, target: Target, messages: list[bytes] | None = None, **account: Any) -> Measured:
     chain = Chain(directory, target, messages, **account)
     try:
         startup = run_postbote(chain.config, "check", timeout=60).duration
@@ -322,7 +322,8 @@ def copies_per_destination(target: Target) -> list[Counter[int | None]]:
     return [Counter(corpus_number(data) for data in part.delivered()) for part in parts]
 
 
-KINDS = {"mbox": {}, "mda": {}, "lmtp": {}, "maildir, mda, smtp": {}, "maildir, mda, smtp with keep": {"keep": True}}
+KINDS: dict[str, dict[str, Any]] = {"mbox": {}, "mda": {}, "lmtp": {}, "maildir, mda, smtp": {},
+                                    "maildir, mda, smtp with keep": {"keep": True}}
 
 
 @pytest.mark.parametrize("kind", [pytest.param(kind, marks=[pytest.mark.dovecot] if kind == "lmtp" else [])
@@ -348,7 +349,8 @@ def test_sigkill_during_a_poll_to_each_destination_kind_and_to_a_list_loses_noth
         sink = SMTPSink()
         sink.start()
         sinks.append(sink)
-        return ListTarget([MaildirTarget(directory / "Maildir"), MdaTarget(directory / "mda"), SinkTarget(sink)])
+        parts: list[Target] = [MaildirTarget(directory / "Maildir"), MdaTarget(directory / "mda"), SinkTarget(sink)]
+        return ListTarget(parts)  # type: ignore[return-value]
 
     messages = [corpus_message(n, body_lines=20 + (n * 37) % 300) for n in range(1, SMALL_MAILBOX + 1)]
     tally = Tally()

@@ -75,7 +75,7 @@ class Ledger:
                 ident = ident_of(data)
                 sent = self.sent.get(ident) if ident is not None else None
                 if sent is not None and canonical(data) == sent.canonical:
-                    counts[ident] += 1
+                    counts[sent.ident] += 1
                 elif destination.kind is Kind.MDA and kills_so_far and sent is not None and \
                         sent.canonical.startswith(canonical(data)):
                     partial += 1

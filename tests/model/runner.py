@@ -207,7 +207,7 @@ class CaseRun:
         self.destinations = [Destination.create(kind, i, directory / f"dest{i}-{kind.value}")
                              for i, kind in enumerate(case.destinations)]
         self.server = POP3Server([], lock_timeout=2.0).start()
-        self.rig = Rig(directory / "rig", self.server, _NoTarget())
+        self.rig = Rig(directory / "rig", self.server, _NoTarget())  # type: ignore[arg-type]
         self.ledger = Ledger(self.destinations, case.keep)
         self.pieces: dict[int, tuple[str, ...]] = {}
         self.kills = 0
