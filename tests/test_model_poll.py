@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, note, settings
 
+from tests.model.destinations import Kind, Outcome
 from tests.model.ledger import InvariantBroken
-from tests.model.plan import Case, cases
+from tests.model.plan import Arrival, Case, InjectedFault, MessageSpec, PollPlan, ServerFault, cases
 from tests.model.runner import TALLY, CaseRun
 
 EXAMPLES = int(os.environ.get("POSTBOTE_MODEL_EXAMPLES", "150"))
@@ -48,19 +49,61 @@ def summary(request: pytest.FixtureRequest) -> Iterator[None]:
             reporter.write_line(f"  {count:6d}  {name}")
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
-@given(case=cases())
-def test_whatever_the_server_destinations_state_store_and_crashes_do_no_mail_is_lost_duplicated_or_stuck(
-        case: Case) -> None:
+def run_case(case: Case) -> None:
     TALLY["cases"] += 1
-    note(case.describe())
     with tempfile.TemporaryDirectory(prefix="model-") as scratch:
         run = CaseRun(case, Path(scratch))
         try:
             run.run()
         except InvariantBroken as broken:
             raise type(broken)(f"{broken}\n--- case ---\n{case.describe()}\n--- polls ---\n"
-                                  + "\n".join(run.log)) from None
+                               + "\n".join(run.log)) from None
         finally:
             run.close()
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(case=cases())
+def test_whatever_the_server_destinations_state_store_and_crashes_do_no_mail_is_lost_duplicated_or_stuck(
+        case: Case) -> None:
+    note(case.describe())
+    run_case(case)
+
+
+# The paths of issue 11 that the model finds on 206c887, as regular cases (shrunk by hand from what it printed).
+TWO = (MessageSpec(("text",)), MessageSpec(("dot line", "8-bit")))
+KNOWN_PATHS = {
+    "several destinations after a Maildir, the MDA deferring: no copy per poll (item 4)": Case(
+        TWO, (Kind.MAILDIR, Kind.MBOX, Kind.MDA), keep=False, raw_line_endings=False,
+        polls=(PollPlan(destination_outcomes=((), (), (Outcome.TEMPORARY,) * 2)),) * 3),
+    "the same after SMTP (item 4)": Case(
+        TWO, (Kind.MAILDIR, Kind.SMTP, Kind.MDA), keep=False, raw_line_endings=False,
+        polls=(PollPlan(destination_outcomes=((), (), (Outcome.TEMPORARY,) * 2)),) * 3),
+    "a locked state database: no copy per poll (item 5)": Case(
+        TWO, (Kind.MDA,), keep=False, raw_line_endings=False, polls=(PollPlan(state_locked_at=0),) * 3),
+    "one empty listing with keep: nothing delivered again (item 6)": Case(
+        TWO, (Kind.MAILDIR,), keep=True, raw_line_endings=False,
+        polls=(PollPlan(), PollPlan(server_faults=(InjectedFault(ServerFault.EMPTY_LISTING, "UIDL"),)))),
+    "+OK to QUIT without committing: nothing delivered again (item 7)": Case(
+        TWO, (Kind.SMTP,), keep=False, raw_line_endings=False,
+        polls=(PollPlan(server_faults=(InjectedFault(ServerFault.QUIT_WITHOUT_COMMIT, "QUIT"),)),)),
+    "a stray line after a message: the session ends, nothing deleted unread (item 1)": Case(
+        TWO + (MessageSpec(("text",)),), (Kind.MAILDIR,), keep=False, raw_line_endings=False,
+        polls=(PollPlan(server_faults=(InjectedFault(ServerFault.STRAY_LINE, "RETR"),)),)),
+    "garbage instead of a RETR reply is not an -ERR (item 1)": Case(
+        TWO, (Kind.MAILDIR,), keep=False, raw_line_endings=False,
+        polls=(PollPlan(server_faults=(InjectedFault(ServerFault.GARBAGE, "RETR"),)),)),
+    "a bare-LF dot line from a server stuffing only after CRLF (item 2)": Case(
+        (MessageSpec(("text", "bare LF dot", "text")),), (Kind.MAILDIR,), keep=False, raw_line_endings=True,
+        polls=(PollPlan(server_faults=(InjectedFault(ServerFault.LENIENT_STUFFING, "RETR"),)),)),
+    "a new message at a reused UID after a lost QUIT reply is not deleted unread (item 3)": Case(
+        (MessageSpec(("text",)),), (Kind.MAILDIR,), keep=False, raw_line_endings=False,
+        polls=(PollPlan(server_faults=(InjectedFault(ServerFault.QUIT_REPLY_LOST, "QUIT"),)),
+               PollPlan(arrivals=(Arrival(("text",), reuse_uid_of=0),)))),
+}
+
+
+@pytest.mark.parametrize("case", KNOWN_PATHS.values(), ids=KNOWN_PATHS.keys())
+def test_the_loss_and_duplicate_paths_of_issue_11_stay_closed(case: Case) -> None:
+    run_case(case)
