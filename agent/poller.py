@@ -23,6 +23,7 @@ import structlog
 
 from agent import pipeline
 from agent.config import Account
+from agent.credentials import redact
 from agent.digest import header_block_digest
 from agent.errors import AccountError, DeliveryError, PluginError, PostboteError, StateError
 from agent.login import AuthSettings, login
@@ -167,7 +168,7 @@ class Poller:
             try:
                 self._session(account, stats, poll)
             except PostboteError as exc:
-                stats.error = str(exc)
+                stats.error = redact(str(exc))  # kept in the state store and shown by `status`
                 log.error("account.failed", error=stats.error, error_type=type(exc).__name__)
                 self._notify("account_error", account=account, error=exc)
             finally:
@@ -409,18 +410,19 @@ class AccountSession:
 
     def failed(self, message: Message, error: PostboteError, *, temporary: bool) -> None:
         self.stats.left += 1
+        reason = redact(str(error))  # a server may quote what it was sent
         facts: dict[str, Any] = {"size": message.size, "message_id": message.message_id}
         if isinstance(error, PluginError):
             facts["plugin"] = error.plugin
         if temporary:
             self.stats.deferred += 1
-            log.warning("message.deferred", reason=str(error), **facts)
+            log.warning("message.deferred", reason=reason, **facts)
         else:
             self.stats.rejected += 1
-            log.error("message.rejected", reason=str(error), **facts)
+            log.error("message.rejected", reason=reason, **facts)
         try:
             self.poller.store.record(self.account.name, message.uid, DEFERRED if temporary else REJECTED,
-                                     reason=str(error), message_id=message.message_id, size=message.server_size)
+                                     reason=reason, message_id=message.message_id, size=message.server_size)
         except StateError as exc:
             log.error("state.outcome_not_recorded", error=str(exc),
                       reason="the message stays on the server and is tried again")
