@@ -40,13 +40,15 @@ def summary(request: pytest.FixtureRequest) -> Iterator[None]:
     TALLY.clear()
     yield
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None:
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
         return
-    reporter.write_line("")
-    reporter.write_line(f"model test: {TALLY['cases']} cases, {TALLY['polls']} polls; exercised:")
-    for name, count in sorted(TALLY.items()):
-        if name not in ("cases", "polls") and count:
-            reporter.write_line(f"  {count:6d}  {name}")
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("")
+        reporter.write_line(f"model test: {TALLY['cases']} cases, {TALLY['polls']} polls; exercised:")
+        for name, count in sorted(TALLY.items()):
+            if name not in ("cases", "polls") and count:
+                reporter.write_line(f"  {count:6d}  {name}")
 
 
 def run_case(case: Case) -> None:
