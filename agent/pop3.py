@@ -506,6 +506,9 @@ class POP3Client:
     def _read_reply_line(self, limit: int = MAX_REPLY_LINE) -> bytes:
         line = self._readline(limit + 1)
         self._check_complete(line, limit)
+        if self.line_ending is LineEnding.CRLF and not line.endswith(b"\r\n"):
+            raise POP3ProtocolError(f"{self.host}: a reply line ends in a bare LF {self._doing}, but this server ends "
+                                    f"its lines in CRLF: {line[:100]!r}", line[:100].decode("latin-1"))
         return line.rstrip(b"\r\n")
 
     def _expect_ok(self, *, auth: bool = False) -> str:

@@ -1,0 +1,307 @@
+"""A framing fuzzer for the POP3 client, driven through the real poller (issue 11, "How we test from now on").
+
+Each case renders what a well-behaved server would send to postbote's commands (greeting, CAPA, USER, PASS,
+UIDL, LIST, RETR of each message, DELE of each, QUIT) for a few random messages (dot lines, bare CR and LF, NUL,
+8-bit), applies one or two random byte-level mutations (flip, insert, delete, duplicate a line, truncate, a stray
+line, a changed terminator), and plays it to a real `Poller` through a fake socket: each reply is released only
+when its command has been sent (as from a real server), in random chunk sizes; a read with nothing left to
+release times out at once, so no case can hang.
+
+The property: a ``DELE n`` is only ever sent for message n when the Maildir holds, byte for byte, either message n
+as the server had it or exactly what the (mutated) reply to ``RETR n`` carried as one well-formed reply; and QUIT,
+which commits the deletions, only then. Anything else means the client took another reply's data for message n.
+
+CI runs ``POSTBOTE_FUZZ_EXAMPLES`` cases (default 300); a soak::
+
+    POSTBOTE_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/test_fuzz_pop3_framing.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import hypothesis
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
+
+from agent.config import load_config
+from agent.pluginmanager import make_plugin_manager
+from agent.poller import Poller
+from agent.state import StateStore
+
+EXAMPLES = int(os.environ.get("POSTBOTE_FUZZ_EXAMPLES", "300"))
+CRLF = b"\r\n"
+
+
+# --- the messages and what a good server sends -------------------------------------------------------------
+
+_pieces = st.sampled_from([b".", b"..", b"\r\n", b"\n", b"\r", b"\x00", b"\xff\xfe", b"a", b"text ", b"\r\n.\r\n",
+                           b"\n.\n", b"+OK", b"-ERR", b" "])
+bodies = st.lists(_pieces, max_size=30).map(b"".join) | st.binary(max_size=80)
+
+
+def message_of(number: int, body: bytes) -> bytes:
+    """A message as the server sends it (ending in CRLF, as RFC 1939 servers make it)."""
+    data = b"Subject: fuzz %d\r\nMessage-ID: <fuzz-%d@postbote.test>\r\n\r\n" % (number, number) + body
+    return data if data.endswith(CRLF) else data + CRLF
+
+
+def stuffed(data: bytes) -> bytes:
+    """RFC 1939 byte-stuffing of CRLF lines (a bare LF is data) and the terminator."""
+    return re.sub(rb"(\A|\r\n)\.", rb"\1..", data) + b".\r\n"
+
+
+@dataclass
+class Segment:
+    command: str  # the command whose reply this is ("" for the greeting)
+    data: bytes
+    message: int | None = None  # for a RETR reply: the message number
+
+
+def transcript(messages: list[bytes], pipelining: bool) -> list[Segment]:
+    capabilities = ["USER", "UIDL", "TOP", *(["PIPELINING"] if pipelining else [])]
+    segments = [Segment("", b"+OK fuzz server ready\r\n"),
+                Segment("CAPA", b"+OK\r\n" + b"".join(c.encode() + CRLF for c in capabilities) + b".\r\n"),
+                Segment("USER", b"+OK\r\n"), Segment("PASS", b"+OK logged in\r\n"),
+                Segment("UIDL", b"+OK\r\n" + b"".join(b"%d uid-%d\r\n" % (n, n) for n in range(1, len(messages) + 1))
+                        + b".\r\n"),
+                Segment("LIST", b"+OK\r\n" + b"".join(b"%d %d\r\n" % (n, len(m)) for n, m in enumerate(messages, 1))
+                        + b".\r\n")]
+    segments += [Segment(f"RETR {n}", b"+OK %d octets\r\n" % len(m) + stuffed(m), n) for n, m in enumerate(messages, 1)]
+    segments += [Segment(f"DELE {n}", b"+OK marked\r\n") for n in range(1, len(messages) + 1)]
+    segments.append(Segment("QUIT", b"+OK bye\r\n"))
+    return segments
+
+
+# --- mutations ---------------------------------------------------------------------------------------------
+
+STRAYS = [b"\r\n", b"\n", b".\r\n", b"+OK\r\n", b"-ERR stray\r\n", b"+OK 12 octets\r\n", b"garbage\r\n", b"\x00",
+          b"\r\n.\r\n", b"..\r\n"]
+
+
+def mutate(segments: list[Segment], rng: random.Random) -> str:
+    """Apply one mutation in place; returns what it did (shown when a case fails)."""
+    index = rng.randrange(len(segments))
+    segment = segments[index]
+    data = segment.data
+    at = rng.randrange(len(data) + 1)
+    kind = rng.choice(["flip", "insert", "delete", "duplicate line", "truncate", "stray line", "terminator"])
+    if kind == "flip" and data:
+        at = min(at, len(data) - 1)
+        segment.data = data[:at] + bytes([data[at] ^ (1 << rng.randrange(8))]) + data[at + 1:]
+    elif kind == "insert":
+        segment.data = data[:at] + rng.choice(STRAYS + [bytes(rng.randrange(256) for _ in range(3))]) + data[at:]
+    elif kind == "delete":
+        segment.data = data[:at] + data[at + rng.randrange(1, 8):]
+    elif kind == "duplicate line":
+        lines = data.split(CRLF)
+        line = rng.randrange(len(lines))
+        lines.insert(line, lines[line])
+        segment.data = CRLF.join(lines)
+    elif kind == "truncate":
+        segment.data = data[:at]
+        del segments[index + 1:]
+    elif kind == "stray line":
+        segment.data = data + rng.choice(STRAYS)
+    elif kind == "terminator" and data.endswith(b".\r\n"):
+        segment.data = data[:-3] + rng.choice([b".\n", b".\r", b".", b"\n.\r\n", b".\r\n\r\n", b". \r\n"])
+    return f"{kind} in the reply to {segment.command or 'greeting'!r} at {at}"
+
+
+def decoded(segment: Segment) -> bytes | None:
+    """The message a RETR reply carries when it is exactly one well-formed reply (+OK, stuffed CRLF lines, the
+    terminator, nothing after), else None."""
+    data = segment.data
+    status_end = data.find(CRLF)
+    if status_end == -1 or not re.fullmatch(rb"\+OK([ \t].*)?", data[:status_end], re.DOTALL):
+        return None
+    rest = data[status_end + 2:]
+    if rest == b".\r\n":
+        return b""
+    if not rest.endswith(b"\r\n.\r\n") or b"\r\n.\r\n" in rest[:-3] or rest.startswith(b".\r\n"):
+        return None
+    body = rest[:-3]
+    if re.search(rb"(\A|\r\n)\.[\r\n]", body):
+        return None
+    body = body[1:] if body.startswith(b"..") else body
+    return body.replace(b"\r\n..", b"\r\n.")
+
+
+# --- the fake connection -------------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeServer:
+    """Releases the reply to each command when the command arrives (the next unused reply for that command; -ERR
+    for a command the transcript has no reply for; end of stream once a truncated transcript ran out), and
+    records what the client sent."""
+
+    segments: list[Segment]
+    rng: random.Random
+    truncated: bool = False
+    sent: bytearray = field(default_factory=bytearray)
+    commands: list[str] = field(default_factory=list)
+    released: bytearray = field(default_factory=bytearray)
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        self.unused = list(self.segments)
+        self._release("")  # the greeting
+
+    def _release(self, command: str) -> None:
+        keyword = command.split(" ")[0] if command.split(" ")[0] in ("USER", "PASS") else command
+        for segment in self.unused:
+            if segment.command == keyword:
+                self.unused.remove(segment)
+                self.released += segment.data
+                return
+        if self.truncated:
+            self.closed = True
+        else:
+            self.released += b"-ERR no reply scripted for this command\r\n"
+
+    def sendall(self, data: bytes) -> None:
+        self.sent += data
+        while (end := self.sent.find(CRLF)) != -1:
+            command = bytes(self.sent[:end]).decode("latin-1")
+            del self.sent[:end + 2]
+            self.commands.append(command)
+            if not self.closed:
+                self._release(command)
+
+    def recv(self, size: int) -> bytes:
+        if not self.released:
+            if self.closed:
+                return b""  # the server closed the connection
+            raise TimeoutError("nothing to send until the next command")  # the client's timeout, at once
+        count = min(size, len(self.released), self.rng.choice([1, 2, 3, 7, 64, 1 << 20]))
+        chunk = bytes(self.released[:count])
+        del self.released[:count]
+        return chunk
+
+
+class FakeSocket:
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
+        self.timeout: float | None = None
+
+    def setsockopt(self, *args: Any) -> None:
+        pass
+
+    def settimeout(self, value: float | None) -> None:
+        self.timeout = value
+
+    def gettimeout(self) -> float | None:
+        return self.timeout
+
+    def sendall(self, data: bytes) -> None:
+        self.server.sendall(data)
+
+    def recv(self, size: int) -> bytes:
+        return self.server.recv(size)
+
+    def close(self) -> None:
+        pass
+
+
+@contextmanager
+def connected_to(server: FakeServer) -> Iterator[None]:
+    with mock.patch.object(socket, "create_connection", lambda *args, **kwargs: FakeSocket(server)):
+        yield
+
+
+# --- one poll -----------------------------------------------------------------------------------------------------
+
+
+def poll(directory: Path, server: FakeServer) -> list[bytes]:
+    """Poll the fake server with the real poller into a Maildir; the delivered messages, less postbote's trace
+    field, with CRLF as the Maildir stores it (LF)."""
+    maildir = directory / "Maildir"
+    config = directory / "postbote.yaml"
+    config.write_text(yaml.safe_dump({
+        "state_dir": str(directory / "state"), "log": {"level": "error"},
+        "accounts": [{"name": "fuzz", "host": "127.0.0.1", "port": 110, "tls": "none", "username": "demo",
+                      "password": "demo", "timeout": "1s", "deliver": {"maildir": str(maildir)}}]}))
+    config.chmod(0o600)
+    pm = make_plugin_manager(entry_points=False)
+    account = load_config(config, pm).accounts[0]
+    store = StateStore(directory / "state")
+    try:
+        with connected_to(server):
+            Poller(pm, store).poll(account)
+    finally:
+        store.close()
+    return [without_trace_field(path.read_bytes()) for sub in ("new", "cur") if (maildir / sub).is_dir()
+            for path in sorted((maildir / sub).iterdir())]
+
+
+def without_trace_field(delivered: bytes) -> bytes:
+    end = 0
+    while not delivered[:end].rstrip(b"\r\n").endswith(b";"):
+        end = delivered.index(b"\n", end) + 1
+    return delivered[delivered.index(b"\n", end) + 1:]
+
+
+def on_disk(data: bytes) -> bytes:
+    return data.replace(CRLF, b"\n")
+
+
+# --- the property --------------------------------------------------------------------------------------------------
+
+cases = st.tuples(st.lists(bodies, min_size=1, max_size=4), st.booleans(), st.integers(min_value=0, max_value=2),
+                  st.integers(min_value=0, max_value=2**32))
+
+
+def note(text: str) -> None:
+    """Shown with a failing case (printed outside hypothesis, where pytest shows it on failure)."""
+    if currently_in_test_context():
+        hypothesis.note(text)
+    else:
+        print(text)
+
+
+def run_case(messages_bodies: list[bytes], pipelining: bool, mutations: int, seed: int) -> None:
+    rng = random.Random(seed)
+    messages = [message_of(n, body) for n, body in enumerate(messages_bodies, 1)]
+    segments = transcript(messages, pipelining)
+    done = [mutate(segments, rng) for _ in range(mutations)]
+    note(f"mutations: {done}")
+    server = FakeServer(segments, rng, truncated=any(kind.startswith("truncate") for kind in done))
+    with tempfile.TemporaryDirectory() as scratch:
+        delivered = poll(Path(scratch), server)
+    note(f"commands: {server.commands}")
+    replies = {segment.message: decoded(segment) for segment in segments if segment.message is not None}
+    for command in server.commands:
+        if not command.startswith("DELE "):
+            continue
+        number = int(command.split()[1])
+        allowed = {on_disk(messages[number - 1])}
+        if (reply := replies.get(number)) is not None:
+            allowed.add(on_disk(reply))
+        assert allowed & set(delivered), f"DELE {number} sent, but its message never reached the Maildir whole"
+    if not done:
+        assert "QUIT" in server.commands and sorted(delivered) == sorted(on_disk(m) for m in messages)
+
+
+def test_an_unmutated_transcript_delivers_everything_and_quits() -> None:
+    """The harness itself: a good server's transcript is a clean poll (else the fuzzer proves nothing)."""
+    run_case([b"one\r\n", b".dot\r\n..two\r\n", b"bare\nlf\n.\nx"], True, 0, 1)
+    run_case([b"one\r\n", b"\x00\xff\r\n"], False, 0, 2)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, print_blob=True)
+@given(cases)
+def test_a_dele_is_only_sent_for_a_message_whose_exact_bytes_were_delivered(case: tuple[Any, ...]) -> None:
+    run_case(*case)
