@@ -112,10 +112,9 @@ def _print_error(exc: PostboteError, out: TextIO | None = None) -> None:
 
 def _redacted(text: str) -> str:
     """``text`` without any secret postbote knows of: an error message may quote what a server or a command said."""
-    from agent import credentials
+    from agent.credentials import redact  # imported on the error path only: start-up stays lean
 
-    redact = getattr(credentials, "redact", None)  # added by issue 11; absent in older trees
-    return redact(text) if callable(redact) else text
+    return redact(text)
 
 
 def load_setup(args: argparse.Namespace) -> tuple[PluginManager, Config]:

@@ -134,8 +134,7 @@ def _where(exc: BaseException) -> str:
 
 
 def _redacted(text: str) -> str:
-    """``text`` without the secrets postbote knows of (once `agent.credentials.redact` exists)."""
-    from agent import credentials
+    """``text`` without the secrets postbote knows of: an exception's text may quote a password."""
+    from agent.credentials import redact
 
-    redact = getattr(credentials, "redact", None)
-    return redact(text) if callable(redact) else text
+    return redact(text)

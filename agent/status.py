@@ -20,15 +20,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
-from agent.config import Account, Config
+from agent.config import DEFAULT_STALE_AFTER, Account, Config
 from agent.errors import StateError
-from agent.state import PollRecord, StateStore, read_lock_holder
+from agent.state import PollRecord, StateStore, Status, WaitingMessage, read_lock_holder
 
 EXIT_OK, EXIT_FAILED = 0, 1
 SHOWN_COUNTS = ("delivered", "dropped", "deferred", "rejected", "left")
-DEFAULT_STALE_AFTER = 3600.0
 MAX_WAITING_SHOWN = 20  # per account in the text output; --json lists every one
 
 
@@ -38,41 +37,6 @@ class Outcome(enum.StrEnum):
     OK = "ok"
     FAILED = "failed"
     NEVER_POLLED = "never polled"
-
-
-class WaitingState(enum.StrEnum):
-    """Why a message is still on the server (the values of `agent.state.Status` for these two)."""
-
-    DEFERRED = "deferred"  # a temporary failure: tried again on every poll
-    REJECTED = "rejected"  # a permanent refusal: tried again only after `postbote retry`
-
-
-class WaitingRecord(Protocol):
-    """What `StateStore.waiting` returns for each message (`agent.state.WaitingMessage`)."""
-
-    uid: str
-    status: str
-    reason: str
-    since: float
-    attempts: int
-    size: int | None
-    message_id: str | None
-
-
-@dataclass(frozen=True)
-class WaitingMessage:
-    uid: str
-    status: WaitingState
-    reason: str
-    since: float  # when it first failed (Unix time)
-    attempts: int
-    size: int | None
-    message_id: str | None
-
-    @classmethod
-    def of(cls, record: WaitingRecord) -> WaitingMessage:
-        return cls(record.uid, WaitingState(str(record.status)), record.reason, record.since, record.attempts,
-                   record.size, record.message_id)
 
 
 @dataclass(frozen=True)
@@ -89,11 +53,10 @@ class WaitingSummary:
         return self.deferred + self.rejected
 
     @classmethod
-    def of(cls, messages: Iterable[WaitingRecord | WaitingMessage], *, now: float,
-           stale_after: float) -> WaitingSummary:
+    def of(cls, messages: Iterable[WaitingMessage], *, now: float, stale_after: float) -> WaitingSummary:
         messages = list(messages)
-        statuses = [str(message.status) for message in messages]
-        return cls(deferred=statuses.count(WaitingState.DEFERRED), rejected=statuses.count(WaitingState.REJECTED),
+        statuses = [message.status for message in messages]
+        return cls(deferred=statuses.count(Status.DEFERRED), rejected=statuses.count(Status.REJECTED),
                    stale=sum(1 for message in messages if now - message.since > stale_after),
                    oldest=min((message.since for message in messages), default=None))
 
@@ -109,15 +72,12 @@ class WaitingSummary:
 
 def stale_after(account: Account) -> float:
     """Seconds a message may wait before its account is called stale (``stale_after``, one hour by default)."""
-    return float(getattr(account, "stale_after", DEFAULT_STALE_AFTER))
+    return float(account.stale_after)
 
 
 def waiting_messages(store: StateStore, account: str) -> list[WaitingMessage]:
     """The account's deferred and rejected messages, longest waiting first."""
-    read = getattr(store, "waiting", None)
-    if read is None:  # a state module from before issue 11
-        return []
-    return sorted((WaitingMessage.of(record) for record in read(account)), key=lambda m: (m.since, m.uid))
+    return sorted(store.waiting(account), key=lambda message: (message.since, message.uid))
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from agent import settings as s
 from agent.config import Account, Config
 from agent.errors import ConfigError, PostboteError
 from agent.settings import Node, Problems, Section
-from agent.state import PollRecord, StateStore
-from agent.status import WaitingMessage, WaitingSummary, stale_after, waiting_messages
+from agent.state import PollRecord, StateStore, WaitingMessage
+from agent.status import WaitingSummary, stale_after, waiting_messages
 
 if TYPE_CHECKING:
     from http.server import ThreadingHTTPServer
