@@ -134,13 +134,18 @@ def test_status_reads_without_leaving_files_behind(tmp_path: Path, capsys) -> No
 
 
 def test_status_reads_a_database_from_an_older_version(tmp_path: Path, capsys) -> None:
+    """The tables an older daemon wrote (no poll counters, no since/attempts per message), read while it runs."""
     state = tmp_path / "state"
     state.mkdir()
     db = sqlite3.connect(state / "postbote.sqlite3")
     db.executescript("""CREATE TABLE polls (account TEXT PRIMARY KEY, finished REAL NOT NULL, ok INTEGER NOT NULL,
-        duration REAL NOT NULL, counts TEXT NOT NULL, error TEXT, last_success REAL, totals TEXT NOT NULL);""")
+        duration REAL NOT NULL, counts TEXT NOT NULL, error TEXT, last_success REAL, totals TEXT NOT NULL);
+        CREATE TABLE messages (account TEXT NOT NULL, uid TEXT NOT NULL, status TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '', message_id TEXT, size INTEGER, updated REAL NOT NULL,
+        PRIMARY KEY (account, uid));""")
     db.execute("INSERT INTO polls VALUES ('bob', ?, 1, 0.5, '{\"delivered\": 3}', NULL, ?, '{\"delivered\": 9}')",
                (time.time(), time.time()))
+    db.execute("INSERT INTO messages VALUES ('bob', 'u7', 'delivered', '', '<7@x>', 10, ?)", (time.time(),))
     db.commit()
     db.close()
     config = write_config(tmp_path / "postbote.yaml", [account("bob", None, tmp_path / "Maildir")])
