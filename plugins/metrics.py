@@ -213,8 +213,9 @@ def _http_server(address: tuple[str, int], render_metrics: Callable[[], str]) ->
 class MetricsExporter:
     """The metrics of the accounts that enable the plugin, written to their textfiles and served on their ports."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
         self.state_dir = config.state_dir
+        self._clock = clock
         self.textfiles: dict[Path, list[str]] = {}
         self.listeners: dict[tuple[str, int], list[str]] = {}
         for account in config.accounts:
@@ -267,7 +268,7 @@ class MetricsExporter:
 
     def render(self, accounts: list[str]) -> str:
         """The metrics of ``accounts``; staleness is judged now, so a scrape sees mail turn stale between polls."""
-        now = time.time()
+        now = self._clock()
         with self._lock:
             waiting = {name: WaitingSummary.of(messages, now=now, stale_after=stale_after(self._accounts[name]))
                        for name, messages in self._waiting.items()}

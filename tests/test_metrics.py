@@ -219,3 +219,24 @@ def test_textfile_shows_the_messages_a_failing_destination_left_waiting(tmp_path
     assert 'postbote_messages_waiting{account="alice",state="deferred"} 2' in text
     assert 'postbote_messages_waiting{account="alice",state="rejected"} 0' in text
     assert 'postbote_messages_stale{account="alice"} 0' in text  # written right after the poll: not yet stale
+
+
+def test_a_scrape_sees_mail_turn_stale_between_polls(tmp_path: Path) -> None:
+    config = load(tmp_path, {"listen": f"127.0.0.1:{free_port()}"}, account("alice", None, tmp_path / "Maildir"))
+    store = StateStore(config.state_dir)
+    try:
+        store.record_poll("alice", ok=True, duration=0.1, counts={}, error=None)
+        store.record("alice", "u1", "deferred", reason="451 4.3.0 try later", size=10)
+        (waiting,) = store.waiting("alice")
+    finally:
+        store.close()
+    now = waiting.since + 60
+    exporter = metrics.MetricsExporter(config, clock=lambda: now)
+    try:
+        exporter.refresh("alice")
+        assert 'postbote_messages_stale{account="alice"} 0' in exporter.render(["alice"])
+        now = waiting.since + 3601  # an hour later, with no poll in between (the server has been down)
+        assert 'postbote_messages_stale{account="alice"} 1' in exporter.render(["alice"])
+        assert 'postbote_messages_waiting{account="alice",state="deferred"} 1' in exporter.render(["alice"])
+    finally:
+        exporter.close()
