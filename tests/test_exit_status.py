@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.servers import free_port
 from tests.servers.dovecot import DovecotServer
 from tests.servers.faulty_smtp import FaultySMTP
 from tests.test_end_to_end import Postbote, make_message, uidls
@@ -210,3 +211,14 @@ def test_messages_left_on_purpose_keep_the_exit_status_0(
     assert second.status == 0, second.text
     assert uidls(dovecot, USER) == mailbox and files_in(tmp_path / "Maildir") == len(SUBJECTS)
     assert observe(postbote).text.status == 0
+
+
+def test_spamd_down_with_on_error_keep_defers_every_message(
+        postbote: Postbote, dovecot: DovecotServer, mailbox: list[str], tmp_path: Path) -> None:
+    maildir = tmp_path / "Maildir"
+    scanner = {"spamassassin": {"host": "127.0.0.1", "port": free_port(), "timeout": "2s", "on_error": "keep"}}
+    configure(postbote, dovecot, {"maildir": str(maildir)}, plugins=scanner)
+    assert run(postbote, "poll").status == 1
+    assert_waiting(observe(postbote), mailbox, "deferred", "spamassassin")
+    configure(postbote, dovecot, {"maildir": str(maildir)})  # the admin turns the scanner off until spamd is back
+    assert_recovers(postbote, dovecot, lambda: files_in(maildir))
