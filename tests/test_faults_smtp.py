@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from agent.errors import ConfigError
 from agent.state import DELIVERED
-from tests.conftest import DovecotFactory
+from tests.conftest import DovecotFactory, SinkFactory
 from tests.servers.faulty_smtp import DROP, FaultySMTP, Stall
 from tests.servers.smtp_sink import SMTPSink
 from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401 - the shared fixtures
@@ -396,15 +396,6 @@ def crlf_with_final_line_break(data: bytes) -> bytes:
 UTF8_SENDER = "jörg@example.de"
 
 
-def without_smtputf8(sink: SMTPSink) -> SMTPSink:
-    """The sink as an MTA that does not offer SMTPUTF8 (it then takes only ASCII commands).
-
-    SMTPSink has no switch for it, so the keyword its aiosmtpd controller hands to each new session is changed:
-    the sessions of this test's polls start after it."""
-    sink._controller.SMTP_kwargs["enable_SMTPUTF8"] = False
-    return sink
-
-
 def with_return_path(data: bytes, sender: str) -> bytes:
     return f"Return-Path: <{sender}>\r\n".encode() + data
 
@@ -412,8 +403,9 @@ def with_return_path(data: bytes, sender: str) -> bytes:
 @pytest.mark.parametrize(("fallback", "expected_sender"),
                          [(None, "<>"), ("bounces@example.org", "bounces@example.org")])
 def test_a_non_ascii_return_path_to_an_mta_without_smtputf8_is_sent_with_the_fallback_sender(
-        make_rig: RigFactory, smtp_sink: SMTPSink, fallback: str | None, expected_sender: str) -> None:
-    target = SinkTarget(without_smtputf8(smtp_sink))
+        make_rig: RigFactory, smtp_sink_factory: SinkFactory, fallback: str | None, expected_sender: str) -> None:
+    smtp_sink = smtp_sink_factory(smtputf8=False)
+    target = SinkTarget(smtp_sink)
     options = target.deliver()
     if fallback is not None:
         options["smtp"]["fallback_sender"] = fallback

@@ -146,9 +146,11 @@ class SMTPSink:
         line_length_limit: int = DEFAULT_LINE_LENGTH_LIMIT,
         data_size_limit: int = DEFAULT_DATA_SIZE_LIMIT,
         hostname: str = "sink.test",
+        smtputf8: bool = True,
     ) -> None:
         """*tls_context* (a server context) makes the sink offer STARTTLS;
-        *require_starttls* makes it refuse mail before STARTTLS."""
+        *require_starttls* makes it refuse mail before STARTTLS; ``smtputf8=False`` makes it an MTA without
+        SMTPUTF8 (it then takes only ASCII commands)."""
         self.port = free_port()
         self.starttls = tls_context is not None
         self._lock = threading.Condition()
@@ -165,7 +167,7 @@ class SMTPSink:
             # Without this aiosmtpd calls socket.getfqdn(), which can hang on DNS.
             server_hostname=hostname,
             decode_data=False,
-            enable_SMTPUTF8=True,
+            enable_SMTPUTF8=smtputf8,
             data_size_limit=data_size_limit,
             tls_context=tls_context,
             require_starttls=require_starttls,
