@@ -146,7 +146,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "retry":
         from agent.state import StateStore
 
-        store = StateStore(config.state_dir)
+        store = StateStore(config.state_dir, busy_timeout=config.state_busy_timeout)
         try:
             return retry(config, store, args.account, args.uids)
         finally:
@@ -169,7 +169,7 @@ def run_daemon(args: argparse.Namespace, pm: PluginManager, config: Config) -> i
 
     notifier = Notifier.from_environment()
     with StateLock(config.state_dir, role="daemon"):
-        store = StateStore(config.state_dir)
+        store = StateStore(config.state_dir, busy_timeout=config.state_busy_timeout)
         try:
             daemon = Daemon(pm, config, store, load=lambda: load_setup(args),
                             on_reload=lambda new: apply_logging(args, new), notifier=notifier)
@@ -208,7 +208,7 @@ def poll_command(pm: PluginManager, config: Config, names: Sequence[str]) -> int
             raise
         return ask_daemon_to_poll(holder.pid, config, names)
     try:
-        store = StateStore(config.state_dir)
+        store = StateStore(config.state_dir, busy_timeout=config.state_busy_timeout)
         try:
             with configured(pm, config), progress_shown(pm):
                 return poll(pm, config, store, names)

@@ -165,19 +165,24 @@ class Poller:
         with structlog.contextvars.bound_contextvars(account=account.name):
             self._notify("poll_started", account=account)
             poll = PollContext(account)
+            crashed = False
             try:
                 self._session(account, stats, poll)
             except PostboteError as exc:
                 stats.error = redact(str(exc))  # kept in the state store and shown by `status`
                 log.error("account.failed", error=stats.error, error_type=type(exc).__name__)
                 self._notify("account_error", account=account, error=exc)
+            except Exception:
+                crashed = True  # a bug: logged and recorded once, by the job's boundary (`jobs.poll_guarded`)
+                raise
             finally:
                 poll.close()
                 stats.duration = round(time.monotonic() - started, 3)
-                log.log(40 if stats.error else 20, "poll.finished", ok=stats.ok, duration_s=stats.duration,
-                        **stats.counts())
-                self._remember(stats)
-                self._notify("poll_finished", account=account, stats=stats)
+                if not crashed:
+                    log.log(40 if stats.error else 20, "poll.finished", ok=stats.ok, duration_s=stats.duration,
+                            **stats.counts())
+                    self._remember(stats)
+                    self._notify("poll_finished", account=account, stats=stats)
         return stats
 
     def _remember(self, stats: PollStats) -> None:

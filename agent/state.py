@@ -300,6 +300,8 @@ class StateStore:
     def waiting(self, account: str) -> list[WaitingMessage]:
         """The messages of ``account`` that wait on the server undelivered: deferred or rejected, oldest first."""
         columns = {row[1] for row in self._query("PRAGMA table_info(messages)", ())}  # read-only: maybe older
+        if not columns:
+            return []
         since = "coalesce(since, updated)" if "since" in columns else "updated"
         attempts = "attempts" if "attempts" in columns else "1"
         rows = self._query(
