@@ -14,7 +14,7 @@ import pytest
 from agent.config import load_config
 from agent.errors import ConfigError
 from agent.pluginmanager import make_plugin_manager
-from agent.state import StateStore
+from agent.state import DEFERRED, StateStore
 from plugins.backup import BackupSettings
 from plugins.mbox import mboxrd_messages
 from tests.test_poller import mail, make_setup  # noqa: F401 - make_setup is a fixture
@@ -59,7 +59,7 @@ def test_a_backup_that_cannot_be_written_keeps_the_message_on_the_server_undeliv
     assert (stats.delivered, stats.deferred, stats.rejected) == (0, 1, 0)
     assert setup.delivered() == [] and len(setup.server.uids()) == 1
     store = StateStore(setup.tmp_path / "state")
-    assert store.records("test") == {}
+    assert [record.status for record in store.records("test").values()] == [DEFERRED]  # waiting, not handled
     store.close()
     blocker.unlink()
     assert setup.poll(extra=extra).delivered == 1

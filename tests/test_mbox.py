@@ -34,7 +34,7 @@ from agent import DeliveryError, Message
 from agent.config import Destination, load_config
 from agent.errors import ConfigError
 from agent.pluginmanager import make_plugin_manager
-from agent.state import StateStore
+from agent.state import DEFERRED, StateStore
 from plugins.mbox import MboxSettings, append_to_mbox, deliver_message, mboxrd_messages, mboxrd_quoted
 from tests.servers import interrupt_after
 from tests.test_poller import mail, make_setup  # noqa: F401 - make_setup is a fixture
@@ -347,7 +347,7 @@ def test_a_locked_mbox_defers_the_message_which_stays_on_the_server(make_setup, 
     assert (stats.delivered, stats.deferred) == (0, 1)
     assert len(setup.server.uids()) == 1 and mbox.read_bytes() == b""
     store = StateStore(setup.tmp_path / "state")
-    assert store.records("test") == {}
+    assert [record.status for record in store.records("test").values()] == [DEFERRED]  # waiting, not handled
     store.close()
     release(holder)
     assert setup.poll(deliver=deliver).delivered == 1
