@@ -24,6 +24,7 @@ import errno
 import fcntl
 import os
 import re
+import socket
 import stat
 import threading
 import time
@@ -363,18 +364,31 @@ def _note_dotlock_unavailable(path: Path, exc: OSError) -> None:
 
 
 def _create_lock_file(lock: Path) -> bool:
+    """Take the dot-lock: write our pid into a file of our own, then link it to ``PATH.lock`` (the link fails if
+    the lock exists). The lock never exists without the pid in it, so a poll killed at any moment leaves a lock
+    that the next one sees is stale -- an empty lock file could only be judged by its age, minutes later."""
+    mine = lock.with_name(f"{lock.name}.{socket.gethostname()}.{os.getpid()}")
     try:
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = os.open(mine, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno in DOTLOCK_NOT_ALLOWED:
+            raise DotLockNotAllowed(exc.errno, f"cannot create the dot-lock {lock}: {exc.strerror}") from None
+        raise OSError(exc.errno, f"cannot create the dot-lock {lock}: {exc.strerror}") from None
+    try:
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+        os.link(mine, lock)
     except FileExistsError:
         return False
     except OSError as exc:
         if exc.errno in DOTLOCK_NOT_ALLOWED:
             raise DotLockNotAllowed(exc.errno, f"cannot create the dot-lock {lock}: {exc.strerror}") from None
         raise OSError(exc.errno, f"cannot create the dot-lock {lock}: {exc.strerror}") from None
-    try:
-        os.write(fd, f"{os.getpid()}\n".encode())
     finally:
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(mine)
     return True
 
 
