@@ -17,11 +17,11 @@ variables the configuration names as secret sources (``password_env``): an MDA h
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import signal
-import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 DESTINATION_KINDS = ("mda",)
 DEFAULT_TIMEOUT = 300.0
 EX_TEMPFAIL = 75
+IN_MEMORY_LIMIT = 8 << 20  # larger messages are handed to the command from a temporary file on disk
 PLACEHOLDERS = ("{account}", "{uid}")
 STDERR_EXCERPT = 300
 
@@ -53,10 +54,6 @@ class MDASettings:
     @property
     def label(self) -> str:
         return self.command[0]
-
-
-class _InputTimeout(Exception):
-    """The command did not take all of its input before the deadline."""
 
 
 @hookimpl
@@ -116,61 +113,53 @@ def expand(argument: str, *, account: str, uid: str) -> str:
 
 
 def run_mda(argv: list[str], data: Iterable[bytes], *, timeout: float) -> str:
-    """Run ``argv`` with ``data`` on its standard input; a description when it exits 0, else `DeliveryError`."""
+    """Run ``argv`` with ``data`` on its standard input; a description when it exits 0, else `DeliveryError`.
+
+    The message is written whole into an unlinked file first, and that file is the command's standard input (not
+    a pipe): if postbote is killed halfway, the command still reads the whole message, never a truncated one that
+    it would take for complete -- and how much it read is the file offset it leaves behind."""
     # Imported here: this plugin is always loaded, but only mda: destinations run a command.
     import subprocess
     import tempfile
 
     name = Path(argv[0]).name
-    deadline = time.monotonic() + timeout
-    with tempfile.TemporaryFile() as stderr:
+    with _message_file(data) as (message, size), tempfile.TemporaryFile() as stderr:
         try:
-            process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr,
+            process = subprocess.Popen(argv, stdin=message, stdout=subprocess.DEVNULL, stderr=stderr,
                                        start_new_session=True, env=child_environment())
         except OSError as exc:
             raise DeliveryError(f"mda {name}: cannot run {argv[0]}: {exc.strerror or exc}", temporary=True) from None
         try:
-            fed_all = _feed(process, data, deadline)
-            status = process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except (_InputTimeout, subprocess.TimeoutExpired):
+            status = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
             raise DeliveryError(f"mda {name}: no answer within {timeout:g}s, killed", temporary=True) from None
         finally:
             _kill_if_running(process)
-        return _verdict(name, status, fed_all, _first_line(stderr))
+        read_all = os.lseek(message.fileno(), 0, os.SEEK_CUR) >= size
+        return _verdict(name, status, read_all, _first_line(stderr))
 
 
-def _feed(process: subprocess.Popen[bytes], data: Iterable[bytes], deadline: float) -> bool:
-    """Write ``data`` to the process's stdin without ever blocking past ``deadline``; False if it stopped reading."""
-    import selectors
+@contextlib.contextmanager
+def _message_file(data: Iterable[bytes]) -> Iterator[tuple[IO[bytes], int]]:
+    """The message in an anonymous file at offset 0, and its size: in memory (memfd) up to `IN_MEMORY_LIMIT`,
+    in a temporary file on disk beyond."""
+    import tempfile
 
-    assert process.stdin is not None
-    fd = process.stdin.fileno()
-    os.set_blocking(fd, False)
-    try:
-        with selectors.DefaultSelector() as selector:
-            selector.register(fd, selectors.EVENT_WRITE)
-            for chunk in data:
-                view = memoryview(chunk)
-                while view:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise _InputTimeout
-                    if not selector.select(remaining):
-                        continue
-                    try:
-                        view = view[os.write(fd, view):]
-                    except BlockingIOError:
-                        continue
-                    except BrokenPipeError:
-                        return False
-        return True
-    finally:
-        _close_quietly(process.stdin)
-
-
-def _close_quietly(stream: IO[bytes]) -> None:
-    with contextlib.suppress(BrokenPipeError):
-        stream.close()
+    chunks = iter(data)
+    head: list[bytes] = []
+    for chunk in chunks:
+        head.append(chunk)
+        if sum(map(len, head)) > IN_MEMORY_LIMIT:
+            break
+    small = sum(map(len, head)) <= IN_MEMORY_LIMIT and hasattr(os, "memfd_create")
+    with (os.fdopen(os.memfd_create("postbote-mda", os.MFD_CLOEXEC), "w+b") if small
+          else tempfile.TemporaryFile()) as file:
+        for chunk in itertools.chain(head, chunks):
+            file.write(chunk)
+        size = file.tell()
+        file.flush()
+        file.seek(0)
+        yield file, size
 
 
 def _kill_if_running(process: subprocess.Popen[bytes]) -> None:
@@ -181,8 +170,8 @@ def _kill_if_running(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def _verdict(name: str, status: int, fed_all: bool, stderr_line: str) -> str:
-    unread = "" if fed_all else " (it did not read all of the message)"
+def _verdict(name: str, status: int, read_all: bool, stderr_line: str) -> str:
+    unread = "" if read_all else " (it did not read all of the message)"
     if status == 0:
         return f"mda {name}: exit status 0{unread}"
     detail = f": {stderr_line}" if stderr_line else ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -21,7 +22,10 @@ from agent.errors import ConfigError
 from agent.pluginmanager import make_plugin_manager
 from agent.state import DEFERRED, REJECTED, StateStore
 from plugins.mda import run_mda
+from tests.servers import wait_until
 from tests.test_poller import mail, make_setup  # noqa: F401 - make_setup is a fixture
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 TRICKY = b"From: a@example.org\r\nSubject: tricky\r\n\r\n.\r\nFrom here\r\n>From there\r\n\x00 \xe4\xf6\r\nbare\rcr\r\n"
 
@@ -225,7 +229,8 @@ def test_a_temporary_mda_failure_leaves_the_message_on_the_server_recorded_as_de
 
 def test_a_permanent_mda_failure_leaves_the_message_on_the_server_as_rejected(make_setup) -> None:  # noqa: F811
     setup = make_setup([mail(1)])
-    argv = script(setup.tmp_path, "nouser", "print('no such user', file=sys.stderr); sys.exit(1)")
+    argv = script(setup.tmp_path, "nouser", "sys.stdin.buffer.read(); print('no such user', file=sys.stderr); "
+                                            "sys.exit(1)")
     deliver = f"deliver: {{mda: {argv_yaml(argv)}}}\n"
     stats = setup.poll(deliver=deliver)
     assert (stats.delivered, stats.deferred, stats.rejected) == (0, 0, 1)
@@ -247,3 +252,19 @@ def test_signals_are_named(tmp_path: Path) -> None:
     argv = script(tmp_path, "term", f"sys.stdin.buffer.read(); os.kill(os.getpid(), {int(signal.SIGTERM)})")
     with pytest.raises(DeliveryError, match="killed by SIGTERM"):
         run_mda(argv, [mail(1)], timeout=10)
+
+
+def test_an_mda_gets_the_whole_message_even_when_postbote_is_killed_while_it_runs(tmp_path: Path) -> None:
+    """The MDA reads the message from a file, not a pipe: postbote killed halfway (SIGKILL) cannot leave it reading
+    an end of input it would take for the end of the message and deliver a truncated copy (procmail would)."""
+    out = tmp_path / "received"
+    slow_reader = script(tmp_path, "slow", "import time; time.sleep(0.5); "
+                                           f"open({str(out)!r}, 'wb').write(sys.stdin.buffer.read())")
+    big = b"".join(b"line %06d of a long message\n" % n for n in range(200_000))  # 5.8 MB: no pipe holds it
+    code = ("import os, sys, threading; from plugins.mda import run_mda\n"
+            "threading.Timer(0.2, lambda: os.kill(os.getpid(), 9)).start()\n"
+            f"run_mda({slow_reader!r}, [sys.stdin.buffer.read()], timeout=30)\n")
+    killed = subprocess.run([sys.executable, "-c", code], input=big, cwd=REPO_ROOT, timeout=30, check=False)
+    assert killed.returncode == -9
+    assert wait_until(lambda: out.exists() and out.stat().st_size == len(big), 10)
+    assert out.read_bytes() == big
