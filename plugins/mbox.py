@@ -28,7 +28,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,29 +285,27 @@ def _open_mbox(path: Path, *, create: bool) -> tuple[int, bool]:
 
 
 def _fcntl_lock(fd: int, path: Path, deadline: float) -> None:
-    while True:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
-        if time.monotonic() >= deadline:
-            raise TimeoutError(errno.ETIMEDOUT, f"another program holds the fcntl lock on {path}")
-        time.sleep(LOCK_RETRY_INTERVAL)
+    _lock_or_wait(lambda: fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB), (errno.EACCES, errno.EAGAIN),
+                  f"another program holds the fcntl lock on {path}", deadline)
 
 
 def _flock(fd: int, path: Path, deadline: float) -> None:
     """The BSD lock some MUAs take instead of fcntl's; on Linux the two do not see each other."""
+    _lock_or_wait(lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB), (errno.EWOULDBLOCK, errno.EAGAIN),
+                  f"another program holds the flock lock on {path}", deadline)
+
+
+def _lock_or_wait(try_lock: Callable[[], None], busy: tuple[int, ...], held: str, deadline: float) -> None:
+    """Try a non-blocking lock until it is taken or ``deadline`` passes (then `TimeoutError` saying ``held``)."""
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try_lock()
             return
         except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            if exc.errno not in busy:
                 raise
         if time.monotonic() >= deadline:
-            raise TimeoutError(errno.ETIMEDOUT, f"another program holds the flock lock on {path}")
+            raise TimeoutError(errno.ETIMEDOUT, held)
         time.sleep(LOCK_RETRY_INTERVAL)
 
 
