@@ -181,22 +181,25 @@ def test_create_false_refuses_a_missing_mbox(tmp_path: Path) -> None:
 # --- locking against other programs ---
 
 
-HOLD_FCNTL_LOCK = """\
+HOLD_LOCK = """\
 import fcntl, sys
 with open(sys.argv[1], "ab") as handle:
-    fcntl.lockf(handle, fcntl.LOCK_EX)
+    if sys.argv[2] == "flock":
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    else:
+        fcntl.lockf(handle, fcntl.LOCK_EX)
     print("locked", flush=True)
     sys.stdin.read()
 """
 
 
 @pytest.fixture
-def fcntl_holder() -> Iterator:
-    """Start a second process that holds the fcntl lock on a file until released."""
+def lock_holder() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Another process holding the fcntl lock (or, with ``kind="flock"``, the BSD lock) on a file until released."""
     processes: list[subprocess.Popen[str]] = []
 
-    def hold(path: Path) -> subprocess.Popen[str]:
-        process = subprocess.Popen([sys.executable, "-c", HOLD_FCNTL_LOCK, str(path)], stdin=subprocess.PIPE,
+    def hold(path: Path, kind: str = "fcntl") -> subprocess.Popen[str]:
+        process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path), kind], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, text=True)
         processes.append(process)
         assert process.stdout is not None and process.stdout.readline() == "locked\n"
@@ -214,10 +217,10 @@ def release(process: subprocess.Popen[str]) -> None:
         process.wait(timeout=10)
 
 
-def test_a_fcntl_lock_held_by_another_process_makes_delivery_wait_then_fail(tmp_path: Path, fcntl_holder) -> None:
+def test_a_fcntl_lock_held_by_another_process_makes_delivery_wait_then_fail(tmp_path: Path, lock_holder) -> None:
     mbox = tmp_path / "inbox"
     mbox.write_bytes(b"")
-    fcntl_holder(mbox)
+    lock_holder(mbox)
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="fcntl lock"):
         append_to_mbox(mbox, Message.from_bytes(mail(1)), lock_timeout=0.5)
@@ -225,10 +228,10 @@ def test_a_fcntl_lock_held_by_another_process_makes_delivery_wait_then_fail(tmp_
     assert mbox.read_bytes() == b"" and not (tmp_path / "inbox.lock").exists()
 
 
-def test_delivery_goes_ahead_once_the_other_process_releases_its_lock(tmp_path: Path, fcntl_holder) -> None:
+def test_delivery_goes_ahead_once_the_other_process_releases_its_lock(tmp_path: Path, lock_holder) -> None:
     mbox = tmp_path / "inbox"
     mbox.write_bytes(b"")
-    holder = fcntl_holder(mbox)
+    holder = lock_holder(mbox)
     threading.Timer(0.5, release, [holder]).start()
     started = time.monotonic()
     append_to_mbox(mbox, Message.from_bytes(mail(1)), lock_timeout=10)
@@ -337,11 +340,11 @@ def test_a_poll_appends_each_message_once_and_deletes_it_from_the_server(make_se
     assert len(mboxrd_messages(mbox.read_bytes())) == 3
 
 
-def test_a_locked_mbox_defers_the_message_which_stays_on_the_server(make_setup, fcntl_holder) -> None:  # noqa: F811
+def test_a_locked_mbox_defers_the_message_which_stays_on_the_server(make_setup, lock_holder) -> None:  # noqa: F811
     setup = make_setup([mail(1)])
     mbox = setup.tmp_path / "inbox"
     mbox.write_bytes(b"")
-    holder = fcntl_holder(mbox)
+    holder = lock_holder(mbox)
     deliver = f"deliver: {{mbox: {{path: {mbox}, lock_timeout: 0.3s}}}}\n"
     stats = setup.poll(deliver=deliver)
     assert (stats.delivered, stats.deferred) == (0, 1)
@@ -376,16 +379,6 @@ def test_the_delivery_answer_names_the_file_and_offset(tmp_path: Path) -> None:
 
 # --- /var/mail: a directory where the user may not create a dot-lock (issue 11 item 15) -----------------
 
-HOLD_LOCK = """\
-import fcntl, sys
-with open(sys.argv[1], "ab") as handle:
-    if sys.argv[2] == "flock":
-        fcntl.flock(handle, fcntl.LOCK_EX)
-    else:
-        fcntl.lockf(handle, fcntl.LOCK_EX)
-    print("locked", flush=True)
-    sys.stdin.read()
-"""
 CHILD_TIME_LIMIT = 30  # seconds; the child has no interval timer of ours (fork does not inherit them)
 
 
@@ -457,23 +450,6 @@ def deliver_as(spool: VarMail, messages: list[bytes], *, lock_timeout: float,
     finally:
         os.waitpid(pid, 0)
     return json.loads(output)
-
-
-@pytest.fixture
-def lock_holder() -> Iterator[Callable[[Path, str], subprocess.Popen[str]]]:
-    """Another process (root, like an MDA running as root) holding an fcntl or flock lock until released."""
-    processes: list[subprocess.Popen[str]] = []
-
-    def hold(path: Path, kind: str) -> subprocess.Popen[str]:
-        process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path), kind], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True)
-        processes.append(process)
-        assert process.stdout is not None and process.stdout.readline() == "locked\n"
-        return process
-
-    yield hold
-    for process in processes:
-        release(process)
 
 
 def test_in_a_spool_without_the_right_to_dot_lock_the_message_lands_and_it_is_said_once(var_mail: VarMail) -> None:
