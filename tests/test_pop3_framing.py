@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,28 +31,20 @@ from agent.pop3 import (
 from agent.pop3server import Action, Faults, POP3Server, Stuffing
 from agent.tls import TLSPolicy
 from tests.servers import interrupt_after
-from tests.test_faults_pop3 import (  # the shared fault harness
+from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401
     MaildirTarget,
     RigFactory,
     corpus,
     corpus_message,
     corpus_number,
-    limited_time,
-    rig_factory,
+    make_rig,
+    time_limit,
 )
 
 TIME_LIMIT = 30.0
 NO_PIPELINING = ("TOP", "USER", "UIDL", "RESP-CODES")
 
 
-@pytest.fixture(autouse=True)
-def time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield from limited_time(request)
-
-
-@pytest.fixture
-def make_rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RigFactory]:
-    yield from rig_factory(tmp_path, request)
 
 
 def logged_in(server: POP3Server, *, timeout: float = 2.0, deadline: float | None = None) -> POP3Client:
