@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import ssl
 import subprocess
 import sys
@@ -333,7 +334,9 @@ FLOODS = {
     "millions of UIDL lines": ("UIDL", Action.flood(b"1 abc"), "more than 2000000 lines"),
     "millions of LIST lines": ("LIST", Action.flood(b"1 12345"), "more than 2000000 lines"),
     "endless CAPA": ("CAPA", Action.flood(b"X-CAPABILITY"), "more than 1000 lines"),
-    "a reply line without end": ("USER", Action.flood(b"+OK " + b"x" * (1 << 20)), "reply line longer than"),
+    # USER is answered, then the flood comes: cut off as too long a line, or as data before PASS goes out.
+    "a reply line without end": ("USER", Action.flood(b"+OK " + b"x" * (1 << 20)),
+                                 "reply line longer than|sent data nobody asked for"),
     "endless RETR data": ("RETR", Action.flood(b"z" * 998), "message data exceeds"),
 }
 
@@ -350,7 +353,7 @@ def test_a_flooding_server_is_cut_off_within_bounded_memory(make_rig: RigFactory
 
     run = poll_against_a_flood(rig)
 
-    assert run.status == 1 and error in run.output and "Traceback" not in run.output
+    assert run.status == 1 and re.search(error, run.output) and "Traceback" not in run.output
     assert run.peak_rss < MEMORY_BOUND, f"peak RSS {run.peak_rss_mb:.0f} MB"
     assert rig.audit().on_server == (1, 2)
 
