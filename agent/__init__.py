@@ -5,17 +5,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agent.errors import DeliveryError
-    from agent.hookspecs import hookimpl
-    from agent.message import Message, Verdict
+    from postbote.errors import DeliveryError
+    from postbote.hookspecs import hookimpl
+    from postbote.message import Message, Verdict
 
 __version__ = "0.1.0"
 __all__ = ["DeliveryError", "Message", "Verdict", "__version__", "hookimpl"]
 
-# The plugin API is imported on first use (PEP 562), so that ``python -m agent --help`` loads neither pluggy nor
+# The plugin API is imported on first use (PEP 562), so that ``python -m postbote --help`` loads neither pluggy nor
 # the message spooling.
-_LAZY = {"DeliveryError": "agent.errors", "hookimpl": "agent.hookspecs", "Message": "agent.message",
-         "Verdict": "agent.message"}
+_LAZY = {"DeliveryError": "postbote.errors", "hookimpl": "postbote.hookspecs", "Message": "postbote.message",
+         "Verdict": "postbote.message"}
 
 
 def __getattr__(name: str) -> Any:

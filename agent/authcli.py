@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from agent.errors import ConfigError, CredentialError
-from agent.login import AuthSettings
-from agent.oauth2 import LOOPBACK_TIMEOUT, OAuth2Refresher, OAuth2Settings, TokenResponse, device_flow, loopback_flow
+from postbote.errors import ConfigError, CredentialError
+from postbote.login import AuthSettings
+from postbote.oauth2 import LOOPBACK_TIMEOUT, OAuth2Refresher, OAuth2Settings, TokenResponse, device_flow, loopback_flow
 
 EXIT_OK = 0
 FLOWS = ("auto", "device", "loopback")

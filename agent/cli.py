@@ -1,6 +1,6 @@
 """The ``postbote`` command. Errors meant for the admin are caught here, once, and printed as one line.
 
-Exit status (`agent.jobs.ExitStatus`): ``poll`` exits 0 only when every listed message was delivered, dropped by a
+Exit status (`postbote.jobs.ExitStatus`): ``poll`` exits 0 only when every listed message was delivered, dropped by a
 filter or left on purpose; 1 when some message was deferred or rejected in this poll, some account failed, or the
 state directory is busy; 2 for a usage or configuration error (a plugin that cannot start included). ``postbote
 poll`` while a daemon holds the state directory asks the daemon to poll (SIGUSR1) and exits 0; ``postbote status``
@@ -20,18 +20,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TextIO
 
-from agent import __version__
-from agent.errors import ConfigError, PostboteError, StateLockedError
-from agent.jobs import ExitStatus
+from postbote import __version__
+from postbote.errors import ConfigError, PostboteError, StateLockedError
+from postbote.jobs import ExitStatus
 
 if TYPE_CHECKING:
     import threading
 
     import pluggy
-
-    from agent.config import Config
-    from agent.pluginmanager import PluginManager
-    from agent.state import StateStore
+    from postbote.config import Config
+    from postbote.pluginmanager import PluginManager
+    from postbote.state import StateStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = ExitStatus.OK, ExitStatus.FAILED, ExitStatus.USAGE
 
@@ -74,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         if args.command == "demo":
-            from agent.demo import run_demo
+            from postbote.demo import run_demo
 
             return run_demo(maildir=args.maildir, extra_messages=args.messages, log_format=args.log_format or "auto",
                             log_level=args.log_level or "info")
@@ -112,22 +111,22 @@ def _print_error(exc: PostboteError, out: TextIO | None = None) -> None:
 
 def _redacted(text: str) -> str:
     """``text`` without any secret postbote knows of: an error message may quote what a server or a command said."""
-    from agent.credentials import redact  # imported on the error path only: start-up stays lean
+    from postbote.credentials import redact  # imported on the error path only: start-up stays lean
 
     return redact(text)
 
 
 def load_setup(args: argparse.Namespace) -> tuple[PluginManager, Config]:
     """A fresh plugin manager and the config loaded with it: at start-up, and again on every SIGHUP reload."""
-    from agent.config import find_config, load_config
-    from agent.pluginmanager import make_plugin_manager
+    from postbote.config import find_config, load_config
+    from postbote.pluginmanager import make_plugin_manager
 
     pm = make_plugin_manager()
     return pm, load_config(find_config(args.config), pm)
 
 
 def apply_logging(args: argparse.Namespace, config: Config) -> None:
-    from agent.logconfig import configure_logging
+    from postbote.logconfig import configure_logging
 
     configure_logging(args.log_level or config.log.level, args.log_format or config.log.format)
 
@@ -140,11 +139,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "plugins":
         return list_plugins(pm, config)
     if args.command == "status":
-        from agent.status import show_status
+        from postbote.status import show_status
 
         return show_status(config, as_json=args.json)
     if args.command == "retry":
-        from agent.state import StateStore
+        from postbote.state import StateStore
 
         store = StateStore(config.state_dir, busy_timeout=config.state_busy_timeout)
         try:
@@ -152,8 +151,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         finally:
             store.close()
     if args.command == "auth":
-        from agent.authcli import run_auth
-        from agent.login import AuthSettings
+        from postbote.authcli import run_auth
+        from postbote.login import AuthSettings
 
         settings = AuthSettings.from_account(config.account(args.account), config.state_dir)
         return run_auth(settings, sys.stdout, flow=args.flow, open_browser=not args.no_browser)
@@ -163,9 +162,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def run_daemon(args: argparse.Namespace, pm: PluginManager, config: Config) -> int:
-    from agent.scheduler import Daemon
-    from agent.sdnotify import Notifier
-    from agent.state import StateLock, StateStore
+    from postbote.scheduler import Daemon
+    from postbote.sdnotify import Notifier
+    from postbote.state import StateLock, StateStore
 
     notifier = Notifier.from_environment()
     with StateLock(config.state_dir, role="daemon"):
@@ -196,7 +195,7 @@ def _exit_leaving_threads(status: int) -> None:
 
 def poll_command(pm: PluginManager, config: Config, names: Sequence[str]) -> int:
     """Poll once; when a daemon holds the state directory, ask it to poll now instead of failing."""
-    from agent.state import StateLock, StateStore, read_lock_holder
+    from postbote.state import StateLock, StateStore, read_lock_holder
 
     config.select(tuple(names))
     lock = StateLock(config.state_dir, role="poll")
@@ -240,7 +239,7 @@ def progress_shown(pm: PluginManager) -> Iterator[str | None]:
     if not sys.stderr.isatty():
         yield None
         return
-    from plugins.progress import ProgressDisplay
+    from postbote.plugins.progress import ProgressDisplay
 
     display = ProgressDisplay(sys.stderr)
     pm.register(display, name="postbote.progress")
@@ -253,8 +252,8 @@ def progress_shown(pm: PluginManager) -> Iterator[str | None]:
 
 @contextmanager
 def configured(pm: pluggy.PluginManager, config: Config) -> Iterator[None]:
-    """Plugins started as ``poll`` and ``run`` both start them (`agent.jobs.plugins_started`)."""
-    from agent.jobs import plugins_started
+    """Plugins started as ``poll`` and ``run`` both start them (`postbote.jobs.plugins_started`)."""
+    from postbote.jobs import plugins_started
 
     with plugins_started(pm, config):
         yield
@@ -262,12 +261,12 @@ def configured(pm: pluggy.PluginManager, config: Config) -> Iterator[None]:
 
 def poll(pm: pluggy.PluginManager, config: Config, store: StateStore, names: Sequence[str]) -> int:
     """Poll ``names`` (all accounts when empty) once, up to ``max_parallel`` accounts at a time; the exit status
-    says whether every listed message was taken care of (`agent.jobs.exit_status`)."""
+    says whether every listed message was taken care of (`postbote.jobs.exit_status`)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from agent.jobs import exit_status, poll_guarded
-    from agent.poller import Poller
+    from postbote.jobs import exit_status, poll_guarded
+    from postbote.poller import Poller
 
     accounts = config.select(tuple(names))
     stop = threading.Event()
@@ -303,7 +302,7 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 
 def check(config: Config, out: TextIO | None = None) -> int:
-    from agent.config import check_files
+    from postbote.config import check_files
 
     out = out or sys.stdout
     check_files(config)

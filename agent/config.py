@@ -15,18 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent import settings as s
-from agent.credentials import PasswordSource, Secret
-from agent.errors import ConfigError
-from agent.sasl import AUTH_CHOICES, TOKEN_MECHANISMS
-from agent.settings import Node, Problems, Section
-from agent.tls import normalise_fingerprint
+from postbote import settings as s
+from postbote.credentials import PasswordSource, Secret
+from postbote.errors import ConfigError
+from postbote.sasl import AUTH_CHOICES, TOKEN_MECHANISMS
+from postbote.settings import Node, Problems, Section
+from postbote.tls import normalise_fingerprint
 
 if TYPE_CHECKING:
     import pluggy
-
-    from agent.oauth2 import OAuth2Settings
-    from agent.pluginmanager import PluginManager
+    from postbote.oauth2 import OAuth2Settings
+    from postbote.pluginmanager import PluginManager
 
 CONFIG_ENV = "POSTBOTE_CONFIG"
 DEFAULT_STATE_DIR = "~/.local/state/postbote"
@@ -311,7 +310,7 @@ def _credentials(section: Section, base_dir: Path, auth: str | None) -> dict[str
     if kind == "token_command":
         return {"password": None, "token_command": tuple(section.get(kind, _argv) or ())}
     if kind == "oauth2":
-        from agent.oauth2 import oauth2_from_section  # HTTP and browser modules: loaded only for OAuth2 accounts
+        from postbote.oauth2 import oauth2_from_section  # HTTP and browser modules: loaded only for OAuth2 accounts
 
         oauth = section.section(kind)
         return {"password": None, "oauth2": oauth2_from_section(oauth, base_dir) if oauth else None}

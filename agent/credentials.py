@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from agent.errors import CredentialError
+from postbote.errors import CredentialError
 
 PASSWORD_COMMAND_TIMEOUT = 30.0
 MASK = "********"

@@ -14,7 +14,7 @@ import tempfile
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 
-from agent.pop3server import POP3Server
+from postbote.pop3server import POP3Server
 
 DEMO_USER, DEMO_PASSWORD = "demo", "demo-password"
 
@@ -58,7 +58,7 @@ def sample_messages(extra: int = 0) -> list[bytes]:
 
 
 def run_demo(*, maildir: str | None, extra_messages: int | None, log_format: str, log_level: str) -> int:
-    from agent.cli import main
+    from postbote.cli import main
 
     workdir = Path(tempfile.mkdtemp(prefix="postbote-demo-"))
     target = Path(maildir).resolve() if maildir else workdir / "Maildir"

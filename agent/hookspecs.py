@@ -1,6 +1,6 @@
 """The plugin author's contract: every hook postbote calls, when, with what, and what happens when it raises.
 
-Write a plugin as a module or class with functions marked ``@hookimpl`` (``from agent import hookimpl``), named
+Write a plugin as a module or class with functions marked ``@hookimpl`` (``from postbote import hookimpl``), named
 after the hooks below. An implementation may accept any subset of a hook's arguments, by name. postbote always
 calls hooks with keyword arguments. A function marked ``@hookimpl`` whose name is not a hook here is a start-up
 error, so a misspelt hook never goes silently unused.
@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from agent.config import Account, Config, Destination
-    from agent.errors import PostboteError
-    from agent.message import Message, Verdict
-    from agent.poller import PollContext, PollStats
-    from agent.settings import Node, Problems
+    from postbote.config import Account, Config, Destination
+    from postbote.errors import PostboteError
+    from postbote.message import Message, Verdict
+    from postbote.poller import PollContext, PollStats
+    from postbote.settings import Node, Problems
 
 PROJECT = "postbote"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -50,7 +50,7 @@ def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Pa
 
     Return a settings object for your own ``deliver_message`` when ``kind`` is yours, else None (no opinion).
     ``options`` is the YAML value under the kind's key, with its line number; report mistakes with
-    ``problems.add(options.line, options.path, "expected …")`` or read it through ``agent.settings.Section``.
+    ``problems.add(options.line, options.path, "expected …")`` or read it through ``postbote.settings.Section``.
     Relative paths are taken from ``base_dir``, the config file's directory. Stops at the first non-None result.
     A kind no plugin claims is a config error that lists the kinds known.
     """
@@ -65,9 +65,9 @@ def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir:
     shallowly overridden by the account's own ``plugins:`` entry (an empty mapping when neither gives options),
     so defaults and required keys are checked in one place. The result is what ``account.options_for(name)``
     returns while handling that account's messages. Report mistakes through ``problems`` (or read ``options`` with
-    ``agent.settings.Section``). Return None if ``name`` is not yours; options given to a plugin that parses none
+    ``postbote.settings.Section``). Return None if ``name`` is not yours; options given to a plugin that parses none
     are a config error. A plugin whose options name delivery targets (as ``rules`` does) turns them into
-    destinations with ``agent.config.parse_destination_entry(node, problems, pluginmanager, base_dir)``.
+    destinations with ``postbote.config.parse_destination_entry(node, problems, pluginmanager, base_dir)``.
     Stops at the first non-None result.
     """
 
@@ -116,7 +116,7 @@ def deliver_message(message: Message, destination: Destination, account: Account
     """Hand a message to ``destination`` if its ``destination.kind`` is yours; else return None (no opinion).
 
     Return a short description of where it went (``"250 2.0.0 Ok: queued as 4F…"``, a file name) only once the
-    message is durable there. Raise ``agent.errors.DeliveryError(reason, temporary=…)`` when the destination refuses
+    message is durable there. Raise ``postbote.errors.DeliveryError(reason, temporary=…)`` when the destination refuses
     it: temporary leaves it on the server to be retried next poll, permanent marks it rejected (still on the server,
     retried only after ``postbote retry``). Any other exception counts as temporary. Use
     ``poll.resource(key, opener)`` to keep one connection for all messages of a poll; it is closed when the poll ends.

@@ -14,13 +14,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from agent.errors import ConfigError, PostboteError
+from postbote.errors import ConfigError, PostboteError
 
 if TYPE_CHECKING:
     import pluggy
-
-    from agent.config import Account, Config
-    from agent.poller import Poller, PollStats
+    from postbote.config import Account, Config
+    from postbote.poller import Poller, PollStats
 
 
 class ExitStatus(enum.IntEnum):
@@ -96,8 +95,7 @@ def poll_guarded(poller: Poller, account: Account) -> PollStats:
     and where it was raised, never with frame locals (they can hold a password), and remembered in the state store
     so that ``postbote status`` shows it. Never raises an `Exception`."""
     import structlog
-
-    from agent.poller import PollStats
+    from postbote.poller import PollStats
 
     started = time.monotonic()
     try:
@@ -135,6 +133,6 @@ def _where(exc: BaseException) -> str:
 
 def _redacted(text: str) -> str:
     """``text`` without the secrets postbote knows of: an exception's text may quote a password."""
-    from agent.credentials import redact
+    from postbote.credentials import redact
 
     return redact(text)

@@ -5,7 +5,7 @@ bound as context by the poller, so every event about a message says which one. T
 render through the same chain, so nothing prints in another format.
 
 Nothing secret reaches the output: tracebacks never show frame locals (a frame holding the password would print
-it), and the last processor before rendering masks every secret `agent.credentials` knows of, in every value,
+it), and the last processor before rendering masks every secret `postbote.credentials` knows of, in every value,
 the rendered exception included, for structlog events and standard-library records alike.
 """
 
@@ -17,8 +17,7 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
-
-from agent.credentials import knows_secrets, redact
+from postbote.credentials import knows_secrets, redact
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 

@@ -1,6 +1,6 @@
 """Logging in to a POP3 server: the one call the poller makes after CAPA (and STLS).
 
-`login` picks the mechanism with `agent.sasl.choose_mechanism` (``auth: auto`` or the configured one), then runs
+`login` picks the mechanism with `postbote.sasl.choose_mechanism` (``auth: auto`` or the configured one), then runs
 USER/PASS, APOP or AUTH. An OAuth2 access token that came from the cache and is refused is dropped and refreshed
 once before the login counts as failed. Refusals become `POP3AuthError`s that say which user and mechanism were
 refused and what to check; no message or log event carries a password or a token.
@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-
-from agent.credentials import PasswordSource, Secret, register_secret
-from agent.errors import CredentialError
-from agent.pop3 import POP3AuthError, POP3Client
-from agent.sasl import (
+from postbote.credentials import PasswordSource, Secret, register_secret
+from postbote.errors import CredentialError
+from postbote.pop3 import POP3AuthError, POP3Client
+from postbote.sasl import (
     SASL_NAMES,
     TOKEN_MECHANISMS,
     Mechanism,
@@ -31,7 +30,7 @@ from agent.sasl import (
 )
 
 if TYPE_CHECKING:
-    from agent.oauth2 import OAuth2Settings, TokenSource
+    from postbote.oauth2 import OAuth2Settings, TokenSource
 
 default_log = structlog.get_logger("postbote.login")
 
@@ -51,7 +50,7 @@ class AuthSettings:
 
     @classmethod
     def from_account(cls, account: Any, state_dir: Path | None) -> AuthSettings:
-        """From an `agent.config.Account` (token_command and oauth2 are read when the account has them)."""
+        """From an `postbote.config.Account` (token_command and oauth2 are read when the account has them)."""
         return cls(account=account.name, username=account.username, tls=account.tls, auth=account.auth,
                    password=getattr(account, "password", None),
                    token_command=tuple(getattr(account, "token_command", None) or ()),
@@ -64,11 +63,11 @@ class AuthSettings:
     def token_source(self) -> TokenSource | None:
         # agent.oauth2 (HTTP, token files) is imported only for accounts that log in with a token.
         if self.token_command:
-            from agent.oauth2 import TokenCommand
+            from postbote.oauth2 import TokenCommand
 
             return TokenCommand(self.token_command)
         if self.oauth2 is not None:
-            from agent.oauth2 import OAuth2Refresher
+            from postbote.oauth2 import OAuth2Refresher
 
             return OAuth2Refresher(self.oauth2, account=self.account, cache_dir=self.cache_dir)
         return None

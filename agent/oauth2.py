@@ -8,7 +8,7 @@ A revoked or expired refresh token (``invalid_grant``) becomes a `CredentialErro
 provider supports it for mail scopes, else the loopback redirect flow with PKCE (RFC 8252, RFC 7636).
 
 Only the standard library talks HTTP here (urllib over TLS, certificates verified). Every token is a
-`agent.credentials.Secret`; error messages carry the provider's error code and description with any secret that
+`postbote.credentials.Secret`; error messages carry the provider's error code and description with any secret that
 might be echoed in them cut out, never a token. Token files readable or writable by group or others are refused.
 """
 
@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import structlog
-
-from agent import credentials
-from agent import settings as s
-from agent.credentials import Secret, child_environment, register_secret
-from agent.errors import AccountError, CredentialError
-from agent.settings import Section
-from agent.tls import TLSPolicy
+from postbote import credentials
+from postbote import settings as s
+from postbote.credentials import Secret, child_environment, register_secret
+from postbote.errors import AccountError, CredentialError
+from postbote.settings import Section
+from postbote.tls import TLSPolicy
 
 if TYPE_CHECKING:
     # Imported where they are used: a poll with a cached access token needs no HTTP, and only ``postbote auth``
@@ -148,7 +147,7 @@ OAUTH2_KEYS = frozenset({"provider", "tenant", "token_url", "client_id", "client
 
 
 def oauth2_from_section(section: Section, base_dir: Path) -> OAuth2Settings | None:
-    """An account's ``oauth2:`` mapping read with `agent.settings` (problems recorded as ``file:line: key:``)."""
+    """An account's ``oauth2:`` mapping read with `postbote.settings` (problems recorded as ``file:line: key:``)."""
     before = len(section.problems.lines)
     provider = section.get("provider", s.choice(*PRESETS), None)
     fields = dict(

@@ -12,15 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 import structlog
-
-from agent.errors import DeliveryError, PluginError
-from agent.message import Message, Verdict
-from agent.state import UNCERTAIN_ATTEMPTS, Delivery, DeliveryState
+from postbote.errors import DeliveryError, PluginError
+from postbote.message import Message, Verdict
+from postbote.state import UNCERTAIN_ATTEMPTS, Delivery, DeliveryState
 
 if TYPE_CHECKING:
-    from agent.config import Account
-    from agent.poller import PollContext
-    from agent.state import StateStore
+    from postbote.config import Account
+    from postbote.poller import PollContext
+    from postbote.state import StateStore
 
 log = structlog.get_logger("postbote.deliver")
 

@@ -21,9 +21,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pluggy
-
-from agent import hookspecs
-from agent.errors import ConfigError
+from postbote import hookspecs
+from postbote.errors import ConfigError
 
 ENTRY_POINT_GROUP = "postbote"
 
@@ -77,7 +76,7 @@ class PluginManager(pluggy.PluginManager):
         registered again after it. Meant for loading the config, before the ``configure`` hook is called."""
         if name not in self._not_loaded:
             return
-        module = importlib.import_module(f"plugins.{name}")
+        module = importlib.import_module(f"postbote.plugins.{name}")
         earlier = set(BUILTIN_PLUGINS[:BUILTIN_PLUGINS.index(name)])
         later = [(other, plugin) for other, plugin in self.list_name_plugin()
                  if plugin is not None and other not in earlier]
@@ -133,7 +132,7 @@ def make_plugin_manager(*, builtins: bool = True, entry_points: bool = True,
     pm.add_hookspecs(hookspecs)
     if builtins:
         for name in ESSENTIAL_PLUGINS:
-            pm.add(importlib.import_module(f"plugins.{name}"), _builtin_source(name))
+            pm.add(importlib.import_module(f"postbote.plugins.{name}"), _builtin_source(name))
         for name in OPTIONAL_PLUGINS:
             pm.add_builtin_later(name)
     if entry_points and may_have_entry_points():
@@ -146,7 +145,7 @@ def make_plugin_manager(*, builtins: bool = True, entry_points: bool = True,
 
 
 def _builtin_source(name: str) -> PluginSource:
-    return PluginSource(name, "built-in", f"plugins.{name}", essential=name in ESSENTIAL_PLUGINS,
+    return PluginSource(name, "built-in", f"postbote.plugins.{name}", essential=name in ESSENTIAL_PLUGINS,
                         optional=name in OPTIONAL_PLUGINS)
 
 

@@ -20,17 +20,16 @@ from typing import Any
 
 import pluggy
 import structlog
-
-from agent import pipeline
-from agent.config import Account
-from agent.credentials import redact
-from agent.digest import header_block_digest
-from agent.errors import AccountError, DeliveryError, PluginError, PostboteError, StateError
-from agent.login import AuthSettings, login
-from agent.message import Message
-from agent.pop3 import ListingEntry, MessageTooLarge, POP3Client, POP3ConnectionError, POP3Error
-from agent.state import DEFERRED, DELIVERED, DROPPED, REJECTED, Outcome, Record, StateStore, Status
-from agent.tls import TLSPolicy
+from postbote import pipeline
+from postbote.config import Account
+from postbote.credentials import redact
+from postbote.digest import header_block_digest
+from postbote.errors import AccountError, DeliveryError, PluginError, PostboteError, StateError
+from postbote.login import AuthSettings, login
+from postbote.message import Message
+from postbote.pop3 import ListingEntry, MessageTooLarge, POP3Client, POP3ConnectionError, POP3Error
+from postbote.state import DEFERRED, DELIVERED, DROPPED, REJECTED, Outcome, Record, StateStore, Status
+from postbote.tls import TLSPolicy
 
 log = structlog.get_logger("postbote.poll")
 PIPELINE_WINDOW = 64  # RETRs in flight: enough to hide a 20 ms round trip behind small messages

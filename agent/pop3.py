@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from agent.credentials import Secret
-from agent.errors import AccountError
-from agent.tls import TLSPolicy
+from postbote.credentials import Secret
+from postbote.errors import AccountError
+from postbote.tls import TLSPolicy
 
 MAX_REPLY_LINE = 8192
 MAX_LISTING_ENTRIES = 2_000_000
@@ -71,7 +71,7 @@ class MessageTooLarge(POP3ProtocolError):
 
 
 class SASLMechanism(Protocol):
-    """One SASL exchange (RFC 4422) as `POP3Client.authenticate` drives it: implemented in `agent.sasl`."""
+    """One SASL exchange (RFC 4422) as `POP3Client.authenticate` drives it: implemented in `postbote.sasl`."""
 
     name: str
 

@@ -1,6 +1,6 @@
 """SASL mechanisms for POP3 AUTH (RFC 5034) and the choice of a safe one.
 
-Each mechanism class is driven by `agent.pop3.POP3Client.authenticate` through the `SASLMechanism` protocol:
+Each mechanism class is driven by `postbote.pop3.POP3Client.authenticate` through the `SASLMechanism` protocol:
 ``initial_response()`` gives the client-first data (or None for server-first mechanisms) and ``respond(challenge)``
 answers each server challenge. After the server said +OK, `Mechanism.complete` checks that the exchange really
 finished: SCRAM refuses a session whose server never proved that it knows the password (RFC 5802 ServerSignature).
@@ -9,7 +9,7 @@ finished: SCRAM refuses a session whose server never proved that it knows the pa
 connection. It never picks APOP, and never one that sends a reusable secret (a password or a bearer token) over an
 unencrypted connection unless the admin explicitly configured ``tls: none``.
 
-Secrets are held as `agent.credentials.Secret` and revealed only while building the bytes that go on the wire;
+Secrets are held as `postbote.credentials.Secret` and revealed only while building the bytes that go on the wire;
 no error message here contains a secret.
 
 Every login goes through `choose_mechanism`, so this module is loaded by every poll; what only the challenge-response
@@ -24,8 +24,8 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 
-from agent.credentials import Secret
-from agent.errors import AccountError
+from postbote.credentials import Secret
+from postbote.errors import AccountError
 
 # --- mechanism names ------------------------------------------------------------------------------------------------
 

@@ -38,17 +38,16 @@ from queue import Empty, SimpleQueue
 
 import schedule
 import structlog
-
-from agent.config import Account, Config
-from agent.errors import PostboteError
-from agent.hookspecs import hookimpl
-from agent.jobs import poll_guarded, start_plugins
-from agent.pluginmanager import PluginManager
-from agent.poller import Poller, PollStats
-from agent.pop3 import POP3AuthError
-from agent.sdnotify import Notifier
-from agent.state import StateStore
-from agent.status import WaitingSummary, stale_after, waiting_messages
+from postbote.config import Account, Config
+from postbote.errors import PostboteError
+from postbote.hookspecs import hookimpl
+from postbote.jobs import poll_guarded, start_plugins
+from postbote.pluginmanager import PluginManager
+from postbote.poller import Poller, PollStats
+from postbote.pop3 import POP3AuthError
+from postbote.sdnotify import Notifier
+from postbote.state import StateStore
+from postbote.status import WaitingSummary, stale_after, waiting_messages
 
 log = structlog.get_logger("postbote.daemon")
 

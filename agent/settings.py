@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-
-from agent.errors import ConfigError
+from postbote.errors import ConfigError
 
 T = TypeVar("T")
 Parser = Callable[[Any], T]

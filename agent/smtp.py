@@ -3,7 +3,7 @@
 Written for postbote's delivery rules rather than taken from smtplib: a message is sent only when every recipient
 was accepted (so a partial refusal never leaves some recipients served and others not), MAIL and RCPT are
 pipelined when the server offers PIPELINING (RFC 2920), the message is streamed with the line-ending and
-dot-stuffing rules of `agent.wire`, LMTP's per-recipient replies are read, and every reply the server sends is
+dot-stuffing rules of `postbote.wire`, LMTP's per-recipient replies are read, and every reply the server sends is
 bounded and checked, since the MTA side is attack surface too. Failures raise `DeliveryError` marked temporary
 (4xx, connection trouble, garbled replies) or permanent (5xx).
 """
@@ -15,9 +15,9 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from agent.errors import DeliveryError
-from agent.tls import TLSError, TLSPolicy
-from agent.wire import crlf_lines, smtp_data
+from postbote.errors import DeliveryError
+from postbote.tls import TLSError, TLSPolicy
+from postbote.wire import crlf_lines, smtp_data
 
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 100

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import StateError, StateLockedError
+from postbote.errors import StateError, StateLockedError
 
 DATABASE_NAME = "postbote.sqlite3"
 LOCK_NAME = "postbote.lock"

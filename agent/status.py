@@ -22,9 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent.config import DEFAULT_STALE_AFTER, Account, Config
-from agent.errors import StateError
-from agent.state import PollRecord, StateStore, Status, WaitingMessage, read_lock_holder
+from postbote.config import DEFAULT_STALE_AFTER, Account, Config
+from postbote.errors import StateError
+from postbote.state import PollRecord, StateStore, Status, WaitingMessage, read_lock_holder
 
 EXIT_OK, EXIT_FAILED = 0, 1
 SHOWN_COUNTS = ("delivered", "dropped", "deferred", "rejected", "left")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from agent.errors import AccountError
+from postbote.errors import AccountError
 
 if TYPE_CHECKING:
     import socket

@@ -4,10 +4,10 @@
   missing and we are root (``--no-install`` turns that off; missing peers are then reported, not run).
 * The peers run as an unprivileged user (getmail6 refuses to deliver into a Maildir as root, fetchmail
   warns): as root we create a system user ``bench`` once; otherwise everything runs as the caller.
-* postbote runs from a snapshot of the source tree (``agent/``, ``plugins/``) copied at the start, so that
-  edits made while the benchmark runs cannot mix two versions, with a venv holding its dependencies. The
-  venv is built from an interpreter the run user can execute (pyenv under /root is not) and kept in the
-  cache directory between runs.
+* postbote runs from a snapshot of the source tree (``agent/`` as ``postbote/``, ``plugins/`` as
+  ``postbote/plugins/``) copied at the start, so that edits made while the benchmark runs cannot mix two
+  versions, with a venv holding its dependencies. The venv is built from an interpreter the run user can
+  execute (pyenv under /root is not) and kept in the cache directory between runs.
 """
 
 from __future__ import annotations
@@ -149,11 +149,27 @@ def snapshot_postbote(source: Path, target: Path, user: RunUser) -> Path:
     """Copy postbote's importable code to ``target``, byte-compile it, hand it to ``user``; returns ``target``."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     target.mkdir(parents=True, exist_ok=True)
-    for package in ("agent", "plugins"):
-        shutil.copytree(source / package, target / package, ignore=ignore)
+    if _installs_as_postbote(source):
+        shutil.copytree(source / "agent", target / "postbote", ignore=ignore)
+        shutil.copytree(source / "plugins", target / "postbote" / "plugins", ignore=ignore)
+    else:  # a revision from before the one installed name: top-level agent and plugins, run as `-m postbote` too
+        for package in ("agent", "plugins"):
+            shutil.copytree(source / package, target / package, ignore=ignore)
+        (target / "postbote").mkdir()
+        (target / "postbote" / "__init__.py").write_text("")
+        main = 'import runpy\nrunpy.run_module("agent", run_name="__main__")\n'
+        (target / "postbote" / "__main__.py").write_text(main)
     compileall.compile_dir(str(target), quiet=1)
     user.own(target)
     return target
+
+
+def _installs_as_postbote(source: Path) -> bool:
+    """Whether the checkout maps agent/ and plugins/ onto the package postbote (pyproject's package-dir)."""
+    try:
+        return '"postbote" = "agent"' in (source / "pyproject.toml").read_text()
+    except OSError:
+        return False
 
 
 def source_revision(source: Path) -> str:

@@ -109,7 +109,7 @@ class Postbote(Tool):
 
     def commands(self, job: Job, runtime: Runtime) -> list[list[str]]:
         config = _write_private(job.workdir / "postbote.yaml", self.config(job))
-        base = [str(runtime.postbote_python), "-m", "agent", "-c", str(config), "poll"]
+        base = [str(runtime.postbote_python), "-m", "postbote", "-c", str(config), "poll"]
         if job.one_by_one:
             return [[*base, mailbox.name] for mailbox in job.mailboxes]
         return [base]

@@ -15,12 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import Message, hookimpl
-from agent import settings as s
-from agent.config import Account
-from agent.settings import Node, Problems, Section
-from plugins.maildir import write_maildir
-from plugins.mbox import append_to_mbox
+from postbote import Message, hookimpl
+from postbote import settings as s
+from postbote.config import Account
+from postbote.plugins.maildir import write_maildir
+from postbote.plugins.mbox import append_to_mbox
+from postbote.settings import Node, Problems, Section
 
 NAME = "backup"
 FORMATS = ("maildir", "mbox")

@@ -38,12 +38,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
-
-from agent import Message, Verdict, hookimpl
-from agent import settings as s
-from agent.config import Account, Config
-from agent.errors import ConfigError
-from agent.settings import Node, Problems, Section
+from postbote import Message, Verdict, hookimpl
+from postbote import settings as s
+from postbote.config import Account, Config
+from postbote.errors import ConfigError
+from postbote.settings import Node, Problems, Section
 
 PLUGIN_NAME = "dedupe"
 DATABASE_NAME = "dedupe.sqlite3"

@@ -21,14 +21,14 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from agent import DeliveryError, Message, hookimpl
-from agent import settings as s
-from agent.config import Destination
-from agent.settings import Node, Problems, Section
-from agent.wire import lf_lines
+from postbote import DeliveryError, Message, hookimpl
+from postbote import settings as s
+from postbote.config import Destination
+from postbote.settings import Node, Problems, Section
+from postbote.wire import lf_lines
 
 if TYPE_CHECKING:
-    from agent.poller import PollContext
+    from postbote.poller import PollContext
 
 DESTINATION_KINDS = ("maildir",)
 _counter = itertools.count()

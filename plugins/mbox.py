@@ -33,13 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-
-from agent import DeliveryError, Message, hookimpl
-from agent import settings as s
-from agent.config import Destination
-from agent.settings import Node, Problems, Section
-from agent.wire import lf_lines
-from plugins.maildir import fsync_directory
+from postbote import DeliveryError, Message, hookimpl
+from postbote import settings as s
+from postbote.config import Destination
+from postbote.plugins.maildir import fsync_directory
+from postbote.settings import Node, Problems, Section
+from postbote.wire import lf_lines
 
 log = structlog.get_logger("postbote.mbox")
 

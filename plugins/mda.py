@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from agent import DeliveryError, Message, hookimpl
-from agent import settings as s
-from agent.config import Account, Destination
-from agent.credentials import child_environment
-from agent.settings import Node, Problems, Section
-from agent.wire import lf_lines
+from postbote import DeliveryError, Message, hookimpl
+from postbote import settings as s
+from postbote.config import Account, Destination
+from postbote.credentials import child_environment
+from postbote.settings import Node, Problems, Section
+from postbote.wire import lf_lines
 
 if TYPE_CHECKING:
     import subprocess

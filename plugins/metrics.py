@@ -25,14 +25,13 @@ from socket import AF_INET, AF_INET6
 from typing import TYPE_CHECKING
 
 import structlog
-
-from agent import hookimpl
-from agent import settings as s
-from agent.config import Account, Config
-from agent.errors import ConfigError, PostboteError
-from agent.settings import Node, Problems, Section
-from agent.state import PollRecord, StateStore, WaitingMessage
-from agent.status import WaitingSummary, stale_after, waiting_messages
+from postbote import hookimpl
+from postbote import settings as s
+from postbote.config import Account, Config
+from postbote.errors import ConfigError, PostboteError
+from postbote.settings import Node, Problems, Section
+from postbote.state import PollRecord, StateStore, WaitingMessage
+from postbote.status import WaitingSummary, stale_after, waiting_messages
 
 if TYPE_CHECKING:
     from http.server import ThreadingHTTPServer

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-from agent import Message, hookimpl
-from agent.config import Account
+from postbote import Message, hookimpl
+from postbote.config import Account
 
 SHOW_AFTER = 1.0
 REDRAW_EVERY = 0.2

@@ -7,8 +7,8 @@ import socket
 import time
 from functools import cache, lru_cache
 
-from agent import Message, hookimpl
-from agent.config import Account
+from postbote import Message, hookimpl
+from postbote.config import Account
 
 _ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]+")
 

@@ -54,12 +54,11 @@ from typing import Any, Protocol
 
 import pluggy
 import structlog
-
-from agent import Message, Verdict, hookimpl
-from agent import settings as s
-from agent.config import Account, Destination, parse_destination_entry
-from agent.settings import Node, Problems, Section
-from plugins.smtp import addresses
+from postbote import Message, Verdict, hookimpl
+from postbote import settings as s
+from postbote.config import Account, Destination, parse_destination_entry
+from postbote.plugins.smtp import addresses
+from postbote.settings import Node, Problems, Section
 
 PLUGIN_NAME = "rules"
 RULE_KEYS = {"name", "match", "action"}

@@ -17,17 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-
-from agent import Message, hookimpl
-from agent import settings as s
-from agent.config import Destination
-from agent.settings import Node, Problems, Section
-from agent.smtp import Delivery, SMTPClient
-from agent.tls import TLSPolicy
-from plugins.received import local_hostname
+from postbote import Message, hookimpl
+from postbote import settings as s
+from postbote.config import Destination
+from postbote.plugins.received import local_hostname
+from postbote.settings import Node, Problems, Section
+from postbote.smtp import Delivery, SMTPClient
+from postbote.tls import TLSPolicy
 
 if TYPE_CHECKING:
-    from agent.poller import PollContext
+    from postbote.poller import PollContext
 
 DESTINATION_KINDS = ("smtp", "lmtp")
 _ADDRESS = re.compile(r"[^\s<>]+")

@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-
-from agent import Message, Verdict, hookimpl
-from agent import settings as s
-from agent.config import Account
-from agent.errors import PostboteError
-from agent.settings import Node, Problems, Section
+from postbote import Message, Verdict, hookimpl
+from postbote import settings as s
+from postbote.config import Account
+from postbote.errors import PostboteError
+from postbote.settings import Node, Problems, Section
 
 NAME = "spamassassin"
 PROTOCOL = b"SPAMC/1.5"

@@ -10,13 +10,13 @@ import os
 from pathlib import Path
 
 import pytest
+from postbote.config import load_config
+from postbote.errors import ConfigError
+from postbote.pluginmanager import make_plugin_manager
+from postbote.plugins.backup import BackupSettings
+from postbote.plugins.mbox import mboxrd_messages
+from postbote.state import DEFERRED, StateStore
 
-from agent.config import load_config
-from agent.errors import ConfigError
-from agent.pluginmanager import make_plugin_manager
-from agent.state import DEFERRED, StateStore
-from plugins.backup import BackupSettings
-from plugins.mbox import mboxrd_messages
 from tests.test_poller import mail, make_setup  # noqa: F401 - make_setup is a fixture
 
 TRICKY = b"Subject: tricky\r\n\r\n.\r\nFrom here\r\n>From there\r\n\x00 \xe4\xf6\r\n"

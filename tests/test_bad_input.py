@@ -6,7 +6,7 @@ path and delivered, in the same poll, into a Maildir (LF line endings) and over 
 what arrives is what the POP3 server sent, apart from the ``Received:`` trace field postbote prepends and the
 destination's line endings. A hypothesis test does the same for generated messages.
 
-Configs: ``python -m agent -c FILE check`` exits 2 and prints one ``postbote: error:`` line per problem, naming
+Configs: ``python -m postbote -c FILE check`` exits 2 and prints one ``postbote: error:`` line per problem, naming
 file, line and key, and never a traceback.
 """
 
@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from postbote.pop3server import Faults, POP3Server, crlf_normalised
 
-from agent.pop3server import Faults, POP3Server, crlf_normalised
 from tests.servers.smtp_sink import SMTPSink
 from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401 - the shared fixtures
     MaildirTarget,

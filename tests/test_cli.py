@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from postbote.cli import main
+from postbote.config import load_config
+from postbote.pluginmanager import make_plugin_manager
+from postbote.poller import Poller
+from postbote.pop3server import Action, Faults, POP3Server
 
-from agent.cli import main
-from agent.config import load_config
-from agent.pluginmanager import make_plugin_manager
-from agent.poller import Poller
-from agent.pop3server import Action, Faults, POP3Server
 from tests.test_end_to_end import logging_restored
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ def write_config(tmp_path: Path, body: str) -> Path:
 
 def test_a_plugin_whose_configure_raises_is_named_and_exits_2(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "fragile.py").write_text("from agent import hookimpl\n\n@hookimpl\ndef configure(config):\n"
+    (tmp_path / "fragile.py").write_text("from postbote import hookimpl\n\n@hookimpl\ndef configure(config):\n"
                                          "    raise OSError(13, 'Permission denied')\n")
     path = write_config(tmp_path, f"""\
         state_dir: {tmp_path / 'state'}
@@ -100,7 +100,7 @@ def test_demo_fetches_the_sample_mail_into_a_maildir_with_nothing_else_installed
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "agent", "demo", "--maildir", str(tmp_path / "Mail")],
+    done = subprocess.run([sys.executable, "-m", "postbote", "demo", "--maildir", str(tmp_path / "Mail")],
                           capture_output=True, text=True, timeout=120, check=False,
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr
@@ -115,7 +115,7 @@ def test_installed_plugins_are_found_through_the_postbote_entry_point_group(
     """A package declaring ``[project.entry-points.postbote]`` is loaded and listed with its distribution."""
     site = tmp_path / "site"
     (site / "greeter_plugin.py").parent.mkdir(parents=True)
-    (site / "greeter_plugin.py").write_text("from agent import hookimpl\n\n@hookimpl\ndef filter_message(message):\n"
+    (site / "greeter_plugin.py").write_text("from postbote import hookimpl\n\n@hookimpl\ndef filter_message(message):\n"
                                             "    message.add_header('X-Greeting', 'hello')\n")
     dist_info = site / "postbote_greeter-1.2.dist-info"
     dist_info.mkdir()
@@ -130,12 +130,12 @@ def test_installed_plugins_are_found_through_the_postbote_entry_point_group(
 
 # --- one configure path, one job boundary, no tracebacks (issue 11, item 18)
 
-FRAGILE_PLUGIN = ("from agent import hookimpl\n\n@hookimpl\ndef configure(config):\n"
+FRAGILE_PLUGIN = ("from postbote import hookimpl\n\n@hookimpl\ndef configure(config):\n"
                   "    raise OSError(13, 'Permission denied')\n")
 
 
 def run_postbote(*args: str, stdout: int = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], cwd=REPO, stdout=stdout, stderr=subprocess.PIPE,
+    return subprocess.run([sys.executable, "-m", "postbote", *args], cwd=REPO, stdout=stdout, stderr=subprocess.PIPE,
                           text=True, timeout=60, check=False)
 
 
@@ -206,7 +206,7 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, command: list[st
 
 def test_the_one_line_error_masks_a_secret_a_plugin_quoted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "leaky.py").write_text(
-        "from agent import hookimpl\n\n@hookimpl\ndef configure(config):\n"
+        "from postbote import hookimpl\n\n@hookimpl\ndef configure(config):\n"
         "    raise ValueError('cannot log in with ' + config.accounts[0].password.resolve().reveal())\n")
     path = write_config(tmp_path, f"""\
         state_dir: {tmp_path / 'state'}

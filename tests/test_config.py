@@ -7,11 +7,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from agent.cli import main
-from agent.config import load_config
-from agent.errors import ConfigError
-from agent.pluginmanager import make_plugin_manager
+from postbote.cli import main
+from postbote.config import load_config
+from postbote.errors import ConfigError
+from postbote.pluginmanager import make_plugin_manager
 
 VALID = """\
 state_dir: state

@@ -14,11 +14,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from agent.config import load_config
-from agent.errors import ConfigError
-from agent.pluginmanager import make_plugin_manager
-from agent.settings import MAX_ALIAS_USES, MAX_CONFIG_BYTES, MAX_VALUES, load_yaml
+from postbote.config import load_config
+from postbote.errors import ConfigError
+from postbote.pluginmanager import make_plugin_manager
+from postbote.settings import MAX_ALIAS_USES, MAX_CONFIG_BYTES, MAX_VALUES, load_yaml
 
 CHECK_TIME_LIMIT = 15.0  # seconds for `postbote check`, Python start included; the bomb took 20+ s unbounded
 MEMORY_LIMIT_KB = 150 * 1024  # the bomb took 560+ MB unbounded
@@ -26,7 +25,7 @@ MEMORY_LIMIT_KB = 150 * 1024  # the bomb took 560+ MB unbounded
 # Runs `postbote check` as its child and reports the child's peak memory: RUSAGE_CHILDREN of this process alone.
 MEASURE = """
 import json, resource, subprocess, sys
-done = subprocess.run([sys.executable, "-m", "agent", "-c", sys.argv[1], "check"], capture_output=True, text=True,
+done = subprocess.run([sys.executable, "-m", "postbote", "-c", sys.argv[1], "check"], capture_output=True, text=True,
                       timeout=float(sys.argv[2]))
 print(json.dumps({"status": done.returncode, "stdout": done.stdout, "stderr": done.stderr,
                   "max_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
@@ -110,7 +109,8 @@ def test_a_config_file_larger_than_the_limit_is_refused_unread(tmp_path: Path) -
 
 def test_an_endless_config_file_is_refused() -> None:
     """Run in a child limited to 1 GiB of address space: reading it whole would otherwise take all memory."""
-    probe = ("from pathlib import Path\nfrom agent.settings import load_yaml\nfrom agent.errors import ConfigError\n"
+    probe = ("from pathlib import Path\nfrom postbote.settings import load_yaml\n"
+             "from postbote.errors import ConfigError\n"
              "try:\n    load_yaml(Path('/dev/zero'))\nexcept ConfigError as exc:\n    print(exc)\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=CHECK_TIME_LIMIT,
                           cwd=Path(__file__).resolve().parent.parent, preexec_fn=limit_memory_to_1_gib)

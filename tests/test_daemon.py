@@ -23,13 +23,12 @@ import pytest
 import structlog
 import structlog.testing
 import yaml
-
-from agent.config import load_config
-from agent.pluginmanager import make_plugin_manager
-from agent.poller import PollStats
-from agent.pop3server import Action, Faults, POP3Server
-from agent.scheduler import START_JITTER, Backoff, Daemon, start_delay
-from agent.state import StateStore
+from postbote.config import load_config
+from postbote.pluginmanager import make_plugin_manager
+from postbote.poller import PollStats
+from postbote.pop3server import Action, Faults, POP3Server
+from postbote.scheduler import START_JITTER, Backoff, Daemon, start_delay
+from postbote.state import StateStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,7 +76,7 @@ class DaemonRun:
     def __init__(self, config: Path, env: dict[str, str] | None = None, command: str = "run") -> None:
         self.log_path = config.with_name(f"daemon-{time.monotonic_ns()}.log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
-        self.process = subprocess.Popen([sys.executable, "-m", "agent", "-c", str(config), command], cwd=REPO,
+        self.process = subprocess.Popen([sys.executable, "-m", "postbote", "-c", str(config), command], cwd=REPO,
                                         stdout=subprocess.PIPE, stderr=self._log, env={**os.environ, **(env or {})})
 
     def events(self, name: str | None = None, **fields: Any) -> list[dict[str, Any]]:
@@ -340,7 +339,7 @@ def test_sigterm_ends_the_poll_between_messages_quits_and_exits_0_without_losing
                   if line.startswith(b"Subject:"))
     assert "Subject: message 1" in delivered and "Subject: message 5" in left
     assert sorted(delivered + left) == everything  # each message delivered and deleted, or still on the server
-    assert subprocess.run([sys.executable, "-m", "agent", "-c", str(config), "poll"], cwd=REPO,
+    assert subprocess.run([sys.executable, "-m", "postbote", "-c", str(config), "poll"], cwd=REPO,
                           capture_output=True).returncode == 0
     assert subjects(maildir) == everything and server.uids() == []
 
@@ -395,13 +394,13 @@ def test_postbote_poll_while_the_daemon_runs_asks_it_to_poll(tmp_path: Path, ser
     config = write_config(tmp_path / "postbote.yaml", [account("box", server, maildir, poll_interval="1h")])
     daemon = daemons(config)
     daemon.wait_for("daemon.started")
-    poll = subprocess.run([sys.executable, "-m", "agent", "-c", str(config), "poll"], cwd=REPO,
+    poll = subprocess.run([sys.executable, "-m", "postbote", "-c", str(config), "poll"], cwd=REPO,
                           capture_output=True, text=True, timeout=10)
     assert poll.returncode == 0
     assert f"the daemon (pid {daemon.process.pid}) is running: asked it to poll now" in poll.stdout
     daemon.wait_for("poll.requested")
     wait_until(lambda: subjects(maildir) == ["Subject: message 1"], 3, "the delivery")
-    unknown = subprocess.run([sys.executable, "-m", "agent", "-c", str(config), "poll", "nobody"], cwd=REPO,
+    unknown = subprocess.run([sys.executable, "-m", "postbote", "-c", str(config), "poll", "nobody"], cwd=REPO,
                              capture_output=True, text=True, timeout=10)
     assert unknown.returncode == 2 and "no account named 'nobody'" in unknown.stderr
     assert daemon.stop() == 0
@@ -412,7 +411,7 @@ def test_a_second_daemon_on_the_same_state_directory_refuses_to_start(tmp_path: 
     config = write_config(tmp_path / "postbote.yaml", [account("box", server, tmp_path / "Maildir")])
     first = daemons(config)
     first.wait_for("daemon.started")
-    second = subprocess.run([sys.executable, "-m", "agent", "-c", str(config), "run"], cwd=REPO,
+    second = subprocess.run([sys.executable, "-m", "postbote", "-c", str(config), "run"], cwd=REPO,
                             capture_output=True, text=True, timeout=10)
     assert second.returncode == 1
     assert f"another postbote daemon (pid {first.process.pid}) is using the state directory" in second.stderr

@@ -12,17 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from postbote.cli import configured
+from postbote.config import Config, load_config
+from postbote.errors import ConfigError
+from postbote.message import Message, Verdict
+from postbote.pluginmanager import make_plugin_manager
+from postbote.plugins import dedupe
+from postbote.poller import Poller, PollStats
+from postbote.pop3server import POP3Server
+from postbote.state import StateStore
 from structlog.testing import capture_logs
-
-from agent.cli import configured
-from agent.config import Config, load_config
-from agent.errors import ConfigError
-from agent.message import Message, Verdict
-from agent.pluginmanager import make_plugin_manager
-from agent.poller import Poller, PollStats
-from agent.pop3server import POP3Server
-from agent.state import StateStore
-from plugins import dedupe
 
 DAY = 86400.0
 START = 1_700_000_000.0

@@ -2,8 +2,8 @@
 
 Each test is one clause of the acceptance list.  postbote is driven the way a
 user drives it -- a YAML config file and the ``poll`` / ``retry`` / ``check``
-commands -- in process through ``agent.cli.main`` or, where its output
-matters, as ``python -m agent``.
+commands -- in process through ``postbote.cli.main`` or, where its output
+matters, as ``python -m postbote``.
 
 Delivery contract: postbote prepends exactly one ``Received:`` trace field and
 passes the message through otherwise byte for byte, with CRLF line endings on
@@ -175,7 +175,7 @@ class Postbote:
 
     def run(self, *args: str) -> int:
         """``postbote -c CONFIG ARGS...`` in this process; returns the exit code."""
-        from agent.cli import main  # imported late: a missing core fails tests, not collection
+        from postbote.cli import main  # imported late: a missing core fails tests, not collection
 
         with interrupt_after(RUN_TIMEOUT, "postbote"), logging_restored():
             try:
@@ -190,11 +190,11 @@ class Postbote:
         return self.run("retry", account, *uids)
 
     def run_process(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """``python -m agent -c CONFIG ARGS...`` as a child process, output captured."""
+        """``python -m postbote -c CONFIG ARGS...`` as a child process, output captured."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         return subprocess.run(
-            [sys.executable, "-m", "agent", "-c", str(self.config_file), *args],
+            [sys.executable, "-m", "postbote", "-c", str(self.config_file), *args],
             cwd=self.directory,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -6,11 +6,11 @@ import os
 import textwrap
 from pathlib import Path
 
-from agent.config import load_config
-from agent.pluginmanager import make_plugin_manager
-from agent.poller import Poller
-from agent.pop3server import POP3Server
-from agent.state import StateStore
+from postbote.config import load_config
+from postbote.pluginmanager import make_plugin_manager
+from postbote.poller import Poller
+from postbote.pop3server import POP3Server
+from postbote.state import StateStore
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "plugins"
 

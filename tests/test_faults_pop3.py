@@ -25,13 +25,13 @@ from typing import Any, Protocol
 
 import pytest
 import yaml
+from postbote.config import load_config
+from postbote.errors import StateError
+from postbote.pluginmanager import make_plugin_manager
+from postbote.poller import Poller, PollStats
+from postbote.pop3server import Action, Faults, POP3Server
+from postbote.state import REJECTED, Record, StateStore
 
-from agent.config import load_config
-from agent.errors import StateError
-from agent.pluginmanager import make_plugin_manager
-from agent.poller import Poller, PollStats
-from agent.pop3server import Action, Faults, POP3Server
-from agent.state import REJECTED, Record, StateStore
 from tests.servers import interrupt_after
 from tests.servers.faulty_smtp import FaultySMTP
 from tests.servers.smtp_sink import SMTPSink
@@ -303,7 +303,7 @@ def record_figures(test: str, rigs: list[Rig], **extra: int) -> None:
 
 @dataclass
 class Run:
-    """A finished ``python -m agent`` process: exit status, stdout and stderr together, peak RSS in bytes."""
+    """A finished ``python -m postbote`` process: exit status, stdout and stderr together, peak RSS in bytes."""
 
     status: int
     output: str
@@ -318,7 +318,7 @@ class Run:
 
 
 def postbote_argv(config: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "agent", "-c", str(config), *args]
+    return [sys.executable, "-m", "postbote", "-c", str(config), *args]
 
 
 def child_env(**extra: str) -> dict[str, str]:

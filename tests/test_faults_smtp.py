@@ -10,10 +10,10 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from postbote.errors import ConfigError
+from postbote.state import DELIVERED
 from structlog.testing import capture_logs
 
-from agent.errors import ConfigError
-from agent.state import DELIVERED
 from tests.conftest import DovecotFactory, SinkFactory
 from tests.servers.faulty_smtp import DROP, FaultySMTP, Stall
 from tests.servers.smtp_sink import SMTPSink

@@ -35,11 +35,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
-
-from agent.config import load_config
-from agent.pluginmanager import make_plugin_manager
-from agent.poller import Poller
-from agent.state import StateStore
+from postbote.config import load_config
+from postbote.pluginmanager import make_plugin_manager
+from postbote.poller import Poller
+from postbote.state import StateStore
 
 EXAMPLES = int(os.environ.get("POSTBOTE_FUZZ_EXAMPLES", "300"))
 CRLF = b"\r\n"

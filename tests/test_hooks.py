@@ -9,18 +9,17 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import postbote.hookspecs
 import pytest
-
-import agent.hookspecs
-from agent import DeliveryError, Verdict, hookimpl
-from agent.config import load_config
-from agent.pluginmanager import make_plugin_manager
-from agent.poller import Poller, PollStats
-from agent.pop3server import Action, Faults, POP3Server
-from agent.state import StateStore
+from postbote import DeliveryError, Verdict, hookimpl
+from postbote.config import load_config
+from postbote.pluginmanager import make_plugin_manager
+from postbote.poller import Poller, PollStats
+from postbote.pop3server import Action, Faults, POP3Server
+from postbote.state import StateStore
 
 ROOT = Path(__file__).resolve().parent.parent
-HOOKS = {name: fn for name, fn in inspect.getmembers(agent.hookspecs, inspect.isfunction)
+HOOKS = {name: fn for name, fn in inspect.getmembers(postbote.hookspecs, inspect.isfunction)
          if hasattr(fn, "postbote_spec")}
 
 

@@ -2,7 +2,7 @@
 
 Four chains each start with a mailbox of 300 messages (two deliver into a Maildir, one over SMTP to the aiosmtpd
 sink, whose answers to DATA postbote reads late, and one to a server offering CHUNKING, to which each message goes
-as one pipelined MAIL, RCPT and BDAT). In a chain, ``python -m agent poll`` runs as a child and is killed with
+as one pipelined MAIL, RCPT and BDAT). In a chain, ``python -m postbote poll`` runs as a child and is killed with
 SIGKILL, five times at five different points, and then runs once more to completion. After every run, killed or
 not, each message must be on the server or delivered; duplicates are counted and may be at most one per kill --
 the promise: a crash costs at worst one duplicate, never a loss.
@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from postbote.plugins.mbox import mboxrd_messages
+from postbote.pop3server import POP3Server
+from postbote.state import REJECTED
 
-from agent.pop3server import POP3Server
-from agent.state import REJECTED
-from plugins.mbox import mboxrd_messages
 from tests.servers.dovecot import DovecotServer
 from tests.servers.faulty_smtp import FaultySMTP
 from tests.servers.smtp_sink import SMTPSink

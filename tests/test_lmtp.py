@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from postbote.smtp import SMTPClient
 
-from agent.smtp import SMTPClient
 from tests.servers.dovecot import DovecotServer
 from tests.test_end_to_end import Postbote, make_message, strip_trace_header, to_crlf
 

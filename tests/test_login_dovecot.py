@@ -1,4 +1,4 @@
-"""`agent.login.login` against a real Dovecot: every mechanism it offers, right and wrong credentials.
+"""`postbote.login.login` against a real Dovecot: every mechanism it offers, right and wrong credentials.
 
 One Dovecot for the module (see tests/servers/dovecot_sasl.py): PLAIN, LOGIN, CRAM-MD5, SCRAM-SHA-1/256, APOP and
 USER for a user stored as {PLAIN}; SCRAM for users stored as SCRAM credentials made by ``doveadm pw``; XOAUTH2 and
@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from postbote.credentials import PasswordSource, Secret
+from postbote.errors import CredentialError
+from postbote.login import AuthSettings, login
+from postbote.oauth2 import OAuth2Refresher, TokenCommand, oauth2_settings
+from postbote.pop3 import POP3AuthError, POP3Client
+from postbote.sasl import MechanismChoiceError
+from postbote.tls import TLSPolicy
 
-from agent.credentials import PasswordSource, Secret
-from agent.errors import CredentialError
-from agent.login import AuthSettings, login
-from agent.oauth2 import OAuth2Refresher, TokenCommand, oauth2_settings
-from agent.pop3 import POP3AuthError, POP3Client
-from agent.sasl import MechanismChoiceError
-from agent.tls import TLSPolicy
 from tests.conftest import _require_dovecot
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot_sasl import FakeOAuthProvider, SaslDovecotServer, scram_credentials

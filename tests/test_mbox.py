@@ -28,14 +28,14 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from postbote import DeliveryError, Message
+from postbote.config import Destination, load_config
+from postbote.errors import ConfigError
+from postbote.pluginmanager import make_plugin_manager
+from postbote.plugins.mbox import MboxSettings, append_to_mbox, deliver_message, mboxrd_messages, mboxrd_quoted
+from postbote.state import DEFERRED, StateStore
 from structlog.testing import capture_logs
 
-from agent import DeliveryError, Message
-from agent.config import Destination, load_config
-from agent.errors import ConfigError
-from agent.pluginmanager import make_plugin_manager
-from agent.state import DEFERRED, StateStore
-from plugins.mbox import MboxSettings, append_to_mbox, deliver_message, mboxrd_messages, mboxrd_quoted
 from tests.servers import interrupt_after
 from tests.test_poller import mail, make_setup  # noqa: F401 - make_setup is a fixture
 
@@ -158,8 +158,8 @@ def test_a_full_disk_midway_truncates_the_partial_message(tmp_path: Path) -> Non
     script = textwrap.dedent(f"""\
         import resource, signal, sys
         from pathlib import Path
-        from agent import Message
-        from plugins.mbox import append_to_mbox
+        from postbote import Message
+        from postbote.plugins.mbox import append_to_mbox
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) + 1000}, resource.RLIM_INFINITY))
         try:
@@ -281,8 +281,8 @@ def test_concurrent_writers_never_interleave(tmp_path: Path) -> None:
     writer = textwrap.dedent(f"""\
         import sys
         from pathlib import Path
-        from agent import Message
-        from plugins.mbox import append_to_mbox
+        from postbote import Message
+        from postbote.plugins.mbox import append_to_mbox
         for n in range(25):
             body = (sys.argv[1] * 5000 + "\\r\\n") * 20
             append_to_mbox(Path({str(mbox)!r}), Message.from_bytes(f"Subject: {{n}}\\r\\n\\r\\n{{body}}".encode()))

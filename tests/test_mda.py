@@ -15,13 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from postbote import DeliveryError, Message
+from postbote.config import load_config
+from postbote.errors import ConfigError
+from postbote.pluginmanager import make_plugin_manager
+from postbote.plugins.mda import run_mda
+from postbote.state import DEFERRED, REJECTED, StateStore
 
-from agent import DeliveryError, Message
-from agent.config import load_config
-from agent.errors import ConfigError
-from agent.pluginmanager import make_plugin_manager
-from agent.state import DEFERRED, REJECTED, StateStore
-from plugins.mda import run_mda
 from tests.servers import wait_until
 from tests.test_poller import mail, make_setup  # noqa: F401 - make_setup is a fixture
 
@@ -261,7 +261,7 @@ def test_an_mda_gets_the_whole_message_even_when_postbote_is_killed_while_it_run
     slow_reader = script(tmp_path, "slow", "import time; time.sleep(0.5); "
                                            f"open({str(out)!r}, 'wb').write(sys.stdin.buffer.read())")
     big = b"".join(b"line %06d of a long message\n" % n for n in range(200_000))  # 5.8 MB: no pipe holds it
-    code = ("import os, sys, threading; from plugins.mda import run_mda\n"
+    code = ("import os, sys, threading; from postbote.plugins.mda import run_mda\n"
             "threading.Timer(0.2, lambda: os.kill(os.getpid(), 9)).start()\n"
             f"run_mda({slow_reader!r}, [sys.stdin.buffer.read()], timeout=30)\n")
     killed = subprocess.run([sys.executable, "-c", code], input=big, cwd=REPO_ROOT, timeout=30, check=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from agent.message import SPOOL_THRESHOLD, Message
+from postbote.message import SPOOL_THRESHOLD, Message
 
 RAW = (b"Return-Path: <list-bounces@example.org>\r\nSubject: Hello\r\nX-Long: a\r\n folded\r\n"
        b"Message-ID: <m1@example.org>\r\n\r\nbody line\r\n.\r\nSubject: not a header\r\n")
@@ -85,7 +85,7 @@ def test_the_trace_date_is_rfc5322_like_the_standard_library_writes_it() -> None
     import email.utils
     import time
 
-    from plugins.received import rfc5322_date
+    from postbote.plugins.received import rfc5322_date
 
     for moment in (0.0, 1_700_000_000.0, time.time()):
         assert rfc5322_date(moment) == email.utils.formatdate(moment, localtime=True)

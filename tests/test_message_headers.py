@@ -1,4 +1,4 @@
-"""The header API of `agent.message.Message` that filters (ours and third-party ones) call.
+"""The header API of `postbote.message.Message` that filters (ours and third-party ones) call.
 
 Two promises, checked with hypothesis:
 
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from postbote.message import Message
 
-from agent.message import Message
 from tests.servers import interrupt_after
 
 CALL_LIMIT = 10.0  # seconds for one call on a few kB: generous, only a hang can exceed it

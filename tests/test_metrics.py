@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from postbote.cli import configured, main
+from postbote.config import Config, load_config
+from postbote.errors import ConfigError
+from postbote.pluginmanager import make_plugin_manager
+from postbote.plugins import metrics
+from postbote.poller import Poller
+from postbote.pop3server import POP3Server
+from postbote.state import PollRecord, StateStore
+from postbote.status import WaitingSummary
 
-from agent.cli import configured, main
-from agent.config import Config, load_config
-from agent.errors import ConfigError
-from agent.pluginmanager import make_plugin_manager
-from agent.poller import Poller
-from agent.pop3server import POP3Server
-from agent.state import PollRecord, StateStore
-from agent.status import WaitingSummary
-from plugins import metrics
 from tests.test_daemon import account, mail, write_config
 
 
@@ -68,7 +68,7 @@ def record(account: str, **overrides: Any) -> PollRecord:
 def test_metrics_is_an_optional_built_in_off_unless_named(tmp_path: Path, capsys) -> None:
     path = write_config(tmp_path / "postbote.yaml", [account("alice", None, tmp_path / "Maildir")])
     assert main(["-c", str(path), "plugins"]) == 0
-    assert "metrics  [built-in: plugins.metrics]\n    enabled: off" in capsys.readouterr().out
+    assert "metrics  [built-in: postbote.plugins.metrics]\n    enabled: off" in capsys.readouterr().out
 
 
 def test_options_need_a_textfile_or_a_listen_address(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Nothing lost, for real: the loss and duplicate-storm paths an outside review found, each as the user met it.
 
 Each test names the finding of issue 11 it covers. They poll through the real poller against the scripted POP3
-server (`agent.pop3server`), into real destinations: a Maildir, an mbox, an MDA (a script that appends to a file),
+server (`postbote.pop3server`), into real destinations: a Maildir, an mbox, an MDA (a script that appends to a file),
 an SMTP server (aiosmtpd).
 """
 
@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from postbote.config import DEFAULT_MAX_SIZE, load_config
+from postbote.pluginmanager import make_plugin_manager
+from postbote.pop3server import DEFAULT_CAPABILITIES, Action, Faults
+from postbote.state import DEFERRED, DELIVERED, REJECTED, Outcome, StateStore
 
-from agent.config import DEFAULT_MAX_SIZE, load_config
-from agent.pluginmanager import make_plugin_manager
-from agent.pop3server import DEFAULT_CAPABILITIES, Action, Faults
-from agent.state import DEFERRED, DELIVERED, REJECTED, Outcome, StateStore
 from tests.servers.smtp_sink import SMTPSink
 from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401
     MaildirTarget,

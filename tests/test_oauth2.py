@@ -23,13 +23,12 @@ from pathlib import Path
 
 import pytest
 import structlog
-
-from agent import oauth2
-from agent.authcli import run_auth
-from agent.errors import AccountError, ConfigError, CredentialError
-from agent.logconfig import configure_logging
-from agent.login import AuthSettings
-from agent.oauth2 import (
+from postbote import oauth2
+from postbote.authcli import run_auth
+from postbote.errors import AccountError, ConfigError, CredentialError
+from postbote.logconfig import configure_logging
+from postbote.login import AuthSettings
+from postbote.oauth2 import (
     OAuth2Refresher,
     OAuth2Settings,
     TokenCommand,
@@ -38,7 +37,8 @@ from agent.oauth2 import (
     read_secret_file,
     write_secret_file,
 )
-from agent.settings import Problems, Section, load_yaml
+from postbote.settings import Problems, Section, load_yaml
+
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot_sasl import FakeOAuthProvider
 

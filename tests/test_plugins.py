@@ -7,15 +7,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from agent.cli import main
-from agent.config import load_config
-from agent.errors import ConfigError
-from agent.pluginmanager import make_plugin_manager
+from postbote.cli import main
+from postbote.config import load_config
+from postbote.errors import ConfigError
+from postbote.pluginmanager import make_plugin_manager
 
 LOCAL_PLUGIN = '''
-from agent import hookimpl, Verdict
-from agent.settings import Section, text
+from postbote import hookimpl, Verdict
+from postbote.settings import Section, text
 
 
 @hookimpl
@@ -87,7 +86,7 @@ def test_essential_built_ins_cannot_be_disabled(tmp_path: Path) -> None:
 
 
 def test_a_misspelt_hook_name_is_a_start_up_error(tmp_path: Path) -> None:
-    (tmp_path / "typo.py").write_text("from agent import hookimpl\n\n"
+    (tmp_path / "typo.py").write_text("from postbote import hookimpl\n\n"
                                       "@hookimpl\ndef filter_mesage(message):\n    pass\n")
     path = write_config(tmp_path, f"plugin_paths: [{tmp_path / 'typo.py'}]\n" + ACCOUNTS)
     expected = (r"plugin 'typo' implements 'filter_mesage', which is not a postbote hook"
@@ -110,4 +109,4 @@ def test_plugins_command_lists_source_enabling_and_hooks(tmp_path: Path, plugin_
     out = capsys.readouterr().out
     assert f"tagger  [plugin_paths: {plugin_dir / 'tagger.py'}]\n    enabled: a, c\n" \
            "    hooks: filter_message, parse_plugin_options" in out
-    assert "received  [built-in: plugins.received]\n    enabled: always" in out
+    assert "received  [built-in: postbote.plugins.received]\n    enabled: always" in out

@@ -15,14 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from agent import DeliveryError, Verdict, hookimpl
-from agent.config import Config, load_config
-from agent.errors import StateLockedError
-from agent.pluginmanager import make_plugin_manager
-from agent.poller import Poller, PollStats
-from agent.pop3server import Action, Faults, POP3Server
-from agent.state import REJECTED, StateLock, StateStore
+from postbote import DeliveryError, Verdict, hookimpl
+from postbote.config import Config, load_config
+from postbote.errors import StateLockedError
+from postbote.pluginmanager import make_plugin_manager
+from postbote.poller import Poller, PollStats
+from postbote.pop3server import Action, Faults, POP3Server
+from postbote.state import REJECTED, StateLock, StateStore
 
 
 def mail(n: int) -> bytes:

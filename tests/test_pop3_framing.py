@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from agent.digest import header_block_digest
-from agent.message import Message
-from agent.pop3 import (
+from postbote.digest import header_block_digest
+from postbote.message import Message
+from postbote.pop3 import (
     DATA_READ_SIZE,
     LineEnding,
     MessageTooLarge,
@@ -28,8 +27,9 @@ from agent.pop3 import (
     POP3Error,
     POP3ProtocolError,
 )
-from agent.pop3server import Action, Faults, POP3Server, Stuffing
-from agent.tls import TLSPolicy
+from postbote.pop3server import Action, Faults, POP3Server, Stuffing
+from postbote.tls import TLSPolicy
+
 from tests.servers import interrupt_after
 from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401
     MaildirTarget,

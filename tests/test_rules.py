@@ -11,19 +11,18 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from postbote.cli import configured
+from postbote.config import Account, Config, load_config
+from postbote.errors import ConfigError
+from postbote.message import Message, Verdict
+from postbote.pipeline import run_filters
+from postbote.pluginmanager import make_plugin_manager
+from postbote.plugins import rules
+from postbote.plugins.maildir import MaildirSettings
+from postbote.poller import Poller, PollStats
+from postbote.pop3server import POP3Server
+from postbote.state import StateStore
 from structlog.testing import capture_logs
-
-from agent.cli import configured
-from agent.config import Account, Config, load_config
-from agent.errors import ConfigError
-from agent.message import Message, Verdict
-from agent.pipeline import run_filters
-from agent.pluginmanager import make_plugin_manager
-from agent.poller import Poller, PollStats
-from agent.pop3server import POP3Server
-from agent.state import StateStore
-from plugins import rules
-from plugins.maildir import MaildirSettings
 
 ACCOUNT = "accounts:\n  - {name: a, host: h, username: u, password: p, deliver: {maildir: m}}\n"
 

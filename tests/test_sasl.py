@@ -9,9 +9,8 @@ import hmac
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from agent.credentials import Secret
-from agent.sasl import (
+from postbote.credentials import Secret
+from postbote.sasl import (
     AUTH_CHOICES,
     CLEARTEXT_MECHANISMS,
     SASL_NAMES,

@@ -25,12 +25,13 @@ from typing import Any
 import pytest
 import structlog
 import yaml
+from postbote import credentials
+from postbote.credentials import MASK, PasswordSource, Secret, child_environment, redact
+from postbote.errors import CredentialError
+from postbote.logconfig import configure_logging
+from postbote.oauth2 import TokenCommand, parse_token_response, read_secret_file
+from postbote.plugins.mda import run_mda
 
-from agent.credentials import MASK, PasswordSource, Secret, child_environment, redact
-from agent.errors import CredentialError
-from agent.logconfig import configure_logging
-from agent.oauth2 import TokenCommand, parse_token_response, read_secret_file
-from plugins.mda import run_mda
 from tests.conftest import DovecotFactory
 from tests.servers import interrupt_after
 
@@ -96,6 +97,13 @@ SECRET_SOURCES: list[Callable[[Path, pytest.MonkeyPatch], str]] = [
     password_from_env, password_from_file, password_from_command, token_from_token_command,
     tokens_from_the_token_endpoint, refresh_token_from_its_file, client_secret_from_its_file,
 ]
+
+
+@pytest.fixture(autouse=True)
+def only_this_tests_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry of secrets is process-wide: secrets that earlier tests registered (a password "secret", say)
+    would mask words this test looks for. Each test here starts with an empty one."""
+    monkeypatch.setattr(credentials, "_secrets", credentials._SecretRegistry())
 
 
 @pytest.fixture(params=SECRET_SOURCES, ids=lambda source: source.__name__)
@@ -264,7 +272,7 @@ def environment_with(**variables: bytes) -> dict[bytes, bytes]:
 
 
 def postbote(config: Path, command: str, environment: dict[bytes, bytes], **popen: Any) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "agent", "-c", str(config), command], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "postbote", "-c", str(config), command], cwd=REPO,
                             env=environment, stdin=subprocess.DEVNULL, **popen)
 
 

@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from postbote import credentials
+from postbote.credentials import PasswordSource
+from postbote.errors import CredentialError
+from postbote.pop3server import Action, Faults
+from postbote.tls import TLSPolicy
 
-from agent import credentials
-from agent.credentials import PasswordSource
-from agent.errors import CredentialError
-from agent.pop3server import Action, Faults
-from agent.tls import TLSPolicy
 from tests.conftest import DovecotFactory, SinkFactory
 from tests.servers.certs import TestPKI, openssl_binary
 from tests.servers.dovecot import DovecotServer

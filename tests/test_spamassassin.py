@@ -17,16 +17,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from agent import hookimpl
-from agent.config import Account, load_config
-from agent.errors import ConfigError
-from agent.message import Message
-from agent.pluginmanager import make_plugin_manager
-from agent.poller import Poller, PollStats
-from agent.pop3server import POP3Server
-from agent.state import StateStore
-from plugins.spamassassin import (
+from postbote import hookimpl
+from postbote.config import Account, load_config
+from postbote.errors import ConfigError
+from postbote.message import Message
+from postbote.pluginmanager import make_plugin_manager
+from postbote.plugins.spamassassin import (
     DEFAULT_MAX_SIZE,
     SpamdError,
     SpamdSettings,
@@ -35,6 +31,10 @@ from plugins.spamassassin import (
     scan,
     spam_fields,
 )
+from postbote.poller import Poller, PollStats
+from postbote.pop3server import POP3Server
+from postbote.state import StateStore
+
 from tests.servers import LOOPBACK, free_port
 from tests.servers.spamd import GTUBE, SpamdServer, SpamdStartError, spamd_binary, spamd_required
 

@@ -13,26 +13,25 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-from agent import hookimpl
-from agent.config import load_config
-from agent.pluginmanager import (
+from postbote import hookimpl
+from postbote.config import load_config
+from postbote.pluginmanager import (
     BUILTIN_PLUGINS,
     ESSENTIAL_PLUGINS,
     OPTIONAL_PLUGINS,
     make_plugin_manager,
     may_have_entry_points,
 )
-from agent.pop3server import POP3Server
+from postbote.pop3server import POP3Server
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Runs ``python -m agent ARGS`` as the command line does, then writes the names of the modules it loaded to OUT.
+# Runs ``python -m postbote ARGS`` as the command line does, then writes the names of the modules it loaded to OUT.
 RUN_AND_LIST_MODULES = textwrap.dedent("""\
     import runpy, sys
     out, sys.argv = sys.argv[1], ["postbote", *sys.argv[2:]]
     try:
-        runpy.run_module("agent", run_name="__main__", alter_sys=True)
+        runpy.run_module("postbote", run_name="__main__", alter_sys=True)
     except SystemExit as exit_:
         status = exit_.code
     else:
@@ -44,10 +43,10 @@ RUN_AND_LIST_MODULES = textwrap.dedent("""\
     """)
 
 # Needed only by some commands or some configs; none of them is imported by --help or by a plain poll.
-HTTP_AND_OAUTH2 = {"http.server", "http.client", "urllib.request", "webbrowser", "agent.oauth2", "agent.authcli"}
-UNUSED_BY_A_PLAIN_POLL = {*HTTP_AND_OAUTH2, "importlib.metadata", "difflib", "hmac", "agent.scheduler",
-                          "agent.status", "agent.sdnotify", "agent.demo", "schedule",
-                          *(f"plugins.{name}" for name in OPTIONAL_PLUGINS)}
+HTTP_AND_OAUTH2 = {"http.server", "http.client", "urllib.request", "webbrowser", "postbote.oauth2", "postbote.authcli"}
+UNUSED_BY_A_PLAIN_POLL = {*HTTP_AND_OAUTH2, "importlib.metadata", "difflib", "hmac", "postbote.scheduler",
+                          "postbote.status", "postbote.sdnotify", "postbote.demo", "schedule",
+                          *(f"postbote.plugins.{name}" for name in OPTIONAL_PLUGINS)}
 
 
 def modules_loaded_by(tmp_path: Path, *args: str) -> tuple[set[str], subprocess.CompletedProcess[str]]:
@@ -68,7 +67,7 @@ def test_help_imports_no_plugin_no_yaml_no_logging_and_no_network_code(tmp_path:
     loaded, done = modules_loaded_by(tmp_path, "--help")
     assert done.returncode == 0 and "poll" in done.stdout
     heavy = {"pluggy", "yaml", "structlog", "asyncio", "logging", "ssl", "sqlite3", "importlib.metadata",
-             "agent.config", "agent.message", "agent.poller", "plugins", *HTTP_AND_OAUTH2}
+             "postbote.config", "postbote.message", "postbote.poller", "postbote.plugins", *HTTP_AND_OAUTH2}
     assert heavy & loaded == set()
 
 
@@ -91,7 +90,7 @@ def test_a_plain_poll_imports_neither_http_nor_oauth2_nor_the_plugins_it_does_no
         assert done.returncode == 0, done.stderr
         assert server.uids() == []
     assert len(list((tmp_path / "Maildir" / "new").iterdir())) == 1
-    assert {f"plugins.{name}" for name in ESSENTIAL_PLUGINS} <= loaded
+    assert {f"postbote.plugins.{name}" for name in ESSENTIAL_PLUGINS} <= loaded
     assert UNUSED_BY_A_PLAIN_POLL & loaded == set()
 
 
@@ -125,8 +124,7 @@ def test_optional_built_ins_loaded_late_take_the_place_they_would_have_had_if_lo
     import importlib
 
     import pluggy
-
-    from agent import hookspecs
+    from postbote import hookspecs
 
     path = write_config(tmp_path, """\
         plugins: {spamassassin: {host: 127.0.0.1}, dedupe: true, backup: {maildir: b}, metrics: {textfile: m.prom}}
@@ -139,7 +137,7 @@ def test_optional_built_ins_loaded_late_take_the_place_they_would_have_had_if_lo
     eager = pluggy.PluginManager(hookspecs.PROJECT)
     eager.add_hookspecs(hookspecs)
     for name in BUILTIN_PLUGINS:
-        eager.register(importlib.import_module(f"plugins.{name}"), name=name)
+        eager.register(importlib.import_module(f"postbote.plugins.{name}"), name=name)
     eager.register(Observer(), name="observer")
     for hook in ("filter_message", "backup_message", "configure", "poll_finished", "parse_plugin_options"):
         lazy_order = [impl.plugin_name for impl in getattr(pm.hook, hook).get_hookimpls()]
@@ -149,14 +147,14 @@ def test_optional_built_ins_loaded_late_take_the_place_they_would_have_had_if_lo
 
 def test_postbote_plugins_lists_every_built_in_with_its_hooks(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from agent.cli import main
+    from postbote.cli import main
 
     path = write_config(tmp_path, "accounts:\n  - {name: a, host: h, username: u, password: p, "
                                   "deliver: {maildir: m}}\n")
     assert main(["-c", str(path), "plugins"]) == 0
     out = capsys.readouterr().out
     for name in BUILTIN_PLUGINS:
-        assert f"{name}  [built-in: plugins.{name}]" in out
+        assert f"{name}  [built-in: postbote.plugins.{name}]" in out
     assert "metrics  [built-in: plugins.metrics]\n    enabled: off\n    hooks: configure, parse_plugin_options, " \
            "poll_finished, unconfigure" in out
 
@@ -165,7 +163,7 @@ def test_installed_plugins_are_looked_for_only_where_metadata_names_the_group(tm
     """The cheap look before importlib.metadata: a false "no" would lose a plugin, so anything unclear is a "yes"."""
     site = tmp_path / "site"
     (site / "other-1.0.dist-info").mkdir(parents=True)
-    (site / "other-1.0.dist-info" / "entry_points.txt").write_text("[console_scripts]\npostbote = agent.cli:main\n")
+    (site / "other-1.0.dist-info" / "entry_points.txt").write_text("[console_scripts]\npostbote = postbote.cli:main\n")
     (site / "legacy.egg-info").write_text("Name: legacy\n")  # the old single-file form: no entry points
     assert not may_have_entry_points([str(site), str(tmp_path / "missing")])
 

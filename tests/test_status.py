@@ -20,14 +20,15 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from agent.cli import main
-from agent.config import load_config
-from agent.pluginmanager import make_plugin_manager
-from agent.poller import Poller
-from agent.pop3server import Action, Faults, POP3Server
-from agent.state import StateStore
-from agent.status import collect, show_status
-from plugins.progress import SHOW_AFTER, ProgressDisplay
+from postbote.cli import main
+from postbote.config import load_config
+from postbote.pluginmanager import make_plugin_manager
+from postbote.plugins.progress import SHOW_AFTER, ProgressDisplay
+from postbote.poller import Poller
+from postbote.pop3server import Action, Faults, POP3Server
+from postbote.state import StateStore
+from postbote.status import collect, show_status
+
 from tests.test_daemon import REPO, DaemonRun, account, mail, write_config
 
 
@@ -102,7 +103,7 @@ def test_status_while_the_daemon_runs_shows_it_and_the_next_poll(tmp_path: Path)
         daemon.send(signal.SIGUSR1)
         daemon.wait_for("poll.finished")
         time.sleep(0.1)  # the main loop records the next poll after the poll thread's report
-        status = subprocess.run([sys.executable, "-m", "agent", "-c", str(config), "status", "--json"], cwd=REPO,
+        status = subprocess.run([sys.executable, "-m", "postbote", "-c", str(config), "status", "--json"], cwd=REPO,
                                 capture_output=True, text=True, timeout=10)
         report = json.loads(status.stdout)
         assert status.returncode == 0
@@ -112,14 +113,14 @@ def test_status_while_the_daemon_runs_shows_it_and_the_next_poll(tmp_path: Path)
         next_poll = datetime.fromisoformat(alice["next_poll"])
         planned_after = next_poll - datetime.fromisoformat(alice["last_poll"])
         assert timedelta(minutes=59) < planned_after <= timedelta(hours=1, seconds=1)  # one poll_interval later
-        text = subprocess.run([sys.executable, "-m", "agent", "-c", str(config), "status"], cwd=REPO,
+        text = subprocess.run([sys.executable, "-m", "postbote", "-c", str(config), "status"], cwd=REPO,
                               capture_output=True, text=True, timeout=10).stdout
         assert f"daemon: running (pid {daemon.process.pid})" in text
         assert f"next poll {next_poll.astimezone().strftime('%Y-%m-%d %H:%M:%S')} (in " in text
     finally:
         assert daemon.stop() == 0
         server.stop()
-    after = json.loads(subprocess.run([sys.executable, "-m", "agent", "-c", str(config), "status", "--json"],
+    after = json.loads(subprocess.run([sys.executable, "-m", "postbote", "-c", str(config), "status", "--json"],
                                       cwd=REPO, capture_output=True, text=True, timeout=10).stdout)
     assert after["daemon"]["running"] is False and after["accounts"][0]["next_poll"] is None
 
@@ -336,7 +337,7 @@ def test_status_json_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
     reader, writer = os.pipe()
     os.close(reader)  # `postbote status --json | head -1` after head has gone: every write fails with EPIPE
     try:
-        done = subprocess.run([sys.executable, "-m", "agent", "-c", str(config), "status", "--json"], cwd=REPO,
+        done = subprocess.run([sys.executable, "-m", "postbote", "-c", str(config), "status", "--json"], cwd=REPO,
                               stdout=writer, stderr=subprocess.PIPE, text=True, timeout=30)
     finally:
         os.close(writer)

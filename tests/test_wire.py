@@ -8,10 +8,9 @@ import threading
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from agent.message import Message
-from agent.pop3 import POP3Client
-from agent.wire import LFEncoder, SMTPDataEncoder, crlf_lines, lf_lines, smtp_data
+from postbote.message import Message
+from postbote.pop3 import POP3Client
+from postbote.wire import LFEncoder, SMTPDataEncoder, crlf_lines, lf_lines, smtp_data
 
 # Messages biased towards the dangerous bytes: dots, CR, LF, NUL and 8-bit.
 tricky_bytes = st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"\x00", b"\xff", b"a", b"..", b"\r\n.\r\n"]),

@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from agent import Message, Verdict, hookimpl
-from agent.settings import Section, nonempty_text, text_list
+from postbote import Message, Verdict, hookimpl
+from postbote.settings import Section, nonempty_text, text_list
 
 _LIST_NAME = re.compile(r"<([^.>]+)")
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plugins.mbox import mboxrd_messages
+from postbote.plugins.mbox import mboxrd_messages
+
 from tests.servers.faulty_smtp import DROP, FaultySMTP
 from tests.test_faults_pop3 import MaildirTarget
 

@@ -21,12 +21,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import DeliveryError, hookimpl
-from agent.config import TOP_KEYS, load_config
-from agent.pluginmanager import make_plugin_manager
-from agent.poller import Poller, PollStats
-from agent.pop3server import Action, Faults, POP3Server, Reply, crlf_normalised
-from agent.state import DATABASE_NAME, REJECTED, StateStore
+from postbote import DeliveryError, hookimpl
+from postbote.config import TOP_KEYS, load_config
+from postbote.pluginmanager import make_plugin_manager
+from postbote.poller import Poller, PollStats
+from postbote.pop3server import Action, Faults, POP3Server, Reply, crlf_normalised
+from postbote.state import DATABASE_NAME, REJECTED, StateStore
+
 from tests.model.destinations import Destination, Kind, Outcome
 from tests.model.ledger import HiddenFault, InvariantBroken, Ledger, Stuck
 from tests.model.messages import ident_of, model_message, on_the_wire
