@@ -155,7 +155,7 @@ def test_postbote_plugins_lists_every_built_in_with_its_hooks(tmp_path: Path,
     out = capsys.readouterr().out
     for name in BUILTIN_PLUGINS:
         assert f"{name}  [built-in: postbote.plugins.{name}]" in out
-    assert "metrics  [built-in: plugins.metrics]\n    enabled: off\n    hooks: configure, parse_plugin_options, " \
+    assert "metrics  [built-in: postbote.plugins.metrics]\n    enabled: off\n    hooks: configure, parse_plugin_options, " \
            "poll_finished, unconfigure" in out
 
 
