@@ -14,7 +14,7 @@ import tempfile
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 
-from postbote.pop3server import POP3Server
+from postbote.testing.pop3server import POP3Server
 
 DEMO_USER, DEMO_PASSWORD = "demo", "demo-password"
 

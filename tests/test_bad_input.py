@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from postbote.pop3server import Faults, POP3Server, crlf_normalised
+from postbote.testing.pop3server import Faults, POP3Server, crlf_normalised
 
 from tests.servers.smtp_sink import SMTPSink
 from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401 - the shared fixtures

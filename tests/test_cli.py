@@ -16,7 +16,7 @@ from postbote.cli import main
 from postbote.config import load_config
 from postbote.pluginmanager import make_plugin_manager
 from postbote.poller import Poller
-from postbote.pop3server import Action, Faults, POP3Server
+from postbote.testing.pop3server import Action, Faults, POP3Server
 
 from tests.test_end_to_end import logging_restored
 

@@ -26,9 +26,9 @@ import yaml
 from postbote.config import load_config
 from postbote.pluginmanager import make_plugin_manager
 from postbote.poller import PollStats
-from postbote.pop3server import Action, Faults, POP3Server
 from postbote.scheduler import START_JITTER, Backoff, Daemon, start_delay
 from postbote.state import StateStore
+from postbote.testing.pop3server import Action, Faults, POP3Server
 
 REPO = Path(__file__).resolve().parent.parent
 

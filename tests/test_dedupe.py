@@ -19,8 +19,8 @@ from postbote.message import Message, Verdict
 from postbote.pluginmanager import make_plugin_manager
 from postbote.plugins import dedupe
 from postbote.poller import Poller, PollStats
-from postbote.pop3server import POP3Server
 from postbote.state import StateStore
+from postbote.testing.pop3server import POP3Server
 from structlog.testing import capture_logs
 
 DAY = 86400.0

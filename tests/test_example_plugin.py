@@ -9,8 +9,8 @@ from pathlib import Path
 from postbote.config import load_config
 from postbote.pluginmanager import make_plugin_manager
 from postbote.poller import Poller
-from postbote.pop3server import POP3Server
 from postbote.state import StateStore
+from postbote.testing.pop3server import POP3Server
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "plugins"
 

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from postbote.pop3server import Action, Faults
 from postbote.state import DATABASE_NAME, DELIVERED, StateLock
+from postbote.testing.pop3server import Action, Faults
 
 from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401 - the shared fixtures
     MaildirTarget,

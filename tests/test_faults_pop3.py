@@ -29,8 +29,8 @@ from postbote.config import load_config
 from postbote.errors import StateError
 from postbote.pluginmanager import make_plugin_manager
 from postbote.poller import Poller, PollStats
-from postbote.pop3server import Action, Faults, POP3Server
 from postbote.state import REJECTED, Record, StateStore
+from postbote.testing.pop3server import Action, Faults, POP3Server
 
 from tests.servers import interrupt_after
 from tests.servers.faulty_smtp import FaultySMTP

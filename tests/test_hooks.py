@@ -15,8 +15,8 @@ from postbote import DeliveryError, Verdict, hookimpl
 from postbote.config import load_config
 from postbote.pluginmanager import make_plugin_manager
 from postbote.poller import Poller, PollStats
-from postbote.pop3server import Action, Faults, POP3Server
 from postbote.state import StateStore
+from postbote.testing.pop3server import Action, Faults, POP3Server
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = {name: fn for name, fn in inspect.getmembers(postbote.hookspecs, inspect.isfunction)

@@ -30,8 +30,8 @@ from typing import Any
 
 import pytest
 from postbote.plugins.mbox import mboxrd_messages
-from postbote.pop3server import POP3Server
 from postbote.state import REJECTED
+from postbote.testing.pop3server import POP3Server
 
 from tests.servers.dovecot import DovecotServer
 from tests.servers.faulty_smtp import FaultySMTP

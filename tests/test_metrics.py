@@ -20,9 +20,9 @@ from postbote.errors import ConfigError
 from postbote.pluginmanager import make_plugin_manager
 from postbote.plugins import metrics
 from postbote.poller import Poller
-from postbote.pop3server import POP3Server
 from postbote.state import PollRecord, StateStore
 from postbote.status import WaitingSummary
+from postbote.testing.pop3server import POP3Server
 
 from tests.test_daemon import account, mail, write_config
 

@@ -1,8 +1,8 @@
 """Nothing lost, for real: the loss and duplicate-storm paths an outside review found, each as the user met it.
 
 Each test names the finding of issue 11 it covers. They poll through the real poller against the scripted POP3
-server (`postbote.pop3server`), into real destinations: a Maildir, an mbox, an MDA (a script that appends to a file),
-an SMTP server (aiosmtpd).
+server (`postbote.testing.pop3server`), into real destinations: a Maildir, an mbox, an MDA (a script that appends
+to a file), an SMTP server (aiosmtpd).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from postbote.config import DEFAULT_MAX_SIZE, load_config
 from postbote.pluginmanager import make_plugin_manager
-from postbote.pop3server import DEFAULT_CAPABILITIES, Action, Faults
 from postbote.state import DEFERRED, DELIVERED, REJECTED, Outcome, StateStore
+from postbote.testing.pop3server import DEFAULT_CAPABILITIES, Action, Faults
 
 from tests.servers.smtp_sink import SMTPSink
 from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401

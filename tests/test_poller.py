@@ -20,8 +20,8 @@ from postbote.config import Config, load_config
 from postbote.errors import StateLockedError
 from postbote.pluginmanager import make_plugin_manager
 from postbote.poller import Poller, PollStats
-from postbote.pop3server import Action, Faults, POP3Server
 from postbote.state import REJECTED, StateLock, StateStore
+from postbote.testing.pop3server import Action, Faults, POP3Server
 
 
 def mail(n: int) -> bytes:

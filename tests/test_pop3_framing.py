@@ -27,7 +27,7 @@ from postbote.pop3 import (
     POP3Error,
     POP3ProtocolError,
 )
-from postbote.pop3server import Action, Faults, POP3Server, Stuffing
+from postbote.testing.pop3server import Action, Faults, POP3Server, Stuffing
 from postbote.tls import TLSPolicy
 
 from tests.servers import interrupt_after

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from postbote.pop3server import Action, Faults, POP3Server, crlf_normalised
+from postbote.testing.pop3server import Action, Faults, POP3Server, crlf_normalised
 
 HELLO = b"From: a@example.org\r\nSubject: hello\r\n\r\nHello there.\r\n"
 BARE_LF = b"From: b@example.org\nSubject: bare\n\nline one\nline two\n"

@@ -20,8 +20,8 @@ from postbote.pluginmanager import make_plugin_manager
 from postbote.plugins import rules
 from postbote.plugins.maildir import MaildirSettings
 from postbote.poller import Poller, PollStats
-from postbote.pop3server import POP3Server
 from postbote.state import StateStore
+from postbote.testing.pop3server import POP3Server
 from structlog.testing import capture_logs
 
 ACCOUNT = "accounts:\n  - {name: a, host: h, username: u, password: p, deliver: {maildir: m}}\n"

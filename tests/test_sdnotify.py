@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from postbote.pop3server import POP3Server
 from postbote.sdnotify import Notifier, socket_address, watchdog_period
+from postbote.testing.pop3server import POP3Server
 
 from tests.test_daemon import DaemonRun, account, mail, subjects, wait_until, write_config
 

@@ -20,7 +20,7 @@ import pytest
 from postbote import credentials
 from postbote.credentials import PasswordSource
 from postbote.errors import CredentialError
-from postbote.pop3server import Action, Faults
+from postbote.testing.pop3server import Action, Faults
 from postbote.tls import TLSPolicy
 
 from tests.conftest import DovecotFactory, SinkFactory

@@ -32,8 +32,8 @@ from postbote.plugins.spamassassin import (
     spam_fields,
 )
 from postbote.poller import Poller, PollStats
-from postbote.pop3server import POP3Server
 from postbote.state import StateStore
+from postbote.testing.pop3server import POP3Server
 
 from tests.servers import LOOPBACK, free_port
 from tests.servers.spamd import GTUBE, SpamdServer, SpamdStartError, spamd_binary, spamd_required

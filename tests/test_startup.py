@@ -22,7 +22,7 @@ from postbote.pluginmanager import (
     make_plugin_manager,
     may_have_entry_points,
 )
-from postbote.pop3server import POP3Server
+from postbote.testing.pop3server import POP3Server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,8 +155,8 @@ def test_postbote_plugins_lists_every_built_in_with_its_hooks(tmp_path: Path,
     out = capsys.readouterr().out
     for name in BUILTIN_PLUGINS:
         assert f"{name}  [built-in: postbote.plugins.{name}]" in out
-    assert "metrics  [built-in: postbote.plugins.metrics]\n    enabled: off\n    hooks: configure, parse_plugin_options, " \
-           "poll_finished, unconfigure" in out
+    assert ("metrics  [built-in: postbote.plugins.metrics]\n    enabled: off\n"
+            "    hooks: configure, parse_plugin_options, poll_finished, unconfigure") in out
 
 
 def test_installed_plugins_are_looked_for_only_where_metadata_names_the_group(tmp_path: Path) -> None:

@@ -25,9 +25,9 @@ from postbote.config import load_config
 from postbote.pluginmanager import make_plugin_manager
 from postbote.plugins.progress import SHOW_AFTER, ProgressDisplay
 from postbote.poller import Poller
-from postbote.pop3server import Action, Faults, POP3Server
 from postbote.state import StateStore
 from postbote.status import collect, show_status
+from postbote.testing.pop3server import Action, Faults, POP3Server
 
 from tests.test_daemon import REPO, DaemonRun, account, mail, write_config
 

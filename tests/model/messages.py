@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from postbote.pop3server import crlf_normalised
+from postbote.testing.pop3server import crlf_normalised
 
 ID_WIDTH = 6
 _ID = re.compile(rb"^X-Model-Id: (\d{%d})\r?$" % ID_WIDTH, re.MULTILINE)

@@ -25,8 +25,8 @@ from postbote import DeliveryError, hookimpl
 from postbote.config import TOP_KEYS, load_config
 from postbote.pluginmanager import make_plugin_manager
 from postbote.poller import Poller, PollStats
-from postbote.pop3server import Action, Faults, POP3Server, Reply, crlf_normalised
 from postbote.state import DATABASE_NAME, REJECTED, StateStore
+from postbote.testing.pop3server import Action, Faults, POP3Server, Reply, crlf_normalised
 
 from tests.model.destinations import Destination, Kind, Outcome
 from tests.model.ledger import HiddenFault, InvariantBroken, Ledger, Stuck

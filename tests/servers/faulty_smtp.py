@@ -15,7 +15,7 @@ Stages: ``CONNECT`` (the greeting), ``EHLO`` (also LHLO/HELO), ``MAIL``, ``RCPT`
 command itself), ``BDAT`` (the reply to a chunk that is not the last, with ``chunking=True``), ``END`` (the reply
 after the message data: after ``.`` or after ``BDAT … LAST``), ``RSET``, ``QUIT``. An action is a reply line, a list
 of reply lines (``END`` in LMTP mode: one per accepted recipient), `DROP` (close without answering) or a `Stall`.
-Rules count matching commands across connections, like :class:`postbote.pop3server.Faults`.
+Rules count matching commands across connections, like :class:`postbote.testing.pop3server.Faults`.
 
 What arrived is recorded: `received` holds every message whose data was read completely, with the answer given
 (None when the connection was dropped instead), so a test can count how many copies the MTA may have kept.
