@@ -1,21 +1,104 @@
-"""postbote: fetch mail from POP3 mailboxes and redeliver it without ever losing a message."""
+"""postbote: fetch mail from POP3 mailboxes and redeliver it without ever losing a message.
+
+This module is the public face: everything a plugin needs is imported from here (``from postbote import hookimpl,
+Message, Verdict, Section, DeliveryError``), never from the modules behind it, which may move. The names are
+imported on first use (PEP 562), so that ``python -m postbote --help`` loads neither pluggy nor the message spooling,
+and a plain poll loads no TLS, SASL or OAuth2 code it does not use.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from postbote.errors import DeliveryError
+    from postbote.config import Account, Config, Destination, parse_destination_entry
+    from postbote.credentials import child_environment
+    from postbote.errors import (
+        AccountError,
+        ConfigError,
+        CredentialError,
+        DeliveryError,
+        PluginError,
+        PostboteError,
+        StateError,
+        StateLockedError,
+    )
     from postbote.hookspecs import hookimpl
     from postbote.message import Message, Verdict
+    from postbote.oauth2 import TokenEndpointError
+    from postbote.poller import PollContext as Poll
+    from postbote.pop3 import MessageTooLarge, POP3AuthError, POP3ConnectionError, POP3Error, POP3ProtocolError
+    from postbote.sasl import SASLError
+    from postbote.settings import (
+        Node,
+        Parser,
+        Problems,
+        Section,
+        boolean,
+        choice,
+        describe,
+        duration,
+        integer,
+        nonempty_text,
+        path_relative_to,
+        port_number,
+        size,
+        text,
+        text_list,
+    )
+    from postbote.smtp import Delivery, Reply, SMTPClient
+    from postbote.tls import TLSError, TLSPolicy
+    from postbote.wire import CRLFEncoder, LFEncoder, SMTPDataEncoder, crlf_lines, lf_lines, smtp_data
 
 __version__ = "0.1.0"
-__all__ = ["DeliveryError", "Message", "Verdict", "__version__", "hookimpl"]
 
-# The plugin API is imported on first use (PEP 562), so that ``python -m postbote --help`` loads neither pluggy nor
-# the message spooling.
-_LAZY = {"DeliveryError": "postbote.errors", "hookimpl": "postbote.hookspecs", "Message": "postbote.message",
-         "Verdict": "postbote.message"}
+# Where each public name lives: {module: (name, ...)} or, for a name the face gives another spelling,
+# {module: {public name: name in the module}}.
+_FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
+    # writing a plugin
+    "postbote.hookspecs": ("hookimpl",),
+    "postbote.message": ("Message", "Verdict"),
+    "postbote.config": ("Account", "Config", "Destination", "parse_destination_entry"),
+    "postbote.poller": {"Poll": "PollContext"},
+    # reading a plugin's options, with the core's file:line errors
+    "postbote.settings": ("Node", "Parser", "Problems", "Section", "boolean", "choice", "describe", "duration",
+                          "integer", "nonempty_text", "path_relative_to", "port_number", "size", "text",
+                          "text_list"),
+    # errors
+    "postbote.errors": ("AccountError", "ConfigError", "CredentialError", "DeliveryError", "PluginError",
+                        "PostboteError", "StateError", "StateLockedError"),
+    "postbote.tls": ("TLSError", "TLSPolicy"),
+    "postbote.sasl": ("SASLError",),
+    "postbote.pop3": ("MessageTooLarge", "POP3AuthError", "POP3ConnectionError", "POP3Error", "POP3ProtocolError"),
+    "postbote.oauth2": ("TokenEndpointError",),
+    # delivering: line endings for the wire and for files, an SMTP/LMTP client, a child's environment
+    "postbote.wire": ("CRLFEncoder", "LFEncoder", "SMTPDataEncoder", "crlf_lines", "lf_lines", "smtp_data"),
+    "postbote.smtp": ("Delivery", "Reply", "SMTPClient"),
+    "postbote.credentials": ("child_environment",),
+}
+
+
+def _lazy_table(face: dict[str, tuple[str, ...] | dict[str, str]]) -> dict[str, tuple[str, str]]:
+    """{public name: (module, name in the module)}."""
+    table: dict[str, tuple[str, str]] = {}
+    for module, names in face.items():
+        spelled = names if isinstance(names, dict) else {name: name for name in names}
+        table.update({public: (module, inner) for public, inner in spelled.items()})
+    return table
+
+
+_LAZY = _lazy_table(_FACE)
+
+__all__ = [  # spelled out, so that type checkers see the re-exports
+    "__version__",
+    "Account", "AccountError", "CRLFEncoder", "Config", "ConfigError", "CredentialError", "Delivery",
+    "DeliveryError", "Destination", "LFEncoder", "Message", "MessageTooLarge", "Node", "POP3AuthError",
+    "POP3ConnectionError", "POP3Error", "POP3ProtocolError", "Parser", "PluginError", "Poll", "PostboteError",
+    "Problems", "Reply", "SASLError", "SMTPClient", "SMTPDataEncoder", "Section", "StateError",
+    "StateLockedError", "TLSError", "TLSPolicy", "TokenEndpointError", "Verdict", "boolean", "child_environment",
+    "choice", "crlf_lines", "describe", "duration", "hookimpl", "integer", "lf_lines", "nonempty_text",
+    "parse_destination_entry", "path_relative_to", "port_number", "size", "smtp_data", "text", "text_list",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,6 +106,11 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(_LAZY[name]), name)
+    module, inner = _LAZY[name]
+    value = getattr(importlib.import_module(module), inner)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

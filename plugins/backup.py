@@ -15,12 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from postbote import Message, hookimpl
-from postbote import settings as s
-from postbote.config import Account
+from postbote import Account, Message, Node, Problems, Section, hookimpl, path_relative_to
 from postbote.plugins.maildir import write_maildir
 from postbote.plugins.mbox import append_to_mbox
-from postbote.settings import Node, Problems, Section
 
 NAME = "backup"
 FORMATS = ("maildir", "mbox")
@@ -44,7 +41,7 @@ def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir:
         hint = "; to change the kind for one account, set the other one to null there" if len(present) > 1 else ""
         section.problem(f"give exactly one of {', '.join(FORMATS)}: where the backup goes (found {found}{hint})")
         return None
-    path = section.get(present[0], s.path_relative_to(base_dir), required=True)
+    path = section.get(present[0], path_relative_to(base_dir), required=True)
     return BackupSettings(present[0], path) if path else None
 
 

@@ -21,14 +21,21 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from postbote import DeliveryError, Message, hookimpl
-from postbote import settings as s
-from postbote.config import Destination
-from postbote.settings import Node, Problems, Section
-from postbote.wire import lf_lines
+from postbote import (
+    DeliveryError,
+    Destination,
+    Message,
+    Node,
+    Problems,
+    Section,
+    boolean,
+    hookimpl,
+    lf_lines,
+    path_relative_to,
+)
 
 if TYPE_CHECKING:
-    from postbote.poller import PollContext
+    from postbote import Poll
 
 DESTINATION_KINDS = ("maildir",)
 _counter = itertools.count()
@@ -38,7 +45,7 @@ _counter = itertools.count()
 class MaildirSettings:
     path: Path
     create: bool = True
-    # Files are staged (`PollContext.stage_rename`): made visible in the transaction that records the message.
+    # Files are staged (`Poll.stage_rename`): made visible in the transaction that records the message.
     stages_delivery: ClassVar[bool] = True
 
     @property
@@ -52,17 +59,17 @@ def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Pa
         return None
     if not isinstance(options.value, dict):
         path = Section(Node({"path": options}, options.line, options.path), problems).get(
-            "path", s.path_relative_to(base_dir), required=True)
+            "path", path_relative_to(base_dir), required=True)
         return MaildirSettings(path) if path else None
     section = Section(options, problems)
-    settings = MaildirSettings(path=section.get("path", s.path_relative_to(base_dir), required=True),
-                               create=section.get("create", s.boolean, True))
+    settings = MaildirSettings(path=section.get("path", path_relative_to(base_dir), required=True),
+                               create=section.get("create", boolean, True))
     section.finish()
     return settings
 
 
 @hookimpl
-def deliver_message(message: Message, destination: Destination, poll: PollContext) -> str | None:
+def deliver_message(message: Message, destination: Destination, poll: Poll) -> str | None:
     if destination.kind != "maildir":
         return None
     settings: MaildirSettings = destination.settings

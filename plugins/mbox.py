@@ -33,12 +33,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-from postbote import DeliveryError, Message, hookimpl
-from postbote import settings as s
-from postbote.config import Destination
+from postbote import (
+    DeliveryError,
+    Destination,
+    Message,
+    Node,
+    Problems,
+    Section,
+    boolean,
+    duration,
+    hookimpl,
+    lf_lines,
+    path_relative_to,
+)
 from postbote.plugins.maildir import fsync_directory
-from postbote.settings import Node, Problems, Section
-from postbote.wire import lf_lines
 
 log = structlog.get_logger("postbote.mbox")
 
@@ -76,12 +84,12 @@ def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Pa
         return None
     if not isinstance(options.value, dict):
         path = Section(Node({"path": options}, options.line, options.path), problems).get(
-            "path", s.path_relative_to(base_dir), required=True)
+            "path", path_relative_to(base_dir), required=True)
         return MboxSettings(path) if path else None
     section = Section(options, problems)
-    settings = MboxSettings(path=section.get("path", s.path_relative_to(base_dir), required=True),
-                            create=section.get("create", s.boolean, True),
-                            lock_timeout=section.get("lock_timeout", s.duration, DEFAULT_LOCK_TIMEOUT))
+    settings = MboxSettings(path=section.get("path", path_relative_to(base_dir), required=True),
+                            create=section.get("create", boolean, True),
+                            lock_timeout=section.get("lock_timeout", duration, DEFAULT_LOCK_TIMEOUT))
     section.finish()
     return settings
 

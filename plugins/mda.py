@@ -26,12 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from postbote import DeliveryError, Message, hookimpl
-from postbote import settings as s
-from postbote.config import Account, Destination
-from postbote.credentials import child_environment
-from postbote.settings import Node, Problems, Section
-from postbote.wire import lf_lines
+from postbote import (
+    Account,
+    DeliveryError,
+    Destination,
+    Message,
+    Node,
+    Parser,
+    Problems,
+    Section,
+    child_environment,
+    duration,
+    hookimpl,
+    lf_lines,
+    path_relative_to,
+    text_list,
+)
 
 if TYPE_CHECKING:
     import subprocess
@@ -64,14 +74,14 @@ def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Pa
         options = Node({"command": options}, options.line, options.path)
     section = Section(options, problems)
     command = section.get("command", _command(base_dir), required=True)
-    timeout = section.get("timeout", s.duration, DEFAULT_TIMEOUT)
+    timeout = section.get("timeout", duration, DEFAULT_TIMEOUT)
     section.finish()
     if not command or not _placeholders_known(section):
         return None
     return MDASettings(tuple(command), timeout)
 
 
-def _command(base_dir: Path) -> s.Parser[list[str]]:
+def _command(base_dir: Path) -> Parser[list[str]]:
     """An argument list; a program given with a relative path (``bin/deliver``) is taken from ``base_dir``,
     a bare name (``procmail``) is looked up in PATH when it runs."""
 
@@ -79,10 +89,10 @@ def _command(base_dir: Path) -> s.Parser[list[str]]:
         if not isinstance(value, list):
             raise ValueError("expected a command as a list of arguments (it is run without a shell), "
                              "e.g. [/usr/bin/procmail, -d, alice]")
-        argv = s.text_list(value)
+        argv = text_list(value)
         program = argv[0]
         if "/" in program or program.startswith("~"):
-            argv[0] = str(s.path_relative_to(base_dir)(program))
+            argv[0] = str(path_relative_to(base_dir)(program))
         return argv
 
     return parse

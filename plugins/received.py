@@ -7,8 +7,7 @@ import socket
 import time
 from functools import cache, lru_cache
 
-from postbote import Message, hookimpl
-from postbote.config import Account
+from postbote import Account, Message, hookimpl
 
 _ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]+")
 

@@ -54,11 +54,23 @@ from typing import Any, Protocol
 
 import pluggy
 import structlog
-from postbote import Message, Verdict, hookimpl
-from postbote import settings as s
-from postbote.config import Account, Destination, parse_destination_entry
+from postbote import (
+    Account,
+    Destination,
+    Message,
+    Node,
+    Problems,
+    Section,
+    Verdict,
+    choice,
+    describe,
+    hookimpl,
+    nonempty_text,
+    parse_destination_entry,
+    size,
+    text_list,
+)
 from postbote.plugins.smtp import addresses
-from postbote.settings import Node, Problems, Section
 
 PLUGIN_NAME = "rules"
 RULE_KEYS = {"name", "match", "action"}
@@ -331,7 +343,7 @@ def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir:
         return None
     reader = _Reader(problems, base_dir, pluginmanager)
     section = Section(options, problems, what="a mapping with rules: [...]")
-    stop = section.get("stop", s.choice(*STOP_MODES), "first")
+    stop = section.get("stop", choice(*STOP_MODES), "first")
     rules_node = section.raw("rules")
     section.finish({"rules", "stop"})
     if rules_node is None or rules_node.value is None:
@@ -339,7 +351,7 @@ def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir:
                      "e.g. rules: [{match: {sender: '@spam.example'}, action: drop}]")
         return RulesOptions((), stop)
     if not isinstance(rules_node.value, list) or not rules_node.value:
-        reader.problem(rules_node, f"expected a non-empty list of rules, got {s.describe(rules_node.value)}")
+        reader.problem(rules_node, f"expected a non-empty list of rules, got {describe(rules_node.value)}")
         return RulesOptions((), stop)
     rules = [rule for index, item in enumerate(rules_node.value) if (rule := _rule(item, index, reader))]
     return RulesOptions(tuple(rules), stop)
@@ -347,7 +359,7 @@ def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir:
 
 def _rule(node: Node, index: int, reader: _Reader) -> Rule | None:
     section = Section(node, reader.problems, what="a rule mapping with match: and action:")
-    name = section.get("name", s.nonempty_text, f"#{index + 1}")
+    name = section.get("name", nonempty_text, f"#{index + 1}")
     match_node, action_node = section.raw("match"), section.raw("action")
     section.finish(RULE_KEYS)
     for key, given in (("match", match_node), ("action", action_node)):
@@ -386,7 +398,7 @@ def _condition_parts(section: Section, reader: _Reader) -> list[Condition | None
             parts.append(AddressCondition(which, test) if test else None)
     for key, over in (("size_over", True), ("size_under", False)):
         if key in section:
-            limit = section.get(key, s.size)
+            limit = section.get(key, size)
             parts.append(SizeCondition(limit, over) if limit is not None else None)
     for key, combine in (("all", AllOf), ("any", AnyOf)):
         if key in section:
@@ -423,9 +435,9 @@ def _address_test(node: Node, reader: _Reader) -> TextTest | None:
 
 def _text_test(kind: str, node: Node, reader: _Reader) -> TextTest | None:
     try:
-        wanted = s.nonempty_text(node.value)
+        wanted = nonempty_text(node.value)
     except ValueError as exc:
-        reader.problem(node, f"{exc}, got {s.describe(node.value)}")
+        reader.problem(node, f"{exc}, got {describe(node.value)}")
         return None
     if kind == "regex":
         try:
@@ -442,7 +454,7 @@ def _text_test(kind: str, node: Node, reader: _Reader) -> TextTest | None:
 
 def _combination(node: Node, combine: type[AllOf] | type[AnyOf], reader: _Reader) -> Condition | None:
     if not isinstance(node.value, list) or not node.value:
-        reader.problem(node, f"expected a non-empty list of conditions, got {s.describe(node.value)}")
+        reader.problem(node, f"expected a non-empty list of conditions, got {describe(node.value)}")
         return None
     parts = [_condition(item, reader) for item in node.value]
     if any(part is None for part in parts):
@@ -451,7 +463,7 @@ def _combination(node: Node, combine: type[AllOf] | type[AnyOf], reader: _Reader
 
 
 def _field_name(value: Any) -> str:
-    name = s.nonempty_text(value).strip()
+    name = nonempty_text(value).strip()
     if not _FIELD_NAME.fullmatch(name):
         raise ValueError("expected a header field name such as List-Id (no spaces or colons)")
     return name
@@ -485,7 +497,7 @@ def _action(node: Node, reader: _Reader) -> Action | None:
         reader.problem(node, f"{expected}, got {node.value!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         return None
     if not isinstance(node.value, dict) or len(node.value) != 1:
-        reader.problem(node, f"{expected}, got {s.describe(node.value)}"
+        reader.problem(node, f"{expected}, got {describe(node.value)}"
                        + (" (give several actions as a list)" if isinstance(node.value, dict) and node.value else ""))
         return None
     ((kind, options),) = node.value.items()
@@ -503,7 +515,7 @@ def _tag(node: Node, reader: _Reader) -> Tag | None:
     before = len(reader.problems.lines)
     section = Section(node, reader.problems, what="a mapping with header: and/or subject_prefix:")
     headers = section.get("header", _tag_headers, None)
-    prefix = section.get("subject_prefix", s.nonempty_text, None)
+    prefix = section.get("subject_prefix", nonempty_text, None)
     section.finish({"header", "subject_prefix"})
     if len(reader.problems.lines) > before:
         return None
@@ -515,7 +527,7 @@ def _tag(node: Node, reader: _Reader) -> Tag | None:
 
 def _tag_headers(value: Any) -> list[tuple[str, str]]:
     fields = []
-    for text in s.text_list(value):
+    for text in text_list(value):
         name, colon, field_value = text.partition(":")
         if not colon:
             raise ValueError('expected "Name: value" header fields')
@@ -527,7 +539,7 @@ def _reroute(node: Node, reader: _Reader) -> Reroute | None:
     try:
         return Reroute(tuple(addresses(node.value)))
     except ValueError as exc:
-        reader.problem(node, f"{exc} (the new envelope recipients), got {s.describe(node.value)}")
+        reader.problem(node, f"{exc} (the new envelope recipients), got {describe(node.value)}")
         return None
 
 

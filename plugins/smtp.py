@@ -17,16 +17,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from postbote import Message, hookimpl
-from postbote import settings as s
-from postbote.config import Destination
+from postbote import (
+    Delivery,
+    Destination,
+    Message,
+    Node,
+    Problems,
+    Section,
+    SMTPClient,
+    TLSPolicy,
+    boolean,
+    duration,
+    hookimpl,
+    nonempty_text,
+    path_relative_to,
+    port_number,
+    text_list,
+)
 from postbote.plugins.received import local_hostname
-from postbote.settings import Node, Problems, Section
-from postbote.smtp import Delivery, SMTPClient
-from postbote.tls import TLSPolicy
 
 if TYPE_CHECKING:
-    from postbote.poller import PollContext
+    from postbote import Poll
 
 DESTINATION_KINDS = ("smtp", "lmtp")
 _ADDRESS = re.compile(r"[^\s<>]+")
@@ -56,19 +67,19 @@ class SMTPSettings:
 
 
 def address(value: Any) -> str:
-    text = s.nonempty_text(value)
+    text = nonempty_text(value)
     if not _ADDRESS.fullmatch(text):
         raise ValueError("expected a mail address without spaces or angle brackets")
     return text
 
 
 def addresses(value: Any) -> list[str]:
-    return [address(item) for item in s.text_list(value)]
+    return [address(item) for item in text_list(value)]
 
 
 def ascii_envelope_sender(value: Any) -> str:
     """``<>`` or an ASCII address: a sender that every MTA can take, SMTPUTF8 or not."""
-    text = s.nonempty_text(value)
+    text = nonempty_text(value)
     if text == "<>":
         return NULL_SENDER
     if not text.isascii():
@@ -77,7 +88,7 @@ def ascii_envelope_sender(value: Any) -> str:
 
 
 def envelope_sender(value: Any) -> str | None:
-    text = s.nonempty_text(value)
+    text = nonempty_text(value)
     if text.lower() == "return-path":
         return None
     if text == "<>":
@@ -91,19 +102,19 @@ def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Pa
         return None
     section = Section(options, problems)
     lmtp = kind == "lmtp"
-    unix_socket = section.get("socket", s.path_relative_to(base_dir), None) if lmtp else None
+    unix_socket = section.get("socket", path_relative_to(base_dir), None) if lmtp else None
     settings = SMTPSettings(
         lmtp=lmtp,
-        host=section.get("host", s.nonempty_text, None if unix_socket else "localhost"),
-        port=section.get("port", s.port_number, 24 if lmtp else 25),
+        host=section.get("host", nonempty_text, None if unix_socket else "localhost"),
+        port=section.get("port", port_number, 24 if lmtp else 25),
         unix_socket=str(unix_socket) if unix_socket else None,
         recipients=tuple(section.get("recipients", addresses, [], required=True)),
-        helo=section.get("lhlo" if lmtp else "helo", s.nonempty_text, None) or local_hostname(),
-        starttls=section.get("starttls", s.boolean, False),
-        tls_verify=section.get("tls_verify", s.boolean, True),
-        tls_ca_file=section.get("tls_ca_file", s.path_relative_to(base_dir), None),
+        helo=section.get("lhlo" if lmtp else "helo", nonempty_text, None) or local_hostname(),
+        starttls=section.get("starttls", boolean, False),
+        tls_verify=section.get("tls_verify", boolean, True),
+        tls_ca_file=section.get("tls_ca_file", path_relative_to(base_dir), None),
         envelope_sender=section.get("envelope_sender", envelope_sender, None),
-        timeout=section.get("timeout", s.duration, 60.0),
+        timeout=section.get("timeout", duration, 60.0),
         fallback_sender=section.get("fallback_sender", ascii_envelope_sender, NULL_SENDER),
     )
     section.finish()
@@ -111,7 +122,7 @@ def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Pa
 
 
 @hookimpl
-def deliver_message(message: Message, destination: Destination, poll: PollContext) -> str | Delivery | None:
+def deliver_message(message: Message, destination: Destination, poll: Poll) -> str | Delivery | None:
     """With one recipient the answer is left to be read later (a deferred answer, see the hook's contract), so that
     the MTA stores this message while postbote fetches the next; with several it is read at once, because an LMTP
     server may take the message for some recipients and not others, and those must be noted right away."""

@@ -35,11 +35,23 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from postbote import Message, Verdict, hookimpl
-from postbote import settings as s
-from postbote.config import Account
-from postbote.errors import PostboteError
-from postbote.settings import Node, Problems, Section
+from postbote import (
+    Account,
+    Message,
+    Node,
+    Parser,
+    PostboteError,
+    Problems,
+    Section,
+    Verdict,
+    choice,
+    duration,
+    hookimpl,
+    nonempty_text,
+    path_relative_to,
+    port_number,
+    size,
+)
 
 NAME = "spamassassin"
 PROTOCOL = b"SPAMC/1.5"
@@ -110,21 +122,21 @@ def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir:
     if socket_path is not None and ("host" in section or "port" in section):
         section.problem("give either socket or host and port, not both", section.raw("socket"))
     settings = SpamdSettings(
-        host=section.get("host", s.nonempty_text, "localhost"),
-        port=section.get("port", s.port_number, DEFAULT_PORT),
+        host=section.get("host", nonempty_text, "localhost"),
+        port=section.get("port", port_number, DEFAULT_PORT),
         socket=socket_path,
-        timeout=section.get("timeout", s.duration, DEFAULT_TIMEOUT),
-        max_size=section.get("max_size", s.size, DEFAULT_MAX_SIZE),
+        timeout=section.get("timeout", duration, DEFAULT_TIMEOUT),
+        max_size=section.get("max_size", size, DEFAULT_MAX_SIZE),
         user=section.get("user", _user, None),
         drop_score=section.get("drop_score", _score, None),
-        on_error=section.get("on_error", s.choice(*ON_ERROR), "keep"),
+        on_error=section.get("on_error", choice(*ON_ERROR), "keep"),
     )
     section.finish(OPTION_KEYS)
     return settings
 
 
-def _socket_path(base_dir: Path) -> s.Parser[Path]:
-    relative = s.path_relative_to(base_dir)
+def _socket_path(base_dir: Path) -> Parser[Path]:
+    relative = path_relative_to(base_dir)
 
     def parse(value: Any) -> Path:
         path = relative(value)
@@ -136,7 +148,7 @@ def _socket_path(base_dir: Path) -> s.Parser[Path]:
 
 
 def _user(value: Any) -> str:
-    user = s.nonempty_text(value)
+    user = nonempty_text(value)
     if not _USER.fullmatch(user):
         raise ValueError("expected a user name of up to 128 printable ASCII characters without spaces")
     return user
