@@ -12,15 +12,14 @@ import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from postbote import settings as s
 from postbote.credentials import PasswordSource, Secret
 from postbote.errors import ConfigError
-from postbote.sasl import AUTH_CHOICES, TOKEN_MECHANISMS
 from postbote.settings import Node, Problems, Section
-from postbote.tls import normalise_fingerprint
 
 if TYPE_CHECKING:
     import pluggy
@@ -35,6 +34,27 @@ SECRET_KEYS = (*PASSWORD_KEYS, *TOKEN_KEYS)
 DEFAULT_MAX_SIZE = 256 * 1024 * 1024  # larger messages stay on the server, reported as rejected (max_size: to change)
 DEFAULT_STALE_AFTER = 3600.0  # mail waiting longer than this shows as stale in `postbote status`
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}")
+
+
+class AuthChoice(StrEnum):
+    """What ``auth:`` may say: ``auto`` or one login mechanism. The config owns the names the user writes; the SASL
+    code (postbote.sasl) implements them, so reading a config never loads the code that talks to a server."""
+
+    AUTO = "auto"
+    USER = "user"
+    APOP = "apop"
+    PLAIN = "plain"
+    LOGIN = "login"
+    CRAM_MD5 = "cram-md5"
+    SCRAM_SHA_1 = "scram-sha-1"
+    SCRAM_SHA_256 = "scram-sha-256"
+    XOAUTH2 = "xoauth2"
+    OAUTHBEARER = "oauthbearer"
+
+
+AUTH_CHOICES: tuple[str, ...] = tuple(choice.value for choice in AuthChoice)
+# The mechanisms that log in with an OAuth2 access token rather than a password.
+TOKEN_MECHANISMS: frozenset[str] = frozenset({AuthChoice.XOAUTH2.value, AuthChoice.OAUTHBEARER.value})
 
 
 def config_search_path() -> list[Path]:
@@ -305,7 +325,7 @@ def _credentials(section: Section, base_dir: Path, auth: str | None) -> dict[str
     node = section.raw(kind)
     if auth in TOKEN_MECHANISMS and kind in PASSWORD_KEYS:
         section.problem(f"auth: {auth} logs in with an OAuth2 access token: give token_command or oauth2", node)
-    elif auth not in ("auto", *TOKEN_MECHANISMS) and kind in TOKEN_KEYS:
+    elif auth not in (AuthChoice.AUTO, *TOKEN_MECHANISMS) and kind in TOKEN_KEYS:
         section.problem(f"auth: {auth} logs in with a password: give one of {', '.join(PASSWORD_KEYS)}", node)
     if kind == "token_command":
         return {"password": None, "token_command": tuple(section.get(kind, _argv) or ())}
@@ -344,6 +364,14 @@ def _password_file_path(base_dir: Path) -> s.Parser[Path]:
 
 def _fingerprint(value: Any) -> str:
     return normalise_fingerprint(s.nonempty_text(value))
+
+
+def normalise_fingerprint(value: str) -> str:
+    """``AB:CD:…`` or ``abcd…`` (64 hex digits) to lower-case hex without colons; ValueError otherwise."""
+    digits = value.replace(":", "").strip().lower()
+    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise ValueError("expected a SHA-256 fingerprint: 64 hex digits, optionally separated by colons")
+    return digits
 
 
 def _argv(value: Any) -> list[str]:

@@ -24,15 +24,14 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 
+from postbote.config import AUTH_CHOICES, TOKEN_MECHANISMS, AuthChoice
 from postbote.credentials import Secret
 from postbote.errors import AccountError
 
 # --- mechanism names ------------------------------------------------------------------------------------------------
 
-AUTH_CHOICES = ("auto", "user", "apop", "plain", "login", "cram-md5", "scram-sha-1", "scram-sha-256", "xoauth2",
-                "oauthbearer")
-PASSWORD_MECHANISMS = frozenset({"user", "apop", "plain", "login", "cram-md5", "scram-sha-1", "scram-sha-256"})
-TOKEN_MECHANISMS = frozenset({"xoauth2", "oauthbearer"})
+# AUTH_CHOICES (what ``auth:`` may say) and TOKEN_MECHANISMS are the config's: reading a config loads no SASL code.
+PASSWORD_MECHANISMS = frozenset(AUTH_CHOICES) - TOKEN_MECHANISMS - {AuthChoice.AUTO.value}
 # Mechanisms that put a reusable secret (password or bearer token) on the wire as it is.
 CLEARTEXT_MECHANISMS = frozenset({"user", "plain", "login", "xoauth2", "oauthbearer"})
 SASL_NAMES = {"plain": "PLAIN", "login": "LOGIN", "cram-md5": "CRAM-MD5", "scram-sha-1": "SCRAM-SHA-1",

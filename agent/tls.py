@@ -23,14 +23,6 @@ class TLSError(AccountError):
     """The TLS handshake failed or the server's certificate is not trusted."""
 
 
-def normalise_fingerprint(value: str) -> str:
-    """``AB:CD:…`` or ``abcd…`` (64 hex digits) to lower-case hex without colons; ValueError otherwise."""
-    digits = value.replace(":", "").strip().lower()
-    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
-        raise ValueError("expected a SHA-256 fingerprint: 64 hex digits, optionally separated by colons")
-    return digits
-
-
 @dataclass(frozen=True)
 class TLSPolicy:
     verify: bool = True
