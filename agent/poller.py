@@ -285,8 +285,8 @@ class Poller:
 
     def _reject_too_large(self, account: Account, entry: ListingEntry, stats: PollStats) -> None:
         """A message over ``max_size`` stays on the server, reported as rejected (once): never spooled."""
-        reason = (f"larger than max_size ({entry.size} > {account.max_size} octets): left on the server; raise "
-                  "max_size to fetch it")
+        reason = (f"larger than max_size ({entry.size} > {account.max_size} octets): left on the server; to fetch "
+                  f"it, raise max_size, then `postbote retry {account.name} {entry.uid}`")
         log.error("message.rejected", uid=entry.uid, size=entry.size, max_size=account.max_size, reason=reason)
         self.store.record(account.name, entry.uid, REJECTED, reason=reason, size=entry.size)
         stats.rejected += 1
