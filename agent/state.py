@@ -19,11 +19,13 @@ import contextlib
 import enum
 import fcntl
 import json
+import math
 import os
+import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -599,3 +601,209 @@ class StateLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+# --- plugin tables
+
+
+JsonValue = None | bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"]
+TableValue = JsonValue | bytes
+"""What a `KeyedTable` entry holds: bytes as they are, anything else as JSON (None is stored as SQL NULL)."""
+
+PRIVATE_MODE = 0o600
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+_KEYED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    namespace TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value,
+    written REAL NOT NULL,
+    PRIMARY KEY (namespace, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_by_time ON entries (written);
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One value of a `KeyedTable` and when it was written (seconds since the epoch, as the writer gave it)."""
+
+    value: TableValue
+    written: float
+
+
+@dataclass(frozen=True)
+class LegacyTable:
+    """The shape of a table an older version of a plugin kept in its database file, to move into a `KeyedTable`.
+
+    Its rows become entries (``namespace``, ``key``, no value, ``written``) the first time the file is opened, and the
+    old table is dropped in the same transaction: users upgrading keep their history, and the plugin never reads
+    two schemas. Every field names a table or column of the old file.
+    """
+
+    table: str
+    namespace: str
+    key: str
+    written: str
+
+    def __post_init__(self) -> None:
+        for name in (self.table, self.namespace, self.key, self.written):
+            if not _IDENTIFIER.fullmatch(name):
+                raise ValueError(f"legacy table: {name!r} is not a plain SQL identifier")
+
+
+class KeyedTable:
+    """A plugin's own table of values keyed by (namespace, key), each with the time it was written.
+
+    It lives in its own database file beside the state database (``state_dir/NAME.sqlite3``), not inside it: a
+    plugin's table has its own retention and may grow large (the dedupe history holds every Message-ID and
+    recipient of the window), so it must neither bloat the file nor hold the write lock that the per-message records
+    commit under, and a broken or deleted plugin table costs that plugin's feature, never the record of what was
+    delivered. It keeps the state store's other promises: the file and its ``-wal``/``-shm`` companions are created
+    0600 (and tightened if an older version left them wider), every write commits before it returns, writers wait
+    ``busy_timeout`` for another process's lock, and one connection is shared by the poll threads under a lock.
+    Every failure is a `StateError`.
+    """
+
+    def __init__(self, path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+                 legacy: LegacyTable | None = None) -> None:
+        self.path = path
+        self.tightened: list[tuple[Path, int]] = []
+        """Files of this table that were wider than 0600 when opened (path, former mode), for the plugin to log."""
+        self._lock = threading.RLock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._tighten_if_ours(path, create=True)
+            self._db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"cannot open {path}: {exc}") from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_KEYED_SCHEMA)
+            if legacy is not None:
+                self._adopt(legacy)
+            for companion in SQLITE_COMPANIONS:
+                self._tighten_if_ours(path.with_name(path.name + companion), create=False)
+        except (OSError, sqlite3.Error, StateError) as exc:
+            self._db.close()
+            raise StateError(f"cannot open {path}: {exc}") from None
+
+    @classmethod
+    def open(cls, state_dir: Path, name: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+             legacy: LegacyTable | None = None) -> KeyedTable:
+        """The table ``name`` of a plugin (``state_dir/NAME.sqlite3``), created if missing."""
+        if not _IDENTIFIER.fullmatch(name):
+            raise ValueError(f"plugin table name {name!r}: use letters, digits and underscores")
+        if f"{name}.sqlite3" == DATABASE_NAME:
+            raise ValueError(f"plugin table name {name!r}: that is the state database's own file")
+        return cls(state_dir / f"{name}.sqlite3", busy_timeout=busy_timeout, legacy=legacy)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def put(self, namespace: str, key: str, value: TableValue = None, *, written: float | None = None) -> None:
+        """Write one entry (replacing any under the same key), committed before returning."""
+        self.put_many(namespace, [key], value, written=written)
+
+    def put_many(self, namespace: str, keys: Iterable[str], value: TableValue = None, *,
+                 written: float | None = None) -> None:
+        """Write the same value under several keys of one namespace in one transaction."""
+        when = time.time() if written is None else written
+        stored = _encode(value)
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO entries (namespace, key, value, written) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, written = excluded.written",
+                [(namespace, key, stored, when) for key in keys])
+
+    def get(self, namespace: str, key: str) -> Entry | None:
+        return self.get_many(namespace, [key]).get(key)
+
+    def get_many(self, namespace: str, keys: Iterable[str], *, since: float | None = None) -> dict[str, Entry]:
+        """The entries of ``namespace`` under ``keys`` (those written at or after ``since``, if given)."""
+        wanted = sorted(set(keys))
+        if not wanted:
+            return {}
+        placeholders = ", ".join("?" * len(wanted))
+        rows = self._query(f"SELECT key, value, written FROM entries WHERE namespace = ? AND key IN ({placeholders})"
+                           " AND written >= ?", (namespace, *wanted, -math.inf if since is None else since))
+        return {key: Entry(_decode(value), written) for key, value, written in rows}
+
+    def contains(self, namespace: str, key: str, *, since: float | None = None) -> bool:
+        return key in self.get_many(namespace, [key], since=since)
+
+    def delete(self, namespace: str, key: str) -> bool:
+        """Remove one entry; returns whether there was one."""
+        with self._transaction():
+            return self._db.execute("DELETE FROM entries WHERE namespace = ? AND key = ?",
+                                    (namespace, key)).rowcount > 0
+
+    def expire_older_than(self, cutoff: float) -> int:
+        """Remove the entries written before ``cutoff``; returns how many."""
+        with self._transaction():
+            return self._db.execute("DELETE FROM entries WHERE written < ?", (cutoff,)).rowcount
+
+    def __len__(self) -> int:
+        return int(self._query("SELECT count(*) FROM entries", ())[0][0])
+
+    def _adopt(self, legacy: LegacyTable) -> None:
+        """Move the rows of an older version's table into ``entries`` and drop that table (see `LegacyTable`)."""
+        present = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                   (legacy.table,)).fetchall()
+        if not present:
+            return
+        with self._transaction():
+            self._db.execute(
+                f"INSERT INTO entries (namespace, key, value, written) "
+                f"SELECT {legacy.namespace}, {legacy.key}, NULL, {legacy.written} FROM {legacy.table} WHERE true "
+                f"ON CONFLICT (namespace, key) DO UPDATE SET written = max(entries.written, excluded.written)")
+            self._db.execute(f"DROP TABLE {legacy.table}")
+
+    def _tighten_if_ours(self, path: Path, *, create: bool) -> None:
+        """Create ``path`` 0600 (SQLite gives the -wal and -shm files the database file's mode), or tighten a file
+        of ours that an older version left wider; an absent companion is fine."""
+        flags = os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY)
+        try:
+            fd = os.open(path, flags, PRIVATE_MODE)
+        except FileNotFoundError:
+            if create:
+                raise
+            return
+        try:
+            status = os.fstat(fd)
+            if status.st_mode & 0o077 and status.st_uid == os.geteuid():
+                os.fchmod(fd, PRIVATE_MODE)
+                self.tightened.append((path, status.st_mode & 0o777))
+        finally:
+            os.close(fd)
+
+    def _query(self, sql: str, args: tuple[object, ...]) -> list[tuple]:
+        try:
+            with self._lock:
+                return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: {exc}") from None
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """The store's transaction, with every SQLite failure inside it a `StateError` too."""
+        try:
+            with _Transaction(self._db, self.path, self._lock):
+                yield
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: {exc}") from None
+
+
+def _encode(value: TableValue) -> bytes | str | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _decode(stored: bytes | str | None) -> TableValue:
+    if stored is None or isinstance(stored, bytes):
+        return stored
+    return json.loads(stored)  # type: ignore[no-any-return]
