@@ -20,16 +20,16 @@ for destinations without recipients (Maildir), the account name. A message is dr
 recipients got it within the window: a copy that reaches someone new is delivered to all of them.
 
 The filter runs last (``trylast``) so that it sees the final recipients; an earlier filter's ``accept`` skips it.
-The history lives in ``state_dir/dedupe.sqlite3`` (table ``delivered``: message_id, recipient, delivered_at), shared
-by all accounts and pruned of deliveries older than the longest window. If that database fails at run time the
-message is delivered (a duplicate is better than holding mail back), and the failure is logged.
+The history is the state store's keyed table ``dedupe`` (``state_dir/dedupe.sqlite3``: namespace the Message-ID, key
+the recipient, written when it was delivered), shared by all accounts and pruned of deliveries older than the longest
+window. A history written by an earlier version (table ``delivered``) is moved into it when first opened. If that
+database fails at run time the message is delivered (a duplicate is better than holding mail back), and the failure
+is logged.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -41,23 +41,18 @@ import structlog
 from postbote import Message, Verdict, hookimpl
 from postbote import settings as s
 from postbote.config import Account, Config
-from postbote.errors import ConfigError
+from postbote.errors import ConfigError, StateError
 from postbote.settings import Node, Problems, Section
+from postbote.state import DEFAULT_BUSY_TIMEOUT, KeyedTable, LegacyTable
 
 PLUGIN_NAME = "dedupe"
-DATABASE_NAME = "dedupe.sqlite3"
+TABLE_NAME = "dedupe"
+DATABASE_NAME = "dedupe.sqlite3"  # where `KeyedTable.open` keeps the table TABLE_NAME
 DEFAULT_WINDOW = 7 * 86400.0
 PRUNE_INTERVAL = 3600.0
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS delivered (
-    message_id TEXT NOT NULL,
-    recipient TEXT NOT NULL,
-    delivered_at REAL NOT NULL,
-    PRIMARY KEY (message_id, recipient)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS delivered_by_time ON delivered (delivered_at);
-"""
+OLDER_HISTORY = LegacyTable(table="delivered", namespace="message_id", key="recipient", written="delivered_at")
+"""The history as versions before the keyed table kept it in the same file: moved into the table on first open."""
 
 log = structlog.get_logger("postbote.dedupe")
 
@@ -74,80 +69,39 @@ class _Unsettled:
     handed_on_at: float
 
 
-SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
-PRIVATE_MODE = 0o600
-
-
-def create_private_file(path: Path) -> None:
-    """Create ``path`` readable by its owner only, or tighten it if an older version left it wider.
-
-    The history holds Message-IDs and recipients. SQLite would create the file under the process's umask (0644 with
-    the usual 022 outside systemd); it gives the ``-wal`` and ``-shm`` files the database file's mode, so creating
-    the database 0600 first makes all of them private.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, PRIVATE_MODE)
-    try:
-        _tighten(fd, path)
-    finally:
-        os.close(fd)
-
-
-def make_private(path: Path) -> None:
-    """Tighten an existing file of ours to `PRIVATE_MODE`; absent files are fine."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return
-    try:
-        _tighten(fd, path)
-    finally:
-        os.close(fd)
-
-
-def _tighten(fd: int, path: Path) -> None:
-    status = os.fstat(fd)
-    if status.st_mode & 0o077 and status.st_uid == os.geteuid():
-        os.fchmod(fd, PRIVATE_MODE)
-        log.info("dedupe.permissions_tightened", path=str(path), mode=oct(status.st_mode & 0o777))
-
-
 class DedupeStore:
     """The delivery history: one SQLite connection shared by every account, one lock around it for polling threads,
     plus each account's copies handed on but not yet committed (see the module docstring)."""
 
-    def __init__(self, path: Path, *, retention: float, clock: Callable[[], float] = time.time) -> None:
-        self.path = path
+    def __init__(self, table: KeyedTable, *, retention: float, clock: Callable[[], float] = time.time) -> None:
+        self.table = table
         self.retention = retention
         self.clock = clock
         self._lock = threading.Lock()
         self._unsettled: dict[str, dict[str, _Unsettled]] = {}
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        create_private_file(path)
-        self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error:
-            self._db.close()
-            raise
-        for companion in SQLITE_COMPANIONS:
-            make_private(path.with_name(path.name + companion))
+        for path, mode in table.tightened:
+            log.info("dedupe.permissions_tightened", path=str(path), mode=oct(mode))
         self._next_prune = 0.0
         self.prune()
 
+    @classmethod
+    def open(cls, state_dir: Path, *, retention: float, clock: Callable[[], float] = time.time,
+             busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> DedupeStore:
+        """The history of ``state_dir`` (created if missing, an earlier version's moved into the table)."""
+        table = KeyedTable.open(state_dir, TABLE_NAME, busy_timeout=busy_timeout, legacy=OLDER_HISTORY)
+        try:
+            return cls(table, retention=retention, clock=clock)
+        except BaseException:
+            table.close()
+            raise
+
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.table.close()
 
     def deliveries(self, message_id: str, recipients: Iterable[str], window: float) -> dict[str, float]:
         """The recipients among ``recipients`` that got this message within ``window``, with the time."""
-        wanted = sorted(set(recipients))
-        placeholders = ", ".join("?" * len(wanted))
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT recipient, delivered_at FROM delivered WHERE message_id = ? AND recipient IN ({placeholders})"
-                " AND delivered_at >= ?", (message_id, *wanted, self.clock() - window)).fetchall()
-        return dict(rows)
+        entries = self.table.get_many(message_id, recipients, since=self.clock() - window)
+        return {recipient: entry.written for recipient, entry in entries.items()}
 
     def last_delivery(self, account: str, uid: str, message_id: str, recipients: Iterable[str],
                       window: float) -> float | None:
@@ -181,20 +135,14 @@ class DedupeStore:
 
     def remember(self, message_id: str, recipients: Iterable[str]) -> None:
         now = self.clock()
-        with self._lock:
-            self._db.executemany(
-                "INSERT INTO delivered (message_id, recipient, delivered_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (message_id, recipient) DO UPDATE SET delivered_at = excluded.delivered_at",
-                [(message_id, recipient, now) for recipient in sorted(set(recipients))])
+        self.table.put_many(message_id, sorted(set(recipients)), written=now)
         if now >= self._next_prune:
             self.prune()
 
     def prune(self) -> int:
         """Forget deliveries older than the longest window; returns how many."""
         now = self.clock()
-        with self._lock:
-            removed = self._db.execute("DELETE FROM delivered WHERE delivered_at < ?",
-                                       (now - self.retention,)).rowcount
+        removed = self.table.expire_older_than(now - self.retention)
         self._next_prune = now + PRUNE_INTERVAL
         return removed
 
@@ -226,11 +174,11 @@ def configure(config: Config) -> None:
     options = _options_in_use(config)
     if not options:
         return
-    path = config.state_dir / DATABASE_NAME
     try:
-        store = DedupeStore(path, retention=max(o.window for o in options), clock=clock)
-    except (OSError, sqlite3.Error) as exc:
-        raise ConfigError(f"dedupe: cannot open {path}: {exc}") from None
+        store = DedupeStore.open(config.state_dir, retention=max(o.window for o in options), clock=clock,
+                                 busy_timeout=config.state_busy_timeout)
+    except StateError as exc:
+        raise ConfigError(f"dedupe: {exc}") from None
     for option in options:
         option.store = store
 
@@ -258,7 +206,7 @@ def filter_message(message: Message, account: Account) -> Verdict | None:
     recipients = recipient_keys(message, account)
     try:
         delivered_at = store.last_delivery(account.name, message.uid, message_id, recipients, window)
-    except sqlite3.Error as exc:
+    except StateError as exc:
         log.error("dedupe.check_failed", error=str(exc), action="delivering the message")
         return None
     if delivered_at is not None:

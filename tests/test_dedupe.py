@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from postbote.cli import configured
 from postbote.config import Config, load_config
-from postbote.errors import ConfigError
+from postbote.errors import ConfigError, StateError
 from postbote.message import Message, Verdict
 from postbote.pluginmanager import make_plugin_manager
 from postbote.plugins import dedupe
 from postbote.poller import Poller, PollStats
-from postbote.state import StateStore
+from postbote.state import KeyedTable, StateStore
 from postbote.testing.pop3server import POP3Server
 from structlog.testing import capture_logs
 
@@ -125,7 +125,7 @@ def test_message_ids_are_compared_without_folding_whitespace() -> None:
 
 def test_a_message_counts_as_seen_only_when_every_recipient_got_it_within_the_window(tmp_path: Path) -> None:
     clock = FakeClock()
-    store = dedupe.DedupeStore(tmp_path / "d.sqlite3", retention=7 * DAY, clock=clock)
+    store = dedupe.DedupeStore.open(tmp_path, retention=7 * DAY, clock=clock)
     store.remember("<m1>", ["alice", "bob"])
     clock.advance(DAY)
     assert store.last_delivery("acct", "u2", "<m1>", ["bob", "alice"], 7 * DAY) == START
@@ -139,7 +139,7 @@ def test_a_message_counts_as_seen_only_when_every_recipient_got_it_within_the_wi
 
 def test_copies_handed_on_earlier_in_the_poll_count_until_released(tmp_path: Path) -> None:
     clock = FakeClock()
-    store = dedupe.DedupeStore(tmp_path / "d.sqlite3", retention=DAY, clock=clock)
+    store = dedupe.DedupeStore.open(tmp_path, retention=DAY, clock=clock)
     store.hold("acct", "u1", "<m1>", ["alice"])
     store.remember("<m1>", ["bob"])
     assert store.last_delivery("acct", "u2", "<m1>", ["alice", "bob"], DAY) == START
@@ -155,18 +155,17 @@ def test_copies_handed_on_earlier_in_the_poll_count_until_released(tmp_path: Pat
 
 def test_old_deliveries_are_pruned(tmp_path: Path) -> None:
     clock = FakeClock()
-    store = dedupe.DedupeStore(tmp_path / "d.sqlite3", retention=2 * DAY, clock=clock)
+    store = dedupe.DedupeStore.open(tmp_path, retention=2 * DAY, clock=clock)
     store.remember("<old>", ["alice"])
     clock.advance(3 * DAY)
     store.remember("<new>", ["alice"])
-    rows = sqlite3.connect(tmp_path / "d.sqlite3").execute("SELECT message_id FROM delivered").fetchall()
-    assert rows == [("<new>",)]
+    assert len(store.table) == 1 and store.table.contains("<new>", "alice")
     assert store.prune() == 0
     store.close()
 
 
 def test_the_store_is_safe_for_accounts_polling_in_threads(tmp_path: Path) -> None:
-    store = dedupe.DedupeStore(tmp_path / "d.sqlite3", retention=DAY)
+    store = dedupe.DedupeStore.open(tmp_path, retention=DAY)
     errors: list[BaseException] = []
 
     def work(worker: int) -> None:
@@ -185,7 +184,7 @@ def test_the_store_is_safe_for_accounts_polling_in_threads(tmp_path: Path) -> No
     for thread in threads:
         thread.join()
     assert errors == []
-    assert store._db.execute("SELECT count(*) FROM delivered").fetchone() == (1600,)
+    assert len(store.table) == 1600
     store.close()
 
 
@@ -194,7 +193,7 @@ def test_a_broken_database_lets_mail_through_and_says_so(tmp_path: Path, clock: 
     config = load_config(write_config(tmp_path, f"state_dir: {tmp_path}\nplugins: {{dedupe: true}}\n" + ACCOUNT), pm)
     account = config.accounts[0]
     with configured(pm, config):
-        account.options_for("dedupe").store._db.close()
+        account.options_for("dedupe").store.table.close()
         with capture_logs() as events:
             assert dedupe.filter_message(Message.from_bytes(mail()), account) is None
     assert events[0]["event"] == "dedupe.check_failed"
@@ -213,8 +212,8 @@ def test_unconfigure_closes_the_database(tmp_path: Path, clock: FakeClock) -> No
         store = config.accounts[0].options_for("dedupe").store
         assert (tmp_path / dedupe.DATABASE_NAME).exists()
     assert config.accounts[0].options_for("dedupe").store is None
-    with pytest.raises(sqlite3.ProgrammingError):
-        store._db.execute("SELECT 1")
+    with pytest.raises(StateError, match="closed database"):
+        len(store.table)
 
 
 # --- end to end ---
@@ -367,9 +366,11 @@ def test_an_account_with_dedupe_disabled_delivers_every_copy(agent: Agent) -> No
         plain.server.add_message(mail())
         agent.poll()
     assert (len(deduped.delivered()), len(plain.delivered())) == (1, 2)
-    rows = sqlite3.connect(agent.tmp_path / "state" / dedupe.DATABASE_NAME).execute(
-        "SELECT recipient FROM delivered").fetchall()
-    assert rows == [("account:deduped",)]
+    history = KeyedTable.open(agent.tmp_path / "state", dedupe.TABLE_NAME)
+    try:
+        assert len(history) == 1 and history.contains("<m1@example.org>", "account:deduped")
+    finally:
+        history.close()
 
 
 def test_rerouted_copies_count_per_envelope_recipient(agent: Agent, smtp_sink) -> None:
@@ -425,13 +426,49 @@ def test_the_history_and_its_wal_files_are_private_under_umask_022(tmp_path: Pat
 
 def test_a_history_left_world_readable_by_an_older_version_is_made_private(tmp_path: Path,
                                                                            umask_022: None) -> None:
-    path = tmp_path / "d.sqlite3"
-    dedupe.DedupeStore(path, retention=DAY).close()
+    path = tmp_path / dedupe.DATABASE_NAME
+    dedupe.DedupeStore.open(tmp_path, retention=DAY).close()
     os.chmod(path, 0o644)
-    store = dedupe.DedupeStore(path, retention=DAY)
+    with capture_logs() as events:
+        store = dedupe.DedupeStore.open(tmp_path, retention=DAY)
     try:
         store.remember("<m1@example.org>", ["alice"])
         assert {name: mode for name, mode in file_modes(tmp_path).items()} == {
-            "d.sqlite3": 0o600, "d.sqlite3-wal": 0o600, "d.sqlite3-shm": 0o600}
+            "dedupe.sqlite3": 0o600, "dedupe.sqlite3-wal": 0o600, "dedupe.sqlite3-shm": 0o600}
     finally:
         store.close()
+    assert [(e["event"], e["path"], e["mode"]) for e in events] == [
+        ("dedupe.permissions_tightened", str(path), "0o644")]
+
+
+# --- upgrading from the history's own schema
+
+
+def write_history_of_the_previous_version(state_dir: Path, rows: list[tuple[str, str, float]]) -> None:
+    """``dedupe.sqlite3`` as the version before the state store's keyed tables wrote it (its own schema)."""
+    state_dir.mkdir(mode=0o700)
+    with sqlite3.connect(state_dir / dedupe.DATABASE_NAME) as db:
+        db.executescript("CREATE TABLE delivered (message_id TEXT NOT NULL, recipient TEXT NOT NULL, "
+                         "delivered_at REAL NOT NULL, PRIMARY KEY (message_id, recipient)) WITHOUT ROWID;"
+                         "CREATE INDEX delivered_by_time ON delivered (delivered_at);")
+        db.executemany("INSERT INTO delivered VALUES (?, ?, ?)", rows)
+    db.close()
+
+
+def test_a_history_written_by_the_previous_version_still_drops_its_copies(agent: Agent, clock: FakeClock) -> None:
+    """Upgrading must not forget the window: a copy of mail delivered before the upgrade is still a duplicate."""
+    write_history_of_the_previous_version(agent.tmp_path / "state", [
+        ("<m1@example.org>", "account:a", START - DAY),  # delivered yesterday by the previous version
+        ("<m2@example.org>", "account:a", START - 8 * DAY),  # outside the window
+    ])
+    box = agent.mailbox("a")
+    box.server.add_message(mail("<m1@example.org>"))
+    box.server.add_message(mail("<m2@example.org>"))
+    stats = agent.poll()["a"]
+    assert (stats.dropped, stats.delivered) == (1, 1)
+    assert [b"<m2@example.org>" in message for message in box.delivered()] == [True]
+    history = KeyedTable.open(agent.tmp_path / "state", dedupe.TABLE_NAME)
+    try:
+        assert history.get("<m1@example.org>", "account:a").written == START - DAY  # type: ignore[union-attr]
+    finally:
+        history.close()
