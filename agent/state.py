@@ -469,6 +469,29 @@ class StateStore:
         return _Transaction(self._db, self.path, self._lock)
 
 
+@dataclass(frozen=True)
+class AccountState:
+    """What the state store tells of one account's polls: what `read_account_state` returns."""
+
+    last_poll: PollRecord
+    waiting: list[WaitingMessage]  # deferred and rejected, longest waiting first
+
+
+def read_account_state(state_dir: Path, account: str) -> AccountState | None:
+    """The account's last poll and the messages waiting on its server, for readers outside the poller (metrics).
+
+    Read through a read-only store opened for this read alone: the reader never writes nor creates a file, and a
+    store kept open could be one SQLite reads as an immutable file (opened while nobody had the database open),
+    blind to every later poll. None when there is no database yet or no poll of ``account``; a `StateError` when
+    the database cannot be read.
+    """
+    if not StateStore.exists(state_dir):
+        return None
+    with contextlib.closing(StateStore(state_dir, readonly=True)) as store:
+        last_poll = store.last_poll(account)
+        return None if last_poll is None else AccountState(last_poll, store.waiting(account))
+
+
 def _create_private(path: Path) -> None:
     """Create the database file readable by its owner only (SQLite gives its -wal and -shm files the same mode)."""
     try:

@@ -6,8 +6,9 @@ timer as well as the daemon) and/or ``listen: 127.0.0.1:9465`` for an HTTP endpo
 endpoint only binds to loopback addresses unless ``allow_remote: true`` says otherwise: the metrics name the
 accounts and their errors' frequency, which is nobody else's business.
 
-The numbers come from the state store (the same running totals and waiting messages ``postbote status`` shows), so
-the counters survive restarts and do not depend on which process polled. ``postbote_messages_waiting`` and
+The numbers come from the state store (the same running totals and waiting messages ``postbote status`` shows),
+read through a read-only store after every poll, so the counters survive restarts and do not depend on which process
+polled. ``postbote_messages_waiting`` and
 ``postbote_messages_stale`` are what to alert on: mail that stays on the server instead of arriving.
 """
 
@@ -30,8 +31,8 @@ from postbote import settings as s
 from postbote.config import Account, Config
 from postbote.errors import ConfigError, PostboteError
 from postbote.settings import Node, Problems, Section
-from postbote.state import PollRecord, StateStore, WaitingMessage
-from postbote.status import WaitingSummary, stale_after, waiting_messages
+from postbote.state import PollRecord, WaitingMessage, read_account_state
+from postbote.status import WaitingSummary, stale_after
 
 if TYPE_CHECKING:
     from http.server import ThreadingHTTPServer
@@ -229,7 +230,6 @@ class MetricsExporter:
         self._records: dict[str, PollRecord] = {}
         self._waiting: dict[str, list[WaitingMessage]] = {}
         self._lock = threading.Lock()
-        self._store: StateStore | None = None
         self._servers: list[MetricsServer] = []
 
     def start(self) -> None:
@@ -249,21 +249,16 @@ class MetricsExporter:
         self.write_textfiles()
 
     def refresh(self, account: str) -> None:
-        """Read the account's latest poll record and its waiting messages from the state store."""
+        """Read the account's latest poll record and its waiting messages from the state store (read-only)."""
         try:
-            if self._store is None:
-                if not StateStore.exists(self.state_dir):
-                    return
-                self._store = StateStore(self.state_dir)
-            record = self._store.last_poll(account)
-            messages = waiting_messages(self._store, account)
+            state = read_account_state(self.state_dir, account)
         except PostboteError as exc:
             log.warning("metrics.state_unreadable", error=str(exc))
             return
-        if record is not None:
+        if state is not None:
             with self._lock:
-                self._records[account] = record
-                self._waiting[account] = messages
+                self._records[account] = state.last_poll
+                self._waiting[account] = state.waiting
 
     def render(self, accounts: list[str]) -> str:
         """The metrics of ``accounts``; staleness is judged now, so a scrape sees mail turn stale between polls."""
@@ -286,9 +281,6 @@ class MetricsExporter:
         for server in self._servers:
             server.close()
         self._servers = []
-        if self._store is not None:
-            self._store.close()
-            self._store = None
 
 
 def _show(address: tuple[str, int]) -> str:

@@ -240,3 +240,32 @@ def test_a_scrape_sees_mail_turn_stale_between_polls(tmp_path: Path) -> None:
         assert 'postbote_messages_waiting{account="alice",state="deferred"} 1' in exporter.render(["alice"])
     finally:
         exporter.close()
+
+
+# --- reading the state (issue 12: only the state store touches SQLite, and metrics only reads)
+
+
+def test_the_exporter_only_reads_the_state_and_sees_every_later_poll(tmp_path: Path) -> None:
+    """It opens a read-only store per refresh: it leaves no -wal/-shm files behind (which, made by another user, would
+    lock the service out) and, unlike a store kept open from a moment nobody was writing, sees the polls after it."""
+    config = load(tmp_path, {"listen": f"127.0.0.1:{free_port()}"}, account("alice", None, tmp_path / "Maildir"))
+    exporter = metrics.MetricsExporter(config)
+    try:
+        exporter.refresh("alice")  # no database yet: nothing to read, and nothing created
+        assert not config.state_dir.exists() or list(config.state_dir.iterdir()) == []
+        store = StateStore(config.state_dir)
+        store.record_poll("alice", ok=True, duration=0.1, counts={}, error=None)
+        store.close()
+        exporter.refresh("alice")
+        assert sorted(path.name for path in config.state_dir.iterdir()) == ["postbote.sqlite3"]
+        assert 'postbote_polls_total{account="alice"} 1' in exporter.render(["alice"])
+        store = StateStore(config.state_dir)
+        try:
+            store.record_poll("alice", ok=False, duration=0.1, counts={}, error="connection refused")
+            exporter.refresh("alice")
+        finally:
+            store.close()
+        assert 'postbote_polls_total{account="alice"} 2' in exporter.render(["alice"])
+        assert 'postbote_last_poll_success{account="alice"} 0' in exporter.render(["alice"])
+    finally:
+        exporter.close()
