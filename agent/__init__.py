@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from postbote.message import Message, Verdict
     from postbote.oauth2 import TokenEndpointError
     from postbote.poller import PollContext as Poll
+    from postbote.poller import PollStats
     from postbote.pop3 import MessageTooLarge, POP3AuthError, POP3ConnectionError, POP3Error, POP3ProtocolError
     from postbote.sasl import SASLError
     from postbote.settings import (
@@ -59,7 +60,7 @@ _FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
     "postbote.hookspecs": ("hookimpl",),
     "postbote.message": ("Message", "Verdict"),
     "postbote.config": ("Account", "Config", "Destination", "parse_destination_entry"),
-    "postbote.poller": {"Poll": "PollContext"},
+    "postbote.poller": {"Poll": "PollContext", "PollStats": "PollStats"},
     # reading a plugin's options, with the core's file:line errors
     "postbote.settings": ("Node", "Parser", "Problems", "Section", "boolean", "choice", "describe", "duration",
                           "integer", "nonempty_text", "path_relative_to", "port_number", "size", "text",
@@ -89,15 +90,21 @@ def _lazy_table(face: dict[str, tuple[str, ...] | dict[str, str]]) -> dict[str, 
 
 _LAZY = _lazy_table(_FACE)
 
-__all__ = [  # spelled out, so that type checkers see the re-exports
+__all__ = [  # spelled out, so that type checkers see the re-exports; tests/test_architecture.py keeps it in step
     "__version__",
-    "Account", "AccountError", "CRLFEncoder", "Config", "ConfigError", "CredentialError", "Delivery",
-    "DeliveryError", "Destination", "LFEncoder", "Message", "MessageTooLarge", "Node", "POP3AuthError",
-    "POP3ConnectionError", "POP3Error", "POP3ProtocolError", "Parser", "PluginError", "Poll", "PostboteError",
-    "Problems", "Reply", "SASLError", "SMTPClient", "SMTPDataEncoder", "Section", "StateError",
-    "StateLockedError", "TLSError", "TLSPolicy", "TokenEndpointError", "Verdict", "boolean", "child_environment",
-    "choice", "crlf_lines", "describe", "duration", "hookimpl", "integer", "lf_lines", "nonempty_text",
-    "parse_destination_entry", "path_relative_to", "port_number", "size", "smtp_data", "text", "text_list",
+    # writing a plugin
+    "Account", "Config", "Destination", "Message", "Poll", "PollStats", "Verdict", "hookimpl",
+    "parse_destination_entry",
+    # reading a plugin's options
+    "Node", "Parser", "Problems", "Section", "boolean", "choice", "describe", "duration", "integer", "nonempty_text",
+    "path_relative_to", "port_number", "size", "text", "text_list",
+    # errors
+    "AccountError", "ConfigError", "CredentialError", "DeliveryError", "MessageTooLarge", "POP3AuthError",
+    "POP3ConnectionError", "POP3Error", "POP3ProtocolError", "PluginError", "PostboteError", "SASLError",
+    "StateError", "StateLockedError", "TLSError", "TokenEndpointError",
+    # delivering
+    "CRLFEncoder", "Delivery", "LFEncoder", "Reply", "SMTPClient", "SMTPDataEncoder", "TLSPolicy", "child_environment",
+    "crlf_lines", "lf_lines", "smtp_data",
 ]
 
 

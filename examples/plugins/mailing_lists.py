@@ -13,8 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from postbote import Message, Verdict, hookimpl
-from postbote.settings import Section, nonempty_text, text_list
+from postbote import Message, Section, Verdict, hookimpl, nonempty_text, text_list
 
 _LIST_NAME = re.compile(r"<([^.>]+)")
 
