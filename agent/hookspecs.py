@@ -29,11 +29,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from postbote.config import Account, Config, Destination
-    from postbote.errors import PostboteError
-    from postbote.message import Message, Verdict
-    from postbote.poller import PollContext, PollStats
-    from postbote.settings import Node, Problems
+    # the names a plugin author sees, from the public face
+    from postbote import Account, Config, Destination, Message, Node, Poll, PollStats, PostboteError, Problems, Verdict
 
 PROJECT = "postbote"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -50,7 +47,7 @@ def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Pa
 
     Return a settings object for your own ``deliver_message`` when ``kind`` is yours, else None (no opinion).
     ``options`` is the YAML value under the kind's key, with its line number; report mistakes with
-    ``problems.add(options.line, options.path, "expected …")`` or read it through ``postbote.settings.Section``.
+    ``problems.add(options.line, options.path, "expected …")`` or read it through ``postbote.Section``.
     Relative paths are taken from ``base_dir``, the config file's directory. Stops at the first non-None result.
     A kind no plugin claims is a config error that lists the kinds known.
     """
@@ -65,9 +62,9 @@ def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir:
     shallowly overridden by the account's own ``plugins:`` entry (an empty mapping when neither gives options),
     so defaults and required keys are checked in one place. The result is what ``account.options_for(name)``
     returns while handling that account's messages. Report mistakes through ``problems`` (or read ``options`` with
-    ``postbote.settings.Section``). Return None if ``name`` is not yours; options given to a plugin that parses none
+    ``postbote.Section``). Return None if ``name`` is not yours; options given to a plugin that parses none
     are a config error. A plugin whose options name delivery targets (as ``rules`` does) turns them into
-    destinations with ``postbote.config.parse_destination_entry(node, problems, pluginmanager, base_dir)``.
+    destinations with ``postbote.parse_destination_entry(node, problems, pluginmanager, base_dir)``.
     Stops at the first non-None result.
     """
 
@@ -112,11 +109,11 @@ def backup_message(message: Message, account: Account) -> None:
 
 
 @hookspec(firstresult=True)
-def deliver_message(message: Message, destination: Destination, account: Account, poll: PollContext) -> Any | None:
+def deliver_message(message: Message, destination: Destination, account: Account, poll: Poll) -> Any | None:
     """Hand a message to ``destination`` if its ``destination.kind`` is yours; else return None (no opinion).
 
     Return a short description of where it went (``"250 2.0.0 Ok: queued as 4F…"``, a file name) only once the
-    message is durable there. Raise ``postbote.errors.DeliveryError(reason, temporary=…)`` when the destination refuses
+    message is durable there. Raise ``postbote.DeliveryError(reason, temporary=…)`` when the destination refuses
     it: temporary leaves it on the server to be retried next poll, permanent marks it rejected (still on the server,
     retried only after ``postbote retry``). Any other exception counts as temporary. Use
     ``poll.resource(key, opener)`` to keep one connection for all messages of a poll; it is closed when the poll ends.
