@@ -38,12 +38,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
-from postbote import Message, Verdict, hookimpl
-from postbote import settings as s
-from postbote.config import Account, Config
-from postbote.errors import ConfigError, StateError
-from postbote.settings import Node, Problems, Section
-from postbote.state import DEFAULT_BUSY_TIMEOUT, KeyedTable, LegacyTable
+from postbote import (
+    Account,
+    Config,
+    ConfigError,
+    Message,
+    Node,
+    Problems,
+    Section,
+    StateError,
+    Verdict,
+    duration,
+    hookimpl,
+)
+from postbote.state import KeyedTable, LegacyTable
 
 PLUGIN_NAME = "dedupe"
 TABLE_NAME = "dedupe"
@@ -86,9 +94,11 @@ class DedupeStore:
 
     @classmethod
     def open(cls, state_dir: Path, *, retention: float, clock: Callable[[], float] = time.time,
-             busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> DedupeStore:
-        """The history of ``state_dir`` (created if missing, an earlier version's moved into the table)."""
-        table = KeyedTable.open(state_dir, TABLE_NAME, busy_timeout=busy_timeout, legacy=OLDER_HISTORY)
+             busy_timeout: float | None = None) -> DedupeStore:
+        """The history of ``state_dir`` (created if missing, an earlier version's moved into the table); it waits
+        ``busy_timeout`` for another process's lock (default: the state store's)."""
+        waiting = {} if busy_timeout is None else {"busy_timeout": busy_timeout}
+        table = KeyedTable.open(state_dir, TABLE_NAME, legacy=OLDER_HISTORY, **waiting)
         try:
             return cls(table, retention=retention, clock=clock)
         except BaseException:
@@ -164,7 +174,7 @@ def parse_plugin_options(name: str, options: Node, problems: Problems) -> Dedupe
     if name != PLUGIN_NAME:
         return None
     section = Section(options, problems, what="a mapping such as {window: 7d}")
-    window = section.get("window", s.duration, DEFAULT_WINDOW)
+    window = section.get("window", duration, DEFAULT_WINDOW)
     section.finish({"window"})
     return DedupeOptions(window)
 

@@ -26,11 +26,19 @@ from socket import AF_INET, AF_INET6
 from typing import TYPE_CHECKING
 
 import structlog
-from postbote import hookimpl
-from postbote import settings as s
-from postbote.config import Account, Config
-from postbote.errors import ConfigError, PostboteError
-from postbote.settings import Node, Problems, Section
+from postbote import (
+    Account,
+    Config,
+    ConfigError,
+    Node,
+    PostboteError,
+    Problems,
+    Section,
+    boolean,
+    hookimpl,
+    nonempty_text,
+    path_relative_to,
+)
 from postbote.state import PollRecord, WaitingMessage, read_account_state
 from postbote.status import WaitingSummary, stale_after
 
@@ -58,9 +66,9 @@ def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir:
     if name != NAME:
         return None
     section = Section(options, problems)
-    settings = MetricsSettings(textfile=section.get("textfile", s.path_relative_to(base_dir), None),
+    settings = MetricsSettings(textfile=section.get("textfile", path_relative_to(base_dir), None),
                                listen=section.get("listen", listen_address, None),
-                               allow_remote=section.get("allow_remote", s.boolean, False))
+                               allow_remote=section.get("allow_remote", boolean, False))
     section.finish({"textfile", "listen", "allow_remote"})
     if settings.textfile is None and settings.listen is None:
         section.problem("give textfile: PATH (for node-exporter's textfile collector) and/or "
@@ -77,7 +85,7 @@ def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir:
 def listen_address(value: object) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:9465`` for IPv6) with HOST an IP address or ``localhost``."""
     expected = f"expected HOST:PORT such as 127.0.0.1:{DEFAULT_PORT} or [::1]:{DEFAULT_PORT}"
-    text = s.nonempty_text(value)
+    text = nonempty_text(value)
     host, colon, port = text.rpartition(":")
     if not colon or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(expected)
