@@ -52,6 +52,14 @@ class AuthChoice(StrEnum):
     OAUTHBEARER = "oauthbearer"
 
 
+class TLSMode(StrEnum):
+    """What ``tls:`` may say for a POP3 account."""
+
+    IMPLICIT = "implicit"  # TLS from the first byte (port 995)
+    STARTTLS = "starttls"  # STLS on the plain port (110)
+    NONE = "none"
+
+
 AUTH_CHOICES: tuple[str, ...] = tuple(choice.value for choice in AuthChoice)
 # The mechanisms that log in with an OAuth2 access token rather than a password.
 TOKEN_MECHANISMS: frozenset[str] = frozenset({AuthChoice.XOAUTH2.value, AuthChoice.OAUTHBEARER.value})
@@ -255,8 +263,8 @@ def _account(section: Section, problems: Problems, pm: PluginManager, base_dir: 
     name = section.get("name", s.nonempty_text, required=True)
     if name is not None and not _ACCOUNT_NAME.fullmatch(name):
         section.problem("expected letters, digits and . _ @ + - (up to 100 characters)", section.raw("name"))
-    tls = section.get("tls", s.choice("implicit", "starttls", "none"), "implicit")
-    port = section.get("port", s.port_number, 995 if tls == "implicit" else 110)
+    tls = section.get("tls", s.choice(*TLSMode), TLSMode.IMPLICIT.value)
+    port = section.get("port", s.port_number, 995 if tls == TLSMode.IMPLICIT else 110)
     account_args = dict(
         name=name,
         host=section.get("host", s.nonempty_text, required=True),
