@@ -21,12 +21,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from postbote.cli import main
+from postbote.cli.progress import SHOW_AFTER, ProgressDisplay
+from postbote.cli.status import collect, show_status
 from postbote.config import load_config
 from postbote.pluginmanager import make_plugin_manager
-from postbote.plugins.progress import SHOW_AFTER, ProgressDisplay
 from postbote.poller import Poller
 from postbote.state import StateStore
-from postbote.status import collect, show_status
 from postbote.testing.pop3server import Action, Faults, POP3Server
 
 from tests.test_daemon import REPO, DaemonRun, account, mail, write_config

@@ -1,9 +1,9 @@
 """Progress of long fetches on a terminal: ``alice: 120/3400 messages, 12.3/450.0 MB (3%)``, redrawn in place.
 
-Not a built-in loaded by name: ``postbote poll`` registers a `ProgressDisplay` when stderr is a terminal, so a
-daemon or a timer never draws anything. A line appears only once a poll has been fetching for `SHOW_AFTER`
-seconds, so quick polls stay quiet. Log lines printed meanwhile first wipe the progress line (a logging filter does
-that), so the two never end up mixed on one line.
+Part of the CLI, not a built-in plugin: ``postbote poll`` registers a `ProgressDisplay` as an observer plugin when
+stderr is a terminal, so a daemon or a timer never draws anything. A line appears only once a poll has been fetching
+for `SHOW_AFTER` seconds, so quick polls stay quiet. Log lines printed meanwhile first wipe the progress line (a
+logging filter does that), so the two never end up mixed on one line.
 """
 
 from __future__ import annotations

@@ -2,11 +2,13 @@
 
 Starts the built-in POP3 server on a loopback port with sample messages (among them the kinds that trip other
 tools: a line that is only a dot, 8-bit text, an attachment), writes an ordinary config file for it, polls it
-exactly as ``postbote poll`` would, and delivers into a Maildir whose path it prints.
+exactly as ``postbote poll`` would (the ``poll`` command itself, inside the CLI's error boundary), and delivers into
+a Maildir whose path it prints.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import os
 import sys
@@ -14,6 +16,8 @@ import tempfile
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 
+from postbote.cli.boundary import guarded
+from postbote.cli.poll import run as run_poll
 from postbote.testing.pop3server import POP3Server
 
 DEMO_USER, DEMO_PASSWORD = "demo", "demo-password"
@@ -57,9 +61,18 @@ def sample_messages(extra: int = 0) -> list[bytes]:
     return messages
 
 
-def run_demo(*, maildir: str | None, extra_messages: int | None, log_format: str, log_level: str) -> int:
-    from postbote.cli import main
+def run(args: argparse.Namespace) -> int:
+    return run_demo(maildir=args.maildir, extra_messages=args.messages, log_format=args.log_format or "auto",
+                    log_level=args.log_level or "info")
 
+
+def poll_config(config: Path) -> int:
+    """``postbote -c CONFIG poll``: one line and an exit status for an error, as on the command line."""
+    poll_args = argparse.Namespace(config=str(config), log_level=None, log_format=None, accounts=[])
+    return guarded(lambda: run_poll(poll_args))
+
+
+def run_demo(*, maildir: str | None, extra_messages: int | None, log_format: str, log_level: str) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="postbote-demo-"))
     target = Path(maildir).resolve() if maildir else workdir / "Maildir"
     with POP3Server(sample_messages(extra_messages or 0), users={DEMO_USER: DEMO_PASSWORD}) as server:
@@ -70,7 +83,7 @@ def run_demo(*, maildir: str | None, extra_messages: int | None, log_format: str
         os.chmod(config, 0o600)
         print(f"postbote demo: POP3 server on 127.0.0.1:{server.port} with {len(server.uids())} messages; "
               f"config {config}", file=sys.stderr)
-        status = main(["-c", str(config), "poll"])
+        status = poll_config(config)
         left = len(server.uids())
     delivered = sorted((target / "new").glob("*")) if (target / "new").is_dir() else []
     print(f"postbote demo: {len(delivered)} message(s) delivered to the Maildir {target} "

@@ -1,0 +1,91 @@
+"""The ``postbote`` command: the parser, and the dispatch to one module per command.
+
+Exit status (`postbote.jobs.ExitStatus`): ``poll`` exits 0 only when every listed message was delivered, dropped by a
+filter or left on purpose; 1 when some message was deferred or rejected in this poll, some account failed, or the
+state directory is busy; 2 for a usage or configuration error (a plugin that cannot start included). ``postbote
+poll`` while a daemon holds the state directory asks the daemon to poll (SIGUSR1) and exits 0; ``postbote status``
+exits 1 when some account's last poll failed or some message waits on a server.
+
+Start-up time matters (a timer may run ``postbote poll`` every minute): this module imports only what parsing the
+command line needs, and the module of a command (`COMMAND_MODULES`) is imported only when that command runs, so
+``--help`` loads no command, no plugin, no YAML and no logging. Errors meant for the admin are caught in one place,
+`postbote.cli.boundary`, and printed as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from postbote import __version__
+from postbote.cli.boundary import guarded
+
+# The module under postbote.cli that runs each command; each has ``run(args: argparse.Namespace) -> int``.
+COMMAND_MODULES = {
+    "poll": "poll",
+    "run": "run",
+    "status": "status",
+    "check": "check",
+    "plugins": "plugins",
+    "retry": "retry",
+    "auth": "auth",
+    "demo": "demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="postbote", description="Fetch mail from POP3 mailboxes and redeliver it.")
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="config file (default: $POSTBOTE_CONFIG, ./postbote.yaml, "
+                             "~/.config/postbote/postbote.yaml, /etc/postbote/postbote.yaml)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log.level")
+    parser.add_argument("--log-format", choices=["auto", "console", "json"], help="override log.format")
+    parser.add_argument("--version", action="version", version=f"postbote {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    poll = commands.add_parser("poll", help="poll the accounts once and exit")
+    poll.add_argument("accounts", nargs="*", metavar="ACCOUNT", help="only these accounts (default: all)")
+    commands.add_parser("run", help="run as a daemon, polling each account at its poll_interval")
+    status = commands.add_parser("status", help="show each account's last poll, next poll and last error")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    commands.add_parser("check", help="validate the config and show the accounts it would poll")
+    commands.add_parser("plugins", help="list the plugins found, where they come from, where they are enabled")
+    retry = commands.add_parser("retry", help="let rejected messages be tried again on the next poll")
+    retry.add_argument("account", metavar="ACCOUNT")
+    retry.add_argument("uids", nargs="*", metavar="UID", help="only these messages (default: all rejected)")
+    auth = commands.add_parser("auth", help="authorize an OAuth2 account once and store its refresh token")
+    auth.add_argument("account", metavar="ACCOUNT")
+    auth.add_argument("--flow", choices=["auto", "device", "loopback"], default="auto",
+                      help="device code flow, loopback redirect flow, or whichever the provider supports")
+    auth.add_argument("--no-browser", action="store_true", help="print the address instead of opening a browser")
+    demo = commands.add_parser("demo", help="fetch sample mail from a built-in POP3 server into a Maildir")
+    demo.add_argument("--maildir", metavar="DIR", help="where to deliver (default: a new temporary directory)")
+    demo.add_argument("--messages", type=int, default=None, metavar="N", help="how many extra generated messages")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return guarded(lambda: command_runner(args.command)(args))
+
+
+def command_runner(command: str) -> Callable[[argparse.Namespace], int]:
+    """The ``run`` function of ``command``'s module, imported now: only the command that runs is ever loaded."""
+    module = importlib.import_module(f"{__name__}.{COMMAND_MODULES[command]}")
+    runner: Callable[[argparse.Namespace], int] = module.run
+    return runner
+
+
+def __getattr__(name: str) -> Any:
+    """``postbote.cli.configured``, where tests imported it from before the CLI became a package: it lives with the
+    ``poll`` command now (`postbote.cli.poll.configured`), and is imported only when asked for."""
+    if name == "configured":
+        from postbote.cli.poll import configured
+
+        return configured
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

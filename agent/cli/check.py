@@ -1,0 +1,39 @@
+"""``postbote check``: validate the config (and the files it names) and show the accounts it would poll."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING, TextIO
+
+from postbote.cli.startup import set_up
+from postbote.jobs import ExitStatus
+
+if TYPE_CHECKING:
+    from postbote.config import Config
+
+TLS_LABELS = {"implicit": "TLS", "starttls": "STARTTLS", "none": "no TLS"}
+
+
+def run(args: argparse.Namespace) -> int:
+    _pm, config = set_up(args)
+    return check(config)
+
+
+def check(config: Config, out: TextIO | None = None) -> int:
+    from postbote.config import check_files
+
+    out = out or sys.stdout
+    check_files(config)
+    print(f"config {config.path}: OK, {len(config.accounts)} account(s); state in {config.state_dir}", file=out)
+    for account in config.accounts:
+        tls = TLS_LABELS[account.tls]
+        if account.tls != "none" and not account.tls_verify:
+            tls += ", certificate NOT verified"
+        print(f"  {account.name}: {account.username}@{account.host}:{account.port} ({tls}, auth {account.auth}, "
+              f"{account.describe_credentials()})", file=out)
+        print(f"    every {account.poll_interval:g} s; {'keep' if account.keep else 'delete'} after delivery; "
+              f"{'all messages' if account.fetch_all else 'new messages only'}", file=out)
+        for destination in account.destinations:
+            print(f"    -> {destination.label}", file=out)
+    return ExitStatus.OK

@@ -1,0 +1,140 @@
+"""``postbote poll [ACCOUNT...]``: poll the accounts once and exit, with an exit status that says whether every
+listed message was taken care of (`postbote.jobs.exit_status`). When a daemon holds the state directory, ask it to
+poll now (SIGUSR1) instead of failing."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, TextIO
+
+from postbote.cli.startup import set_up
+from postbote.errors import StateLockedError
+from postbote.jobs import ExitStatus
+
+if TYPE_CHECKING:
+    import threading
+
+    import pluggy
+    from postbote.config import Config
+    from postbote.pluginmanager import PluginManager
+    from postbote.state import StateStore
+
+PROGRESS_PLUGIN_NAME = "postbote.progress"
+
+
+def run(args: argparse.Namespace) -> int:
+    pm, config = set_up(args)
+    return poll_command(pm, config, args.accounts)
+
+
+def poll_command(pm: PluginManager, config: Config, names: Sequence[str]) -> int:
+    """Poll once; when a daemon holds the state directory, ask it to poll now instead of failing."""
+    from postbote.state import StateLock, StateStore, read_lock_holder
+
+    config.select(tuple(names))
+    lock = StateLock(config.state_dir, role="poll")
+    try:
+        lock.acquire()
+    except StateLockedError:
+        holder = read_lock_holder(config.state_dir)
+        if holder is None or holder.role != "daemon" or not holder.alive():
+            raise
+        return ask_daemon_to_poll(holder.pid, config, names)
+    try:
+        store = StateStore(config.state_dir, busy_timeout=config.state_busy_timeout)
+        try:
+            with configured(pm, config), progress_shown(pm):
+                return poll(pm, config, store, names)
+        finally:
+            store.close()
+    finally:
+        lock.release()
+
+
+def ask_daemon_to_poll(pid: int, config: Config, names: Sequence[str], out: TextIO | None = None) -> int:
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        raise StateLockedError(f"the postbote daemon (pid {pid}) holding {config.state_dir} has just exited; "
+                               f"try again") from None
+    except PermissionError:
+        raise StateLockedError(f"a postbote daemon (pid {pid}) is using {config.state_dir}, and this user may not "
+                               f"signal it; run this as the daemon's user (or: systemctl kill -s USR1 postbote)"
+                               ) from None
+    note = f" (it polls every account, not only {', '.join(names)})" if names else ""
+    print(f"postbote: the daemon (pid {pid}) is running: asked it to poll now{note}; "
+          f"see `postbote status` or its log for the outcome", file=out or sys.stdout)
+    return ExitStatus.OK
+
+
+@contextmanager
+def progress_shown(pm: PluginManager) -> Iterator[str | None]:
+    """Per-account progress (messages and bytes) on stderr when it is a terminal; yields the observer's name."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from postbote.cli.progress import ProgressDisplay
+
+    display = ProgressDisplay(sys.stderr)
+    pm.register(display, name=PROGRESS_PLUGIN_NAME)
+    try:
+        yield PROGRESS_PLUGIN_NAME
+    finally:
+        display.close()
+        pm.unregister(display)
+
+
+@contextmanager
+def configured(pm: pluggy.PluginManager, config: Config) -> Iterator[None]:
+    """Plugins started as ``poll`` and ``run`` both start them (`postbote.jobs.plugins_started`)."""
+    from postbote.jobs import plugins_started
+
+    with plugins_started(pm, config):
+        yield
+
+
+def poll(pm: pluggy.PluginManager, config: Config, store: StateStore, names: Sequence[str]) -> int:
+    """Poll ``names`` (all accounts when empty) once, up to ``max_parallel`` accounts at a time; the exit status
+    says whether every listed message was taken care of (`postbote.jobs.exit_status`)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from postbote.jobs import exit_status, poll_guarded
+    from postbote.poller import Poller
+
+    accounts = config.select(tuple(names))
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        poller = Poller(pm, store, stop)
+        with ThreadPoolExecutor(max_workers=max(1, min(config.max_parallel, len(accounts))),
+                                thread_name_prefix="poll") as pool:
+            results = list(pool.map(lambda account: None if stop.is_set() else poll_guarded(poller, account),
+                                    accounts))
+    return exit_status(results)
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT only set ``stop``: the message in hand is finished, then the session ends with QUIT."""
+    import threading
+
+    import structlog
+
+    def request_stop(signum: int, _frame: object) -> None:
+        structlog.get_logger("postbote").info("stop.requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
