@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from postbote import hookimpl
+from postbote.cli import COMMAND_MODULES
 from postbote.config import load_config
 from postbote.pluginmanager import (
     BUILTIN_PLUGINS,
@@ -45,7 +46,9 @@ RUN_AND_LIST_MODULES = textwrap.dedent("""\
 # Needed only by some commands or some configs; none of them is imported by --help or by a plain poll.
 HTTP_AND_OAUTH2 = {"http.server", "http.client", "urllib.request", "webbrowser", "postbote.oauth2", "postbote.authcli"}
 UNUSED_BY_A_PLAIN_POLL = {*HTTP_AND_OAUTH2, "importlib.metadata", "difflib", "hmac", "postbote.scheduler",
-                          "postbote.status", "postbote.sdnotify", "postbote.demo", "schedule",
+                          "postbote.status", "postbote.sdnotify", "postbote.cli.progress", "schedule",
+                          *(f"postbote.cli.{module}" for command, module in COMMAND_MODULES.items()
+                            if command != "poll"),
                           *(f"postbote.plugins.{name}" for name in OPTIONAL_PLUGINS)}
 
 
@@ -71,6 +74,16 @@ def test_help_imports_no_plugin_no_yaml_no_logging_and_no_network_code(tmp_path:
     assert heavy & loaded == set()
 
 
+def test_help_imports_no_command_module(tmp_path: Path) -> None:
+    """Each command's module is imported only when that command runs: ``--help`` needs none of them."""
+    loaded, done = modules_loaded_by(tmp_path, "--help")
+    assert done.returncode == 0 and "poll" in done.stdout
+    command_modules = {f"postbote.cli.{module}" for module in COMMAND_MODULES.values()}
+    assert len(command_modules) == len(COMMAND_MODULES)  # one module per command
+    assert command_modules & loaded == set()
+    assert "postbote.cli" in loaded
+
+
 def test_a_plain_poll_imports_neither_http_nor_oauth2_nor_the_plugins_it_does_not_use(tmp_path: Path) -> None:
     """tls: none, a password, a Maildir: the case a timer runs every few minutes."""
     with POP3Server([b"Subject: hi\r\n\r\nbody\r\n"]) as server:
@@ -92,6 +105,7 @@ def test_a_plain_poll_imports_neither_http_nor_oauth2_nor_the_plugins_it_does_no
     assert len(list((tmp_path / "Maildir" / "new").iterdir())) == 1
     assert {f"postbote.plugins.{name}" for name in ESSENTIAL_PLUGINS} <= loaded
     assert UNUSED_BY_A_PLAIN_POLL & loaded == set()
+    assert "postbote.cli.poll" in loaded
 
 
 def test_an_optional_built_in_is_imported_once_an_account_enables_it(tmp_path: Path) -> None:
