@@ -219,3 +219,39 @@ def test_the_one_line_error_masks_a_secret_a_plugin_quoted(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert err == ("postbote: error: plugin 'leaky' failed to start (configure): "
                    "ValueError: cannot log in with ********\n")
+
+
+# --- the CLI as a package: one module per command, above the core
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The postbote modules ``path`` imports anywhere (module level or inside a function), by absolute name."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return {name for name in names if name == "postbote" or name.startswith("postbote.")}
+
+
+def test_no_core_module_imports_the_cli() -> None:
+    """The CLI sits on top of the core: the daemon, the poller, the state store... never reach up into it."""
+    core = [path for path in (REPO / "agent").rglob("*.py")
+            if "cli" not in path.relative_to(REPO / "agent").parts and path.name != "__main__.py"]
+    assert core
+    offenders = {str(path.relative_to(REPO)): sorted(name for name in _imported_modules(path)
+                                                     if name == "postbote.cli" or name.startswith("postbote.cli."))
+                 for path in core}
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_no_command_module_imports_the_clis_top() -> None:
+    """The top (the parser and the dispatch) imports the commands, lazily; a command, the demo included, imports
+    only the shared pieces it needs (startup, boundary, another command), so no import cycle runs through the top."""
+    modules = [path for path in (REPO / "agent" / "cli").glob("*.py") if path.name != "__init__.py"]
+    assert {"poll.py", "demo.py", "boundary.py"} <= {path.name for path in modules}
+    offenders = [path.name for path in modules if "postbote.cli" in _imported_modules(path)]
+    assert offenders == []
