@@ -48,6 +48,7 @@ if TYPE_CHECKING:
         text_list,
     )
     from postbote.smtp import Delivery, Reply, SMTPClient
+    from postbote.state import KeyedTable, PollRecord, WaitingMessage, read_account_state
     from postbote.tls import TLSError, TLSPolicy
     from postbote.wire import CRLFEncoder, LFEncoder, SMTPDataEncoder, crlf_lines, lf_lines, smtp_data
 
@@ -76,6 +77,8 @@ _FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
     "postbote.wire": ("CRLFEncoder", "LFEncoder", "SMTPDataEncoder", "crlf_lines", "lf_lines", "smtp_data"),
     "postbote.smtp": ("Delivery", "Reply", "SMTPClient"),
     "postbote.credentials": ("child_environment",),
+    # keeping state: a plugin's own keyed table beside the state database, and read-only views of poll records
+    "postbote.state": ("KeyedTable", "PollRecord", "WaitingMessage", "read_account_state"),
 }
 
 
@@ -105,6 +108,8 @@ __all__ = [  # spelled out, so that type checkers see the re-exports; tests/test
     # delivering
     "CRLFEncoder", "Delivery", "LFEncoder", "Reply", "SMTPClient", "SMTPDataEncoder", "TLSPolicy", "child_environment",
     "crlf_lines", "lf_lines", "smtp_data",
+    # keeping state
+    "KeyedTable", "PollRecord", "WaitingMessage", "read_account_state",
 ]
 
 
