@@ -42,6 +42,7 @@ from postbote import (
     Account,
     Config,
     ConfigError,
+    KeyedTable,
     Message,
     Node,
     Problems,
@@ -51,7 +52,7 @@ from postbote import (
     duration,
     hookimpl,
 )
-from postbote.state import KeyedTable, LegacyTable
+from postbote.state import LegacyTable  # not on the face yet
 
 PLUGIN_NAME = "dedupe"
 TABLE_NAME = "dedupe"

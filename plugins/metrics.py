@@ -31,16 +31,18 @@ from postbote import (
     Config,
     ConfigError,
     Node,
+    PollRecord,
     PostboteError,
     Problems,
     Section,
+    WaitingMessage,
     boolean,
     hookimpl,
     nonempty_text,
     path_relative_to,
+    read_account_state,
 )
-from postbote.state import PollRecord, WaitingMessage, read_account_state
-from postbote.status import WaitingSummary, stale_after
+from postbote.status import WaitingSummary, stale_after  # not on the face yet
 
 if TYPE_CHECKING:
     from http.server import ThreadingHTTPServer
