@@ -23,7 +23,7 @@ from postbote.settings import Node, Problems, Section
 
 if TYPE_CHECKING:
     import pluggy
-    from postbote.oauth2 import OAuth2Settings
+    from postbote.oauth2_settings import OAuth2Settings
     from postbote.pluginmanager import PluginManager
 
 CONFIG_ENV = "POSTBOTE_CONFIG"
@@ -338,7 +338,7 @@ def _credentials(section: Section, base_dir: Path, auth: str | None) -> dict[str
     if kind == "token_command":
         return {"password": None, "token_command": tuple(section.get(kind, _argv) or ())}
     if kind == "oauth2":
-        from postbote.oauth2 import oauth2_from_section  # HTTP and browser modules: loaded only for OAuth2 accounts
+        from postbote.oauth2_settings import oauth2_from_section
 
         oauth = section.section(kind)
         return {"password": None, "oauth2": oauth2_from_section(oauth, base_dir) if oauth else None}

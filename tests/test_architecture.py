@@ -150,15 +150,9 @@ def test_the_core_never_imports_a_built_in_plugin() -> None:
     assert not broken, "the core imports a built-in plugin:\n" + report(broken)
 
 
-# OAuth2 settings are still parsed by postbote.oauth2 (a function-local import, only for accounts with oauth2:),
-# until the POP3 source plugin reads its own keys through the face (issue 12, the Mailbox seam).
-CONFIG_MAY_IMPORT = {("postbote.config", "postbote.oauth2")}
-
-
 def test_the_config_imports_nothing_of_the_network() -> None:
     broken = [found for found in imports_by(["postbote.config", "postbote.settings"])
-              if found.runs and within(found.target, NETWORK)
-              and (found.importer, found.target) not in CONFIG_MAY_IMPORT]
+              if found.runs and within(found.target, NETWORK)]
     assert not broken, "the config imports network code:\n" + report(broken)
 
 
