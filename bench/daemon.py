@@ -18,10 +18,8 @@ compare.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -29,6 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from postbote.state import read_account_state  # noqa: E402
 
 from bench import environment  # noqa: E402
 from bench.children import stop_child  # noqa: E402
@@ -71,10 +71,10 @@ def wait_until_done(poll: PreparedPoll, daemon: subprocess.Popen[bytes], timeout
 
 def recorded_duration(poll: PreparedPoll) -> float:
     """The duration the daemon recorded for its last poll (login to QUIT, measured inside the poll thread)."""
-    database = poll.job.workdir / "state" / "postbote.sqlite3"
-    with contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as db:
-        (duration,) = db.execute("SELECT duration FROM polls WHERE account = 'u1'").fetchone()
-    return float(duration)
+    last = read_account_state(poll.job.workdir / "state", "u1").last_poll
+    if last is None:
+        raise SystemExit("the daemon recorded no poll")
+    return float(last.duration)
 
 
 def check(poll: PreparedPoll, corpus: Corpus, label: str) -> None:

@@ -8,7 +8,6 @@ destinations. A poll with a kill runs in a forked child; the others run in this 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from postbote import DeliveryError, hookimpl
-from postbote.config import TOP_KEYS, load_config
+from postbote.config import load_config
 from postbote.pluginmanager import make_plugin_manager
 from postbote.poller import Poller, PollStats
 from postbote.state import DATABASE_NAME, REJECTED, StateStore
@@ -350,12 +349,11 @@ class CaseRun:
 
     def poll_once(self, plugin: ModelPlugin) -> PollStats:
         pm = make_plugin_manager(entry_points=False)
-        top = {"state_busy_timeout": f"{STATE_BUSY_MS / 1000}s"} if "state_busy_timeout" in TOP_KEYS else None
+        top = {"state_busy_timeout": f"{STATE_BUSY_MS / 1000}s"}  # a locked state DB fails a write in ms
         config = load_config(self.rig.configure(top, timeout=POP3_TIMEOUT, keep=self.case.keep,
                                                 deliver=[d.config() for d in self.destinations]), pm)
         pm.register(plugin, name="model")
-        store = StateStore(config.state_dir)
-        shorten_busy_timeout(store)
+        store = StateStore(config.state_dir, busy_timeout=config.state_busy_timeout)
         try:
             return Poller(pm, store).poll(config.accounts[0])
         finally:
@@ -383,13 +381,6 @@ def refusals_seen(destination: Destination, plan: PollPlan) -> int:
     attempts = destination.attempts_in_last_poll() or 0
     outcomes = plan.destination_outcomes[destination.index] if plan.destination_outcomes else ()
     return sum(1 for o in outcomes[:attempts] if o is not Outcome.OK)
-
-
-def shorten_busy_timeout(store: StateStore) -> None:
-    """A locked state DB must fail a write in milliseconds, not the store's 10 s: the config's
-    ``state_busy_timeout`` says so where it exists; on 206c887, which lacks it, the harness sets SQLite's directly."""
-    with contextlib.suppress(AttributeError, sqlite3.Error):
-        store._db.execute(f"PRAGMA busy_timeout = {STATE_BUSY_MS}")
 
 
 class _NoTarget:
