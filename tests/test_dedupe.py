@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from postbote.cli import configured
 from postbote.config import Config, load_config
 from postbote.errors import ConfigError, StateError
+from postbote.jobs import plugins_started as configured
 from postbote.message import Message, Verdict
 from postbote.pluginmanager import make_plugin_manager
 from postbote.plugins import dedupe

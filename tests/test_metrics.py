@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from postbote.cli import configured, main
+from postbote.cli import main
 from postbote.config import Config, load_config
 from postbote.errors import ConfigError
+from postbote.jobs import plugins_started as configured
 from postbote.pluginmanager import make_plugin_manager
 from postbote.plugins import metrics
 from postbote.poller import Poller

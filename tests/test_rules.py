@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from postbote.cli import configured
 from postbote.config import Account, Config, load_config
 from postbote.errors import ConfigError
+from postbote.jobs import plugins_started as configured
 from postbote.message import Message, Verdict
 from postbote.pipeline import run_filters
 from postbote.pluginmanager import make_plugin_manager

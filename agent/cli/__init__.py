@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from postbote import __version__
 from postbote.cli.boundary import guarded
@@ -80,12 +79,3 @@ def command_runner(command: str) -> Callable[[argparse.Namespace], int]:
     runner: Callable[[argparse.Namespace], int] = module.run
     return runner
 
-
-def __getattr__(name: str) -> Any:
-    """``postbote.cli.configured``, where tests imported it from before the CLI became a package: it lives with the
-    ``poll`` command now (`postbote.cli.poll.configured`), and is imported only when asked for."""
-    if name == "configured":
-        from postbote.cli.poll import configured
-
-        return configured
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

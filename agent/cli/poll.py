@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
 def poll_command(pm: PluginManager, config: Config, names: Sequence[str]) -> int:
     """Poll once; when a daemon holds the state directory, ask it to poll now instead of failing."""
+    from postbote.jobs import plugins_started
     from postbote.state import StateLock, StateStore, read_lock_holder
 
     config.select(tuple(names))
@@ -48,7 +49,7 @@ def poll_command(pm: PluginManager, config: Config, names: Sequence[str]) -> int
     try:
         store = StateStore(config.state_dir, busy_timeout=config.state_busy_timeout)
         try:
-            with configured(pm, config), progress_shown(pm):
+            with plugins_started(pm, config), progress_shown(pm):
                 return poll(pm, config, store, names)
         finally:
             store.close()
@@ -87,15 +88,6 @@ def progress_shown(pm: PluginManager) -> Iterator[str | None]:
     finally:
         display.close()
         pm.unregister(display)
-
-
-@contextmanager
-def configured(pm: pluggy.PluginManager, config: Config) -> Iterator[None]:
-    """Plugins started as ``poll`` and ``run`` both start them (`postbote.jobs.plugins_started`)."""
-    from postbote.jobs import plugins_started
-
-    with plugins_started(pm, config):
-        yield
 
 
 def poll(pm: pluggy.PluginManager, config: Config, store: StateStore, names: Sequence[str]) -> int:
