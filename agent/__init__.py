@@ -48,7 +48,8 @@ if TYPE_CHECKING:
         text_list,
     )
     from postbote.smtp import Delivery, Reply, SMTPClient
-    from postbote.state import KeyedTable, PollRecord, WaitingMessage, read_account_state
+    from postbote.state import KeyedTable, LegacyTable, PollRecord, WaitingMessage, read_account_state
+    from postbote.status import WaitingSummary, stale_after
     from postbote.tls import TLSError, TLSPolicy
     from postbote.wire import CRLFEncoder, LFEncoder, SMTPDataEncoder, crlf_lines, lf_lines, smtp_data
 
@@ -78,7 +79,8 @@ _FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
     "postbote.smtp": ("Delivery", "Reply", "SMTPClient"),
     "postbote.credentials": ("child_environment",),
     # keeping state: a plugin's own keyed table beside the state database, and read-only views of poll records
-    "postbote.state": ("KeyedTable", "PollRecord", "WaitingMessage", "read_account_state"),
+    "postbote.state": ("KeyedTable", "LegacyTable", "PollRecord", "WaitingMessage", "read_account_state"),
+    "postbote.status": ("WaitingSummary", "stale_after"),
 }
 
 
@@ -109,7 +111,8 @@ __all__ = [  # spelled out, so that type checkers see the re-exports; tests/test
     "CRLFEncoder", "Delivery", "LFEncoder", "Reply", "SMTPClient", "SMTPDataEncoder", "TLSPolicy", "child_environment",
     "crlf_lines", "lf_lines", "smtp_data",
     # keeping state
-    "KeyedTable", "PollRecord", "WaitingMessage", "read_account_state",
+    "KeyedTable", "LegacyTable", "PollRecord", "WaitingMessage", "WaitingSummary", "read_account_state",
+    "stale_after",
 ]
 
 

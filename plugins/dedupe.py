@@ -43,6 +43,7 @@ from postbote import (
     Config,
     ConfigError,
     KeyedTable,
+    LegacyTable,
     Message,
     Node,
     Problems,
@@ -52,7 +53,6 @@ from postbote import (
     duration,
     hookimpl,
 )
-from postbote.state import LegacyTable  # not on the face yet
 
 PLUGIN_NAME = "dedupe"
 TABLE_NAME = "dedupe"

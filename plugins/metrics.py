@@ -36,13 +36,14 @@ from postbote import (
     Problems,
     Section,
     WaitingMessage,
+    WaitingSummary,
     boolean,
     hookimpl,
     nonempty_text,
     path_relative_to,
     read_account_state,
+    stale_after,
 )
-from postbote.status import WaitingSummary, stale_after  # not on the face yet
 
 if TYPE_CHECKING:
     from http.server import ThreadingHTTPServer

@@ -161,10 +161,6 @@ def test_the_pop3_client_knows_nothing_of_delivery_state_or_plugins() -> None:
     assert not broken, "the POP3 client imports delivery, state or plugin code:\n" + report(broken)
 
 
-# Owned by another part of issue 12 and not on the face yet: dedupe still imports LegacyTable (reading the
-# dedupe database of older versions) from postbote.state, metrics the status summary (WaitingSummary, stale_after)
-# from postbote.status, and both import the state names the face gained since from postbote.state.
-PLUGINS_NOT_ON_THE_FACE_YET = {"postbote.plugins.dedupe", "postbote.plugins.metrics"}
 
 
 def test_built_in_plugins_import_only_the_public_face_and_each_other() -> None:
@@ -172,8 +168,7 @@ def test_built_in_plugins_import_only_the_public_face_and_each_other() -> None:
         return (not within(found.target, ["postbote"]) or found.face_name is not None
                 or within(found.target, ["postbote.plugins"]))
 
-    plugins = [name for name in built_in_plugins() if name not in PLUGINS_NOT_ON_THE_FACE_YET]
-    broken = [found for found in imports_by(plugins) if not allowed(found)]
+    broken = [found for found in imports_by(built_in_plugins()) if not allowed(found)]
     assert not broken, "a built-in plugin reaches past `from postbote import ...`:\n" + report(broken)
 
 
