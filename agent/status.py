@@ -1,6 +1,6 @@
 """What waits on a server: an account's deferred and rejected messages, and how long they have waited.
 
-Shared by ``postbote status`` (`postbote.cli.status`), the daemon's stale-mail warnings (`postbote.scheduler`) and
+Shared by ``postbote status`` (`postbote.cli.status`), the daemon's stale-mail warnings (`postbote.daemon`) and
 the metrics plugin. An account is *stale* when a message has waited longer than its ``stale_after``.
 """
 

@@ -1,4 +1,4 @@
-"""``postbote run``: the daemon (`postbote.scheduler.Daemon`), polling each account at its ``poll_interval``, with
+"""``postbote run``: the daemon (`postbote.daemon.Daemon`), polling each account at its ``poll_interval``, with
 the config read again on SIGHUP."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from postbote.cli.startup import apply_logging, load_setup, set_up
 
 
 def run(args: argparse.Namespace) -> int:
-    from postbote.scheduler import Daemon
+    from postbote.daemon import Daemon
     from postbote.sdnotify import Notifier
     from postbote.state import StateLock, StateStore
 
