@@ -24,9 +24,9 @@ import structlog
 import structlog.testing
 import yaml
 from postbote.config import load_config
+from postbote.daemon import START_JITTER, Backoff, Daemon, start_delay
 from postbote.pluginmanager import make_plugin_manager
 from postbote.poller import PollStats
-from postbote.daemon import START_JITTER, Backoff, Daemon, start_delay
 from postbote.state import StateStore
 from postbote.testing.pop3server import Action, Faults, POP3Server
 
