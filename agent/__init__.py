@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from postbote.config import Account, Config, Destination, parse_destination_entry
     from postbote.credentials import child_environment
+    from postbote.durable import fsync_directory, fsync_file, rename_durably, sync_filesystems
     from postbote.errors import (
         AccountError,
         ConfigError,
@@ -78,6 +79,8 @@ _FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
     "postbote.wire": ("CRLFEncoder", "LFEncoder", "SMTPDataEncoder", "crlf_lines", "lf_lines", "smtp_data"),
     "postbote.smtp": ("Delivery", "Reply", "SMTPClient"),
     "postbote.credentials": ("child_environment",),
+    # making written files survive a crash (each raises the kernel's OSError; turn it into your DeliveryError)
+    "postbote.durable": ("fsync_directory", "fsync_file", "rename_durably", "sync_filesystems"),
     # keeping state: a plugin's own keyed table beside the state database, and read-only views of poll records
     "postbote.state": ("KeyedTable", "LegacyTable", "PollRecord", "WaitingMessage", "read_account_state"),
     "postbote.status": ("WaitingSummary", "stale_after"),
@@ -110,6 +113,8 @@ __all__ = [  # spelled out, so that type checkers see the re-exports; tests/test
     # delivering
     "CRLFEncoder", "Delivery", "LFEncoder", "Reply", "SMTPClient", "SMTPDataEncoder", "TLSPolicy", "child_environment",
     "crlf_lines", "lf_lines", "smtp_data",
+    # making written files durable
+    "fsync_directory", "fsync_file", "rename_durably", "sync_filesystems",
     # keeping state
     "KeyedTable", "LegacyTable", "PollRecord", "WaitingMessage", "WaitingSummary", "read_account_state",
     "stale_after",

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 import structlog
 from postbote import credentials
 from postbote.credentials import Secret, child_environment, register_secret
+from postbote.durable import fsync_directory
 from postbote.errors import AccountError, CredentialError
 from postbote.oauth2_settings import (  # the settings live apart: the config reads them without any HTTP code
     OAUTH2_KEYS,
@@ -128,20 +129,8 @@ def write_secret_file(path: Path, content: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with contextlib.suppress(OSError):  # the new content is in place; making its name durable is a courtesy
+        fsync_directory(directory)
 
 
 # --- token command --------------------------------------------------------------------------------------------------

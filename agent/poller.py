@@ -8,8 +8,6 @@ other way, the records stay and the next poll deletes those messages without del
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
 import os
 import threading
 import time
@@ -24,6 +22,7 @@ from postbote import pipeline
 from postbote.config import Account
 from postbote.credentials import redact
 from postbote.digest import header_block_digest
+from postbote.durable import fsync_file, rename_all_durably, rename_durably, sync_filesystems
 from postbote.errors import AccountError, DeliveryError, PluginError, PostboteError, StateError
 from postbote.login import AuthSettings, login
 from postbote.message import Message
@@ -87,8 +86,8 @@ class PollContext:
             self._staged.setdefault(self.current_uid, []).append((str(source), str(target)))
             return
         try:
-            fsync_file(str(source))
-            finish_renames([(self.current_uid, str(source), str(target))])
+            fsync_file(source)
+            rename_durably(source, target)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(source)
@@ -224,8 +223,7 @@ class Poller:
         for uid, source, target in self.store.pending_renames(account.name):
             try:
                 if not os.path.exists(target):
-                    os.rename(source, target)
-                    fsync_directory(os.path.dirname(target))
+                    rename_durably(source, target)
             except FileNotFoundError:
                 log.error("message.file_missing", uid=uid, file=source,
                           reason="recorded as delivered but the file is gone: it will be fetched again")
@@ -465,7 +463,7 @@ class AccountSession:
                 handled.message.discard()
             raise
         try:
-            finish_renames(staged)
+            rename_all_durably((source, target) for _, source, target in staged)
         except OSError as exc:
             # Recorded but not yet in place: the journal keeps the renames for the next poll, and no DELE is sent.
             raise AccountError(f"delivered files could not be moved into place: {exc.strerror or exc}; "
@@ -542,14 +540,6 @@ def session_deadline(account: Account, started: float, to_fetch: list[ListingEnt
     return started + DEADLINE_TIMEOUTS * account.timeout + octets / DEADLINE_RATE + DEADLINE_PER_MESSAGE * len(to_fetch)
 
 
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def looks_truncated(received: int, listed: int) -> bool:
     """Far less data than LIST announced is a cut transfer, not the message (small differences are line-ending
     counting: some servers announce LF sizes and send CRLF)."""
@@ -560,60 +550,3 @@ def retrieve_limit(entry: ListingEntry, account: Account) -> int:
     """The most data accepted for one message: a server sending far more than LIST said is not trusted."""
     generous = 2 * entry.size + (1 << 20)
     return min(generous, account.max_size) if account.max_size else generous
-
-
-def sync_filesystems(paths: list[str]) -> None:
-    """Flush the data of many files with one ``syncfs`` per filesystem instead of one ``fsync`` per file."""
-    seen: set[int] = set()
-    for directory in {os.path.dirname(path) for path in paths}:
-        device = os.stat(directory).st_dev
-        if device in seen:
-            continue
-        seen.add(device)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            _syncfs(fd)
-        finally:
-            os.close(fd)
-
-
-def _syncfs(fd: int) -> None:
-    """syncfs(2), which reports writeback errors (EIO, ENOSPC) since Linux 5.8; plain sync() where it is missing."""
-    syncfs = _find_syncfs()
-    if syncfs is None:
-        os.sync()
-        return
-    if syncfs(fd) != 0:
-        import ctypes
-
-        error = ctypes.get_errno()
-        if error == errno.ENOSYS:
-            os.sync()
-            return
-        raise OSError(error, f"syncfs: {os.strerror(error)}")
-
-
-def finish_renames(staged: list[tuple[str, str, str]]) -> None:
-    for _, source, target in staged:
-        os.rename(source, target)
-    for directory in {os.path.dirname(target) for _, _, target in staged}:
-        fsync_directory(directory)
-
-
-def fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@functools.cache
-def _find_syncfs() -> Callable[[int], int] | None:
-    """syncfs from the C library Python runs on (looked up on first use: ``find_library`` would run ldconfig)."""
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None, use_errno=True).syncfs  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None

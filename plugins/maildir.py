@@ -29,6 +29,7 @@ from postbote import (
     Problems,
     Section,
     boolean,
+    fsync_directory,
     hookimpl,
     lf_lines,
     path_relative_to,
@@ -259,10 +260,3 @@ def write_maildir(path: Path, message: Message, *, create: bool = True) -> Path:
     fsync_directory(final.parent)
     return final
 
-
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -42,11 +42,11 @@ from postbote import (
     Section,
     boolean,
     duration,
+    fsync_directory,
     hookimpl,
     lf_lines,
     path_relative_to,
 )
-from postbote.plugins.maildir import fsync_directory
 
 log = structlog.get_logger("postbote.mbox")
 
