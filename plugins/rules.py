@@ -49,6 +49,7 @@ import email.utils
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,12 +75,45 @@ from postbote.plugins.smtp import addresses
 
 PLUGIN_NAME = "rules"
 RULE_KEYS = {"name", "match", "action"}
-TEXT_TESTS = ("regex", "exact", "contains")
+
+
+class TextTestKind(StrEnum):
+    """How a condition compares text: ``{regex: …}``, ``{exact: …}``, ``{contains: …}`` (the default)."""
+
+    REGEX = "regex"
+    EXACT = "exact"
+    CONTAINS = "contains"
+
+
+class FinalWord(StrEnum):
+    """The actions that end the filtering: ``drop`` (the message is not delivered) and ``accept``."""
+
+    DROP = "drop"
+    ACCEPT = "accept"
+
+
+class ActionKind(StrEnum):
+    """The actions given as a mapping, which change the message and let the filtering go on."""
+
+    TAG = "tag"
+    REROUTE = "reroute"
+    DELIVER = "deliver"
+
+
+class StopMode(StrEnum):
+    """``stop: first``: the first matching rule ends the rules; ``stop: all``: every matching rule applies."""
+
+    FIRST = "first"
+    ALL = "all"
+
+
+# The spellings, as plain text for the messages that list them.
+TEXT_TESTS = tuple(kind.value for kind in TextTestKind)
 CONDITION_KEYS = {"header", *TEXT_TESTS, "sender", "recipient", "size_over", "size_under", "all", "any", "not"}
-ACTION_WORDS = ("drop", "accept")
-ACTION_KINDS = ("tag", "reroute", "deliver")
+ACTION_WORDS = tuple(word.value for word in FinalWord)
+ACTION_KINDS = tuple(kind.value for kind in ActionKind)
 RECIPIENT_FIELDS = ("to", "cc", "delivered-to", "x-original-to", "envelope-to", "x-envelope-to")
-STOP_MODES = ("first", "all")
+STOP_MODES = tuple(mode.value for mode in StopMode)
 
 _FIELD_NAME = re.compile(r"[!-9;-~]+")
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?\s]*)\?=")
@@ -299,10 +333,10 @@ class Deliver:
 class Final:
     """``drop`` or ``accept``: ends the filtering."""
 
-    word: str
+    word: FinalWord
 
     def describe(self) -> str:
-        return self.word
+        return self.word.value
 
 
 Action = Tag | Reroute | Deliver | Final
@@ -318,7 +352,7 @@ class Rule:
 @dataclass(frozen=True)
 class RulesOptions:
     rules: tuple[Rule, ...]
-    stop: str = "first"
+    stop: StopMode = StopMode.FIRST
 
 
 # --- parsing the options ---
@@ -343,7 +377,7 @@ def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir:
         return None
     reader = _Reader(problems, base_dir, pluginmanager)
     section = Section(options, problems, what="a mapping with rules: [...]")
-    stop = section.get("stop", choice(*STOP_MODES), "first")
+    stop = StopMode(section.get("stop", choice(*STOP_MODES), StopMode.FIRST))
     rules_node = section.raw("rules")
     section.finish({"rules", "stop"})
     if rules_node is None or rules_node.value is None:
@@ -415,7 +449,7 @@ def _header_condition(section: Section, reader: _Reader) -> HeaderCondition | No
     if len(given) > 1:
         section.problem(f"give at most one of {', '.join(TEXT_TESTS)} (found {', '.join(given)})")
         return None
-    test = _text_test(given[0], section.present(given[0]), reader) if given else None
+    test = _text_test(TextTestKind(given[0]), section.present(given[0]), reader) if given else None
     if name is None or (given and test is None):
         return None
     return HeaderCondition(name, test)
@@ -423,23 +457,23 @@ def _header_condition(section: Section, reader: _Reader) -> HeaderCondition | No
 
 def _address_test(node: Node, reader: _Reader) -> TextTest | None:
     if not isinstance(node.value, dict):
-        return _text_test("contains", node, reader)
+        return _text_test(TextTestKind.CONTAINS, node, reader)
     section = Section(node, reader.problems)
     given = [key for key in TEXT_TESTS if key in section]
     section.finish(set(TEXT_TESTS))
     if len(given) != 1:
         reader.problem(node, f"expected a text (a substring) or a mapping with exactly one of {', '.join(TEXT_TESTS)}")
         return None
-    return _text_test(given[0], section.present(given[0]), reader)
+    return _text_test(TextTestKind(given[0]), section.present(given[0]), reader)
 
 
-def _text_test(kind: str, node: Node, reader: _Reader) -> TextTest | None:
+def _text_test(kind: TextTestKind, node: Node, reader: _Reader) -> TextTest | None:
     try:
         wanted = nonempty_text(node.value)
     except ValueError as exc:
         reader.problem(node, f"{exc}, got {describe(node.value)}")
         return None
-    if kind == "regex":
+    if kind is TextTestKind.REGEX:
         try:
             pattern = re.compile(wanted, re.IGNORECASE)
         except re.error as exc:
@@ -447,7 +481,7 @@ def _text_test(kind: str, node: Node, reader: _Reader) -> TextTest | None:
             return None
         return lambda value: pattern.search(value) is not None
     folded = wanted.casefold()
-    if kind == "exact":
+    if kind is TextTestKind.EXACT:
         return lambda value: value.casefold() == folded
     return lambda value: folded in value.casefold()
 
@@ -478,7 +512,7 @@ def _actions(node: Node, reader: _Reader) -> tuple[Action, ...] | None:
     if any(action is None for action in actions):
         return None
     words = [(index, action.word) for index, action in enumerate(actions) if isinstance(action, Final)]
-    if len(actions) > 1 and any(word == "drop" for _, word in words):
+    if len(actions) > 1 and any(word is FinalWord.DROP for _, word in words):
         reader.problem(node, "drop cannot be combined with other actions")
         return None
     if words and [index for index, _ in words] != [len(actions) - 1]:
@@ -492,7 +526,7 @@ def _action(node: Node, reader: _Reader) -> Action | None:
     if isinstance(node.value, str):
         word = node.value.strip().lower()
         if word in ACTION_WORDS:
-            return Final(word)
+            return Final(FinalWord(word))
         close = difflib.get_close_matches(word, [*ACTION_WORDS, *ACTION_KINDS], n=1)
         reader.problem(node, f"{expected}, got {node.value!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         return None
@@ -501,11 +535,11 @@ def _action(node: Node, reader: _Reader) -> Action | None:
                        + (" (give several actions as a list)" if isinstance(node.value, dict) and node.value else ""))
         return None
     ((kind, options),) = node.value.items()
-    if kind == "tag":
+    if kind == ActionKind.TAG:
         return _tag(options, reader)
-    if kind == "reroute":
+    if kind == ActionKind.REROUTE:
         return _reroute(options, reader)
-    if kind == "deliver":
+    if kind == ActionKind.DELIVER:
         return _deliver(options, reader)
     Section(node, reader.problems).finish(set(ACTION_KINDS))
     return None
@@ -573,7 +607,7 @@ class _Run:
     def apply(self, rule: Rule) -> Verdict | None:
         for action in rule.actions:
             if isinstance(action, Final):
-                return Verdict.drop(f"rule {rule.name}") if action.word == "drop" else Verdict.accept()
+                return Verdict.drop(f"rule {rule.name}") if action.word is FinalWord.DROP else Verdict.accept()
             if isinstance(action, Tag):
                 self._tag(action)
             elif isinstance(action, Reroute):
@@ -637,6 +671,6 @@ def filter_message(message: Message, account: Account) -> Verdict | None:
             continue
         log.info("rule.matched", rule=rule.name, actions=[action.describe() for action in rule.actions])
         verdict = run.apply(rule)
-        if verdict is not None or options.stop == "first":
+        if verdict is not None or options.stop is StopMode.FIRST:
             return verdict
     return None
