@@ -1,9 +1,9 @@
 """Runs a model `Case`: the scripted POP3 server, the destinations, each planned poll and the clean polls after.
 
-A poll runs the way ``postbote poll`` runs one account (config YAML, `load_config`, `make_plugin_manager`,
-`StateStore`, `Poller.poll`), with one extra plugin, `ModelPlugin`, that counts the poll's steps (hook calls) to
-SIGKILL the process or lock the state database at a chosen step, and plays the refusals of Maildir and mbox
-destinations. A poll with a kill runs in a forked child; the others run in this process.
+A poll runs the way ``postbote poll`` runs one account (config YAML, then `postbote.testing.poll_once`), with one
+extra plugin, `ModelPlugin`, that counts the poll's steps (hook calls) to SIGKILL the process or lock the state
+database at a chosen step, and plays the refusals of Maildir and mbox destinations. A poll with a kill runs in a
+forked child; the others run in this process.
 """
 
 from __future__ import annotations
@@ -21,17 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from postbote import DeliveryError, hookimpl
-from postbote.config import load_config
-from postbote.pluginmanager import make_plugin_manager
-from postbote.poller import Poller, PollStats
+from postbote.poller import PollStats
 from postbote.state import DATABASE_NAME, REJECTED, StateStore
+from postbote.testing import poll_once
 from postbote.testing.pop3server import Action, Faults, POP3Server, Reply, crlf_normalised
 
+from tests.harness import Rig
 from tests.model.destinations import Destination, Kind, Outcome
 from tests.model.ledger import HiddenFault, InvariantBroken, Ledger, Stuck
 from tests.model.messages import ident_of, model_message, on_the_wire
 from tests.model.plan import Case, InjectedFault, KillPoint, PollPlan, ServerFault
-from tests.test_faults_pop3 import Rig
 
 POP3_TIMEOUT = "0.3s"
 STALL_SECONDS = 0.6
@@ -211,6 +210,7 @@ class CaseRun:
         self.ledger = Ledger(self.destinations, case.keep)
         self.pieces: dict[int, tuple[str, ...]] = {}
         self.kills = 0
+        self.risky_polls = 0  # polls cut short where a hand-over's outcome may not have been recorded
         self.log: list[str] = []
         for spec in case.messages:
             self.arrive(spec.pieces, spec.uid)
@@ -278,6 +278,7 @@ class CaseRun:
                         f"{'; state locked' if result.state_locked else ''}")
         on_server = {ident for _, data in self.server.messages() if (ident := ident_of(data)) is not None}
         risky = result.killed or (result.state_locked and (plan.state_locked_at or 0) > 0)
+        self.risky_polls += bool(risky)
         copies = self.ledger.after_poll(on_server, risky, self.kills)
         self.check_stats(plan, result, name)
         return copies
@@ -291,13 +292,21 @@ class CaseRun:
             raise HiddenFault(f"{name} looks clean (no error, nothing deferred or rejected) although it met "
                                   f"{[str(f) for f in visible] or f'{result.destination_refusals} refusal(s)'}: "
                                   f"{result.stats}")
-        if plan.clean and not result.looks_clean:
+        if plan.clean and not result.looks_clean and not self.only_held_after_repeated_cuts(result):
             raise HiddenFault(f"{name}, without any fault, did not end cleanly: {result.stats}")
+
+    def only_held_after_repeated_cuts(self, result: PollResult) -> bool:
+        """A clean poll may reject, visibly, what postbote holds on purpose: a message whose delivery two cut-short
+        polls (kills, a state store locked mid-poll) left without a recorded answer is held for the admin instead of
+        being delivered again and again (docs/reliability.md)."""
+        stats = result.stats or {}
+        return (self.risky_polls >= 2 and stats.get("error") is None and not stats.get("deferred")
+                and 0 < stats.get("rejected", 0) <= len(self.held_uids()))
 
     def run_here(self, plan: PollPlan) -> PollResult:
         plugin = ModelPlugin(plan, self.destinations, self.database, in_child=False)
         try:
-            stats = self.poll_once(plugin)
+            stats = self.poll_with(plugin)
         finally:
             locked = plugin.lock is not None
             plugin.release()
@@ -314,7 +323,7 @@ class CaseRun:
                 os.close(out_read)
                 os.read(go_read, 1)
                 plugin = ModelPlugin(plan, self.destinations, self.database, in_child=True)
-                stats = self.poll_once(plugin)
+                stats = self.poll_with(plugin)
                 report = {"stats": asdict(stats), "locked": plugin.lock is not None, "refused": plugin.refused}
                 os.write(out_write, json.dumps(report).encode())
             except BaseException:  # noqa: BLE001 - reported to the parent through the exit status
@@ -347,19 +356,16 @@ class CaseRun:
         report = json.loads(output)
         return PollResult(report["stats"], state_locked=report["locked"], destination_refusals=report["refused"])
 
-    def poll_once(self, plugin: ModelPlugin) -> PollStats:
-        pm = make_plugin_manager(entry_points=False)
+    def poll_with(self, plugin: ModelPlugin) -> PollStats:
         top = {"state_busy_timeout": f"{STATE_BUSY_MS / 1000}s"}  # a locked state DB fails a write in ms
-        config = load_config(self.rig.configure(top, timeout=POP3_TIMEOUT, keep=self.case.keep,
-                                                deliver=[d.config() for d in self.destinations]), pm)
-        pm.register(plugin, name="model")
-        store = StateStore(config.state_dir, busy_timeout=config.state_busy_timeout)
-        try:
-            return Poller(pm, store).poll(config.accounts[0])
-        finally:
-            store.close()
+        return poll_once(self.rig.configure(top, timeout=POP3_TIMEOUT, keep=self.case.keep,
+                                            deliver=[d.config() for d in self.destinations]), plugins=[plugin])
 
     # ---- what the state says
+
+    def held_uids(self) -> set[str]:
+        return {uid for uid, record in self.rig.records().items()
+                if record.status == REJECTED and "ended without an answer" in record.reason}
 
     def rejected_uids(self) -> set[str]:
         return {uid for uid, record in self.rig.records().items() if record.status == REJECTED}
