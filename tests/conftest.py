@@ -8,6 +8,12 @@ Fixtures
                       for variants; every server made is stopped after the test
 ``smtp_sink``         a fresh recording SMTP server (:class:`SMTPSink`)
 ``smtp_sink_factory`` ``smtp_sink_factory(starttls=True, require_starttls=False)``
+``make_rig``          ``make_rig(messages, faults=None, target=None, **server_options)``: a fault-suite
+                      `tests.harness.Rig` against a started scripted POP3 server
+``make_setup``        ``make_setup(messages, faults=None)``: a poller-suite `tests.harness.Setup`
+``postbote``           a `tests.harness.Postbote` in ``tmp_path``: write a config, run commands on it
+``time_limit``        interrupts the test after the module's ``TIME_LIMIT`` seconds (60 by default); a
+                      module opts in with ``pytestmark = pytest.mark.usefixtures("time_limit")``
 
 When the ``dovecot`` binary is missing, Dovecot tests are skipped -- except in
 CI (``CI`` set) or with ``POSTBOTE_REQUIRE_DOVECOT=1``, where they fail loudly.
@@ -17,10 +23,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.harness import Postbote, RigFactory, SetupFactory, limited_time, rig_factory, setup_factory
 from tests.servers.certs import TestPKI, make_test_pki
 from tests.servers.dovecot import DEFAULT_USERS, DovecotServer, dovecot_binary
 from tests.servers.smtp_sink import SMTPSink
@@ -153,3 +161,26 @@ def smtp_sink(smtp_sink_factory: SinkFactory) -> SMTPSink:
     """A running SMTP server on 127.0.0.1 that accepts and records everything."""
     return smtp_sink_factory()
 
+
+# --- the shared harnesses (tests/harness.py)
+
+
+@pytest.fixture
+def time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield from limited_time(request)
+
+
+@pytest.fixture
+def make_rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RigFactory]:
+    yield from rig_factory(tmp_path, request)
+
+
+@pytest.fixture
+def postbote(tmp_path: Path) -> Postbote:
+    """A `tests.harness.Postbote`: a config in ``tmp_path`` and the commands to run on it."""
+    return Postbote(tmp_path)
+
+
+@pytest.fixture
+def make_setup(tmp_path: Path) -> Iterator[SetupFactory]:
+    yield from setup_factory(tmp_path)

@@ -17,7 +17,7 @@ from postbote.plugins.backup import BackupSettings
 from postbote.plugins.mbox import mboxrd_messages
 from postbote.state import DEFERRED, StateStore
 
-from tests.test_poller import mail, make_setup  # noqa: F401 - make_setup is a fixture
+from tests.harness import mail
 
 TRICKY = b"Subject: tricky\r\n\r\n.\r\nFrom here\r\n>From there\r\n\x00 \xe4\xf6\r\n"
 
@@ -30,7 +30,7 @@ def files_in(folder: Path) -> list[bytes]:
 # --- through a poll ---
 
 
-def test_a_maildir_backup_holds_the_same_bytes_as_the_destination(make_setup) -> None:  # noqa: F811
+def test_a_maildir_backup_holds_the_same_bytes_as_the_destination(make_setup) -> None:
     setup = make_setup([TRICKY, mail(2)])
     backup = setup.tmp_path / "backup"
     stats = setup.poll(extra=f"plugins:\n  backup: {{maildir: {backup}}}\n")
@@ -42,14 +42,14 @@ def test_a_maildir_backup_holds_the_same_bytes_as_the_destination(make_setup) ->
     assert all(data.startswith(b"Received: from 127.0.0.1") for data in delivered)
 
 
-def test_an_mbox_backup_holds_the_same_bytes_as_the_destination(make_setup) -> None:  # noqa: F811
+def test_an_mbox_backup_holds_the_same_bytes_as_the_destination(make_setup) -> None:
     setup = make_setup([TRICKY, mail(2)])
     backup = setup.tmp_path / "archive" / "backup.mbox"
     setup.poll(extra=f"plugins:\n  backup: {{mbox: {backup}}}\n")
     assert sorted(mboxrd_messages(backup.read_bytes())) == sorted(setup.delivered())
 
 
-def test_a_backup_that_cannot_be_written_keeps_the_message_on_the_server_undelivered(make_setup) -> None:  # noqa: F811
+def test_a_backup_that_cannot_be_written_keeps_the_message_on_the_server_undelivered(make_setup) -> None:
     """A real OS error (ENOTDIR, which stops root too): the backup path runs through a regular file."""
     setup = make_setup([mail(1)])
     blocker = setup.tmp_path / "afile"
@@ -67,7 +67,7 @@ def test_a_backup_that_cannot_be_written_keeps_the_message_on_the_server_undeliv
     assert setup.server.uids() == []
 
 
-def test_an_mbox_backup_that_cannot_be_written_keeps_the_message_on_the_server(make_setup) -> None:  # noqa: F811
+def test_an_mbox_backup_that_cannot_be_written_keeps_the_message_on_the_server(make_setup) -> None:
     setup = make_setup([mail(1)])
     blocker = setup.tmp_path / "afile"
     blocker.write_text("")
@@ -76,7 +76,7 @@ def test_an_mbox_backup_that_cannot_be_written_keeps_the_message_on_the_server(m
     assert setup.delivered() == [] and len(setup.server.uids()) == 1
 
 
-def test_without_the_plugin_enabled_no_backup_is_written(make_setup) -> None:  # noqa: F811
+def test_without_the_plugin_enabled_no_backup_is_written(make_setup) -> None:
     setup = make_setup([mail(1)])
     assert setup.poll().delivered == 1
     assert sorted(p.name for p in setup.tmp_path.iterdir()) == ["Maildir", "postbote.yaml", "state"]

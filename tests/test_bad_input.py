@@ -25,18 +25,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from postbote.testing.pop3server import Faults, POP3Server, crlf_normalised
 
-from tests.servers.smtp_sink import SMTPSink
-from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401 - the shared fixtures
+from tests.harness import (
     MaildirTarget,
     Rig,
     RigFactory,
     SinkTarget,
     child_env,
-    make_rig,
     postbote_argv,
     run_postbote,
-    time_limit,
 )
+from tests.servers.smtp_sink import SMTPSink
+
+pytestmark = pytest.mark.usefixtures("time_limit")
 
 TIME_LIMIT = 90.0
 

@@ -18,7 +18,7 @@ from postbote.pluginmanager import make_plugin_manager
 from postbote.poller import Poller
 from postbote.testing.pop3server import Action, Faults, POP3Server
 
-from tests.test_end_to_end import logging_restored
+from tests.harness import logging_restored
 
 REPO = Path(__file__).resolve().parent.parent
 

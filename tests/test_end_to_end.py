@@ -14,65 +14,22 @@ the SMTP wire.  Exit codes: 0 all accounts fine, 1 some account failed,
 from __future__ import annotations
 
 import base64
-import logging
-import os
-import poplib
 import random
 import re
 import subprocess
-import sys
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import structlog
-import yaml
 
 from tests.conftest import DovecotFactory
-from tests.servers import free_port, interrupt_after
+from tests.harness import Postbote, make_message, strip_trace_header, to_crlf, uidls
+from tests.servers import free_port
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp_sink import SMTPSink
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RUN_TIMEOUT = 120.0  # seconds for one postbote command, in or out of process
-
 # -- messages ------------------------------------------------------------------
-
-
-def make_message(subject: str, body: bytes = b"Hello.\n", *, headers: bytes = b"") -> bytes:
-    """A small RFC 5322 message with LF line endings (as Maildir stores it)."""
-    return (
-        b"From: Sender <sender@example.net>\n"
-        b"To: alice@example.org\n"
-        + f"Subject: {subject}\n".encode()
-        + f"Message-ID: <{subject.replace(' ', '-')}@example.net>\n".encode()
-        + headers
-        + b"\n"
-        + body
-    )
-
-
-def to_crlf(data: bytes) -> bytes:
-    """*data* with every line ending as CRLF -- how it travels over POP3 and SMTP."""
-    return re.sub(rb"\r?\n", b"\r\n", data)
-
-
-def strip_trace_header(data: bytes) -> bytes:
-    """Remove the ``Received:`` field postbote prepends, folded lines included.
-
-    Only the first field is removed, so comparing the rest with the original
-    also proves that exactly one field was added and nothing else changed.
-    """
-    first_line_end = data.find(b"\r\n")
-    assert first_line_end > 0, "no CRLF line ending in the delivered message"
-    assert data[:9].lower() == b"received:", f"no Received: trace field first: {data[:80]!r}"
-    end = first_line_end + 2
-    while data[end : end + 1] in (b" ", b"\t"):  # continuation lines of the folded field
-        end = data.index(b"\r\n", end) + 2
-    return data[end:]
 
 
 def delivered_bodies(sink: SMTPSink) -> list[bytes]:
@@ -123,88 +80,6 @@ def stored_with_crlf() -> bytes:
 # -- driving postbote --------------------------------------------------------
 
 
-@contextmanager
-def logging_restored() -> Iterator[None]:
-    """Undo postbote's process-wide logging set-up after an in-process run.
-
-    ``main`` configures the root logger and structlog for a whole process; left
-    in place, the next tests would run with postbote's handler and level.
-    """
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    structlog_config = structlog.get_config()
-    try:
-        yield
-    finally:
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
-        for handler in handlers:
-            if handler not in root.handlers:
-                root.addHandler(handler)
-        root.setLevel(level)
-        structlog.configure(**structlog_config)
-
-
-class Postbote:
-    """A postbote configuration in a temp dir plus ways to run commands on it."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.config_file = directory / "postbote.yaml"
-        self.state_dir = directory / "state"
-
-    def configure(
-        self,
-        accounts: list[dict[str, Any]],
-        *,
-        defaults: Mapping[str, Any] | None = None,
-        mode: int = 0o600,
-    ) -> Path:
-        """Write the config file (0600: inline passwords in readable files are refused)."""
-        config: dict[str, Any] = {
-            "state_dir": str(self.state_dir),
-            "log": {"level": "debug", "format": "json"},
-        }
-        if defaults:
-            config["defaults"] = dict(defaults)
-        config["accounts"] = accounts
-        self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.config_file.chmod(mode)
-        return self.config_file
-
-    def run(self, *args: str) -> int:
-        """``postbote -c CONFIG ARGS...`` in this process; returns the exit code."""
-        from postbote.cli import main  # imported late: a missing core fails tests, not collection
-
-        with interrupt_after(RUN_TIMEOUT, "postbote"), logging_restored():
-            try:
-                return main(["-c", str(self.config_file), *args])
-            except SystemExit as exit:
-                return exit.code if isinstance(exit.code, int) else 1
-
-    def poll(self) -> int:
-        return self.run("poll")
-
-    def retry(self, account: str, *uids: str) -> int:
-        return self.run("retry", account, *uids)
-
-    def run_process(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """``python -m postbote -c CONFIG ARGS...`` as a child process, output captured."""
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        return subprocess.run(
-            [sys.executable, "-m", "postbote", "-c", str(self.config_file), *args],
-            cwd=self.directory,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT,
-            check=False,
-        )
-
-
 def output_of(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout + result.stderr
 
@@ -234,22 +109,6 @@ def account(
     }
     config.update(overrides)
     return config
-
-
-def uidls(dovecot: DovecotServer, user: str) -> list[str]:
-    """The POP3 UIDLs of *user*'s messages, in mailbox order."""
-    client = poplib.POP3(dovecot.host, dovecot.pop3_port, timeout=10)
-    try:
-        client.user(user)
-        client.pass_(dovecot.password(user))
-        return [line.split()[1].decode() for line in client.uidl()[1]]
-    finally:
-        client.quit()
-
-
-@pytest.fixture
-def postbote(tmp_path: Path) -> Postbote:
-    return Postbote(tmp_path)
 
 
 # -- fetching, delivering, deleting ----------------------------------------------

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
+from tests.harness import Postbote, make_message, uidls
 from tests.servers import free_port
 from tests.servers.dovecot import DovecotServer
 from tests.servers.faulty_smtp import FaultySMTP
-from tests.test_end_to_end import Postbote, make_message, uidls
 
 USER = "alice"
 SUBJECTS = ("first", "second", "third")
@@ -63,11 +63,6 @@ def observe(postbote: Postbote) -> Observed:
     as_json = postbote.run_process("status", "--json")
     assert as_json.returncode == text.status
     return Observed(text, json.loads(as_json.stdout))
-
-
-@pytest.fixture
-def postbote(tmp_path: Path) -> Postbote:
-    return Postbote(tmp_path)
 
 
 @pytest.fixture

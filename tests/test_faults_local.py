@@ -21,17 +21,17 @@ import pytest
 from postbote.state import DATABASE_NAME, DELIVERED, StateLock
 from postbote.testing.pop3server import Action, Faults
 
-from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401 - the shared fixtures
+from tests.harness import (
     MaildirTarget,
     RigFactory,
     child_env,
     corpus,
     corpus_message,
-    make_rig,
     postbote_argv,
     run_postbote,
-    time_limit,
 )
+
+pytestmark = pytest.mark.usefixtures("time_limit")
 
 BIG_BODY_LINES = 60_000  # about 2 MB: more than the small file systems below can take
 

@@ -15,18 +15,18 @@ from postbote.state import DELIVERED
 from structlog.testing import capture_logs
 
 from tests.conftest import DovecotFactory, SinkFactory
-from tests.servers.faulty_smtp import DROP, FaultySMTP, Stall
-from tests.servers.smtp_sink import SMTPSink
-from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401 - the shared fixtures
+from tests.harness import (
     FaultyTarget,
     RigFactory,
     SinkTarget,
     corpus,
     corpus_message,
     corpus_number,
-    make_rig,
-    time_limit,
 )
+from tests.servers.faulty_smtp import DROP, FaultySMTP, Stall
+from tests.servers.smtp_sink import SMTPSink
+
+pytestmark = pytest.mark.usefixtures("time_limit")
 
 TEMPORARY = (421, 451, 452)
 PERMANENT = (550, 552, 554)

@@ -33,10 +33,7 @@ from postbote.plugins.mbox import mboxrd_messages
 from postbote.state import REJECTED
 from postbote.testing.pop3server import POP3Server
 
-from tests.servers.dovecot import DovecotServer
-from tests.servers.faulty_smtp import FaultySMTP
-from tests.servers.smtp_sink import SMTPSink
-from tests.test_faults_pop3 import (
+from tests.harness import (
     Audit,
     FaultyTarget,
     MaildirTarget,
@@ -49,8 +46,12 @@ from tests.test_faults_pop3 import (
     postbote_argv,
     record_figures,
     run_postbote,
-    time_limit,  # noqa: F401 - the shared fixture
 )
+from tests.servers.dovecot import DovecotServer
+from tests.servers.faulty_smtp import FaultySMTP
+from tests.servers.smtp_sink import SMTPSink
+
+pytestmark = pytest.mark.usefixtures("time_limit")
 
 TIME_LIMIT = 150.0
 MAILBOX = 300

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from postbote.smtp import SMTPClient
 
+from tests.harness import Postbote, make_message, strip_trace_header, to_crlf
 from tests.servers.dovecot import DovecotServer
-from tests.test_end_to_end import Postbote, make_message, strip_trace_header, to_crlf
 
 pytestmark = pytest.mark.dovecot
 
@@ -23,11 +21,6 @@ def after_our_trace(stored: bytes) -> bytes:
     lines = stored.split(b"\n")
     ours = next(i for i, line in enumerate(lines) if line.startswith(b"Received: from 127.0.0.1 by "))
     return strip_trace_header(b"\r\n".join(lines[ours:]))
-
-
-@pytest.fixture
-def postbote(tmp_path: Path) -> Postbote:
-    return Postbote(tmp_path)
 
 
 @pytest.mark.parametrize("via", ["socket", "tcp"])

@@ -25,9 +25,9 @@ from postbote.sasl import MechanismChoiceError
 from postbote.tls import TLSPolicy
 
 from tests.conftest import _require_dovecot
+from tests.harness import capture_logging
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot_sasl import FakeOAuthProvider, SaslDovecotServer, scram_credentials
-from tests.test_oauth2 import _capture_logging
 
 pytestmark = pytest.mark.dovecot
 
@@ -277,7 +277,7 @@ def test_revoked_refresh_token_tells_to_run_postbote_auth(server: SaslDovecotSer
 def test_no_secret_appears_anywhere(server: SaslDovecotServer, pki: TestPKI, provider: FakeOAuthProvider,
                                     tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     log_stream = io.StringIO()
-    restore_logging = _capture_logging(log_stream)
+    restore_logging = capture_logging(log_stream)
     errors: list[str] = []
 
     def attempt(settings: AuthSettings, tls: str = "implicit", **kwargs: Any) -> None:

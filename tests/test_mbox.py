@@ -36,8 +36,8 @@ from postbote.plugins.mbox import MboxSettings, append_to_mbox, deliver_message,
 from postbote.state import DEFERRED, StateStore
 from structlog.testing import capture_logs
 
+from tests.harness import mail
 from tests.servers import interrupt_after
-from tests.test_poller import mail, make_setup  # noqa: F401 - make_setup is a fixture
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -326,7 +326,7 @@ def test_mbox_option_mistakes_are_config_errors_with_their_line(tmp_path: Path) 
 # --- through a poll ---
 
 
-def test_a_poll_appends_each_message_once_and_deletes_it_from_the_server(make_setup) -> None:  # noqa: F811
+def test_a_poll_appends_each_message_once_and_deletes_it_from_the_server(make_setup) -> None:
     messages = [TRICKY["dot line"], TRICKY["From lines"], TRICKY["8-bit and NUL"]]
     setup = make_setup(messages)
     mbox = setup.tmp_path / "inbox"
@@ -340,7 +340,7 @@ def test_a_poll_appends_each_message_once_and_deletes_it_from_the_server(make_se
     assert len(mboxrd_messages(mbox.read_bytes())) == 3
 
 
-def test_a_locked_mbox_defers_the_message_which_stays_on_the_server(make_setup, lock_holder) -> None:  # noqa: F811
+def test_a_locked_mbox_defers_the_message_which_stays_on_the_server(make_setup, lock_holder) -> None:
     setup = make_setup([mail(1)])
     mbox = setup.tmp_path / "inbox"
     mbox.write_bytes(b"")
@@ -357,7 +357,7 @@ def test_a_locked_mbox_defers_the_message_which_stays_on_the_server(make_setup, 
     assert setup.server.uids() == [] and len(mboxrd_messages(mbox.read_bytes())) == 1
 
 
-def test_a_missing_mbox_with_create_false_is_a_temporary_failure(make_setup) -> None:  # noqa: F811
+def test_a_missing_mbox_with_create_false_is_a_temporary_failure(make_setup) -> None:
     setup = make_setup([mail(1)])
     mbox = setup.tmp_path / "inbox"
     stats = setup.poll(deliver=f"deliver: {{mbox: {{path: {mbox}, create: false}}}}\n")

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,8 @@ from postbote.pluginmanager import make_plugin_manager
 from postbote.plugins.mda import run_mda
 from postbote.state import DEFERRED, REJECTED, StateStore
 
+from tests.harness import mail
 from tests.servers import wait_until
-from tests.test_poller import mail, make_setup  # noqa: F401 - make_setup is a fixture
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,16 +112,6 @@ def pid_is_gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
-def wait_until(condition: Callable[[], bool], seconds: float = 5) -> bool:
-    """SIGKILL is delivered at once but a process takes a moment to die."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def test_a_command_running_past_the_timeout_is_killed_with_its_children(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     argv = script(tmp_path, "hang", f"""\
@@ -137,7 +126,7 @@ def test_a_command_running_past_the_timeout_is_killed_with_its_children(tmp_path
         run_mda(argv, [mail(1)], timeout=1)
     assert time.monotonic() - started < 5
     assert info.value.temporary
-    assert wait_until(lambda: all(pid_is_gone(int(pid)) for pid in pids.read_text().split()))
+    assert wait_until(lambda: all(pid_is_gone(int(pid)) for pid in pids.read_text().split()), 5)  # dying takes a moment
 
 
 def test_the_timeout_holds_while_the_command_does_not_read_its_input(tmp_path: Path) -> None:
@@ -195,7 +184,7 @@ def test_mda_option_mistakes_are_config_errors_with_their_line(tmp_path: Path, d
 # --- through a poll ---
 
 
-def test_a_poll_delivers_each_message_once_through_the_mda_and_deletes_it(make_setup) -> None:  # noqa: F811
+def test_a_poll_delivers_each_message_once_through_the_mda_and_deletes_it(make_setup) -> None:
     setup = make_setup([TRICKY, mail(2)])
     out = setup.tmp_path / "out"
     argv = [*keep_stdin(setup.tmp_path), str(out), "--account={account}", "{uid}"]
@@ -218,7 +207,7 @@ def deferred_only(records: dict) -> bool:
     return [record.status for record in records.values()] == [DEFERRED]
 
 
-def test_a_temporary_mda_failure_leaves_the_message_on_the_server_recorded_as_deferred(make_setup) -> None:  # noqa: F811
+def test_a_temporary_mda_failure_leaves_the_message_on_the_server_recorded_as_deferred(make_setup) -> None:
     setup = make_setup([mail(1)])
     argv = script(setup.tmp_path, "tempfail", "sys.stdin.buffer.read(); sys.exit(75)")
     stats = setup.poll(deliver=f"deliver: {{mda: {argv_yaml(argv)}}}\n")
@@ -227,7 +216,7 @@ def test_a_temporary_mda_failure_leaves_the_message_on_the_server_recorded_as_de
     assert deferred_only(store_records(setup.tmp_path))
 
 
-def test_a_permanent_mda_failure_leaves_the_message_on_the_server_as_rejected(make_setup) -> None:  # noqa: F811
+def test_a_permanent_mda_failure_leaves_the_message_on_the_server_as_rejected(make_setup) -> None:
     setup = make_setup([mail(1)])
     argv = script(setup.tmp_path, "nouser", "sys.stdin.buffer.read(); print('no such user', file=sys.stderr); "
                                             "sys.exit(1)")
@@ -240,7 +229,7 @@ def test_a_permanent_mda_failure_leaves_the_message_on_the_server_as_rejected(ma
     assert setup.poll(deliver=deliver).rejected == 0
 
 
-def test_an_mda_timeout_in_a_poll_is_temporary(make_setup) -> None:  # noqa: F811
+def test_an_mda_timeout_in_a_poll_is_temporary(make_setup) -> None:
     setup = make_setup([mail(1)])
     argv = script(setup.tmp_path, "slow", "sys.stdin.buffer.read(); time.sleep(60)")
     stats = setup.poll(deliver=f"deliver: {{mda: {{command: {argv_yaml(argv)}, timeout: 0.5s}}}}\n")

@@ -23,8 +23,7 @@ from postbote.pluginmanager import make_plugin_manager
 from postbote.state import DEFERRED, DELIVERED, REJECTED, Outcome, StateStore
 from postbote.testing.pop3server import DEFAULT_CAPABILITIES, Action, Faults
 
-from tests.servers.smtp_sink import SMTPSink
-from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401
+from tests.harness import (
     MaildirTarget,
     Rig,
     RigFactory,
@@ -32,9 +31,10 @@ from tests.test_faults_pop3 import (  # the shared fault harness and its fixture
     corpus,
     corpus_message,
     corpus_number,
-    make_rig,
-    time_limit,
 )
+from tests.servers.smtp_sink import SMTPSink
+
+pytestmark = pytest.mark.usefixtures("time_limit")
 
 TIME_LIMIT = 60.0
 NO_PIPELINING = [capability for capability in DEFAULT_CAPABILITIES if capability != "PIPELINING"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import stat
 import sys
@@ -22,11 +21,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 from postbote import oauth2
 from postbote.authcli import run_auth
 from postbote.errors import AccountError, ConfigError, CredentialError
-from postbote.logconfig import configure_logging
 from postbote.login import AuthSettings
 from postbote.oauth2 import (
     OAuth2Refresher,
@@ -39,6 +36,7 @@ from postbote.oauth2 import (
 )
 from postbote.settings import Problems, Section, load_yaml
 
+from tests.harness import capture_logging
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot_sasl import FakeOAuthProvider
 
@@ -452,7 +450,7 @@ def test_loopback_flow_with_pasted_address(settings: OAuth2Settings, provider: F
 def test_no_secret_in_logs_output_or_errors(settings: OAuth2Settings, provider: FakeOAuthProvider, tmp_path: Path,
                                            clock: Clock, capfd: pytest.CaptureFixture[str]) -> None:
     log_stream = io.StringIO()
-    restore_logging = _capture_logging(log_stream)
+    restore_logging = capture_logging(log_stream)
     seen: list[str] = []
     try:
         provider.approve_device("alice", polls_before_approval=1)
@@ -487,17 +485,3 @@ class _Collect(io.StringIO):
     def write(self, text: str) -> int:
         self.into.append(text)
         return super().write(text)
-
-
-def _capture_logging(stream: io.StringIO) -> Callable[[], None]:
-    """Route postbote's logs (debug and up, JSON) to ``stream``; returns what puts the previous set-up back."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    configure_logging("debug", "json", stream=stream)
-
-    def restore() -> None:
-        structlog.reset_defaults()
-        root.handlers[:] = handlers
-        root.setLevel(level)
-
-    return restore

@@ -8,81 +8,17 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from postbote import DeliveryError, Verdict, hookimpl
-from postbote.config import Config, load_config
 from postbote.errors import StateLockedError
-from postbote.pluginmanager import make_plugin_manager
-from postbote.poller import Poller, PollStats
 from postbote.state import REJECTED, StateLock, StateStore
 from postbote.testing.pop3server import Action, Faults, POP3Server
 
-
-def mail(n: int) -> bytes:
-    return f"Subject: message {n}\r\nMessage-ID: <{n}@test>\r\n\r\nbody {n}\r\n".encode()
-
-
-class Setup:
-    def __init__(self, tmp_path: Path, server: POP3Server) -> None:
-        self.tmp_path = tmp_path
-        self.server = server
-        self.maildir = tmp_path / "Maildir"
-
-    def config(self, extra: str = "", deliver: str = "", pm=None) -> Config:
-        path = self.tmp_path / "postbote.yaml"
-        settings = extra if "timeout" in extra else extra + "timeout: 2s\n"
-        settings += deliver or f"deliver: {{maildir: {self.maildir}}}\n"
-        path.write_text(textwrap.dedent(f"""\
-            state_dir: {self.tmp_path / 'state'}
-            accounts:
-              - name: test
-                host: 127.0.0.1
-                port: {self.server.port}
-                tls: none
-                username: demo
-                password: demo
-            """) + textwrap.indent(settings, "    "))
-        os.chmod(path, 0o600)
-        return load_config(path, pm or make_plugin_manager(entry_points=False))
-
-    def poll(self, *plugins: object, extra: str = "", deliver: str = "",
-             stop: threading.Event | None = None) -> PollStats:
-        pm = make_plugin_manager(entry_points=False, extra=plugins)
-        config = self.config(extra, deliver, pm)
-        store = StateStore(config.state_dir)
-        try:
-            return Poller(pm, store, stop).poll(config.accounts[0])
-        finally:
-            store.close()
-
-    def delivered(self) -> list[bytes]:
-        folder = self.maildir / "new"
-        files = sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime_ns) if folder.is_dir() else []
-        return [p.read_bytes() for p in files]
-
-    def subjects(self) -> list[str]:
-        return sorted(line.decode() for data in self.delivered() for line in data.splitlines()
-                      if line.startswith(b"Subject:"))
-
-
-@pytest.fixture
-def make_setup(tmp_path: Path) -> Iterator:
-    servers: list[POP3Server] = []
-
-    def make(messages: list[bytes], faults: Faults | None = None) -> Setup:
-        server = POP3Server(messages, faults=faults).start()
-        servers.append(server)
-        return Setup(tmp_path, server)
-
-    yield make
-    for server in servers:
-        server.stop()
+from tests.harness import Setup, mail
 
 
 def test_fetches_delivers_and_deletes_every_message(make_setup) -> None:

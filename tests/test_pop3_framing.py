@@ -30,16 +30,16 @@ from postbote.pop3 import (
 from postbote.testing.pop3server import Action, Faults, POP3Server, Stuffing
 from postbote.tls import TLSPolicy
 
-from tests.servers import interrupt_after
-from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401
+from tests.harness import (
     MaildirTarget,
     RigFactory,
     corpus,
     corpus_message,
     corpus_number,
-    make_rig,
-    time_limit,
 )
+from tests.servers import interrupt_after
+
+pytestmark = pytest.mark.usefixtures("time_limit")
 
 TIME_LIMIT = 30.0
 NO_PIPELINING = ("TOP", "USER", "UIDL", "RESP-CODES")

@@ -24,20 +24,20 @@ from postbote.testing.pop3server import Action, Faults
 from postbote.tls import TLSPolicy
 
 from tests.conftest import DovecotFactory, SinkFactory
-from tests.servers.certs import TestPKI, openssl_binary
-from tests.servers.dovecot import DovecotServer
-from tests.servers.smtp_sink import SMTPSink
-from tests.test_faults_pop3 import (  # the shared fault harness and its fixtures  # noqa: F401 - the shared fixtures
+from tests.harness import (
     MaildirTarget,
     Rig,
     RigFactory,
     Run,
     SinkTarget,
     corpus,
-    make_rig,
     run_postbote,
-    time_limit,
 )
+from tests.servers.certs import TestPKI, openssl_binary
+from tests.servers.dovecot import DovecotServer
+from tests.servers.smtp_sink import SMTPSink
+
+pytestmark = pytest.mark.usefixtures("time_limit")
 
 SECRET = "pw-Zebra-7731-do-not-print"
 MEMORY_BOUND = 256 << 20  # bytes: a poll idles at about 35 MB; 2,000,000 listed messages take about 140 MB

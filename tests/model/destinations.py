@@ -18,8 +18,8 @@ from typing import Any
 
 from postbote.plugins.mbox import mboxrd_messages
 
+from tests.harness import MaildirTarget
 from tests.servers.faulty_smtp import DROP, FaultySMTP
-from tests.test_faults_pop3 import MaildirTarget
 
 RECIPIENT = "me@example.org"
 
