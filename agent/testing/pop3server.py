@@ -922,6 +922,12 @@ class POP3Server:
         with self._mailbox_guard:
             return [message.uid for message in self._mailbox]
 
+    def wait_until_unlocked(self, timeout: float) -> bool:
+        """Wait until no session holds the mailbox (one the client gave up on may still be stalled, holding it);
+        whether it was let go within ``timeout`` seconds."""
+        with self._mailbox_guard:
+            return self._mailbox_guard.wait_for(lambda: self._mailbox_owner is None, timeout=timeout)
+
     def _lock_mailbox(self, session: _Session) -> list[_StoredMessage] | None:
         """Take the TRANSACTION lock and return a snapshot, or None if still busy."""
         with self._mailbox_guard:

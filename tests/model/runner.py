@@ -254,6 +254,8 @@ class CaseRun:
         raise Stuck(f"STUCK after {CLEAN_POLLS} clean polls: " + "; ".join(problems))
 
     def poll(self, plan: PollPlan, name: str) -> Any:
+        # a session the last poll gave up on may still be stalled, holding the mailbox: the next poll starts after it
+        self.server.wait_until_unlocked(STALL_SECONDS * 3)
         for arrival in plan.arrivals:
             if arrival.reuse_uid_of is not None:
                 self.reuse_uid(arrival.reuse_uid_of, arrival.pieces)
