@@ -6,10 +6,7 @@ import os
 import textwrap
 from pathlib import Path
 
-from postbote.config import load_config
-from postbote.pluginmanager import make_plugin_manager
-from postbote.poller import Poller
-from postbote.state import StateStore
+from postbote.testing import poll_once
 from postbote.testing.pop3server import POP3Server
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "plugins"
@@ -31,11 +28,7 @@ def poll(tmp_path: Path, server: POP3Server) -> list[bytes]:
               deliver: {{maildir: {tmp_path / 'Maildir'}}}}}
         """))
     os.chmod(config_path, 0o600)
-    pm = make_plugin_manager(entry_points=False)
-    config = load_config(config_path, pm)
-    store = StateStore(config.state_dir)
-    stats = Poller(pm, store).poll(config.accounts[0])
-    store.close()
+    stats = poll_once(config_path)
     assert stats.ok
     return [p.read_bytes() for p in (tmp_path / "Maildir" / "new").iterdir()]
 

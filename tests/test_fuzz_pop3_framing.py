@@ -35,10 +35,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
-from postbote.config import load_config
-from postbote.pluginmanager import make_plugin_manager
-from postbote.poller import Poller
-from postbote.state import StateStore
+from postbote.testing import poll_once
 
 EXAMPLES = int(os.environ.get("POSTBOTE_FUZZ_EXAMPLES", "300"))
 CRLF = b"\r\n"
@@ -234,14 +231,8 @@ def poll(directory: Path, server: FakeServer) -> list[bytes]:
         "accounts": [{"name": "fuzz", "host": "127.0.0.1", "port": 110, "tls": "none", "username": "demo",
                       "password": "demo", "timeout": "1s", "deliver": {"maildir": str(maildir)}}]}))
     config.chmod(0o600)
-    pm = make_plugin_manager(entry_points=False)
-    account = load_config(config, pm).accounts[0]
-    store = StateStore(directory / "state")
-    try:
-        with connected_to(server):
-            Poller(pm, store).poll(account)
-    finally:
-        store.close()
+    with connected_to(server):
+        poll_once(config)
     return [without_trace_field(path.read_bytes()) for sub in ("new", "cur") if (maildir / sub).is_dir()
             for path in sorted((maildir / sub).iterdir())]
 

@@ -12,10 +12,8 @@ from typing import Any
 import postbote.hookspecs
 import pytest
 from postbote import DeliveryError, Verdict, hookimpl
-from postbote.config import load_config
-from postbote.pluginmanager import make_plugin_manager
-from postbote.poller import Poller, PollStats
-from postbote.state import StateStore
+from postbote.poller import PollStats
+from postbote.testing import poll_once
 from postbote.testing.pop3server import Action, Faults, POP3Server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,13 +139,7 @@ def run(tmp_path: Path):
                       timeout: 2s, deliver: {{recorded: {{}}}}}}
                 """))
             os.chmod(path, 0o600)
-            pm = make_plugin_manager(entry_points=False, extra=[recorder])
-            config = load_config(path, pm)
-            pm.hook.configure.call_historic(kwargs={"config": config})
-            store = StateStore(config.state_dir)
-            stats = Poller(pm, store).poll(config.accounts[0])
-            pm.hook.unconfigure(config=config)
-            store.close()
+            stats = poll_once(path, plugins=[recorder], start_plugins=True)
             server.remaining = server.uids()  # type: ignore[attr-defined]
         return stats, server
 

@@ -13,14 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from postbote.config import Account, Config, load_config
 from postbote.errors import ConfigError
-from postbote.jobs import plugins_started as configured
 from postbote.message import Message, Verdict
 from postbote.pipeline import run_filters
 from postbote.pluginmanager import make_plugin_manager
 from postbote.plugins import rules
 from postbote.plugins.maildir import MaildirSettings
-from postbote.poller import Poller, PollStats
-from postbote.state import StateStore
+from postbote.poller import PollStats
+from postbote.testing import poll_once
 from postbote.testing.pop3server import POP3Server
 from structlog.testing import capture_logs
 
@@ -431,14 +430,7 @@ class Agent:
                 password: demo
                 timeout: 2s
             """) + textwrap.indent(account_extra + deliver, "    "))
-        pm = make_plugin_manager(entry_points=False)
-        config = load_config(path, pm)
-        store = StateStore(config.state_dir)
-        try:
-            with configured(pm, config):
-                return Poller(pm, store).poll(config.accounts[0])
-        finally:
-            store.close()
+        return poll_once(path, start_plugins=True)
 
     def delivered(self, maildir: Path | None = None) -> list[bytes]:
         folder = (maildir or self.maildir) / "new"

@@ -31,8 +31,8 @@ from postbote.plugins.spamassassin import (
     scan,
     spam_fields,
 )
-from postbote.poller import Poller, PollStats
-from postbote.state import StateStore
+from postbote.poller import PollStats
+from postbote.testing import poll_once
 from postbote.testing.pop3server import POP3Server
 
 from tests.servers import LOOPBACK, free_port
@@ -116,13 +116,7 @@ class Setup:
         return path
 
     def poll(self, options: str) -> PollStats:
-        pm = make_plugin_manager(entry_points=False, extra=[self.drops])
-        config = load_config(self.write_config(options), pm)
-        store = StateStore(config.state_dir)
-        try:
-            return Poller(pm, store).poll(config.accounts[0])
-        finally:
-            store.close()
+        return poll_once(self.write_config(options), plugins=[self.drops])
 
     def delivered(self) -> list[bytes]:
         folder = self.maildir / "new"

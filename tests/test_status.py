@@ -25,22 +25,17 @@ from postbote.cli.progress import SHOW_AFTER, ProgressDisplay
 from postbote.cli.status import collect, show_status
 from postbote.config import load_config
 from postbote.pluginmanager import make_plugin_manager
-from postbote.poller import Poller
 from postbote.state import StateStore
+from postbote.testing import poll_once
 from postbote.testing.pop3server import Action, Faults, POP3Server
 
 from tests.test_daemon import REPO, DaemonRun, account, mail, write_config
 
 
-def poll_once(config_path: Path) -> None:
-    pm = make_plugin_manager(entry_points=False)
-    config = load_config(config_path, pm)
-    store = StateStore(config.state_dir)
-    try:
-        for entry in config.accounts:
-            Poller(pm, store).poll(entry)
-    finally:
-        store.close()
+def poll_every_account(config_path: Path) -> None:
+    """One poll of each account of the config, in order, as ``postbote poll`` does."""
+    for entry in load_config(config_path, make_plugin_manager(entry_points=False)).accounts:
+        poll_once(config_path, account=entry.name)
 
 
 def test_status_before_any_poll_says_so_and_creates_nothing(tmp_path: Path, capsys) -> None:
@@ -57,7 +52,7 @@ def test_status_shows_the_last_poll_the_totals_and_the_last_error(tmp_path: Path
     try:
         config = write_config(tmp_path / "postbote.yaml", [account("alice", server, tmp_path / "Maildir"),
                                                           account("bob", None, tmp_path / "Maildir")])
-        poll_once(config)
+        poll_every_account(config)
     finally:
         server.stop()
     assert main(["-c", str(config), "status"]) == 1
@@ -75,11 +70,7 @@ def test_status_json_has_every_account_with_machine_readable_times(tmp_path: Pat
     try:
         config = write_config(tmp_path / "postbote.yaml", [account("alice", server, tmp_path / "Maildir"),
                                                           account("carol", None, tmp_path / "Maildir")])
-        pm = make_plugin_manager(entry_points=False)
-        loaded = load_config(config, pm)
-        store = StateStore(loaded.state_dir)
-        Poller(pm, store).poll(loaded.accounts[0])
-        store.close()
+        poll_once(config)
     finally:
         server.stop()
     assert main(["-c", str(config), "status", "--json"]) == 0
@@ -127,7 +118,7 @@ def test_status_while_the_daemon_runs_shows_it_and_the_next_poll(tmp_path: Path)
 
 def test_status_reads_without_leaving_files_behind(tmp_path: Path, capsys) -> None:
     config = write_config(tmp_path / "postbote.yaml", [account("bob", None, tmp_path / "Maildir")])
-    poll_once(config)
+    poll_every_account(config)
     before = sorted(p.name for p in (tmp_path / "state").iterdir())
     assert main(["-c", str(config), "status"]) == 1
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == before
@@ -226,7 +217,7 @@ def polled_fine(tmp_path: Path, **extra: object) -> Path:
     server = POP3Server([]).start()
     try:
         config = write_config(tmp_path / "postbote.yaml", [account("alice", server, tmp_path / "Maildir", **extra)])
-        poll_once(config)
+        poll_every_account(config)
     finally:
         server.stop()
     return config
