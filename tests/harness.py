@@ -594,3 +594,88 @@ def capture_logging(stream: io.StringIO) -> Callable[[], None]:
         root.setLevel(level)
 
     return restore
+
+
+# ================================================================== the daemon as a process
+
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+    """The condition's first true value, or AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def account(name: str, server: POP3Server | None, maildir: Path, **extra: Any) -> dict[str, Any]:
+    entry = {"name": name, "host": "127.0.0.1", "port": server.port if server else 1, "tls": "none",
+             "username": "demo", "password": "demo", "poll_interval": "1s", "timeout": "2s",
+             "deliver": {"maildir": str(maildir)}}
+    entry.update(extra)
+    return {key: value for key, value in entry.items() if value is not None}
+
+
+def write_config(path: Path, accounts: list[dict[str, Any]], **top: Any) -> Path:
+    document = {"state_dir": str(path.parent / "state"), "log": {"format": "json", "level": "debug"},
+                "accounts": accounts, **top}
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    os.chmod(path, 0o600)
+    return path
+
+
+def subjects(maildir: Path) -> list[str]:
+    folder = maildir / "new"
+    if not folder.is_dir():
+        return []
+    return sorted(line.decode() for p in folder.iterdir() for line in p.read_bytes().splitlines()
+                  if line.startswith(b"Subject:"))
+
+
+class DaemonRun:
+    """``postbote -c CONFIG run`` in a subprocess, its JSON log collected in a file."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None, command: str = "run") -> None:
+        self.log_path = config.with_name(f"daemon-{time.monotonic_ns()}.log")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
+        self.process = subprocess.Popen([sys.executable, "-m", "postbote", "-c", str(config), command], cwd=REPO_ROOT,
+                                        stdout=subprocess.PIPE, stderr=self._log, env={**os.environ, **(env or {})})
+
+    def events(self, name: str | None = None, **fields: Any) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if (name is None or event.get("event") == name) and all(event.get(k) == v for k, v in fields.items()):
+                found.append(event)
+        return found
+
+    def wait_for(self, name: str, count: int = 1, timeout: float = 5.0, **fields: Any) -> list[dict[str, Any]]:
+        def enough() -> list[dict[str, Any]] | None:
+            if self.process.poll() is not None and len(self.events(name, **fields)) < count:
+                raise AssertionError(f"daemon exited ({self.process.returncode}) before {name}:\n{self.log()}")
+            events = self.events(name, **fields)
+            return events if len(events) >= count else None
+
+        return wait_until(enough, timeout, f"{count} x {name} {fields or ''}")
+
+    def send(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.process.poll() is None:
+            self.send(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")

@@ -7,8 +7,6 @@ policy (backoff, jitter, parallelism) is also tested in-process with a stand-in 
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import signal
 import subprocess
@@ -22,7 +20,6 @@ from typing import Any
 import pytest
 import structlog
 import structlog.testing
-import yaml
 from postbote.config import load_config
 from postbote.daemon import START_JITTER, Backoff, Daemon, start_delay
 from postbote.pluginmanager import make_plugin_manager
@@ -30,91 +27,8 @@ from postbote.poller import PollStats
 from postbote.state import StateStore
 from postbote.testing.pop3server import Action, Faults, POP3Server
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def mail(n: int) -> bytes:
-    return f"Subject: message {n}\r\nMessage-ID: <{n}@test>\r\n\r\nbody {n}\r\n".encode()
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def account(name: str, server: POP3Server | None, maildir: Path, **extra: Any) -> dict[str, Any]:
-    entry = {"name": name, "host": "127.0.0.1", "port": server.port if server else 1, "tls": "none",
-             "username": "demo", "password": "demo", "poll_interval": "1s", "timeout": "2s",
-             "deliver": {"maildir": str(maildir)}}
-    entry.update(extra)
-    return {key: value for key, value in entry.items() if value is not None}
-
-
-def write_config(path: Path, accounts: list[dict[str, Any]], **top: Any) -> Path:
-    document = {"state_dir": str(path.parent / "state"), "log": {"format": "json", "level": "debug"},
-                "accounts": accounts, **top}
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    os.chmod(path, 0o600)
-    return path
-
-
-def subjects(maildir: Path) -> list[str]:
-    folder = maildir / "new"
-    if not folder.is_dir():
-        return []
-    return sorted(line.decode() for p in folder.iterdir() for line in p.read_bytes().splitlines()
-                  if line.startswith(b"Subject:"))
-
-
-class DaemonRun:
-    """``postbote -c CONFIG run`` in a subprocess, its JSON log collected in a file."""
-
-    def __init__(self, config: Path, env: dict[str, str] | None = None, command: str = "run") -> None:
-        self.log_path = config.with_name(f"daemon-{time.monotonic_ns()}.log")
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
-        self.process = subprocess.Popen([sys.executable, "-m", "postbote", "-c", str(config), command], cwd=REPO,
-                                        stdout=subprocess.PIPE, stderr=self._log, env={**os.environ, **(env or {})})
-
-    def events(self, name: str | None = None, **fields: Any) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if (name is None or event.get("event") == name) and all(event.get(k) == v for k, v in fields.items()):
-                found.append(event)
-        return found
-
-    def wait_for(self, name: str, count: int = 1, timeout: float = 5.0, **fields: Any) -> list[dict[str, Any]]:
-        def enough() -> list[dict[str, Any]] | None:
-            if self.process.poll() is not None and len(self.events(name, **fields)) < count:
-                raise AssertionError(f"daemon exited ({self.process.returncode}) before {name}:\n{self.log()}")
-            events = self.events(name, **fields)
-            return events if len(events) >= count else None
-
-        return wait_until(enough, timeout, f"{count} x {name} {fields or ''}")
-
-    def send(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.process.poll() is None:
-            self.send(signal.SIGTERM)
-        return self.wait(timeout)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.process.wait(timeout)
-        finally:
-            self._log.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+from tests.harness import REPO_ROOT as REPO
+from tests.harness import DaemonRun, account, mail, subjects, wait_until, write_config
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from postbote.state import PollRecord, StateStore
 from postbote.status import WaitingSummary
 from postbote.testing.pop3server import POP3Server
 
-from tests.test_daemon import account, mail, write_config
+from tests.harness import account, mail, write_config
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ import pytest
 from postbote.sdnotify import Notifier, socket_address, watchdog_period
 from postbote.testing.pop3server import POP3Server
 
-from tests.test_daemon import DaemonRun, account, mail, subjects, wait_until, write_config
+from tests.harness import DaemonRun, account, mail, subjects, wait_until, write_config
 
 
 class Listener:

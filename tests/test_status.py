@@ -29,7 +29,8 @@ from postbote.state import StateStore
 from postbote.testing import poll_once
 from postbote.testing.pop3server import Action, Faults, POP3Server
 
-from tests.test_daemon import REPO, DaemonRun, account, mail, write_config
+from tests.harness import REPO_ROOT as REPO
+from tests.harness import DaemonRun, account, mail, write_config
 
 
 def poll_every_account(config_path: Path) -> None:
