@@ -26,12 +26,7 @@ from postbote.status import WaitingSummary
 from postbote.testing.pop3server import POP3Server
 
 from tests.harness import account, mail, write_config
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.servers import free_port
 
 
 def load(tmp_path: Path, options: dict[str, Any] | bool, *accounts: dict[str, Any]) -> Config:

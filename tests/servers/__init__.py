@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,15 +23,26 @@ from contextlib import contextmanager
 LOOPBACK = "127.0.0.1"
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    """Return a TCP port on *host* that was free a moment ago.
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
 
-    The kernel picks it (bind to port 0); there is a small window in which
-    someone else could take it, which is acceptable for tests.
+
+def free_port(host: str = LOOPBACK) -> int:
+    """Return a TCP port on *host* that was free a moment ago, and that this process has not handed out before.
+
+    The kernel picks it (bind to port 0); there is a small window in which another process could take it, which is
+    acceptable for tests. Within this process no port is handed out twice: the kernel readily offers a port again
+    once its socket is closed, so a server asking for several ports in a row (Dovecot: POP3, POP3S, LMTP) could
+    otherwise be given one twice ("duplicate listener").
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        with _handed_out_lock:
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
