@@ -199,8 +199,8 @@ class Poller:
             entries = client.listing()
             stats.listed = len(entries)
             to_verify, to_fetch = self._plan(account, entries, stats, poll)
-            if account.poll_timeout is None:
-                client.deadline = session_deadline(account, started, to_fetch)
+            if account.poll_timeout is None:  # the TOP checks, and a fetch where one finds a reused UID, count too
+                client.deadline = session_deadline(account, started, to_fetch + [entry for entry, _ in to_verify])
             self._notify("messages_listed", account=account, count=len(to_fetch),
                          octets=sum(entry.size for entry in to_fetch))
             for entry in session.verified(to_verify, to_fetch):

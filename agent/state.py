@@ -451,11 +451,17 @@ class StateStore:
         return rows[0][0] if rows else None
 
     def clear_rejected(self, account: str, uids: Iterable[str] = ()) -> list[str]:
-        """Make rejected messages eligible again; all of the account's when ``uids`` is empty. Returns the UIDs."""
+        """Make rejected messages eligible again; all of the account's when ``uids`` is empty. Returns the UIDs.
+
+        Only the message's record goes: the destinations (and LMTP recipients) that did take it keep their notes, so
+        the retry gives it only to the ones that refused it, not a second copy to the others."""
         wanted = set(uids)
         rejected = [uid for uid, rec in self.records(account).items()
                     if rec.status == REJECTED and (not wanted or uid in wanted)]
-        self.forget(account, rejected)
+        if rejected:
+            with self._transaction():
+                self._db.executemany("DELETE FROM messages WHERE account = ? AND uid = ?",
+                                     [(account, uid) for uid in rejected])
         return rejected
 
     def _query(self, sql: str, args: tuple[object, ...]) -> list[tuple]:

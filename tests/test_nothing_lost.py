@@ -129,6 +129,24 @@ def test_a_failing_mda_after_a_maildir_and_smtp_gives_the_mta_one_copy(make_rig:
     assert sorted(mda.copies()) == [1, 2]  # type: ignore[type-var]
 
 
+def test_a_retried_rejection_goes_only_to_the_destination_that_refused(make_rig: RigFactory, tmp_path: Path) -> None:
+    """[maildir, mda] with the MDA refusing for good (exit 1): after `postbote retry`, the MDA gets the message and
+    the Maildir, which took it the first time, gets no second copy."""
+    mda = Appender(tmp_path / "mda")
+    mda.fail_with(1)
+    maildir = tmp_path / "Maildir"
+    rig = make_rig(corpus(1))
+    deliver = [{"maildir": str(maildir)}, mda.deliver()]
+    assert rig.poll(deliver=deliver).rejected == 1
+    store = StateStore(rig.state_dir)
+    assert store.clear_rejected("test") == [rig.uid_of[1]]
+    store.close()
+    mda.fail_with(0)
+    assert rig.poll(deliver=deliver).delivered == 1
+    assert maildir_copies(maildir) == [1] and mda.copies() == [1]
+    assert rig.server.messages() == []
+
+
 # --- 5. a state store that cannot be written ---------------------------------------------------------------
 
 
@@ -298,13 +316,9 @@ def test_deferred_messages_are_recorded_with_the_first_failure_and_the_attempts(
 # --- 19. and a COMMIT that fails ------------------------------------------------------------------------------
 
 
-def test_the_state_database_is_private_whatever_the_umask(tmp_path: Path) -> None:
-    old = os.umask(0o022)
-    try:
-        store = StateStore(tmp_path / "state")
-        store.record("a", "1", DELIVERED)
-    finally:
-        os.umask(old)
+def test_the_state_database_is_private_whatever_the_umask(tmp_path: Path, umask_022: None) -> None:
+    store = StateStore(tmp_path / "state")
+    store.record("a", "1", DELIVERED)
     for name in ("postbote.sqlite3", "postbote.sqlite3-wal", "postbote.sqlite3-shm"):
         path = tmp_path / "state" / name
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
