@@ -184,3 +184,13 @@ def postbote(tmp_path: Path) -> Postbote:
 @pytest.fixture
 def make_setup(tmp_path: Path) -> Iterator[SetupFactory]:
     yield from setup_factory(tmp_path)
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The common default umask, under which files are group- and world-readable unless created otherwise."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)

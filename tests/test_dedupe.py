@@ -397,15 +397,6 @@ def test_the_drop_reason_says_when_the_first_copy_arrived(tmp_path: Path, clock:
             "duplicate of a message delivered at 2023-11-14T22:13:20Z")
 
 
-@pytest.fixture
-def umask_022() -> Iterator[None]:
-    previous = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(previous)
-
-
 def file_modes(directory: Path) -> dict[str, int]:
     return {path.name: path.stat().st_mode & 0o777 for path in directory.iterdir()}
 

@@ -4,7 +4,6 @@ opens a database; plugins get tables from it, and readers get a read-only store.
 from __future__ import annotations
 
 import ast
-import os
 import sqlite3
 import threading
 import time
@@ -187,15 +186,6 @@ def test_a_table_lives_in_its_own_file_beside_the_state_database(tmp_path: Path)
 def test_a_table_name_is_a_plain_word_not_a_path(tmp_path: Path, name: str) -> None:
     with pytest.raises(ValueError, match="plugin table name"):
         KeyedTable.open(tmp_path, name)
-
-
-@pytest.fixture
-def umask_022() -> Iterator[None]:
-    previous = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(previous)
 
 
 def test_the_file_and_its_companions_are_private_under_umask_022(tmp_path: Path, umask_022: None) -> None:
