@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from postbote.config import Account, Config, Destination, parse_destination_entry
     from postbote.credentials import child_environment
+    from postbote.delivery import Delivered, DeliveryResult, Pending, Staged
     from postbote.durable import fsync_directory, fsync_file, rename_durably, sync_filesystems
     from postbote.errors import (
         AccountError,
@@ -25,10 +26,10 @@ if TYPE_CHECKING:
         StateLockedError,
     )
     from postbote.hookspecs import hookimpl
+    from postbote.mailbox import Fetched, Mailbox, MailboxEntry, NotFetched, TooLarge
     from postbote.message import Message, Verdict
     from postbote.oauth2 import TokenEndpointError
-    from postbote.poller import PollContext as Poll
-    from postbote.poller import PollStats
+    from postbote.poll import Poll, PollStats
     from postbote.pop3 import MessageTooLarge, POP3AuthError, POP3ConnectionError, POP3Error, POP3ProtocolError
     from postbote.sasl import SASLError
     from postbote.settings import (
@@ -63,7 +64,11 @@ _FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
     "postbote.hookspecs": ("hookimpl",),
     "postbote.message": ("Message", "Verdict"),
     "postbote.config": ("Account", "Config", "Destination", "parse_destination_entry"),
-    "postbote.poller": {"Poll": "PollContext", "PollStats": "PollStats"},
+    "postbote.poll": ("Poll", "PollStats"),
+    # a mail source: the mailbox seam (the open_mailbox hook)
+    "postbote.mailbox": ("Fetched", "Mailbox", "MailboxEntry", "NotFetched", "TooLarge"),
+    # what a destination answers (the deliver_message hook)
+    "postbote.delivery": ("Delivered", "DeliveryResult", "Pending", "Staged"),
     # reading a plugin's options, with the core's file:line errors
     "postbote.settings": ("Node", "Parser", "Problems", "Section", "boolean", "choice", "describe", "duration",
                           "integer", "nonempty_text", "path_relative_to", "port_number", "size", "text",
@@ -103,6 +108,10 @@ __all__ = [  # spelled out, so that type checkers see the re-exports; tests/test
     # writing a plugin
     "Account", "Config", "Destination", "Message", "Poll", "PollStats", "Verdict", "hookimpl",
     "parse_destination_entry",
+    # a mail source
+    "Fetched", "Mailbox", "MailboxEntry", "NotFetched", "TooLarge",
+    # what a destination answers
+    "Delivered", "DeliveryResult", "Pending", "Staged",
     # reading a plugin's options
     "Node", "Parser", "Problems", "Section", "boolean", "choice", "describe", "duration", "integer", "nonempty_text",
     "path_relative_to", "port_number", "size", "text", "text_list",

@@ -107,6 +107,9 @@ class Destination:
     settings: Any
     label: str
     line: int
+    # Set only when handing a message on: the recipients still to reach after an earlier attempt reached some
+    # (an LMTP server that took the message for some recipients); None means all of them.
+    recipients: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ class Account:
     token_command: tuple[str, ...] = ()
     oauth2: OAuth2Settings | None = None
     files: Mapping[str, tuple[Path, int, str]] = field(default_factory=dict)  # key -> (path, line, key path)
+    protocol: str = "pop3"  # the source plugin that opens the mailbox (the ``open_mailbox`` hook)
 
     def describe_credentials(self) -> str:
         """Where the secret comes from, for ``postbote check``; never the secret itself."""

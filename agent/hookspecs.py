@@ -24,13 +24,27 @@ filtered and delivered before an earlier one's ``message_delivered`` arrives.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import pluggy
 
 if TYPE_CHECKING:
     # the names a plugin author sees, from the public face
-    from postbote import Account, Config, Destination, Message, Node, Poll, PollStats, PostboteError, Problems, Verdict
+    from postbote import (
+        Account,
+        Config,
+        DeliveryResult,
+        Destination,
+        Mailbox,
+        Message,
+        Node,
+        Poll,
+        PollStats,
+        PostboteError,
+        Problems,
+        Section,
+        Verdict,
+    )
 
 PROJECT = "postbote"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -69,6 +83,28 @@ def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir:
     """
 
 
+@hookspec(firstresult=True)
+def parse_source(protocol: str, section: Section, problems: Problems, base_dir: Path) -> Any | None:
+    """Read the account keys of a mail source speaking ``protocol`` (``pop3``, the default; ``imap``, …).
+
+    ``section`` is the whole account mapping (defaults merged): read your keys from it with ``section.get`` (the
+    account's general keys -- name, deliver, keep, … -- are read by postbote; a key nobody reads is an error).
+    Return your settings object when ``protocol`` is yours, else None. It becomes ``account.source``; give it a
+    ``server`` property (``user@host:port``, shown by ``check`` and ``status``), and ``files`` (a mapping of key to
+    (path, line, key path) for the files ``postbote check`` must be able to read) when it names files.
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def authorize(account: Account, state_dir: Path, out: TextIO, flow: str, open_browser: bool) -> int | None:
+    """``postbote auth ACCOUNT``: run the one-time authorization of ``account`` (an OAuth2 flow that stores a
+    refresh token) if its source (or, later, a destination) is yours and needs one; return the exit status.
+    ``flow`` is ``auto``, ``device`` or ``loopback``; print only what the user must see (a URL, a user code) to
+    ``out``. Raise `ConfigError` when the account has nothing to authorize. Stops at the first non-None result.
+    """
+
+
 @hookspec(historic=True)
 def configure(config: Config) -> None:
     """Called once after the configuration is loaded and valid, before the first poll; open shared resources.
@@ -82,10 +118,25 @@ def unconfigure(config: Config) -> None:
     """Called once at shutdown (and before a reload); close what ``configure`` opened."""
 
 
+# --- per poll ---
+
+
+@hookspec(firstresult=True)
+def open_mailbox(account: Account, poll: Poll) -> Mailbox | None:
+    """Connect to ``account``'s mailbox and log in, if ``account.protocol`` is yours; else return None.
+
+    Return a `postbote.Mailbox`: the poller then lists, fetches, hands on, records and deletes through it (see
+    ``docs/plugins.md``). Connect within ``poll.deadline`` (a ``time.monotonic()`` value); ``poll.state_dir`` is the
+    state directory (for token caches). Raise an `AccountError` (or a subclass) when the server cannot be reached
+    or refuses the login: the account's poll fails with that message and other accounts go on.
+    Stops at the first non-None result.
+    """
+
+
 # --- per message, in this order ---
 
 
-@hookspec
+@hookspec(firstresult=True)
 def filter_message(message: Message, account: Account) -> Verdict | None:
     """Decide about one message before it is delivered.
 
@@ -109,22 +160,24 @@ def backup_message(message: Message, account: Account) -> None:
 
 
 @hookspec(firstresult=True)
-def deliver_message(message: Message, destination: Destination, account: Account, poll: Poll) -> Any | None:
+def deliver_message(message: Message, destination: Destination, account: Account,
+                    poll: Poll) -> DeliveryResult | None:
     """Hand a message to ``destination`` if its ``destination.kind`` is yours; else return None (no opinion).
 
-    Return a short description of where it went (``"250 2.0.0 Ok: queued as 4F…"``, a file name) only once the
-    message is durable there. Raise ``postbote.DeliveryError(reason, temporary=…)`` when the destination refuses
-    it: temporary leaves it on the server to be retried next poll, permanent marks it rejected (still on the server,
-    retried only after ``postbote retry``). Any other exception counts as temporary. Use
-    ``poll.resource(key, opener)`` to keep one connection for all messages of a poll; it is closed when the poll ends.
-    Stops at the first non-None result.
+    Return what became of it (``postbote.Delivered``, ``Staged`` or ``Pending``; see ``postbote.delivery``):
+    ``Delivered(answer)`` once the message is durable there (``"250 2.0.0 Ok: queued as 4F…"``, a file name);
+    ``Staged(answer, source, target)`` for a file written to ``source`` but not yet synced, which the poll syncs
+    with its batch, records, and renames to ``target``; ``Pending(wait)`` when the answer arrives later: ``wait()``
+    returns the answer or raises, and is called after the next message is fetched. A plain string counts as
+    ``Delivered``.
 
-    Two ways to let postbote overlap your destination's work with the next message: ``poll.stage_rename(source,
-    target)`` for a file written but not yet synced (postbote syncs a whole batch at once, then renames), or return
-    a *deferred answer* -- any object with a ``result()`` method that waits for the destination's verdict and
-    returns the description or raises as above. postbote calls ``result()`` after fetching the next message and
-    before handing that one on, and records the message only if it returns; the built-in SMTP plugin returns one for
-    a single recipient, so the MTA stores a message while the next is fetched.
+    Deliver to ``destination.recipients`` when it is set (the recipients an earlier, partly successful attempt has
+    not reached yet), else to ``message.recipients`` or your own configured ones.
+
+    Raise ``postbote.DeliveryError(reason, temporary=…)`` when the destination refuses the message: temporary leaves
+    it on the server to be retried next poll, permanent marks it rejected (still on the server, retried only after
+    ``postbote retry``). Any other exception counts as temporary. Use ``poll.resource(key, opener)`` to keep one
+    connection for all messages of a poll; it is closed when the poll ends. Stops at the first non-None result.
     """
 
 

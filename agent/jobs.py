@@ -19,7 +19,8 @@ from postbote.errors import ConfigError, PostboteError
 if TYPE_CHECKING:
     import pluggy
     from postbote.config import Account, Config
-    from postbote.poller import Poller, PollStats
+    from postbote.poller import Poller
+from postbote.poll import PollStats
 
 
 class ExitStatus(enum.IntEnum):
@@ -95,7 +96,7 @@ def poll_guarded(poller: Poller, account: Account) -> PollStats:
     and where it was raised, never with frame locals (they can hold a password), and remembered in the state store
     so that ``postbote status`` shows it. Never raises an `Exception`."""
     import structlog
-    from postbote.poller import PollStats
+    from postbote.poll import PollStats
 
     started = time.monotonic()
     try:

@@ -19,16 +19,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pluggy
+import structlog
 from postbote import hookspecs
-from postbote.errors import ConfigError
+from postbote.errors import ConfigError, DeliveryError, PluginError
+
+log = structlog.get_logger("postbote.plugins")
 
 ENTRY_POINT_GROUP = "postbote"
 
 # Registration order is call order reversed: among filters, later entries run first. spamassassin comes after
 # rules so that its X-Spam-* fields exist when the rules run; dedupe is trylast, so it sees final recipients.
-ESSENTIAL_PLUGINS = ("received", "smtp", "maildir", "mbox", "mda")
+ESSENTIAL_PLUGINS = ("pop3", "received", "smtp", "maildir", "mbox", "mda")
 OPTIONAL_PLUGINS: tuple[str, ...] = ("backup", "rules", "dedupe", "spamassassin", "metrics")
 BUILTIN_PLUGINS = (*ESSENTIAL_PLUGINS, *OPTIONAL_PLUGINS)
 
@@ -47,12 +51,25 @@ class PluginSource:
 
 
 class PluginManager(pluggy.PluginManager):
-    """pluggy's manager plus where each plugin came from, for ``postbote plugins`` and per-account enabling."""
+    """pluggy's manager plus where each plugin came from, for ``postbote plugins`` and per-account enabling.
+
+    The poll calls hooks through `hooks_for` (pluggy calls the implementations, so its tracing and ``wrapper=True``
+    implementations work on every hook).
+    """
 
     def __init__(self) -> None:
         super().__init__(hookspecs.PROJECT)
         self.sources: dict[str, PluginSource] = {}
         self._not_loaded: set[str] = set()  # optional built-ins known by name, not imported yet
+        self._subsets: dict[frozenset[str], AccountHooks] = {}
+
+    def hooks_for(self, account: Any) -> AccountHooks:
+        """The hooks as ``account`` sees them: without the plugins it turns off."""
+        disabled = frozenset(getattr(account, "disabled_plugins", ()))
+        hooks = self._subsets.get(disabled)
+        if hooks is None:
+            hooks = self._subsets[disabled] = AccountHooks(self, disabled)
+        return hooks
 
     def add(self, plugin: object, source: PluginSource) -> None:
         if self.get_plugin(source.name) is not None or source.name in self.sources:
@@ -123,6 +140,80 @@ class PluginManager(pluggy.PluginManager):
         self.load_builtin(name)
         plugin = self.get_plugin(name)
         return sorted(caller.name for caller in self.get_hookcallers(plugin) or ()) if plugin is not None else []
+
+
+class AccountHooks:
+    """The hooks as one account sees them (pluggy's ``subset_hook_caller``, less the plugins the account turns off),
+    with the two ways postbote calls them.
+
+    `call` is for the hooks whose failure stays with one message or one account: an exception other than postbote's
+    own errors becomes a `PluginError` naming the plugin that raised. `notify` is for the observer hooks: a failing
+    observer is logged with its name and the observers after it are still called, so none can lose or block mail.
+    """
+
+    def __init__(self, pm: PluginManager, disabled: frozenset[str]) -> None:
+        self._pm = pm
+        self._disabled = disabled
+        self._callers: dict[str, pluggy.HookCaller] = {}
+
+    def caller(self, name: str, skip: Iterable[object] = ()) -> pluggy.HookCaller:
+        skip = list(skip)
+        if not self._disabled and not skip:
+            return getattr(self._pm.hook, name)
+        if skip:
+            return self._pm.subset_hook_caller(name, remove_plugins=[*self._disabled_plugins(), *skip])
+        caller = self._callers.get(name)
+        if caller is None:
+            caller = self._callers[name] = self._pm.subset_hook_caller(name, remove_plugins=self._disabled_plugins())
+        return caller
+
+    def _disabled_plugins(self) -> list[object]:
+        return [plugin for name in self._disabled if (plugin := self._pm.get_plugin(name)) is not None]
+
+    def call(self, name: str, *, passing: tuple[type[BaseException], ...] = (DeliveryError, PluginError),
+             **kwargs: Any) -> Any:
+        """Call hook ``name``; exceptions other than ``passing`` become a `PluginError` naming the plugin."""
+        caller = self.caller(name)
+        try:
+            return caller(**kwargs)
+        except passing:
+            raise
+        except Exception as exc:
+            raise PluginError(culprit(caller, exc), name, exc) from exc
+
+    def notify(self, name: str, **kwargs: Any) -> None:
+        """Call observer hook ``name``; each failing observer is logged and those after it are still called."""
+        done: list[object] = []
+        while True:
+            caller = self.caller(name, skip=done)
+            try:
+                caller(**kwargs)
+                return
+            except Exception as exc:  # noqa: BLE001 - an observer's failure is reported, never propagated
+                plugin = culprit(caller, exc)
+                log.error("plugin.failed", plugin=plugin, hook=name, error=str(exc))
+                order = [impl for impl in reversed(caller.get_hookimpls()) if not (impl.wrapper or impl.hookwrapper)]
+                names = [impl.plugin_name for impl in order]
+                if plugin not in names:
+                    return  # raised by a wrapper: nothing more can be called safely
+                done += [impl.plugin for impl in order[:names.index(plugin) + 1]]
+
+
+def culprit(caller: pluggy.HookCaller, error: BaseException) -> str:
+    """The plugin whose implementation raised ``error``: the outermost frame of its traceback that runs one of
+    ``caller``'s implementations (pluggy calls them directly, so that frame is the one pluggy called)."""
+    owners: dict[Any, str] = {}
+    for impl in caller.get_hookimpls():
+        function = getattr(impl.function, "__func__", impl.function)
+        code = getattr(function, "__code__", None)
+        if code is not None:
+            owners[code] = impl.plugin_name
+    traceback = error.__traceback__
+    while traceback is not None:
+        if traceback.tb_frame.f_code in owners:
+            return owners[traceback.tb_frame.f_code]
+        traceback = traceback.tb_next
+    return caller.name
 
 
 def make_plugin_manager(*, builtins: bool = True, entry_points: bool = True,

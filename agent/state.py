@@ -26,7 +26,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from postbote.errors import StateError, StateLockedError
@@ -74,15 +74,17 @@ CREATE TABLE IF NOT EXISTS messages (
     updated REAL NOT NULL,
     PRIMARY KEY (account, uid)
 );
-CREATE TABLE IF NOT EXISTS deliveries (
+CREATE TABLE IF NOT EXISTS delivery_notes (
     account TEXT NOT NULL,
     uid TEXT NOT NULL,
-    destination TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    recipient TEXT NOT NULL DEFAULT '',
     state TEXT NOT NULL,
     answer TEXT NOT NULL DEFAULT '',
     attempts INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL,
-    PRIMARY KEY (account, uid, destination)
+    PRIMARY KEY (account, uid, position, label, recipient)
 );
 CREATE TABLE IF NOT EXISTS pending_renames (
     account TEXT NOT NULL,
@@ -181,13 +183,38 @@ class WaitingMessage:
 
 
 @dataclass(frozen=True)
+class DeliveryKey:
+    """Which part of a message's delivery a note is about: the destination at ``position`` in the message's list
+    (with its label, so that a reordered or changed list does not match an old note), and, for a destination that
+    took the message for some recipients only (LMTP), one ``recipient``."""
+
+    position: int
+    label: str
+    recipient: str = ""
+
+    def for_recipient(self, recipient: str) -> DeliveryKey:
+        return DeliveryKey(self.position, self.label, recipient)
+
+    @property
+    def destination(self) -> DeliveryKey:
+        return DeliveryKey(self.position, self.label)
+
+
+@dataclass(frozen=True)
 class Delivery:
     """One destination's part in a message's delivery (see `DeliveryState`)."""
 
-    destination: str
+    key: DeliveryKey
     state: DeliveryState
     answer: str
     attempts: int
+
+
+def _legacy_key(text: str) -> DeliveryKey:
+    """A note's key as versions before 0.2 wrote it: ``POSITION:LABEL`` or ``POSITION:LABEL>RECIPIENT``."""
+    position, _, rest = text.partition(":")
+    label, _, recipient = rest.partition(">")
+    return DeliveryKey(int(position) if position.isdigit() else -1, label, recipient)
 
 
 class StateStore:
@@ -224,12 +251,19 @@ class StateStore:
             if name not in present:
                 self._db.execute(f"ALTER TABLE messages ADD COLUMN {name} {declaration}")
         tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "destinations_done" in tables:
+        legacy = [(f"SELECT account, uid, destination, '{DeliveryState.DONE}', answer, 1, updated FROM {table}"
+                   if table == "destinations_done" else
+                   f"SELECT account, uid, destination, state, answer, attempts, updated FROM {table}", table)
+                  for table in ("destinations_done", "deliveries") if table in tables]
+        for select, table in legacy:  # notes keyed by strings: their keys become structured
             with self._transaction():
-                self._db.execute(
-                    "INSERT OR IGNORE INTO deliveries SELECT account, uid, destination, ?, answer, 1, ? "
-                    "FROM destinations_done", (DeliveryState.DONE, time.time()))
-                self._db.execute("DROP TABLE destinations_done")
+                rows = self._db.execute(select).fetchall()
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO delivery_notes (account, uid, position, label, recipient, state, answer, "
+                    "attempts, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(account, uid, *astuple(_legacy_key(text)), state, answer, attempts, updated or time.time())
+                     for account, uid, text, state, answer, attempts, updated in rows])
+                self._db.execute(f"DROP TABLE {table}")
 
     @staticmethod
     def exists(state_dir: Path) -> bool:
@@ -291,10 +325,11 @@ class StateStore:
                  for o in outcomes])
             handled = [(account, o.uid) for o in outcomes if o.status in HANDLED]
             if handled:
-                self._db.executemany("DELETE FROM deliveries WHERE account = ? AND uid = ?", handled)
+                self._db.executemany("DELETE FROM delivery_notes WHERE account = ? AND uid = ?", handled)
             answered = [(account, o.uid, DeliveryState.IN_FLIGHT) for o in outcomes if o.status in WAITING]
             if answered:  # the destination said no: that attempt left no doubt behind
-                self._db.executemany("DELETE FROM deliveries WHERE account = ? AND uid = ? AND state = ?", answered)
+                self._db.executemany("DELETE FROM delivery_notes WHERE account = ? AND uid = ? AND state = ?",
+                                     answered)
             if renames:
                 self._db.executemany("INSERT INTO pending_renames VALUES (?, ?, ?, ?)",
                                      [(account, uid, source, target) for uid, source, target in renames])
@@ -324,41 +359,40 @@ class StateStore:
             self._db.executemany("DELETE FROM pending_renames WHERE account = ? AND uid = ?",
                                  [(account, uid) for uid in uids])
 
-    def deliveries(self, account: str, uid: str) -> dict[str, Delivery]:
+    def deliveries(self, account: str, uid: str) -> dict[DeliveryKey, Delivery]:
         """What each destination did with this message in earlier attempts that did not finish it."""
-        rows = self._query("SELECT destination, state, answer, attempts FROM deliveries WHERE account = ? AND uid = ?",
-                           (account, uid))
-        return {name: Delivery(name, DeliveryState(state), answer, attempts) for name, state, answer, attempts in rows}
+        rows = self._query("SELECT position, label, recipient, state, answer, attempts FROM delivery_notes "
+                           "WHERE account = ? AND uid = ?", (account, uid))
+        notes = (Delivery(DeliveryKey(position, label, recipient), DeliveryState(state), answer, attempts)
+                 for position, label, recipient, state, answer, attempts in rows)
+        return {note.key: note for note in notes}
 
     def partly_delivered(self, account: str) -> set[str]:
-        """UIDs with notes in `deliveries` (normally none: one query per poll, not per message)."""
-        return {uid for (uid,) in self._query("SELECT DISTINCT uid FROM deliveries WHERE account = ?", (account,))}
+        """UIDs with notes in `delivery_notes` (normally none: one query per poll, not per message)."""
+        return {uid for (uid,) in self._query("SELECT DISTINCT uid FROM delivery_notes WHERE account = ?",
+                                              (account,))}
 
-    def begin_delivery(self, account: str, uid: str, destination: str) -> None:
-        """Note, committed, that ``destination`` is about to get this message: written *before* a hand-over that
+    def begin_delivery(self, account: str, uid: str, key: DeliveryKey) -> None:
+        """Note, committed, that a destination is about to get this message: written *before* a hand-over that
         cannot be undone, so that a state store that cannot be written stops the delivery instead of letting every
         poll deliver again; a note still there at the next poll means the hand-over may have happened."""
         with self._transaction():
             self._db.execute(
-                "INSERT INTO deliveries (account, uid, destination, state, answer, attempts, updated) "
-                "VALUES (?, ?, ?, ?, '', 1, ?) ON CONFLICT (account, uid, destination) DO UPDATE SET "
-                "attempts = deliveries.attempts + 1, updated = excluded.updated",
-                (account, uid, destination, DeliveryState.IN_FLIGHT, time.time()))
+                "INSERT INTO delivery_notes (account, uid, position, label, recipient, state, answer, attempts, "
+                "updated) VALUES (?, ?, ?, ?, ?, ?, '', 1, ?) "
+                "ON CONFLICT (account, uid, position, label, recipient) DO UPDATE SET "
+                "attempts = delivery_notes.attempts + 1, updated = excluded.updated",
+                (account, uid, *astuple(key), DeliveryState.IN_FLIGHT, time.time()))
 
-    def finish_delivery(self, account: str, uid: str, destination: str, answer: str) -> None:
-        """``destination`` took the message for good: it is not given it again."""
+    def finish_delivery(self, account: str, uid: str, key: DeliveryKey, answer: str) -> None:
+        """The destination (or recipient) of ``key`` took the message for good: it is not given it again."""
         with self._transaction():
             self._db.execute(
-                "INSERT INTO deliveries (account, uid, destination, state, answer, attempts, updated) "
-                "VALUES (?, ?, ?, ?, ?, 1, ?) ON CONFLICT (account, uid, destination) DO UPDATE SET "
+                "INSERT INTO delivery_notes (account, uid, position, label, recipient, state, answer, attempts, "
+                "updated) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?) "
+                "ON CONFLICT (account, uid, position, label, recipient) DO UPDATE SET "
                 "state = excluded.state, answer = excluded.answer, updated = excluded.updated",
-                (account, uid, destination, DeliveryState.DONE, answer, time.time()))
-
-    def abandon_delivery(self, account: str, uid: str, destination: str) -> None:
-        """``destination`` answered that it did not take the message: no doubt remains about this attempt."""
-        with self._transaction():
-            self._db.execute("DELETE FROM deliveries WHERE account = ? AND uid = ? AND destination = ? AND state = ?",
-                             (account, uid, destination, DeliveryState.IN_FLIGHT))
+                (account, uid, *astuple(key), DeliveryState.DONE, answer, time.time()))
 
     def note_listing(self, account: str, records: dict[str, Record], listed: set[str],
                      now: float | None = None) -> list[str]:
@@ -399,7 +433,7 @@ class StateStore:
     def _delete(self, account: str, uids: list[str]) -> None:
         pairs = [(account, uid) for uid in uids]
         self._db.executemany("DELETE FROM messages WHERE account = ? AND uid = ?", pairs)
-        self._db.executemany("DELETE FROM deliveries WHERE account = ? AND uid = ?", pairs)
+        self._db.executemany("DELETE FROM delivery_notes WHERE account = ? AND uid = ?", pairs)
 
     def record_poll(self, account: str, *, ok: bool, duration: float, counts: dict[str, int],
                     error: str | None) -> None:

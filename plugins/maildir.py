@@ -28,6 +28,7 @@ from postbote import (
     Node,
     Problems,
     Section,
+    Staged,
     boolean,
     fsync_directory,
     hookimpl,
@@ -46,7 +47,7 @@ _counter = itertools.count()
 class MaildirSettings:
     path: Path
     create: bool = True
-    # Files are staged (`Poll.stage_rename`): made visible in the transaction that records the message.
+    # Files are staged (`postbote.Staged`): made visible in the transaction that records the message.
     stages_delivery: ClassVar[bool] = True
 
     @property
@@ -70,7 +71,7 @@ def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Pa
 
 
 @hookimpl
-def deliver_message(message: Message, destination: Destination, poll: Poll) -> str | None:
+def deliver_message(message: Message, destination: Destination, poll: Poll) -> Staged | None:
     if destination.kind != "maildir":
         return None
     settings: MaildirSettings = destination.settings
@@ -85,8 +86,7 @@ def deliver_message(message: Message, destination: Destination, poll: Poll) -> s
         raise DeliveryError(f"maildir {settings.path}: {exc.strerror or exc}", temporary=True) from None
     # Made durable together with the rest of the poll's batch, then renamed into new/ (group commit); at once when
     # the message has other destinations too, each of which must be recorded on its own.
-    poll.stage_rename(temporary, final)
-    return str(final)
+    return Staged(answer=final, source=temporary, target=final)
 
 
 def _opened(settings: MaildirSettings) -> NewFiles:

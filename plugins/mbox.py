@@ -34,6 +34,7 @@ from pathlib import Path
 
 import structlog
 from postbote import (
+    Delivered,
     DeliveryError,
     Destination,
     Message,
@@ -95,7 +96,7 @@ def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Pa
 
 
 @hookimpl
-def deliver_message(message: Message, destination: Destination) -> str | None:
+def deliver_message(message: Message, destination: Destination) -> Delivered | None:
     if destination.kind != "mbox":
         return None
     settings: MboxSettings = destination.settings
@@ -103,7 +104,7 @@ def deliver_message(message: Message, destination: Destination) -> str | None:
         offset = append_to_mbox(settings.path, message, create=settings.create, lock_timeout=settings.lock_timeout)
     except OSError as exc:
         raise DeliveryError(f"mbox {settings.path}: {exc.strerror or exc}", temporary=True) from None
-    return f"mbox {settings.path} (offset {offset})"
+    return Delivered(f"mbox {settings.path} (offset {offset})")
 
 
 def append_to_mbox(path: Path, message: Message, *, create: bool = True,

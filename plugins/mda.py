@@ -28,6 +28,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from postbote import (
     Account,
+    Delivered,
     DeliveryError,
     Destination,
     Message,
@@ -110,12 +111,12 @@ def _placeholders_known(section: Section) -> bool:
 
 
 @hookimpl
-def deliver_message(message: Message, destination: Destination, account: Account) -> str | None:
+def deliver_message(message: Message, destination: Destination, account: Account) -> Delivered | None:
     if destination.kind != "mda":
         return None
     settings: MDASettings = destination.settings
     argv = [expand(argument, account=account.name, uid=message.uid) for argument in settings.command]
-    return run_mda(argv, lf_lines(message.chunks()), timeout=settings.timeout)
+    return Delivered(run_mda(argv, lf_lines(message.chunks()), timeout=settings.timeout))
 
 
 def expand(argument: str, *, account: str, uid: str) -> str:

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from postbote import (
-    Delivery,
+    Delivered,
     Destination,
     Message,
     Node,
+    Pending,
     Problems,
     Section,
     SMTPClient,
@@ -122,19 +123,19 @@ def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Pa
 
 
 @hookimpl
-def deliver_message(message: Message, destination: Destination, poll: Poll) -> str | Delivery | None:
-    """With one recipient the answer is left to be read later (a deferred answer, see the hook's contract), so that
-    the MTA stores this message while postbote fetches the next; with several it is read at once, because an LMTP
+def deliver_message(message: Message, destination: Destination, poll: Poll) -> Delivered | Pending | None:
+    """With one recipient the answer is left to be read later (`Pending`, see the hook's contract), so that the
+    MTA stores this message while postbote fetches the next; with several it is read at once, because an LMTP
     server may take the message for some recipients and not others, and those must be noted right away."""
     if destination.kind not in DESTINATION_KINDS:
         return None
     settings: SMTPSettings = destination.settings
     client: SMTPClient = poll.resource(("smtp", destination.label), lambda: _connect(settings),
                                        usable=lambda c: c.usable, close=SMTPClient.quit)
-    recipients = message.recipients or list(settings.recipients)
+    recipients = list(destination.recipients or message.recipients or settings.recipients)
     sender = sender_the_mta_can_take(_sender(message, settings), client, settings, message)
     delivery = client.start(sender, recipients, message.chunks(), eight_bit=message.eight_bit)
-    return delivery if len(recipients) == 1 else delivery.result()
+    return Pending(delivery.result) if len(recipients) == 1 else Delivered(delivery.result())
 
 
 def _connect(settings: SMTPSettings) -> SMTPClient:

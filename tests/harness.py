@@ -38,7 +38,7 @@ import structlog
 import yaml
 from postbote.errors import StateError
 from postbote.logconfig import configure_logging
-from postbote.poller import PollStats
+from postbote.poll import PollStats
 from postbote.state import REJECTED, Record, StateStore
 from postbote.testing import poll_once
 from postbote.testing.pop3server import Faults, POP3Server

@@ -24,7 +24,7 @@ PACKAGE_FOLDERS = {"postbote": ROOT / "agent", "postbote.plugins": ROOT / "plugi
 
 NETWORK = ("ssl", "socket", "http", "urllib", "postbote.pop3", "postbote.smtp", "postbote.sasl", "postbote.tls",
            "postbote.oauth2", "postbote.login")
-DELIVERY_STATE_AND_PLUGINS = ("postbote.state", "postbote.poller", "postbote.pipeline", "postbote.pluginmanager",
+DELIVERY_STATE_AND_PLUGINS = ("postbote.state", "postbote.poller", "postbote.handling", "postbote.pluginmanager",
                               "postbote.hookspecs", "postbote.plugins", "pluggy")
 
 

@@ -23,7 +23,7 @@ import structlog.testing
 from postbote.config import load_config
 from postbote.daemon import START_JITTER, Backoff, Daemon, start_delay
 from postbote.pluginmanager import make_plugin_manager
-from postbote.poller import PollStats
+from postbote.poll import PollStats
 from postbote.state import StateStore
 from postbote.testing.pop3server import Action, Faults, POP3Server
 

@@ -12,7 +12,7 @@ from typing import Any
 import postbote.hookspecs
 import pytest
 from postbote import DeliveryError, Verdict, hookimpl
-from postbote.poller import PollStats
+from postbote.poll import PollStats
 from postbote.testing import poll_once
 from postbote.testing.pop3server import Action, Faults, POP3Server
 

@@ -14,11 +14,10 @@ from hypothesis import strategies as st
 from postbote.config import Account, Config, load_config
 from postbote.errors import ConfigError
 from postbote.message import Message, Verdict
-from postbote.pipeline import run_filters
 from postbote.pluginmanager import make_plugin_manager
 from postbote.plugins import rules
 from postbote.plugins.maildir import MaildirSettings
-from postbote.poller import PollStats
+from postbote.poll import PollStats
 from postbote.testing import poll_once
 from postbote.testing.pop3server import POP3Server
 from structlog.testing import capture_logs
@@ -404,7 +403,9 @@ def test_rules_run_after_the_received_header_is_added(tmp_path: Path) -> None:
     pm = make_plugin_manager(entry_points=False)
     config = load_config(write_config(tmp_path, "plugins:\n  rules: {rules: [{match: {header: Received, "
                                       "contains: postbote}, action: drop}]}\n" + ACCOUNT), pm)
-    assert run_filters(pm, Message.from_bytes(PERSONAL), config.accounts[0]) == Verdict.drop("rule #1")
+    account = config.accounts[0]
+    verdict = pm.hooks_for(account).call("filter_message", message=Message.from_bytes(PERSONAL), account=account)
+    assert verdict == Verdict.drop("rule #1")
 
 
 # --- end to end ---

@@ -31,7 +31,7 @@ from postbote.plugins.spamassassin import (
     scan,
     spam_fields,
 )
-from postbote.poller import PollStats
+from postbote.poll import PollStats
 from postbote.testing import poll_once
 from postbote.testing.pop3server import POP3Server
 

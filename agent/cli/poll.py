@@ -19,7 +19,6 @@ from postbote.jobs import ExitStatus
 if TYPE_CHECKING:
     import threading
 
-    import pluggy
     from postbote.config import Config
     from postbote.pluginmanager import PluginManager
     from postbote.state import StateStore
@@ -90,7 +89,7 @@ def progress_shown(pm: PluginManager) -> Iterator[str | None]:
         pm.unregister(display)
 
 
-def poll(pm: pluggy.PluginManager, config: Config, store: StateStore, names: Sequence[str]) -> int:
+def poll(pm: PluginManager, config: Config, store: StateStore, names: Sequence[str]) -> int:
     """Poll ``names`` (all accounts when empty) once, up to ``max_parallel`` accounts at a time; the exit status
     says whether every listed message was taken care of (`postbote.jobs.exit_status`)."""
     import threading

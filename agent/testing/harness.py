@@ -18,7 +18,7 @@ from postbote.errors import ConfigError
 
 if TYPE_CHECKING:
     from postbote.config import Account, Config
-    from postbote.poller import PollStats
+    from postbote.poll import PollStats
     from postbote.state import StateStore
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from postbote import DeliveryError, hookimpl
-from postbote.poller import PollStats
+from postbote.poll import PollStats
 from postbote.state import DATABASE_NAME, REJECTED, StateStore
 from postbote.testing import poll_once
 from postbote.testing.pop3server import Action, Faults, POP3Server, Reply, crlf_normalised
