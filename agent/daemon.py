@@ -39,12 +39,11 @@ from queue import Empty, SimpleQueue
 import schedule
 import structlog
 from postbote.config import Account, Config
-from postbote.errors import PostboteError
+from postbote.errors import LoginRefused, PostboteError
 from postbote.hookspecs import hookimpl
 from postbote.jobs import poll_guarded, start_plugins
 from postbote.pluginmanager import PluginManager
 from postbote.poller import Poller, PollStats
-from postbote.pop3 import POP3AuthError
 from postbote.sdnotify import Notifier
 from postbote.state import StateStore
 from postbote.status import WaitingSummary, stale_after, waiting_messages
@@ -118,7 +117,7 @@ class AuthFailureWatch:
 
     @hookimpl
     def account_error(self, account: Account, error: PostboteError) -> None:
-        if isinstance(error, POP3AuthError):
+        if isinstance(error, LoginRefused):
             with self._lock:
                 self._refused.add(account.name)
 
@@ -147,8 +146,20 @@ class RepeatedLoginFailureFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         event = record.msg if isinstance(record.msg, dict) else {}
-        return not (event.get("event") == "account.failed" and event.get("error_type") == POP3AuthError.__name__
+        return not (event.get("event") == "account.failed" and event.get("error_type") in _login_refusal_names()
                     and event.get("account") in self.muted)
+
+
+def _login_refusal_names() -> set[str]:
+    """The ``error_type`` of a refused login in ``account.failed``: `LoginRefused` and every subclass of it (the
+    source plugins' own, such as POP3AuthError)."""
+    names: set[str] = set()
+    kinds: list[type[Exception]] = [LoginRefused]
+    while kinds:
+        kind = kinds.pop()
+        names.add(kind.__name__)
+        kinds.extend(kind.__subclasses__())
+    return names
 
 
 class Wakeup:

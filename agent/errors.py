@@ -35,6 +35,11 @@ class AccountError(PostboteError):
     """The account cannot be polled now (connection, TLS, login, protocol). Logged; other accounts go on."""
 
 
+class LoginRefused(AccountError):
+    """The server refused the login (a wrong password, a revoked token): a source plugin's login errors derive from
+    it, so that the daemon reports a streak of refused logins once, whatever the protocol."""
+
+
 class DeliveryError(PostboteError):
     """A destination did not take the message.
 

@@ -23,7 +23,7 @@ from enum import Enum
 from typing import Protocol
 
 from postbote.credentials import Secret
-from postbote.errors import AccountError
+from postbote.errors import AccountError, LoginRefused
 from postbote.tls import TLSPolicy
 
 MAX_REPLY_LINE = 8192
@@ -45,7 +45,7 @@ class POP3Error(AccountError):
         self.reply = reply
 
 
-class POP3AuthError(POP3Error):
+class POP3AuthError(POP3Error, LoginRefused):
     """The server refused the login."""
 
 
