@@ -244,3 +244,140 @@ def test_hook_account_error(run) -> None:
     (call,) = recorder.seen("account_error")
     assert "login refused: [AUTH] go away" in call["error"]
     assert recorder.seen("poll_finished")[0]["stats"].error == stats.error
+
+
+def fake_config(tmp_path: Path, account: str = "{name: acct, protocol: fake, deliver: {recorded: {}}}",
+                top: str = "") -> Path:
+    path = tmp_path / "fake.yaml"
+    path.write_text(f"state_dir: {tmp_path / 'state'}\n{top}accounts:\n  - {account}\n")
+    return path
+
+
+def test_hook_parse_source(tmp_path: Path) -> None:
+    """A source plugin reads its own account keys; what it returns is ``account.source``."""
+    from postbote.config import load_config
+    from postbote.pluginmanager import make_plugin_manager
+    from postbote.testing import FakeSource
+
+    pm = make_plugin_manager(entry_points=False, extra=[FakeSource()])
+    config = load_config(fake_config(tmp_path), pm)
+    (account,) = config.accounts
+    assert account.protocol == "fake" and account.source.server == "acct@fake"
+
+
+def test_hook_open_mailbox(tmp_path: Path) -> None:
+    """The poller lists, fetches and deletes only through the mailbox the source opened."""
+    from postbote.testing import FakeSource
+
+    source, recorder = FakeSource(), Recorder()
+    mailbox = source.mailbox("acct")
+    mailbox.add(mail("a"))
+    mailbox.add(mail("b"))
+    stats = poll_once(fake_config(tmp_path), plugins=[source, recorder])
+    assert stats.ok and stats.delivered == 2 and stats.deleted == 2
+    assert mailbox.sessions == 1 and mailbox.fetched == ["uid-1", "uid-2"] and mailbox.messages == {}
+
+
+def test_an_account_whose_protocol_no_plugin_opens_fails_with_a_clear_error(tmp_path: Path) -> None:
+    stats = poll_once(fake_config(tmp_path), plugins=[FakeSourceParsingOnly(), Recorder()])
+    assert not stats.ok and "no plugin reads mail over 'fake'" in (stats.error or "")
+
+
+class FakeSourceParsingOnly:
+    """Claims ``protocol: fake`` in the config but opens no mailbox."""
+
+    name = "fake-parsing-only"
+    SOURCE_PROTOCOLS = ("fake",)
+
+    @hookimpl
+    def parse_source(self, protocol):
+        from postbote.testing.mailbox import FakeSourceSettings
+
+        return FakeSourceSettings("acct") if protocol == "fake" else None
+
+
+def test_a_wrapper_around_a_message_hook_is_called_by_pluggy(tmp_path: Path) -> None:
+    """pluggy calls the implementations, so a ``wrapper=True`` implementation sees every filter's verdict."""
+    from postbote.testing import FakeSource
+
+    class Wrapper:
+        name = "wrapper"
+        seen: list[Any] = []
+
+        @hookimpl(wrapper=True)
+        def filter_message(self, message):
+            verdict = yield
+            self.seen.append((message.get_header("Subject"), verdict))
+            return verdict
+
+    source, recorder = FakeSource(), Recorder()
+    recorder.verdicts["spam"] = Verdict.drop("spam")
+    source.mailbox("acct").add(mail("spam"))
+    source.mailbox("acct").add(mail("ham"))
+    stats = poll_once(fake_config(tmp_path), plugins=[source, recorder, Wrapper()])
+    assert stats.dropped == 1 and stats.delivered == 1
+    assert Wrapper.seen == [("spam", Verdict.drop("spam")), ("ham", None)]
+
+
+def test_a_plugin_an_account_turns_off_is_not_called_for_it(tmp_path: Path) -> None:
+    from postbote.testing import FakeSource
+
+    class Dropper:
+        name = "dropper"
+
+        @hookimpl
+        def filter_message(self):
+            return Verdict.drop("dropper was called")
+
+    source = FakeSource()
+    source.mailbox("acct").add(mail("a"))
+    account = "{name: acct, protocol: fake, plugins: {dropper: false}, deliver: {recorded: {}}}"
+    stats = poll_once(fake_config(tmp_path, account), plugins=[source, Recorder(), Dropper()])
+    assert stats.delivered == 1 and stats.dropped == 0
+
+
+def test_a_failure_names_the_plugin_that_raised_among_several_filters(tmp_path: Path) -> None:
+    from postbote.testing import FakeSource
+
+    class Quiet:
+        name = "quiet"
+
+        @hookimpl
+        def filter_message(self):
+            return None
+
+    class Broken:
+        name = "broken"
+
+        @hookimpl
+        def filter_message(self, message):
+            return message.no_such_attribute
+
+    source = FakeSource()
+    mailbox = source.mailbox("acct")
+    mailbox.add(mail("a"))
+    stats = poll_once(fake_config(tmp_path), plugins=[source, Recorder(), Broken(), Quiet()])
+    assert stats.deferred == 1 and list(mailbox.messages) == ["uid-1"]
+    from postbote.state import read_account_state
+
+    state = read_account_state(tmp_path / "state", "acct")
+    assert state is not None
+    (waiting,) = state.waiting
+    assert "plugin 'broken' failed in filter_message: AttributeError" in waiting.reason
+
+
+def test_every_observer_is_called_even_when_an_earlier_one_raises(tmp_path: Path) -> None:
+    from postbote.testing import FakeSource
+
+    class Failing:
+        name = "failing"
+
+        @hookimpl(tryfirst=True)
+        def message_delivered(self):
+            raise RuntimeError("observer bug")
+
+    source, recorder = FakeSource(), Recorder()
+    source.mailbox("acct").add(mail("a"))
+    stats = poll_once(fake_config(tmp_path), plugins=[source, recorder, Failing()])
+    assert stats.ok and stats.delivered == 1
+    assert len(recorder.seen("message_delivered")) == 1, "the observer after the failing one was still called"

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from postbote import DeliveryError, Message
+from postbote import Delivered, DeliveryError, Message
 from postbote.config import Destination, load_config
 from postbote.errors import ConfigError
 from postbote.pluginmanager import make_plugin_manager
@@ -368,9 +368,9 @@ def test_a_missing_mbox_with_create_false_is_a_temporary_failure(make_setup) -> 
 def test_the_delivery_answer_names_the_file_and_offset(tmp_path: Path) -> None:
     mbox = tmp_path / "inbox"
     destination = Destination("mbox", MboxSettings(mbox), f"mbox:{mbox}", 1)
-    assert deliver_message(Message.from_bytes(mail(1)), destination) == f"mbox {mbox} (offset 0)"
+    assert deliver_message(Message.from_bytes(mail(1)), destination) == Delivered(f"mbox {mbox} (offset 0)")
     size = mbox.stat().st_size
-    assert deliver_message(Message.from_bytes(mail(2)), destination) == f"mbox {mbox} (offset {size})"
+    assert deliver_message(Message.from_bytes(mail(2)), destination) == Delivered(f"mbox {mbox} (offset {size})")
     missing = Destination("mbox", MboxSettings(tmp_path / "nope", create=False), "mbox:nope", 1)
     with pytest.raises(DeliveryError, match="no such mbox file") as info:
         deliver_message(Message.from_bytes(mail(1)), missing)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from postbote.config import DEFAULT_MAX_SIZE, load_config
 from postbote.pluginmanager import make_plugin_manager
-from postbote.state import DEFERRED, DELIVERED, REJECTED, Outcome, StateStore
+from postbote.state import DEFERRED, DELIVERED, REJECTED, DeliveryKey, Outcome, StateStore
 from postbote.testing.pop3server import DEFAULT_CAPABILITIES, Action, Faults
 
 from tests.harness import (
@@ -192,7 +192,7 @@ def test_a_delivery_cut_short_by_a_crash_is_made_again_once_then_held(make_rig: 
     rig = make_rig(corpus(1))
     uid = rig.uid_of[1]
     store = StateStore(rig.state_dir)
-    store.begin_delivery("test", uid, f"0:{load_mda_label(rig, mda)}")  # a crash right after the hand-over
+    store.begin_delivery("test", uid, DeliveryKey(0, load_mda_label(rig, mda)))  # a crash right after the hand-over
     store.close()
     stats = rig.poll(deliver=[mda.deliver()])
     assert stats.delivered == 1 and mda.copies() == [1]
@@ -201,7 +201,7 @@ def test_a_delivery_cut_short_by_a_crash_is_made_again_once_then_held(make_rig: 
     uid2 = rig.server.uids()[-1]
     store = StateStore(rig.state_dir)
     for _ in range(2):  # two crashes in a row
-        store.begin_delivery("test", uid2, f"0:{load_mda_label(rig, mda)}")
+        store.begin_delivery("test", uid2, DeliveryKey(0, load_mda_label(rig, mda)))
     store.close()
     stats = rig.poll(deliver=[mda.deliver()])
     assert stats.rejected == 1 and mda.copies() == [1]
