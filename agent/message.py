@@ -9,6 +9,7 @@ server sent apart from the header edits plugins make (the ``Received:`` trace he
 from __future__ import annotations
 
 import contextlib
+import enum
 import io
 import re
 from collections.abc import Iterator
@@ -28,24 +29,29 @@ _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 _FIELD_NAME = re.compile(r"[!-9;-~]+")
 
 
+class VerdictAction(enum.StrEnum):
+    ACCEPT = "accept"  # deliver without asking the remaining filters
+    DROP = "drop"  # deliver nowhere; the message counts as handled
+
+
 @dataclass
 class Verdict:
     """What a filter decided: ``accept`` ends filtering and delivers; ``drop`` ends it and delivers nowhere."""
 
-    action: str
+    action: VerdictAction
     reason: str = ""
 
     @classmethod
     def accept(cls) -> Verdict:
-        return cls("accept")
+        return cls(VerdictAction.ACCEPT)
 
     @classmethod
     def drop(cls, reason: str) -> Verdict:
-        return cls("drop", reason)
+        return cls(VerdictAction.DROP, reason)
 
     @property
     def dropped(self) -> bool:
-        return self.action == "drop"
+        return self.action is VerdictAction.DROP
 
 
 class Message:
