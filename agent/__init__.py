@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from postbote.config import Account, Config, Destination, parse_destination_entry
-    from postbote.credentials import child_environment
+    from postbote.credentials import Secret, child_environment, redact, register_secret, register_secret_variable
     from postbote.delivery import Delivered, DeliveryResult, Pending, Staged
     from postbote.durable import fsync_directory, fsync_file, rename_durably, sync_filesystems
     from postbote.errors import (
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         ConfigError,
         CredentialError,
         DeliveryError,
+        LoginRefused,
         PluginError,
         PostboteError,
         StateError,
@@ -28,10 +29,7 @@ if TYPE_CHECKING:
     from postbote.hookspecs import hookimpl
     from postbote.mailbox import Fetched, Mailbox, MailboxEntry, NotFetched, TooLarge
     from postbote.message import Message, Verdict
-    from postbote.oauth2 import TokenEndpointError
     from postbote.poll import Poll, PollStats
-    from postbote.pop3 import MessageTooLarge, POP3AuthError, POP3ConnectionError, POP3Error, POP3ProtocolError
-    from postbote.sasl import SASLError
     from postbote.settings import (
         Node,
         Parser,
@@ -74,16 +72,14 @@ _FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
                           "integer", "nonempty_text", "path_relative_to", "port_number", "size", "text",
                           "text_list"),
     # errors
-    "postbote.errors": ("AccountError", "ConfigError", "CredentialError", "DeliveryError", "PluginError",
-                        "PostboteError", "StateError", "StateLockedError"),
+    "postbote.errors": ("AccountError", "ConfigError", "CredentialError", "DeliveryError", "LoginRefused",
+                        "PluginError", "PostboteError", "StateError", "StateLockedError"),
     "postbote.tls": ("TLSError", "TLSPolicy"),
-    "postbote.sasl": ("SASLError",),
-    "postbote.pop3": ("MessageTooLarge", "POP3AuthError", "POP3ConnectionError", "POP3Error", "POP3ProtocolError"),
-    "postbote.oauth2": ("TokenEndpointError",),
-    # delivering: line endings for the wire and for files, an SMTP/LMTP client, a child's environment
+    # delivering: line endings for the wire and for files, an SMTP/LMTP client
     "postbote.wire": ("CRLFEncoder", "LFEncoder", "SMTPDataEncoder", "crlf_lines", "lf_lines", "smtp_data"),
     "postbote.smtp": ("Delivery", "Reply", "SMTPClient"),
-    "postbote.credentials": ("child_environment",),
+    # secrets: a value no log shows (`redact` masks every one registered); a child's environment without them
+    "postbote.credentials": ("Secret", "child_environment", "redact", "register_secret", "register_secret_variable"),
     # making written files survive a crash (each raises the kernel's OSError; turn it into your DeliveryError)
     "postbote.durable": ("fsync_directory", "fsync_file", "rename_durably", "sync_filesystems"),
     # keeping state: a plugin's own keyed table beside the state database, and read-only views of poll records
@@ -116,12 +112,13 @@ __all__ = [  # spelled out, so that type checkers see the re-exports; tests/test
     "Node", "Parser", "Problems", "Section", "boolean", "choice", "describe", "duration", "integer", "nonempty_text",
     "path_relative_to", "port_number", "size", "text", "text_list",
     # errors
-    "AccountError", "ConfigError", "CredentialError", "DeliveryError", "MessageTooLarge", "POP3AuthError",
-    "POP3ConnectionError", "POP3Error", "POP3ProtocolError", "PluginError", "PostboteError", "SASLError",
-    "StateError", "StateLockedError", "TLSError", "TokenEndpointError",
+    "AccountError", "ConfigError", "CredentialError", "DeliveryError", "LoginRefused", "PluginError", "PostboteError",
+    "StateError", "StateLockedError", "TLSError",
     # delivering
     "CRLFEncoder", "Delivery", "LFEncoder", "Reply", "SMTPClient", "SMTPDataEncoder", "TLSPolicy", "child_environment",
     "crlf_lines", "lf_lines", "smtp_data",
+    # secrets
+    "Secret", "redact", "register_secret", "register_secret_variable",
     # making written files durable
     "fsync_directory", "fsync_file", "rename_durably", "sync_filesystems",
     # keeping state

@@ -1,8 +1,10 @@
 """postbote's YAML configuration: read, validated and turned into typed objects before anything connects.
 
 Every mistake is reported as ``FILE:LINE: key.path: what was expected``, all of them in one go; unknown keys are
-errors with a "did you mean". Delivery targets are validated by the plugins that deliver to them
-(the ``parse_destination`` hook), so a new target brings its own options and their errors look the same.
+errors with a "did you mean". postbote reads an account's general keys (name, protocol, deliver, keep, …); the
+plugin of its mail source reads the source's own keys (the ``parse_source`` hook: POP3's server, TLS and login),
+and delivery targets are validated by the plugins that deliver to them (the ``parse_destination`` hook), so a new
+source or target brings its own options and their errors look the same.
 """
 
 from __future__ import annotations
@@ -12,57 +14,23 @@ import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from postbote import settings as s
-from postbote.credentials import PasswordSource, Secret
 from postbote.errors import ConfigError
 from postbote.settings import Node, Problems, Section
 
 if TYPE_CHECKING:
     import pluggy
-    from postbote.oauth2_settings import OAuth2Settings
     from postbote.pluginmanager import PluginManager
 
 CONFIG_ENV = "POSTBOTE_CONFIG"
 DEFAULT_STATE_DIR = "~/.local/state/postbote"
-PASSWORD_KEYS = ("password", "password_file", "password_command", "password_env")
-TOKEN_KEYS = ("token_command", "oauth2")
-SECRET_KEYS = (*PASSWORD_KEYS, *TOKEN_KEYS)
+DEFAULT_PROTOCOL = "pop3"  # the mail source of an account that does not say (the built-in pop3 plugin)
 DEFAULT_MAX_SIZE = 256 * 1024 * 1024  # larger messages stay on the server, reported as rejected (max_size: to change)
 DEFAULT_STALE_AFTER = 3600.0  # mail waiting longer than this shows as stale in `postbote status`
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}")
-
-
-class AuthChoice(StrEnum):
-    """What ``auth:`` may say: ``auto`` or one login mechanism. The config owns the names the user writes; the SASL
-    code (postbote.sasl) implements them, so reading a config never loads the code that talks to a server."""
-
-    AUTO = "auto"
-    USER = "user"
-    APOP = "apop"
-    PLAIN = "plain"
-    LOGIN = "login"
-    CRAM_MD5 = "cram-md5"
-    SCRAM_SHA_1 = "scram-sha-1"
-    SCRAM_SHA_256 = "scram-sha-256"
-    XOAUTH2 = "xoauth2"
-    OAUTHBEARER = "oauthbearer"
-
-
-class TLSMode(StrEnum):
-    """What ``tls:`` may say for a POP3 account."""
-
-    IMPLICIT = "implicit"  # TLS from the first byte (port 995)
-    STARTTLS = "starttls"  # STLS on the plain port (110)
-    NONE = "none"
-
-
-AUTH_CHOICES: tuple[str, ...] = tuple(choice.value for choice in AuthChoice)
-# The mechanisms that log in with an OAuth2 access token rather than a password.
-TOKEN_MECHANISMS: frozenset[str] = frozenset({AuthChoice.XOAUTH2.value, AuthChoice.OAUTHBEARER.value})
 
 
 def config_search_path() -> list[Path]:
@@ -115,15 +83,6 @@ class Destination:
 @dataclass(frozen=True)
 class Account:
     name: str
-    host: str
-    port: int
-    tls: str
-    tls_verify: bool
-    tls_ca_file: Path | None
-    tls_fingerprint: str | None
-    username: str
-    password: PasswordSource | None = field(repr=False)
-    auth: str
     poll_interval: float
     timeout: float
     keep: bool
@@ -135,18 +94,13 @@ class Account:
     stale_after: float = DEFAULT_STALE_AFTER
     plugins: Mapping[str, Any] = field(default_factory=dict)
     disabled_plugins: frozenset[str] = frozenset()
-    token_command: tuple[str, ...] = ()
-    oauth2: OAuth2Settings | None = None
-    files: Mapping[str, tuple[Path, int, str]] = field(default_factory=dict)  # key -> (path, line, key path)
-    protocol: str = "pop3"  # the source plugin that opens the mailbox (the ``open_mailbox`` hook)
-
-    def describe_credentials(self) -> str:
-        """Where the secret comes from, for ``postbote check``; never the secret itself."""
-        if self.password is not None:
-            return self.password.describe()
-        if self.token_command:
-            return f"token_command {self.token_command[0]} (+{len(self.token_command) - 1} args)"
-        return f"oauth2 ({self.oauth2.provider or 'custom'}, client {self.oauth2.client_id})" if self.oauth2 else "none"
+    protocol: str = DEFAULT_PROTOCOL  # the source plugin that opens the mailbox (the ``open_mailbox`` hook)
+    # What that plugin read from the account (the ``parse_source`` hook): for POP3 the server, TLS and login. It has
+    # a ``server`` (``user@host:port``, shown by ``check`` and ``status``); it may have ``files`` (key -> (path, line,
+    # key path): what ``check`` must be able to read), ``describe()`` (``check``'s text for the connection and the
+    # login), ``holds_inline_password`` (then the config file must not be readable by others), and ``host`` and
+    # ``received_protocol`` (the ``Received:`` trace field's ``from`` and ``with``).
+    source: Any = None
 
     def uses(self, plugin: str) -> bool:
         """Whether ``plugin`` is enabled for this account (plugins registered after the config was read are)."""
@@ -178,10 +132,6 @@ class Config:
         return tuple(self.account(name) for name in names) if names else self.accounts
 
 
-ACCOUNT_KEYS = {"name", "host", "port", "tls", "tls_verify", "tls_ca_file", "tls_fingerprint", "username",
-                *SECRET_KEYS, "auth", "poll_interval", "timeout", "poll_timeout", "stale_after", "keep", "fetch_all",
-                "max_size", "max_messages",
-                "deliver", "plugins"}
 TOP_KEYS = {"state_dir", "log", "defaults", "accounts", "plugins", "plugin_paths", "max_parallel", "backoff_max",
             "state_busy_timeout"}
 
@@ -202,10 +152,7 @@ def load_config(path: Path, pm: PluginManager) -> Config:
     global_plugins = _plugin_entries(top.section("plugins"), pm, problems)
     state_dir = top.get("state_dir", s.path_relative_to(base_dir), default_state_dir())
     log = _log_settings(top.section("log"))
-    defaults = top.section("defaults")
-    if defaults is not None:
-        defaults.finish(ACCOUNT_KEYS - {"name"})
-    accounts = _accounts(top, defaults, problems, pm, base_dir, global_plugins)
+    accounts = _accounts(top, top.section("defaults"), problems, pm, base_dir, global_plugins)
     top.finish(TOP_KEYS)
     problems.raise_if_any()
     config = Config(path=path, state_dir=state_dir, log=log, accounts=tuple(accounts),
@@ -237,10 +184,11 @@ def _accounts(top: Section, defaults: Section | None, problems: Problems, pm: Pl
         return []
     accounts: list[Account] = []
     seen: dict[str, int] = {}
+    known: set[str] = set()  # every key some account's readers asked for
     for item in node.value:
-        merged = _with_defaults(item, defaults)
+        merged, inherited = _with_defaults(item, defaults)
         account = _account(Section(merged, problems, what="an account mapping"), problems, pm, base_dir,
-                           global_plugins)
+                           global_plugins, inherited, known)
         if account is None:
             continue
         if account.name in seen:
@@ -249,36 +197,35 @@ def _accounts(top: Section, defaults: Section | None, problems: Problems, pm: Pl
             continue
         seen[account.name] = item.line
         accounts.append(account)
+    if defaults is not None and known:
+        # Merged into every account, so a key there is known when an account's readers know it (the general keys
+        # and, say, POP3's); checked here once rather than for every account (which skip the keys they inherit).
+        defaults.finish(known - {"name"})
     return accounts
 
 
-def _with_defaults(item: Node, defaults: Section | None) -> Node:
-    """The account's mapping with the ``defaults:`` keys it does not set itself (they keep their own line numbers)."""
+def _with_defaults(item: Node, defaults: Section | None) -> tuple[Node, set[str]]:
+    """The account's mapping with the ``defaults:`` keys it does not set itself (they keep their own line numbers),
+    and the names of those keys."""
     if defaults is None or not isinstance(item.value, dict):
-        return item
-    merged = {key: node for key, node in defaults.items() if key != "name"}
-    merged.update(item.value)
-    return Node(merged, item.line, item.path)
+        return item, set()
+    inherited = {key: node for key, node in defaults.items() if key != "name" and key not in item.value}
+    return Node({**inherited, **item.value}, item.line, item.path), set(inherited)
 
 
 def _account(section: Section, problems: Problems, pm: PluginManager, base_dir: Path,
-             global_plugins: dict[str, Node | bool]) -> Account | None:
+             global_plugins: dict[str, Node | bool], inherited: set[str], known: set[str]) -> Account | None:
     before = len(problems.lines)
     name = section.get("name", s.nonempty_text, required=True)
     if name is not None and not _ACCOUNT_NAME.fullmatch(name):
         section.problem("expected letters, digits and . _ @ + - (up to 100 characters)", section.raw("name"))
-    tls = section.get("tls", s.choice(*TLSMode), TLSMode.IMPLICIT.value)
-    port = section.get("port", s.port_number, 995 if tls == TLSMode.IMPLICIT else 110)
+    protocol = section.get("protocol", s.nonempty_text, DEFAULT_PROTOCOL)
+    protocols = _known_source_protocols(pm)
+    source = _source(section, protocol, protocols, problems, pm, base_dir)
     account_args = dict(
         name=name,
-        host=section.get("host", s.nonempty_text, required=True),
-        port=port,
-        tls=tls,
-        tls_verify=section.get("tls_verify", s.boolean, True),
-        tls_ca_file=section.get("tls_ca_file", s.path_relative_to(base_dir), None),
-        tls_fingerprint=section.get("tls_fingerprint", _fingerprint, None),
-        username=section.get("username", s.nonempty_text, required=True),
-        auth=section.get("auth", s.choice(*AUTH_CHOICES), "auto"),
+        protocol=protocol,
+        source=source,
         poll_interval=section.get("poll_interval", s.duration, 300.0),
         timeout=section.get("timeout", s.duration, 60.0),
         poll_timeout=section.get("poll_timeout", s.duration, None),
@@ -291,19 +238,33 @@ def _account(section: Section, problems: Problems, pm: PluginManager, base_dir: 
         plugins=_account_plugins(section, pm, problems, base_dir, global_plugins),
     )
     account_args["disabled_plugins"] = frozenset(pm.sources) - set(account_args["plugins"] or {})
-    account_args.update(_credentials(section, base_dir, account_args["auth"]))
-    named = {"tls_ca_file": account_args["tls_ca_file"], "password_file": _password_file(account_args)}
-    account_args["files"] = {key: (path, node.line, node.path) for key, path in named.items()
-                             if path is not None and (node := section.raw(key)) is not None}
-    section.finish(ACCOUNT_KEYS)
+    if protocol in protocols:
+        # Every key the source reads is now known: the rest are mistakes. Keys from ``defaults:`` are checked there.
+        _finish_own_keys(section, inherited)
+        known.update(section.used)
     if len(problems.lines) > before:
         return None
     return Account(**account_args)
 
 
-def _password_file(args: dict[str, Any]) -> Path | None:
-    source = args.get("password")
-    return source.file if source is not None and source.kind == "password_file" else None
+def _source(section: Section, protocol: str, protocols: set[str], problems: Problems, pm: PluginManager,
+            base_dir: Path) -> Any:
+    """The account's source settings, read by the plugin of its ``protocol`` (None when there are problems)."""
+    if protocol not in protocols:
+        section.problem(f"unknown protocol {protocol!r} (known: {', '.join(sorted(protocols))})",
+                        section.raw("protocol"))
+        return None
+    before = len(problems.lines)
+    parsed = pm.hook.parse_source(protocol=protocol, section=section, problems=problems, base_dir=base_dir)
+    if parsed is None and len(problems.lines) == before:
+        section.problem(f"no plugin read the settings of protocol {protocol!r}", section.raw("protocol"))
+    return parsed
+
+
+def _finish_own_keys(section: Section, inherited: set[str]) -> None:
+    """Unknown keys of the account's own mapping are errors, with a "did you mean" among the keys that were read."""
+    own = {key: node for key, node in section.items() if key not in inherited}
+    Section(Node(own, section.line, section.path), section.problems).finish(section.used)
 
 
 def check_files(config: Config) -> None:
@@ -314,7 +275,8 @@ def check_files(config: Config) -> None:
     """
     problems = Problems(str(config.path))
     for account in config.accounts:
-        for path, line, key_path in account.files.values():
+        files: Mapping[str, tuple[Path, int, str]] = getattr(account.source, "files", None) or {}
+        for path, line, key_path in files.values():
             expanded = os.path.expandvars(str(path))
             if "$" in expanded:
                 continue
@@ -324,80 +286,6 @@ def check_files(config: Config) -> None:
             except OSError as exc:
                 problems.add(line, key_path, f"cannot read {expanded}: {exc.strerror or exc}")
     problems.raise_if_any()
-
-
-def _credentials(section: Section, base_dir: Path, auth: str | None) -> dict[str, Any]:
-    """Exactly one secret: a password source, a ``token_command`` or ``oauth2``; it must suit ``auth``."""
-    given = [key for key in SECRET_KEYS if key in section]
-    if len(given) != 1:
-        what = "none" if not given else ", ".join(given)
-        section.problem(f"give exactly one of {', '.join(SECRET_KEYS)} (found {what})")
-        return {"password": None}
-    kind = given[0]
-    node = section.raw(kind)
-    if auth in TOKEN_MECHANISMS and kind in PASSWORD_KEYS:
-        section.problem(f"auth: {auth} logs in with an OAuth2 access token: give token_command or oauth2", node)
-    elif auth not in (AuthChoice.AUTO, *TOKEN_MECHANISMS) and kind in TOKEN_KEYS:
-        section.problem(f"auth: {auth} logs in with a password: give one of {', '.join(PASSWORD_KEYS)}", node)
-    if kind == "token_command":
-        return {"password": None, "token_command": tuple(section.get(kind, _argv) or ())}
-    if kind == "oauth2":
-        from postbote.oauth2_settings import oauth2_from_section
-
-        oauth = section.section(kind)
-        return {"password": None, "oauth2": oauth2_from_section(oauth, base_dir) if oauth else None}
-    return {"password": _password_source(section, base_dir, kind)}
-
-
-def _password_source(section: Section, base_dir: Path, kind: str) -> PasswordSource | None:
-    if kind == "password":
-        value = section.get(kind, s.text)
-        return PasswordSource(kind, inline=Secret(value)) if value is not None else None
-    if kind == "password_file":
-        file = section.get(kind, _password_file_path(base_dir))
-        return PasswordSource(kind, file=file) if file is not None else None
-    if kind == "password_command":
-        argv = section.get(kind, _argv)
-        return PasswordSource(kind, command=tuple(argv)) if argv else None
-    env = section.get(kind, _env_name)
-    return PasswordSource(kind, env=env) if env else None
-
-
-def _password_file_path(base_dir: Path) -> s.Parser[Path]:
-    """A path that may name environment variables (``${CREDENTIALS_DIRECTORY}/alice``), expanded when read."""
-    relative = s.path_relative_to(base_dir)
-
-    def parse(value: Any) -> Path:
-        text = s.nonempty_text(value)
-        return Path(text) if "$" in text else relative(text)
-
-    return parse
-
-
-def _fingerprint(value: Any) -> str:
-    return normalise_fingerprint(s.nonempty_text(value))
-
-
-def normalise_fingerprint(value: str) -> str:
-    """``AB:CD:…`` or ``abcd…`` (64 hex digits) to lower-case hex without colons; ValueError otherwise."""
-    digits = value.replace(":", "").strip().lower()
-    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
-        raise ValueError("expected a SHA-256 fingerprint: 64 hex digits, optionally separated by colons")
-    return digits
-
-
-def _argv(value: Any) -> list[str]:
-    if not isinstance(value, list):
-        raise ValueError("expected a command as a list of arguments (it is run without a shell), "
-                         "e.g. [pass, show, mail]")
-    return s.text_list(value)
-
-
-def _env_name(value: Any) -> str:
-    name = s.nonempty_text(value)
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise ValueError("expected an environment variable name")
-    return name
 
 
 def _destinations(section: Section, problems: Problems, pm: PluginManager,
@@ -503,9 +391,16 @@ def _known_destination_kinds(pm: pluggy.PluginManager) -> set[str]:
     return kinds
 
 
+def _known_source_protocols(pm: pluggy.PluginManager) -> set[str]:
+    protocols: set[str] = set()
+    for plugin in pm.get_plugins():
+        protocols.update(getattr(plugin, "SOURCE_PROTOCOLS", ()))
+    return protocols
+
+
 def _refuse_exposed_inline_password(config: Config) -> None:
     """An inline password in a file others can read is refused, as fetchmail does."""
-    if not any(account.password and account.password.kind == "password" for account in config.accounts):
+    if not any(getattr(account.source, "holds_inline_password", False) for account in config.accounts):
         return
     try:
         mode = config.path.stat().st_mode

@@ -20,10 +20,13 @@ def local_hostname() -> str:
 @hookimpl(tryfirst=True)
 def filter_message(message: Message, account: Account) -> None:
     uid = f"\n\tid {message.uid}" if _ATOM.fullmatch(message.uid) else ""
+    source = account.source  # where the message came from, as its source says (POP3: the server; POP3 or POP3S)
+    host = getattr(source, "host", None) or "localhost"
+    protocol = getattr(source, "received_protocol", None) or account.protocol.upper()
     message.prepend_header(
         "Received",
-        f"from {account.host} by {local_hostname()} with POP3{'S' if account.tls != 'none' else ''}"
-        f" (postbote, account {account.name}){uid};\n\t{rfc5322_date()}",
+        f"from {host} by {local_hostname()} with {protocol} (postbote, account {account.name}){uid};\n\t"
+        f"{rfc5322_date()}",
     )
 
 

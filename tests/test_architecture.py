@@ -22,10 +22,17 @@ import postbote
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_FOLDERS = {"postbote": ROOT / "agent", "postbote.plugins": ROOT / "plugins"}
 
-NETWORK = ("ssl", "socket", "http", "urllib", "postbote.pop3", "postbote.smtp", "postbote.sasl", "postbote.tls",
-           "postbote.oauth2", "postbote.login")
+POP3_CLIENT = "postbote.plugins.pop3.client"
+# The POP3 plugin's modules and the sign-in modules it shares with the sources and destinations to come.
+SIGN_IN = ("postbote.plugins.signin.sasl", "postbote.plugins.signin.oauth2", "postbote.plugins.signin.authorize")
+NETWORK = ("ssl", "socket", "http", "urllib", "postbote.smtp", "postbote.tls", "postbote.plugins")
 DELIVERY_STATE_AND_PLUGINS = ("postbote.state", "postbote.poller", "postbote.handling", "postbote.pluginmanager",
                               "postbote.hookspecs", "postbote.plugins", "pluggy")
+# Reading the POP3 keys (the plugin's parse_source) loads no network code either: not even the plugin's own.
+SOURCE_SETTINGS = ("postbote.plugins.pop3.settings", "postbote.plugins.signin.settings",
+                   "postbote.plugins.signin.passwords", "postbote.plugins.signin.oauth2_settings")
+SOURCE_NETWORK = ("ssl", "socket", "http", "urllib.request", "urllib.error", "postbote.smtp", "postbote.tls",
+                  POP3_CLIENT, "postbote.plugins.pop3.login", "postbote.plugins.pop3.mailbox", *SIGN_IN)
 
 
 class When(enum.Enum):
@@ -156,9 +163,18 @@ def test_the_config_imports_nothing_of_the_network() -> None:
     assert not broken, "the config imports network code:\n" + report(broken)
 
 
+def test_the_source_settings_import_nothing_of_the_network() -> None:
+    broken = [found for found in imports_by(SOURCE_SETTINGS) if found.runs and within(found.target, SOURCE_NETWORK)]
+    assert not broken, "reading the POP3 keys imports network code:\n" + report(broken)
+    assert set(SOURCE_SETTINGS) <= set(modules())
+
+
 def test_the_pop3_client_knows_nothing_of_delivery_state_or_plugins() -> None:
-    broken = [found for found in imports_by(["postbote.pop3"]) if within(found.target, DELIVERY_STATE_AND_PLUGINS)]
+    """Nothing of delivery, state or the plugin machinery, and of the plugins only the shared sign-in code."""
+    broken = [found for found in imports_by([POP3_CLIENT])
+              if within(found.target, DELIVERY_STATE_AND_PLUGINS) and not within(found.target, SIGN_IN)]
     assert not broken, "the POP3 client imports delivery, state or plugin code:\n" + report(broken)
+    assert POP3_CLIENT in modules()  # the wall names a module that exists
 
 
 

@@ -1,4 +1,5 @@
-"""``postbote auth ACCOUNT``: the one-time OAuth2 authorization of an account (`postbote.authcli.run_auth`)."""
+"""``postbote auth ACCOUNT``: the one-time authorization of an account (an OAuth2 flow that stores a refresh token),
+run by the plugin whose account it is (the ``authorize`` hook)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import argparse
 import sys
 
 from postbote.cli.startup import set_up
+from postbote.errors import ConfigError
 
 
 def run(args: argparse.Namespace) -> int:
-    from postbote.authcli import run_auth
-    from postbote.login import AuthSettings
-
-    _pm, config = set_up(args)
-    settings = AuthSettings.from_account(config.account(args.account), config.state_dir)
-    return run_auth(settings, sys.stdout, flow=args.flow, open_browser=not args.no_browser)
+    pm, config = set_up(args)
+    account = config.account(args.account)
+    status = pm.hook.authorize(account=account, state_dir=config.state_dir, out=sys.stdout, flow=args.flow,
+                               open_browser=not args.no_browser)
+    if status is None:
+        raise ConfigError(f"account {account.name} has nothing to authorize (its protocol {account.protocol} "
+                          "needs no postbote auth)")
+    return int(status)

@@ -12,8 +12,6 @@ from postbote.jobs import ExitStatus
 if TYPE_CHECKING:
     from postbote.config import Config
 
-TLS_LABELS = {"implicit": "TLS", "starttls": "STARTTLS", "none": "no TLS"}
-
 
 def run(args: argparse.Namespace) -> int:
     _pm, config = set_up(args)
@@ -27,11 +25,8 @@ def check(config: Config, out: TextIO | None = None) -> int:
     check_files(config)
     print(f"config {config.path}: OK, {len(config.accounts)} account(s); state in {config.state_dir}", file=out)
     for account in config.accounts:
-        tls = TLS_LABELS[account.tls]
-        if account.tls != "none" and not account.tls_verify:
-            tls += ", certificate NOT verified"
-        print(f"  {account.name}: {account.username}@{account.host}:{account.port} ({tls}, auth {account.auth}, "
-              f"{account.describe_credentials()})", file=out)
+        describe = getattr(account.source, "describe", None)  # POP3: TLS, auth and where the secret comes from
+        print(f"  {account.name}: {account.source.server}{f' ({describe()})' if describe else ''}", file=out)
         print(f"    every {account.poll_interval:g} s; {'keep' if account.keep else 'delete'} after delivery; "
               f"{'all messages' if account.fetch_all else 'new messages only'}", file=out)
         for destination in account.destinations:

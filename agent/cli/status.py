@@ -121,7 +121,7 @@ def _check_readable(state_dir: Path) -> None:
 def _account_status(account: Account, stored: _Stored, now: float, *, daemon_running: bool) -> AccountStatus:
     threshold = stale_after(account)
     summary = WaitingSummary.of(stored.waiting, now=now, stale_after=threshold)
-    never = AccountStatus(name=account.name, server=f"{account.username}@{account.host}:{account.port}",
+    never = AccountStatus(name=account.name, server=account.source.server,
                           poll_interval=account.poll_interval, outcome=Outcome.NEVER_POLLED,
                           next_poll=stored.next_poll if daemon_running else None, waiting=list(stored.waiting),
                           stale_after=threshold, stale=bool(summary.stale))

@@ -1,32 +1,56 @@
-"""The POP3 source: ``protocol: pop3`` (the default). Connects with the account's TLS policy, reads CAPA, upgrades
-with STLS when ``tls: starttls`` (never skipped), logs in, and serves the mailbox through `POP3Mailbox`."""
+"""The POP3 source: ``protocol: pop3`` (the default). Reads the account's POP3 keys (`settings`), connects with the
+account's TLS policy, reads CAPA, upgrades with STLS when ``tls: starttls`` (never skipped), logs in (`login`), and
+serves the mailbox through `POP3Mailbox`; ``postbote auth`` runs the account's one-time OAuth2 authorization."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TextIO
+
 import structlog
-from postbote import Account, Poll, TLSPolicy, hookimpl
-from postbote.login import AuthSettings, login
+from postbote import Account, Poll, Section, TLSPolicy, hookimpl
+from postbote.plugins.pop3.client import POP3Client
+from postbote.plugins.pop3.login import AuthSettings, login
 from postbote.plugins.pop3.mailbox import POP3Mailbox
-from postbote.pop3 import POP3Client
+from postbote.plugins.pop3.settings import POP3Settings, TLSMode, pop3_settings
 
 SOURCE_PROTOCOLS = ("pop3",)
 log = structlog.get_logger("postbote.poll")
 
 
 @hookimpl
+def parse_source(protocol: str, section: Section, base_dir: Path) -> POP3Settings | None:
+    if protocol not in SOURCE_PROTOCOLS:
+        return None
+    return pop3_settings(section, base_dir)
+
+
+@hookimpl
 def open_mailbox(account: Account, poll: Poll) -> POP3Mailbox | None:
     if account.protocol not in SOURCE_PROTOCOLS:
         return None
-    tls = TLSPolicy(verify=account.tls_verify, fingerprint=account.tls_fingerprint,
-                    ca_file=str(account.tls_ca_file) if account.tls_ca_file else None)
-    client = POP3Client.connect(account.host, account.port, implicit_tls=account.tls == "implicit", tls=tls,
+    source: POP3Settings = account.source
+    tls = TLSPolicy(verify=source.tls_verify, fingerprint=source.tls_fingerprint,
+                    ca_file=str(source.tls_ca_file) if source.tls_ca_file else None)
+    client = POP3Client.connect(source.host, source.port, implicit_tls=source.tls is TLSMode.IMPLICIT, tls=tls,
                                 timeout=account.timeout, deadline=poll.deadline)
     try:
         client.capa()
-        if account.tls == "starttls":
+        if source.tls is TLSMode.STARTTLS:
             client.starttls(tls)
         login(client, AuthSettings.from_account(account, poll.state_dir), log)
     except BaseException:
         client.close()
         raise
     return POP3Mailbox(client, max_size=account.max_size)
+
+
+@hookimpl
+def authorize(account: Account, state_dir: Path, out: TextIO, flow: str, open_browser: bool) -> int | None:
+    if account.protocol not in SOURCE_PROTOCOLS:
+        return None
+    from postbote.plugins.signin.authorize import run_auth  # HTTP and a browser: only for `postbote auth`
+
+    settings = AuthSettings.from_account(account, state_dir)
+    return run_auth(settings.oauth2, out, account=account.name, cache_dir=settings.cache_dir, flow=flow,
+                    open_browser=open_browser)

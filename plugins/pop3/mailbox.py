@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import structlog
 from postbote import AccountError, Fetched, MailboxEntry, Message, NotFetched, TooLarge
-from postbote.pop3 import MessageTooLarge, POP3Client, POP3ConnectionError, POP3Error
+from postbote.plugins.pop3.client import MessageTooLarge, POP3Client, POP3ConnectionError, POP3Error
 
 log = structlog.get_logger("postbote.pop3")
 PIPELINE_WINDOW = 64  # RETRs in flight: enough to hide a 20 ms round trip behind small messages

@@ -8,7 +8,7 @@ A revoked or expired refresh token (``invalid_grant``) becomes a `CredentialErro
 provider supports it for mail scopes, else the loopback redirect flow with PKCE (RFC 8252, RFC 7636).
 
 Only the standard library talks HTTP here (urllib over TLS, certificates verified). Every token is a
-`postbote.credentials.Secret`; error messages carry the provider's error code and description with any secret that
+`postbote.Secret`; error messages carry the provider's error code and description with any secret that
 might be echoed in them cut out, never a token. Token files readable or writable by group or others are refused.
 """
 
@@ -31,11 +31,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import structlog
-from postbote import credentials
-from postbote.credentials import Secret, child_environment, register_secret
-from postbote.durable import fsync_directory
-from postbote.errors import AccountError, CredentialError
-from postbote.oauth2_settings import (  # the settings live apart: the config reads them without any HTTP code
+from postbote import (
+    AccountError,
+    CredentialError,
+    Secret,
+    TLSPolicy,
+    child_environment,
+    fsync_directory,
+    register_secret,
+)
+from postbote import redact as redact_registered
+from postbote.plugins.signin.oauth2_settings import (  # apart: the config reads them without any HTTP code
     OAUTH2_KEYS,
     PRESETS,
     OAuth2Settings,
@@ -44,7 +50,6 @@ from postbote.oauth2_settings import (  # the settings live apart: the config re
     oauth2_settings,
     require_https,
 )
-from postbote.tls import TLSPolicy
 
 if TYPE_CHECKING:
     # Imported where they are used: a poll with a cached access token needs no HTTP, and only ``postbote auth``
@@ -200,7 +205,7 @@ def redact(text: str, hidden: list[str | Secret | None]) -> str:
         raw = value.reveal() if isinstance(value, Secret) else value
         if raw and len(raw) >= 4:
             text = text.replace(raw, "********")
-    text = credentials.redact(text)
+    text = redact_registered(text)
     return "".join(ch if ch.isprintable() else " " for ch in text)
 
 

@@ -1,15 +1,16 @@
 """SASL mechanisms for POP3 AUTH (RFC 5034) and the choice of a safe one.
 
-Each mechanism class is driven by `postbote.pop3.POP3Client.authenticate` through the `SASLMechanism` protocol:
-``initial_response()`` gives the client-first data (or None for server-first mechanisms) and ``respond(challenge)``
-answers each server challenge. After the server said +OK, `Mechanism.complete` checks that the exchange really
-finished: SCRAM refuses a session whose server never proved that it knows the password (RFC 5802 ServerSignature).
+Each mechanism class is driven by a client's ``authenticate`` (`postbote.plugins.pop3.client.POP3Client`'s) through
+the `SASLMechanism` protocol: ``initial_response()`` gives the client-first data (or None for server-first
+mechanisms) and ``respond(challenge)`` answers each server challenge. After the server said +OK,
+`Mechanism.complete` checks that the exchange really finished: SCRAM refuses a session whose server never proved
+that it knows the password (RFC 5802 ServerSignature).
 
 `choose_mechanism` implements ``auth: auto``: the strongest mechanism the server offers that is safe on this
 connection. It never picks APOP, and never one that sends a reusable secret (a password or a bearer token) over an
 unencrypted connection unless the admin explicitly configured ``tls: none``.
 
-Secrets are held as `postbote.credentials.Secret` and revealed only while building the bytes that go on the wire;
+Secrets are held as `postbote.Secret` and revealed only while building the bytes that go on the wire;
 no error message here contains a secret.
 
 Every login goes through `choose_mechanism`, so this module is loaded by every poll; what only the challenge-response
@@ -24,13 +25,12 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 
-from postbote.config import AUTH_CHOICES, TOKEN_MECHANISMS, AuthChoice
-from postbote.credentials import Secret
-from postbote.errors import AccountError
+from postbote import AccountError, Secret
+from postbote.plugins.signin.settings import AUTH_CHOICES, TOKEN_MECHANISMS, AuthChoice
 
 # --- mechanism names ------------------------------------------------------------------------------------------------
 
-# AUTH_CHOICES (what ``auth:`` may say) and TOKEN_MECHANISMS are the config's: reading a config loads no SASL code.
+# AUTH_CHOICES (what ``auth:`` may say) and TOKEN_MECHANISMS are the settings': reading a config loads no SASL code.
 PASSWORD_MECHANISMS = frozenset(AUTH_CHOICES) - TOKEN_MECHANISMS - {AuthChoice.AUTO.value}
 # Mechanisms that put a reusable secret (password or bearer token) on the wire as it is.
 CLEARTEXT_MECHANISMS = frozenset({"user", "plain", "login", "xoauth2", "oauthbearer"})

@@ -11,39 +11,45 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TextIO
 
-from postbote.errors import ConfigError, CredentialError
-from postbote.login import AuthSettings
-from postbote.oauth2 import LOOPBACK_TIMEOUT, OAuth2Refresher, OAuth2Settings, TokenResponse, device_flow, loopback_flow
+from postbote import ConfigError, CredentialError
+from postbote.plugins.signin.oauth2 import (
+    LOOPBACK_TIMEOUT,
+    OAuth2Refresher,
+    OAuth2Settings,
+    TokenResponse,
+    device_flow,
+    loopback_flow,
+)
 
 EXIT_OK = 0
 FLOWS = ("auto", "device", "loopback")
 
 
-def run_auth(account_settings: AuthSettings, out: TextIO, *, flow: str = "auto", open_browser: bool = True,
-             paste_input: TextIO | None = None, wait: float = LOOPBACK_TIMEOUT,
-             sleep: Callable[[float], None] = time.sleep) -> int:
-    """Authorize ``account_settings.account`` and store its refresh token; returns the exit status.
+def run_auth(oauth: OAuth2Settings | None, out: TextIO, *, account: str, cache_dir: Path | None,
+             flow: str = "auto", open_browser: bool = True, paste_input: TextIO | None = None,
+             wait: float = LOOPBACK_TIMEOUT, sleep: Callable[[float], None] = time.sleep) -> int:
+    """Authorize ``account`` with its ``oauth2:`` settings and store its refresh token; returns the exit status.
 
+    The access token that comes with it is cached in ``cache_dir`` (STATE_DIR/oauth2), where the polls look first.
     In the loopback flow the user may paste the address the browser ended on into ``paste_input`` (default: the
     terminal, when standard input is one), for a browser on another machine.
     """
     if paste_input is None and sys.stdin is not None and sys.stdin.isatty():
         paste_input = sys.stdin
-    oauth = account_settings.oauth2
-    name = account_settings.account
     if oauth is None:
-        raise ConfigError(f"account {name} has no oauth2: section (postbote auth is for accounts that let postbote "
+        raise ConfigError(f"account {account} has no oauth2: section (postbote auth is for accounts that let postbote "
                           "refresh their OAuth2 tokens)")
-    response = _authorize(oauth, out, name, flow=flow, open_browser=open_browser, paste_input=paste_input,
+    response = _authorize(oauth, out, account, flow=flow, open_browser=open_browser, paste_input=paste_input,
                           wait=wait, sleep=sleep)
     if response.refresh_token is None:
         raise CredentialError("the provider issued no refresh token; check that the scope asks for offline "
                               "access (Microsoft: offline_access) and run postbote auth again")
-    OAuth2Refresher(oauth, account=name, cache_dir=account_settings.cache_dir).store(response)
+    OAuth2Refresher(oauth, account=account, cache_dir=cache_dir).store(response)
     print(f"Authorized. The refresh token is stored in {oauth.refresh_token_file} (mode 0600); postbote can now "
-          f"poll {name}.", file=out)
+          f"poll {account}.", file=out)
     return EXIT_OK
 
 

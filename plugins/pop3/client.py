@@ -22,9 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from postbote.credentials import Secret
-from postbote.errors import AccountError, LoginRefused
-from postbote.tls import TLSPolicy
+from postbote import AccountError, LoginRefused, Secret, TLSPolicy
 
 MAX_REPLY_LINE = 8192
 MAX_LISTING_ENTRIES = 2_000_000
@@ -71,7 +69,8 @@ class MessageTooLarge(POP3ProtocolError):
 
 
 class SASLMechanism(Protocol):
-    """One SASL exchange (RFC 4422) as `POP3Client.authenticate` drives it: implemented in `postbote.sasl`."""
+    """One SASL exchange (RFC 4422) as `POP3Client.authenticate` drives it: implemented in
+    `postbote.plugins.signin.sasl`."""
 
     name: str
 

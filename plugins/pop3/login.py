@@ -1,9 +1,9 @@
-"""Logging in to a POP3 server: the one call the poller makes after CAPA (and STLS).
+"""Logging in to a POP3 server: the one call `open_mailbox` makes after CAPA (and STLS).
 
-`login` picks the mechanism with `postbote.sasl.choose_mechanism` (``auth: auto`` or the configured one), then runs
-USER/PASS, APOP or AUTH. An OAuth2 access token that came from the cache and is refused is dropped and refreshed
-once before the login counts as failed. Refusals become `POP3AuthError`s that say which user and mechanism were
-refused and what to check; no message or log event carries a password or a token.
+`login` picks the mechanism with `postbote.plugins.signin.sasl.choose_mechanism` (``auth: auto`` or the configured
+one), then runs USER/PASS, APOP or AUTH. An OAuth2 access token that came from the cache and is refused is dropped
+and refreshed once before the login counts as failed. Refusals become `POP3AuthError`s that say which user and
+mechanism were refused and what to check; no message or log event carries a password or a token.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from postbote.credentials import PasswordSource, Secret, register_secret
-from postbote.errors import CredentialError
-from postbote.pop3 import POP3AuthError, POP3Client
-from postbote.sasl import (
+from postbote import CredentialError, Secret, register_secret
+from postbote.plugins.pop3.client import POP3AuthError, POP3Client
+from postbote.plugins.signin.passwords import PasswordSource
+from postbote.plugins.signin.sasl import (
     SASL_NAMES,
     TOKEN_MECHANISMS,
     Mechanism,
@@ -30,44 +30,47 @@ from postbote.sasl import (
 )
 
 if TYPE_CHECKING:
-    from postbote.oauth2 import OAuth2Settings, TokenSource
+    from postbote import Account
+    from postbote.plugins.pop3.settings import POP3Settings
+    from postbote.plugins.signin.oauth2 import OAuth2Settings, TokenSource
 
 default_log = structlog.get_logger("postbote.login")
 
 
 @dataclass(frozen=True)
 class AuthSettings:
-    """What `login` needs from an account; the config fills it (see `AuthSettings.from_account`)."""
+    """What `login` needs from an account (see `AuthSettings.from_account`)."""
 
     account: str
     username: str
     tls: str = "implicit"  # implicit | starttls | none: the connection is encrypted unless "none"
-    auth: str = "auto"  # one of agent.sasl.AUTH_CHOICES
+    auth: str = "auto"  # one of postbote.plugins.signin.settings.AUTH_CHOICES
     password: PasswordSource | None = field(default=None, repr=False)
     token_command: tuple[str, ...] = ()
     oauth2: OAuth2Settings | None = None
     state_dir: Path | None = None  # the access-token cache goes to STATE_DIR/oauth2/ACCOUNT.json
 
     @classmethod
-    def from_account(cls, account: Any, state_dir: Path | None) -> AuthSettings:
-        """From an `postbote.config.Account` (token_command and oauth2 are read when the account has them)."""
-        return cls(account=account.name, username=account.username, tls=account.tls, auth=account.auth,
-                   password=getattr(account, "password", None),
-                   token_command=tuple(getattr(account, "token_command", None) or ()),
-                   oauth2=getattr(account, "oauth2", None), state_dir=state_dir)
+    def from_account(cls, account: Account, state_dir: Path | None) -> AuthSettings:
+        """From a POP3 account (its ``source`` is a `POP3Settings`)."""
+        source: POP3Settings = account.source
+        credentials = source.credentials
+        return cls(account=account.name, username=source.username, tls=source.tls, auth=source.auth,
+                   password=credentials.password, token_command=credentials.token_command,
+                   oauth2=credentials.oauth2, state_dir=state_dir)
 
     @property
     def cache_dir(self) -> Path | None:
         return self.state_dir / "oauth2" if self.state_dir is not None else None
 
     def token_source(self) -> TokenSource | None:
-        # agent.oauth2 (HTTP, token files) is imported only for accounts that log in with a token.
+        # The OAuth2 code (HTTP, token files) is imported only for accounts that log in with a token.
         if self.token_command:
-            from postbote.oauth2 import TokenCommand
+            from postbote.plugins.signin.oauth2 import TokenCommand
 
             return TokenCommand(self.token_command)
         if self.oauth2 is not None:
-            from postbote.oauth2 import OAuth2Refresher
+            from postbote.plugins.signin.oauth2 import OAuth2Refresher
 
             return OAuth2Refresher(self.oauth2, account=self.account, cache_dir=self.cache_dir)
         return None

@@ -1,7 +1,7 @@
 """An account's ``oauth2:`` settings: provider presets, validation, and reading them from the config.
 
-Apart from `postbote.oauth2` (token endpoints, refresh, the authorization flows) so that reading a config loads no
-HTTP, TLS or browser code: the config knows nothing of the network.
+Apart from `postbote.plugins.signin.oauth2` (token endpoints, refresh, the authorization flows) so that reading a
+config loads no HTTP, TLS or browser code.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from postbote import settings as s
-from postbote.settings import Section
+from postbote import Section, choice, nonempty_text, path_relative_to, text_list
 
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,99}")
 
@@ -93,19 +92,19 @@ OAUTH2_KEYS = frozenset({"provider", "tenant", "token_url", "client_id", "client
 
 
 def oauth2_from_section(section: Section, base_dir: Path) -> OAuth2Settings | None:
-    """An account's ``oauth2:`` mapping read with `postbote.settings` (problems recorded as ``file:line: key:``)."""
+    """An account's ``oauth2:`` mapping read with `postbote.Section` (problems recorded as ``file:line: key:``)."""
     before = len(section.problems.lines)
-    provider = section.get("provider", s.choice(*PRESETS), None)
+    provider = section.get("provider", choice(*PRESETS), None)
     fields = dict(
-        tenant=section.get("tenant", s.nonempty_text, None),
-        token_url=section.get("token_url", s.nonempty_text, None),
-        client_id=section.get("client_id", s.nonempty_text, required=True),
-        client_secret_file=section.get("client_secret_file", s.path_relative_to(base_dir), None),
-        refresh_token_file=section.get("refresh_token_file", s.path_relative_to(base_dir), required=True),
+        tenant=section.get("tenant", nonempty_text, None),
+        token_url=section.get("token_url", nonempty_text, None),
+        client_id=section.get("client_id", nonempty_text, required=True),
+        client_secret_file=section.get("client_secret_file", path_relative_to(base_dir), None),
+        refresh_token_file=section.get("refresh_token_file", path_relative_to(base_dir), required=True),
         scope=section.get("scope", _scope, None),
-        device_url=section.get("device_url", s.nonempty_text, None),
-        authorize_url=section.get("authorize_url", s.nonempty_text, None),
-        ca_file=section.get("ca_file", s.path_relative_to(base_dir), None),
+        device_url=section.get("device_url", nonempty_text, None),
+        authorize_url=section.get("authorize_url", nonempty_text, None),
+        ca_file=section.get("ca_file", path_relative_to(base_dir), None),
     )
     section.finish(set(OAUTH2_KEYS))
     if len(section.problems.lines) > before:
@@ -120,8 +119,8 @@ def oauth2_from_section(section: Section, base_dir: Path) -> OAuth2Settings | No
 def _scope(value: Any) -> str:
     """A scope as one space-separated string or a list of scopes."""
     if isinstance(value, list):
-        return " ".join(s.text_list(value))
-    return s.nonempty_text(value)
+        return " ".join(text_list(value))
+    return nonempty_text(value)
 
 
 def _preset(provider: str | None, tenant: str | None) -> Preset | None:
