@@ -9,7 +9,7 @@ import threading
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from postbote.message import Message
-from postbote.pop3 import POP3Client
+from postbote.plugins.pop3.client import POP3Client
 from postbote.wire import LFEncoder, SMTPDataEncoder, crlf_lines, lf_lines, smtp_data
 
 # Messages biased towards the dangerous bytes: dots, CR, LF, NUL and 8-bit.
