@@ -63,6 +63,14 @@ class PluginManager(pluggy.PluginManager):
         self._not_loaded: set[str] = set()  # optional built-ins known by name, not imported yet
         self._subsets: dict[frozenset[str], AccountHooks] = {}
 
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        self._subsets.clear()  # the callers cached per account were made for the plugins registered before
+        return super().register(plugin, name)
+
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
+        self._subsets.clear()
+        return super().unregister(plugin, name)
+
     def hooks_for(self, account: Any) -> AccountHooks:
         """The hooks as ``account`` sees them: without the plugins it turns off."""
         disabled = frozenset(getattr(account, "disabled_plugins", ()))
@@ -157,14 +165,15 @@ class AccountHooks:
         self._callers: dict[str, pluggy.HookCaller] = {}
 
     def caller(self, name: str, skip: Iterable[object] = ()) -> pluggy.HookCaller:
-        skip = list(skip)
-        if not self._disabled and not skip:
-            return getattr(self._pm.hook, name)
-        if skip:
+        """Hook ``name`` for this account, less the plugins in ``skip`` too."""
+        if skip := list(skip):
             return self._pm.subset_hook_caller(name, remove_plugins=[*self._disabled_plugins(), *skip])
         caller = self._callers.get(name)
         if caller is None:
-            caller = self._callers[name] = self._pm.subset_hook_caller(name, remove_plugins=self._disabled_plugins())
+            removed = self._disabled_plugins()  # optional built-ins never loaded have nothing to remove
+            caller = self._pm.subset_hook_caller(name, remove_plugins=removed) if removed else getattr(self._pm.hook,
+                                                                                                        name)
+            self._callers[name] = caller
         return caller
 
     def _disabled_plugins(self) -> list[object]:
