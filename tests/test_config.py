@@ -11,6 +11,9 @@ from postbote.cli import main
 from postbote.config import load_config
 from postbote.errors import ConfigError
 from postbote.pluginmanager import make_plugin_manager
+from postbote.plugins.pop3.settings import TLSMode
+from postbote.plugins.signin.passwords import PasswordKind
+from postbote.plugins.signin.settings import AuthChoice
 
 VALID = """\
 state_dir: state
@@ -60,13 +63,16 @@ def test_a_valid_config_becomes_typed_accounts_with_defaults_merged(tmp_path: Pa
     config = load(write(tmp_path, VALID))
     alice, bob = config.accounts
     assert config.state_dir == tmp_path / "state"
-    assert (alice.port, alice.tls, alice.keep, alice.max_size) == (995, "implicit", True, 25_000_000)
-    assert alice.poll_interval == 300 and alice.tls_ca_file == tmp_path / "ca.pem"
-    assert (bob.port, bob.tls, bob.poll_interval, bob.keep) == (110, "starttls", 30, False)
+    assert (alice.source.port, alice.source.tls, alice.keep) == (995, TLSMode.IMPLICIT, True)
+    assert alice.max_size == 25_000_000
+    assert alice.poll_interval == 300 and alice.source.tls_ca_file == tmp_path / "ca.pem"
+    assert (bob.source.port, bob.source.tls, bob.poll_interval, bob.keep) == (110, TLSMode.STARTTLS, 30, False)
     assert [d.kind for d in bob.destinations] == ["maildir", "smtp"]
     assert bob.destinations[0].settings.path == tmp_path / "Mail" / "bob"
     assert bob.destinations[1].settings.envelope_sender == ""
-    assert bob.password.command == ("pass", "show", "mail/bob")
+    assert bob.source.credentials.password.command == ("pass", "show", "mail/bob")
+    assert bob.source.credentials.password.kind is PasswordKind.COMMAND and bob.source.auth is AuthChoice.AUTO
+    assert (alice.protocol, alice.source.server) == ("pop3", "alice@pop.example.org:995")
 
 
 @pytest.mark.parametrize(("snippet", "expected"), [
@@ -177,7 +183,7 @@ def test_token_mechanisms_need_a_token_source_and_password_mechanisms_a_password
     assert ":6: accounts[0].token_command: auth: scram-sha-256 logs in with a password" in problems_of(
         tmp_path, base + "    token_command: [get-token]\n    auth: scram-sha-256\n")
     config = load(write(tmp_path, base + "    token_command: [get-token, --account, a]\n"))
-    assert config.accounts[0].describe_credentials() == "token_command get-token (+2 args)"
+    assert config.accounts[0].source.credentials.describe() == "token_command get-token (+2 args)"
 
 
 def test_the_example_config_shows_valid_keys_only() -> None:
@@ -186,3 +192,44 @@ def test_the_example_config_shows_valid_keys_only() -> None:
     config = load(example)
     assert [a.name for a in config.accounts] == ["alice", "bob", "carol-gmail"]
     assert config.accounts[0].options_for("backup") is not None and not config.accounts[0].uses("spamassassin")
+
+
+def test_the_source_keys_are_read_by_the_pop3_plugin_and_a_misspelt_one_gets_a_hint(tmp_path: Path) -> None:
+    base = "accounts:\n  - name: a\n    host: h\n    username: u\n    password: p\n    deliver: {maildir: m}\n"
+    config = load(write(tmp_path, base + "    protocol: pop3\n    tls: none\n"))
+    (account,) = config.accounts
+    assert account.protocol == "pop3" and account.source.tls is TLSMode.NONE and account.source.port == 110
+    assert account.source.received_protocol == "POP3" and account.source.holds_inline_password
+    assert ":7: accounts[0].password_comand: unknown key (did you mean 'password_command'?)" in problems_of(
+        tmp_path, base + "    password_comand: [pass]\n")
+    assert ":7: accounts[0].tls_verfy: unknown key (did you mean 'tls_verify'?)" in problems_of(
+        tmp_path, base + "    tls_verfy: false\n")
+
+
+def test_an_unknown_protocol_is_an_error_that_lists_the_known_ones(tmp_path: Path) -> None:
+    message = problems_of(tmp_path, "accounts:\n  - name: a\n    protocol: carrier-pigeon\n    host: h\n"
+                                    "    deliver: {maildir: m}\n")
+    assert ":3: accounts[0].protocol: unknown protocol 'carrier-pigeon' (known: pop3)" in message
+    assert "host" not in message  # the source keys are not judged without a source to read them
+
+
+def test_defaults_may_hold_source_keys_and_a_misspelt_one_is_reported_once(tmp_path: Path) -> None:
+    account = "  - {name: %s, username: u, password: p, deliver: {maildir: m}}\n"
+    text = "defaults:\n  host: pop.example.org\n  tls: starttls\n  kep: true\naccounts:\n" + account % "a" + \
+        account % "b"
+    message = problems_of(tmp_path, text)
+    assert message.count("kep") == 1
+    assert ":4: defaults.kep: unknown key (did you mean 'keep'?)" in message
+    config = load(write(tmp_path, text.replace("  kep: true\n", "")))
+    assert [(a.source.host, a.source.tls, a.source.port) for a in config.accounts] == [
+        ("pop.example.org", TLSMode.STARTTLS, 110)] * 2
+
+
+def test_a_source_plugin_reads_only_its_own_keys(tmp_path: Path) -> None:
+    """The POP3 keys mean nothing to another source: there they are unknown keys."""
+    from postbote.testing import FakeSource
+
+    pm = make_plugin_manager(entry_points=False, extra=[FakeSource()])
+    path = write(tmp_path, "accounts:\n  - {name: a, protocol: fake, host: h, deliver: {maildir: m}}\n")
+    with pytest.raises(ConfigError, match=r":2: accounts\[0\].host: unknown key"):
+        load_config(path, pm)
