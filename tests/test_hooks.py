@@ -259,7 +259,7 @@ def test_hook_parse_source(tmp_path: Path) -> None:
     from postbote.pluginmanager import make_plugin_manager
     from postbote.testing import FakeSource
 
-    pm = make_plugin_manager(entry_points=False, extra=[FakeSource()])
+    pm = make_plugin_manager(entry_points=False, extra=[FakeSource(), Recorder()])
     config = load_config(fake_config(tmp_path), pm)
     (account,) = config.accounts
     assert account.protocol == "fake" and account.source.server == "acct@fake"
@@ -381,3 +381,32 @@ def test_every_observer_is_called_even_when_an_earlier_one_raises(tmp_path: Path
     stats = poll_once(fake_config(tmp_path), plugins=[source, recorder, Failing()])
     assert stats.ok and stats.delivered == 1
     assert len(recorder.seen("message_delivered")) == 1, "the observer after the failing one was still called"
+
+
+def test_hook_authorize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``postbote auth ACCOUNT`` is run by the plugin whose account it is; its status is the command's."""
+    plugin = tmp_path / "fake_auth.py"
+    plugin.write_text(textwrap.dedent("""\
+        from postbote import hookimpl
+        from postbote.testing.mailbox import FakeSourceSettings
+
+        SOURCE_PROTOCOLS = ("fake",)
+
+
+        @hookimpl
+        def parse_source(protocol):
+            return FakeSourceSettings("acct") if protocol == "fake" else None
+
+
+        @hookimpl
+        def authorize(account, out, flow, open_browser):
+            if account.protocol == "fake":
+                print(f"authorized {account.name} by the {flow} flow, browser {open_browser}", file=out)
+                return 0
+        """))
+    config = fake_config(tmp_path, "{name: acct, protocol: fake, deliver: {maildir: Maildir}}",
+                         top=f"plugin_paths: [{plugin}]\n")
+    from postbote.cli import main
+
+    assert main(["-c", str(config), "auth", "--no-browser", "acct"]) == 0
+    assert "authorized acct by the auto flow, browser False" in capsys.readouterr().out
