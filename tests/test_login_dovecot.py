@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from postbote.credentials import PasswordSource, Secret
+from postbote.credentials import Secret
 from postbote.errors import CredentialError
-from postbote.login import AuthSettings, login
-from postbote.oauth2 import OAuth2Refresher, TokenCommand, oauth2_settings
-from postbote.pop3 import POP3AuthError, POP3Client
-from postbote.sasl import MechanismChoiceError
+from postbote.plugins.pop3.client import POP3AuthError, POP3Client
+from postbote.plugins.pop3.login import AuthSettings, login
+from postbote.plugins.signin.oauth2 import OAuth2Refresher, TokenCommand, oauth2_settings
+from postbote.plugins.signin.passwords import PasswordSource
+from postbote.plugins.signin.sasl import MechanismChoiceError
 from postbote.tls import TLSPolicy
 
 from tests.conftest import _require_dovecot

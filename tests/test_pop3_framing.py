@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from postbote.digest import header_block_digest
 from postbote.message import Message
-from postbote.pop3 import (
+from postbote.plugins.pop3.client import (
     DATA_READ_SIZE,
     LineEnding,
     MessageTooLarge,

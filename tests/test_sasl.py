@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from postbote.credentials import Secret
-from postbote.sasl import (
+from postbote.plugins.signin.sasl import (
     AUTH_CHOICES,
     CLEARTEXT_MECHANISMS,
     SASL_NAMES,

@@ -26,11 +26,12 @@ import pytest
 import structlog
 import yaml
 from postbote import credentials
-from postbote.credentials import MASK, PasswordSource, Secret, child_environment, redact
+from postbote.credentials import MASK, Secret, child_environment, redact
 from postbote.errors import CredentialError
 from postbote.logconfig import configure_logging
-from postbote.oauth2 import TokenCommand, parse_token_response, read_secret_file
 from postbote.plugins.mda import run_mda
+from postbote.plugins.signin.oauth2 import TokenCommand, parse_token_response, read_secret_file
+from postbote.plugins.signin.passwords import PasswordSource
 
 from tests.conftest import DovecotFactory
 from tests.servers import interrupt_after

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from postbote import credentials
-from postbote.credentials import PasswordSource
 from postbote.errors import CredentialError
+from postbote.plugins.signin import passwords
+from postbote.plugins.signin.passwords import PasswordSource
 from postbote.testing.pop3server import Action, Faults
 from postbote.tls import TLSPolicy
 
@@ -317,7 +317,7 @@ def test_a_failing_password_command_is_a_clear_error_and_no_login_is_tried(
 def test_a_password_command_that_hangs_is_killed_after_the_timeout(monkeypatch: pytest.MonkeyPatch,
                                                                    tmp_path: Path) -> None:
     """The 30 s limit, shortened here to one second; the program is killed, not left behind."""
-    monkeypatch.setattr(credentials, "PASSWORD_COMMAND_TIMEOUT", 1.0)
+    monkeypatch.setattr(passwords, "PASSWORD_COMMAND_TIMEOUT", 1.0)
     pid_file = tmp_path / "pid"
     hang = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
                                   "time.sleep(60)"]
