@@ -19,13 +19,14 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TextIO
 
 import pytest
-from postbote import oauth2
-from postbote.authcli import run_auth
+from postbote.cli import main
 from postbote.errors import AccountError, ConfigError, CredentialError
-from postbote.login import AuthSettings
-from postbote.oauth2 import (
+from postbote.plugins.signin import oauth2
+from postbote.plugins.signin.authorize import run_auth
+from postbote.plugins.signin.oauth2 import (
     OAuth2Refresher,
     OAuth2Settings,
     TokenCommand,
@@ -328,16 +329,18 @@ def test_endpoint_down(settings: OAuth2Settings, provider: FakeOAuthProvider) ->
 
 # --- postbote auth: device code flow --------------------------------------------------------------------------------
 
-def _auth_settings(settings: OAuth2Settings, tmp_path: Path) -> AuthSettings:
+def authorize(settings: OAuth2Settings, tmp_path: Path, out: TextIO, **options: Any) -> int:
+    """``postbote auth work`` as the POP3 plugin runs it: no refresh token yet; the access token that comes with the
+    new one is cached in the state directory."""
     settings.refresh_token_file.unlink()
-    return AuthSettings(account="work", username="alice@example.org", oauth2=settings, state_dir=tmp_path / "state")
+    return run_auth(settings, out, account="work", cache_dir=tmp_path / "state" / "oauth2", **options)
 
 
 def test_device_flow(settings: OAuth2Settings, provider: FakeOAuthProvider, tmp_path: Path) -> None:
     provider.approve_device("alice", polls_before_approval=2)
     out = io.StringIO()
     slept: list[float] = []
-    assert run_auth(_auth_settings(settings, tmp_path), out, sleep=slept.append) == 0
+    assert authorize(settings, tmp_path, out, sleep=slept.append) == 0
     text = out.getvalue()
     assert "WDJB-MJHT" in text and f"{provider.base_url}/device-login" in text
     assert slept == [1.0, 1.0, 1.0]
@@ -352,14 +355,14 @@ def test_device_flow_denied(settings: OAuth2Settings, provider: FakeOAuthProvide
     provider.approve_device("alice", polls_before_approval=0, outcome="deny")
     out = io.StringIO()
     with pytest.raises(CredentialError, match="declined"):
-        run_auth(_auth_settings(settings, tmp_path), out, sleep=lambda _: None)
+        authorize(settings, tmp_path, out, sleep=lambda _: None)
     assert not settings.refresh_token_file.exists()
 
 
 def test_auth_without_oauth2_section() -> None:
     out = io.StringIO()
     with pytest.raises(ConfigError, match="no oauth2: section"):
-        run_auth(AuthSettings(account="plain", username="u"), out)
+        run_auth(None, out, account="plain", cache_dir=None)
 
 
 # --- postbote auth: loopback redirect flow --------------------------------------------------------------------------
@@ -390,7 +393,7 @@ def test_loopback_flow(settings: OAuth2Settings, provider: FakeOAuthProvider, tm
                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(oauth2, "_open_browser", _browser(provider))
     out = io.StringIO()
-    assert run_auth(_auth_settings(settings, tmp_path), out, flow="loopback", wait=10) == 0
+    assert authorize(settings, tmp_path, out, flow="loopback", wait=10) == 0
     assert settings.refresh_token_file.read_text().strip() in provider.state.refresh_tokens
     assert _mode(settings.refresh_token_file) == 0o600
     assert "https://127.0.0.1:1/authorize?" in out.getvalue()
@@ -402,7 +405,7 @@ def test_loopback_flow_ignores_a_wrong_state(settings: OAuth2Settings, provider:
     monkeypatch.setattr(oauth2, "_open_browser", _browser(provider, tamper={"state": "forged"}))
     out = io.StringIO()
     with pytest.raises(CredentialError, match="no authorization arrived"):
-        run_auth(_auth_settings(settings, tmp_path), out, flow="loopback", wait=0.5)
+        authorize(settings, tmp_path, out, flow="loopback", wait=0.5)
 
 
 def test_loopback_flow_denied(settings: OAuth2Settings, provider: FakeOAuthProvider, tmp_path: Path,
@@ -410,7 +413,7 @@ def test_loopback_flow_denied(settings: OAuth2Settings, provider: FakeOAuthProvi
     monkeypatch.setattr(oauth2, "_open_browser", _browser(provider, tamper={"error": "access_denied", "code": ""}))
     out = io.StringIO()
     with pytest.raises(CredentialError, match=r"not granted \(access_denied\)"):
-        run_auth(_auth_settings(settings, tmp_path), out, flow="loopback", wait=5)
+        authorize(settings, tmp_path, out, flow="loopback", wait=5)
 
 
 class _PastingTerminal(io.StringIO):
@@ -437,12 +440,53 @@ def test_loopback_flow_with_pasted_address(settings: OAuth2Settings, provider: F
     try:
         with os.fdopen(read_end, "r") as pasted:
             out = _PastingTerminal(provider, write_end)
-            assert run_auth(_auth_settings(settings, tmp_path), out, flow="loopback", open_browser=False,
+            assert authorize(settings, tmp_path, out, flow="loopback", open_browser=False,
                             paste_input=pasted, wait=10) == 0
     finally:
         os.close(write_end)
     assert "paste the address" in out.getvalue()
     assert settings.refresh_token_file.exists()
+
+
+# --- postbote auth through the plugin of the account's source -------------------------------------------------------
+
+def _config(tmp_path: Path, settings: OAuth2Settings, source: str) -> Path:
+    path = tmp_path / "postbote.yaml"
+    path.write_text(f"""\
+state_dir: {tmp_path / 'state'}
+plugin_paths: [{tmp_path / 'plugins'}]
+accounts:
+  - name: work
+{source}
+    deliver: {{maildir: {tmp_path / 'Maildir'}}}
+""")
+    (tmp_path / "plugins").mkdir(exist_ok=True)
+    (tmp_path / "plugins" / "local_source.py").write_text(
+        "from postbote import hookimpl\n\nSOURCE_PROTOCOLS = ('local',)\n\n\nclass Local:\n    server = 'here'\n\n\n"
+        "@hookimpl\ndef parse_source(protocol):\n    return Local() if protocol == 'local' else None\n")
+    return path
+
+
+def test_hook_authorize(settings: OAuth2Settings, provider: FakeOAuthProvider, tmp_path: Path,
+                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``postbote auth`` asks the plugin of the account's source: POP3 runs the OAuth2 flow of its ``oauth2:``."""
+    monkeypatch.setattr(oauth2, "_open_browser", _browser(provider))
+    oauth = (f"    host: pop.example.org\n    username: alice@example.org\n    oauth2:\n"
+             f"      client_id: {CLIENT_ID}\n      token_url: {settings.token_url}\n"
+             f"      authorize_url: {settings.authorize_url}\n      scope: {settings.scope}\n"
+             f"      client_secret_file: {settings.client_secret_file}\n"
+             f"      refresh_token_file: {settings.refresh_token_file}\n      ca_file: {settings.ca_file}")
+    settings.refresh_token_file.unlink()
+    assert main(["-c", str(_config(tmp_path, settings, oauth)), "auth", "work", "--flow", "loopback"]) == 0
+    assert settings.refresh_token_file.read_text().strip() in provider.state.refresh_tokens
+    assert (tmp_path / "state" / "oauth2" / "work.json").exists()
+    assert "Authorized. The refresh token is stored in" in capsys.readouterr().out
+
+    password = "    host: pop.example.org\n    username: alice@example.org\n    password_env: MAIL_PASSWORD"
+    assert main(["-c", str(_config(tmp_path, settings, password)), "auth", "work"]) == 2
+    assert "account work has no oauth2: section" in capsys.readouterr().err
+    assert main(["-c", str(_config(tmp_path, settings, "    protocol: local")), "auth", "work"]) == 2
+    assert "account work has nothing to authorize" in capsys.readouterr().err
 
 
 # --- nothing secret in logs, output or errors -----------------------------------------------------------------------
@@ -454,7 +498,7 @@ def test_no_secret_in_logs_output_or_errors(settings: OAuth2Settings, provider: 
     seen: list[str] = []
     try:
         provider.approve_device("alice", polls_before_approval=1)
-        assert run_auth(_auth_settings(settings, tmp_path), _Collect(seen), sleep=lambda _: None) == 0
+        assert authorize(settings, tmp_path, _Collect(seen), sleep=lambda _: None) == 0
         provider.state.rotate = True
         refresher = OAuth2Refresher(settings, account="work", cache_dir=tmp_path / "state" / "oauth2", clock=clock)
         seen.append(repr(refresher.token()))
