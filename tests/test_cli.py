@@ -61,7 +61,8 @@ def test_password_file_may_name_the_systemd_credentials_directory(tmp_path: Path
         """)
     account = load_config(path, make_plugin_manager(entry_points=False)).accounts[0]
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
-    assert account.password is not None and account.password.resolve().reveal() == "s3cret"
+    password = account.source.credentials.password
+    assert password is not None and password.resolve().reveal() == "s3cret"
 
 
 def test_the_state_directory_defaults_to_systemds_state_directory(tmp_path: Path,
@@ -207,7 +208,8 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, command: list[st
 def test_the_one_line_error_masks_a_secret_a_plugin_quoted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "leaky.py").write_text(
         "from postbote import hookimpl\n\n@hookimpl\ndef configure(config):\n"
-        "    raise ValueError('cannot log in with ' + config.accounts[0].password.resolve().reveal())\n")
+        "    password = config.accounts[0].source.credentials.password\n"
+        "    raise ValueError('cannot log in with ' + password.resolve().reveal())\n")
     path = write_config(tmp_path, f"""\
         state_dir: {tmp_path / 'state'}
         plugin_paths: [{tmp_path / 'leaky.py'}]
