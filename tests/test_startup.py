@@ -44,8 +44,10 @@ RUN_AND_LIST_MODULES = textwrap.dedent("""\
     """)
 
 # Needed only by some commands or some configs; none of them is imported by --help or by a plain poll.
-HTTP_AND_OAUTH2 = {"http.server", "http.client", "urllib.request", "webbrowser", "postbote.oauth2", "postbote.authcli"}
-UNUSED_BY_A_PLAIN_POLL = {*HTTP_AND_OAUTH2, "importlib.metadata", "difflib", "hmac", "postbote.daemon",
+HTTP_AND_OAUTH2 = {"http.server", "http.client", "urllib.request", "webbrowser", "postbote.plugins.signin.oauth2",
+                   "postbote.plugins.signin.authorize"}
+UNUSED_BY_A_PLAIN_POLL = {*HTTP_AND_OAUTH2, "postbote.plugins.signin.oauth2_settings", "importlib.metadata",
+                          "difflib", "hmac", "postbote.daemon",
                           "postbote.status", "postbote.sdnotify", "postbote.cli.progress", "schedule",
                           *(f"postbote.cli.{module}" for command, module in COMMAND_MODULES.items()
                             if command != "poll"),
