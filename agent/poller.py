@@ -28,7 +28,7 @@ from postbote.mailbox import Mailbox, MailboxEntry, NotFetched, TooLarge
 from postbote.message import Message
 from postbote.pluginmanager import AccountHooks, PluginManager
 from postbote.poll import Poll, PollStats
-from postbote.state import DEFERRED, DELIVERED, DROPPED, REJECTED, Outcome, Record, StateStore, Status
+from postbote.state import DEFERRED, DELIVERED, DROPPED, REJECTED, DeliveryKey, Outcome, Record, StateStore, Status
 
 log = structlog.get_logger("postbote.poll")
 BATCH_SIZE = 64
@@ -145,7 +145,7 @@ class Poller:
         """Split the listing into messages handled before (to delete once their headers show they are the same
         messages) and messages to fetch; note the UIDs the listing lacks (`StateStore.note_listing`)."""
         records = self.store.records(account.name)
-        session.partly_delivered = self.store.partly_delivered(account.name)
+        session.handler.partly_delivered = self.store.partly_delivered(account.name)
         self.store.note_listing(account.name, records, {entry.uid for entry in entries})
         duplicated = {uid for uid, count in Counter(e.uid for e in entries).items() if count > 1}
         to_verify: list[tuple[MailboxEntry, Record]] = []
@@ -206,7 +206,7 @@ class AccountSession:
         self.hooks = hooks
         self.batch: list[Handled] = []
         self.awaiting_answer = False  # a message in the batch has a pending answer
-        self.partly_delivered: set[str] = set()  # UIDs some destinations already took in an earlier poll
+        self.handler = handling.Handler(hooks, self.store, account, poll, self.begin_delivery)
 
     def verified(self, handled: list[tuple[MailboxEntry, Record]],
                  to_fetch: list[MailboxEntry]) -> list[MailboxEntry]:
@@ -253,23 +253,24 @@ class AccountSession:
             message = item
             digest = header_block_digest(message.header_bytes)  # before any filter edits the headers
             self.stats.bytes += message.size
-            if self.awaiting_answer:
-                self.settle()  # the previous message's answer has had this message's transfer to arrive
+            # The previous message's answer has had this message's transfer to arrive: it is settled before this
+            # message's first hand-over (`begin_delivery`), or right after this message is handled.
             handled = self.hand_on(entry, message, digest)
+            if self.awaiting_answer:
+                self.settle()
         if handled is None:
             message.discard()
             return
         self.batch.append(handled)
         if handled.outcome.pending:
             self.awaiting_answer = True
-            return  # settled before the next message is handed on, or at the end of the poll
+            return  # settled before the next message's first hand-over, or at the end of the poll
         if handled.outcome.durable_now or len(self.batch) >= BATCH_SIZE or not more_coming:
             self.settle()
 
     def hand_on(self, entry: MailboxEntry, message: Message, digest: str) -> Handled | None:
         try:
-            outcome = handling.handle(self.hooks, self.store, message, self.account, self.poll,
-                                      self.partly_delivered)
+            outcome = self.handler.handle(message)
         except (DeliveryError, PluginError) as exc:
             self.failed(message, exc)
             return None
@@ -297,18 +298,26 @@ class AccountSession:
                       reason="the message stays on the server and is tried again")
         self.hooks.notify("message_failed", message=message, account=self.account, error=error, temporary=temporary)
 
-    def settle(self, *, delete: bool = True) -> None:
-        """Wait for pending answers, make the batch durable, record it in one transaction, finish staged renames,
-        then ask for the deletions.
-
-        A message whose answer is pending (an MTA's answer still on its way) is settled before the next message is
-        handed on, so at most one message is ever delivered but not recorded: a crash costs one duplicate."""
-        if not self.batch:
+    def begin_delivery(self, uid: str, key: DeliveryKey) -> None:
+        """Commit the "in flight" note of the message about to be handed over; when the previous message's answer
+        is pending, settle that one first, its record and this note in one transaction."""
+        if self.awaiting_answer and self.settle(note=(uid, key)):
             return
+        self.store.begin_delivery(self.account.name, uid, key)
+
+    def settle(self, *, delete: bool = True, note: tuple[str, DeliveryKey] | None = None) -> bool:
+        """Wait for pending answers, make the batch durable, record it in one transaction (with ``note``, the next
+        message's "in flight" note, if given), finish staged renames, then ask for the deletions. Returns whether
+        ``note`` was committed.
+
+        A message whose answer is pending (an MTA's answer still on its way) is settled before the next message's
+        first hand-over, so at most one message is ever delivered but not recorded: a crash costs one duplicate."""
+        if not self.batch:
+            return False
         self.awaiting_answer = False
         batch, self.batch = [h for h in self.batch if self.answered(h)], []
         if not batch:
-            return
+            return False
         staged = [(h.message.uid, result) for h in batch for result in h.outcome.staged]
         try:
             sync_filesystems([result.source for _, result in staged])
@@ -322,7 +331,8 @@ class AccountSession:
                                f"{len(batch)} message(s) stay on the server") from None
         try:
             self.store.record_batch(self.account.name, [self.record_of(h) for h in batch],
-                                    renames=[(uid, result.source, result.target) for uid, result in staged])
+                                    renames=[(uid, result.source, result.target) for uid, result in staged],
+                                    notes=[note] if note else [])
         except BaseException:
             self.abandon(batch)
             raise
@@ -338,6 +348,7 @@ class AccountSession:
             if delete:
                 self.delete(handled.entry)
             handled.message.discard()
+        return note is not None
 
     @staticmethod
     def abandon(batch: list[Handled]) -> None:

@@ -85,7 +85,7 @@ CREATE TABLE IF NOT EXISTS delivery_notes (
     attempts INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL,
     PRIMARY KEY (account, uid, position, label, recipient)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending_renames (
     account TEXT NOT NULL,
     uid TEXT NOT NULL,
@@ -301,12 +301,13 @@ class StateStore:
         """Record the outcome for one message, committed before returning (synced by `make_durable`)."""
         self.record_batch(account, [Outcome(uid, status, reason, message_id, size, header_digest)])
 
-    def record_batch(self, account: str, outcomes: Sequence[Outcome],
-                     renames: Sequence[tuple[str, str, str]] = ()) -> None:
+    def record_batch(self, account: str, outcomes: Sequence[Outcome], renames: Sequence[tuple[str, str, str]] = (),
+                     notes: Sequence[tuple[str, DeliveryKey]] = ()) -> None:
         """Record many outcomes and the renames that complete their delivery, in one transaction (one sync). The
         renames are journaled until `clear_renames`. A message that is handled (delivered, dropped) no longer needs
         its per-destination notes; one that failed keeps the time it first failed and counts the attempt, and loses
-        its "in flight" notes (a destination answered no, or a plugin raised: no copy in doubt)."""
+        its "in flight" notes (a destination answered no, or a plugin raised: no copy in doubt). ``notes`` are
+        "in flight" notes of other messages (see `begin_delivery`), committed with the rest."""
         now = time.time()
         with self._transaction():
             self._db.executemany(
@@ -333,6 +334,8 @@ class StateStore:
             if renames:
                 self._db.executemany("INSERT INTO pending_renames VALUES (?, ?, ?, ?)",
                                      [(account, uid, source, target) for uid, source, target in renames])
+            for uid, key in notes:
+                self._note_in_flight(account, uid, key)
 
     def waiting(self, account: str) -> list[WaitingMessage]:
         """The messages of ``account`` that wait on the server undelivered: deferred or rejected, oldest first."""
@@ -377,12 +380,15 @@ class StateStore:
         cannot be undone, so that a state store that cannot be written stops the delivery instead of letting every
         poll deliver again; a note still there at the next poll means the hand-over may have happened."""
         with self._transaction():
-            self._db.execute(
-                "INSERT INTO delivery_notes (account, uid, position, label, recipient, state, answer, attempts, "
-                "updated) VALUES (?, ?, ?, ?, ?, ?, '', 1, ?) "
-                "ON CONFLICT (account, uid, position, label, recipient) DO UPDATE SET "
-                "attempts = delivery_notes.attempts + 1, updated = excluded.updated",
-                (account, uid, *astuple(key), DeliveryState.IN_FLIGHT, time.time()))
+            self._note_in_flight(account, uid, key)
+
+    def _note_in_flight(self, account: str, uid: str, key: DeliveryKey) -> None:
+        self._db.execute(
+            "INSERT INTO delivery_notes (account, uid, position, label, recipient, state, answer, attempts, "
+            "updated) VALUES (?, ?, ?, ?, ?, ?, '', 1, ?) "
+            "ON CONFLICT (account, uid, position, label, recipient) DO UPDATE SET "
+            "attempts = delivery_notes.attempts + 1, updated = excluded.updated",
+            (account, uid, key.position, key.label, key.recipient, DeliveryState.IN_FLIGHT, time.time()))
 
     def finish_delivery(self, account: str, uid: str, key: DeliveryKey, answer: str) -> None:
         """The destination (or recipient) of ``key`` took the message for good: it is not given it again."""
