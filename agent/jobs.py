@@ -19,8 +19,8 @@ from postbote.errors import ConfigError, PostboteError
 if TYPE_CHECKING:
     import pluggy
     from postbote.config import Account, Config
+    from postbote.poll import PollStats
     from postbote.poller import Poller
-from postbote.poll import PollStats
 
 
 class ExitStatus(enum.IntEnum):
