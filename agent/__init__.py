@@ -30,7 +30,12 @@ if TYPE_CHECKING:
     from postbote.mailbox import Fetched, Mailbox, MailboxEntry, NotFetched, TooLarge
     from postbote.message import Message, Verdict
     from postbote.poll import Poll, PollStats
-    from postbote.settings import (
+    from postbote.smtp import Delivery, Reply, SMTPClient
+    from postbote.state import KeyedTable, LegacyTable, PollRecord, WaitingMessage, read_account_state
+    from postbote.status import WaitingSummary, stale_after
+    from postbote.tls import TLSError, TLSPolicy
+    from postbote.wire import CRLFEncoder, LFEncoder, SMTPDataEncoder, crlf_lines, lf_lines, smtp_data
+    from postbote.yaml_reader import (
         Node,
         Parser,
         Problems,
@@ -47,11 +52,6 @@ if TYPE_CHECKING:
         text,
         text_list,
     )
-    from postbote.smtp import Delivery, Reply, SMTPClient
-    from postbote.state import KeyedTable, LegacyTable, PollRecord, WaitingMessage, read_account_state
-    from postbote.status import WaitingSummary, stale_after
-    from postbote.tls import TLSError, TLSPolicy
-    from postbote.wire import CRLFEncoder, LFEncoder, SMTPDataEncoder, crlf_lines, lf_lines, smtp_data
 
 __version__ = "0.1.0"
 
@@ -68,7 +68,7 @@ _FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
     # what a destination answers (the deliver_message hook)
     "postbote.delivery": ("Delivered", "DeliveryResult", "Pending", "Staged"),
     # reading a plugin's options, with the core's file:line errors
-    "postbote.settings": ("Node", "Parser", "Problems", "Section", "boolean", "choice", "describe", "duration",
+    "postbote.yaml_reader": ("Node", "Parser", "Problems", "Section", "boolean", "choice", "describe", "duration",
                           "integer", "nonempty_text", "path_relative_to", "port_number", "size", "text",
                           "text_list"),
     # errors

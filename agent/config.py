@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from postbote import settings as s
+from postbote import yaml_reader as s
 from postbote.errors import ConfigError
-from postbote.settings import Node, Problems, Section
+from postbote.yaml_reader import Node, Problems, Section
 
 if TYPE_CHECKING:
     import pluggy

@@ -17,7 +17,7 @@ import pytest
 from postbote.config import load_config
 from postbote.errors import ConfigError
 from postbote.pluginmanager import make_plugin_manager
-from postbote.settings import MAX_ALIAS_USES, MAX_CONFIG_BYTES, MAX_VALUES, load_yaml
+from postbote.yaml_reader import MAX_ALIAS_USES, MAX_CONFIG_BYTES, MAX_VALUES, load_yaml
 
 CHECK_TIME_LIMIT = 15.0  # seconds for `postbote check`, Python start included; the bomb took 20+ s unbounded
 MEMORY_LIMIT_KB = 150 * 1024  # the bomb took 560+ MB unbounded
@@ -109,7 +109,7 @@ def test_a_config_file_larger_than_the_limit_is_refused_unread(tmp_path: Path) -
 
 def test_an_endless_config_file_is_refused() -> None:
     """Run in a child limited to 1 GiB of address space: reading it whole would otherwise take all memory."""
-    probe = ("from pathlib import Path\nfrom postbote.settings import load_yaml\n"
+    probe = ("from pathlib import Path\nfrom postbote.yaml_reader import load_yaml\n"
              "from postbote.errors import ConfigError\n"
              "try:\n    load_yaml(Path('/dev/zero'))\nexcept ConfigError as exc:\n    print(exc)\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=CHECK_TIME_LIMIT,

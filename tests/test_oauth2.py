@@ -35,7 +35,7 @@ from postbote.plugins.signin.oauth2 import (
     read_secret_file,
     write_secret_file,
 )
-from postbote.settings import Problems, Section, load_yaml
+from postbote.yaml_reader import Problems, Section, load_yaml
 
 from tests.harness import capture_logging
 from tests.servers.certs import TestPKI

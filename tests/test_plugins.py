@@ -14,7 +14,7 @@ from postbote.pluginmanager import make_plugin_manager
 
 LOCAL_PLUGIN = '''
 from postbote import hookimpl, Verdict
-from postbote.settings import Section, text
+from postbote.yaml_reader import Section, text
 
 
 @hookimpl
