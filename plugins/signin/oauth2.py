@@ -36,7 +36,6 @@ from postbote import (
     CredentialError,
     Secret,
     TLSPolicy,
-    child_environment,
     fsync_directory,
     register_secret,
 )
@@ -157,25 +156,11 @@ class TokenCommand:
         return False
 
     def token(self) -> Secret:
-        import subprocess
+        from postbote.plugins.signin.passwords import first_output_line
 
-        program = self.argv[0]
-        try:
-            done = subprocess.run(list(self.argv), capture_output=True, timeout=self.timeout,
-                                  stdin=subprocess.DEVNULL, check=False, env=child_environment())
-        except FileNotFoundError:
-            raise CredentialError(f"token_command: {program}: no such program") from None
-        except PermissionError:
-            raise CredentialError(f"token_command: {program}: permission denied") from None
-        except subprocess.TimeoutExpired:
-            raise CredentialError(f"token_command: {program} did not finish within {self.timeout:g} s") from None
-        token = done.stdout.decode("utf-8", "replace").split("\n", 1)[0].strip()
-        if done.returncode != 0:
-            detail = done.stderr.decode("utf-8", "replace").strip().splitlines()
-            reason = f": {redact(detail[0], [token])[:200]}" if detail else ""
-            raise CredentialError(f"token_command: {program} exited with status {done.returncode}{reason}")
+        token = first_output_line("token_command", self.argv, timeout=self.timeout).decode("utf-8", "replace").strip()
         if not token:
-            raise CredentialError(f"token_command: {program} printed nothing")
+            raise CredentialError(f"token_command: {self.argv[0]} printed nothing")
         return Secret(token)
 
 

@@ -112,26 +112,36 @@ def _read_password_file(path: Path) -> str:
 def _run_password_command(argv: tuple[str, ...]) -> str:
     """Run ``argv`` without a shell, and without the secret variables in its environment, and take the first line
     of its output as the password."""
-    import subprocess  # only password_command needs it
+    first_line = first_output_line("password_command", argv, timeout=PASSWORD_COMMAND_TIMEOUT)
+    password = _decode_utf8(first_line, f"password_command {argv[0]}")
+    if not password:
+        raise CredentialError(f"password_command: {argv[0]} printed nothing")
+    return password
+
+
+def first_output_line(key: str, argv: tuple[str, ...], *, timeout: float) -> bytes:
+    """The first line a secret-printing program (``password_command``, ``token_command``: named by ``key`` in
+    errors) writes, run without a shell and without the secret variables in its environment. A failure is a
+    `CredentialError` that shows the first line of the program's diagnostics, never what it printed."""
+    import subprocess  # only the commands need it
 
     program = argv[0]
     try:
-        done = subprocess.run(list(argv), capture_output=True, timeout=PASSWORD_COMMAND_TIMEOUT,
-                              stdin=subprocess.DEVNULL, check=False, env=child_environment())
+        done = subprocess.run(list(argv), capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                              check=False, env=child_environment())
     except FileNotFoundError:
-        raise CredentialError(f"password_command: {program}: no such program") from None
+        raise CredentialError(f"{key}: {program}: no such program") from None
     except PermissionError:
-        raise CredentialError(f"password_command: {program}: permission denied") from None
+        raise CredentialError(f"{key}: {program}: permission denied") from None
     except subprocess.TimeoutExpired:
-        raise CredentialError(
-            f"password_command: {program} did not finish within {PASSWORD_COMMAND_TIMEOUT:.0f} s") from None
-    if done.returncode != 0:
-        # stderr is the program's own diagnostics, not its secret output: show its first line to help the admin.
-        detail = done.stderr.decode("utf-8", "replace").strip().splitlines()
-        reason = f": {redact(detail[0])[:200]}" if detail else ""
-        raise CredentialError(f"password_command: {program} exited with status {done.returncode}{reason}")
+        raise CredentialError(f"{key}: {program} did not finish within {timeout:g} s") from None
     first_line = done.stdout.split(b"\n", 1)[0].rstrip(b"\r")
-    password = _decode_utf8(first_line, f"password_command {program}")
-    if not password:
-        raise CredentialError(f"password_command: {program} printed nothing")
-    return password
+    if done.returncode != 0:
+        # stderr is the program's own diagnostics, not its secret output: its first line helps the admin.
+        detail = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        shown = redact(detail[0]) if detail else ""
+        if printed := first_line.decode("utf-8", "replace").strip():  # a secret it printed before failing
+            shown = shown.replace(printed, "********")
+        reason = f": {shown[:200]}" if shown else ""
+        raise CredentialError(f"{key}: {program} exited with status {done.returncode}{reason}")
+    return first_line
