@@ -8,9 +8,11 @@ Fixtures
                       for variants; every server made is stopped after the test
 ``smtp_sink``         a fresh recording SMTP server (:class:`SMTPSink`)
 ``smtp_sink_factory`` ``smtp_sink_factory(starttls=True, require_starttls=False)``
-``make_rig``          ``make_rig(messages, faults=None, target=None, **server_options)``: a fault-suite
-                      `tests.harness.Rig` against a started scripted POP3 server
-``make_setup``        ``make_setup(messages, faults=None)``: a poller-suite `tests.harness.Setup`
+``make_rig``          ``make_rig(messages, faults=None, target=None, source="pop3", **server_options)``: a
+                      fault-suite `tests.harness.Rig` against a started scripted POP3 server, or with
+                      ``source="fake"`` against a `FakeMailbox` in memory
+``make_setup``        ``make_setup(messages, faults=None, source="pop3")``: a poller-suite
+                      `tests.harness.Setup`, likewise
 ``postbote``           a `tests.harness.Postbote` in ``tmp_path``: write a config, run commands on it
 ``time_limit``        interrupts the test after the module's ``TIME_LIMIT`` seconds (60 by default); a
                       module opts in with ``pytestmark = pytest.mark.usefixtures("time_limit")``

@@ -1,14 +1,19 @@
 """The harness the fault suites share (``test_faults_*``, ``test_bad_input``, ``test_security``, ``test_kill``,
 ``test_nothing_lost``, ``test_pop3_framing`` and the model-based test use it).
 
-A corpus of numbered messages, a `Rig` that polls one account in process against a scripted `POP3Server` and a real
-destination, an `Audit` of what became of every corpus message, a subprocess runner that measures peak memory, and
-a per-test time limit so that no test can hang. Its fixtures (``make_rig``, ``time_limit``, ``make_setup``) are in
-``tests/conftest.py``; a module that wants the time limit says ``pytestmark = pytest.mark.usefixtures("time_limit")``
-and may set its own ``TIME_LIMIT``.
+A corpus of numbered messages, a `Rig` that polls one account in process against a scripted `POP3Server` (or,
+with ``source="fake"``, a `FakeMailbox` in memory) and a real destination, an `Audit` of what became of every corpus
+message, a subprocess runner that measures peak memory, and a per-test time limit so that no test can hang. Its
+fixtures (``make_rig``, ``time_limit``, ``make_setup``) are in ``tests/conftest.py``; a module that wants the time
+limit says ``pytestmark = pytest.mark.usefixtures("time_limit")`` and may set its own ``TIME_LIMIT``.
 
 The second part is the small poller harness of ``test_poller`` and the plugin suites: `Setup`, one account in front
-of a scripted server delivering to a Maildir, and `mail`, a numbered message.
+of a scripted server (or a `FakeMailbox`) delivering to a Maildir, and `mail`, a numbered message.
+
+Which mailbox: a test whose subject is what happens to a message between fetch and delete (filters, rules, backups,
+deliveries, records, exit statuses) polls a `FakeMailbox` (``source="fake"``): no sockets, no threads, and what is
+"on the server" is what the mailbox still holds. A test of the POP3 protocol, of its faults or of the login keeps the
+scripted POP3 server (the default, ``source="pop3"``).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import pytest
 import structlog
@@ -41,6 +46,7 @@ from postbote.logconfig import configure_logging
 from postbote.poll import PollStats
 from postbote.state import REJECTED, Record, StateStore
 from postbote.testing import poll_once
+from postbote.testing.mailbox import FAKE_PROTOCOL, FakeMailbox, FakeSource
 from postbote.testing.pop3server import Faults, POP3Server
 
 from tests.servers import interrupt_after
@@ -189,28 +195,51 @@ class Audit:
 # --- one account under test ------------------------------------------------------------------------------
 
 
+Source = Literal["pop3", "fake"]  # which mailbox a rig or a setup polls: the scripted POP3 server, or in memory
+
+
+def on_server(server: POP3Server | FakeMailbox) -> list[tuple[str, bytes]]:
+    """The messages still on the server, (uid, data) in listing order: a POP3Server's, or a FakeMailbox's."""
+    return list(server.messages.items()) if isinstance(server, FakeMailbox) else server.messages()
+
+
+def fake_mailbox(messages: list[bytes], account: str = "test") -> tuple[FakeSource, FakeMailbox]:
+    """A `FakeSource` whose account ``account`` holds ``messages`` (UIDs ``uid-1``, ``uid-2``, ...)."""
+    source = FakeSource()
+    mailbox = source.mailbox(account)
+    for data in messages:
+        mailbox.add(data)
+    return source, mailbox
+
+
 class Rig:
-    """One account, ``test``: a scripted POP3 server in front, a destination behind, its own state directory.
+    """One account, ``test``: a scripted POP3 server in front (or a `FakeMailbox`, when ``source`` serves it), a
+    destination behind, its own state directory.
 
     `poll` runs a poll in this process the way ``postbote poll`` does; `configure` writes the YAML a user would.
     """
 
-    def __init__(self, directory: Path, server: POP3Server, target: Target) -> None:
+    def __init__(self, directory: Path, server: POP3Server | FakeMailbox, target: Target,
+                 source: FakeSource | None = None) -> None:
         self.directory = directory
         self.server = server
+        self.source = source
         self.target = target
         self.state_dir = directory / "state"
         self.config_path = directory / "postbote.yaml"
-        self.uid_of = {n: uid for uid, data in server.messages() if (n := corpus_number(data)) is not None}
+        self.uid_of = {n: uid for uid, data in on_server(server) if (n := corpus_number(data)) is not None}
         self.numbers = tuple(sorted(self.uid_of))
         self.other_faults = 0
         self.last_audit: Audit | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
     def configure(self, top: dict[str, Any] | None = None, **account: Any) -> Path:
-        entry: dict[str, Any] = {"name": "test", "host": "127.0.0.1", "port": self.server.port, "tls": "none",
-                                 "username": "demo", "password": PASSWORD, "timeout": "2s",
-                                 "deliver": self.target.deliver()}
+        entry: dict[str, Any] = {"name": "test"}
+        if isinstance(self.server, FakeMailbox):
+            entry["protocol"] = FAKE_PROTOCOL
+        else:
+            entry.update(host="127.0.0.1", port=self.server.port, tls="none", username="demo", password=PASSWORD)
+        entry.update(timeout="2s", deliver=self.target.deliver())
         entry.update(account)
         entry = {key: value for key, value in entry.items() if value is not None}  # None: leave the key out
         document = {"state_dir": str(self.state_dir), "log": {"level": "debug", "format": "json"},
@@ -219,8 +248,13 @@ class Rig:
         self.config_path.chmod(0o600)
         return self.config_path
 
-    def poll(self, top: dict[str, Any] | None = None, **account: Any) -> PollStats:
-        return poll_once(self.configure(top, **account))
+    def poll(self, top: dict[str, Any] | None = None, *, plugins: tuple[object, ...] = (), **account: Any) -> PollStats:
+        """One poll with the config `configure` writes; ``plugins`` are registered beside the built-ins."""
+        return poll_once(self.configure(top, **account), plugins=self.plugins(*plugins))
+
+    def plugins(self, *extra: object) -> list[object]:
+        """The plugins a poll of this rig registers: the fake source, if the rig has one, and ``extra``."""
+        return [*([self.source] if self.source is not None else []), *extra]
 
     def poll_until_done(self, *, polls: int = 6, pause: float = 0.3, **account: Any) -> list[PollStats]:
         """Poll until a poll succeeds with nothing left to fetch (a stalled server session may still hold the
@@ -249,17 +283,17 @@ class Rig:
             store.close()
 
     def audit(self) -> Audit:
-        on_server = tuple(sorted(n for _, data in self.server.messages() if (n := corpus_number(data)) is not None))
+        left = tuple(sorted(n for _, data in on_server(self.server) if (n := corpus_number(data)) is not None))
         copies = Counter(n for data in self.target.delivered() if (n := corpus_number(data)) is not None)
         number_of = {uid: n for n, uid in self.uid_of.items()}
         rejected = {number_of[uid]: record.reason for uid, record in self.records().items()
                     if record.status == REJECTED and uid in number_of}
-        self.last_audit = Audit(self.numbers, on_server, copies, rejected)
+        self.last_audit = Audit(self.numbers, left, copies, rejected)
         assert self.last_audit.lost == [], f"messages lost: {self.last_audit.lost}"
         return self.last_audit
 
     def faults_injected(self) -> int:
-        faults = self.server.faults
+        faults = None if isinstance(self.server, FakeMailbox) else self.server.faults
         fired = len(faults.fired) if faults is not None else 0
         target_server = getattr(self.target, "server", None)
         if isinstance(target_server, FaultySMTP):
@@ -271,21 +305,29 @@ RigFactory = Callable[..., Rig]
 
 
 def rig_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RigFactory]:
-    """``make_rig(messages, faults=None, target=None, **server_options)``: a started server and its rig; the
+    """``make_rig(messages, faults=None, target=None, source="pop3", **server_options)``: a started server and its
+    rig, or with ``source="fake"`` a `FakeMailbox` holding the messages (no faults or server options then); the
     servers are stopped and the test's figures recorded afterwards (``yield from rig_factory(tmp_path, request)``
     in a fixture)."""
     rigs: list[Rig] = []
 
     def make(messages: list[bytes], faults: Faults | None = None, target: Target | None = None,
-             **server_options: Any) -> Rig:
-        server = POP3Server(messages, faults=faults, **server_options).start()
-        rig = Rig(tmp_path / f"rig{len(rigs)}", server, target or MaildirTarget(tmp_path / f"Maildir{len(rigs)}"))
+             source: Source = "pop3", **server_options: Any) -> Rig:
+        target = target or MaildirTarget(tmp_path / f"Maildir{len(rigs)}")
+        if source == "fake":
+            assert faults is None and not server_options, "POP3 faults and server options need source='pop3'"
+            fake, mailbox = fake_mailbox(messages)
+            rig = Rig(tmp_path / f"rig{len(rigs)}", mailbox, target, fake)
+        else:
+            rig = Rig(tmp_path / f"rig{len(rigs)}", POP3Server(messages, faults=faults, **server_options).start(),
+                      target)
         rigs.append(rig)
         return rig
 
     yield make
     for rig in rigs:
-        rig.server.stop()
+        if isinstance(rig.server, POP3Server):
+            rig.server.stop()
     record_figures(request.node.nodeid, rigs)
 
 
@@ -395,11 +437,13 @@ def mail(n: int) -> bytes:
 
 
 class Setup:
-    """One account, ``test``, in front of a scripted server, delivering to ``tmp_path/Maildir``."""
+    """One account, ``test``, in front of a scripted server (or a `FakeMailbox`, when ``source`` serves it),
+    delivering to ``tmp_path/Maildir``."""
 
-    def __init__(self, tmp_path: Path, server: POP3Server) -> None:
+    def __init__(self, tmp_path: Path, server: POP3Server | FakeMailbox, source: FakeSource | None = None) -> None:
         self.tmp_path = tmp_path
         self.server = server
+        self.source = source
         self.maildir = tmp_path / "Maildir"
 
     def configure(self, extra: str = "", deliver: str = "") -> Path:
@@ -407,22 +451,19 @@ class Setup:
         path = self.tmp_path / "postbote.yaml"
         settings = extra if "timeout" in extra else extra + "timeout: 2s\n"
         settings += deliver or f"deliver: {{maildir: {self.maildir}}}\n"
-        path.write_text(textwrap.dedent(f"""\
-            state_dir: {self.tmp_path / 'state'}
-            accounts:
-              - name: test
-                host: 127.0.0.1
-                port: {self.server.port}
-                tls: none
-                username: demo
-                password: demo
-            """) + textwrap.indent(settings, "    "))
+        if isinstance(self.server, FakeMailbox):
+            mailbox = f"protocol: {FAKE_PROTOCOL}\n"
+        else:
+            mailbox = f"host: 127.0.0.1\nport: {self.server.port}\ntls: none\nusername: demo\npassword: demo\n"
+        path.write_text(f"state_dir: {self.tmp_path / 'state'}\naccounts:\n  - name: test\n"
+                        + textwrap.indent(mailbox + settings, "    "))
         os.chmod(path, 0o600)
         return path
 
     def poll(self, *plugins: object, extra: str = "", deliver: str = "",
              stop: threading.Event | None = None) -> PollStats:
-        return poll_once(self.configure(extra, deliver), plugins=plugins, stop=stop)
+        source = [self.source] if self.source is not None else []
+        return poll_once(self.configure(extra, deliver), plugins=[*source, *plugins], stop=stop)
 
     def delivered(self) -> list[bytes]:
         folder = self.maildir / "new"
@@ -438,10 +479,15 @@ SetupFactory = Callable[..., Setup]
 
 
 def setup_factory(tmp_path: Path) -> Iterator[SetupFactory]:
-    """``make_setup(messages, faults=None)``: a started server and its `Setup`; the servers are stopped after."""
+    """``make_setup(messages, faults=None, source="pop3")``: a started server and its `Setup`, or with
+    ``source="fake"`` a `FakeMailbox` holding the messages (no faults then); the servers are stopped after."""
     servers: list[POP3Server] = []
 
-    def make(messages: list[bytes], faults: Faults | None = None) -> Setup:
+    def make(messages: list[bytes], faults: Faults | None = None, source: Source = "pop3") -> Setup:
+        if source == "fake":
+            assert faults is None, "POP3 faults need source='pop3'; a FakeMailbox has its own"
+            fake, mailbox = fake_mailbox(messages)
+            return Setup(tmp_path, mailbox, fake)
         server = POP3Server(messages, faults=faults).start()
         servers.append(server)
         return Setup(tmp_path, server)
@@ -528,11 +574,14 @@ class Postbote:
         *,
         defaults: Mapping[str, Any] | None = None,
         mode: int = 0o600,
+        top: Mapping[str, Any] | None = None,
     ) -> Path:
-        """Write the config file (0600: inline passwords in readable files are refused)."""
+        """Write the config file (0600: inline passwords in readable files are refused); ``top`` holds more
+        top-level keys (``plugin_paths``: e.g. a `FakeSource.plugin_file`, for accounts with ``protocol: fake``)."""
         config: dict[str, Any] = {
             "state_dir": str(self.state_dir),
             "log": {"level": "debug", "format": "json"},
+            **(top or {}),
         }
         if defaults:
             config["defaults"] = dict(defaults)
@@ -613,6 +662,14 @@ def wait_until(condition: Callable[[], Any], timeout: float = 5.0, what: str = "
 def account(name: str, server: POP3Server | None, maildir: Path, **extra: Any) -> dict[str, Any]:
     entry = {"name": name, "host": "127.0.0.1", "port": server.port if server else 1, "tls": "none",
              "username": "demo", "password": "demo", "poll_interval": "1s", "timeout": "2s",
+             "deliver": {"maildir": str(maildir)}}
+    entry.update(extra)
+    return {key: value for key, value in entry.items() if value is not None}
+
+
+def fake_account(name: str, maildir: Path, **extra: Any) -> dict[str, Any]:
+    """An account served by a `FakeSource` (``protocol: fake``), as `account` writes one for a POP3 server."""
+    entry = {"name": name, "protocol": FAKE_PROTOCOL, "poll_interval": "1s", "timeout": "2s",
              "deliver": {"maildir": str(maildir)}}
     entry.update(extra)
     return {key: value for key, value in entry.items() if value is not None}
