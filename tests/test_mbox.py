@@ -1,7 +1,8 @@
 """mbox delivery: mboxrd format, locking against other programs, no half-written message, through real polls.
 
-Each test uses real files, real locks held by a second process and the scriptable POP3 server, and reads the mbox
-back with an mboxrd reader to prove that what went in comes out byte for byte (apart from CRLF becoming LF).
+Each test uses real files and real locks held by a second process (the polls fetch from a `FakeMailbox` in memory),
+and reads the mbox back with an mboxrd reader to prove that what went in comes out byte for byte (apart from CRLF
+becoming LF).
 """
 
 from __future__ import annotations
@@ -328,20 +329,20 @@ def test_mbox_option_mistakes_are_config_errors_with_their_line(tmp_path: Path) 
 
 def test_a_poll_appends_each_message_once_and_deletes_it_from_the_server(make_setup) -> None:
     messages = [TRICKY["dot line"], TRICKY["From lines"], TRICKY["8-bit and NUL"]]
-    setup = make_setup(messages)
+    setup = make_setup(messages, source="fake")
     mbox = setup.tmp_path / "inbox"
     stats = setup.poll(deliver=f"deliver: {{mbox: {mbox}}}\n")
     assert (stats.delivered, stats.deleted) == (3, 3)
     assert setup.server.uids() == []
     delivered = mboxrd_messages(mbox.read_bytes())
     assert [without_trace_header(data) for data in delivered] == [on_disk(m) for m in messages]
-    assert all(data.startswith(b"Received: from 127.0.0.1 by ") for data in delivered)
+    assert all(data.startswith(b"Received: from localhost by ") for data in delivered)
     assert setup.poll(deliver=f"deliver: {{mbox: {mbox}}}\n").delivered == 0
     assert len(mboxrd_messages(mbox.read_bytes())) == 3
 
 
 def test_a_locked_mbox_defers_the_message_which_stays_on_the_server(make_setup, lock_holder) -> None:
-    setup = make_setup([mail(1)])
+    setup = make_setup([mail(1)], source="fake")
     mbox = setup.tmp_path / "inbox"
     mbox.write_bytes(b"")
     holder = lock_holder(mbox)
@@ -358,7 +359,7 @@ def test_a_locked_mbox_defers_the_message_which_stays_on_the_server(make_setup, 
 
 
 def test_a_missing_mbox_with_create_false_is_a_temporary_failure(make_setup) -> None:
-    setup = make_setup([mail(1)])
+    setup = make_setup([mail(1)], source="fake")
     mbox = setup.tmp_path / "inbox"
     stats = setup.poll(deliver=f"deliver: {{mbox: {{path: {mbox}, create: false}}}}\n")
     assert (stats.delivered, stats.deferred, stats.rejected) == (0, 1, 0)

@@ -185,14 +185,14 @@ def test_mda_option_mistakes_are_config_errors_with_their_line(tmp_path: Path, d
 
 
 def test_a_poll_delivers_each_message_once_through_the_mda_and_deletes_it(make_setup) -> None:
-    setup = make_setup([TRICKY, mail(2)])
+    setup = make_setup([TRICKY, mail(2)], source="fake")
     out = setup.tmp_path / "out"
     argv = [*keep_stdin(setup.tmp_path), str(out), "--account={account}", "{uid}"]
     stats = setup.poll(deliver=f"deliver: {{mda: {argv_yaml(argv)}}}\n")
     assert (stats.delivered, stats.deleted) == (2, 2)
     assert setup.server.uids() == []
     received = out.read_bytes()
-    assert received.count(b"Received: from 127.0.0.1") == 2
+    assert received.count(b"Received: from localhost") == 2
     assert b"\r" not in received.replace(b"bare\rcr", b"")
     assert TRICKY.replace(b"\r\n", b"\n") in received and mail(2).replace(b"\r\n", b"\n") in received
     uids = [line.split()[1] for line in (setup.tmp_path / "out.args").read_text().splitlines()]
@@ -208,7 +208,7 @@ def deferred_only(records: dict) -> bool:
 
 
 def test_a_temporary_mda_failure_leaves_the_message_on_the_server_recorded_as_deferred(make_setup) -> None:
-    setup = make_setup([mail(1)])
+    setup = make_setup([mail(1)], source="fake")
     argv = script(setup.tmp_path, "tempfail", "sys.stdin.buffer.read(); sys.exit(75)")
     stats = setup.poll(deliver=f"deliver: {{mda: {argv_yaml(argv)}}}\n")
     assert (stats.delivered, stats.deferred, stats.rejected) == (0, 1, 0)
@@ -217,7 +217,7 @@ def test_a_temporary_mda_failure_leaves_the_message_on_the_server_recorded_as_de
 
 
 def test_a_permanent_mda_failure_leaves_the_message_on_the_server_as_rejected(make_setup) -> None:
-    setup = make_setup([mail(1)])
+    setup = make_setup([mail(1)], source="fake")
     argv = script(setup.tmp_path, "nouser", "sys.stdin.buffer.read(); print('no such user', file=sys.stderr); "
                                             "sys.exit(1)")
     deliver = f"deliver: {{mda: {argv_yaml(argv)}}}\n"
@@ -230,7 +230,7 @@ def test_a_permanent_mda_failure_leaves_the_message_on_the_server_as_rejected(ma
 
 
 def test_an_mda_timeout_in_a_poll_is_temporary(make_setup) -> None:
-    setup = make_setup([mail(1)])
+    setup = make_setup([mail(1)], source="fake")
     argv = script(setup.tmp_path, "slow", "sys.stdin.buffer.read(); time.sleep(60)")
     stats = setup.poll(deliver=f"deliver: {{mda: {{command: {argv_yaml(argv)}, timeout: 0.5s}}}}\n")
     assert (stats.delivered, stats.deferred) == (0, 1)
