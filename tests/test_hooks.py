@@ -11,10 +11,9 @@ from typing import Any
 
 import postbote.hookspecs
 import pytest
-from postbote import DeliveryError, Verdict, hookimpl
+from postbote import DeliveryError, LoginRefused, Verdict, hookimpl
 from postbote.poll import PollStats
-from postbote.testing import poll_once
-from postbote.testing.pop3server import Action, Faults, POP3Server
+from postbote.testing import FakeMailbox, FakeSource, poll_once
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = {name: fn for name, fn in inspect.getmembers(postbote.hookspecs, inspect.isfunction)
@@ -128,20 +127,26 @@ def mail(subject: str) -> bytes:
 
 @pytest.fixture
 def run(tmp_path: Path):
-    def poll(messages: list[bytes], recorder: Recorder, faults: Faults | None = None) -> tuple[PollStats, POP3Server]:
-        with POP3Server(messages, faults=faults) as server:
-            path = tmp_path / "postbote.yaml"
-            path.write_text(textwrap.dedent(f"""\
-                state_dir: {tmp_path / 'state'}
-                plugins: {{recorder: {{colour: blue}}}}
-                accounts:
-                  - {{name: acct, host: 127.0.0.1, port: {server.port}, tls: none, username: demo, password: demo,
-                      timeout: 2s, deliver: {{recorded: {{}}}}}}
-                """))
-            os.chmod(path, 0o600)
-            stats = poll_once(path, plugins=[recorder], start_plugins=True)
-            server.remaining = server.uids()  # type: ignore[attr-defined]
-        return stats, server
+    """``run(messages, recorder, open_error=None)``: one poll of the account ``acct`` (the recorder's options set,
+    its plugins started as a job starts them) against a FakeMailbox holding ``messages``; the stats and the mailbox
+    afterwards. ``open_error`` is raised when the poll opens the mailbox."""
+    def poll(messages: list[bytes], recorder: Recorder,
+             open_error: Exception | None = None) -> tuple[PollStats, FakeMailbox]:
+        source = FakeSource()
+        mailbox = source.mailbox("acct")
+        for data in messages:
+            mailbox.add(data)
+        mailbox.open_error = open_error
+        path = tmp_path / "postbote.yaml"
+        path.write_text(textwrap.dedent("""\
+            state_dir: {state}
+            plugins: {{recorder: {{colour: blue}}}}
+            accounts:
+              - {{name: acct, protocol: fake, timeout: 2s, deliver: {{recorded: {{}}}}}}
+            """).format(state=tmp_path / "state"))
+        os.chmod(path, 0o600)
+        stats = poll_once(path, plugins=[source, recorder], start_plugins=True)
+        return stats, mailbox
 
     return poll
 
@@ -199,9 +204,9 @@ def test_hook_backup_message(run) -> None:
 
 def test_hook_deliver_message(run) -> None:
     recorder = Recorder()
-    stats, server = run([mail("a"), mail("b")], recorder)
+    stats, mailbox = run([mail("a"), mail("b")], recorder)
     assert [c["destination"] for c in recorder.seen("deliver_message")] == ["recorded", "recorded"]
-    assert stats.delivered == 2 and server.remaining == []
+    assert stats.delivered == 2 and mailbox.uids() == []
 
 
 def test_hook_message_delivered(run) -> None:
@@ -214,20 +219,20 @@ def test_hook_message_delivered(run) -> None:
 def test_hook_message_dropped(run) -> None:
     recorder = Recorder()
     recorder.verdicts["spam"] = Verdict.drop("looks like spam")
-    stats, server = run([mail("spam"), mail("ham")], recorder)
+    stats, mailbox = run([mail("spam"), mail("ham")], recorder)
     assert [c["reason"] for c in recorder.seen("message_dropped")] == ["looks like spam"]
-    assert len(recorder.seen("deliver_message")) == 1 and server.remaining == []
+    assert len(recorder.seen("deliver_message")) == 1 and mailbox.uids() == []
 
 
 def test_hook_message_failed(run) -> None:
     recorder = Recorder()
     recorder.refuse["later"] = DeliveryError("451 4.3.0 try later", temporary=True)
     recorder.refuse["never"] = DeliveryError("550 5.1.1 no such user", temporary=False)
-    stats, server = run([mail("later"), mail("never"), mail("fine")], recorder)
+    stats, mailbox = run([mail("later"), mail("never"), mail("fine")], recorder)
     failed = recorder.seen("message_failed")
     assert [(c["error"], c["temporary"]) for c in failed] == [("451 4.3.0 try later", True),
                                                               ("550 5.1.1 no such user", False)]
-    assert (stats.delivered, stats.deferred, stats.rejected) == (1, 1, 1) and len(server.remaining) == 2
+    assert (stats.delivered, stats.deferred, stats.rejected) == (1, 1, 1) and mailbox.uids() == ["uid-1", "uid-2"]
 
 
 def test_hook_poll_finished(run) -> None:
@@ -239,11 +244,12 @@ def test_hook_poll_finished(run) -> None:
 
 def test_hook_account_error(run) -> None:
     recorder = Recorder()
-    stats, _ = run([mail("a")], recorder, Faults().on("PASS", action=Action.reply("-ERR [AUTH] go away")))
-    assert not stats.ok
+    stats, mailbox = run([mail("a")], recorder, open_error=LoginRefused("login refused: [AUTH] go away"))
+    assert not stats.ok and mailbox.uids() == ["uid-1"]
     (call,) = recorder.seen("account_error")
     assert "login refused: [AUTH] go away" in call["error"]
     assert recorder.seen("poll_finished")[0]["stats"].error == stats.error
+    assert "filter_message" not in recorder.order()
 
 
 def fake_config(tmp_path: Path, account: str = "{name: acct, protocol: fake, deliver: {recorded: {}}}",
@@ -257,7 +263,6 @@ def test_hook_parse_source(tmp_path: Path) -> None:
     """A source plugin reads its own account keys; what it returns is ``account.source``."""
     from postbote.config import load_config
     from postbote.pluginmanager import make_plugin_manager
-    from postbote.testing import FakeSource
 
     pm = make_plugin_manager(entry_points=False, extra=[FakeSource(), Recorder()])
     config = load_config(fake_config(tmp_path), pm)
@@ -267,8 +272,6 @@ def test_hook_parse_source(tmp_path: Path) -> None:
 
 def test_hook_open_mailbox(tmp_path: Path) -> None:
     """The poller lists, fetches and deletes only through the mailbox the source opened."""
-    from postbote.testing import FakeSource
-
     source, recorder = FakeSource(), Recorder()
     mailbox = source.mailbox("acct")
     mailbox.add(mail("a"))
@@ -298,8 +301,6 @@ class FakeSourceParsingOnly:
 
 def test_a_wrapper_around_a_message_hook_is_called_by_pluggy(tmp_path: Path) -> None:
     """pluggy calls the implementations, so a ``wrapper=True`` implementation sees every filter's verdict."""
-    from postbote.testing import FakeSource
-
     class Wrapper:
         name = "wrapper"
         seen: list[Any] = []
@@ -320,8 +321,6 @@ def test_a_wrapper_around_a_message_hook_is_called_by_pluggy(tmp_path: Path) -> 
 
 
 def test_a_plugin_an_account_turns_off_is_not_called_for_it(tmp_path: Path) -> None:
-    from postbote.testing import FakeSource
-
     class Dropper:
         name = "dropper"
 
@@ -337,8 +336,6 @@ def test_a_plugin_an_account_turns_off_is_not_called_for_it(tmp_path: Path) -> N
 
 
 def test_a_failure_names_the_plugin_that_raised_among_several_filters(tmp_path: Path) -> None:
-    from postbote.testing import FakeSource
-
     class Quiet:
         name = "quiet"
 
@@ -367,8 +364,6 @@ def test_a_failure_names_the_plugin_that_raised_among_several_filters(tmp_path: 
 
 
 def test_every_observer_is_called_even_when_an_earlier_one_raises(tmp_path: Path) -> None:
-    from postbote.testing import FakeSource
-
     class Failing:
         name = "failing"
 
