@@ -1,11 +1,10 @@
 """The ``rules`` plugin: declarative filters validated at load time, matched against real (and broken) messages, and
-proven end to end against the scriptable POP3 server and a real Maildir."""
+proven end to end by polls of a `FakeMailbox` into a real Maildir (and a real SMTP server)."""
 
 from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,7 @@ from postbote.pluginmanager import make_plugin_manager
 from postbote.plugins import rules
 from postbote.plugins.maildir import MaildirSettings
 from postbote.poll import PollStats
-from postbote.testing import poll_once
-from postbote.testing.pop3server import POP3Server
+from postbote.testing import FakeMailbox, FakeSource, poll_once
 from structlog.testing import capture_logs
 
 ACCOUNT = "accounts:\n  - {name: a, host: h, username: u, password: p, deliver: {maildir: m}}\n"
@@ -412,26 +410,25 @@ def test_rules_run_after_the_received_header_is_added(tmp_path: Path) -> None:
 
 
 class Agent:
-    """A config for one account polling the test server, loaded, configured and polled as ``postbote poll`` does."""
+    """A config for one account polling a FakeMailbox, loaded, configured and polled as ``postbote poll`` does."""
 
-    def __init__(self, tmp_path: Path, server: POP3Server) -> None:
+    def __init__(self, tmp_path: Path, messages: list[bytes]) -> None:
         self.tmp_path = tmp_path
-        self.server = server
+        self.source = FakeSource()
+        self.server: FakeMailbox = self.source.mailbox("test")
+        for data in messages:
+            self.server.add(data)
         self.maildir = tmp_path / "Maildir"
 
     def poll(self, plugins: str, account_extra: str = "", deliver: str = "") -> PollStats:
         deliver = deliver or f"deliver: {{maildir: {self.maildir}}}\n"
-        path = write_config(self.tmp_path, f"state_dir: {self.tmp_path / 'state'}\n{plugins}\n" + textwrap.dedent(f"""\
+        path = write_config(self.tmp_path, f"state_dir: {self.tmp_path / 'state'}\n{plugins}\n" + textwrap.dedent("""\
             accounts:
               - name: test
-                host: 127.0.0.1
-                port: {self.server.port}
-                tls: none
-                username: demo
-                password: demo
+                protocol: fake
                 timeout: 2s
             """) + textwrap.indent(account_extra + deliver, "    "))
-        return poll_once(path, start_plugins=True)
+        return poll_once(path, plugins=[self.source], start_plugins=True)
 
     def delivered(self, maildir: Path | None = None) -> list[bytes]:
         folder = (maildir or self.maildir) / "new"
@@ -439,10 +436,8 @@ class Agent:
 
 
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[Agent]:
-    server = POP3Server([NEWSLETTER, SPAM, PERSONAL]).start()
-    yield Agent(tmp_path, server)
-    server.stop()
+def agent(tmp_path: Path) -> Agent:
+    return Agent(tmp_path, [NEWSLETTER, SPAM, PERSONAL])
 
 
 RULES = """\
