@@ -1,5 +1,5 @@
 """The ``dedupe`` plugin: a Message-ID delivered to the same recipients within the window is dropped, and only
-real deliveries count. Polls run against the scriptable POP3 server and a real Maildir; the clock is injected."""
+real deliveries count. Polls fetch from a `FakeMailbox` in memory into a real Maildir; the clock is injected."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import sqlite3
 import textwrap
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from postbote.pluginmanager import make_plugin_manager
 from postbote.plugins import dedupe
 from postbote.poller import Poller, PollStats
 from postbote.state import KeyedTable, StateStore
-from postbote.testing.pop3server import POP3Server
+from postbote.testing import FakeMailbox, FakeSource
 from structlog.testing import capture_logs
 
 DAY = 86400.0
@@ -221,18 +220,18 @@ def test_unconfigure_closes_the_database(tmp_path: Path, clock: FakeClock) -> No
 
 @dataclass
 class Mailbox:
-    """One account of the test config: its POP3 server, its Maildir, its own ``plugins:`` line."""
+    """One account of the test config: its mailbox (a FakeMailbox: ``server``), its Maildir, its own ``plugins:``
+    line."""
 
     name: str
-    server: POP3Server
+    server: FakeMailbox
     maildir: Path
     plugins: str = ""
     deliver: str = ""
 
     def yaml(self) -> str:
         deliver = self.deliver or f"deliver: {{maildir: {self.maildir}}}"
-        lines = [f"- name: {self.name}", "  host: 127.0.0.1", f"  port: {self.server.port}", "  tls: none",
-                 "  username: demo", "  password: demo", "  timeout: 2s", f"  {deliver}"]
+        lines = [f"- name: {self.name}", "  protocol: fake", "  timeout: 2s", f"  {deliver}"]
         if self.plugins:
             lines.append(f"  plugins: {self.plugins}")
         return "".join(f"  {line}\n" for line in lines)
@@ -249,16 +248,17 @@ class Agent:
         self.tmp_path = tmp_path
         self.mailboxes: list[Mailbox] = []
         self.plugins = "plugins:\n  dedupe: {window: 7d}\n"
+        self.source = FakeSource()
 
     def mailbox(self, name: str, **options: str) -> Mailbox:
-        box = Mailbox(name, POP3Server([]).start(), self.tmp_path / f"Maildir-{name}", **options)
+        box = Mailbox(name, self.source.mailbox(name), self.tmp_path / f"Maildir-{name}", **options)
         self.mailboxes.append(box)
         return box
 
     def poll(self) -> dict[str, PollStats]:
         accounts = "".join(box.yaml() for box in self.mailboxes)
         path = write_config(self.tmp_path, f"state_dir: {self.tmp_path / 'state'}\n{self.plugins}accounts:\n{accounts}")
-        pm = make_plugin_manager(entry_points=False)
+        pm = make_plugin_manager(entry_points=False, extra=[self.source])
         config = load_config(path, pm)
         store = StateStore(config.state_dir)
         try:
@@ -268,25 +268,19 @@ class Agent:
         finally:
             store.close()
 
-    def stop(self) -> None:
-        for box in self.mailboxes:
-            box.server.stop()
-
 
 @pytest.fixture
-def agent(tmp_path: Path, clock: FakeClock) -> Iterator[Agent]:
-    made = Agent(tmp_path)
-    yield made
-    made.stop()
+def agent(tmp_path: Path, clock: FakeClock) -> Agent:
+    return Agent(tmp_path)
 
 
 def test_a_second_copy_within_the_window_is_dropped_and_deleted_from_the_server(agent: Agent,
                                                                                 clock: FakeClock) -> None:
     box = agent.mailbox("a")
-    box.server.add_message(mail())
+    box.server.add(mail())
     assert agent.poll()["a"].delivered == 1
     clock.advance(6 * DAY)
-    box.server.add_message(mail(subject="the same, again"))
+    box.server.add(mail(subject="the same, again"))
     stats = agent.poll()["a"]
     assert (stats.delivered, stats.dropped, stats.deleted) == (0, 1, 1)
     assert box.server.uids() == [] and len(box.delivered()) == 1
@@ -294,18 +288,18 @@ def test_a_second_copy_within_the_window_is_dropped_and_deleted_from_the_server(
 
 def test_a_copy_after_the_window_is_delivered_again(agent: Agent, clock: FakeClock) -> None:
     box = agent.mailbox("a")
-    box.server.add_message(mail())
+    box.server.add(mail())
     agent.poll()
     clock.advance(7 * DAY + 1)
-    box.server.add_message(mail())
+    box.server.add(mail())
     assert agent.poll()["a"].delivered == 1
     assert len(box.delivered()) == 2
 
 
 def test_two_copies_in_one_poll_deliver_one(agent: Agent) -> None:
     box = agent.mailbox("a")
-    box.server.add_message(mail())
-    box.server.add_message(mail())
+    box.server.add(mail())
+    box.server.add(mail())
     stats = agent.poll()["a"]
     assert (stats.delivered, stats.dropped, stats.deleted) == (1, 1, 2)
 
@@ -314,8 +308,8 @@ def test_a_copy_failing_earlier_in_the_poll_does_not_hold_back_the_next(agent: A
     agent.plugins += (f"  rules: {{rules: [{{match: {{header: X-Broken}}, "
                       f"action: {{deliver: {{maildir: {{path: {tmp_path / 'missing'}, create: false}}}}}}}}]}}\n")
     box = agent.mailbox("a")
-    box.server.add_message(mail(extra="X-Broken: yes\r\n"))
-    box.server.add_message(mail())
+    box.server.add(mail(extra="X-Broken: yes\r\n"))
+    box.server.add(mail())
     first = agent.poll()["a"]
     assert (first.deferred, first.delivered, first.dropped) == (1, 1, 0)
     second = agent.poll()["a"]
@@ -325,15 +319,15 @@ def test_a_copy_failing_earlier_in_the_poll_does_not_hold_back_the_next(agent: A
 
 def test_messages_without_message_id_are_never_dropped(agent: Agent) -> None:
     box = agent.mailbox("a")
-    box.server.add_message(mail(message_id=None))
-    box.server.add_message(mail(message_id=None))
+    box.server.add(mail(message_id=None))
+    box.server.add(mail(message_id=None))
     assert agent.poll()["a"].delivered == 2
 
 
 def test_a_copy_whose_delivery_failed_does_not_count(agent: Agent, tmp_path: Path) -> None:
     """Recording at filter time would drop the retry of a deferred message: it would never be delivered."""
     box = agent.mailbox("a", deliver=f"deliver: {{maildir: {{path: {tmp_path / 'missing'}, create: false}}}}")
-    box.server.add_message(mail())
+    box.server.add(mail())
     assert agent.poll()["a"].deferred == 1
     box.deliver = ""
     stats = agent.poll()["a"]
@@ -344,8 +338,8 @@ def test_a_copy_whose_delivery_failed_does_not_count(agent: Agent, tmp_path: Pat
 def test_a_copy_dropped_by_another_filter_does_not_count(agent: Agent) -> None:
     agent.plugins += "  rules: {rules: [{match: {header: X-Junk}, action: drop}]}\n"
     box = agent.mailbox("a")
-    box.server.add_message(mail(extra="X-Junk: yes\r\n"))
-    box.server.add_message(mail())
+    box.server.add(mail(extra="X-Junk: yes\r\n"))
+    box.server.add(mail())
     stats = agent.poll()["a"]
     assert (stats.dropped, stats.delivered) == (1, 1)
     assert len(box.delivered()) == 1 and b"X-Junk" not in box.delivered()[0]
@@ -353,8 +347,8 @@ def test_a_copy_dropped_by_another_filter_does_not_count(agent: Agent) -> None:
 
 def test_accounts_delivering_to_different_places_do_not_dedupe_each_other(agent: Agent) -> None:
     a, b = agent.mailbox("a"), agent.mailbox("b")
-    a.server.add_message(mail())
-    b.server.add_message(mail())
+    a.server.add(mail())
+    b.server.add(mail())
     stats = agent.poll()
     assert (stats["a"].delivered, stats["b"].delivered) == (1, 1)
 
@@ -362,8 +356,8 @@ def test_accounts_delivering_to_different_places_do_not_dedupe_each_other(agent:
 def test_an_account_with_dedupe_disabled_delivers_every_copy(agent: Agent) -> None:
     deduped, plain = agent.mailbox("deduped"), agent.mailbox("plain", plugins="{dedupe: false}")
     for _ in range(2):
-        deduped.server.add_message(mail())
-        plain.server.add_message(mail())
+        deduped.server.add(mail())
+        plain.server.add(mail())
         agent.poll()
     assert (len(deduped.delivered()), len(plain.delivered())) == (1, 2)
     history = KeyedTable.open(agent.tmp_path / "state", dedupe.TABLE_NAME)
@@ -377,10 +371,10 @@ def test_rerouted_copies_count_per_envelope_recipient(agent: Agent, smtp_sink) -
     agent.plugins += "  rules: {rules: [{match: {header: X-For, exact: bob}, action: {reroute: [bob@localhost]}}]}\n"
     box = agent.mailbox("a", deliver=f"deliver: {{smtp: {{host: 127.0.0.1, port: {smtp_sink.port}, "
                                      f"recipients: [alice@localhost]}}}}")
-    box.server.add_message(mail())
-    box.server.add_message(mail(extra="X-For: bob\r\n"))
-    box.server.add_message(mail(extra="X-For: bob\r\n"))
-    box.server.add_message(mail())
+    box.server.add(mail())
+    box.server.add(mail(extra="X-For: bob\r\n"))
+    box.server.add(mail(extra="X-For: bob\r\n"))
+    box.server.add(mail())
     stats = agent.poll()["a"]
     assert (stats.delivered, stats.dropped) == (2, 2)
     assert sorted(m.rcpt_tos for m in smtp_sink.messages) == [["alice@localhost"], ["bob@localhost"]]
@@ -453,8 +447,8 @@ def test_a_history_written_by_the_previous_version_still_drops_its_copies(agent:
         ("<m2@example.org>", "account:a", START - 8 * DAY),  # outside the window
     ])
     box = agent.mailbox("a")
-    box.server.add_message(mail("<m1@example.org>"))
-    box.server.add_message(mail("<m2@example.org>"))
+    box.server.add(mail("<m1@example.org>"))
+    box.server.add(mail("<m2@example.org>"))
     stats = agent.poll()["a"]
     assert (stats.dropped, stats.delivered) == (1, 1)
     assert [b"<m2@example.org>" in message for message in box.delivered()] == [True]
