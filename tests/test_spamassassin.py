@@ -32,8 +32,7 @@ from postbote.plugins.spamassassin import (
     spam_fields,
 )
 from postbote.poll import PollStats
-from postbote.testing import poll_once
-from postbote.testing.pop3server import POP3Server
+from postbote.testing import FakeMailbox, FakeSource, poll_once
 
 from tests.servers import LOOPBACK, free_port
 from tests.servers.spamd import GTUBE, SpamdServer, SpamdStartError, spamd_binary, spamd_required
@@ -87,11 +86,15 @@ class Drops:
 
 
 class Setup:
-    """A POP3 server with some messages, a config enabling spamassassin, and the Maildir it delivers to."""
+    """A mailbox with some messages (a FakeMailbox: ``server``), a config enabling spamassassin, and the Maildir it
+    delivers to."""
 
-    def __init__(self, tmp_path: Path, server: POP3Server) -> None:
+    def __init__(self, tmp_path: Path, messages: list[bytes]) -> None:
         self.tmp_path = tmp_path
-        self.server = server
+        self.source = FakeSource()
+        self.server: FakeMailbox = self.source.mailbox("test")
+        for data in messages:
+            self.server.add(data)
         self.maildir = tmp_path / "Maildir"
         self.drops = Drops()
 
@@ -103,20 +106,15 @@ class Setup:
               spamassassin: {options}
             accounts:
               - name: test
-                host: 127.0.0.1
-                port: {port}
-                tls: none
-                username: demo
-                password: demo
+                protocol: fake
                 timeout: 5s
                 deliver: {{maildir: {maildir}}}
-            """).format(state=self.tmp_path / "state", options=options, port=self.server.port,
-                        maildir=self.maildir))
+            """).format(state=self.tmp_path / "state", options=options, maildir=self.maildir))
         os.chmod(path, 0o600)
         return path
 
     def poll(self, options: str) -> PollStats:
-        return poll_once(self.write_config(options), plugins=[self.drops])
+        return poll_once(self.write_config(options), plugins=[self.source, self.drops])
 
     def delivered(self) -> list[bytes]:
         folder = self.maildir / "new"
@@ -125,17 +123,8 @@ class Setup:
 
 
 @pytest.fixture
-def make_setup(tmp_path: Path) -> Iterator[Callable[[list[bytes]], Setup]]:
-    servers: list[POP3Server] = []
-
-    def make(messages: list[bytes]) -> Setup:
-        server = POP3Server(messages).start()
-        servers.append(server)
-        return Setup(tmp_path, server)
-
-    yield make
-    for server in servers:
-        server.stop()
+def make_setup(tmp_path: Path) -> Callable[[list[bytes]], Setup]:
+    return lambda messages: Setup(tmp_path, messages)
 
 
 def tcp(spamd: SpamdServer, extra: str = "") -> str:
