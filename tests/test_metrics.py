@@ -9,7 +9,6 @@ import socket
 import stat
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +22,19 @@ from postbote.plugins import metrics
 from postbote.poller import Poller
 from postbote.state import PollRecord, StateStore
 from postbote.status import WaitingSummary
-from postbote.testing.pop3server import POP3Server
+from postbote.testing import FakeSource
 
-from tests.harness import account, mail, write_config
+from tests.harness import account, fake_account, fake_mailbox, mail, write_config
 from tests.servers import free_port
 
 
-def load(tmp_path: Path, options: dict[str, Any] | bool, *accounts: dict[str, Any]) -> Config:
+def load(tmp_path: Path, options: dict[str, Any] | bool, *accounts: dict[str, Any],
+         source: FakeSource | None = None) -> Config:
+    """The config of ``accounts`` (one POP3 account by default) with the metrics ``options``; ``source`` serves
+    the accounts with ``protocol: fake``."""
     accounts = accounts or (account("alice", None, tmp_path / "Maildir"),)
     path = write_config(tmp_path / "postbote.yaml", list(accounts), plugins={"metrics": options})
-    return load_config(path, make_plugin_manager(entry_points=False))
+    return load_config(path, make_plugin_manager(entry_points=False, extra=[source] if source else []))
 
 
 def problems(tmp_path: Path, options: dict[str, Any] | bool) -> str:
@@ -42,10 +44,10 @@ def problems(tmp_path: Path, options: dict[str, Any] | bool) -> str:
 
 
 @pytest.fixture
-def server() -> Iterator[POP3Server]:
-    pop3 = POP3Server([mail(1), mail(2)]).start()
-    yield pop3
-    pop3.stop()
+def source() -> FakeSource:
+    """Serves the account ``alice`` (``protocol: fake``): two messages in her mailbox."""
+    fake, _ = fake_mailbox([mail(1), mail(2)], account="alice")
+    return fake
 
 
 def record(account: str, **overrides: Any) -> PollRecord:
@@ -120,12 +122,12 @@ def test_render_gives_counters_gauges_and_a_summary_per_account() -> None:
 # --- exporting
 
 
-def test_textfile_is_rewritten_atomically_after_each_poll(tmp_path: Path, server: POP3Server) -> None:
+def test_textfile_is_rewritten_atomically_after_each_poll(tmp_path: Path, source: FakeSource) -> None:
     textfile = tmp_path / "textfiles" / "postbote.prom"
     textfile.parent.mkdir()
-    config = load(tmp_path, {"textfile": str(textfile)}, account("alice", server, tmp_path / "Maildir"),
-                  account("bob", None, tmp_path / "Maildir", plugins={"metrics": False}))
-    pm = make_plugin_manager(entry_points=False)
+    config = load(tmp_path, {"textfile": str(textfile)}, fake_account("alice", tmp_path / "Maildir"),
+                  fake_account("bob", tmp_path / "Maildir", plugins={"metrics": False}), source=source)
+    pm = make_plugin_manager(entry_points=False, extra=[source])
     config = load_config(config.path, pm)
     store = StateStore(config.state_dir)
     try:
@@ -144,10 +146,11 @@ def test_textfile_is_rewritten_atomically_after_each_poll(tmp_path: Path, server
 
 
 def test_http_endpoint_serves_metrics_on_loopback_and_stops_with_the_config(tmp_path: Path,
-                                                                             server: POP3Server) -> None:
+                                                                             source: FakeSource) -> None:
     port = free_port()
-    pm = make_plugin_manager(entry_points=False)
-    config = load(tmp_path, {"listen": f"127.0.0.1:{port}"}, account("alice", server, tmp_path / "Maildir"))
+    pm = make_plugin_manager(entry_points=False, extra=[source])
+    config = load(tmp_path, {"listen": f"127.0.0.1:{port}"}, fake_account("alice", tmp_path / "Maildir"),
+                  source=source)
     config = load_config(config.path, pm)
     store = StateStore(config.state_dir)
     try:
@@ -196,14 +199,15 @@ def test_render_counts_the_messages_waiting_and_stale_per_account() -> None:
     assert 'postbote_messages_stale{account="bob"} 0' in lines
 
 
-def test_textfile_shows_the_messages_a_failing_destination_left_waiting(tmp_path: Path, server: POP3Server) -> None:
+def test_textfile_shows_the_messages_a_failing_destination_left_waiting(tmp_path: Path, source: FakeSource) -> None:
     textfile = tmp_path / "postbote.prom"
     mda = tmp_path / "mda"
     mda.write_text("#!/bin/sh\ncat >/dev/null\nexit 75\n")
     mda.chmod(0o755)
-    pm = make_plugin_manager(entry_points=False)
+    pm = make_plugin_manager(entry_points=False, extra=[source])
     config = load(tmp_path, {"textfile": str(textfile)},
-                  account("alice", server, tmp_path / "Maildir", deliver={"mda": [str(mda)]}, stale_after="1s"))
+                  fake_account("alice", tmp_path / "Maildir", deliver={"mda": [str(mda)]}, stale_after="1s"),
+                  source=source)
     config = load_config(config.path, pm)
     store = StateStore(config.state_dir)
     try:
