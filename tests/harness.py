@@ -41,6 +41,7 @@ from typing import Any, Literal, Protocol
 import pytest
 import structlog
 import yaml
+from postbote.config import Config
 from postbote.errors import StateError
 from postbote.logconfig import configure_logging
 from postbote.poll import PollStats
@@ -255,6 +256,14 @@ class Rig:
     def plugins(self, *extra: object) -> list[object]:
         """The plugins a poll of this rig registers: the fake source, if the rig has one, and ``extra``."""
         return [*([self.source] if self.source is not None else []), *extra]
+
+    def load(self, top: dict[str, Any] | None = None, **account: Any) -> Config:
+        """The config `configure` writes, loaded as a poll of this rig loads it."""
+        from postbote.config import load_config
+        from postbote.pluginmanager import make_plugin_manager
+
+        return load_config(self.configure(top, **account), make_plugin_manager(entry_points=False,
+                                                                                extra=self.plugins()))
 
     def poll_until_done(self, *, polls: int = 6, pause: float = 0.3, **account: Any) -> list[PollStats]:
         """Poll until a poll succeeds with nothing left to fetch (a stalled server session may still hold the
