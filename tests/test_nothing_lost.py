@@ -1,8 +1,10 @@
 """Nothing lost, for real: the loss and duplicate-storm paths an outside review found, each as the user met it.
 
-Each test names the finding of issue 11 it covers. They poll through the real poller against the scripted POP3
-server (`postbote.testing.pop3server`), into real destinations: a Maildir, an mbox, an MDA (a script that appends
-to a file), an SMTP server (aiosmtpd).
+Each test names the finding of issue 11 it covers. They poll through the real poller into real destinations: a
+Maildir, an mbox, an MDA (a script that appends to a file), an SMTP server (aiosmtpd). The mailbox is a
+`FakeMailbox` in memory where the finding is about the destinations or the state store; where it is about what a
+POP3 server did (an empty listing, a QUIT acknowledged or lost, a LIST size claim) it is the scripted POP3 server
+(`postbote.testing.pop3server`) with that fault.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from postbote.config import DEFAULT_MAX_SIZE, load_config
-from postbote.pluginmanager import make_plugin_manager
+from postbote.config import DEFAULT_MAX_SIZE
 from postbote.state import DEFERRED, DELIVERED, REJECTED, DeliveryKey, Outcome, StateStore
 from postbote.testing.pop3server import DEFAULT_CAPABILITIES, Action, Faults
 
@@ -94,7 +95,7 @@ def test_a_failing_mda_after_a_maildir_and_an_mbox_costs_them_no_copy_per_poll(m
     mda = Appender(tmp_path / "mda")
     mda.fail_with(75)
     maildir, mbox = tmp_path / "Maildir", tmp_path / "mbox"
-    rig = make_rig(corpus(3))
+    rig = make_rig(corpus(3), source="fake")
     deliver = [{"maildir": str(maildir)}, {"mbox": str(mbox)}, mda.deliver()]
     for _ in range(3):
         stats = rig.poll(deliver=deliver)
@@ -109,7 +110,7 @@ def test_a_failing_mda_after_a_maildir_and_an_mbox_costs_them_no_copy_per_poll(m
     assert maildir_copies(maildir) == [1, 2, 3]
     assert sorted(mbox_copies(mbox)) == [1, 2, 3]
     assert sorted(mda.copies()) == [1, 2, 3]  # type: ignore[type-var]
-    assert rig.server.messages() == []
+    assert rig.server.uids() == []
 
 
 def test_a_failing_mda_after_a_maildir_and_smtp_gives_the_mta_one_copy(make_rig: RigFactory, tmp_path: Path,
@@ -118,7 +119,7 @@ def test_a_failing_mda_after_a_maildir_and_smtp_gives_the_mta_one_copy(make_rig:
     mda = Appender(tmp_path / "mda")
     mda.fail_with(75)
     maildir = tmp_path / "Maildir"
-    rig = make_rig(corpus(2), target=SinkTarget(smtp_sink))
+    rig = make_rig(corpus(2), target=SinkTarget(smtp_sink), source="fake")
     deliver = [{"maildir": str(maildir)}, SinkTarget(smtp_sink).deliver(), mda.deliver()]
     for _ in range(3):
         assert rig.poll(deliver=deliver).deferred == 2
@@ -135,7 +136,7 @@ def test_a_retried_rejection_goes_only_to_the_destination_that_refused(make_rig:
     mda = Appender(tmp_path / "mda")
     mda.fail_with(1)
     maildir = tmp_path / "Maildir"
-    rig = make_rig(corpus(1))
+    rig = make_rig(corpus(1), source="fake")
     deliver = [{"maildir": str(maildir)}, mda.deliver()]
     assert rig.poll(deliver=deliver).rejected == 1
     store = StateStore(rig.state_dir)
@@ -144,7 +145,7 @@ def test_a_retried_rejection_goes_only_to_the_destination_that_refused(make_rig:
     mda.fail_with(0)
     assert rig.poll(deliver=deliver).delivered == 1
     assert maildir_copies(maildir) == [1] and mda.copies() == [1]
-    assert rig.server.messages() == []
+    assert rig.server.uids() == []
 
 
 # --- 5. a state store that cannot be written ---------------------------------------------------------------
@@ -172,7 +173,7 @@ def test_a_locked_state_store_hands_nothing_over_and_waits_briefly(make_rig: Rig
     mbox, maildir = tmp_path / "mbox", tmp_path / "Maildir"
     deliver = {"mda": mda.deliver(), "mbox": {"mbox": str(mbox)}, "smtp": SinkTarget(smtp_sink).deliver(),
                "maildir": {"maildir": str(maildir)}}[kind]
-    rig = make_rig(corpus(3))
+    rig = make_rig(corpus(3), source="fake")
     for _ in range(3):
         started = time.monotonic()
         stats = rig.poll(top={"state_busy_timeout": "0.2s"}, deliver=[deliver])
@@ -180,7 +181,7 @@ def test_a_locked_state_store_hands_nothing_over_and_waits_briefly(make_rig: Rig
         assert not stats.ok and stats.deleted == 0
     assert mda.copies() == [] and mbox_copies(mbox) == [] and smtp_sink.messages == []
     assert maildir_copies(maildir) == []
-    assert len(rig.server.messages()) == 3
+    assert len(rig.server.uids()) == 3
 
 
 def test_a_delivery_cut_short_by_a_crash_is_made_again_once_then_held(make_rig: RigFactory, tmp_path: Path,
@@ -189,7 +190,7 @@ def test_a_delivery_cut_short_by_a_crash_is_made_again_once_then_held(make_rig: 
     warning; if that too ends without an answer, the message is held (rejected) instead of delivered again and
     again."""
     mda = Appender(tmp_path / "mda")
-    rig = make_rig(corpus(1))
+    rig = make_rig(corpus(1), source="fake")
     uid = rig.uid_of[1]
     store = StateStore(rig.state_dir)
     store.begin_delivery("test", uid, DeliveryKey(0, load_mda_label(rig, mda)))  # a crash right after the hand-over
@@ -197,7 +198,7 @@ def test_a_delivery_cut_short_by_a_crash_is_made_again_once_then_held(make_rig: 
     stats = rig.poll(deliver=[mda.deliver()])
     assert stats.delivered == 1 and mda.copies() == [1]
 
-    rig.server.add_message(corpus_message(2))
+    rig.server.add(corpus_message(2))
     uid2 = rig.server.uids()[-1]
     store = StateStore(rig.state_dir)
     for _ in range(2):  # two crashes in a row
@@ -206,11 +207,11 @@ def test_a_delivery_cut_short_by_a_crash_is_made_again_once_then_held(make_rig: 
     stats = rig.poll(deliver=[mda.deliver()])
     assert stats.rejected == 1 and mda.copies() == [1]
     assert "ended without an answer" in rig.records()[uid2].reason
-    assert len(rig.server.messages()) == 1
+    assert len(rig.server.uids()) == 1
 
 
 def load_mda_label(rig: Rig, mda: Appender) -> str:
-    config = load_config(rig.configure(deliver=[mda.deliver()]), make_plugin_manager(entry_points=False))
+    config = rig.load(deliver=[mda.deliver()])
     return config.accounts[0].destinations[0].label
 
 
@@ -286,8 +287,8 @@ def test_a_message_announced_larger_than_max_size_stays_on_the_server_reported(m
 
 
 def test_accounts_have_a_message_size_cap_by_default(make_rig: RigFactory) -> None:
-    rig = make_rig(corpus(1))
-    config = load_config(rig.configure(), make_plugin_manager(entry_points=False))
+    rig = make_rig(corpus(1), source="fake")
+    config = rig.load()
     assert config.accounts[0].max_size == DEFAULT_MAX_SIZE == 256 * 1024 * 1024
 
 
@@ -298,7 +299,7 @@ def test_deferred_messages_are_recorded_with_the_first_failure_and_the_attempts(
                                                                                 tmp_path: Path) -> None:
     mda = Appender(tmp_path / "mda")
     mda.fail_with(75)
-    rig = make_rig(corpus(2))
+    rig = make_rig(corpus(2), source="fake")
     for _ in range(2):
         assert rig.poll(deliver=[mda.deliver()]).deferred == 2
     store = StateStore(rig.state_dir)
