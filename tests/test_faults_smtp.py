@@ -1,7 +1,8 @@
 """SMTP and LMTP faults: a message counts as delivered only when the MTA answered 250 to its data (LMTP: for every
 recipient); anything else leaves it on the server -- deferred (4xx, connection trouble) or recorded as rejected
 with the MTA's reply (5xx). The scripted server of ``tests/servers/faulty_smtp.py`` produces the faults a real MTA
-won't on demand; the aiosmtpd sink and Dovecot's LMTP show the same rules against real implementations.
+won't on demand; the aiosmtpd sink and Dovecot's LMTP show the same rules against real implementations. The
+messages come from a `FakeMailbox` in memory: what is "on the server" is what it still holds.
 """
 
 from __future__ import annotations
@@ -67,11 +68,11 @@ def expected_fate(stage: str, code: int) -> str:
 def test_every_refusal_at_every_stage_keeps_the_message_on_the_server_or_records_why(
         make_rig: RigFactory, faulty: FaultySMTP, stage: str, code: int) -> None:
     faulty.on(stage, scripted(code))
-    rig = make_rig(corpus(3), target=FaultyTarget(faulty))
+    rig = make_rig(corpus(3), target=FaultyTarget(faulty), source="fake")
 
     first = rig.poll()
 
-    assert first.ok, "a refusing MTA is not a failure of the POP3 account"
+    assert first.ok, "a refusing MTA does not fail the account's poll"
     audit = rig.audit()
     fate = expected_fate(stage, code)
     if fate == "delivered":
@@ -93,7 +94,7 @@ def test_every_refusal_at_every_stage_keeps_the_message_on_the_server_or_records
 def test_a_connection_dropped_at_any_stage_defers_the_message(make_rig: RigFactory, faulty: FaultySMTP,
                                                               stage: str) -> None:
     faulty.on(stage, DROP)
-    rig = make_rig(corpus(3), target=FaultyTarget(faulty))
+    rig = make_rig(corpus(3), target=FaultyTarget(faulty), source="fake")
 
     assert rig.poll().deferred == 1
     assert rig.audit().on_server == (1,)
@@ -110,7 +111,7 @@ def test_dropped_after_the_data_before_the_reply_the_message_stays_and_costs_at_
     """The ambiguous case (RFC 1047): the MTA has the whole message but said nothing. It may or may not have kept
     it; postbote must assume it did not, keep the message on the server and send it again."""
     faulty.on("END", DROP)
-    rig = make_rig(corpus(2), target=FaultyTarget(faulty))
+    rig = make_rig(corpus(2), target=FaultyTarget(faulty), source="fake")
 
     rig.poll()
 
@@ -126,7 +127,7 @@ def test_dropped_after_the_data_before_the_reply_the_message_stays_and_costs_at_
 def test_an_mta_that_never_answers_the_data_is_given_up_on_after_the_timeout(make_rig: RigFactory,
                                                                              faulty: FaultySMTP) -> None:
     faulty.on("END", Stall(5.0))
-    rig = make_rig(corpus(2), target=FaultyTarget(faulty, timeout="0.5s"))
+    rig = make_rig(corpus(2), target=FaultyTarget(faulty, timeout="0.5s"), source="fake")
 
     stats = rig.poll()
 
@@ -142,7 +143,7 @@ def test_a_garbled_reply_after_the_data_is_a_temporary_failure(make_rig: RigFact
     """Whatever the MTA meant, postbote cannot know it took the message: like the ambiguous case, the message
     stays and is sent again, at the price of at most one duplicate."""
     faulty.on("END", reply)
-    rig = make_rig(corpus(2), target=FaultyTarget(faulty))
+    rig = make_rig(corpus(2), target=FaultyTarget(faulty), source="fake")
 
     assert rig.poll().deferred == 1
 
@@ -155,7 +156,7 @@ def test_a_garbled_reply_after_the_data_is_a_temporary_failure(make_rig: RigFact
 def test_an_mta_closed_for_maintenance_defers_every_message_and_delivers_them_later(make_rig: RigFactory,
                                                                                   faulty: FaultySMTP) -> None:
     faulty.on("CONNECT", "421 4.3.2 shutting down for maintenance", times=None)
-    rig = make_rig(corpus(3), target=FaultyTarget(faulty))
+    rig = make_rig(corpus(3), target=FaultyTarget(faulty), source="fake")
 
     stats = rig.poll()
 
@@ -169,7 +170,7 @@ def test_an_mta_closed_for_maintenance_defers_every_message_and_delivers_them_la
 def test_an_mta_that_is_not_listening_defers_every_message(make_rig: RigFactory) -> None:
     closed = FaultySMTP()
     closed.stop()  # nothing listens on its port any more
-    rig = make_rig(corpus(2), target=FaultyTarget(closed))
+    rig = make_rig(corpus(2), target=FaultyTarget(closed), source="fake")
 
     stats = rig.poll()
 
@@ -179,7 +180,8 @@ def test_an_mta_that_is_not_listening_defers_every_message(make_rig: RigFactory)
 
 def test_all_recipients_must_be_accepted_before_the_data_is_sent(make_rig: RigFactory, faulty: FaultySMTP) -> None:
     faulty.on("RCPT", "452 4.2.2 mailbox full", argument="bob@example.org")
-    rig = make_rig(corpus(1), target=FaultyTarget(faulty, recipients=("alice@example.org", "bob@example.org")))
+    rig = make_rig(corpus(1),
+                   target=FaultyTarget(faulty, recipients=("alice@example.org", "bob@example.org")), source="fake")
 
     assert rig.poll().deferred == 1
 
@@ -192,7 +194,8 @@ def test_all_recipients_must_be_accepted_before_the_data_is_sent(make_rig: RigFa
 def test_a_recipient_refused_for_good_gets_the_message_rejected_for_everyone(make_rig: RigFactory,
                                                                             faulty: FaultySMTP) -> None:
     faulty.on("RCPT", "550 5.1.1 no such user", argument="ghost@example.org", times=None)
-    rig = make_rig(corpus(1), target=FaultyTarget(faulty, recipients=("alice@example.org", "ghost@example.org")))
+    rig = make_rig(corpus(1),
+                   target=FaultyTarget(faulty, recipients=("alice@example.org", "ghost@example.org")), source="fake")
 
     assert rig.poll().rejected == 1
 
@@ -204,7 +207,8 @@ def test_a_recipient_refused_for_good_gets_the_message_rejected_for_everyone(mak
 def test_a_partial_lmtp_success_is_retried_only_for_the_recipients_that_did_not_take_it(
         make_rig: RigFactory, faulty_lmtp: FaultySMTP) -> None:
     faulty_lmtp.on("END", ["250 2.0.0 <alice@example.org> saved", "452 4.2.2 <bob@example.org> over quota"])
-    rig = make_rig(corpus(1), target=FaultyTarget(faulty_lmtp, recipients=("alice@example.org", "bob@example.org")))
+    rig = make_rig(corpus(1),
+                   target=FaultyTarget(faulty_lmtp, recipients=("alice@example.org", "bob@example.org")), source="fake")
 
     assert rig.poll().deferred == 1
     assert rig.audit().on_server == (1,)
@@ -218,7 +222,8 @@ def test_a_partial_lmtp_success_is_retried_only_for_the_recipients_that_did_not_
 def test_a_partial_lmtp_success_keeps_the_message_on_the_server(make_rig: RigFactory,
                                                                 faulty_lmtp: FaultySMTP) -> None:
     faulty_lmtp.on("END", ["250 2.0.0 saved", "452 4.2.2 over quota"], times=None)
-    rig = make_rig(corpus(1), target=FaultyTarget(faulty_lmtp, recipients=("alice@example.org", "bob@example.org")))
+    rig = make_rig(corpus(1),
+                   target=FaultyTarget(faulty_lmtp, recipients=("alice@example.org", "bob@example.org")), source="fake")
 
     stats = rig.poll()
 
@@ -229,7 +234,8 @@ def test_a_partial_lmtp_success_keeps_the_message_on_the_server(make_rig: RigFac
 def test_a_permanent_lmtp_refusal_for_one_recipient_records_the_message_as_rejected(
         make_rig: RigFactory, faulty_lmtp: FaultySMTP) -> None:
     faulty_lmtp.on("END", ["250 2.0.0 saved", "552 5.2.2 mailbox too big"])
-    rig = make_rig(corpus(1), target=FaultyTarget(faulty_lmtp, recipients=("alice@example.org", "bob@example.org")))
+    rig = make_rig(corpus(1),
+                   target=FaultyTarget(faulty_lmtp, recipients=("alice@example.org", "bob@example.org")), source="fake")
 
     assert rig.poll().rejected == 1
 
@@ -241,7 +247,7 @@ def test_a_permanent_lmtp_refusal_for_one_recipient_records_the_message_as_rejec
 def test_lmtp_refusal_of_the_data_follows_the_same_rules(make_rig: RigFactory, faulty_lmtp: FaultySMTP,
                                                         code: int) -> None:
     faulty_lmtp.on("END", [scripted(code)])
-    rig = make_rig(corpus(2), target=FaultyTarget(faulty_lmtp))
+    rig = make_rig(corpus(2), target=FaultyTarget(faulty_lmtp), source="fake")
 
     rig.poll()
 
@@ -260,7 +266,7 @@ def test_lmtp_refusal_of_the_data_follows_the_same_rules(make_rig: RigFactory, f
 def test_the_aiosmtpd_sink_refusing_the_data_leaves_the_message_on_the_server(
         make_rig: RigFactory, smtp_sink: SMTPSink, reply: str, fate: str) -> None:
     smtp_sink.respond_with(reply, count=1)
-    rig = make_rig(corpus(2), target=SinkTarget(smtp_sink))
+    rig = make_rig(corpus(2), target=SinkTarget(smtp_sink), source="fake")
 
     rig.poll()
 
@@ -274,7 +280,8 @@ def test_the_aiosmtpd_sink_refusing_the_data_leaves_the_message_on_the_server(
 def test_the_aiosmtpd_sink_refusing_a_recipient_rejects_the_message(make_rig: RigFactory,
                                                                     smtp_sink: SMTPSink) -> None:
     smtp_sink.reject_rcpt("ghost@example.org", "550 5.1.1 no such user here")
-    rig = make_rig(corpus(1), target=SinkTarget(smtp_sink, recipients=("me@example.org", "ghost@example.org")))
+    rig = make_rig(corpus(1),
+                   target=SinkTarget(smtp_sink, recipients=("me@example.org", "ghost@example.org")), source="fake")
 
     assert rig.poll().rejected == 1
 
@@ -287,7 +294,7 @@ def test_dovecot_lmtp_refusing_an_unknown_recipient_rejects_the_message_and_deli
         make_rig: RigFactory, dovecot_factory: DovecotFactory) -> None:
     dovecot = dovecot_factory(tls=False)
     lmtp = {"lmtp": {"socket": str(dovecot.lmtp_socket), "recipients": ["alice", "ghost"], "timeout": "5s"}}
-    rig = make_rig(corpus(1))
+    rig = make_rig(corpus(1), source="fake")
 
     stats = rig.poll(deliver=lmtp)
 
@@ -303,7 +310,7 @@ def test_dovecot_lmtp_delivery_is_byte_exact_and_then_the_message_is_deleted(
     dovecot = dovecot_factory(tls=False)
     lmtp = {"lmtp": {"socket": str(dovecot.lmtp_socket), "recipients": ["alice", "bob"], "timeout": "5s"}}
     messages = corpus(2)
-    rig = make_rig(messages)
+    rig = make_rig(messages, source="fake")
 
     assert rig.poll(deliver=lmtp).delivered == 2
 
@@ -323,7 +330,7 @@ def test_each_message_is_recorded_before_the_next_one_reaches_the_mta(make_rig: 
     """The MTA's answer to a message is read late -- while the next message is fetched -- but always before the
     next message's data goes out, and the message is recorded in between: whenever postbote dies, at most one
     message can be with the MTA and not recorded, so a crash costs at most one duplicate."""
-    rig = make_rig(corpus(6), target=FaultyTarget(faulty))
+    rig = make_rig(corpus(6), target=FaultyTarget(faulty), source="fake")
     recorded_when_the_mta_got_a_message: list[int] = []
     faulty.on_received = lambda _received: recorded_when_the_mta_got_a_message.append(
         sum(1 for record in rig.records().values() if record.status == DELIVERED))
@@ -340,7 +347,7 @@ def test_with_chunking_the_whole_transaction_goes_out_in_bdat_and_arrives_byte_e
                b"From: c@example.net\r\nSubject: no final line break\r\n\r\nlast line"]
     messages = [*corpus(3), *awkward]
     with FaultySMTP(chunking=True) as server:
-        rig = make_rig(messages, target=FaultyTarget(server))
+        rig = make_rig(messages, target=FaultyTarget(server), source="fake")
 
         assert rig.poll().delivered == len(messages)
 
@@ -353,7 +360,7 @@ def test_with_chunking_the_whole_transaction_goes_out_in_bdat_and_arrives_byte_e
 def test_a_message_larger_than_one_bdat_chunk_arrives_whole(make_rig: RigFactory) -> None:
     big = corpus_message(1, body_lines=60_000)  # ~1.6 MB: two chunks
     with FaultySMTP(chunking=True) as server:
-        rig = make_rig([big, corpus_message(2)], target=FaultyTarget(server))
+        rig = make_rig([big, corpus_message(2)], target=FaultyTarget(server), source="fake")
 
         assert rig.poll().delivered == 2
 
@@ -366,7 +373,7 @@ def test_a_refused_bdat_chunk_fails_that_message_only(make_rig: RigFactory, code
     big = corpus_message(1, body_lines=60_000)
     with FaultySMTP(chunking=True) as server:
         server.on("BDAT", scripted(code))
-        rig = make_rig([big, corpus_message(2)], target=FaultyTarget(server))
+        rig = make_rig([big, corpus_message(2)], target=FaultyTarget(server), source="fake")
 
         stats = rig.poll()
 
@@ -381,7 +388,7 @@ def test_a_refused_bdat_chunk_fails_that_message_only(make_rig: RigFactory, code
 
 
 def strip_received(data: bytes) -> bytes:
-    """The message as it left the POP3 server: our ``Received:`` field (folded over several lines) removed."""
+    """The message as it left the mailbox: our ``Received:`` field (folded over several lines) removed."""
     assert data.startswith(b"Received: ")
     return re.sub(rb"\AReceived: .*?\r\n(?![ \t])", b"", data, count=1, flags=re.DOTALL)
 
@@ -409,7 +416,7 @@ def test_a_non_ascii_return_path_to_an_mta_without_smtputf8_is_sent_with_the_fal
     options = target.deliver()
     if fallback is not None:
         options["smtp"]["fallback_sender"] = fallback
-    rig = make_rig([with_return_path(corpus_message(1), UTF8_SENDER), corpus_message(2)], target=target)
+    rig = make_rig([with_return_path(corpus_message(1), UTF8_SENDER), corpus_message(2)], target=target, source="fake")
 
     with capture_logs() as logs:
         stats = rig.poll(deliver=options)
@@ -427,7 +434,7 @@ def test_a_non_ascii_return_path_to_an_mta_without_smtputf8_is_sent_with_the_fal
 
 def test_a_non_ascii_return_path_is_kept_when_the_mta_offers_smtputf8(make_rig: RigFactory,
                                                                       smtp_sink: SMTPSink) -> None:
-    rig = make_rig([with_return_path(corpus_message(1), UTF8_SENDER)], target=SinkTarget(smtp_sink))
+    rig = make_rig([with_return_path(corpus_message(1), UTF8_SENDER)], target=SinkTarget(smtp_sink), source="fake")
 
     assert rig.poll().delivered == 1
 
@@ -438,7 +445,7 @@ def test_a_non_ascii_return_path_is_kept_when_the_mta_offers_smtputf8(make_rig: 
 def test_a_fallback_sender_that_is_not_ascii_is_a_config_error(make_rig: RigFactory, smtp_sink: SMTPSink) -> None:
     options = SinkTarget(smtp_sink).deliver()
     options["smtp"]["fallback_sender"] = UTF8_SENDER
-    rig = make_rig(corpus(1), target=SinkTarget(smtp_sink))
+    rig = make_rig(corpus(1), target=SinkTarget(smtp_sink), source="fake")
 
     with pytest.raises(ConfigError, match="fallback_sender: expected <> or an ASCII mail address"):
         rig.poll(deliver=options)
