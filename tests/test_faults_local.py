@@ -5,6 +5,10 @@ durably handed off.
 The faults come from the real kernel, never from a mock of postbote: small tmpfs mounts (root), an ext4 file
 system on a loop device whose backing store runs out of space (writeback errors), and, where nothing can be
 mounted, RLIMIT_FSIZE on a child process (EFBIG from the kernel).
+
+Polls in this process fetch from a `FakeMailbox` (``source="fake"``): the faults are local, the mailbox is only where
+the mail waits. The tests that run ``postbote`` as a child process (its limits, its $TMPDIR, its one-line errors
+before any connection) keep the scripted POP3 server, which a child process can reach.
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ import os
 import resource
 import sqlite3
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from postbote import hookimpl
 from postbote.state import DATABASE_NAME, DELIVERED, StateLock
 from postbote.testing.pop3server import Action, Faults
 
@@ -126,7 +130,8 @@ def need(path: Path | None) -> Path:
 def test_a_full_maildir_defers_the_message_that_does_not_fit_and_leaves_no_partial_file(
         make_rig: RigFactory, filesystems: FileSystems) -> None:
     disk = need(filesystems.tmpfs("maildir", "1m"))
-    rig = make_rig([corpus_message(1), big_message(2), corpus_message(3)], target=MaildirTarget(disk / "Maildir"))
+    rig = make_rig([corpus_message(1), big_message(2), corpus_message(3)], target=MaildirTarget(disk / "Maildir"),
+                   source="fake")
     rig.other_faults += 1
 
     stats = rig.poll()
@@ -146,7 +151,7 @@ def test_a_read_only_maildir_defers_every_message_until_it_is_writable_again(
     for sub in ("tmp", "new", "cur"):
         (disk / "Maildir" / sub).mkdir(parents=True)
     filesystems.remount(disk, "ro")
-    rig = make_rig(corpus(3), target=MaildirTarget(disk / "Maildir"))
+    rig = make_rig(corpus(3), target=MaildirTarget(disk / "Maildir"), source="fake")
     rig.other_faults += 1
 
     stats = rig.poll()
@@ -199,7 +204,8 @@ def test_data_that_never_reaches_the_disk_is_not_recorded_as_delivered(make_rig:
     """The write goes into the page cache; the kernel reports the failure only when postbote syncs. Only a sync
     that succeeded may count as a durable hand-off."""
     disk = need(filesystems.ext4_on_a_full_disk("maildir"))
-    rig = make_rig([corpus_message(1, body_lines=150_000)], target=MaildirTarget(disk / "Maildir"))  # 3.7 MB
+    rig = make_rig([corpus_message(1, body_lines=150_000)], target=MaildirTarget(disk / "Maildir"),  # 3.7 MB
+                   source="fake")
     rig.other_faults += 1
 
     stats = rig.poll()
@@ -225,7 +231,7 @@ def test_a_full_backup_directory_keeps_the_message_on_the_server_and_undelivered
         make_rig: RigFactory, filesystems: FileSystems) -> None:
     """Nothing is delivered without its backup: the backup is written first, and its failure stops the message."""
     disk = need(filesystems.tmpfs("backup", "1m"))
-    rig = make_rig([corpus_message(1), big_message(2)])
+    rig = make_rig([corpus_message(1), big_message(2)], source="fake")
     rig.other_faults += 1
 
     stats = rig.poll(top=backup_plugin(disk / "backup"))
@@ -243,7 +249,7 @@ def test_a_read_only_backup_directory_keeps_every_message_on_the_server(make_rig
                                                                         filesystems: FileSystems) -> None:
     disk = need(filesystems.tmpfs("backup", "4m"))
     filesystems.remount(disk, "ro")
-    rig = make_rig(corpus(2))
+    rig = make_rig(corpus(2), source="fake")
     rig.other_faults += 1
 
     stats = rig.poll(top=backup_plugin(disk / "backup"))
@@ -261,23 +267,31 @@ def first_line_of_error(output: str) -> str:
     return errors[0]
 
 
+class LetGoWhenThePollFails:
+    """Ends the other writer's transaction once the poll has failed on its lock (the ``account_error`` hook runs
+    before the poll's summary is recorded), so that recording the summary does not wait for the lock too."""
+
+    def __init__(self, holder: sqlite3.Connection) -> None:
+        self.holder = holder
+
+    @hookimpl
+    def account_error(self) -> None:
+        if self.holder.in_transaction:
+            self.holder.execute("ROLLBACK")
+
+
 def test_a_state_database_locked_by_another_writer_fails_the_poll_clearly_and_deletes_nothing(
         make_rig: RigFactory) -> None:
-    """SQLite waits 10 s for the lock, then postbote gives up: the Maildir copies it staged are thrown away, so
-    the next poll delivers every message once."""
-    rig = make_rig(corpus(3))
+    """SQLite waits for the lock (``state_busy_timeout``, 2 s), then postbote gives up: the Maildir copies it
+    staged are thrown away, so the next poll delivers every message once."""
+    rig = make_rig(corpus(3), source="fake")
     rig.other_faults += 1
     rig.poll(keep=True, max_messages=1)  # creates the database; message 1 is delivered and kept
     holder = sqlite3.connect(rig.state_dir / DATABASE_NAME, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")
-    # Let go soon after postbote's 10 s wait for the batch has failed, so that recording the poll's summary
-    # (which waits again) does not cost another 10 s.
-    release = threading.Timer(11.0, lambda: holder.execute("ROLLBACK"))
-    release.start()
     try:
-        stats = rig.poll()
+        stats = rig.poll(plugins=(LetGoWhenThePollFails(holder),))
     finally:
-        release.join()
         holder.close()
 
     assert not stats.ok and "state database" in (stats.error or "") and "locked" in (stats.error or "")
