@@ -223,6 +223,27 @@ def test_an_extra_empty_line_after_a_message_deletes_nothing_and_no_message_gets
     assert rig.audit().everything_delivered_once_and_deleted
 
 
+@pytest.mark.parametrize("stray", [b"+OK marked\r\n", b"-ERR no such message\r\n"], ids=["+OK", "-ERR"])
+def test_a_stray_status_line_between_pipelined_replies_deletes_nothing_and_no_message_gets_a_line_too_many(
+        make_rig: RigFactory, tmp_path: Path, stray: bytes) -> None:
+    """A well-formed status line after RETR 2's data looks like the start of RETR 3's reply; RETR 3's real reply
+    then arrives as the first line of its data (or, after a stray -ERR, as a later message's reply). A message never
+    starts with a status line, so the session ends there: no DELE for a message delivered with another's bytes."""
+    faults = Faults().on("RETR 2", action=Action.followed_by(stray))
+    maildir = MaildirTarget(tmp_path / "Maildir")
+    rig = make_rig(corpus(4), faults, target=maildir)
+
+    first = rig.poll()
+
+    assert not first.ok and "out of step" in (first.error or "")
+    assert "QUIT" not in rig.server.commands
+    originals = {number: corpus_message(number).replace(b"\r\n", b"\n") for number in range(1, 5)}
+    assert all(any(data.endswith(originals[number]) for number in originals) for data in maildir.delivered()), \
+        "every delivered message is an original, byte for byte after the trace header"
+    rig.poll_until_done()
+    assert rig.audit().everything_delivered_once_and_deleted
+
+
 # --- item 2: in a CRLF session only CRLF "." CRLF ends a message ----------------------------------------------
 
 BARE_LF_DOT = b"Subject: bare LF dot\r\nMessage-ID: <corpus-1@postbote.test>\r\n\r\nbefore\n.\nx\r\n..\n.\r\nend\r\n"

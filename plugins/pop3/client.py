@@ -331,6 +331,9 @@ class POP3Client:
 
         After the data, what has already arrived must be the start of the next reply (or nothing, when no reply
         is owed): a stray line after a message's terminator ends the session before that message is handed on.
+        A message whose first line is a status line (``+OK …``, ``-ERR …``) is a reply read one step late -- a
+        stray, well-formed status line before it was taken for this RETR's reply -- and ends the session too: a
+        message starts with its header fields, never with a POP3 status.
         """
         self._read_deletion_replies(stop_at_retrieve=True)
         if not self._in_flight:
@@ -342,7 +345,7 @@ class POP3Client:
         except POP3Error:
             self._check_in_step()
             raise
-        received = self._read_data(sink, limit)
+        received = self._read_data(_FirstLineCheck(sink, self.host, number), limit)
         self._check_in_step()
         return received
 
@@ -577,6 +580,29 @@ class POP3Client:
                 sink(piece)
             if done:
                 return received
+
+
+class _FirstLineCheck:
+    """A data sink that refuses a message whose first line is a POP3 status line (see `read_retrieved`)."""
+
+    HEAD = 64  # enough of the first line to judge it
+
+    def __init__(self, sink: Callable[[bytes], None], host: str, number: int) -> None:
+        self.sink = sink
+        self.host = host
+        self.number = number
+        self.head: bytes | None = b""  # None once judged
+
+    def __call__(self, piece: bytes) -> None:
+        if self.head is not None:
+            self.head += piece[:self.HEAD]
+            if b"\n" in self.head or len(self.head) >= self.HEAD:
+                line = self.head.split(b"\n", 1)[0].rstrip(b"\r")
+                self.head = None
+                if _is_status(line, b"+OK") or _is_status(line, b"-ERR"):
+                    raise POP3ProtocolError(f"{self.host}: the data of RETR {self.number} starts with a status line "
+                                            f"{line[:40]!r}: a stray reply came before it; the session is out of step")
+        self.sink(piece)
 
 
 def _is_status(line: bytes, word: bytes) -> bool:
