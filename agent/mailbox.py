@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
 
-from postbote.message import Message
+if TYPE_CHECKING:
+    from postbote.message import Message
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class TooLarge:
     reason: str
 
 
-Fetched = Message | NotFetched | TooLarge
+# What `Mailbox.fetch` yields per entry (the message module is loaded only once there is a message to fetch).
+Fetched = Union["Message", NotFetched, TooLarge]  # noqa: UP007 - a forward reference needs typing.Union
 
 
 @runtime_checkable

@@ -15,20 +15,22 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from postbote import handling
 from postbote.config import Account
 from postbote.credentials import redact
 from postbote.digest import header_block_digest
 from postbote.durable import rename_all_durably, rename_durably, sync_filesystems
 from postbote.errors import AccountError, DeliveryError, PluginError, PostboteError, StateError
 from postbote.mailbox import Mailbox, MailboxEntry, NotFetched, TooLarge
-from postbote.message import Message
 from postbote.pluginmanager import AccountHooks, PluginManager
 from postbote.poll import Poll, PollStats
 from postbote.state import DEFERRED, DELIVERED, DROPPED, REJECTED, DeliveryKey, Outcome, Record, StateStore, Status
+
+if TYPE_CHECKING:
+    from postbote import handling
+    from postbote.message import Message
 
 log = structlog.get_logger("postbote.poll")
 BATCH_SIZE = 64
@@ -145,7 +147,7 @@ class Poller:
         """Split the listing into messages handled before (to delete once their headers show they are the same
         messages) and messages to fetch; note the UIDs the listing lacks (`StateStore.note_listing`)."""
         records = self.store.records(account.name)
-        session.handler.partly_delivered = self.store.partly_delivered(account.name)
+        session.partly_delivered.update(self.store.partly_delivered(account.name))
         self.store.note_listing(account.name, records, {entry.uid for entry in entries})
         duplicated = {uid for uid, count in Counter(e.uid for e in entries).items() if count > 1}
         to_verify: list[tuple[MailboxEntry, Record]] = []
@@ -206,7 +208,18 @@ class AccountSession:
         self.hooks = hooks
         self.batch: list[Handled] = []
         self.awaiting_answer = False  # a message in the batch has a pending answer
-        self.handler = handling.Handler(hooks, self.store, account, poll, self.begin_delivery)
+        self.partly_delivered: set[str] = set()  # UIDs some destinations already took in an earlier poll
+        self._handler: handling.Handler | None = None
+
+    @property
+    def handler(self) -> handling.Handler:
+        """Filters and deliveries, loaded only once the poll has a message to hand on."""
+        if self._handler is None:
+            from postbote.handling import Handler
+
+            self._handler = Handler(self.hooks, self.store, self.account, self.poll, self.begin_delivery)
+            self._handler.partly_delivered = self.partly_delivered
+        return self._handler
 
     def verified(self, handled: list[tuple[MailboxEntry, Record]],
                  to_fetch: list[MailboxEntry]) -> list[MailboxEntry]:

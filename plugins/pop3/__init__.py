@@ -5,14 +5,14 @@ serves the mailbox through `POP3Mailbox`; ``postbote auth`` runs the account's o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import structlog
-from postbote import Account, Poll, Section, TLSPolicy, hookimpl
-from postbote.plugins.pop3.client import POP3Client
-from postbote.plugins.pop3.login import AuthSettings, login
-from postbote.plugins.pop3.mailbox import POP3Mailbox
+from postbote import Account, Poll, Section, hookimpl
 from postbote.plugins.pop3.settings import POP3Settings, TLSMode, pop3_settings
+
+if TYPE_CHECKING:
+    from postbote.plugins.pop3.mailbox import POP3Mailbox
 
 SOURCE_PROTOCOLS = ("pop3",)
 log = structlog.get_logger("postbote.poll")
@@ -29,6 +29,12 @@ def parse_source(protocol: str, section: Section, base_dir: Path) -> POP3Setting
 def open_mailbox(account: Account, poll: Poll) -> POP3Mailbox | None:
     if account.protocol not in SOURCE_PROTOCOLS:
         return None
+    # The client, TLS and login code are loaded by a poll only: `check`, `status` and `plugins` need none of it.
+    from postbote import TLSPolicy
+    from postbote.plugins.pop3.client import POP3Client
+    from postbote.plugins.pop3.login import AuthSettings, login
+    from postbote.plugins.pop3.mailbox import POP3Mailbox
+
     source: POP3Settings = account.source
     tls = TLSPolicy(verify=source.tls_verify, fingerprint=source.tls_fingerprint,
                     ca_file=str(source.tls_ca_file) if source.tls_ca_file else None)
@@ -49,6 +55,7 @@ def open_mailbox(account: Account, poll: Poll) -> POP3Mailbox | None:
 def authorize(account: Account, state_dir: Path, out: TextIO, flow: str, open_browser: bool) -> int | None:
     if account.protocol not in SOURCE_PROTOCOLS:
         return None
+    from postbote.plugins.pop3.login import AuthSettings
     from postbote.plugins.signin.authorize import run_auth  # HTTP and a browser: only for `postbote auth`
 
     settings = AuthSettings.from_account(account, state_dir)

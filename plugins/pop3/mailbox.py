@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import structlog
-from postbote import AccountError, Fetched, MailboxEntry, Message, NotFetched, TooLarge
+from postbote import AccountError, Fetched, MailboxEntry, NotFetched, TooLarge
 from postbote.plugins.pop3.client import MessageTooLarge, POP3Client, POP3ConnectionError, POP3Error
 
 log = structlog.get_logger("postbote.pop3")
@@ -53,6 +53,8 @@ class POP3Mailbox:
             yield entry, self._retrieved(entry)
 
     def _retrieved(self, entry: MailboxEntry) -> Fetched:
+        from postbote import Message  # loaded once there is a message: an empty poll does without
+
         message = Message(entry.uid, entry.size)
         try:
             received = self.client.read_retrieved(message.write)
