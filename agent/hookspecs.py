@@ -7,14 +7,20 @@ error, so a misspelt hook never goes silently unused.
 
 Order: implementations run from the most recently registered to the first; ``@hookimpl(tryfirst=True)`` and
 ``@hookimpl(trylast=True)`` move one to the front or the back. Built-in plugins are registered first, so plugins
-loaded after them (entry points, ``plugin_paths``) run before them unless they say otherwise.
+loaded after them (entry points, ``plugin_paths``) run before them unless they say otherwise. pluggy calls the
+implementations (its tracing shows every call, and ``@hookimpl(wrapper=True)`` works on every hook but the
+historic ``configure``); a plugin an account turns off is left out of that account's calls.
+
+Per poll, the account's source plugin opens the mailbox (``open_mailbox``); the poller then lists, fetches, hands
+each message on, records it and only then asks the mailbox to delete it (see `postbote.Mailbox`).
 
 Safety: an exception raised by ``filter_message``, ``backup_message`` or ``deliver_message`` fails that message
 only. It stays on the server, is not recorded as delivered, the error is logged with the plugin's name, and the
 poll goes on with the next message. Exceptions from the observer hooks (``poll_started`` … ``account_error``) are
 logged and otherwise ignored: an observer can never lose or block mail.
 
-Per message the hooks run in this order: ``filter_message`` (each filter in turn), ``backup_message`` (all),
+Per message the hooks run in this order: ``filter_message`` (each filter in turn, until one gives a verdict),
+``backup_message`` (all),
 ``deliver_message`` (once per configured destination). ``message_failed`` follows at once when the message could
 not be handled. ``message_delivered`` / ``message_dropped`` follow once the outcome is recorded in the state store,
 before DELE is sent; records are committed in batches (group commit), so several later messages may have been
@@ -145,8 +151,8 @@ def filter_message(message: Message, account: Account) -> Verdict | None:
     ``message.recipients`` (envelope recipients for SMTP/LMTP) or ``message.destinations`` (a list of
     ``Destination`` replacing the account's ``deliver:``)), ``Verdict.accept()`` to deliver it without asking the
     remaining filters, or ``Verdict.drop(reason)`` to deliver it nowhere: a dropped message counts as handled
-    (deleted unless ``keep``) and the drop is logged with its reason. Filters are called one at a time, so an
-    exception names its plugin.
+    (deleted unless ``keep``) and the drop is logged with its reason. The first verdict ends the filtering
+    (firstresult); an exception names the plugin that raised.
     """
 
 
