@@ -127,3 +127,59 @@ def test_the_server_says_when_no_session_holds_the_mailbox_any_more() -> None:
         assert server.wait_until_unlocked(0.05) is False
         client.quit()
         assert server.wait_until_unlocked(5) is True
+
+
+# --- the FakeMailbox: a mailbox in memory behind the Mailbox seam ----------------------------------------------------
+
+
+def fetched_all(mailbox: Any) -> list[tuple[str, Any]]:
+    return [(entry.uid, item) for entry, item in mailbox.fetch(mailbox.listing(), stop=lambda: False)]
+
+
+def test_the_fake_mailbox_deletes_at_the_end_of_the_session_and_not_when_it_is_aborted() -> None:
+    from postbote.testing import FakeMailbox
+
+    mailbox = FakeMailbox()
+    first, second = mailbox.add(mail(1)), mailbox.add(mail(2))
+    session = mailbox.open()
+    (entry, _), _ = session.fetch(session.listing(), stop=lambda: False)
+    session.delete(entry)
+    session.abort()
+    assert mailbox.uids() == [first, second] and mailbox.deleted == []
+    session = mailbox.open()
+    session.delete(session.listing()[0])
+    assert [entry.uid for entry in session.finish()] == [first]
+    assert mailbox.uids() == [second] and mailbox.deleted == [first] and mailbox.sessions == 2
+
+
+def test_the_fake_mailbox_plays_the_faults_it_is_given() -> None:
+    from postbote import Message, NotFetched, TooLarge
+    from postbote.testing import FakeMailbox
+
+    mailbox = FakeMailbox()
+    fine, later, big = mailbox.add(mail(1)), mailbox.add(mail(2)), mailbox.add(mail(3))
+    mailbox.unavailable.add(later)
+    mailbox.too_large.add(big)
+    kinds = [(uid, type(item)) for uid, item in fetched_all(mailbox.open())]
+    assert kinds == [(fine, Message), (later, NotFetched), (big, TooLarge)]
+    assert mailbox.open().headers(mailbox.listing()[0]) == mail(1).split(b"\r\n\r\n", 1)[0]
+    mailbox.shows_headers = False
+    assert mailbox.open().headers(mailbox.listing()[0]) is None
+    mailbox.refuse_deletion.add(fine)
+    session = mailbox.open()
+    session.delete(session.listing()[0])
+    assert session.finish() == [] and fine in mailbox.uids()
+
+
+def test_a_poll_of_a_fake_account_delivers_and_deletes_like_a_pop3_one(tmp_path: Path) -> None:
+    from postbote.testing import FakeSource
+
+    source = FakeSource()
+    for number in (1, 2, 3):
+        source.mailbox("fake").add(mail(number))
+    config = tmp_path / "fake.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\naccounts:\n"
+                      f"  - {{name: fake, protocol: fake, deliver: {{maildir: {tmp_path / 'Maildir'}}}}}\n")
+    stats = poll_once(config, plugins=[source])
+    assert (stats.listed, stats.delivered, stats.deleted) == (3, 3, 3)
+    assert delivered(tmp_path / "Maildir") == 3 and source.mailbox("fake").uids() == []

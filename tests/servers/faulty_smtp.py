@@ -154,7 +154,7 @@ class FaultySMTP:
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> FaultySMTP:
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01},
                                         name=f"faulty-smtp-{self.port}", daemon=True)
         self._thread.start()
         return self
