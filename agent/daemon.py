@@ -211,6 +211,7 @@ class Daemon:
         self._slots: dict[str, AccountSlot] = {}
         self._queue: deque[str] = deque()
         self._workers: dict[str, threading.Thread] = {}
+        self._again: set[str] = set()  # asked to poll now while polling: polled once more when that poll ends
         self._results: SimpleQueue[PollResult] = SimpleQueue()
         self._requests: deque[int] = deque()
         self._wakeup = Wakeup()
@@ -329,9 +330,14 @@ class Daemon:
                 self._poll_everything_now()
 
     def _poll_everything_now(self) -> None:
+        """A poll of every account now; an account polling already is polled once more when that poll ends (its
+        listing may predate the mail the request is about)."""
         log.info("poll.requested", accounts=len(self._slots))
         for name in self._slots:
-            self._enqueue(name)
+            if name in self._workers:
+                self._again.add(name)
+            else:
+                self._enqueue(name)
 
     # --- scheduling
 
@@ -397,6 +403,10 @@ class Daemon:
             if thread is not None:
                 thread.join(1.0)
             self._finished(result)
+            if result.account in self._again:
+                self._again.discard(result.account)
+                if not self._stopping and result.account in self._slots:
+                    self._enqueue(result.account)
 
     def _finished(self, result: PollResult) -> None:
         slot = self._slots.get(result.account)

@@ -302,6 +302,26 @@ def test_sigusr1_polls_every_account_now(tmp_path: Path, servers, daemons) -> No
     assert daemon.stop() == 0
 
 
+def test_a_poll_request_while_the_account_is_polling_polls_it_again_when_that_poll_ends(
+        tmp_path: Path, servers, daemons) -> None:
+    """The running poll listed the mailbox before the new mail came: the request is kept, not dropped as "already
+    running", or the mail would wait for the next scheduled poll (an hour here)."""
+    server = servers([mail(1)], Faults().on("RETR", action=Action.stall(3.0)))
+    maildir = tmp_path / "Maildir"
+    config = write_config(tmp_path / "postbote.yaml",
+                          [account("box", server, maildir, poll_interval="1h", timeout="30s")])
+    daemon = daemons(config)
+    daemon.wait_for("daemon.started")
+    daemon.send(signal.SIGUSR1)
+    wait_until(lambda: "RETR 1" in server.commands, 10, "the first poll's RETR")  # listed, and held there
+    server.add_message(mail(2))
+    daemon.send(signal.SIGUSR1)
+    daemon.wait_for("poll.requested", count=2)
+    wait_until(lambda: len(subjects(maildir)) == 2, 30, "the second message")
+    assert subjects(maildir) == ["Subject: message 1", "Subject: message 2"]
+    assert daemon.stop() == 0
+
+
 def test_postbote_poll_while_the_daemon_runs_asks_it_to_poll(tmp_path: Path, servers, daemons) -> None:
     server = servers([mail(1)])
     maildir = tmp_path / "Maildir"
