@@ -29,6 +29,7 @@ MAX_LISTING_ENTRIES = 2_000_000
 MAX_LISTING_LINE = 100  # "NUMBER UID" with a UID of at most 70 characters (RFC 1939 7), with room to spare
 MAX_HEADER_BLOCK = 256 * 1024  # the most a ``TOP n 0`` reply may carry
 DATA_READ_SIZE = 1 << 18
+FIRST_LINE_HEAD = 64  # how much of a message's first line tells whether it is a POP3 status line
 FLUSH_AFTER = 16  # pipelined commands sent together at most: few writes, and the server is never left idle
 _UID = re.compile(rb"[\x21-\x7e]{1,70}")
 _APOP_TIMESTAMP = re.compile(rb"<[^<>\s]+@[^<>\s]+>")
@@ -135,6 +136,7 @@ class POP3Client:
         self.greeting = ""
         self.capabilities: dict[str, list[str]] = {}
         self.refused_deletions: dict[int, str] = {}
+        self._first_line = b""  # the start of the data block read last
         self._outgoing = bytearray()
         self._queued = 0
         self._in_flight: deque[tuple[str, int, int | None]] = deque()  # (command, message number, data limit)
@@ -345,7 +347,11 @@ class POP3Client:
         except POP3Error:
             self._check_in_step()
             raise
-        received = self._read_data(_FirstLineCheck(sink, self.host, number), limit)
+        received = self._read_data(sink, limit)
+        line = self._first_line.split(b"\n", 1)[0].rstrip(b"\r")
+        if _is_status(line, b"+OK") or _is_status(line, b"-ERR"):
+            raise POP3ProtocolError(f"{self.host}: the data of RETR {number} starts with a status line {line[:40]!r}: "
+                                    "a stray reply came before it; the session is out of step")
         self._check_in_step()
         return received
 
@@ -558,6 +564,7 @@ class POP3Client:
         """
         received = 0
         at_line_start = True
+        self._first_line = b""  # enough of the first line to judge it (see `read_retrieved`)
         crlf = self.line_ending is LineEnding.CRLF
         line_end = b"\r\n" if crlf else b"\n"
         read = self._receiver.crlf_data_lines if crlf else self._receiver.lf_data_lines
@@ -573,6 +580,8 @@ class POP3Client:
                 self._receive()  # a dot at a line start, and the one or two bytes that tell what it is still to come
                 continue
             if piece:
+                if received < FIRST_LINE_HEAD and b"\n" not in self._first_line:
+                    self._first_line += piece[:FIRST_LINE_HEAD]
                 received += len(piece)
                 if limit is not None and received > limit:
                     raise MessageTooLarge(f"{self.host}: message data exceeds {limit} bytes {self._doing}")
@@ -580,29 +589,6 @@ class POP3Client:
                 sink(piece)
             if done:
                 return received
-
-
-class _FirstLineCheck:
-    """A data sink that refuses a message whose first line is a POP3 status line (see `read_retrieved`)."""
-
-    HEAD = 64  # enough of the first line to judge it
-
-    def __init__(self, sink: Callable[[bytes], None], host: str, number: int) -> None:
-        self.sink = sink
-        self.host = host
-        self.number = number
-        self.head: bytes | None = b""  # None once judged
-
-    def __call__(self, piece: bytes) -> None:
-        if self.head is not None:
-            self.head += piece[:self.HEAD]
-            if b"\n" in self.head or len(self.head) >= self.HEAD:
-                line = self.head.split(b"\n", 1)[0].rstrip(b"\r")
-                self.head = None
-                if _is_status(line, b"+OK") or _is_status(line, b"-ERR"):
-                    raise POP3ProtocolError(f"{self.host}: the data of RETR {self.number} starts with a status line "
-                                            f"{line[:40]!r}: a stray reply came before it; the session is out of step")
-        self.sink(piece)
 
 
 def _is_status(line: bytes, word: bytes) -> bool:
