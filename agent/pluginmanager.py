@@ -163,6 +163,7 @@ class AccountHooks:
         self._pm = pm
         self._disabled = disabled
         self._callers: dict[str, pluggy.HookCaller] = {}
+        self._implemented: dict[str, bool] = {}
 
     def caller(self, name: str, skip: Iterable[object] = ()) -> pluggy.HookCaller:
         """Hook ``name`` for this account, less the plugins in ``skip`` too."""
@@ -176,12 +177,23 @@ class AccountHooks:
             self._callers[name] = caller
         return caller
 
+    def implemented(self, name: str) -> bool:
+        """Whether some plugin of this account implements hook ``name``; remembered until a plugin registers or
+        unregisters (`PluginManager.hooks_for` then makes new `AccountHooks`)."""
+        known = self._implemented.get(name)
+        if known is None:
+            known = self._implemented[name] = bool(self.caller(name).get_hookimpls())
+        return known
+
     def _disabled_plugins(self) -> list[object]:
         return [plugin for name in self._disabled if (plugin := self._pm.get_plugin(name)) is not None]
 
     def call(self, name: str, *, passing: tuple[type[BaseException], ...] = (DeliveryError, PluginError),
              **kwargs: Any) -> Any:
-        """Call hook ``name``; exceptions other than ``passing`` become a `PluginError` naming the plugin."""
+        """Call hook ``name``; exceptions other than ``passing`` become a `PluginError` naming the plugin. None,
+        without a call, when no plugin of this account implements it (most accounts have no backups, no observers)."""
+        if not self.implemented(name):
+            return None
         caller = self.caller(name)
         try:
             return caller(**kwargs)
@@ -192,6 +204,8 @@ class AccountHooks:
 
     def notify(self, name: str, **kwargs: Any) -> None:
         """Call observer hook ``name``; each failing observer is logged and those after it are still called."""
+        if not self.implemented(name):
+            return
         done: list[object] = []
         while True:
             caller = self.caller(name, skip=done)
