@@ -3,7 +3,9 @@
 Used by ``postbote run`` under ``Type=notify``: ``READY=1`` once the config is loaded, ``STATUS=`` with the last poll
 summary, ``RELOADING=1`` around a SIGHUP reload, ``STOPPING=1`` on the way out and ``WATCHDOG=1`` every half
 ``WatchdogSec``. Outside systemd (no ``$NOTIFY_SOCKET``) every call is a no-op. A notification that cannot be
-sent is logged once and never stops the daemon: telling systemd is a courtesy, fetching mail is the job.
+sent is logged once and never stops the daemon: telling systemd is a courtesy, fetching mail is the job. The socket
+is non-blocking: when nobody reads it (a supervisor that is slow or gone) and its queue is full, the notification
+is dropped instead of waited for -- a blocked send would keep the daemon from its signals, SIGTERM included.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Notifier:
         self.watchdog = watchdog if self.address is not None else None
         self._sock: socket.socket | None = None
         self._failed = False
+        self._dropping = False  # a full queue was reported, and nothing got through since
         self._last_ping = 0.0
 
     @classmethod
@@ -105,13 +108,21 @@ class Notifier:
             return False
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock = socket.socket(socket.AF_UNIX,
+                                           socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
             self._sock.sendto("\n".join(fields).encode("utf-8", "replace"), self.address)
+        except BlockingIOError:
+            if not self._dropping:
+                log.warning("sdnotify.dropped", fields=[f.split("=", 1)[0] for f in fields],
+                            reason="the notify socket's queue is full: nobody reads it")
+                self._dropping = True
+            return False
         except OSError as exc:
             if not self._failed:
                 log.warning("sdnotify.failed", error=str(exc), fields=[f.split("=", 1)[0] for f in fields])
                 self._failed = True
             return False
+        self._dropping = False
         return True
 
     def close(self) -> None:

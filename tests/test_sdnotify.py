@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -200,3 +201,28 @@ def test_the_status_line_names_the_accounts_whose_mail_waits(tmp_path: Path, pat
     finally:
         server.stop()
     assert len(listed) == 2 and server.uids() == listed
+
+
+def test_a_notify_socket_nobody_reads_never_blocks_the_daemon(path_listener: Listener) -> None:
+    """A supervisor that is slow or gone: its socket's queue fills up. Each notification is then dropped at once
+    (and said once), instead of blocking the daemon in the send, where it would not see SIGTERM."""
+    notifier = Notifier(path_listener.address)
+    finished = threading.Event()
+    sent: list[int] = []
+
+    def notify_until_full_and_more() -> None:
+        while notifier.send(f"STATUS=filling the queue {len(sent)}"):  # nobody reads: the queue is soon full
+            sent.append(1)
+            if len(sent) > 100_000:
+                return  # the queue never filled: `finished` stays unset and the test fails
+        notifier.status("one more")
+        notifier.ping_if_due()
+        notifier.stopping("stopping")
+        finished.set()
+
+    threading.Thread(target=notify_until_full_and_more, daemon=True).start()
+    assert finished.wait(20), "a notification blocked on the full socket (or the queue never filled)"
+    assert sent, "some notifications went through before the queue was full"
+    assert path_listener.sock.recv(65536).startswith(b"STATUS=filling the queue 0")
+    assert notifier.send("STATUS=room again"), "once the queue drains, notifications go through"
+    notifier.close()
