@@ -47,6 +47,7 @@ from postbote.poller import Poller, PollStats
 from postbote.sdnotify import Notifier
 from postbote.state import StateStore
 from postbote.status import WaitingSummary, stale_after, waiting_messages
+from postbote.tls import forget_contexts
 
 log = structlog.get_logger("postbote.daemon")
 
@@ -492,6 +493,7 @@ class Daemon:
             self.notifier.ready(self._status_line())
             return
         self._current = new
+        forget_contexts()  # CA files replaced on disk, and the system's CA store, are read again
         self._poller = self._make_poller(new.pm, self.store, self.stop)
         self._on_reload(new.config)
         before = set(self._slots)

@@ -366,3 +366,17 @@ def test_long_listing_lines_are_cut_off_within_bounded_memory(make_rig: RigFacto
     assert run.status == 1 and "Traceback" not in run.output
     assert run.peak_rss < MEMORY_BOUND, f"peak RSS {run.peak_rss_mb:.0f} MB for 320 MB of listing"
 
+
+
+def test_a_tls_policy_builds_its_context_once_until_the_contexts_are_forgotten() -> None:
+    """Loading the CA store costs 16-20 ms of CPU per context: one per policy, shared by every connection, and built
+    again after a reload (`forget_contexts`), so that a CA file replaced on disk is read then."""
+    from postbote.tls import TLSPolicy, forget_contexts
+
+    verified, pinned = TLSPolicy(), TLSPolicy(fingerprint="ab" * 32)
+    assert verified.context() is TLSPolicy().context()
+    assert pinned.context() is not verified.context()
+    assert pinned.context().verify_mode.name == "CERT_NONE" and verified.context().verify_mode.name == "CERT_REQUIRED"
+    before = verified.context()
+    forget_contexts()
+    assert verified.context() is not before
