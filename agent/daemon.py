@@ -22,6 +22,7 @@ Signals are turned into requests handled by the main loop, between polls:
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import random
 import selectors
@@ -41,7 +42,7 @@ import structlog
 from postbote.config import Account, Config
 from postbote.errors import LoginRefused, PostboteError
 from postbote.hookspecs import hookimpl
-from postbote.jobs import poll_guarded, start_plugins
+from postbote.jobs import keep_out_of_the_collector, poll_guarded, start_plugins
 from postbote.pluginmanager import PluginManager
 from postbote.poller import Poller, PollStats
 from postbote.sdnotify import Notifier
@@ -241,6 +242,7 @@ class Daemon:
                     log.info("daemon.started", accounts=len(self.config.accounts), config=str(self.config.path),
                              max_parallel=self.config.max_parallel)
                     self.notifier.ready(self._status_line())
+                    keep_out_of_the_collector()
                     self._loop()
                     self._shut_down()
                 finally:
@@ -503,6 +505,10 @@ class Daemon:
         for name in before - set(self._slots):
             self._remember_next_poll(name, None)
         self.notifier.ready(self._status_line())
+        del old
+        gc.unfreeze()  # the old generation is garbage now: let the collector have it, then keep the new one out
+        gc.collect()
+        keep_out_of_the_collector()
 
     def _configure(self, generation: _Generation) -> None:
         """Start the plugins as ``postbote poll`` does: one that cannot start is a `ConfigError` (exit status 2)."""

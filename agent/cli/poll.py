@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
 def poll_command(pm: PluginManager, config: Config, names: Sequence[str]) -> int:
     """Poll once; when a daemon holds the state directory, ask it to poll now instead of failing."""
-    from postbote.jobs import plugins_started
+    from postbote.jobs import keep_out_of_the_collector, plugins_started
     from postbote.state import StateLock, StateStore, read_lock_holder
 
     config.select(tuple(names))
@@ -49,6 +49,7 @@ def poll_command(pm: PluginManager, config: Config, names: Sequence[str]) -> int
         store = StateStore(config.state_dir, busy_timeout=config.state_busy_timeout)
         try:
             with plugins_started(pm, config), progress_shown(pm):
+                keep_out_of_the_collector()
                 return poll(pm, config, store, names)
         finally:
             store.close()
