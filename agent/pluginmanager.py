@@ -236,7 +236,7 @@ def culprit(caller: pluggy.HookCaller, error: BaseException) -> str:
         if traceback.tb_frame.f_code in owners:
             return owners[traceback.tb_frame.f_code]
         traceback = traceback.tb_next
-    return caller.name
+    return "unknown"
 
 
 def make_plugin_manager(*, builtins: bool = True, entry_points: bool = True,
