@@ -50,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     sources = [source.resolve() for source in args.source or [environment.REPO]]
     runs: dict[Path, list[tuple[float, float, float]]] = {source: [] for source in sources}
     with prepared_poll(args.mode, args.n, sources[0], args.cache_dir) as poll:
-        envs = {sources[0]: poll.env}
-        for index, source in enumerate(sources[1:], start=1):
-            code = environment.snapshot_postbote(source, poll.work / f"code-{index}", poll.user)
-            envs[source] = {**poll.env, "PYTHONPATH": str(code)}
+        envs = poll.environments(sources)
         for repetition in range(args.repeat):
             for source in sources:
                 poll.seed()

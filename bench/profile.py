@@ -124,6 +124,15 @@ class PreparedPoll:
     job: Job
     runtime: Runtime
 
+    def environments(self, sources: list[Path]) -> dict[Path, dict[str, str]]:
+        """The environment to run each checkout's postbote in: the first is the one this poll was prepared with,
+        the others are snapshotted beside it and put first on ``PYTHONPATH``."""
+        envs = {sources[0]: self.env}
+        for index, source in enumerate(sources[1:], start=1):
+            code = environment.snapshot_postbote(source, self.work / f"code-{index}", self.user)
+            envs[source] = {**self.env, "PYTHONPATH": str(code)}
+        return envs
+
     def seed(self, *, keep_state: bool = False) -> None:
         """A fresh mailbox of ``n`` small messages, indexed; an empty Maildir or SMTP spool; postbote's state
         directory removed unless ``keep_state`` (a running daemon holds it)."""
