@@ -17,7 +17,7 @@ from postbote.cli import main
 from postbote.config import Config, load_config
 from postbote.errors import ConfigError
 from postbote.jobs import plugins_started as configured
-from postbote.pluginmanager import make_plugin_manager
+from postbote.pluginmanager import PluginManager, make_plugin_manager
 from postbote.plugins import metrics
 from postbote.poller import Poller
 from postbote.state import PollRecord, StateStore
@@ -29,12 +29,12 @@ from tests.servers import free_port
 
 
 def load(tmp_path: Path, options: dict[str, Any] | bool, *accounts: dict[str, Any],
-         source: FakeSource | None = None) -> Config:
-    """The config of ``accounts`` (one POP3 account by default) with the metrics ``options``; ``source`` serves
-    the accounts with ``protocol: fake``."""
+         pm: PluginManager | None = None) -> Config:
+    """The config of ``accounts`` (one POP3 account by default) with the metrics ``options``, read with ``pm`` (a
+    fresh plugin manager by default; give one holding a `FakeSource` for accounts with ``protocol: fake``)."""
     accounts = accounts or (account("alice", None, tmp_path / "Maildir"),)
     path = write_config(tmp_path / "postbote.yaml", list(accounts), plugins={"metrics": options})
-    return load_config(path, make_plugin_manager(entry_points=False, extra=[source] if source else []))
+    return load_config(path, pm or make_plugin_manager(entry_points=False))
 
 
 def problems(tmp_path: Path, options: dict[str, Any] | bool) -> str:
@@ -125,10 +125,9 @@ def test_render_gives_counters_gauges_and_a_summary_per_account() -> None:
 def test_textfile_is_rewritten_atomically_after_each_poll(tmp_path: Path, source: FakeSource) -> None:
     textfile = tmp_path / "textfiles" / "postbote.prom"
     textfile.parent.mkdir()
-    config = load(tmp_path, {"textfile": str(textfile)}, fake_account("alice", tmp_path / "Maildir"),
-                  fake_account("bob", tmp_path / "Maildir", plugins={"metrics": False}), source=source)
     pm = make_plugin_manager(entry_points=False, extra=[source])
-    config = load_config(config.path, pm)
+    config = load(tmp_path, {"textfile": str(textfile)}, fake_account("alice", tmp_path / "Maildir"),
+                  fake_account("bob", tmp_path / "Maildir", plugins={"metrics": False}), pm=pm)
     store = StateStore(config.state_dir)
     try:
         with configured(pm, config):
@@ -149,9 +148,7 @@ def test_http_endpoint_serves_metrics_on_loopback_and_stops_with_the_config(tmp_
                                                                              source: FakeSource) -> None:
     port = free_port()
     pm = make_plugin_manager(entry_points=False, extra=[source])
-    config = load(tmp_path, {"listen": f"127.0.0.1:{port}"}, fake_account("alice", tmp_path / "Maildir"),
-                  source=source)
-    config = load_config(config.path, pm)
+    config = load(tmp_path, {"listen": f"127.0.0.1:{port}"}, fake_account("alice", tmp_path / "Maildir"), pm=pm)
     store = StateStore(config.state_dir)
     try:
         with configured(pm, config):
@@ -177,8 +174,7 @@ def test_a_port_in_use_is_a_start_up_error_naming_the_option(tmp_path: Path) -> 
         taken.listen()
         port = taken.getsockname()[1]
         pm = make_plugin_manager(entry_points=False)
-        config = load(tmp_path, {"listen": f"127.0.0.1:{port}"})
-        config = load_config(config.path, pm)
+        config = load(tmp_path, {"listen": f"127.0.0.1:{port}"}, pm=pm)
         with pytest.raises(ConfigError, match=f"plugins.metrics.listen: cannot listen on 127.0.0.1:{port}"), \
                 configured(pm, config):
             pass
@@ -206,9 +202,7 @@ def test_textfile_shows_the_messages_a_failing_destination_left_waiting(tmp_path
     mda.chmod(0o755)
     pm = make_plugin_manager(entry_points=False, extra=[source])
     config = load(tmp_path, {"textfile": str(textfile)},
-                  fake_account("alice", tmp_path / "Maildir", deliver={"mda": [str(mda)]}, stale_after="1s"),
-                  source=source)
-    config = load_config(config.path, pm)
+                  fake_account("alice", tmp_path / "Maildir", deliver={"mda": [str(mda)]}, stale_after="1s"), pm=pm)
     store = StateStore(config.state_dir)
     try:
         with configured(pm, config):
