@@ -44,7 +44,8 @@ from postbote.errors import LoginRefused, PostboteError
 from postbote.hookspecs import hookimpl
 from postbote.jobs import keep_out_of_the_collector, poll_guarded, start_plugins
 from postbote.pluginmanager import PluginManager
-from postbote.poller import Poller, PollStats
+from postbote.poll import PollStats
+from postbote.poller import Poller
 from postbote.sdnotify import Notifier
 from postbote.state import StateStore
 from postbote.status import WaitingSummary, stale_after, waiting_messages

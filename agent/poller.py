@@ -40,8 +40,6 @@ DEADLINE_TIMEOUTS = 4
 DEADLINE_RATE = 64 * 1024  # octets per second
 DEADLINE_PER_MESSAGE = 0.5  # seconds
 
-__all__ = ["Poller", "PollStats"]
-
 
 @dataclass
 class Handled:

@@ -17,7 +17,8 @@ from postbote.jobs import plugins_started as configured
 from postbote.message import Message, Verdict
 from postbote.pluginmanager import make_plugin_manager
 from postbote.plugins import dedupe
-from postbote.poller import Poller, PollStats
+from postbote.poll import PollStats
+from postbote.poller import Poller
 from postbote.state import KeyedTable, StateStore
 from postbote.testing import FakeMailbox, FakeSource
 from structlog.testing import capture_logs
