@@ -82,12 +82,13 @@ class Handler:
     commit it together with the previous message's record: one transaction instead of two)."""
 
     def __init__(self, hooks: AccountHooks, store: StateStore, account: Account, poll: Poll,
-                 begin_delivery: Callable[[str, DeliveryKey], None] | None = None) -> None:
+                 begin_delivery: Callable[[str, DeliveryKey], None] | None = None,
+                 partly_delivered: set[str] | None = None) -> None:
         self.hooks = hooks
         self.store = store
         self.account = account
         self.poll = poll
-        self.partly_delivered: set[str] = set()
+        self.partly_delivered = partly_delivered if partly_delivered is not None else set()
         self.begin_delivery = begin_delivery or (lambda uid, key: store.begin_delivery(account.name, uid, key))
 
     def handle(self, message: Message) -> Outcome:

@@ -215,8 +215,8 @@ class AccountSession:
         if self._handler is None:
             from postbote.handling import Handler
 
-            self._handler = Handler(self.hooks, self.store, self.account, self.poll, self.begin_delivery)
-            self._handler.partly_delivered = self.partly_delivered
+            self._handler = Handler(self.hooks, self.store, self.account, self.poll, self.begin_delivery,
+                                    self.partly_delivered)
         return self._handler
 
     def verified(self, handled: list[tuple[MailboxEntry, Record]],
