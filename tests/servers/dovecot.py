@@ -6,6 +6,8 @@ users and their Maildirs, and it listens on freshly picked loopback ports:
 
 * ``pop3_port``  -- plain POP3; offers ``STLS`` when TLS is enabled
 * ``pop3s_port`` -- POP3 over implicit TLS (``None`` when TLS is disabled)
+* ``imap_port``  -- plain IMAP; offers ``STARTTLS`` when TLS is enabled
+* ``imaps_port`` -- IMAP over implicit TLS (``None`` when TLS is disabled)
 * ``lmtp_port`` and ``lmtp_socket`` -- LMTP over TCP and a unix socket
 
 Running as root (how CI runs): Dovecot refuses mail access as root outright
@@ -201,6 +203,8 @@ class DovecotServer:
         self.lmtp_socket = self.base_dir / "lmtp"
         self.pop3_port = free_port()
         self.pop3s_port: int | None = free_port() if tls else None
+        self.imap_port = free_port()
+        self.imaps_port: int | None = free_port() if tls else None
         self.lmtp_port = free_port()
         self.uid, self.gid = _mail_ids()
         self.users: dict[str, str] = {}
@@ -255,6 +259,8 @@ class DovecotServer:
         return (
             self._greets(self.pop3_port, b"+OK")
             and (self.pop3s_port is None or self._accepts(self.pop3s_port))
+            and self._greets(self.imap_port, b"* OK")
+            and (self.imaps_port is None or self._accepts(self.imaps_port))
             and self._greets(self.lmtp_port, b"220")
             and self.lmtp_socket.is_socket()
         )
@@ -350,7 +356,7 @@ class DovecotServer:
                 f"base_dir = {self.base_dir}",
                 f"state_dir = {self.state_dir}",
                 f"listen = {self.host}",
-                "protocols = pop3 lmtp",
+                "protocols = pop3 imap lmtp",
                 "",
                 f"log_path = {self.log_file}",
                 "auth_verbose = yes",
@@ -381,6 +387,16 @@ class DovecotServer:
                 f"    port = {self.pop3_port}",
                 "  }",
                 self._pop3s_listener(),
+                "}",
+                "service imap-login {",
+                "  inet_listener imap {",
+                f"    address = {self.host}",
+                f"    port = {self.imap_port}",
+                "  }",
+                self._imaps_listener(),
+                "}",
+                "protocol imap {",
+                "  imap_idle_notify_interval = 2 mins",
                 "}",
                 "service lmtp {",
                 "  unix_listener lmtp {",
@@ -423,6 +439,7 @@ class DovecotServer:
                 f"default_internal_user = {me}",
                 f"default_internal_group = {my_group}",
                 "service pop3-login {\n  chroot =\n}",
+                "service imap-login {\n  chroot =\n}",
                 "service anvil {\n  chroot =\n}",
             ]
         return "\n".join(lines)
@@ -448,6 +465,19 @@ class DovecotServer:
                 "  inet_listener pop3s {",
                 f"    address = {self.host}",
                 f"    port = {self.pop3s_port}",
+                "    ssl = yes",
+                "  }",
+            ]
+        )
+
+    def _imaps_listener(self) -> str:
+        if self.imaps_port is None:
+            return ""
+        return "\n".join(
+            [
+                "  inet_listener imaps {",
+                f"    address = {self.host}",
+                f"    port = {self.imaps_port}",
                 "    ssl = yes",
                 "  }",
             ]
