@@ -24,11 +24,17 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class MailboxEntry:
     """One message as a listing shows it: its unique id, its size in octets as the server announced it, and the
-    source's own handle for it (``ref``: a POP3 message number, an IMAP folder and UID)."""
+    source's own handle for it (``ref``: a POP3 message number, an IMAP folder and UID).
+
+    ``stays``: the source keeps this message where it is once handled (an IMAP folder read with ``after_fetch:
+    seen`` or ``keep``). The poller treats it as with ``keep: true`` -- its record stays while it is listed and it is
+    never fetched or asked for again -- but still calls `Mailbox.delete` for it once, after the commit, so that the
+    source can apply its action (mark it seen)."""
 
     uid: str
     size: int
     ref: Any = None
+    stays: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,11 +84,13 @@ class Mailbox(Protocol):
         ...
 
     def delete(self, entry: MailboxEntry) -> None:
-        """Ask for the message's removal (the poller calls it only once the message's outcome is committed)."""
+        """Ask for the message's removal -- for an entry that `stays`, for the source's after-handling action
+        instead (the poller calls it only once the message's outcome is committed)."""
         ...
 
     def finish(self) -> list[MailboxEntry]:
-        """End the session cleanly; returns the entries whose removal the server confirmed."""
+        """End the session cleanly; returns the entries whose removal (or, for entries that stay, whose action)
+        the server confirmed."""
         ...
 
     def abort(self) -> None:

@@ -116,7 +116,7 @@ class Poller:
             raise
         # The records stay until the UIDs are gone from the listing (`StateStore.note_listing`): a server that
         # answers +OK to QUIT but keeps the messages has them deleted again next poll, not delivered again.
-        stats.deleted = len(deleted)
+        stats.deleted = sum(1 for entry in deleted if not entry.stays)
 
     @staticmethod
     def _open(account: Account, poll: Poll, hooks: AccountHooks) -> Mailbox:
@@ -160,7 +160,7 @@ class Poller:
             if entry.uid in duplicated:
                 log.warning("message.skipped", uid=entry.uid, reason="the server lists this UID more than once")
                 stats.left += 1
-            elif record is not None and record.handled and (not account.keep or record.absent):
+            elif record is not None and record.handled and (not (account.keep or entry.stays) or record.absent):
                 to_verify.append((entry, record))  # a UID back after an absence is checked too, even with keep
             elif record is not None and (record.status == REJECTED or (record.handled and not account.fetch_all)):
                 stats.left += 1
@@ -242,7 +242,7 @@ class AccountSession:
                             reason="this UID now names a message with other headers: treated as a new message")
                 self.store.forget(self.account.name, [entry.uid])
                 to_fetch.append(entry)
-        return [] if self.account.keep else same
+        return [entry for entry in same if not (self.account.keep or entry.stays)]
 
     def fetch(self, to_fetch: list[MailboxEntry]) -> None:
         fetched = self.mailbox.fetch(to_fetch, stop=self.poller.stop.is_set)
@@ -409,10 +409,11 @@ class AccountSession:
                 self.hooks.notify("message_delivered", message=message, account=self.account, destinations=answers)
 
     def delete(self, entry: MailboxEntry) -> None:
-        if self.account.keep:
+        if self.account.keep or entry.stays:
             self.stats.left += 1
-            return
-        self.mailbox.delete(entry)
+            if self.account.keep:
+                return
+        self.mailbox.delete(entry)  # for an entry that stays: the source's own action (an IMAP \Seen flag)
 
 
 def session_deadline(account: Account, started: float, to_fetch: Sequence[MailboxEntry]) -> float:

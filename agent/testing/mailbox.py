@@ -46,9 +46,11 @@ class FakeMailbox:
     break_after: int | None = None  # the session breaks after this many messages were fetched
     break_at_delete: bool = False  # the session breaks when the first deletion is asked for (POP3: at DELE)
     break_at_finish: bool = False  # the session's end never arrives, so nothing is deleted (POP3: QUIT lost)
+    stays: bool = False  # listed as entries that stay (IMAP after_fetch: seen): handled ones are marked, not removed
     sessions: int = 0  # sessions opened
     fetched: list[str] = field(default_factory=list)  # every UID fetched, in order, over all sessions
     deleted: list[str] = field(default_factory=list)  # every UID removed, in order
+    marked: list[str] = field(default_factory=list)  # every UID marked as handled (``stays``), in order
     deadline: float | None = None
     _asked: list[str] = field(default_factory=list)  # deletions asked for in the open session
     _added: int = 0  # messages added so far: numbers the UIDs given
@@ -74,7 +76,7 @@ class FakeMailbox:
         return self
 
     def listing(self) -> Sequence[MailboxEntry]:
-        return [MailboxEntry(uid, len(data), uid) for uid, data in self.messages.items()]
+        return [MailboxEntry(uid, len(data), uid, stays=self.stays) for uid, data in self.messages.items()]
 
     def headers(self, entry: MailboxEntry) -> bytes | None:
         if not self.shows_headers:
@@ -112,7 +114,10 @@ class FakeMailbox:
         for uid in self._asked:
             if uid in self.refuse_deletion or uid not in self.messages:
                 continue
-            done.append(MailboxEntry(uid, len(self.messages[uid]), uid))
+            done.append(MailboxEntry(uid, len(self.messages[uid]), uid, stays=self.stays))
+            if self.stays:
+                self.marked.append(uid)
+                continue
             del self.messages[uid]
             self.deleted.append(uid)
         self._asked = []
