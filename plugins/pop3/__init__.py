@@ -55,8 +55,8 @@ def open_mailbox(account: Account, poll: Poll) -> POP3Mailbox | None:
 def authorize(account: Account, state_dir: Path, out: TextIO, flow: str, open_browser: bool) -> int | None:
     if account.protocol not in SOURCE_PROTOCOLS:
         return None
-    from postbote.plugins.pop3.login import AuthSettings
     from postbote.plugins.signin.authorize import run_auth  # HTTP and a browser: only for `postbote auth`
+    from postbote.plugins.signin.login import AuthSettings
 
     settings = AuthSettings.from_account(account, state_dir)
     return run_auth(settings.oauth2, out, account=account.name, cache_dir=settings.cache_dir, flow=flow,
