@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from postbote.state import KeyedTable, LegacyTable, PollRecord, WaitingMessage, read_account_state
     from postbote.status import WaitingSummary, stale_after
     from postbote.tls import TLSError, TLSPolicy
+    from postbote.watch import Watch
     from postbote.wire import CRLFEncoder, LFEncoder, SMTPDataEncoder, crlf_lines, lf_lines, smtp_data
     from postbote.yaml_reader import (
         Node,
@@ -65,6 +66,8 @@ _FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
     "postbote.poll": ("Poll", "PollStats"),
     # a mail source: the mailbox seam (the open_mailbox hook)
     "postbote.mailbox": ("Fetched", "Mailbox", "MailboxEntry", "NotFetched", "TooLarge"),
+    # push: connections that say when new mail arrives (the watch_mailbox hook)
+    "postbote.watch": ("Watch",),
     # what a destination answers (the deliver_message hook)
     "postbote.delivery": ("Delivered", "DeliveryResult", "Pending", "Staged"),
     # reading a plugin's options, with the core's file:line errors
@@ -105,7 +108,7 @@ __all__ = [  # spelled out, so that type checkers see the re-exports; tests/test
     "Account", "Config", "Destination", "Message", "Poll", "PollStats", "Verdict", "hookimpl",
     "parse_destination_entry",
     # a mail source
-    "Fetched", "Mailbox", "MailboxEntry", "NotFetched", "TooLarge",
+    "Fetched", "Mailbox", "MailboxEntry", "NotFetched", "TooLarge", "Watch",
     # what a destination answers
     "Delivered", "DeliveryResult", "Pending", "Staged",
     # reading a plugin's options

@@ -17,6 +17,9 @@ Signals are turned into requests handled by the main loop, between polls:
 * SIGHUP: load the config again; an invalid one is logged and the old one stays. The new one takes over once the
   polls running on the old one have finished.
 * SIGUSR1 (``postbote poll`` sends it when a daemon holds the state directory): poll every account now.
+
+Push: after a successful poll of an account whose source can watch for new mail (IMAP IDLE, the
+``watch_mailbox`` hook), its watches are handed to one `Watcher` thread; new mail there queues the account at once.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from postbote.sdnotify import Notifier
 from postbote.state import StateStore
 from postbote.status import WaitingSummary, stale_after, waiting_messages
 from postbote.tls import forget_contexts
+from postbote.watch import Watcher
 
 log = structlog.get_logger("postbote.daemon")
 
@@ -217,6 +221,8 @@ class Daemon:
         self._again: set[str] = set()  # asked to poll now while polling: polled once more when that poll ends
         self._results: SimpleQueue[PollResult] = SimpleQueue()
         self._requests: deque[int] = deque()
+        self._pushed: deque[str] = deque()  # accounts a watch said have new mail
+        self._watcher = Watcher(self._new_mail)
         self._wakeup = Wakeup()
         self._stopping = False
         self._mute = RepeatedLoginFailureFilter()
@@ -278,6 +284,7 @@ class Daemon:
             self._collect_results()
             if self._stopping:
                 break
+            self._poll_pushed()
             self._apply_pending_reload()
             self.scheduler.run_pending()
             self._start_queued()
@@ -293,6 +300,7 @@ class Daemon:
         return max(0.0, min(candidates))
 
     def _shut_down(self) -> None:
+        self._watcher.stop()
         running = sorted(self._workers)
         log.info("daemon.stopping", polls_running=running or None)
         self.notifier.stopping(f"stopping; finishing {', '.join(running)}" if running else "stopping")
@@ -342,6 +350,40 @@ class Daemon:
                 self._again.add(name)
             else:
                 self._enqueue(name)
+
+    # --- push
+
+    def _new_mail(self, name: str) -> None:
+        """A watch saw new mail for account ``name`` (called from the watcher thread)."""
+        self._pushed.append(name)
+        self._wakeup.poke()
+
+    def _poll_pushed(self) -> None:
+        while self._pushed:
+            name = self._pushed.popleft()
+            if name not in self._slots:
+                continue
+            if name in self._workers:
+                self._again.add(name)  # its listing may predate the new mail
+            else:
+                self._enqueue(name)
+
+    def _watch(self, poller: Poller, account: Account) -> None:
+        """Open the account's watches after a successful poll, if its source offers push and none is open."""
+        if self.stop.is_set() or self._watcher.watching(account.name):
+            return
+        hooks = poller.pm.hooks_for(account)
+        if not hooks.implemented("watch_mailbox"):
+            return
+        with structlog.contextvars.bound_contextvars(account=account.name):
+            try:
+                watches = hooks.call("watch_mailbox", passing=(PostboteError,), account=account,
+                                     state_dir=self.store.path.parent)
+            except PostboteError as exc:
+                log.warning("watch.unavailable", error=str(exc), effect="polled at its poll_interval")
+                return
+        if watches:
+            self._watcher.add(account.name, list(watches))
 
     # --- scheduling
 
@@ -394,6 +436,11 @@ class Daemon:
         structlog.contextvars.clear_contextvars()
         started = time.time()
         stats = poll_guarded(poller, account)
+        if stats.ok:
+            try:
+                self._watch(poller, account)
+            except Exception:  # noqa: BLE001 - a plugin's bug in push must not lose the poll's result
+                log.exception("watch.crashed", account=account.name)
         self._results.put(PollResult(account.name, stats, started, auth_watch.take(account.name)))
         self._wakeup.poke()
 
@@ -500,6 +547,9 @@ class Daemon:
         self._poller = self._make_poller(new.pm, self.store, self.stop)
         self._on_reload(new.config)
         before = set(self._slots)
+        for name, slot in self._slots.items():
+            if self._watcher.watching(name) and slot.account not in new.config.accounts:
+                self._watcher.drop(name)  # removed or changed: the next poll watches with the new settings
         self._plan(new.config.accounts, previous=self._slots)
         log.info("config.reloaded", config=str(new.config.path), accounts=len(new.config.accounts),
                  added=sorted(set(self._slots) - before) or None, removed=sorted(before - set(self._slots)) or None)

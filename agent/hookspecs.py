@@ -50,6 +50,7 @@ if TYPE_CHECKING:
         Problems,
         Section,
         Verdict,
+        Watch,
     )
 
 PROJECT = "postbote"
@@ -136,6 +137,18 @@ def open_mailbox(account: Account, poll: Poll) -> Mailbox | None:
     state directory (for token caches). Raise an `AccountError` (or a subclass) when the server cannot be reached
     or refuses the login: the account's poll fails with that message and other accounts go on.
     Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def watch_mailbox(account: Account, state_dir: Path) -> list[Watch] | None:
+    """Push for ``postbote run``: if ``account.protocol`` is yours and the account asks for it, open connections
+    that wait for new mail (IMAP IDLE) and return them as `postbote.Watch` objects; else return None.
+
+    Called by the daemon in a poll's thread after a successful poll of an account that has no open watch. The
+    daemon waits on all watches in one thread and polls the account as soon as one says new mail arrived; a watch
+    that breaks is closed and the account goes back to its ``poll_interval``. Raise an `AccountError` when the
+    server cannot be watched (logged; the account is polled on schedule). Stops at the first non-None result.
     """
 
 

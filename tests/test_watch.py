@@ -1,0 +1,150 @@
+"""Push (the ``watch_mailbox`` hook): ``postbote run`` polls an account as soon as one of its watches reports new
+mail, falls back to the account's ``poll_interval`` when a watch breaks, and watches again after the next poll.
+
+The daemon runs in-process with a fake mailbox and a watch over a socket pair the test speaks into: the test is the
+server saying "new mail". IMAP IDLE against a real Dovecot is tested with the IMAP source."""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from postbote import hookimpl
+from postbote.config import load_config
+from postbote.daemon import Daemon
+from postbote.pluginmanager import make_plugin_manager
+from postbote.state import StateStore
+from postbote.testing import FakeSource
+
+from tests.harness import mail, wait_until
+
+
+class SocketWatch:
+    """A watch whose "server" is the other end of a socket pair: ``NEW`` announces mail, closing breaks it."""
+
+    name = "INBOX"
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def readable(self) -> bool:
+        data = self.sock.recv(100)
+        if not data:
+            raise OSError("the server closed the connection")
+        return b"NEW" in data
+
+    def refresh_at(self) -> float:
+        return time.monotonic() + 3600
+
+    def refresh(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+
+class PushSource:
+    """Answers ``watch_mailbox`` with one `SocketWatch`; keeps the server ends."""
+
+    def __init__(self) -> None:
+        self.servers: list[socket.socket] = []
+        self.watches: list[SocketWatch] = []
+
+    @hookimpl
+    def watch_mailbox(self, account, state_dir):  # type: ignore[no-untyped-def]
+        server, ours = socket.socketpair()
+        self.servers.append(server)
+        self.watches.append(SocketWatch(ours))
+        return [self.watches[-1]]
+
+
+class Soonest(random.Random):
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+@pytest.fixture
+def fake() -> FakeSource:
+    return FakeSource()
+
+
+@pytest.fixture
+def push() -> Iterator[PushSource]:
+    push = PushSource()
+    yield push
+    for server in push.servers:
+        server.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, fake: FakeSource, push: PushSource) -> Iterator[Daemon]:
+    config = tmp_path / "push.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\naccounts:\n"
+                      f"  - {{name: fake, protocol: fake, poll_interval: 1h, "
+                      f"deliver: {{maildir: {tmp_path / 'Maildir'}}}}}\n")
+    pm = make_plugin_manager(entry_points=False, extra=[fake, push])
+    loaded = load_config(config, pm)
+    store = StateStore(loaded.state_dir)
+    daemon = Daemon(pm, loaded, store, rng=Soonest())
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    yield daemon
+    daemon.request(signal.SIGTERM)
+    thread.join(30)
+    store.close()
+    assert not thread.is_alive()
+
+
+def delivered(tmp_path: Path) -> int:
+    new = tmp_path / "Maildir" / "new"
+    return len(list(new.iterdir())) if new.exists() else 0
+
+
+def test_hook_watch_mailbox(tmp_path: Path, fake: FakeSource, push: PushSource, daemon: Daemon) -> None:
+    """New mail a watch reports is fetched at once, not at the next poll interval."""
+    fake.mailbox("fake").add(mail(1))
+    assert wait_until(lambda: delivered(tmp_path) == 1 and push.watches, 15)
+    fake.mailbox("fake").add(mail(2))
+    push.servers[0].send(b"NEW")
+    assert wait_until(lambda: delivered(tmp_path) == 2, 15), "the watch's news did not start a poll"
+    assert fake.mailbox("fake").sessions == 2 and len(push.watches) == 1  # the watch stays open across polls
+
+
+def test_a_broken_watch_is_closed_and_the_next_successful_poll_watches_again(
+        tmp_path: Path, fake: FakeSource, push: PushSource, daemon: Daemon) -> None:
+    assert wait_until(lambda: push.watches, 15)
+    push.servers[0].close()
+    assert wait_until(lambda: push.watches[0].closed, 15)
+    assert fake.mailbox("fake").sessions == 1  # no poll for a broken watch: the account waits for its interval
+    daemon.request(signal.SIGUSR1)  # the next poll, however it comes
+    assert wait_until(lambda: len(push.watches) == 2, 15)
+    fake.mailbox("fake").add(mail(3))
+    push.servers[1].send(b"NEW")
+    assert wait_until(lambda: delivered(tmp_path) == 1, 15)
+
+
+def test_a_watch_that_says_nothing_new_starts_no_poll(tmp_path: Path, fake: FakeSource, push: PushSource,
+                                                       daemon: Daemon) -> None:
+    assert wait_until(lambda: push.watches, 15)
+    push.servers[0].send(b"NOOP")
+    daemon.request(signal.SIGUSR1)  # a poll that is asked for, to know the watcher read the NOOP before it
+    assert wait_until(lambda: fake.mailbox("fake").sessions == 2, 15)
+    time.sleep(0.2)
+    assert fake.mailbox("fake").sessions == 2
+
+
+def test_stopping_the_daemon_closes_every_watch(fake: FakeSource, push: PushSource, daemon: Daemon) -> None:
+    assert wait_until(lambda: push.watches, 15)
+    daemon.request(signal.SIGTERM)
+    assert wait_until(lambda: push.watches[0].closed, 15)
