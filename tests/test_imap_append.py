@@ -1,0 +1,480 @@
+"""IMAP as a destination (issue 13): ``deliver: {imap: {...}}`` APPENDs each message into a folder of an IMAP
+mailbox, and a message counts as delivered only with the server's tagged OK; otherwise it stays on the source.
+
+The first part checks the keys (errors name file, line and key) and the pieces that need no server; the rest runs a
+poll from a `FakeMailbox` into a real Dovecot (IMAP for user ``bob``) and reads what arrived back with the standard
+library's ``imaplib`` -- an implementation independent of postbote's client -- or from bob's Maildir on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import imaplib
+import re
+import socket
+import textwrap
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from postbote import Message, crlf_lines
+from postbote.config import load_config
+from postbote.errors import ConfigError
+from postbote.pluginmanager import make_plugin_manager
+from postbote.plugins.imap_append import checked_length, measure, sent_at
+from postbote.state import DEFERRED, DELIVERED, REJECTED
+from structlog.testing import capture_logs
+
+from tests.harness import RigFactory, corpus, corpus_message, corpus_number, strip_trace_header
+from tests.servers.dovecot import DovecotServer, dovecot_binary
+
+pytestmark = pytest.mark.usefixtures("time_limit")
+
+TIME_LIMIT = 90.0
+USERS = 40  # fresh mailboxes of the module's Dovecot, one per test
+QUOTA = """
+mail_plugins = $mail_plugins quota
+protocol imap {
+  mail_plugins = $mail_plugins imap_quota
+}
+plugin {
+  quota = maildir:User quota
+  quota_rule = *:storage=%s
+  quota_max_mail_size = %s
+}
+"""
+
+# ================================================================== the keys
+
+
+def write(tmp_path: Path, deliver: str) -> Path:
+    path = tmp_path / "postbote.yaml"
+    path.write_text("accounts:\n  - name: a\n    host: pop.example.org\n    username: u\n    password: p\n"
+                    "    deliver:\n" + textwrap.indent(textwrap.dedent(deliver), " " * 6))
+    path.chmod(0o600)
+    return path
+
+
+def problems(tmp_path: Path, deliver: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, deliver), make_plugin_manager(entry_points=False))
+    return str(caught.value)
+
+
+def test_an_imap_destination_reads_the_connection_keys_of_an_imap_source_and_defaults_to_inbox_unread(
+        tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """\
+        imap: {host: imap.example.org, username: me@example.org, password_file: pw}
+    """), make_plugin_manager(entry_points=False))
+    (destination,) = config.accounts[0].destinations
+    settings = destination.settings
+    assert destination.kind == "imap"
+    assert (settings.connection.host, settings.connection.port, str(settings.connection.tls)) == \
+        ("imap.example.org", 993, "implicit")
+    assert (settings.folder, settings.create_folder, settings.flags, settings.internaldate) == \
+        ("INBOX", True, (), "date")
+    assert destination.label == "imap:me@example.org@imap.example.org:993/INBOX"
+
+
+def test_flags_folder_and_internaldate_are_read_and_system_flags_take_their_proper_case(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """\
+        imap:
+          host: imap.example.org
+          port: 143
+          tls: starttls
+          username: me
+          password: secret
+          folder: Archive/From the old account
+          create_folder: false
+          flags: ["\\\\seen", $Forwarded, "\\\\Flagged"]
+          internaldate: fetch
+    """), make_plugin_manager(entry_points=False))
+    settings = config.accounts[0].destinations[0].settings
+    assert settings.flags == ("\\Seen", "$Forwarded", "\\Flagged")
+    assert (settings.folder, settings.create_folder, settings.internaldate) == \
+        ("Archive/From the old account", False, "fetch")
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ("{host: h, username: u, password: p, flags: ['\\\\Recent']}", "deliver.imap.flags: expected one of the system"),
+    ("{host: h, username: u, password: p, flags: ['two words']}", "deliver.imap.flags: expected a keyword"),
+    ("{host: h, username: u, password: p, flags: ['a)']}", "deliver.imap.flags: expected a keyword"),
+    ("{host: h, username: u, password: p, internaldate: received}", "deliver.imap.internaldate: expected one of"),
+    ("{host: h, username: u, password: p, folder: ''}", "deliver.imap.folder:"),
+    ("{host: h, username: u, password: p, foldr: x}", "deliver.imap.foldr: unknown key (did you mean 'folder'?)"),
+    ("{username: u, password: p}", "deliver.imap.host: required key is missing"),
+    ("{host: h, password: p}", "deliver.imap.username: required key is missing"),
+    ("{host: h, username: u, password: p, tls: maybe}", "deliver.imap.tls: expected one of"),
+])
+def test_each_mistake_names_the_line_and_the_key(tmp_path: Path, options: str, expected: str) -> None:
+    message = problems(tmp_path, f"imap: {options}\n")
+    assert f":7: accounts[0].{expected}" in message
+
+
+# ================================================================== the pieces
+
+
+def test_the_literal_length_is_counted_over_the_crlf_form_without_holding_the_message() -> None:
+    for data in (b"a\nb\rc\r\nd", b"", b"x" * 200_000 + b"\n", b"no end", b"nul\x00\r\n", b"cr at end\r"):
+        message = Message.from_bytes(data)
+        length, has_nul = measure(message)
+        assert length == len(b"".join(crlf_lines(message.chunks()))), data[:20]
+        assert has_nul == (b"\0" in data)
+
+
+def test_a_literal_that_comes_out_longer_or_shorter_than_announced_is_stopped() -> None:
+    assert b"".join(checked_length([b"ab", b"c"], 3)) == b"abc"
+    with pytest.raises(Exception, match="grew past the 2 octets"):
+        b"".join(checked_length([b"ab", b"c"], 2))
+    with pytest.raises(Exception, match="had 3 octets, not the 4"):
+        b"".join(checked_length([b"ab", b"c"], 4))
+
+
+NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("field", "expected"), [
+    ("Mon, 7 Dec 2026 01:02:03 +0100", datetime(2026, 12, 7, 0, 2, 3, tzinfo=UTC)),
+    ("7 Dec 2026 01:02:03 -0000", datetime(2026, 12, 7, 1, 2, 3, tzinfo=UTC)),  # no zone known: taken as UTC
+    ("Sun, 06 Dec 2026 23:59:59 GMT", datetime(2026, 12, 6, 23, 59, 59, tzinfo=UTC)),
+    (None, None),
+    ("", None),
+    ("yesterday", None),
+    ("Mon, 7 Dec 2099 01:02:03 +0000", None),  # spam from the future would sort on top for ever
+    ("Thu, 1 Jan 1960 00:00:00 +0000", None),
+])
+def test_internaldate_is_the_date_field_unless_it_cannot_be_believed(field: str | None,
+                                                                     expected: datetime | None) -> None:
+    assert sent_at(field, now=NOW) == expected
+
+
+# ================================================================== against Dovecot
+
+
+@pytest.fixture(scope="module")
+def imap_dovecot(pki: Any) -> Iterator[DovecotServer]:
+    """One Dovecot for the module's tests; each test takes a fresh user (`fresh_user`). The users exist from the
+    start: one added while Dovecot runs may not be known to it at once (it re-reads the passwd-file lazily)."""
+    if dovecot_binary() is None:
+        pytest.skip("the dovecot binary is not installed (apt-get install dovecot-imapd)")
+    server = DovecotServer(pki=pki, tls=True, users={f"u{n}": f"u{n}-secret" for n in range(1, USERS + 1)})
+    server.start()
+    yield server
+    server.stop()
+
+
+_users = iter(range(1, USERS + 1))
+
+
+def fresh_user(dovecot: DovecotServer) -> str:
+    return f"u{next(_users)}"
+
+
+class IMAPTarget:
+    """A Dovecot user's mailbox as a rig's destination; what arrived is read back with imaplib."""
+
+    def __init__(self, dovecot: DovecotServer, user: str, folder: str = "INBOX", **options: Any) -> None:
+        self.dovecot = dovecot
+        self.user = user
+        self.folder = folder
+        self.options = options
+
+    def deliver(self) -> dict[str, Any]:
+        return {"imap": {"host": self.dovecot.host, "port": self.dovecot.imap_port, "tls": "none",
+                         "username": self.user, "password": self.dovecot.password(self.user),
+                         "folder": self.folder, "timeout": "10s", **self.options}}
+
+    def delivered(self) -> list[bytes]:
+        return [message["body"] for message in self.fetch()]
+
+    def fetch(self, folder: str | None = None) -> list[dict[str, Any]]:
+        """Every message of the folder: its bytes (BODY[]), FLAGS and INTERNALDATE, in UID order."""
+        with imaplib.IMAP4(self.dovecot.host, self.dovecot.imap_port, timeout=10) as client:
+            client.login(self.user, self.dovecot.password(self.user))
+            status, _ = client.select(_quoted(folder or self.folder), readonly=True)
+            if status != "OK":
+                return []
+            status, data = client.uid("FETCH", "1:*", "(FLAGS INTERNALDATE BODY.PEEK[])")
+            assert status == "OK", data
+            messages = []
+            for item in data:
+                if not isinstance(item, tuple):
+                    continue
+                head = item[0].decode()
+                flags = re.search(r"FLAGS \(([^)]*)\)", head)
+                internaldate = re.search(r'INTERNALDATE "([^"]+)"', head)
+                assert flags and internaldate, head
+                messages.append({"body": item[1], "flags": set(flags.group(1).split()),
+                                 "internaldate": datetime.strptime(internaldate.group(1), "%d-%b-%Y %H:%M:%S %z")})
+            return messages
+
+    def folders(self) -> list[str]:
+        with imaplib.IMAP4(self.dovecot.host, self.dovecot.imap_port, timeout=10) as client:
+            client.login(self.user, self.dovecot.password(self.user))
+            _, data = client.list()
+            return [re.sub(r'^\([^)]*\) "[^"]*" ', "", item.decode()).strip('"') for item in data
+                    if isinstance(item, bytes)]
+
+
+def _quoted(folder: str) -> str:
+    return '"' + folder.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def logins(dovecot: DovecotServer, user: str) -> int:
+    return len(re.findall(rf"imap-login: Info: Login: user=<{user}>", dovecot.new_log()))
+
+
+HAZARDS = [
+    b"Subject: 8-bit\r\n\r\nGr\xc3\xbc\xc3\x9fe, d\xc3\xa9j\xc3\xa0 vu \xff\xfe raw\r\n",
+    b"Subject: long line\r\n\r\n" + b"L" * 20_000 + b"\r\nshort\r\n",
+    b"Subject: bare LF and CR\r\n\r\none\ntwo\r\ncarriage\rreturn\r\n",
+    b"Subject: dots\r\n\r\n.\r\n..\r\n.hidden\r\n",
+    b"Subject: no final line end\r\n\r\nlast",
+    b"Subject: imap syntax in the body\r\n\r\n)\r\n* OK [ALERT] hi\r\na1 LOGOUT\r\n{5}\r\n",
+]
+
+
+def numbered(n: int, data: bytes) -> bytes:
+    return f"Message-ID: <corpus-{n}@postbote.test>\r\n".encode() + data
+
+
+@pytest.mark.dovecot
+def test_pop3_to_imap_every_byte_arrives_as_sent_apart_from_line_ends_and_the_message_shows_as_unread(
+        make_rig: RigFactory, imap_dovecot: DovecotServer) -> None:
+    messages = [numbered(n, data) for n, data in enumerate(HAZARDS, start=1)]
+    target = IMAPTarget(imap_dovecot, fresh_user(imap_dovecot))
+    rig = make_rig(messages, target=target, source="fake")
+
+    stats = rig.poll()
+
+    assert stats.ok and stats.delivered == len(messages), stats
+    assert rig.audit().everything_delivered_once_and_deleted
+    arrived = target.fetch()
+    for sent, got in zip(messages, arrived, strict=True):
+        assert strip_trace_header(got["body"]) == b"".join(crlf_lines([sent])), sent[:60]
+        assert "\\Seen" not in got["flags"]
+    assert all(record.status == DELIVERED and re.fullmatch(r"imap: appended to INBOX as UID \d+ \(UIDVALIDITY \d+\)",
+                                                           record.reason)
+               for record in rig.records().values()), rig.records()
+
+
+@pytest.mark.dovecot
+def test_a_nul_byte_arrives_as_a_nul_byte(make_rig: RigFactory, imap_dovecot: DovecotServer) -> None:
+    """Dovecot offers BINARY: the message goes as a literal8, and the file in the Maildir holds the NUL."""
+    user = fresh_user(imap_dovecot)
+    rig = make_rig([numbered(1, b"Subject: nul\r\n\r\nnul\x00byte\r\n")], target=IMAPTarget(imap_dovecot, user),
+                   source="fake")
+
+    assert rig.poll().delivered == 1
+    (stored,) = imap_dovecot.messages(user)
+    assert stored.endswith(b"\n\nnul\x00byte\n")  # Dovecot stores LF line ends
+
+
+@pytest.mark.dovecot
+def test_configured_flags_are_set_and_a_missing_folder_is_created(make_rig: RigFactory,
+                                                                   imap_dovecot: DovecotServer) -> None:
+    target = IMAPTarget(imap_dovecot, fresh_user(imap_dovecot), folder="Old account.Inbox",
+                        flags=["\\Seen", "$Forwarded"])
+    rig = make_rig(corpus(3), target=target, source="fake")
+
+    with capture_logs() as logs:
+        stats = rig.poll()
+
+    assert stats.ok and stats.delivered == 3, stats
+    assert "Old account.Inbox" in target.folders()  # Dovecot's Maildir++ separates levels with "."
+    assert [corpus_number(m["body"]) for m in target.fetch()] == [1, 2, 3]
+    assert all({"\\Seen", "$Forwarded"} <= m["flags"] for m in target.fetch())
+    assert [e for e in logs if e["event"] == "imap_append.folder_created"], "the CREATE is logged"
+
+
+@pytest.mark.dovecot
+def test_internaldate_is_when_the_message_was_sent_or_else_when_it_was_fetched(
+        make_rig: RigFactory, imap_dovecot: DovecotServer) -> None:
+    dated = numbered(1, b"Date: Mon, 7 Dec 2026 01:02:03 +0100\r\nSubject: dated\r\n\r\nx\r\n")
+    undated = numbered(2, b"Subject: undated\r\n\r\nx\r\n")
+    from_the_future = numbered(3, b"Date: Fri, 1 Jan 2100 00:00:00 +0000\r\nSubject: future\r\n\r\nx\r\n")
+    target = IMAPTarget(imap_dovecot, fresh_user(imap_dovecot))
+    rig = make_rig([dated, undated, from_the_future], target=target, source="fake")
+
+    before = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
+    assert rig.poll().delivered == 3
+    after = datetime.now(UTC) + timedelta(seconds=1)
+
+    first, second, third = (m["internaldate"] for m in target.fetch())
+    assert first == datetime(2026, 12, 7, 0, 2, 3, tzinfo=UTC)
+    assert before <= second <= after
+    assert before <= third <= after
+
+
+@pytest.mark.dovecot
+def test_internaldate_fetch_ignores_the_date_field(make_rig: RigFactory, imap_dovecot: DovecotServer) -> None:
+    target = IMAPTarget(imap_dovecot, fresh_user(imap_dovecot), internaldate="fetch")
+    rig = make_rig([numbered(1, b"Date: Mon, 1 Dec 2025 01:02:03 +0100\r\n\r\nx\r\n")], target=target,
+                   source="fake")
+    before = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
+    assert rig.poll().delivered == 1
+    assert target.fetch()[0]["internaldate"] >= before
+
+
+@pytest.mark.dovecot
+def test_a_missing_folder_without_create_folder_defers_with_a_reason_that_says_what_to_do(
+        make_rig: RigFactory, imap_dovecot: DovecotServer) -> None:
+    target = IMAPTarget(imap_dovecot, fresh_user(imap_dovecot), folder="Nowhere", create_folder=False)
+    rig = make_rig(corpus(2), target=target, source="fake")
+
+    stats = rig.poll()
+
+    assert stats.ok and stats.deferred == 2 and stats.delivered == 0, stats
+    assert rig.audit().on_server == (1, 2)
+    reasons = [record.reason for record in rig.records().values() if record.status == DEFERRED]
+    assert len(reasons) == 2
+    for reason in reasons:
+        assert "[TRYCREATE]" in reason and "create_folder" in reason and "'Nowhere'" in reason, reason
+    assert "Nowhere" not in target.folders()
+
+
+@pytest.mark.dovecot
+def test_a_full_mailbox_defers_the_message_and_the_source_keeps_it_until_there_is_room(
+        make_rig: RigFactory, dovecot_factory: Any) -> None:
+    dovecot = dovecot_factory(tls=False, extra_config=QUOTA % ("30K", "0"))
+    small = [corpus_message(n) for n in (1, 2)]
+    large = corpus_message(3, body_lines=1500)  # ~40 kB: over the quota
+    target = IMAPTarget(dovecot, "bob")
+    rig = make_rig([*small, large], target=target, source="fake")
+
+    stats = rig.poll()
+
+    assert stats.ok and stats.delivered == 2 and stats.deferred == 1, stats
+    audit = rig.audit()
+    assert audit.on_server == (3,) and audit.delivered_once == [1, 2]
+    (record,) = [r for r in rig.records().values() if r.status == DEFERRED]
+    assert "[OVERQUOTA]" in record.reason, record.reason
+
+
+@pytest.mark.dovecot
+def test_a_message_the_server_refuses_for_good_is_rejected_and_stays_on_the_source(
+        make_rig: RigFactory, dovecot_factory: Any) -> None:
+    """Dovecot's quota_max_mail_size: no mailbox will ever take a message this large."""
+    dovecot = dovecot_factory(tls=False, extra_config=QUOTA % ("100M", "20K"))
+    target = IMAPTarget(dovecot, "bob")
+    rig = make_rig([corpus_message(1), corpus_message(2, body_lines=1500), corpus_message(3)], target=target,
+                   source="fake")
+
+    stats = rig.poll()
+
+    assert stats.ok and stats.delivered == 2 and stats.rejected == 1, stats
+    audit = rig.audit()
+    assert audit.on_server == (2,) and 2 in audit.rejected
+    assert "imap bob@" in audit.rejected[2] and " NO " in audit.rejected[2], audit.rejected
+
+
+@pytest.mark.dovecot
+def test_one_session_carries_every_message_of_a_poll(make_rig: RigFactory, imap_dovecot: DovecotServer) -> None:
+    user = fresh_user(imap_dovecot)
+    target = IMAPTarget(imap_dovecot, user)
+    rig = make_rig(corpus(40), target=target, source="fake")
+
+    stats = rig.poll()
+
+    assert stats.delivered == 40
+    imap_dovecot.wait_for_log(rf"Login: user=<{user}>")
+    assert logins(imap_dovecot, user) == 1
+    assert [corpus_number(m) for m in target.delivered()] == list(range(1, 41))
+
+
+@pytest.mark.dovecot
+def test_a_login_the_destination_refuses_defers_every_message_after_one_attempt(
+        make_rig: RigFactory, imap_dovecot: DovecotServer) -> None:
+    user = fresh_user(imap_dovecot)
+    target = IMAPTarget(imap_dovecot, user, password="wrong")
+    rig = make_rig(corpus(5), target=target, source="fake")
+
+    stats = rig.poll()
+
+    assert stats.ok and stats.deferred == 5, stats
+    assert rig.audit().on_server == (1, 2, 3, 4, 5)
+    imap_dovecot.wait_for_log(rf"user=<{user}>.*auth failed|auth failed.*user=<{user}>|{user}.*Disconnected")
+    assert len(re.findall(rf"user=<{user}>", imap_dovecot.new_log())) <= 2, "one login attempt, not one per message"
+    assert "wrong" not in " ".join(r.reason for r in rig.records().values())
+
+
+# ================================================================== the connection breaks
+
+
+class CuttingProxy:
+    """Forwards a TCP connection to ``port``; cuts it when the client has sent ``cut_after`` bytes of its
+    ``nth`` APPEND (counted from the command's first byte), so the server never sees the whole literal."""
+
+    def __init__(self, port: int, *, nth: int, cut_after: int) -> None:
+        self.port = port
+        self.nth = nth
+        self.cut_after = cut_after
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.cuts = 0
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.listener.getsockname()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            server = socket.create_connection(("127.0.0.1", self.port))
+            threading.Thread(target=self._pipe, args=(server, client, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, server, self.connections == 1), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, watch: bool | None) -> None:
+        stream = bytearray()  # what the client sent so far (small: a test's few messages)
+        try:
+            while data := source.recv(65536):
+                if watch:
+                    offset = len(stream)
+                    stream += data
+                    starts = [m.start() for m in re.finditer(rb"(?:^|\r\n)\w+ APPEND ", stream)]
+                    if len(starts) >= self.nth and len(stream) >= starts[self.nth - 1] + self.cut_after:
+                        sink.sendall(data[:max(0, starts[self.nth - 1] + self.cut_after - offset)])
+                        self.cuts += 1
+                        return
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.dovecot
+def test_a_connection_cut_mid_append_defers_that_message_and_nothing_is_lost_or_doubled(
+        make_rig: RigFactory, imap_dovecot: DovecotServer) -> None:
+    user = fresh_user(imap_dovecot)
+    proxy = CuttingProxy(imap_dovecot.imap_port, nth=3, cut_after=300)
+    target = IMAPTarget(imap_dovecot, user)
+    rig = make_rig(corpus(6, body_lines=40), target=target, source="fake")
+    config = target.deliver()["imap"] | {"port": proxy.address[1]}
+    try:
+        first = rig.poll(deliver={"imap": config})
+        assert first.ok and proxy.cuts == 1, first
+        assert first.deferred >= 1 and first.delivered + first.deferred == 6, first
+        after_cut = rig.audit()
+        assert after_cut.duplicates == 0
+        rig.poll(deliver={"imap": config})
+    finally:
+        proxy.close()
+    audit = rig.audit()
+    assert audit.everything_delivered_once_and_deleted, audit
+    assert not [r for r in rig.records().values() if r.status == REJECTED]
