@@ -1,0 +1,431 @@
+"""IMAP as a source (issue 13) against a real Dovecot: ``postbote poll`` of ``protocol: imap`` accounts into a
+Maildir, driven as a user drives it (a YAML config, the command in process), the server inspected and changed
+behind postbote's back with a second IMAP client (the stdlib's imaplib).
+
+Dovecot serves Maildir++ folders, whose hierarchy delimiter is ".": ``Lists.*`` is every folder below Lists.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import MaildirTarget, Postbote, make_message, run_postbote
+from tests.servers.certs import TestPKI
+from tests.servers.dovecot import DovecotServer
+
+pytestmark = pytest.mark.dovecot
+
+
+# --- the second client, and what the server holds ---------------------------------------------------------------
+
+
+@contextmanager
+def other_client(dovecot: DovecotServer, user: str = "alice") -> Iterator[imaplib.IMAP4]:
+    """Another mail client of ``user``'s (a phone, a webmail), logged in over plain IMAP."""
+    client = imaplib.IMAP4(dovecot.host, dovecot.imap_port, timeout=10)
+    client.login(user, dovecot.password(user))
+    try:
+        yield client
+    finally:
+        client.logout()
+
+
+def append(dovecot: DovecotServer, folder: str, *messages: bytes, flags: str = "") -> None:
+    with other_client(dovecot) as client:
+        for data in messages:
+            status, answer = client.append(folder, flags or None, None, data.replace(b"\n", b"\r\n"))
+            if status != "OK" and b"TRYCREATE" in answer[0]:
+                client.create(folder)
+                status, answer = client.append(folder, flags or None, None, data.replace(b"\n", b"\r\n"))
+            assert status == "OK", answer
+
+
+def subjects_in(dovecot: DovecotServer, folder: str = "INBOX") -> list[str]:
+    """The subjects of the messages in ``folder``, in UID order (read without setting \\Seen)."""
+    with other_client(dovecot) as client:
+        status, _ = client.select(folder, readonly=True)
+        assert status == "OK", folder
+        _, data = client.uid("FETCH", "1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    return [re.sub(rb"^Subject: |\r\n", b"", item[1]).decode() for item in data if isinstance(item, tuple)]
+
+
+def flags_in(dovecot: DovecotServer, folder: str = "INBOX") -> list[set[str]]:
+    with other_client(dovecot) as client:
+        client.select(folder, readonly=True)
+        _, data = client.uid("FETCH", "1:*", "(FLAGS)")
+    return [set(re.search(rb"FLAGS \(([^)]*)\)", line).group(1).decode().split())  # type: ignore[union-attr]
+            for line in data if isinstance(line, bytes)]
+
+
+def delivered_subjects(maildir: Path) -> list[str]:
+    target = MaildirTarget(maildir)
+    found = []
+    for data in target.delivered():
+        match = re.search(rb"^Subject: (.*)$", data, re.MULTILINE)
+        found.append(match.group(1).decode() if match else "?")
+    return sorted(found)
+
+
+# --- postbote ---------------------------------------------------------------------------------------------------
+
+
+class IMAPRig:
+    """Alice's IMAP account in front, a Maildir behind, postbote run in this process (its JSON log captured)."""
+
+    def __init__(self, dovecot: DovecotServer, postbote: Postbote, capsys: pytest.CaptureFixture[str]) -> None:
+        self.dovecot = dovecot
+        self.postbote = postbote
+        self.capsys = capsys
+        self.maildir = postbote.directory / "Maildir"
+        self.output = ""
+
+    def account(self, **keys: Any) -> dict[str, Any]:
+        entry: dict[str, Any] = {"name": "alice", "protocol": "imap", "host": self.dovecot.host,
+                                 "port": self.dovecot.imap_port, "tls": "none", "username": "alice",
+                                 "password": self.dovecot.password("alice"), "timeout": "10s",
+                                 "deliver": {"maildir": str(self.maildir)}}
+        entry.update(keys)
+        return {key: value for key, value in entry.items() if value is not None}
+
+    def configure(self, **keys: Any) -> Path:
+        return self.postbote.configure([self.account(**keys)])
+
+    def poll(self, **keys: Any) -> int:
+        self.configure(**keys)
+        self.capsys.readouterr()
+        status = self.postbote.poll()
+        captured = self.capsys.readouterr()
+        self.output = captured.out + captured.err
+        print(self.output)  # shown when the test fails
+        return status
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        found = []
+        for line in self.output.splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event") == name:
+                found.append(event)
+        return found
+
+    def finished(self) -> dict[str, Any]:
+        (event,) = self.events("poll.finished")
+        return event
+
+    def delivered(self) -> list[str]:
+        return delivered_subjects(self.maildir)
+
+
+@pytest.fixture
+def rig(dovecot: DovecotServer, postbote: Postbote, capsys: pytest.CaptureFixture[str]) -> IMAPRig:
+    return IMAPRig(dovecot, postbote, capsys)
+
+
+def messages(*subjects: str) -> list[bytes]:
+    return [make_message(subject) for subject in subjects]
+
+
+# --- after fetch ------------------------------------------------------------------------------------------------
+
+
+def test_delete_delivers_each_message_and_expunges_exactly_those(rig: IMAPRig, dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("one", "two", "three"))
+
+    assert rig.poll() == 0
+
+    assert rig.delivered() == ["one", "three", "two"]
+    assert subjects_in(dovecot) == []
+    assert rig.finished()["deleted"] == 3
+
+
+def test_delete_leaves_what_another_client_marked_deleted_alone(rig: IMAPRig, dovecot: DovecotServer) -> None:
+    """Never a bare EXPUNGE: a message another client flagged \\Deleted (and has not expunged yet) is neither
+    fetched nor expunged by postbote."""
+    append(dovecot, "INBOX", *messages("mine", "theirs"))
+    with other_client(dovecot) as client:
+        client.select("INBOX")
+        client.uid("STORE", "2", "+FLAGS.SILENT", r"(\Deleted)")
+
+    assert rig.poll() == 0
+
+    assert rig.delivered() == ["mine"]
+    assert subjects_in(dovecot) == ["theirs"]
+    assert "\\Deleted" in flags_in(dovecot)[0]
+
+
+def test_move_moves_delivered_messages_into_move_to_created_when_missing(rig: IMAPRig,
+                                                                         dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("one", "two"))
+
+    assert rig.poll(after_fetch="move", move_to="Fetched") == 0
+
+    assert rig.delivered() == ["one", "two"]
+    assert subjects_in(dovecot) == []
+    assert subjects_in(dovecot, "Fetched") == ["one", "two"]
+    assert rig.poll(after_fetch="move", move_to="Fetched") == 0
+    assert rig.delivered() == ["one", "two"]
+
+
+def test_seen_marks_delivered_messages_seen_and_fetches_each_once(rig: IMAPRig, dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("one", "two"))
+
+    assert rig.poll(after_fetch="seen") == 0
+    assert rig.poll(after_fetch="seen") == 0
+
+    assert rig.delivered() == ["one", "two"]
+    assert subjects_in(dovecot) == ["one", "two"]
+    assert all("\\Seen" in flags for flags in flags_in(dovecot))
+
+
+def test_keep_leaves_messages_untouched_unread_and_fetches_each_once(rig: IMAPRig, dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("one", "two"))
+
+    assert rig.poll(after_fetch="keep") == 0
+    assert rig.poll(after_fetch="keep") == 0
+
+    assert rig.delivered() == ["one", "two"]
+    assert subjects_in(dovecot) == ["one", "two"]
+    assert not any("\\Seen" in flags for flags in flags_in(dovecot)), "fetching must not set \\Seen"
+
+
+def test_account_keep_true_keeps_imap_messages(rig: IMAPRig, dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("one"))
+
+    assert rig.poll(keep=True) == 0
+    assert rig.poll(keep=True) == 0
+
+    assert rig.delivered() == ["one"]
+    assert subjects_in(dovecot) == ["one"]
+
+
+# --- folders ----------------------------------------------------------------------------------------------------
+
+
+def test_several_folders_and_a_wildcard_are_fetched_and_other_folders_are_not(rig: IMAPRig,
+                                                                              dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("inbox"))
+    append(dovecot, "Lists.python", *messages("python list"))
+    append(dovecot, "Lists.rust", *messages("rust list"))
+    append(dovecot, "Work", *messages("work"))
+    append(dovecot, "Private", *messages("private"))
+
+    assert rig.poll(folders=["INBOX", "Lists.*", {"name": "Work", "after_fetch": "seen"}]) == 0
+
+    assert rig.delivered() == ["inbox", "python list", "rust list", "work"]
+    assert subjects_in(dovecot, "Lists.python") == subjects_in(dovecot, "Lists.rust") == []
+    assert subjects_in(dovecot, "Work") == ["work"] and "\\Seen" in flags_in(dovecot, "Work")[0]
+    assert subjects_in(dovecot, "Private") == ["private"]
+
+
+def test_a_folder_made_later_that_matches_a_wildcard_is_fetched_by_the_next_poll(
+        rig: IMAPRig, dovecot: DovecotServer) -> None:
+    append(dovecot, "Lists.one", *messages("first"))
+    assert rig.poll(folders=["Lists.*"]) == 0
+
+    append(dovecot, "Lists.two", *messages("second"))
+    assert rig.poll(folders=["Lists.*"]) == 0
+
+    assert rig.delivered() == ["first", "second"]
+
+
+def test_the_move_to_folder_is_not_fetched_even_when_a_wildcard_matches_it(rig: IMAPRig,
+                                                                           dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("one"))
+
+    for _ in range(2):
+        assert rig.poll(folders=["*"], after_fetch="move", move_to="Archive") == 0
+
+    assert rig.delivered() == ["one"]
+    assert subjects_in(dovecot, "Archive") == ["one"]
+
+
+def test_a_configured_folder_that_does_not_exist_fails_the_account_clearly(rig: IMAPRig,
+                                                                           dovecot: DovecotServer) -> None:
+    assert rig.poll(folders=["INBOX", "Nope"]) == 1
+
+    (failed,) = rig.events("account.failed")
+    assert "cannot open folder 'Nope'" in failed["error"]
+
+
+def test_a_uidvalidity_change_fetches_the_folder_again_and_is_logged(rig: IMAPRig, dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("one", "two"))
+    assert rig.poll(after_fetch="keep") == 0
+    old = uidvalidity(dovecot)
+
+    change_uidvalidity(dovecot, "alice", old + 1000)
+    assert rig.poll(after_fetch="keep") == 0
+
+    assert rig.delivered() == ["one", "one", "two", "two"]
+    (changed,) = rig.events("imap.uidvalidity_changed")
+    assert (changed["folder"], changed["old"], changed["new"]) == ("INBOX", old, old + 1000)
+    assert "all 2 messages in this folder count as new" in changed["reason"]
+    assert rig.poll(after_fetch="keep") == 0
+    assert len(rig.delivered()) == 4
+
+
+def uidvalidity(dovecot: DovecotServer, folder: str = "INBOX") -> int:
+    with other_client(dovecot) as client:
+        _, data = client.status(folder, "(UIDVALIDITY)")
+    return int(re.search(rb"UIDVALIDITY (\d+)", data[0]).group(1))  # type: ignore[union-attr]
+
+
+def change_uidvalidity(dovecot: DovecotServer, user: str, value: int) -> None:
+    """What a server restored from a backup or a migrated mailbox does: a new UIDVALIDITY for the same mail.
+    Dovecot keeps it in the Maildir's dovecot-uidlist (its first line's V field) and its indexes (rebuilt)."""
+    maildir = dovecot.maildir(user)
+    uidlist = maildir / "dovecot-uidlist"
+    header, _, rest = uidlist.read_text().partition("\n")
+    uidlist.write_text(re.sub(r" V\d+", f" V{value}", header, count=1) + "\n" + rest)
+    for index in maildir.glob("dovecot.index*"):
+        index.unlink()
+    assert uidvalidity(dovecot) == value
+
+
+# --- selection --------------------------------------------------------------------------------------------------
+
+
+def test_a_message_appended_between_polls_is_fetched_once(rig: IMAPRig, dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("early"))
+    assert rig.poll(after_fetch="keep") == 0
+
+    append(dovecot, "INBOX", *messages("late"))
+    assert rig.poll(after_fetch="keep") == 0
+    assert rig.poll(after_fetch="keep") == 0
+
+    assert rig.delivered() == ["early", "late"]
+
+
+def test_unseen_only_fetches_only_unread_messages(rig: IMAPRig, dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("unread"))
+    append(dovecot, "INBOX", *messages("read"), flags=r"(\Seen)")
+
+    assert rig.poll(unseen_only=True, after_fetch="seen") == 0
+
+    assert rig.delivered() == ["unread"]
+    assert subjects_in(dovecot) == ["unread", "read"]
+
+
+def test_max_messages_fetches_that_many_per_poll(rig: IMAPRig, dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("one", "two", "three"))
+
+    assert rig.poll(max_messages=2) == 0
+    assert len(rig.delivered()) == 2
+    assert rig.poll(max_messages=2) == 0
+
+    assert rig.delivered() == ["one", "three", "two"]
+    assert subjects_in(dovecot) == []
+
+
+def test_a_message_over_max_size_stays_on_the_server_and_the_others_are_delivered(
+        rig: IMAPRig, dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", make_message("big", b"x" * 5000 + b"\n"), *messages("small"))
+
+    rig.poll(max_size="2KB")  # a rejected message makes the exit status 1; the poll itself went well
+
+    assert rig.finished()["ok"] and rig.delivered() == ["small"]
+    assert subjects_in(dovecot) == ["big"]
+    (rejected,) = rig.events("message.rejected")
+    assert "larger than max_size" in rejected["reason"]
+
+
+# --- TLS and login ----------------------------------------------------------------------------------------------
+
+
+def test_starttls_with_the_configured_ca_delivers(rig: IMAPRig, dovecot: DovecotServer, pki: TestPKI) -> None:
+    append(dovecot, "INBOX", *messages("over starttls"))
+
+    assert rig.poll(tls="starttls", tls_ca_file=str(pki.ca_file)) == 0
+
+    assert rig.delivered() == ["over starttls"]
+
+
+def test_implicit_tls_with_the_configured_ca_delivers(rig: IMAPRig, dovecot: DovecotServer, pki: TestPKI) -> None:
+    append(dovecot, "INBOX", *messages("over tls"))
+
+    assert rig.poll(tls="implicit", port=dovecot.imaps_port, tls_ca_file=str(pki.ca_file)) == 0
+
+    assert rig.delivered() == ["over tls"]
+
+
+def test_implicit_tls_refuses_a_certificate_the_system_does_not_trust(rig: IMAPRig, dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("stays"))
+
+    assert rig.poll(tls="implicit", port=dovecot.imaps_port) == 1
+
+    assert rig.delivered() == []
+    assert subjects_in(dovecot) == ["stays"]
+    assert "certificate" in rig.events("account.failed")[0]["error"]
+
+
+def test_starttls_fails_closed_when_the_server_does_not_offer_it(rig: IMAPRig, dovecot_factory: Any,
+                                                                  pki: TestPKI) -> None:
+    plain_only = dovecot_factory(tls=False)
+    rig.dovecot = plain_only
+    append(plain_only, "INBOX", *messages("must not leak"))
+    mark = plain_only.log_mark()
+
+    assert rig.poll(tls="starttls", tls_ca_file=str(pki.ca_file)) == 1
+
+    assert "does not offer STARTTLS" in rig.events("account.failed")[0]["error"]
+    plain_only.wait_for_log(r"imap-login: .*Disconnected.*\(no auth attempts", since=mark)
+    assert rig.delivered() == []
+
+
+@pytest.mark.parametrize("auth", ["plain", "login", "auto"])
+def test_password_mechanisms_log_in(rig: IMAPRig, dovecot: DovecotServer, pki: TestPKI, auth: str) -> None:
+    append(dovecot, "INBOX", *messages(f"via {auth}"))
+
+    assert rig.poll(tls="starttls", tls_ca_file=str(pki.ca_file), auth=auth) == 0
+
+    assert rig.delivered() == [f"via {auth}"]
+
+
+def test_a_wrong_password_fails_with_a_clear_error_exit_1_and_no_traceback(rig: IMAPRig,
+                                                                           dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("stays"))
+    config = rig.configure(password="not-the-password")
+
+    run = run_postbote(config, "poll", timeout=60)
+
+    assert run.status == 1, run.output
+    assert "Traceback" not in run.output and "not-the-password" not in run.output
+    assert re.search(r"user alice, (PLAIN|LOGIN)\); check the username and the password", run.output), run.output
+    assert subjects_in(dovecot) == ["stays"]
+
+
+def test_a_password_crosses_a_plain_connection_only_with_tls_none_and_a_warning(rig: IMAPRig,
+                                                                                dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("sent in clear"))
+
+    assert rig.poll(tls="none", auth="plain") == 0
+
+    assert rig.events("login.cleartext")
+    assert rig.delivered() == ["sent in clear"]
+
+
+# --- size -------------------------------------------------------------------------------------------------------
+
+
+def test_a_200_mb_message_is_streamed_to_disk_under_64_mb_of_memory(rig: IMAPRig, dovecot: DovecotServer) -> None:
+    line = b"0123456789" * 99 + b"abcdef\n"
+    big = b"Subject: a 200 MB message\n\n" + line * (200_000_000 // len(line))
+    dovecot.deliver("alice", big)
+    config = rig.configure(timeout="60s", max_size="300MB")
+
+    run = run_postbote(config, "poll", timeout=180, address_space=2 << 30)
+
+    assert run.status == 0, run.output[-2000:]
+    assert run.peak_rss_mb < 64, f"peak RSS {run.peak_rss_mb:.0f} MB for a 200 MB message"
+    (delivered,) = MaildirTarget(rig.maildir).files("new")
+    assert delivered.stat().st_size > len(big)  # the message and the trace field
+    assert dovecot.count("alice") == 0
