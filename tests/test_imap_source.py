@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from postbote.plugins.imap.client import IMAPClient, IMAPConnectionError
 
 from tests.harness import MaildirTarget, Postbote, make_message, run_postbote
 from tests.servers.certs import TestPKI
@@ -161,6 +162,26 @@ def test_delete_leaves_what_another_client_marked_deleted_alone(rig: IMAPRig, do
     assert rig.delivered() == ["mine"]
     assert subjects_in(dovecot) == ["theirs"]
     assert "\\Deleted" in flags_in(dovecot)[0]
+
+
+def test_messages_flagged_deleted_by_a_session_that_broke_before_expunge_are_expunged_next_poll(
+        rig: IMAPRig, dovecot: DovecotServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """postbote's own \\Deleted flags are not "another client's": a session lost between UID STORE and UID
+    EXPUNGE leaves them flagged, and the next poll finishes their deletion without delivering them again."""
+    append(dovecot, "INBOX", *messages("one", "two"))
+
+    def connection_lost(self: IMAPClient, uids: Any) -> None:
+        raise IMAPConnectionError("connection lost (test)")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(IMAPClient, "uid_expunge", connection_lost)
+        assert rig.poll() == 1
+    assert subjects_in(dovecot) == ["one", "two"] and all("\\Deleted" in flags for flags in flags_in(dovecot))
+
+    assert rig.poll() == 0
+
+    assert rig.delivered() == ["one", "two"]
+    assert subjects_in(dovecot) == []
 
 
 def test_move_moves_delivered_messages_into_move_to_created_when_missing(rig: IMAPRig,

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from postbote import AccountError, Fetched, MailboxEntry, NotFetched, StateError, TooLarge
@@ -31,6 +32,9 @@ from postbote.plugins.imap.client import (
     SelectedFolder,
 )
 from postbote.plugins.imap.settings import AfterFetch, FolderRule, IMAPSettings
+
+if TYPE_CHECKING:
+    from postbote import KeyedTable
 
 log = structlog.get_logger("postbote.imap")
 PIPELINE_WINDOW = 1  # UID FETCHes in flight; 64 once the client copes with Dovecot answering them in parallel
@@ -55,6 +59,8 @@ class IMAPMailbox:
         self._exists: dict[str, int] = {}  # folder -> messages in it at the listing
         self._selected: str | None = None
         self._actions: dict[str, list[MailboxEntry]] = {}  # folder -> entries whose after-fetch action is due
+        self._folder_table: KeyedTable | None = None
+        self._table_failed = False
         check_capabilities(client, settings)
 
     @property
@@ -78,8 +84,9 @@ class IMAPMailbox:
                 continue
             listed = self.client.listing(unseen_only=self.settings.unseen_only, gmail=self.settings.gmail)
             log.debug("imap.folder", folder=folder, uidvalidity=selected.uidvalidity, messages=len(listed))
+            ours = self._expunging(folder, selected.uidvalidity)
             for message in listed:
-                if any(flag.upper() == DELETED.upper() for flag in message.flags):
+                if message.uid not in ours and any(flag.upper() == DELETED.upper() for flag in message.flags):
                     continue  # another client deleted it and will expunge it: not ours to fetch
                 if self.settings.gmail and message.gm_msgid is not None:
                     if message.gm_msgid in gmail_seen:
@@ -131,15 +138,8 @@ class IMAPMailbox:
 
     def _note_uidvalidities(self) -> None:
         """Log each folder whose UIDVALIDITY changed since the last poll, and remember the values now listed."""
-        if self.state_dir is None or not self._uidvalidity:
-            return
-        from postbote import KeyedTable
-
-        try:
-            table = KeyedTable.open(self.state_dir, FOLDER_TABLE)
-        except StateError as exc:
-            log.warning("imap.folder_table_unavailable", error=str(exc),
-                        reason="UIDVALIDITY changes are not reported this poll (records are per UIDVALIDITY anyway)")
+        table = self._table()
+        if table is None or not self._uidvalidity:
             return
         try:
             known = table.get_many(self.account, self._uidvalidity)
@@ -152,8 +152,55 @@ class IMAPMailbox:
                     table.put(self.account, folder, value)
         except StateError as exc:
             log.warning("imap.folder_table_unavailable", error=str(exc))
-        finally:
-            table.close()
+
+    def _expunging(self, folder: str, uidvalidity: int) -> set[int]:
+        """The UIDs of ``folder`` this account flagged \\Deleted and has not seen expunged (a session that ended
+        between STORE and UID EXPUNGE): listed again although flagged, so that their deletion is finished."""
+        table = self._table()
+        try:
+            entry = table.get(f"{self.account}/expunging", f"{folder};{uidvalidity}") if table else None
+        except StateError:
+            return set()
+        if entry is None or not isinstance(entry.value, list):
+            return set()
+        return {uid for uid in entry.value if isinstance(uid, int)}
+
+    def _note_expunging(self, folder: str, uids: list[int] | None) -> None:
+        """Remember (or, with None, forget) the UIDs about to be flagged \\Deleted and expunged in ``folder``."""
+        table = self._table()
+        if table is None:
+            return
+        key = f"{folder};{self._uidvalidity.get(folder)}"
+        try:
+            if uids is None:
+                table.delete(f"{self.account}/expunging", key)
+            else:
+                pending: Any = sorted(set(uids) | self._expunging_now(folder))
+                table.put(f"{self.account}/expunging", key, pending)
+        except StateError as exc:
+            log.warning("imap.folder_table_unavailable", error=str(exc))
+
+    def _expunging_now(self, folder: str) -> set[int]:
+        return self._expunging(folder, self._uidvalidity.get(folder, 0))
+
+    def _table(self) -> KeyedTable | None:
+        """The account's folder table (``state_dir/imap_folders.sqlite3``), opened once per session; None when
+        there is no state directory or it cannot be opened (then changes are not reported, nothing else)."""
+        if self._folder_table is None and self.state_dir is not None and not self._table_failed:
+            from postbote import KeyedTable
+
+            try:
+                self._folder_table = KeyedTable.open(self.state_dir, FOLDER_TABLE)
+            except StateError as exc:
+                self._table_failed = True
+                log.warning("imap.folder_table_unavailable", error=str(exc),
+                            reason="UIDVALIDITY changes are not reported this poll (records are per UIDVALIDITY)")
+        return self._folder_table
+
+    def _close_table(self) -> None:
+        if self._folder_table is not None:
+            self._folder_table.close()
+            self._folder_table = None
 
     # --- reading ---
 
@@ -227,20 +274,24 @@ class IMAPMailbox:
             uids = [uid for _, uid in (entry.ref for entry in entries)]
             try:
                 self._ensure_selected(folder)
-                self._apply(rule, uids)
+                self._apply(folder, rule, uids)
             except IMAPError as exc:
                 # A NO or BAD: the session is still in step; the records make the next poll try again.
                 log.warning("message.delete_refused", folder=folder, messages=len(uids), action=str(rule.after_fetch),
                             reply=str(exc), reason="recorded as handled; the action is tried again next poll")
                 continue
             confirmed.extend(entries)
+        self._close_table()
         try:
             self.client.logout()
         except IMAPConnectionError as exc:
             log.debug("imap.logout_failed", error=str(exc))  # what was confirmed before stays confirmed
         return confirmed
 
-    def _apply(self, rule: FolderRule, uids: list[int]) -> None:
+    def _apply(self, folder: str, rule: FolderRule, uids: list[int]) -> None:
+        expunge = rule.after_fetch is AfterFetch.DELETE and self.client.has("UIDPLUS")
+        if expunge:
+            self._note_expunging(folder, uids)
         for start in range(0, len(uids), UIDS_PER_COMMAND):
             part = uids[start:start + UIDS_PER_COMMAND]
             if rule.after_fetch is AfterFetch.SEEN:
@@ -251,6 +302,8 @@ class IMAPMailbox:
             else:
                 self.client.store_flags(part, [DELETED])
                 self.client.uid_expunge(part)
+        if expunge:
+            self._note_expunging(folder, None)
 
     def _move(self, uids: list[int], folder: str) -> None:
         try:
@@ -268,6 +321,7 @@ class IMAPMailbox:
             self.client.read_fetched(lambda _: None)
 
     def abort(self) -> None:
+        self._close_table()
         self.client.close()
 
 
