@@ -1,0 +1,150 @@
+"""Process death during an IMAP poll (issue 13): ``postbote poll`` of a ``protocol: imap`` account, killed with
+SIGKILL at many points, never loses a message and costs at most one duplicate per kill.
+
+A chain starts with 150 messages of 1-20 kB in alice's INBOX on a real Dovecot. ``python -m postbote poll`` runs
+as a child delivering into a Maildir and is killed: once during start-up (by time), then whenever the Maildir holds
+a chosen number of staged or delivered messages (files appear in ``tmp/`` as each message is written, in ``new/``
+as its batch commits), and once when every message is delivered (the after-fetch phase: STORE, UID EXPUNGE, MOVE).
+After every run, killed or not, each message must be still in INBOX or delivered (with ``move``: a message moved
+to the archive must have been delivered); then postbote runs to completion and every message has arrived, with
+at most one duplicate per kill.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.harness import MaildirTarget, child_env, corpus_message, corpus_number, postbote_argv, run_postbote
+from tests.servers.dovecot import DovecotServer
+
+pytestmark = [pytest.mark.dovecot, pytest.mark.usefixtures("time_limit")]
+
+TIME_LIMIT = 240.0
+MAILBOX = 150
+KILL_SHARES = (0.01, 0.2, 0.43, 0.5, 0.7, 0.95)  # of the messages still to deliver, staged in this run
+STARTUP_KILL = 0.3  # seconds after the start: interpreter, config, state, connecting
+
+
+@dataclass
+class Tally:
+    kills: int = 0
+    missed: int = 0
+    phases: Counter[str] = field(default_factory=Counter)
+
+
+class Chain:
+    def __init__(self, directory: Path, dovecot: DovecotServer, **account: Any) -> None:
+        self.directory = directory
+        self.dovecot = dovecot
+        self.target = MaildirTarget(directory / "Maildir")
+        self.numbers = tuple(range(1, MAILBOX + 1))
+        for number in self.numbers:
+            dovecot.deliver("alice", corpus_message(number, body_lines=20 + (number * 37) % 500))
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config = directory / "postbote.yaml"
+        entry = {"name": "alice", "protocol": "imap", "host": dovecot.host, "port": dovecot.imap_port,
+                 "tls": "none", "username": "alice", "password": dovecot.password("alice"), "timeout": "10s",
+                 "deliver": {"maildir": str(self.target.path)}, **account}
+        document = {"state_dir": str(directory / "state"), "log": {"level": "debug", "format": "json"},
+                    "accounts": [entry]}
+        self.config.write_text(yaml.safe_dump(document, sort_keys=False))
+        self.config.chmod(0o600)
+
+    def in_inbox(self) -> set[int]:
+        return {n for data in self.dovecot.messages("alice") if (n := corpus_number(data)) is not None}
+
+    def copies(self) -> Counter[int]:
+        return Counter(n for data in self.target.delivered() if (n := corpus_number(data)) is not None)
+
+    def staged(self) -> int:
+        return len(self.target.files("tmp")) + len(self.target.files("new"))
+
+    def check(self) -> Counter[int]:
+        """No message lost: each is delivered or still in INBOX (a moved or expunged one was delivered)."""
+        copies = self.copies()
+        inbox = self.in_inbox()
+        lost = [n for n in self.numbers if n not in inbox and copies[n] == 0]
+        assert lost == [], f"messages lost: {lost}"
+        return copies
+
+    def undelivered(self) -> int:
+        copies = self.copies()
+        return sum(1 for n in self.numbers if copies[n] == 0)
+
+    def run_killed(self, tally: Tally, *, after: float | None = None, share: float | None = None,
+                   all_delivered: bool = False) -> None:
+        """Kill the child ``after`` seconds, once it staged ``share`` of the messages still to deliver (files it
+        wrote in this run), or once ``all_delivered`` are (it is then in the after-fetch phase)."""
+        base = self.staged()
+        staged = max(1, round((share or 0) * self.undelivered()))
+
+        def due() -> bool:
+            if after is not None:
+                return time.monotonic() - started >= after
+            if all_delivered:
+                return self.undelivered() == 0
+            return self.staged() - base >= staged
+
+        phase = "start-up" if after is not None else "after fetch" if all_delivered else f"{share:.0%} staged"
+        with open(self.directory / "child.log", "ab") as log:
+            child = subprocess.Popen(postbote_argv(self.config, "poll"), stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=log, env=child_env(), cwd=self.directory)
+            started = time.monotonic()
+            while child.poll() is None:
+                if due():
+                    child.kill()  # SIGKILL
+                    child.wait(timeout=30)
+                    tally.kills += 1
+                    tally.phases[phase] += 1
+                    break
+                if time.monotonic() - started > 60:
+                    child.kill()
+                    child.wait(timeout=30)
+                    pytest.fail("a poll ran for a minute without reaching its kill point")
+                time.sleep(0.0005)
+            else:
+                tally.missed += 1
+        self.check()
+
+    def finish(self, *, empties_inbox: bool) -> Counter[int]:
+        for _ in range(4):
+            run = run_postbote(self.config, "poll", timeout=120)
+            if run.status == 0 and (not empties_inbox or not self.in_inbox()):
+                break
+            time.sleep(0.5)
+        return self.check()
+
+
+@pytest.mark.parametrize("after_fetch", ["delete", "move", "seen"])
+def test_sigkill_at_many_points_of_an_imap_poll_loses_nothing_and_duplicates_at_most_one_per_kill(
+        dovecot: DovecotServer, tmp_path: Path, after_fetch: str) -> None:
+    account: dict[str, Any] = {"after_fetch": after_fetch}
+    if after_fetch == "move":
+        account["move_to"] = "Archive"
+    chain = Chain(tmp_path / "chain", dovecot, **account)
+    tally = Tally()
+
+    chain.run_killed(tally, after=STARTUP_KILL)
+    for share in KILL_SHARES:
+        chain.run_killed(tally, share=share)
+    chain.run_killed(tally, all_delivered=True)
+
+    copies = chain.finish(empties_inbox=after_fetch != "seen")
+
+    assert sorted(copies) == list(chain.numbers), "every message delivered"
+    duplicates = sum(count - 1 for count in copies.values())
+    assert duplicates <= tally.kills, f"{duplicates} duplicates after {tally.kills} kills ({tally})"
+    if after_fetch == "seen":
+        assert chain.in_inbox() == set(chain.numbers)
+    else:
+        assert chain.in_inbox() == set()
+    print(f"{after_fetch}: {tally.kills} kills ({dict(tally.phases)}), {tally.missed} polls ended first, "
+          f"{duplicates} duplicates, 0 lost")
