@@ -2,10 +2,11 @@
 
 Hypothesis generates cases (`tests.model.plan.cases`): a mailbox of unusual messages on the scripted POP3 server
 (dot lines, bare CR and LF, NUL, 8-bit, long lines, UIDs listed twice, a new message taking a deleted one's UID at the
-same size), one to three destinations of every kind (Maildir, mbox, MDA, SMTP, LMTP) each refusing on its own
-schedule (temporarily, permanently, or crashing), and several polls, each with server faults (drops, garbage, stalls,
-a stray line after a message, lenient dot-stuffing, an empty listing, ``+OK`` to QUIT without committing), the state
-database locked by another process from some step on, and SIGKILL at some step. Clean polls follow. After every poll
+same size), one to three destinations of every kind (Maildir, mbox, MDA, SMTP, LMTP, IMAP APPEND into a real
+Dovecot) each refusing on its own schedule (temporarily, permanently, or crashing), and several polls, each with
+server faults (drops, garbage, stalls, a stray line after a message, lenient dot-stuffing, an empty listing, ``+OK``
+to QUIT without committing), the state database locked by another process from some step on, and SIGKILL at some
+step. Clean polls follow. After every poll
 the invariants of `tests.model.ledger` must hold: nothing lost, no duplicate beyond what a crash may cost, nothing
 stuck, no fault hidden from the poll's result.
 
@@ -26,9 +27,19 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, note, settings
 
-from tests.model.destinations import Kind, Outcome
+from tests.model.destinations import Kind, Outcome, imap_available, stop_shared_servers
 from tests.model.ledger import InvariantBroken
-from tests.model.plan import Arrival, Case, InjectedFault, MessageSpec, PollPlan, ServerFault, cases
+from tests.model.plan import (
+    Arrival,
+    Case,
+    InjectedFault,
+    Kill,
+    KillPoint,
+    MessageSpec,
+    PollPlan,
+    ServerFault,
+    cases,
+)
 from tests.model.runner import TALLY, CaseRun
 
 EXAMPLES = int(os.environ.get("POSTBOTE_MODEL_EXAMPLES", "150"))
@@ -42,6 +53,7 @@ def summary(request: pytest.FixtureRequest) -> Iterator[None]:
     """At the end: how many cases and polls ran, and which faults they exercised."""
     TALLY.clear()
     yield
+    stop_shared_servers()
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if reporter is None or capture is None:
@@ -115,4 +127,28 @@ KNOWN_PATHS = {
 
 @pytest.mark.parametrize("case", KNOWN_PATHS.values(), ids=KNOWN_PATHS.keys())
 def test_the_loss_and_duplicate_paths_of_issue_11_stay_closed(case: Case) -> None:
+    run_case(case)
+
+
+# POP3 -> IMAP APPEND (issue 13), as regular cases: what the random ones reach only now and then.
+IMAP_PATHS = {
+    "a refused, a full and a cut APPEND, then clean polls: each message once in the folder": Case(
+        TWO + (MessageSpec(("NUL", "long line")),), (Kind.IMAP,), keep=False, raw_line_endings=False,
+        polls=(PollPlan(destination_outcomes=((Outcome.PERMANENT, Outcome.TEMPORARY, Outcome.CRASH),)),)),
+    "IMAP after a Maildir, IMAP deferring: no second Maildir copy": Case(
+        TWO, (Kind.MAILDIR, Kind.IMAP), keep=False, raw_line_endings=True,
+        polls=(PollPlan(destination_outcomes=((), (Outcome.TEMPORARY, Outcome.CRASH))),) * 2),
+    "SIGKILL at the third hook step of a poll into IMAP and SMTP": Case(
+        TWO + (MessageSpec(("8-bit",)),), (Kind.IMAP, Kind.SMTP), keep=False, raw_line_endings=False,
+        polls=(PollPlan(kill=Kill(KillPoint.HOOK, 3)), PollPlan(kill=Kill(KillPoint.COMMAND, 4)))),
+    "keep: true into IMAP, with a cut": Case(
+        TWO, (Kind.IMAP,), keep=True, raw_line_endings=False,
+        polls=(PollPlan(destination_outcomes=((Outcome.CRASH,),)), PollPlan())),
+}
+
+
+@pytest.mark.dovecot
+@pytest.mark.skipif(not imap_available(), reason="the dovecot binary is not installed")
+@pytest.mark.parametrize("case", IMAP_PATHS.values(), ids=IMAP_PATHS.keys())
+def test_pop3_to_imap_append_loses_nothing_and_duplicates_only_what_a_crash_may_cost(case: Case) -> None:
     run_case(case)

@@ -1,16 +1,21 @@
-"""The five destination kinds of the model, each able to fail on a schedule, and what each has received.
+"""The six destination kinds of the model, each able to fail on a schedule, and what each has received.
 
 A schedule is per poll: the i-th delivery attempt to that destination in the poll gets the i-th `Outcome`
 (attempts past the schedule succeed). Where the real destination can be told to fail, it is: the SMTP and LMTP
-servers (`FaultySMTP`: 451, 550, or the connection dropped after the data) and the MDA (a shell script that exits 75
-or 1, or kills itself, as its schedule file says). A Maildir or an mbox cannot be made to refuse one message on
-demand when the tests run as root, so their refusals come from the model plugin (`runner.ModelPlugin`), which answers
-``deliver_message`` for that destination before the real plugin does.
+servers (`FaultySMTP`: 451, 550, or the connection dropped after the data), the MDA (a shell script that exits 75
+or 1, or kills itself, as its schedule file says) and IMAP: a real Dovecot, one folder of its one user per
+destination, behind an `AppendProxy` that answers the i-th APPEND with ``NO [OVERQUOTA]`` or ``NO`` itself, or cuts
+the connection halfway through its literal, so that Dovecot never holds a message postbote was told it refused.
+Dovecot starts with the first IMAP destination and serves the whole test session (`stop_shared_servers`).
+A Maildir or an mbox cannot be made to refuse one message on demand when the tests run as root, so their refusals
+come from the model plugin (`runner.ModelPlugin`), which answers ``deliver_message`` for that destination before the
+real plugin does.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +24,8 @@ from typing import Any
 from postbote.plugins.mbox import mboxrd_messages
 
 from tests.harness import MaildirTarget
+from tests.model.imap_proxy import AppendProxy, Cut, Fault, Refuse
+from tests.servers.dovecot import DovecotServer, dovecot_binary
 from tests.servers.faulty_smtp import DROP, FaultySMTP
 
 RECIPIENT = "me@example.org"
@@ -30,6 +37,7 @@ class Kind(enum.Enum):
     MDA = "mda"
     SMTP = "smtp"
     LMTP = "lmtp"
+    IMAP = "imap"
 
     @property
     def refused_by_plugin(self) -> bool:
@@ -46,6 +54,35 @@ class Outcome(enum.Enum):
 
 SMTP_REPLIES: dict[Outcome, Any] = {Outcome.TEMPORARY: "451 4.3.0 model: try again later",
                                     Outcome.PERMANENT: "550 5.7.1 model: refused", Outcome.CRASH: DROP}
+IMAP_FAULTS: dict[Outcome, Fault] = {Outcome.TEMPORARY: Refuse("NO [OVERQUOTA] model: mailbox full"),
+                                     Outcome.PERMANENT: Refuse("NO model: refused"), Outcome.CRASH: Cut()}
+IMAP_USER = "model"
+
+
+class _SharedDovecot:
+    """The model's Dovecot: started with the first IMAP destination, stopped by `stop_shared_servers`."""
+
+    server: DovecotServer | None = None
+    folders = itertools.count(1)
+
+    @classmethod
+    def get(cls) -> DovecotServer:
+        if cls.server is None:
+            server = DovecotServer(tls=False, users={IMAP_USER: "model-secret"})
+            server.start()
+            cls.server = server
+        return cls.server
+
+
+def imap_available() -> bool:
+    """Whether IMAP destinations can be drawn: Dovecot is installed (CI installs it)."""
+    return dovecot_binary() is not None
+
+
+def stop_shared_servers() -> None:
+    if _SharedDovecot.server is not None:
+        _SharedDovecot.server.stop()
+        _SharedDovecot.server = None
 
 # The MDA: appends its input to a new file, which it keeps only when its schedule says the delivery succeeds.
 MDA_SCRIPT = """#!/bin/sh
@@ -72,6 +109,8 @@ class Destination:
     index: int
     directory: Path
     server: FaultySMTP | None = None
+    proxy: AppendProxy | None = None
+    folder: str = ""
 
     @classmethod
     def create(cls, kind: Kind, index: int, directory: Path) -> Destination:
@@ -86,6 +125,10 @@ class Destination:
             script.chmod(0o755)
         elif kind in (Kind.SMTP, Kind.LMTP):
             destination.server = FaultySMTP(lmtp=kind is Kind.LMTP).start()
+        elif kind is Kind.IMAP:
+            dovecot = _SharedDovecot.get()
+            destination.proxy = AppendProxy((dovecot.host, dovecot.imap_port))
+            destination.folder = f"model{next(_SharedDovecot.folders)}"  # created by the first APPEND (TRYCREATE)
         return destination
 
     @property
@@ -100,6 +143,11 @@ class Destination:
             return {"mbox": str(self.directory / "mbox")}
         if self.kind is Kind.MDA:
             return {"mda": {"command": [str(self.directory / "deliver.sh")], "timeout": "10s"}}
+        if self.kind is Kind.IMAP:
+            assert self.proxy is not None
+            return {"imap": {"host": self.proxy.host, "port": self.proxy.port, "tls": "none", "username": IMAP_USER,
+                             "password": _SharedDovecot.get().password(IMAP_USER), "folder": self.folder,
+                             "timeout": "2s"}}
         assert self.server is not None
         return {self.kind.value: {"host": self.server.host, "port": self.server.port, "recipients": [RECIPIENT],
                                   "timeout": "2s"}}
@@ -109,6 +157,9 @@ class Destination:
         if self.kind is Kind.MDA:
             (self.directory / "count").write_text("0\n")
             (self.directory / "schedule").write_text("".join(f"{o.value}\n" for o in outcomes))
+        elif self.proxy is not None:
+            self.proxy.reset({attempt: IMAP_FAULTS[outcome] for attempt, outcome in enumerate(outcomes, start=1)
+                              if outcome is not Outcome.OK})
         elif self.server is not None:
             self.server.clear_rules()
             for attempt, outcome in enumerate(outcomes, start=1):
@@ -130,6 +181,8 @@ class Destination:
             return mboxrd_messages(path.read_bytes()) if path.exists() and path.stat().st_size else []
         if self.kind is Kind.MDA:
             return [file.read_bytes() for file in sorted((self.directory / "copies").iterdir())]
+        if self.kind is Kind.IMAP:  # Dovecot's Maildir++ folder, read from disk: LF line ends, bytes as sent
+            return MaildirTarget(_SharedDovecot.get().maildir(IMAP_USER) / f".{self.folder}").delivered()
         assert self.server is not None
         return self.server.copies_for(RECIPIENT)
 
@@ -139,6 +192,14 @@ class Destination:
             return 0
         return len([name for name in os.listdir(self.directory) if name.startswith("incoming.")])
 
+    def refusals_fired(self) -> int:
+        """Faults the SMTP/LMTP server or the APPEND proxy has played so far."""
+        if self.proxy is not None:
+            return len(self.proxy.fired)
+        return len(self.server.fired) if self.server is not None else 0
+
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
+        if self.proxy is not None:
+            self.proxy.stop()

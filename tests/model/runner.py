@@ -212,6 +212,7 @@ class CaseRun:
         self.kills = 0
         self.risky_polls = 0  # polls cut short where a hand-over's outcome may not have been recorded
         self.log: list[str] = []
+        TALLY["cases with an IMAP destination"] += Kind.IMAP in case.destinations
         for spec in case.messages:
             self.arrive(spec.pieces, spec.uid)
         StateStore(self.rig.state_dir).close()  # the database exists before any lock is taken on it
@@ -264,14 +265,15 @@ class CaseRun:
         for destination in self.destinations:
             outcomes = plan.destination_outcomes[destination.index] if plan.destination_outcomes else ()
             destination.schedule(outcomes)
-        smtp_fired = {d.label: len(d.server.fired) for d in self.destinations if d.server is not None}
+        fired_before = {d.label: d.refusals_fired() for d in self.destinations}
         faults = ModelFaults(plan, [data for _, data in self.server.messages()],
                              raw_line_endings=self.case.raw_line_endings)
         self.server.faults = faults
         result = self.run_forked(plan, faults) if plan.kill else self.run_here(plan)
         result.server_faults = faults.fired_faults
-        result.destination_refusals += sum(len(d.server.fired) - smtp_fired[d.label]
-                                           for d in self.destinations if d.server is not None)
+        result.destination_refusals += sum(d.refusals_fired() - fired_before[d.label] for d in self.destinations)
+        TALLY["IMAP APPENDs refused or cut"] += sum(d.refusals_fired() - fired_before[d.label]
+                                                   for d in self.destinations if d.kind is Kind.IMAP)
         result.destination_refusals += sum(refusals_seen(d, plan) for d in self.destinations if d.kind is Kind.MDA)
         result.killed = result.killed or faults.killed
         self.kills += result.killed
