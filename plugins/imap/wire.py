@@ -1,0 +1,479 @@
+"""The IMAP wire format (RFC 3501 section 9, RFC 9051): what the client needs to read responses and to write commands.
+
+Reading: a response arrives as *segments* (the bytes of its lines, without CRLF) separated by *literals*. Every
+segment but the last ends in a literal marker ``{n}``, and n octets of literal data follow it on the wire; the
+client (`postbote.plugins.imap.client`) does that framing over its socket, and streams the literals it wants
+streamed into a sink instead of keeping them. `parse_response` then turns segments and literals into a `Response`:
+the tag, the keyword, the number of ``* n EXISTS``-like responses, the response code ``[CODE args]`` and text of
+status responses, and for data responses the values -- atoms (`Atom`), strings (``bytes``, from a quoted string or
+a literal), `Streamed` for a literal that went into a sink, ``None`` for NIL and parenthesised lists (``list``).
+Anything that does not parse raises `WireError`; nothing else is raised for malformed input.
+
+Writing: `quoted` (a quoted string, or None when the value needs a literal), `astring_or_literal`, `uid_set`,
+`flag_list`, `date_time` and the modified UTF-7 mailbox-name codec of RFC 3501 section 5.1.3
+(`encode_mailbox` / `decode_mailbox`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TypeAlias
+
+MAX_LITERAL_DIGITS = 19  # more than any sane size, less than what makes int() slow
+MAX_NESTING = 32  # parenthesised lists inside lists: deeper is hostile
+MAX_UID = 2**32 - 1
+
+STATUS_KINDS = frozenset({"OK", "NO", "BAD", "BYE", "PREAUTH"})
+TAGGED_KINDS = frozenset({"OK", "NO", "BAD"})
+
+
+class WireError(ValueError):
+    """Input that is not valid IMAP (or a value that cannot be put on the wire as asked)."""
+
+
+class Atom(str):
+    """An atom as the server sent it (numbers, flags, keywords, ``BODY[HEADER]``): a `str`, told apart from a
+    string (``bytes``) and NIL (``None``)."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A literal that was streamed into a sink rather than kept: its size only."""
+
+    size: int
+
+
+Value: TypeAlias = "Atom | bytes | Streamed | None | list[Value]"
+
+
+@dataclass
+class Response:
+    """One server response.
+
+    ``tag``: ``"*"`` (untagged), ``"+"`` (a continuation request) or the tag of the command it completes.
+    ``kind``: the keyword, upper-case: ``OK`` ``NO`` ``BAD`` ``BYE`` ``PREAUTH`` for status responses, ``EXISTS``
+    ``FETCH`` ``LIST`` ``CAPABILITY`` ``SEARCH``... for data, ``+`` for a continuation request.
+    ``number``: the leading number of ``* n EXISTS`` / ``* n FETCH`` / ``* n EXPUNGE``.
+    ``code``/``code_args``/``text``: the response code (upper-case atom) and its raw arguments, and the human text
+    of a status response (a continuation request's text is its ``text``).
+    ``values``: what follows the keyword in a data response, parsed.
+    """
+
+    tag: str
+    kind: str
+    number: int | None = None
+    code: str | None = None
+    code_args: str = ""
+    text: str = ""
+    values: list[Value] = field(default_factory=list)
+
+    @property
+    def is_status(self) -> bool:
+        return self.kind in STATUS_KINDS
+
+
+# --- reading ----------------------------------------------------------------------------------------------------
+
+_LITERAL_MARKER = re.compile(rb"\{([0-9]+)(\+?)\}\Z")
+_TAG = re.compile(rb"[A-Za-z0-9!#$&',\-./:;<=>?@^_`|~]{1,64}")  # astring chars less "+" and the quoted specials
+_NUMBER = re.compile(rb"[0-9]{1,10}")
+_KEYWORD = re.compile(rb"[A-Za-z][A-Za-z0-9.\-_]{0,31}")
+# Atom characters, leniently: anything printable but SP ( ) { " ] and [ (which starts a section); 8-bit is not.
+_ATOM_BYTES = frozenset(range(0x21, 0x7F)) - frozenset(b'(){"[]')
+
+
+def literal_marker(segment: bytes) -> int | None:
+    """The size of the literal announced at the end of ``segment`` (a line without its CRLF), or None when the line
+    does not end in ``{n}`` (``{n+}`` is accepted too). A marker with absurdly many digits raises `WireError`."""
+    if not segment.endswith(b"}"):
+        return None
+    match = _LITERAL_MARKER.search(segment, max(0, len(segment) - MAX_LITERAL_DIGITS - 4))
+    if match is None:
+        start = segment.rfind(b"{")
+        if start != -1 and re.fullmatch(rb"\{[0-9]+\+?\}", segment[start:]):
+            raise WireError("a literal size with too many digits")
+        return None
+    return int(match.group(1))
+
+
+def head_of(line: bytes) -> tuple[str, str, int | None]:
+    """(tag, keyword, number) of a response's first line, checked: the keyword tells whether literals may follow
+    (data responses) or not (status responses and continuation requests, whose text may end in anything)."""
+    if line.startswith(b"+"):
+        if line[1:2] not in (b"", b" "):
+            raise WireError("a continuation request is '+' and a space")
+        return "+", "+", None
+    tag_end = line.find(b" ")
+    if tag_end <= 0:
+        raise WireError("a response without a tag and a keyword")
+    tag = line[:tag_end]
+    rest = line[tag_end + 1:]
+    number = None
+    if tag == b"*":
+        word, _, after = rest.partition(b" ")
+        if _NUMBER.fullmatch(word):
+            number = int(word)
+            rest = after
+    elif not _TAG.fullmatch(tag):
+        raise WireError("a malformed tag")
+    word = rest.split(b" ", 1)[0]
+    if not _KEYWORD.fullmatch(word):
+        raise WireError("a malformed response keyword")
+    kind = word.decode("ascii").upper()
+    if tag != b"*" and kind not in TAGGED_KINDS:
+        raise WireError(f"a tagged response must be OK, NO or BAD, not {kind}")
+    if number is not None and kind in STATUS_KINDS:
+        raise WireError("a status response with a number")
+    return tag.decode("ascii"), kind, number
+
+
+def takes_literals(kind: str) -> bool:
+    """Whether a literal marker at the end of a line of this kind of response announces a literal (data responses)
+    or is just text (status responses, continuation requests)."""
+    return kind not in STATUS_KINDS and kind != "+"
+
+
+def parse_response(segments: Sequence[bytes], literals: Sequence[bytes | Streamed] = ()) -> Response:
+    """A whole response: ``segments`` are its lines without CRLF, each but the last ending in a literal marker,
+    ``literals`` the data of those literals (or `Streamed` for one that went into a sink)."""
+    if not segments or len(literals) != len(segments) - 1:
+        raise WireError("segments and literals do not fit together")
+    first = segments[0]
+    tag, kind, number = head_of(first)
+    if not takes_literals(kind):
+        if len(segments) != 1:
+            raise WireError("a literal in a status response")
+        if kind == "+":
+            return Response(tag, kind, text=_text(first[2:]))
+        return _status(tag, kind, first.split(b" ", 2)[2] if first.count(b" ") >= 2 else b"")
+    # the data after the keyword: skip "tag [number] keyword"
+    skip = 2 if number is None else 3
+    start = 0
+    for _ in range(skip):
+        space = first.find(b" ", start)
+        if space == -1:
+            start = len(first)
+            break
+        start = space + 1
+    cursor = _Cursor(segments, literals, start)
+    values = cursor.values()
+    return Response(tag, kind, number=number, values=values)
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+def _status(tag: str, kind: str, rest: bytes) -> Response:
+    """``[CODE args] text`` of a status response."""
+    code = None
+    args = b""
+    if rest.startswith(b"["):
+        end = rest.find(b"]")
+        if end == -1:
+            raise WireError("a response code without its closing ']'")
+        inner = rest[1:end]
+        name, _, args = inner.partition(b" ")
+        if not _KEYWORD.fullmatch(name):
+            raise WireError("a malformed response code")
+        code = name.decode("ascii").upper()
+        rest = rest[end + 1:].lstrip(b" ")
+    return Response(tag, kind, code=code, code_args=_text(args), text=_text(rest))
+
+
+class _Cursor:
+    """Walks the segments and literals of a response, one value at a time."""
+
+    def __init__(self, segments: Sequence[bytes], literals: Sequence[bytes | Streamed], start: int) -> None:
+        self.segments = segments
+        self.literals = literals
+        self.index = 0
+        self.pos = start
+        # where the marker of each segment's literal starts (the last segment has none)
+        self.markers = [segment.rfind(b"{") for segment in segments[:-1]]
+        if any(marker == -1 for marker in self.markers):
+            raise WireError("a segment that does not end in a literal marker")
+
+    @property
+    def end(self) -> int:
+        """Where the data of the current segment ends (its literal marker, or its end)."""
+        return self.markers[self.index] if self.index < len(self.markers) else len(self.segments[self.index])
+
+    def at_literal(self) -> bool:
+        return self.index < len(self.markers) and self.pos == self.markers[self.index]
+
+    def at_end(self) -> bool:
+        return self.index == len(self.segments) - 1 and self.pos >= len(self.segments[self.index])
+
+    def peek(self) -> int | None:
+        if self.pos >= self.end:
+            return None
+        return self.segments[self.index][self.pos]
+
+    def values(self) -> list[Value]:
+        """The values up to the end of the response, separated by spaces."""
+        values: list[Value] = []
+        while not self.at_end():
+            values.append(self.value(0))
+            if self.at_end():
+                break
+            self.space()
+        return values
+
+    def space(self) -> None:
+        if self.peek() != 0x20:
+            raise WireError("values not separated by a space")
+        while self.peek() == 0x20:
+            self.pos += 1
+
+    def value(self, depth: int) -> Value:
+        if self.at_literal():
+            literal = self.literals[self.index]
+            self.index += 1
+            self.pos = 0
+            return literal
+        byte = self.peek()
+        if byte is None:
+            raise WireError("a value expected, the line ended")
+        if byte == 0x28:  # (
+            return self.parenthesised(depth + 1)
+        if byte == 0x22:  # "
+            return self.quoted()
+        return self.atom()
+
+    def parenthesised(self, depth: int) -> list[Value]:
+        if depth > MAX_NESTING:
+            raise WireError("lists nested too deep")
+        self.pos += 1
+        items: list[Value] = []
+        while True:
+            if self.peek() == 0x29:  # )
+                self.pos += 1
+                return items
+            if self.at_end():
+                raise WireError("a list without its closing ')'")
+            items.append(self.value(depth))
+            if self.peek() == 0x29:
+                continue
+            self.space()
+
+    def quoted(self) -> bytes:
+        segment = self.segments[self.index]
+        end = self.end
+        out = bytearray()
+        pos = self.pos + 1
+        while pos < end:
+            byte = segment[pos]
+            if byte == 0x22:
+                self.pos = pos + 1
+                return bytes(out)
+            if byte == 0x5C:  # backslash: only \\ and \" are escapes
+                if pos + 1 >= end or segment[pos + 1] not in (0x5C, 0x22):
+                    raise WireError("a bad escape in a quoted string")
+                out.append(segment[pos + 1])
+                pos += 2
+                continue
+            if byte in (0x0D, 0x0A, 0x00):
+                raise WireError("CR, LF or NUL in a quoted string")
+            out.append(byte)
+            pos += 1
+        raise WireError("a quoted string without its closing quote")
+
+    def atom(self) -> Value:
+        segment = self.segments[self.index]
+        end = self.end
+        start = pos = self.pos
+        bracketed = False
+        while pos < end:
+            byte = segment[pos]
+            if byte in _ATOM_BYTES:
+                pos += 1
+            elif byte == 0x5B:  # "[": a section such as BODY[HEADER.FIELDS (SUBJECT)], up to its "]"
+                close = segment.find(b"]", pos, end)
+                if close == -1 or pos == start:
+                    raise WireError("a '[' without its ']' or outside an atom")
+                bracketed = True
+                pos = close + 1
+            else:
+                break
+        if pos == start:
+            raise WireError(f"unexpected {segment[pos:pos + 1]!r} where a value should be")
+        self.pos = pos
+        word = segment[start:pos].decode("ascii")
+        if not bracketed and word.upper() == "NIL":
+            return None
+        return Atom(word)
+
+
+def number_of(value: Value, what: str, *, maximum: int = MAX_UID, minimum: int = 0) -> int:
+    """An atom that is a number within bounds (RFC 3501 number / nz-number), else `WireError`."""
+    if not isinstance(value, Atom) or not _NUMBER.fullmatch(value.encode("ascii")):
+        raise WireError(f"{what}: not a number")
+    number = int(value)
+    if not minimum <= number <= maximum:
+        raise WireError(f"{what}: {number} out of range")
+    return number
+
+
+def string_of(value: Value, what: str) -> bytes:
+    """An astring: an atom, a quoted string or a literal (kept), as bytes."""
+    if isinstance(value, Atom):
+        return value.encode("ascii")
+    if isinstance(value, bytes):
+        return value
+    raise WireError(f"{what}: not a string")
+
+
+# --- writing ----------------------------------------------------------------------------------------------------
+
+_QUOTABLE = re.compile(rb"[\x01-\x09\x0b\x0c\x0e-\x7f]*")
+
+
+def quoted(value: bytes) -> bytes | None:
+    """``value`` as a quoted string, or None when it cannot be one (CR, LF, NUL or 8-bit: it needs a literal)."""
+    if not _QUOTABLE.fullmatch(value):
+        return None
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def astring_or_literal(value: bytes) -> bytes | int:
+    """How to send ``value`` as an astring: the quoted form, or the size of the literal it needs. NUL cannot be
+    sent at all (it would need literal8): `WireError`."""
+    if b"\x00" in value:
+        raise WireError("a NUL cannot be sent in a string")
+    form = quoted(value)
+    return len(value) if form is None else form
+
+
+def uid_set(uids: Iterable[int]) -> str:
+    """A compact UID set ("1:5,7,9:10") of ``uids`` (sorted, duplicates removed); each must be 1..2^32-1."""
+    ordered = sorted(set(uids))
+    if not ordered:
+        raise WireError("an empty UID set")
+    if ordered[0] < 1 or ordered[-1] > MAX_UID:
+        raise WireError("a UID out of range")
+    parts: list[str] = []
+    first = last = ordered[0]
+    for uid in ordered[1:]:
+        if uid == last + 1:
+            last = uid
+            continue
+        parts.append(str(first) if first == last else f"{first}:{last}")
+        first = last = uid
+    parts.append(str(first) if first == last else f"{first}:{last}")
+    return ",".join(parts)
+
+
+def uid_sets(uids: Iterable[int], max_length: int = 4000) -> list[str]:
+    """`uid_set` of ``uids`` split so that each set is at most about ``max_length`` characters (servers limit the
+    length of a command line; Dovecot to 64 KiB)."""
+    pieces = uid_set(uids).split(",")
+    sets: list[str] = []
+    current: list[str] = []
+    length = 0
+    for piece in pieces:
+        if current and length + len(piece) + 1 > max_length:
+            sets.append(",".join(current))
+            current, length = [], 0
+        current.append(piece)
+        length += len(piece) + 1
+    sets.append(",".join(current))
+    return sets
+
+
+_FLAG = re.compile(r"\\?[!#$&'+\-.0-9:;<=>?@A-Z^_`a-z|~]{1,200}")
+
+
+def flag_list(flags: Iterable[str]) -> str:
+    """``(\\Seen \\Deleted $Label)``; a flag that is not an atom (or ``\\`` and an atom) raises `WireError`."""
+    flags = list(flags)
+    for flag in flags:
+        if not _FLAG.fullmatch(flag):
+            raise WireError(f"not a valid IMAP flag: {flag!r}")
+    return "(" + " ".join(flags) + ")"
+
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def date_time(moment: datetime) -> str:
+    """An IMAP date-time (``"07-Dec-2026 02:03:04 +0100"``, quoted) for APPEND's INTERNALDATE; a naive datetime is
+    taken as local time."""
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    offset = moment.utcoffset()
+    minutes = int(offset.total_seconds() // 60) if offset is not None else 0
+    sign = "+" if minutes >= 0 else "-"
+    hours, mins = divmod(abs(minutes), 60)
+    return (f'"{moment.day:02d}-{_MONTHS[moment.month - 1]}-{moment.year:04d} '
+            f'{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d} {sign}{hours:02d}{mins:02d}"')
+
+
+# --- modified UTF-7 (RFC 3501 5.1.3) ------------------------------------------------------------------------------
+
+def encode_mailbox(name: str) -> str:
+    """A mailbox name in modified UTF-7: printable ASCII stays (``&`` becomes ``&-``), every other run of
+    characters is UTF-16BE in base64 with ``,`` for ``/``, between ``&`` and ``-``."""
+    out: list[str] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if run:
+            try:
+                utf16 = "".join(run).encode("utf-16-be")
+            except UnicodeEncodeError:
+                raise WireError("a mailbox name with a lone surrogate") from None
+            out.append("&" + base64.b64encode(utf16).decode("ascii").rstrip("=").replace("/", ",") + "-")
+            run.clear()
+
+    for char in name:
+        if 0x20 <= ord(char) <= 0x7E:
+            flush()
+            out.append("&-" if char == "&" else char)
+        else:
+            run.append(char)
+    flush()
+    return "".join(out)
+
+
+_MUTF7 = re.compile(r"&([A-Za-z0-9+,]*)-|([\x20-\x25\x27-\x7e]+)")
+
+
+def decode_mailbox(name: str | bytes) -> str:
+    """The mailbox name a server sent, decoded from modified UTF-7. Only the canonical form is accepted (what
+    `encode_mailbox` makes of the result is exactly the input), so a name survives a round trip to the server
+    unchanged; anything else raises `WireError`."""
+    if isinstance(name, bytes):
+        try:
+            name = name.decode("ascii")
+        except UnicodeDecodeError:
+            raise WireError("8-bit characters in a mailbox name") from None
+    out: list[str] = []
+    pos = 0
+    while pos < len(name):
+        match = _MUTF7.match(name, pos)
+        if match is None:
+            raise WireError("not modified UTF-7")
+        if match.group(2) is not None:
+            out.append(match.group(2))
+        elif match.group(1) == "":
+            out.append("&")
+        else:
+            encoded = match.group(1).replace(",", "/")
+            try:
+                utf16 = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+                out.append(utf16.decode("utf-16-be"))
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                raise WireError("bad base64 or UTF-16 in a modified UTF-7 mailbox name") from None
+        pos = match.end()
+    decoded = "".join(out)
+    if encode_mailbox(decoded) != name:
+        raise WireError("a mailbox name not in canonical modified UTF-7")
+    return decoded
