@@ -10,13 +10,16 @@ from __future__ import annotations
 import imaplib
 import json
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from postbote import hookimpl
 from postbote.plugins.imap.client import IMAPClient, IMAPConnectionError
+from postbote.testing import poll_once
 
 from tests.harness import MaildirTarget, Postbote, make_message, run_postbote
 from tests.servers.certs import TestPKI
@@ -450,3 +453,79 @@ def test_a_200_mb_message_is_streamed_to_disk_under_64_mb_of_memory(rig: IMAPRig
     (delivered,) = MaildirTarget(rig.maildir).files("new")
     assert delivered.stat().st_size > len(big)  # the message and the trace field
     assert dovecot.count("alice") == 0
+
+
+# --- servers without UIDPLUS or MOVE ----------------------------------------------------------------------------
+
+
+def narrowed(dovecot_factory: Any, capabilities: str) -> DovecotServer:
+    """A Dovecot that announces only ``capabilities`` after login (as an older or simpler server would)."""
+    return dovecot_factory(extra_config=f"protocol imap {{\n  imap_capability = {capabilities}\n}}\n")
+
+
+def test_delete_without_uidplus_is_refused_before_anything_is_fetched(rig: IMAPRig, dovecot_factory: Any) -> None:
+    """Without UID EXPUNGE only a bare EXPUNGE could remove the messages, and it would also remove what other
+    clients flagged: postbote refuses, saying what to do instead."""
+    rig.dovecot = narrowed(dovecot_factory, "IMAP4rev1 LITERAL+ SASL-IR IDLE")
+    append(rig.dovecot, "INBOX", *messages("stays"))
+
+    assert rig.poll() == 1
+
+    (failed,) = rig.events("account.failed")
+    assert "after_fetch: delete needs UIDPLUS" in failed["error"] and "never sends a bare EXPUNGE" in failed["error"]
+    assert rig.delivered() == [] and subjects_in(rig.dovecot) == ["stays"]
+
+
+def test_delete_without_uidplus_moves_to_move_to_when_the_server_can_move(rig: IMAPRig,
+                                                                           dovecot_factory: Any) -> None:
+    rig.dovecot = narrowed(dovecot_factory, "IMAP4rev1 LITERAL+ SASL-IR IDLE MOVE")
+    append(rig.dovecot, "INBOX", *messages("one", "two"))
+
+    assert rig.poll(move_to="Trash") == 0
+
+    assert rig.delivered() == ["one", "two"]
+    assert subjects_in(rig.dovecot) == []
+    assert subjects_in(rig.dovecot, "Trash") == ["one", "two"]
+
+
+def test_move_without_the_move_extension_copies_and_expunges_exactly_those(rig: IMAPRig,
+                                                                           dovecot_factory: Any) -> None:
+    rig.dovecot = narrowed(dovecot_factory, "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS")
+    append(rig.dovecot, "INBOX", *messages("one", "theirs"))
+    with other_client(rig.dovecot) as client:
+        client.select("INBOX")
+        client.uid("STORE", "2", "+FLAGS.SILENT", r"(\Deleted)")
+
+    assert rig.poll(after_fetch="move", move_to="Archive") == 0
+
+    assert rig.delivered() == ["one"]
+    assert subjects_in(rig.dovecot) == ["theirs"]
+    assert subjects_in(rig.dovecot, "Archive") == ["one"]
+
+
+# --- stopping -----------------------------------------------------------------------------------------------------
+
+
+class StopAfterFirst:
+    """A filter that asks the poll to stop (as SIGTERM does) while it handles the first message."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+
+    @hookimpl
+    def filter_message(self, message: Any) -> None:
+        self.stop.set()
+
+
+def test_a_stopped_poll_finishes_the_message_in_hand_and_leaves_the_rest_on_the_server(
+        rig: IMAPRig, dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages(*(f"message {n}" for n in range(1, 11))))
+    stop = threading.Event()
+
+    stats = poll_once(rig.configure(), plugins=[StopAfterFirst(stop)], stop=stop)
+
+    assert stats.ok and stats.delivered == stats.deleted >= 1
+    assert len(rig.delivered()) == stats.delivered
+    assert len(subjects_in(dovecot)) == 10 - stats.delivered
+    assert poll_once(rig.configure()).delivered == 10 - stats.delivered
+    assert subjects_in(dovecot) == []
