@@ -12,6 +12,10 @@ The points (`tests.model.imap_proxy.AppendProxy` sits between postbote and Dovec
 Besides those, kills at moments spread over the POP3 session (`tests.test_kill.Chain`) land wherever the poll is:
 fetching, appending, recording, deleting. After each kill and after a final clean poll every message is either on
 the POP3 server or in bob's mailbox.
+
+The same promise from IMAP to IMAP: alice's INBOX (``protocol: imap``, after_fetch delete) into bob's, killed at
+APPEND points; a message whose delivery two kills cut short is held, as postbote promises, and released with
+``postbote retry`` as an admin would.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from postbote.state import REJECTED, StateStore
 
 from tests.conftest import DovecotFactory
 from tests.harness import (
@@ -34,6 +40,7 @@ from tests.harness import (
     corpus_number,
     postbote_argv,
     record_figures,
+    run_postbote,
 )
 from tests.model.imap_proxy import AppendProxy, Phase
 from tests.servers.dovecot import DovecotServer
@@ -140,3 +147,105 @@ def test_sigkill_at_every_point_of_an_append_loses_nothing_and_costs_at_most_one
     assert tally.duplicates <= tally.kills, figures
     assert tally.phases["APPEND answer"] >= 1 and tally.phases["APPEND literal"] >= 1, figures
     assert tally.kills >= len(APPEND_POINTS), figures
+
+
+# ================================================================== IMAP to IMAP
+
+IMAP_MAILBOX = 30
+IMAP_POINTS: list[tuple[int, Phase]] = [(2, "answer"), (1, "literal"), (3, "command"), (1, "answer"),
+                                        (4, "literal"), (2, "answer")]
+
+
+class IMAPToIMAP:
+    """alice's INBOX (``protocol: imap``, after_fetch delete) delivered into bob's by APPEND, through the proxy."""
+
+    def __init__(self, directory: Path, dovecot: DovecotServer, proxy: AppendProxy) -> None:
+        self.directory = directory
+        self.dovecot = dovecot
+        self.numbers = tuple(range(1, IMAP_MAILBOX + 1))
+        for number in self.numbers:
+            dovecot.deliver("alice", corpus_message(number, body_lines=20 + (number * 37) % 300))
+        directory.mkdir(parents=True, exist_ok=True)
+        self.state_dir = directory / "state"
+        self.config = directory / "postbote.yaml"
+        entry = {"name": "alice", "protocol": "imap", "host": dovecot.host, "port": dovecot.imap_port,
+                 "tls": "none", "username": "alice", "password": dovecot.password("alice"), "timeout": "10s",
+                 "deliver": DovecotIMAPTarget(dovecot, proxy).deliver()}
+        document = {"state_dir": str(self.state_dir), "log": {"level": "debug", "format": "json"},
+                    "accounts": [entry]}
+        self.config.write_text(yaml.safe_dump(document, sort_keys=False))
+        self.config.chmod(0o600)
+
+    def in_inbox(self) -> set[int]:
+        return {n for data in self.dovecot.messages("alice") if (n := corpus_number(data)) is not None}
+
+    def copies(self) -> Counter[int | None]:
+        return Counter(corpus_number(data) for data in self.dovecot.messages("bob"))
+
+    def check(self) -> Counter[int | None]:
+        copies, inbox = self.copies(), self.in_inbox()
+        lost = [n for n in self.numbers if n not in inbox and copies[n] == 0]
+        assert lost == [], f"messages lost: {lost}"
+        return copies
+
+    def held(self) -> list[str]:
+        store = StateStore(self.state_dir, readonly=True)
+        try:
+            return [uid for uid, record in store.records("alice").items()
+                    if record.status == REJECTED and "ended without an answer" in record.reason]
+        finally:
+            store.close()
+
+    def finish(self) -> tuple[Counter[int | None], int]:
+        """Poll until alice's INBOX is empty, releasing held messages with ``postbote retry`` as an admin would."""
+        held = 0
+        for _ in range(5):
+            run = run_postbote(self.config, "poll", timeout=120)
+            stuck = self.held()
+            if stuck:
+                run_postbote(self.config, "retry", "alice", *stuck, timeout=60)
+                held += len(stuck)
+                continue
+            if run.status == 0 and not self.in_inbox():
+                break
+            time.sleep(0.5)
+        return self.check(), held
+
+
+def test_sigkill_during_imap_to_imap_appends_loses_nothing_and_costs_at_most_one_copy_per_kill(
+        tmp_path: Path, dovecot_factory: DovecotFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    dovecot = dovecot_factory(tls=False)
+    proxy = AppendProxy((dovecot.host, dovecot.imap_port))
+    chain = IMAPToIMAP(tmp_path, dovecot, proxy)
+    kills = 0
+    try:
+        for number, phase in IMAP_POINTS:
+            with open(tmp_path / "child.log", "ab") as out:
+                child = subprocess.Popen(postbote_argv(chain.config, "poll"), stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=out, env=child_env(), cwd=tmp_path)
+            killed: list[int] = []
+
+            def at(n: int, point: Phase, number: int = number, phase: Phase = phase,
+                   child: subprocess.Popen[bytes] = child, killed: list[int] = killed) -> None:
+                if (n, point) == (number, phase) and not killed:
+                    os.kill(child.pid, signal.SIGKILL)
+                    killed.append(n)
+
+            proxy.reset(at=at)
+            try:
+                child.wait(timeout=60)
+            finally:
+                proxy.reset()
+            kills += bool(killed)
+            chain.check()
+            time.sleep(0.05)
+        copies, held = chain.finish()
+    finally:
+        proxy.stop()
+    extra = sum(max(0, copies[n] - 1) for n in chain.numbers)
+    with capsys.disabled():
+        print(f"\nIMAP -> IMAP kill test: {kills} kills at APPEND points; extra copies {extra}; held after two "
+              f"cut-short deliveries {held}")
+    assert not chain.in_inbox() and all(copies[n] >= 1 for n in chain.numbers)
+    assert kills >= len(IMAP_POINTS) - 1
+    assert extra <= kills
