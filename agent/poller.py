@@ -23,6 +23,7 @@ from postbote.credentials import redact
 from postbote.digest import header_block_digest
 from postbote.durable import rename_all_durably, rename_durably, sync_filesystems
 from postbote.errors import AccountError, DeliveryError, PluginError, PostboteError, StateError
+from postbote.logconfig import bound
 from postbote.mailbox import Mailbox, MailboxEntry, NotFetched, TooLarge
 from postbote.pluginmanager import AccountHooks, PluginManager
 from postbote.poll import Poll, PollStats
@@ -252,7 +253,7 @@ class AccountSession:
             self.message(entry, item, more_coming=remaining > 0)
 
     def message(self, entry: MailboxEntry, item: Message | NotFetched | TooLarge, *, more_coming: bool) -> None:
-        with structlog.contextvars.bound_contextvars(uid=entry.uid):
+        with bound(uid=entry.uid):
             if isinstance(item, TooLarge):
                 self.store.record(self.account.name, entry.uid, REJECTED, reason=item.reason, size=entry.size)
                 log.error("message.rejected", reason=item.reason, size=entry.size)
@@ -373,7 +374,7 @@ class AccountSession:
         try:
             handled.outcome.wait_for_answers()
         except (DeliveryError, PluginError) as exc:
-            with structlog.contextvars.bound_contextvars(uid=message.uid):
+            with bound(uid=message.uid):
                 handled.outcome.discard_staged()
                 self.failed(message, exc)
             message.discard()
@@ -395,7 +396,7 @@ class AccountSession:
 
     def report(self, handled: Handled) -> None:
         message = handled.message
-        with structlog.contextvars.bound_contextvars(uid=message.uid):
+        with bound(uid=message.uid):
             facts = {"size": message.size, "message_id": message.message_id}
             if handled.outcome.dropped:
                 self.stats.dropped += 1

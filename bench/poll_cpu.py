@@ -38,9 +38,18 @@ poller = Poller(pm, StateStore(config.state_dir))
 if "--freeze" in sys.argv:
     import gc
     gc.freeze()
+profile_to = next((arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--profile=")), None)
+if profile_to:
+    import cProfile
+    profiler = cProfile.Profile(time.process_time)
+    profiler.enable()
 started = time.process_time()
 delivered = sum(poller.poll(account).delivered for account in config.accounts)
-print("POLL", time.process_time() - started, delivered)
+seconds = time.process_time() - started
+if profile_to:
+    profiler.disable()
+    profiler.dump_stats(profile_to)
+print("POLL", seconds, delivered)
 """
 
 
@@ -52,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, action="append",
                         help="a postbote checkout to measure (repeat to compare; default: this one)")
     parser.add_argument("--freeze", action="store_true", help="gc.freeze() before the poll, as `postbote poll` does")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="also run each poll under cProfile and write DIR/<source>-<run>.pstats (slower: for "
+                             "comparing where the time goes, not for rates)")
     parser.add_argument("--cache-dir", type=Path, default=environment.DEFAULT_CACHE)
     args = parser.parse_args(argv)
     sources = [source.resolve() for source in args.source or [environment.REPO]]
@@ -65,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         for repetition in range(args.repeat):
             for source in sources:
                 poll.seed()
-                done = subprocess.run([poll.command[0], str(driver), config, *(["--freeze"] if args.freeze else [])],
+                extra = ["--freeze"] if args.freeze else []
+                if args.profile:
+                    args.profile.mkdir(parents=True, exist_ok=True)
+                    poll.user.own(args.profile)
+                    extra.append(f"--profile={args.profile.resolve() / f'{source.name}-{repetition + 1}.pstats'}")
+                done = subprocess.run([poll.command[0], str(driver), config, *extra],
                                       env=envs[source], cwd=poll.work, capture_output=True, text=True,
                                       **dict(poll.user.popen_args()))
                 lines = [line for line in done.stdout.splitlines() if line.startswith("POLL ")]

@@ -32,6 +32,9 @@ DATA_READ_SIZE = 1 << 18
 FIRST_LINE_HEAD = 64  # how much of a message's first line tells whether it is a POP3 status line
 FLUSH_AFTER = 16  # pipelined commands sent together at most: few writes, and the server is never left idle
 _UID = re.compile(rb"[\x21-\x7e]{1,70}")
+_BLANKS = b" \t"
+_UIDL_LINE = re.compile(rb"([0-9]+) ([\x21-\x7e]{1,70})")
+_LIST_LINE = re.compile(rb"([0-9]+) ([0-9]+)")
 _APOP_TIMESTAMP = re.compile(rb"<[^<>\s]+@[^<>\s]+>")
 
 
@@ -283,6 +286,9 @@ class POP3Client:
         self._expect_ok()
         uids: dict[int, str] = {}
         for line in self._read_listing(limit=MAX_LISTING_ENTRIES, line_limit=MAX_LISTING_LINE):
+            if match := _UIDL_LINE.fullmatch(line):  # the usual line, in one step; anything else is judged below
+                uids[int(match[1])] = match[2].decode("ascii")
+                continue
             number, rest = self._number_and_rest(line, "UIDL")
             if not _UID.fullmatch(rest):
                 raise POP3ProtocolError(f"UIDL: invalid unique id for message {number} (RFC 1939: 1-70 printable "
@@ -293,6 +299,9 @@ class POP3Client:
         self._expect_ok()
         sizes: dict[int, int] = {}
         for line in self._read_listing(limit=MAX_LISTING_ENTRIES, line_limit=MAX_LISTING_LINE):
+            if match := _LIST_LINE.fullmatch(line):
+                sizes[int(match[1])] = int(match[2])
+                continue
             number, rest = self._number_and_rest(line, "LIST")
             if not rest.isdigit():
                 raise POP3ProtocolError(f"LIST: invalid size for message {number}",
@@ -349,7 +358,7 @@ class POP3Client:
             raise
         received = self._read_data(sink, limit)
         line = self._first_line.split(b"\n", 1)[0].rstrip(b"\r")
-        if _is_status(line, b"+OK") or _is_status(line, b"-ERR"):
+        if line[:1] in b"+-" and line and (_is_status(line, b"+OK") or _is_status(line, b"-ERR")):
             raise POP3ProtocolError(f"{self.host}: the data of RETR {number} starts with a status line {line[:40]!r}: "
                                     "a stray reply came before it; the session is out of step")
         self._check_in_step()
@@ -512,9 +521,13 @@ class POP3Client:
             raise POP3ProtocolError(f"{self.host}: reply line longer than {limit} bytes {self._doing}")
 
     def _read_reply_line(self, limit: int = MAX_REPLY_LINE) -> bytes:
-        line = self._readline(limit + 1)
+        line = self._receiver.line(limit + 1)  # the line has usually arrived already: no wait to bound
+        if line is None:
+            line = self._readline(limit + 1)
+        if line.endswith(b"\r\n"):
+            return line.rstrip(b"\r\n")
         self._check_complete(line, limit)
-        if self.line_ending is LineEnding.CRLF and not line.endswith(b"\r\n"):
+        if self.line_ending is LineEnding.CRLF:
             raise POP3ProtocolError(f"{self.host}: a reply line ends in a bare LF {self._doing}, but this server ends "
                                     f"its lines in CRLF: {line[:100]!r}", line[:100].decode("latin-1"))
         return line.rstrip(b"\r\n")
@@ -526,7 +539,7 @@ class POP3Client:
         """The text of a ``+OK`` status line; a well-formed ``-ERR`` raises `POP3Error` (`POP3AuthError` for a
         login), anything else `POP3ProtocolError`."""
         text = line.decode("utf-8", "replace")
-        if _is_status(line, b"+OK"):
+        if line.startswith(b"+OK") and (len(line) == 3 or line[3] in _BLANKS):
             return text[3:].strip()
         if _is_status(line, b"-ERR"):
             reason = text[4:].strip() or "no reason given"
@@ -539,7 +552,16 @@ class POP3Client:
         """The lines of a multi-line reply with short lines (CAPA, UIDL, LIST), one at a time so the caller keeps
         only what it parsed; at most ``limit`` lines of at most ``line_limit`` bytes each."""
         count = 0
+        crlf = self.line_ending is LineEnding.CRLF
         while True:
+            # The lines that have arrived whole, taken together; the terminator, a line still arriving and anything
+            # malformed go the careful way, one line at a time.
+            block = self._receiver.crlf_listing_lines(line_limit) if crlf else []
+            count += len(block)
+            if count > limit:
+                raise POP3ProtocolError(f"{self.host}: more than {limit} lines {self._doing}")
+            for line in block:
+                yield line[1:] if line.startswith(b"..") else line
             line = self._read_reply_line(line_limit)
             if line == b".":
                 return
@@ -632,6 +654,24 @@ class Receiver:
                 return None
             end = self._pos + limit - 1
         return self._take(end + 1)
+
+    def crlf_listing_lines(self, line_limit: int) -> list[bytes]:
+        """The whole CRLF-ended lines of a listing that have arrived, up to (not including) its terminating "."
+        line, without their line ends; [] when the next line is the terminator, is still arriving, or when a line
+        among them is too long or has a bare LF (the caller's line-by-line reading then reports it)."""
+        data, start = self._data, self._pos
+        if data.startswith(b".\r\n", start):
+            return []
+        end = data.find(b"\r\n.\r\n", start)
+        end = data.rfind(b"\r\n", start) if end == -1 else end
+        if end < start:
+            return []
+        block = data[start:end]
+        lines = block.split(b"\r\n")
+        if block.count(b"\n") != len(lines) - 1 or max(map(len, lines)) + 2 > line_limit:  # a bare LF, a long line
+            return []
+        self._pos = end + 2
+        return lines
 
     def crlf_data_lines(self, at_line_start: bool) -> tuple[bytes | None, bool]:
         """Data of a block from a server whose lines end in CRLF (RFC 1939): what has arrived, unstuffed, and
