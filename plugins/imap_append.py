@@ -76,7 +76,7 @@ DESTINATION_KINDS = ("imap",)
 INTERNALDATE_CHOICES = ("date", "fetch")
 FUTURE_SLACK = timedelta(days=1)  # a Date: further ahead than this is not believed (it would sort on top for ever)
 NUL_NOTE = " (the message holds a NUL byte, which IMAP allows only in a BINARY literal)"
-MAX_REOPENS = 3  # sessions opened again per poll after one broke, before the rest of the poll is deferred
+MAX_REOPENS = 3  # sessions opened again in a row, none taking a message, before the rest of the poll is deferred
 
 # RFC 3501 flag syntax: a system flag, or a keyword atom (no specials, no controls, ASCII). \Recent cannot be set.
 SYSTEM_FLAGS = {flag.lower(): flag for flag in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")}
@@ -201,14 +201,15 @@ class _Append:
 @dataclass
 class AppendSession:
     """The destination's IMAP session for one poll: opened on the first message, opened again after it broke
-    (at most `MAX_REOPENS` times), and given up for the rest of the poll once it cannot be opened."""
+    (`MAX_REOPENS` times in a row at most without a message taken), and given up for the rest of the poll once it
+    cannot be opened."""
 
     settings: IMAPAppendSettings
     account: Account
     poll: Poll
     client: IMAPClient | None = None
     failure: DeliveryError | None = None  # why the session cannot be opened in this poll
-    reopens: int = 0
+    reopens: int = 0  # sessions opened since the server last took a message
     created: bool = False
     in_flight: deque[_Append] = field(default_factory=deque)
 
@@ -224,7 +225,7 @@ class AppendSession:
         if self.failure is not None:
             raise self.failure
         if self.reopens > MAX_REOPENS:
-            self.failure = DeliveryError(f"{self.where}: the connection broke {self.reopens} times in this poll; "
+            self.failure = DeliveryError(f"{self.where}: the connection broke {self.reopens} times in a row; "
                                          "the remaining messages are tried on the next poll", temporary=True)
             raise self.failure
         from postbote.plugins.imap.login import open_session
@@ -304,6 +305,7 @@ class AppendSession:
         """The answer to ``entry``'s APPEND (read in turn after those sent before it): its text, or it raises."""
         self.read_until(entry)
         if entry.error is None:
+            self.reopens = 0
             return self.answer(entry.result)
         return self.refused(entry, entry.error)
 

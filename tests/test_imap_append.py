@@ -20,15 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from postbote import Message, crlf_lines
+import yaml
+from postbote import Message, crlf_lines, hookimpl
 from postbote.config import load_config
 from postbote.errors import ConfigError
 from postbote.pluginmanager import make_plugin_manager
-from postbote.plugins.imap_append import checked_length, measure, sent_at
+from postbote.plugins.imap_append import MAX_REOPENS, checked_length, measure, sent_at
 from postbote.state import DEFERRED, DELIVERED, REJECTED
 from structlog.testing import capture_logs
 
-from tests.harness import RigFactory, corpus, corpus_message, corpus_number, strip_trace_header
+from tests.harness import RigFactory, corpus, corpus_message, corpus_number, run_postbote, strip_trace_header
+from tests.model.imap_proxy import AppendProxy, Cut, Refuse
 from tests.servers.dovecot import DovecotServer, dovecot_binary
 
 pytestmark = pytest.mark.usefixtures("time_limit")
@@ -478,3 +480,131 @@ def test_a_connection_cut_mid_append_defers_that_message_and_nothing_is_lost_or_
     audit = rig.audit()
     assert audit.everything_delivered_once_and_deleted, audit
     assert not [r for r in rig.records().values() if r.status == REJECTED]
+
+
+# ================================================================== size
+
+
+@pytest.mark.dovecot
+def test_a_200_mb_message_goes_from_imap_to_imap_under_64_mb_of_memory(tmp_path: Path,
+                                                                        dovecot_factory: Any) -> None:
+    """The literal's length is counted by a pass over the spooled message, then the message is streamed: never held
+    whole, on the way in (the IMAP source) or out."""
+    dovecot = dovecot_factory(tls=False)
+    line = b"0123456789" * 99 + b"abcdef\n"
+    big = b"Subject: a 200 MB message\n\n" + line * (200_000_000 // len(line))
+    dovecot.deliver("alice", big)
+    size = len(big)
+    del big
+    config = tmp_path / "postbote.yaml"
+    config.write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / "state"), "log": {"level": "debug", "format": "json"},
+        "accounts": [{"name": "alice", "protocol": "imap", "host": dovecot.host, "port": dovecot.imap_port,
+                      "tls": "none", "username": "alice", "password": dovecot.password("alice"), "timeout": "60s",
+                      "max_size": "300MB", "deliver": IMAPTarget(dovecot, "bob", timeout="60s").deliver()}]}))
+    config.chmod(0o600)
+
+    run = run_postbote(config, "poll", timeout=240, address_space=2 << 30)
+
+    assert run.status == 0, run.output[-2000:]
+    assert run.peak_rss_mb < 64, f"peak RSS {run.peak_rss_mb:.0f} MB for a 200 MB message"
+    (stored,) = dovecot.message_files("bob")
+    assert stored.stat().st_size > size  # the message (LF line ends, as Dovecot stores it) and the trace field
+    assert dovecot.count("alice") == 0
+    print(f"\n200 MB IMAP -> IMAP: {run.duration:.1f} s, peak RSS {run.peak_rss_mb:.0f} MB")
+
+
+# ================================================================== answers Dovecot does not give on demand
+
+
+@pytest.fixture
+def proxied(imap_dovecot: DovecotServer) -> Iterator[tuple[AppendProxy, IMAPTarget]]:
+    """A fresh user's INBOX behind the APPEND proxy, which can answer chosen APPENDs itself."""
+    proxy = AppendProxy((imap_dovecot.host, imap_dovecot.imap_port))
+    target = IMAPTarget(imap_dovecot, fresh_user(imap_dovecot))
+    yield proxy, target
+    proxy.stop()
+
+
+def through(proxy: AppendProxy, target: IMAPTarget) -> dict[str, Any]:
+    return {"imap": target.deliver()["imap"] | {"port": proxy.port}}
+
+
+@pytest.mark.dovecot
+@pytest.mark.parametrize(("answer", "fate"), [
+    ("NO [UNAVAILABLE] try later", DEFERRED),
+    ("NO [SERVERBUG] oops", DEFERRED),
+    ("NO [NOPERM] not your folder", DEFERRED),
+    ("NO [OVERQUOTA] full", DEFERRED),
+    ("NO [TOOBIG] too large", REJECTED),
+    ("NO [LIMIT] too many keywords", REJECTED),
+    ("NO message refused", REJECTED),
+    ("NO [PARSE] broken header", REJECTED),
+])
+def test_a_no_is_temporary_when_its_code_says_not_now_and_a_rejection_otherwise(
+        make_rig: RigFactory, proxied: tuple[AppendProxy, IMAPTarget], answer: str, fate: str) -> None:
+    proxy, target = proxied
+    proxy.reset({2: Refuse(answer)})
+    rig = make_rig(corpus(3), target=target, source="fake")
+
+    stats = rig.poll(deliver=through(proxy, target))
+
+    assert stats.ok and stats.delivered == 2, stats
+    audit = rig.audit()
+    assert audit.on_server == (2,) and audit.delivered_once == [1, 3]
+    (record,) = [r for r in rig.records().values() if r.status != DELIVERED]
+    assert record.status == fate and answer in record.reason, record
+    assert proxy.connections == 1, "a NO leaves the session in step"
+
+
+@pytest.mark.dovecot
+def test_a_bad_defers_the_message_and_the_next_one_goes_in_a_new_session(
+        make_rig: RigFactory, proxied: tuple[AppendProxy, IMAPTarget]) -> None:
+    proxy, target = proxied
+    proxy.reset({2: Refuse("BAD what was that")})
+    rig = make_rig(corpus(4), target=target, source="fake")
+
+    stats = rig.poll(deliver=through(proxy, target))
+
+    assert stats.ok and stats.delivered == 3 and stats.deferred == 1, stats
+    assert rig.audit().on_server == (2,)
+    assert proxy.connections == 2, "the session that got a BAD was ended, another was opened"
+    rig.poll(deliver=through(proxy, target))
+    assert rig.audit().everything_delivered_once_and_deleted
+
+
+@pytest.mark.dovecot
+def test_a_server_that_keeps_breaking_the_session_is_given_up_for_the_rest_of_the_poll(
+        make_rig: RigFactory, proxied: tuple[AppendProxy, IMAPTarget]) -> None:
+    proxy, target = proxied
+    proxy.reset({n: Cut() for n in range(1, 30)})
+    rig = make_rig(corpus(12), target=target, source="fake")
+
+    stats = rig.poll(deliver=through(proxy, target))
+
+    assert stats.ok and stats.deferred == 12, stats
+    assert proxy.connections <= MAX_REOPENS + 1
+    assert rig.audit().on_server == tuple(range(1, 13))
+
+
+@pytest.mark.dovecot
+@pytest.mark.xfail(strict=True, reason="the client keeps the APPEND's final CRLF until read_append, so the server "
+                                       "cannot store the message while the source sends the next one")
+def test_the_server_stores_a_message_while_the_next_one_is_fetched(
+        make_rig: RigFactory, proxied: tuple[AppendProxy, IMAPTarget]) -> None:
+    """The point of `Pending`: the APPEND is complete on the wire when deliver_message returns, and the server's
+    answer arrives before postbote turns to the next message (read only then)."""
+    proxy, target = proxied
+    answered = threading.Event()
+    proxy.reset(at=lambda n, phase: answered.set() if (n, phase) == (1, "answer") else None)
+    seen: list[bool] = []
+
+    class Observer:
+        @hookimpl
+        def filter_message(self, message: Message) -> None:
+            if message.uid == "uid-2":
+                seen.append(answered.wait(3.0))
+
+    rig = make_rig(corpus(2), target=target, source="fake")
+    assert rig.poll(deliver=through(proxy, target), plugins=(Observer(),)).delivered == 2
+    assert seen == [True]
