@@ -2,7 +2,8 @@
 SIGKILL at many points, never loses a message and costs at most one duplicate per kill.
 
 A chain starts with 150 messages of 1-20 kB in alice's INBOX on a real Dovecot. ``python -m postbote poll`` runs
-as a child delivering into a Maildir and is killed: once during start-up (by time), then whenever the Maildir holds
+as a child delivering into a Maildir (or over SMTP to the aiosmtpd sink, whose answers postbote reads late) and
+is killed: once during start-up (by time), then whenever the Maildir holds
 a chosen number of staged or delivered messages (files appear in ``tmp/`` as each message is written, in ``new/``
 as its batch commits), and once when every message is delivered (the after-fetch phase: STORE, UID EXPUNGE, MOVE).
 After every run, killed or not, each message must be still in INBOX or delivered (with ``move``: a message moved
@@ -12,6 +13,7 @@ at most one duplicate per kill.
 
 from __future__ import annotations
 
+import imaplib
 import subprocess
 import time
 from collections import Counter
@@ -22,8 +24,17 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.harness import MaildirTarget, child_env, corpus_message, corpus_number, postbote_argv, run_postbote
+from tests.harness import (
+    MaildirTarget,
+    SinkTarget,
+    child_env,
+    corpus_message,
+    corpus_number,
+    postbote_argv,
+    run_postbote,
+)
 from tests.servers.dovecot import DovecotServer
+from tests.servers.smtp_sink import SMTPSink
 
 pytestmark = [pytest.mark.dovecot, pytest.mark.usefixtures("time_limit")]
 
@@ -41,10 +52,10 @@ class Tally:
 
 
 class Chain:
-    def __init__(self, directory: Path, dovecot: DovecotServer, **account: Any) -> None:
+    def __init__(self, directory: Path, dovecot: DovecotServer, sink: SMTPSink | None = None, **account: Any) -> None:
         self.directory = directory
         self.dovecot = dovecot
-        self.target = MaildirTarget(directory / "Maildir")
+        self.target: MaildirTarget | SinkTarget = SinkTarget(sink) if sink else MaildirTarget(directory / "Maildir")
         self.numbers = tuple(range(1, MAILBOX + 1))
         for number in self.numbers:
             dovecot.deliver("alice", corpus_message(number, body_lines=20 + (number * 37) % 500))
@@ -52,19 +63,30 @@ class Chain:
         self.config = directory / "postbote.yaml"
         entry = {"name": "alice", "protocol": "imap", "host": dovecot.host, "port": dovecot.imap_port,
                  "tls": "none", "username": "alice", "password": dovecot.password("alice"), "timeout": "10s",
-                 "deliver": {"maildir": str(self.target.path)}, **account}
+                 "deliver": self.target.deliver(), **account}
         document = {"state_dir": str(directory / "state"), "log": {"level": "debug", "format": "json"},
                     "accounts": [entry]}
         self.config.write_text(yaml.safe_dump(document, sort_keys=False))
         self.config.chmod(0o600)
 
     def in_inbox(self) -> set[int]:
-        return {n for data in self.dovecot.messages("alice") if (n := corpus_number(data)) is not None}
+        """The corpus messages in alice's INBOX, as another IMAP client sees them (\\Deleted ones included)."""
+        client = imaplib.IMAP4(self.dovecot.host, self.dovecot.imap_port, timeout=30)
+        try:
+            client.login("alice", self.dovecot.password("alice"))
+            client.select("INBOX", readonly=True)
+            _, data = client.uid("FETCH", "1:*", "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+        finally:
+            client.logout()
+        return {n for item in data if isinstance(item, tuple) and (n := corpus_number(item[1])) is not None}
 
     def copies(self) -> Counter[int]:
         return Counter(n for data in self.target.delivered() if (n := corpus_number(data)) is not None)
 
     def staged(self) -> int:
+        """Messages written to the destination: files in the Maildir's tmp/ and new/, or the SMTP sink's."""
+        if isinstance(self.target, SinkTarget):
+            return len(self.target.delivered())
         return len(self.target.files("tmp")) + len(self.target.files("new"))
 
     def check(self) -> Counter[int]:
@@ -123,13 +145,14 @@ class Chain:
         return self.check()
 
 
-@pytest.mark.parametrize("after_fetch", ["delete", "move", "seen"])
+@pytest.mark.parametrize("after_fetch, destination", [("delete", "maildir"), ("move", "maildir"), ("seen", "maildir"),
+                                                      ("delete", "smtp")])
 def test_sigkill_at_many_points_of_an_imap_poll_loses_nothing_and_duplicates_at_most_one_per_kill(
-        dovecot: DovecotServer, tmp_path: Path, after_fetch: str) -> None:
+        dovecot: DovecotServer, smtp_sink: SMTPSink, tmp_path: Path, after_fetch: str, destination: str) -> None:
     account: dict[str, Any] = {"after_fetch": after_fetch}
     if after_fetch == "move":
         account["move_to"] = "Archive"
-    chain = Chain(tmp_path / "chain", dovecot, **account)
+    chain = Chain(tmp_path / "chain", dovecot, smtp_sink if destination == "smtp" else None, **account)
     tally = Tally()
 
     chain.run_killed(tally, after=STARTUP_KILL)
@@ -146,5 +169,5 @@ def test_sigkill_at_many_points_of_an_imap_poll_loses_nothing_and_duplicates_at_
         assert chain.in_inbox() == set(chain.numbers)
     else:
         assert chain.in_inbox() == set()
-    print(f"{after_fetch}: {tally.kills} kills ({dict(tally.phases)}), {tally.missed} polls ended first, "
-          f"{duplicates} duplicates, 0 lost")
+    print(f"{after_fetch} into {destination}: {tally.kills} kills ({dict(tally.phases)}), {tally.missed} polls "
+          f"ended first, {duplicates} duplicates, 0 lost")
