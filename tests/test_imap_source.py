@@ -7,6 +7,7 @@ Dovecot serves Maildir++ folders, whose hierarchy delimiter is ".": ``Lists.*`` 
 
 from __future__ import annotations
 
+import dataclasses
 import imaplib
 import json
 import re
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 from postbote import hookimpl
-from postbote.plugins.imap.client import IMAPClient, IMAPConnectionError
+from postbote.plugins.imap.client import IMAPClient, IMAPConnectionError, ListedMessage
 from postbote.testing import poll_once
 
 from tests.harness import MaildirTarget, Postbote, make_message, run_postbote
@@ -529,3 +530,51 @@ def test_a_stopped_poll_finishes_the_message_in_hand_and_leaves_the_rest_on_the_
     assert len(subjects_in(dovecot)) == 10 - stats.delivered
     assert poll_once(rig.configure()).delivered == 10 - stats.delivered
     assert subjects_in(dovecot) == []
+
+
+# --- Gmail ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gmail_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dovecot speaking a little Gmail: X-GM-MSGID, the same for a message wherever it is (derived here from its
+    Message-ID), as Gmail gives one message under several labels (INBOX, All Mail, a user label)."""
+    real_listing = IMAPClient.listing
+
+    def listing(self: IMAPClient, *, unseen_only: bool = False, gmail: bool = False) -> list[ListedMessage]:
+        listed = real_listing(self, unseen_only=unseen_only)
+        if not gmail:
+            return listed
+        ids = []
+        for message in listed:
+            header = self.header_block(message.uid) or b""
+            match = re.search(rb"Message-ID: <([^>]*)>", header)
+            ids.append(int.from_bytes(match.group(1)[:7], "big") if match else None)
+        return [dataclasses.replace(message, gm_msgid=gm) for message, gm in zip(listed, ids, strict=True)]
+
+    monkeypatch.setattr(IMAPClient, "listing", listing)
+
+
+@pytest.mark.usefixtures("gmail_ids")
+def test_gmail_fetches_a_message_under_several_labels_once(rig: IMAPRig, dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("labelled", "inbox only"))
+    append(dovecot, "AllMail", *messages("labelled", "archived"))
+
+    assert rig.poll(gmail=True, folders=["INBOX", "AllMail"], after_fetch="keep") == 0
+    assert rig.poll(gmail=True, folders=["INBOX", "AllMail"], after_fetch="keep") == 0
+
+    assert rig.delivered() == ["archived", "inbox only", "labelled"]
+    assert rig.events("message.delivered") == []  # in the second poll
+
+
+@pytest.mark.usefixtures("gmail_ids")
+def test_gmail_uids_name_the_message_not_the_folder(rig: IMAPRig, dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("labelled"))
+    append(dovecot, "AllMail", *messages("labelled"))
+
+    assert rig.poll(gmail=True, folders=["INBOX", "AllMail"]) == 0
+
+    (delivered,) = rig.events("message.delivered")
+    assert re.fullmatch(r"gmail;X-GM-MSGID=\d+", delivered["uid"])
+    assert rig.delivered() == ["labelled"]
+    assert subjects_in(dovecot) == [] and subjects_in(dovecot, "AllMail") == ["labelled"]
