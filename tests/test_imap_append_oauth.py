@@ -1,0 +1,78 @@
+"""The usual move of issue 13 with OAuth2: an old POP3 account (a password) into a mailbox that takes only OAuth2
+(Gmail, Outlook) by IMAP APPEND. ``postbote auth ACCOUNT`` runs the destination's authorization (its source needs
+none), and the polls then log in to the destination with XOAUTH2 -- here Dovecot's oauth2 passdb, which asks the
+fake provider whether the token is valid. The destination's access token is cached under a name of its own, so it
+never meets a source token of the same account.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from postbote.cli import main
+from postbote.plugins.signin import oauth2
+from postbote.testing.pop3server import POP3Server
+
+from tests.conftest import _require_dovecot
+from tests.harness import MaildirTarget, corpus, corpus_number
+from tests.servers.certs import TestPKI
+from tests.servers.dovecot_sasl import FakeOAuthProvider, SaslDovecotServer
+from tests.test_oauth2 import CLIENT_ID, CLIENT_SECRET, _browser
+
+pytestmark = [pytest.mark.dovecot, pytest.mark.usefixtures("time_limit")]
+
+
+@pytest.fixture
+def provider(pki: TestPKI) -> Iterator[FakeOAuthProvider]:
+    with FakeOAuthProvider(pki) as server:
+        server.add_client(CLIENT_ID, CLIENT_SECRET)
+        yield server
+
+
+@pytest.fixture
+def dovecot(pki: TestPKI, provider: FakeOAuthProvider) -> Iterator[SaslDovecotServer]:
+    _require_dovecot()
+    server = SaslDovecotServer(pki=pki, introspection_url=provider.introspection_url, ca_file=pki.ca_file,
+                               users={"alice": "alice-secret"})
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_postbote_auth_authorizes_the_imap_destination_and_the_polls_log_in_to_it_with_xoauth2(
+        tmp_path: Path, pki: TestPKI, provider: FakeOAuthProvider, dovecot: SaslDovecotServer,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(oauth2, "_open_browser", _browser(provider))
+    secret = tmp_path / "client-secret"
+    secret.write_text(CLIENT_SECRET + "\n")
+    secret.chmod(0o600)
+    refresh = tmp_path / "refresh-token"
+    with POP3Server(corpus(3)) as pop3:
+        config = tmp_path / "postbote.yaml"
+        config.write_text(yaml.safe_dump({
+            "state_dir": str(tmp_path / "state"), "log": {"level": "debug", "format": "json"},
+            "accounts": [{
+                "name": "old", "host": "127.0.0.1", "port": pop3.port, "tls": "none", "username": "demo",
+                "password": "demo", "timeout": "5s",
+                "deliver": {"imap": {
+                    "host": dovecot.host, "port": dovecot.imaps_port, "tls_ca_file": str(pki.ca_file),
+                    "username": "alice", "auth": "xoauth2", "folder": "From the old account", "timeout": "10s",
+                    "oauth2": {"client_id": CLIENT_ID, "client_secret_file": str(secret),
+                               "token_url": provider.token_url, "authorize_url": "https://127.0.0.1:1/authorize",
+                               "scope": "pop offline_access", "refresh_token_file": str(refresh),
+                               "ca_file": str(pki.ca_file)}}}}]}))
+        config.chmod(0o600)
+
+        assert main(["-c", str(config), "auth", "old", "--flow", "loopback"]) == 0
+        assert "Authorized. The refresh token is stored in" in capsys.readouterr().out
+        assert refresh.read_text().strip() in provider.state.refresh_tokens
+        cached = sorted(path.name for path in (tmp_path / "state" / "oauth2").iterdir())
+        assert cached == [f"old.imap-alice@127.0.0.1_{dovecot.imaps_port}.json"], cached
+
+        assert main(["-c", str(config), "poll"]) == 0
+        assert pop3.uids() == []
+    folder = MaildirTarget(dovecot.maildir("alice") / ".From the old account")  # Dovecot's Maildir++ layout
+    assert sorted(corpus_number(data) or 0 for data in folder.delivered()) == [1, 2, 3]
