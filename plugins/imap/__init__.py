@@ -15,6 +15,7 @@ from postbote import Account, Poll, Section, hookimpl
 from postbote.plugins.imap.settings import IMAPSettings, imap_settings
 
 if TYPE_CHECKING:
+    from postbote.plugins.imap.idle import IMAPWatch
     from postbote.plugins.imap.mailbox import IMAPMailbox
 
 SOURCE_PROTOCOLS: tuple[str, ...] = ("imap",)
@@ -44,6 +45,19 @@ def open_mailbox(account: Account, poll: Poll) -> IMAPMailbox | None:
     except BaseException:
         client.close()
         raise
+
+
+@hookimpl
+def watch_mailbox(account: Account, state_dir: Path) -> list[IMAPWatch] | None:
+    """IDLE for ``postbote run`` (`idle.open_watches`), unless the account says ``idle: false``."""
+    if account.protocol not in SOURCE_PROTOCOLS:
+        return None
+    source: IMAPSettings = account.source
+    if not source.idle:
+        return []
+    from postbote.plugins.imap.idle import open_watches
+
+    return open_watches(account, state_dir)
 
 
 @hookimpl

@@ -31,6 +31,7 @@ from postbote.plugins.imap.client import (
     LiteralTooLarge,
     SelectedFolder,
 )
+from postbote.plugins.imap.idle import note_uidnext
 from postbote.plugins.imap.settings import AfterFetch, FolderRule, IMAPSettings
 
 if TYPE_CHECKING:
@@ -124,6 +125,7 @@ class IMAPMailbox:
                                "config; LIST shows the server's folder names)") from None
         self._selected = folder
         if listing:
+            note_uidnext(self.account, folder, selected.uidnext)  # what a watch opened after this poll compares
             self._uidvalidity[folder] = selected.uidvalidity
             self._exists[folder] = selected.exists
         elif selected.uidvalidity != self._uidvalidity.get(folder):
