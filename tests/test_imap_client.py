@@ -9,6 +9,7 @@ APPENDUID, and IDLE seeing another client's APPEND.
 from __future__ import annotations
 
 import base64
+import re
 import threading
 import time
 from datetime import UTC
@@ -21,9 +22,11 @@ from postbote.plugins.imap.client import (
     IMAPClient,
     IMAPConnectionError,
     IMAPError,
+    IMAPProtocolError,
     LiteralTooLarge,
 )
 from postbote.plugins.signin.sasl import Plain
+from postbote.testing.imapserver import Action, Faults, IMAPServer
 from postbote.tls import TLSPolicy
 
 from tests.servers.certs import TestPKI
@@ -408,3 +411,300 @@ def test_a_closed_session_raises_connection_errors(dovecot: DovecotServer, pki: 
     client.close()
     with pytest.raises(IMAPConnectionError):
         client.noop()
+
+
+# --- against the scriptable fault server (postbote.testing.imapserver) ---------------------------------------------
+
+def fault_server(faults: Faults | None = None, **options: object) -> IMAPServer:
+    server = IMAPServer(["Archive"], faults=faults, **options)  # type: ignore[arg-type]
+    for n in range(1, 4):
+        server.add_message("INBOX", message(n))
+    return server.start()
+
+
+def on(server: IMAPServer, *, timeout: float = 5.0, deadline: float | None = None, login: bool = True,
+       select: bool = True) -> IMAPClient:
+    client = IMAPClient.connect(server.host, server.port, implicit_tls=False, tls=TLSPolicy(), timeout=timeout,
+                                deadline=deadline)
+    if login:
+        client.login("demo", Secret("demo"))
+    if login and select:
+        client.select("INBOX")
+    return client
+
+
+def fetch_one(client: IMAPClient, uid: int, limit: int = 10**6) -> bytes | None:
+    return fetch_all(client, [uid], limit)[uid]
+
+
+def test_the_fault_server_serves_the_whole_client() -> None:
+    with fault_server() as server:
+        client = on(server)
+        listed = client.listing()
+        assert [entry.uid for entry in listed] == [1, 2, 3]
+        assert fetch_all(client, [1, 2, 3, 9]) == {1: message(1), 2: message(2), 3: message(3), 9: None}
+        client.store_flags([1], ["\\Seen"])
+        assert [entry.uid for entry in client.listing(unseen_only=True)] == [2, 3]
+        client.move([1], "Archive")
+        assert client.append("Archive", [b"x\r\n"], 3) == AppendResult(server.uidvalidity("Archive"), 2)
+        client.logout()
+        assert server.errors == []
+
+
+def test_starttls_discards_what_came_before_the_handshake(pki: TestPKI) -> None:
+    """An attacker's injected response after the STARTTLS OK must not be read as coming through TLS."""
+    faults = Faults().on("STARTTLS", action=Action.after(b"* CAPABILITY IMAP4rev1 INJECTED\r\n"))
+    with fault_server(faults, starttls_context=pki.server_context()) as server:
+        client = IMAPClient.connect(server.host, server.port, implicit_tls=False, tls=policy(pki), timeout=5)
+        assert client.has("STARTTLS")
+        client.starttls(policy(pki))
+        assert client.encrypted and not client.has("INJECTED") and not client.has("STARTTLS")
+        client.login("demo", Secret("demo"))
+        client.logout()
+
+
+def test_starttls_not_offered_by_the_fault_server(pki: TestPKI) -> None:
+    with fault_server() as server:
+        client = on(server, login=False)
+        with pytest.raises(IMAPError, match="does not offer STARTTLS"):
+            client.starttls(policy(pki))
+        assert "STARTTLS" not in server.commands
+        client.close()
+
+
+def test_implicit_tls_against_the_fault_server(pki: TestPKI) -> None:
+    with fault_server(ssl_context=pki.server_context()) as server:
+        client = IMAPClient.connect(server.host, server.port, implicit_tls=True, tls=policy(pki), timeout=5)
+        assert client.encrypted
+        client.login("demo", Secret("demo"))
+        client.logout()
+
+
+def test_a_server_echoing_the_password_does_not_put_it_in_the_error() -> None:
+    faults = Faults().on("LOGIN", action=Action.reply("{tag} NO [AUTHENTICATIONFAILED] wrong password s3cr3t!"))
+    with fault_server(faults, users={"demo": "s3cr3t!"}) as server:
+        client = on(server, login=False)
+        with pytest.raises(IMAPAuthError) as refused:
+            client.login("demo", Secret("s3cr3t!"))
+        assert "s3cr3t!" not in str(refused.value) and "s3cr3t!" not in refused.value.text
+        assert refused.value.code == "AUTHENTICATIONFAILED"
+        client.login("demo", Secret("s3cr3t!"))
+        client.logout()
+
+
+@pytest.mark.parametrize("capabilities", [("IMAP4rev1", "LITERAL-"), ("IMAP4rev1",)])
+def test_append_and_login_without_literal_plus_wait_for_the_continuation(capabilities: tuple[str, ...]) -> None:
+    """The fault server refuses a non-synchronizing literal it did not offer: the client must not send one."""
+    with fault_server(capabilities=(*capabilities, "AUTH=PLAIN")) as server:
+        server.users["ünï"] = "pä\"ss"
+        client = on(server, login=False)
+        client.login("ünï", Secret("pä\"ss"))  # both need literals
+        big = message(9, b"z" * 5000 + b"\r\n")
+        for data in (message(8), big):
+            client.send_append("INBOX", [data], len(data))
+        assert [client.read_append() for _ in range(2)] == [AppendResult(None, None)] * 2
+        assert [m.data for m in server.messages()][-2:] == [message(8), big]
+        client.logout()
+
+
+def test_without_uidplus_no_expunge_at_all() -> None:
+    with fault_server(capabilities=("IMAP4rev1", "LITERAL+")) as server:
+        client = on(server)
+        client.store_flags([1], ["\\Deleted"])
+        with pytest.raises(IMAPError, match="UIDPLUS"):
+            client.uid_expunge([1])
+        with pytest.raises(IMAPError, match="neither MOVE nor UIDPLUS"):
+            client.move([1], "Archive")
+        client.logout()
+        assert not any("EXPUNGE" in command or "COPY" in command for command in server.commands)
+
+
+def test_move_without_move_uses_copy_and_uid_expunge_only() -> None:
+    with fault_server(capabilities=("IMAP4rev1", "LITERAL+", "UIDPLUS")) as server:
+        server.messages()  # INBOX: 1 2 3
+        client = on(server)
+        client.store_flags([2], ["\\Deleted"])  # another client's deletion
+        client.move([1, 3], "Archive")
+        assert [m.uid for m in server.messages("INBOX")] == [2]
+        assert [m.data for m in server.messages("Archive")] == [message(1), message(3)]
+        assert "EXPUNGE" not in server.commands
+        assert client.exists == 1
+        client.logout()
+
+
+def test_a_failed_copy_touches_nothing() -> None:
+    faults = Faults().on("UID COPY", action=Action.no("OVERQUOTA", "over quota"))
+    with fault_server(faults, capabilities=("IMAP4rev1", "LITERAL+", "UIDPLUS")) as server:
+        client = on(server)
+        with pytest.raises(IMAPError) as refused:
+            client.move([1], "Archive")
+        assert refused.value.code == "OVERQUOTA"
+        assert [m.uid for m in server.messages("INBOX")] == [1, 2, 3]
+        assert all("\\Deleted" not in m.flags for m in server.messages("INBOX"))
+        client.logout()
+
+
+def test_append_refusals_carry_their_code() -> None:
+    faults = Faults().on("APPEND", action=Action.no("OVERQUOTA", "Quota exceeded"))
+    with fault_server(faults) as server:
+        client = on(server, select=False)
+        data = message(7)
+        client.send_append("INBOX", [data], len(data))
+        client.send_append("INBOX", [data], len(data))
+        with pytest.raises(IMAPError) as refused:
+            client.read_append()
+        assert (refused.value.code, refused.value.status, refused.value.text) == ("OVERQUOTA", "NO", "Quota exceeded")
+        assert client.read_append().uid == 4
+        client.logout()
+
+
+def test_append_chunks_that_do_not_add_up_end_the_session() -> None:
+    with fault_server() as server:
+        client = on(server, select=False)
+        with pytest.raises(IMAPProtocolError, match="not the 10"):
+            client.send_append("INBOX", [b"12345"], 10)
+        with pytest.raises(IMAPConnectionError):
+            client.noop()
+
+
+@pytest.mark.parametrize("action, error", [
+    (Action.drop(), IMAPConnectionError),
+    (Action.drop_midway(60), IMAPConnectionError),
+    (Action.bye("going away"), IMAPConnectionError),
+    (Action.before(b"garbage\r\n"), IMAPProtocolError),
+    (Action.before(b"A9999 OK stray tagged answer\r\n"), IMAPProtocolError),
+    (Action.after(b"A0001 OK an answer to nothing\r\n"), IMAPProtocolError),
+    (Action.literal_delta(-5), IMAPProtocolError),
+    (Action.literal_delta(+5), IMAPConnectionError),  # the literal eats the next lines: the rest never comes
+    (Action.mutate(lambda data: data.replace(b"UID 2", b"UID 3")), IMAPProtocolError),
+    (Action.mutate(lambda data: data.replace(b"BODY[]", b"BODY[] BODY[]")), IMAPProtocolError),
+    (Action.mutate(lambda data: data.replace(b" OK ", b" MAYBE ")), IMAPProtocolError),
+    (Action.reply("+ more please"), IMAPProtocolError),
+    (Action.stall(3), IMAPConnectionError),
+])
+def test_a_misbehaving_fetch_ends_the_session(action: Action, error: type[Exception]) -> None:
+    faults = Faults().on("UID FETCH", nth=2, action=action)  # nth=1: the listing
+    with fault_server(faults) as server:
+        client = on(server, timeout=1.0)
+        client.listing()
+        client.send_fetch(2, limit=10**6)
+        received: list[bytes] = []
+        with pytest.raises(error):
+            client.read_fetched(received.append)
+            client.noop()
+
+
+def test_a_message_literal_over_the_limit_is_refused_before_it_is_read() -> None:
+    with fault_server() as server:
+        client = on(server)
+        received: list[bytes] = []
+        client.send_fetch(1, limit=10)
+        with pytest.raises(LiteralTooLarge):
+            client.read_fetched(received.append)
+        assert received == []
+
+
+def test_unsolicited_responses_are_absorbed_and_exists_tracked() -> None:
+    faults = Faults().on("UID FETCH", nth=2, action=Action.before(
+        b"* 3 EXPUNGE\r\n* 7 EXISTS\r\n* 1 RECENT\r\n* OK [ALERT] hello\r\n* 1 FETCH (FLAGS (\\Seen))\r\n"
+        b"* 2 FETCH (UID 2 FLAGS ())\r\n"))
+    with fault_server(faults) as server:
+        client = on(server)
+        client.listing()
+        assert fetch_one(client, 1) == message(1)
+        assert client.exists == 7
+        client.logout()
+
+
+def test_data_for_another_uid_is_never_returned() -> None:
+    """A hostile server answers UID FETCH 1 with message 2's data (a UID no fetch in line asked for)."""
+    faults = Faults().on("UID FETCH", nth=2, action=Action.mutate(lambda data: data.replace(b"UID 1 ", b"UID 2 ")))
+    with fault_server(faults) as server:
+        client = on(server)
+        client.listing()
+        with pytest.raises(IMAPProtocolError):
+            fetch_one(client, 1)
+
+
+def test_a_stray_line_after_a_fetch_is_caught_by_the_next_read() -> None:
+    faults = Faults().on("UID FETCH", nth=2, action=Action.after(b"* 1 FETCH (UID 9 BODY[] {3}\r\nabc)\r\n"))
+    with fault_server(faults) as server:
+        client = on(server)
+        client.listing()
+        assert fetch_one(client, 1) == message(1)
+        with pytest.raises(IMAPProtocolError):
+            client.noop()
+
+
+def test_malformed_listings_end_the_session() -> None:
+    for mutation in (b"RFC822.SIZE x", b"RFC822.SIZE -1", b"FLAGS (\"x\")", b"UID 0 "):
+        faults = Faults().on("UID FETCH", action=Action.mutate(
+            lambda data, m=mutation: re.sub(rb"RFC822\.SIZE [0-9]+" if m.startswith(b"RFC") else
+                                            rb"FLAGS \([^)]*\)" if m.startswith(b"FLAGS") else rb"UID [0-9]+ ",
+                                            m, data, count=1)))
+        with fault_server(faults) as server:
+            client = on(server)
+            with pytest.raises(IMAPProtocolError):
+                client.listing()
+
+
+def test_bounds_on_lines_and_response_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from postbote.plugins.imap import client as client_module
+
+    faults = Faults().on("NOOP", action=Action.before(b"* OK " + b"x" * (client_module.MAX_LINE + 10) + b"\r\n"))
+    with fault_server(faults) as server:
+        client = on(server)
+        with pytest.raises(IMAPProtocolError, match="longer than"):
+            client.noop()
+    monkeypatch.setattr(client_module, "MAX_RESPONSES", 50)
+    faults = Faults().on("NOOP", action=Action.before(b"* OK hello\r\n" * 60))
+    with fault_server(faults) as server:
+        client = on(server)
+        with pytest.raises(IMAPProtocolError, match="more than 50 responses"):
+            client.noop()
+
+
+def test_timeouts_name_the_limit_that_expired() -> None:
+    faults = Faults().on("NOOP", times=None, action=Action.trickle(0.2))
+    with fault_server(faults) as server:
+        client = on(server, timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(IMAPConnectionError, match="must arrive whole"):
+            client.noop()
+        assert time.monotonic() - started < 10
+        client = on(server, timeout=30.0, deadline=time.monotonic() + 2.0)
+        with pytest.raises(IMAPConnectionError, match="deadline"):
+            client.noop()
+        assert time.monotonic() - started < 15
+
+
+def test_a_greeting_bye_is_a_connection_error() -> None:
+    from postbote.testing.imapserver import GREETING
+
+    faults = Faults().on(GREETING, action=Action.reply("* BYE too many connections"))
+    with fault_server(faults) as server, pytest.raises(IMAPConnectionError, match="too many connections"):
+        on(server, login=False)
+
+
+def test_idle_against_the_fault_server() -> None:
+    import selectors
+
+    with fault_server() as server:
+        client = on(server)
+        client.idle_start()
+        server.add_message("INBOX", message(4))
+        with selectors.DefaultSelector() as selector:
+            selector.register(client.fileno(), selectors.EVENT_READ)
+            assert selector.select(timeout=5)
+            assert client.idle_read()
+        assert client.exists == 4
+        client.idle_done()
+        assert fetch_one(client, 4) == message(4)
+        client.idle_start()
+        server.disconnect_all(bye="maintenance")
+        with selectors.DefaultSelector() as selector:
+            selector.register(client.fileno(), selectors.EVENT_READ)
+            assert selector.select(timeout=5)
+            with pytest.raises(IMAPConnectionError):
+                while True:
+                    client.idle_read()

@@ -853,6 +853,8 @@ class IMAPClient:
     # --- commands and answers ---------------------------------------------------------------------------------
 
     def _new_command(self, kind: str, shown: str) -> _Command:
+        if self._closed:
+            raise IMAPConnectionError(f"{self.host}: the session is closed; {shown} cannot be sent")
         if self._idle is not None:
             raise RuntimeError(f"{shown} during IDLE: call idle_done() first")
         pending = {command.kind for command in self._in_flight if not command.returned}
@@ -966,12 +968,14 @@ class IMAPClient:
         return count
 
     def _finish(self, command: _Command, keep: Callable[[Response], bool] | None = None, *, check: bool = True,
-                max_responses: int = MAX_RESPONSES, line_limit: int = MAX_LINE) -> Response:
+                max_responses: int | None = None, line_limit: int | None = None) -> Response:
         """Read responses until ``command``'s tagged answer (earlier commands must have had theirs); untagged ones
         go to ``keep`` (True: it took it) or are absorbed. With ``check`` a NO or BAD raises `IMAPError`."""
         if self._next_in_line() is not command:
             raise RuntimeError(f"the answer to {command.shown} is not next in line")
         self._doing = f"waiting for the answer to {command.shown}"
+        if max_responses is None:
+            max_responses = MAX_RESPONSES
         count = 0
         while command.done is None:
             response = self._read_response(line_limit=line_limit)
@@ -1033,6 +1037,13 @@ class IMAPClient:
             self._set_capabilities(response.code_args)
         elif kind == "PREAUTH":
             raise IMAPProtocolError(f"{self.host}: a PREAUTH {self._doing}: out of step")
+        elif kind == "FETCH":
+            try:
+                items = _fetch_items(response)
+            except WireError as exc:
+                raise self._malformed("an unsolicited FETCH", str(exc)) from None
+            if any(name.startswith(("BODY[", "BINARY[", "RFC822")) and name != "RFC822.SIZE" for name in items):
+                raise IMAPProtocolError(f"{self.host}: message data nobody asked for {self._doing}: out of step")
         # FETCH (flag changes), FLAGS, OK [ALERT] and the like: absorbed
 
     def _set_capabilities(self, text: str) -> None:
@@ -1056,9 +1067,11 @@ class IMAPClient:
 
     # --- reading responses ------------------------------------------------------------------------------------
 
-    def _read_response(self, *, line_limit: int = MAX_LINE) -> Response:
+    def _read_response(self, *, line_limit: int | None = None) -> Response:
         """One whole response: its lines and the literals between them. The literal after a message's ``BODY[]``
         goes into the current sink (bounded by the command's limit); other literals are kept, bounded small."""
+        if line_limit is None:
+            line_limit = MAX_LINE
         if self._partial is not None:
             segments, literals, kept, kind = self._partial
             self._partial = None
