@@ -106,7 +106,8 @@ def test_microsoft_preset_with_tenant(tmp_path: Path) -> None:
                                 tenant="contoso.onmicrosoft.com")
     base = "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0"
     assert (microsoft.token_url, microsoft.device_url) == (f"{base}/token", f"{base}/devicecode")
-    assert microsoft.scope == "https://outlook.office.com/POP.AccessAsUser.All offline_access"
+    assert microsoft.scope == ("https://outlook.office.com/POP.AccessAsUser.All "
+                               "https://outlook.office.com/IMAP.AccessAsUser.All offline_access")
     common = oauth2_settings(provider="microsoft", client_id="id", refresh_token_file=tmp_path / "rt")
     assert "/common/" in common.token_url
 

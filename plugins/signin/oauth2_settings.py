@@ -38,7 +38,9 @@ PRESETS: Mapping[str, Preset] = {
                      device_url=None, authorize_url="https://accounts.google.com/o/oauth2/v2/auth",
                      authorize_params={"access_type": "offline", "prompt": "consent"}, needs_client_secret=True),
     "microsoft": Preset(token_url=f"{_MS_BASE}/token",
-                        scope="https://outlook.office.com/POP.AccessAsUser.All offline_access",
+                        # one token for both protocols: an account may fetch by POP3 and deliver by IMAP APPEND
+                        scope="https://outlook.office.com/POP.AccessAsUser.All "
+                              "https://outlook.office.com/IMAP.AccessAsUser.All offline_access",
                         device_url=f"{_MS_BASE}/devicecode", authorize_url=f"{_MS_BASE}/authorize",
                         authorize_params={}, needs_client_secret=False),
 }
