@@ -48,6 +48,7 @@ MAX_FOLDERS = 100_000  # folders in one LIST answer
 MAX_HEADER_BLOCK = 256 * 1024
 _UID_ITEM = re.compile(rb"[( ]UID ([0-9]{1,10}) ", re.IGNORECASE)
 READ_SIZE = 1 << 18
+WRITE_SIZE = 64 * 1024  # a literal's small pieces are gathered into writes of this size
 FLUSH_AFTER = 32  # pipelined commands collected before a write at most
 LITERAL_MINUS_MAX = 4096  # RFC 7888: LITERAL- allows non-synchronizing literals up to 4096 octets
 IDLE_READ_TIMEOUT = 0.0  # idle_read() takes what has arrived; a partial TLS record waits at most ``timeout``
@@ -739,8 +740,9 @@ class IMAPClient:
         self._write_line(f"{command.tag} {' '.join(parts)} {marker}", flush=sync)
         if sync and self._until_continuation(command) is None:
             return  # refused before the literal: the answer is kept
+        # The command is complete on the wire when this returns (so the server stores the message while the caller
+        # goes on), in as few writes as the message allows: a small one goes out with its command line in one.
         self._send_literal(chunks, length, command.shown)
-        self._write_line("", flush=sync)
 
     def read_append(self) -> AppendResult:
         """The next APPEND answer in line: the UIDVALIDITY and UID the server gave the message ([APPENDUID], with
@@ -766,8 +768,9 @@ class IMAPClient:
         return self.read_append()
 
     def _send_literal(self, chunks: Iterable[bytes], length: int, shown: str) -> None:
-        """Write the literal's ``length`` octets as they come; more or fewer than announced breaks the session."""
-        self._flush(shown)
+        """Write the literal's ``length`` octets as they come, and the CRLF that ends the command, then flush:
+        small pieces are gathered into writes of up to `WRITE_SIZE`, large ones go out as they are. More or fewer
+        octets than announced break the session."""
         sent = 0
         for chunk in chunks:
             if not chunk:
@@ -777,11 +780,19 @@ class IMAPClient:
                 self.close()
                 raise IMAPProtocolError(f"{self.host}: {shown}: the message is longer than the {length} octets "
                                         "announced; the session is closed")
-            self._sendall(chunk, shown)
+            if len(chunk) >= WRITE_SIZE:
+                self._flush(shown)
+                self._sendall(chunk, shown)
+                continue
+            self._outgoing += chunk
+            if len(self._outgoing) >= WRITE_SIZE:
+                self._flush(shown)
         if sent != length:
             self.close()
             raise IMAPProtocolError(f"{self.host}: {shown}: the message has {sent} octets, not the {length} "
                                     "announced; the session is closed")
+        self._outgoing += b"\r\n"
+        self._flush(shown)
 
     # --- other commands ---------------------------------------------------------------------------------------
 
