@@ -1048,6 +1048,9 @@ class IMAPClient:
             self._set_capabilities(response.code_args)
         elif kind == "PREAUTH":
             raise IMAPProtocolError(f"{self.host}: a PREAUTH {self._doing}: out of step")
+        elif kind == "BAD":  # RFC 3501 7.1.3: a protocol error whose command cannot be told (ours are well-formed)
+            raise IMAPProtocolError(f"{self.host}: the server says BAD without a tag {self._doing}: "
+                                    f"{self._clean(response.text)}")
         elif kind == "FETCH":
             try:
                 items = _fetch_items(response)
