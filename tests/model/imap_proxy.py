@@ -5,7 +5,8 @@ without ever lying about what the server holds: a refused APPEND never reaches t
 command and its literal and answers ``NO`` itself), and a cut connection is cut in the middle of the literal, so the
 server never has the whole message. It can also call a function at a chosen point of the n-th APPEND (to SIGKILL
 postbote there): when the command line arrives, halfway through the literal, or when the server's answer arrives
-(the server has the message, postbote does not know it yet).
+(the server has the message, postbote does not know it yet). When the function returns True the connection is cut
+right there, as if postbote had died before sending the rest: the server never gets what the proxy still holds.
 
 APPENDs are counted across connections since the last `AppendProxy.reset`.
 """
@@ -44,12 +45,13 @@ Phase = str  # "command" | "literal" | "answer"
 
 class AppendProxy:
     """Forwards loopback connections to ``upstream``; `faults` maps the n-th APPEND (1-based) to a `Fault`,
-    ``at(n, phase)`` is called at each point of each APPEND (``command``, ``literal``, ``answer``)."""
+    ``at(n, phase)`` is called at each point of each APPEND (``command``, ``literal``, ``answer``); True from it
+    cuts the connection there."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
         self.faults: dict[int, Fault] = {}
-        self.at: Callable[[int, Phase], None] | None = None
+        self.at: Callable[[int, Phase], bool | None] | None = None
         self.appends = 0
         self.fired: list[tuple[int, Fault]] = []
         self.connections = 0
@@ -59,7 +61,8 @@ class AppendProxy:
         self._open: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True, name="append-proxy").start()
 
-    def reset(self, faults: dict[int, Fault] | None = None, at: Callable[[int, Phase], None] | None = None) -> None:
+    def reset(self, faults: dict[int, Fault] | None = None,
+              at: Callable[[int, Phase], bool | None] | None = None) -> None:
         with self._lock:
             self.appends = 0
             self.faults = dict(faults or {})
@@ -108,9 +111,11 @@ class _Session:
             self.client.sendall(data)
 
     def call(self, number: int, phase: Phase) -> None:
+        """Tell ``at``; raises `_CutHere` (after closing both ends) when it says to cut."""
         at = self.proxy.at
-        if at is not None:
-            at(number, phase)
+        if at is not None and at(number, phase):
+            self.close()
+            raise _CutHere
 
     def upstream(self) -> None:
         """Client to server: lines and literals, APPENDs watched."""
@@ -136,7 +141,7 @@ class _Session:
                 else:
                     self.watched[match.group(1)] = number
                     self.forward_command(reader, line, number)
-        except OSError:
+        except (OSError, _CutHere):
             pass
         finally:
             self.close()
@@ -193,10 +198,14 @@ class _Session:
                 literal = _LITERAL.search(line)
                 if literal is not None:
                     self.tell_client(reader.exactly(int(literal.group(1))))
-        except OSError:
+        except (OSError, _CutHere):
             pass
         finally:
             self.close()
+
+
+class _CutHere(Exception):
+    """``at`` asked for the connection to be cut at this point."""
 
 
 class _Reader:
