@@ -322,7 +322,7 @@ class AppendSession:
             except IMAPError as exc:
                 head.error = exc
             except (IMAPConnectionError, OSError) as exc:
-                self.drop(f"{self.where}: the connection broke before the server confirmed the message ({exc}); "
+                self.drop(f"{self.where}: the session ended before the server confirmed the message ({exc}); "
                           "it stays on the source server and is tried again")
                 continue
             head.answered = True

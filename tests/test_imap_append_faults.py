@@ -1,0 +1,145 @@
+"""IMAP destination faults a real Dovecot will not produce on demand (issue 13), played by the scriptable IMAP server
+`postbote.testing.imapserver`: servers without UIDPLUS or LITERAL+, a connection dropped before or after the APPEND
+was stored, BYE, a stall past the timeout, garbage instead of an answer, untagged chatter before it. Whatever
+happens, a message leaves the source only with the server's tagged OK; an answer that never arrives costs at most
+one more copy, never the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from postbote.state import DEFERRED, DELIVERED
+from postbote.testing.imapserver import DEFAULT_CAPABILITIES, Action, Faults, IMAPServer
+
+from tests.harness import RigFactory, corpus, corpus_number
+
+pytestmark = pytest.mark.usefixtures("time_limit")
+
+
+class FaultyIMAPTarget:
+    """The scriptable server's folder as a rig's destination."""
+
+    def __init__(self, server: IMAPServer, folder: str = "INBOX", **options: Any) -> None:
+        self.server = server
+        self.folder = folder
+        self.options = options
+
+    def deliver(self) -> dict[str, Any]:
+        return {"imap": {"host": self.server.host, "port": self.server.port, "tls": "none", "username": "demo",
+                         "password": "demo", "folder": self.folder, "timeout": "1s", **self.options}}
+
+    def delivered(self) -> list[bytes]:
+        return [message.data for message in self.server.messages(self.folder)]
+
+
+@pytest.fixture
+def imap_server(request: pytest.FixtureRequest) -> Iterator[IMAPServer]:
+    """The scripted server; parametrize indirectly with a capability list to replace the default one."""
+    capabilities = getattr(request, "param", DEFAULT_CAPABILITIES)
+    with IMAPServer(capabilities=capabilities, faults=Faults()) as server:
+        yield server
+    assert server.errors == []
+
+
+def faults(server: IMAPServer) -> Faults:
+    assert server.faults is not None
+    return server.faults
+
+
+WITHOUT = {name: tuple(c for c in DEFAULT_CAPABILITIES if c != name) for name in ("UIDPLUS", "LITERAL+")}
+
+
+@pytest.mark.parametrize("imap_server", [WITHOUT["UIDPLUS"]], indirect=True)
+def test_without_uidplus_the_answer_names_the_folder_only(make_rig: RigFactory, imap_server: IMAPServer) -> None:
+    rig = make_rig(corpus(2), target=FaultyIMAPTarget(imap_server), source="fake")
+
+    assert rig.poll().delivered == 2
+    assert {record.reason for record in rig.records().values()} == {"imap: appended to INBOX"}
+    assert rig.audit().everything_delivered_once_and_deleted
+
+
+@pytest.mark.parametrize("imap_server", [WITHOUT["LITERAL+"]], indirect=True)
+def test_without_literal_plus_each_message_waits_for_the_go_ahead_and_arrives(
+        make_rig: RigFactory, imap_server: IMAPServer) -> None:
+    rig = make_rig(corpus(5, body_lines=30), target=FaultyIMAPTarget(imap_server), source="fake")
+
+    stats = rig.poll()
+
+    assert stats.ok and stats.delivered == 5, stats
+    assert [corpus_number(m.data) for m in imap_server.messages()] == [1, 2, 3, 4, 5]
+    assert imap_server.sessions == 1
+
+
+@pytest.mark.parametrize("imap_server", [WITHOUT["LITERAL+"]], indirect=True)
+def test_without_literal_plus_a_missing_folder_is_created_and_the_message_sent_again(
+        make_rig: RigFactory, imap_server: IMAPServer) -> None:
+    target = FaultyIMAPTarget(imap_server, folder="Archive/Old")
+    rig = make_rig(corpus(2), target=target, source="fake")
+
+    assert rig.poll().delivered == 2
+    assert [corpus_number(m.data) for m in imap_server.messages("Archive/Old")] == [1, 2]
+    assert sum(command.startswith("CREATE") for command in imap_server.commands) == 1
+
+
+@pytest.mark.parametrize(("action", "what"), [
+    (Action.drop(), "the connection dropped before the APPEND was done"),
+    (Action.bye("shutting down"), "BYE instead of an answer"),
+    (Action.stall(3.0), "no answer within the timeout"),
+    (Action.reply("{tag} WHAT is this"), "garbage instead of an answer"),
+    (Action.reply("* OK [ALERT] hello\r\n{tag} OK [APPENDUID oops] done"), "an APPENDUID that is no number"),
+])
+def test_an_append_without_a_clear_ok_defers_the_message_and_the_rest_goes_in_a_new_session(
+        make_rig: RigFactory, imap_server: IMAPServer, action: Action, what: str) -> None:
+    faults(imap_server).on("APPEND", nth=2, action=action)
+    rig = make_rig(corpus(4), target=FaultyIMAPTarget(imap_server), source="fake")
+
+    stats = rig.poll()
+
+    assert stats.ok and stats.delivered == 3 and stats.deferred == 1, (what, stats)
+    assert rig.audit().on_server == (2,)
+    (record,) = [r for r in rig.records().values() if r.status == DEFERRED]
+    assert record.reason.startswith("imap ") and "before the server confirmed the message" in record.reason
+    assert imap_server.sessions == 2, "the broken session was ended and another one opened"
+    assert rig.poll().delivered == 1
+    assert rig.audit().everything_delivered_once_and_deleted
+
+
+def test_an_answer_lost_after_the_server_stored_the_message_costs_one_copy_never_the_message(
+        make_rig: RigFactory, imap_server: IMAPServer) -> None:
+    """The ambiguous case (RFC 1047's for SMTP): the server stored the message and the connection died before its
+    OK arrived. postbote cannot know; it keeps the message on the source and delivers it again."""
+    faults(imap_server).on("APPEND", action=Action.drop_midway(after_bytes=3))
+    rig = make_rig(corpus(2), target=FaultyIMAPTarget(imap_server), source="fake")
+
+    first = rig.poll()
+    assert first.deferred == 1 and first.delivered == 1
+    assert rig.audit().on_server == (1,)
+    rig.poll()
+
+    audit = rig.audit()
+    assert audit.everything_delivered_once_and_deleted is False and not audit.on_server
+    assert audit.copies[1] == 2 and audit.copies[2] == 1
+
+
+def test_untagged_chatter_before_the_answer_is_taken_in_stride(make_rig: RigFactory,
+                                                               imap_server: IMAPServer) -> None:
+    faults(imap_server).on("APPEND", times=None,
+                           action=Action.before(b"* 7 EXISTS\r\n* 3 RECENT\r\n* OK [ALERT] maintenance tonight\r\n"))
+    rig = make_rig(corpus(3), target=FaultyIMAPTarget(imap_server), source="fake")
+
+    assert rig.poll().delivered == 3
+    assert all(r.status == DELIVERED for r in rig.records().values())
+    assert imap_server.sessions == 1
+
+
+def test_a_temporary_refusal_keeps_the_session(make_rig: RigFactory, imap_server: IMAPServer) -> None:
+    faults(imap_server).on("APPEND", nth=1, action=Action.no("OVERQUOTA", "mailbox full"))
+    rig = make_rig(corpus(3), target=FaultyIMAPTarget(imap_server), source="fake")
+
+    stats = rig.poll()
+
+    assert stats.deferred == 1 and stats.delivered == 2
+    assert imap_server.sessions == 1
