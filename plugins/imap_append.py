@@ -39,7 +39,7 @@ from __future__ import annotations
 import email.utils
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -104,6 +104,21 @@ class IMAPAppendSettings:
     def label(self) -> str:
         """``user@host:port/folder``: names the destination in logs, answers and the state's delivery notes."""
         return f"{self.connection.server}/{self.folder}"
+
+    # What postbote asks of an account's source, here for the destination: ``check`` reads the files, an inline
+    # password needs a config file only its owner can read, ``describe`` says how it logs in.
+    @property
+    def files(self) -> Mapping[str, tuple[Path, int, str]]:
+        return self.connection.files
+
+    @property
+    def holds_inline_password(self) -> bool:
+        return self.connection.holds_inline_password
+
+    def describe(self) -> str:
+        flags = f", flags {' '.join(self.flags)}" if self.flags else ""
+        return (f"{self.connection.describe()}; into {self.folder}"
+                f"{'' if self.create_folder else ' (not created)'}{flags}, INTERNALDATE from {self.internaldate}")
 
 
 def flag(value: Any) -> str:

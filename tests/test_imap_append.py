@@ -100,6 +100,21 @@ def test_flags_folder_and_internaldate_are_read_and_system_flags_take_their_prop
         ("Archive/From the old account", False, "fetch")
 
 
+def test_the_destination_says_which_files_it_needs_whether_it_holds_a_password_and_how_it_logs_in(
+        tmp_path: Path) -> None:
+    """What postbote asks of a source (``check`` reads the files; an inline password needs a private config file)."""
+    config = load_config(write(tmp_path, """\
+        - imap: {host: h, username: me, password_file: pw, tls_ca_file: ca.pem, flags: ["\\\\Seen"]}
+        - imap: {host: h, username: me, password: inline, create_folder: false}
+    """), make_plugin_manager(entry_points=False))
+    by_file, inline = (d.settings for d in config.accounts[0].destinations)
+    assert {key: path.name for key, (path, _, _) in by_file.files.items()} == {"password_file": "pw",
+                                                                              "tls_ca_file": "ca.pem"}
+    assert not by_file.holds_inline_password and inline.holds_inline_password
+    assert by_file.describe().endswith("; into INBOX, flags \\Seen, INTERNALDATE from date")
+    assert "(not created)" in inline.describe()
+
+
 @pytest.mark.parametrize(("options", "expected"), [
     ("{host: h, username: u, password: p, flags: ['\\\\Recent']}", "deliver.imap.flags: expected one of the system"),
     ("{host: h, username: u, password: p, flags: ['two words']}", "deliver.imap.flags: expected a keyword"),
