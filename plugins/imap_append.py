@@ -4,7 +4,8 @@ The connection and login keys (``host``, ``port``, ``tls``, ``username``, ``pass
 ``auth``, ``tls_verify``, ``tls_ca_file``, ``tls_fingerprint``) are read and used exactly as for an IMAP source
 (`postbote.plugins.imap.settings.connection_settings`, `postbote.plugins.imap.login.open_session`); this module adds:
 
-- ``folder`` (``INBOX``): where messages go, as the server names it (its hierarchy delimiter, e.g. ``Archive/2026``);
+- ``folder`` (``INBOX``): where messages go, as the server names it, with its hierarchy delimiter (``Archive/2026``
+  on most servers, ``Archive.2026`` on a Dovecot with Maildir++ folders);
 - ``create_folder`` (true): when the server answers ``NO [TRYCREATE]`` the folder is created and the APPEND tried
   once more; with false the message is deferred with a reason that says so;
 - ``flags`` (none, so the message shows as unread): e.g. ``["\\Seen"]``; system flags and keywords, checked when the
@@ -31,7 +32,12 @@ the message for good, with a reason that names the NUL, and it stays on the sour
 
 Once the session cannot be opened (the server is unreachable, the login is refused), every later message of the
 poll is deferred at once with the same reason: no login attempt per message (which can lock an account), no
-timeout per message.
+timeout per message. A session that breaks is opened again, until `MAX_REOPENS` sessions in a row took no message.
+
+OAuth2 (``auth: xoauth2`` with ``oauth2:`` or ``token_command``, as for a source): ``postbote auth ACCOUNT`` runs the
+destination's authorization when the account's source needs none (the usual move: an old POP3 account with a
+password into Gmail or Outlook); its access token is cached as ``STATE_DIR/oauth2/ACCOUNT.imap-USER@HOST_PORT.json``,
+apart from any token of the source.
 """
 
 from __future__ import annotations
