@@ -621,3 +621,15 @@ def test_the_server_stores_a_message_while_the_next_one_is_fetched(
     rig = make_rig(corpus(2), target=target, source="fake")
     assert rig.poll(deliver=through(proxy, target), plugins=(Observer(),)).delivered == 2
     assert seen == [True]
+
+
+@pytest.mark.dovecot
+def test_a_folder_name_beyond_ascii_is_sent_in_modified_utf7(make_rig: RigFactory,
+                                                             imap_dovecot: DovecotServer) -> None:
+    target = IMAPTarget(imap_dovecot, fresh_user(imap_dovecot), folder="Alte Post.Grüße")
+    rig = make_rig(corpus(1), target=target, source="fake")
+
+    assert rig.poll().delivered == 1
+    assert "Alte Post.Gr&APwA3w-e" in target.folders()  # RFC 3501 5.1.3
+    assert [corpus_number(m["body"]) for m in target.fetch("Alte Post.Gr&APwA3w-e")] == [1]
+    assert rig.records()["uid-1"].reason.startswith("imap: appended to Alte Post.Grüße as UID 1 ")
