@@ -623,11 +623,14 @@ class IMAPClient:
         self._fetching = command
         responses = 0
         try:
-            while command.done is None and not command.had_data:
+            # Read on past the message's data until something shows its answer is over: its tagged OK, or the
+            # data of the next fetch in line starting (Dovecot sends that before the OK). A second copy of this
+            # UID's data (a stray answer taken for the real one) is out of step: raised before anything is returned.
+            while command.done is None:
                 try:
                     response = self._read_response()
                 except _Later:
-                    break  # the data of a later fetch: this one has none (it is answered by its tagged OK)
+                    break  # the data of a later fetch: this one's answer is over (without data: None)
                 if response.tag == "*" and response.kind == "FETCH":
                     self._fetched(command, response, counted, counting)
                 elif response.tag == "+":

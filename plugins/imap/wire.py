@@ -218,20 +218,23 @@ class _Cursor:
         return self.segments[self.index][self.pos]
 
     def values(self) -> list[Value]:
-        """The values up to the end of the response, separated by spaces."""
+        """The values up to the end of the response, separated by single spaces (trailing spaces are forgiven)."""
         values: list[Value] = []
         while not self.at_end():
             values.append(self.value(0))
             if self.at_end():
                 break
             self.space()
+            if self.index == len(self.segments) - 1 and not self.segments[-1][self.pos:].strip(b" "):
+                break
         return values
 
     def space(self) -> None:
+        """Exactly one space: inside a list, where a literal announced too short would leave the tail of a message
+        for the parser to skip, nothing is forgiven."""
         if self.peek() != 0x20:
             raise WireError("values not separated by a space")
-        while self.peek() == 0x20:
-            self.pos += 1
+        self.pos += 1
 
     def value(self, depth: int) -> Value:
         if self.at_literal():
@@ -263,6 +266,8 @@ class _Cursor:
             if self.peek() == 0x29:
                 continue
             self.space()
+            if self.peek() in (0x29, 0x20):
+                raise WireError("a space before ')' or two spaces in a list")
 
     def quoted(self) -> bytes:
         segment = self.segments[self.index]
