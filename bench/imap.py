@@ -6,6 +6,7 @@ against a lock-step APPEND loop. One command each, one table each; nothing is as
     python bench/imap.py fetch --after-fetch delete      # postbote, fetchmail, getmail6 deleting (mbsync cannot)
     python bench/imap.py append                          # POP3 -> IMAP APPEND at 20 ms RTT vs. an imaplib loop
     python bench/imap.py fetch --quick                   # smoke run: 50 messages, one repetition
+    python bench/imap.py profile --net loopback [--cpu]  # postbote alone: Poller.poll timed in process, py-spy
 
 Everything as in bench/run.py (bench/README.md): the test suite's Dovecot on loopback (IMAP here), the same seeded
 corpus, every tool run as the ``bench`` user from a fresh state directory into the same emptied Maildir, the tools
@@ -601,10 +602,89 @@ def main_append(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+POLL_DRIVER = """
+import sys, time
+from pathlib import Path
+from postbote.config import load_config
+from postbote.logconfig import configure_logging
+from postbote.pluginmanager import make_plugin_manager
+from postbote.poller import Poller
+from postbote.state import StateStore
+configure_logging("warning", "json")
+pm = make_plugin_manager(entry_points=False)
+config = load_config(Path(sys.argv[1]), pm)
+poller = Poller(pm, StateStore(config.state_dir))
+import gc
+gc.freeze()
+cpu, wall = time.process_time(), time.perf_counter()
+delivered = sum(poller.poll(account).delivered for account in config.accounts)
+print("POLL", time.process_time() - cpu, time.perf_counter() - wall, delivered)
+"""
+
+
+def main_profile(args: argparse.Namespace) -> int:
+    """postbote alone: ``--repeat`` polls timed inside the process (CPU and wall of ``Poller.poll``, no start-up), then
+    one poll under py-spy (``--cpu``: on-CPU samples only) summarised by function."""
+    from bench.profile import py_spy, summarise
+
+    net = args.net.split(",")[0]
+    bench = Bench(args)
+    runtime = bench.prepare()
+    corpus = small_corpus(args.n, args.seed, tag="i")
+    delete = args.after_fetch == "delete"
+    try:
+        bench.start(relay_to=bench.server.imap_port if net == "rtt" else None)
+        port = bench.relay.port if net == "rtt" and bench.relay else bench.server.imap_port
+        maildir = bench.workdir / "maildirs" / "profile"
+        rundir = bench.workdir / "profile"
+        rundir.mkdir()
+        job = Job(bench.server.host, port, maildir, rundir, delete=delete)
+        (command,) = Postbote().commands(job, runtime)
+        driver = rundir / "driver.py"
+        driver.write_text(POLL_DRIVER)
+        env = Postbote().env(runtime)
+
+        def fresh() -> None:
+            bench.seed(corpus)
+            empty_maildir(maildir)
+            shutil.rmtree(rundir / "state", ignore_errors=True)
+            runtime.user.own(bench.workdir / "maildirs")
+            runtime.user.own(rundir)
+
+        figures = []
+        for repetition in range(args.repeat):
+            fresh()
+            done = subprocess.run([command[0], str(driver), command[command.index("-c") + 1]], env=env, cwd=rundir,
+                                  capture_output=True, text=True, **runtime.user.popen_args())
+            line = next((x for x in done.stdout.splitlines() if x.startswith("POLL ")), None)
+            if done.returncode or line is None:
+                raise SystemExit(f"the driver failed:\n{done.stderr[-3000:]}")
+            cpu, wall, delivered = line.split()[1:]
+            figures.append((float(cpu), float(wall)))
+            print(f"poll {repetition + 1}: {delivered} delivered, Poller.poll CPU {float(cpu):.3f} s, "
+                  f"wall {float(wall):.3f} s", file=sys.stderr, flush=True)
+        cpu = statistics.median(f[0] for f in figures)
+        wall = statistics.median(f[1] for f in figures)
+        fresh()
+        folded = rundir / "profile.folded"
+        subprocess.run([str(py_spy(args.cache_dir)), "record", "--format", "raw", "--nolineno",
+                        *([] if args.cpu else ["--idle"]), "--rate", "400", "--output", str(folded), "--", *command],
+                       env=env, cwd=rundir, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       **runtime.user.popen_args())
+        summary = summarise(folded, args.top, args.focus)
+    finally:
+        bench.stop(True)
+    print("\n".join(header(bench, [f"after fetch: {args.after_fetch}; net: {net}"])))
+    print(f"\nPoller.poll of {args.n:,} messages, median of {args.repeat} (in process, no start-up): CPU {cpu:.3f} s "
+          f"({cpu * 1e6 / args.n:.0f} µs per message), wall {wall:.3f} s ({args.n / wall:,.0f} msg/s)\n")
+    print(summary)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/imap.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("fetch", "append"))
+    parser.add_argument("what", choices=("fetch", "append", "profile"))
     parser.add_argument("--net", default="loopback,rtt", help="fetch: loopback, rtt or both (default both)")
     parser.add_argument("--tools", default=",".join(FETCHERS), help="fetch: comma-separated (default: all four)")
     parser.add_argument("--after-fetch", choices=("keep", "delete"), default="keep")
@@ -614,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--quick", action="store_true", help="50 messages, one repetition")
+    parser.add_argument("--cpu", action="store_true", help="profile: on-CPU samples only (py-spy without --idle)")
+    parser.add_argument("--top", type=int, default=25, help="profile: functions listed")
+    parser.add_argument("--focus", default="Poller.poll", help="profile: only stacks through this function")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--source", type=Path, default=environment.REPO)
     parser.add_argument("--cache-dir", type=Path, default=environment.DEFAULT_CACHE)
@@ -621,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.repeat = 50, 1
-    return main_fetch(args) if args.what == "fetch" else main_append(args)
+    return {"fetch": main_fetch, "append": main_append, "profile": main_profile}[args.what](args)
 
 
 if __name__ == "__main__":
