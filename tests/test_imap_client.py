@@ -708,3 +708,90 @@ def test_idle_against_the_fault_server() -> None:
             with pytest.raises(IMAPConnectionError):
                 while True:
                     client.idle_read()
+
+
+def test_idle_ended_by_the_server_is_reported_as_news() -> None:
+    faults = Faults().on("IDLE", action=Action.reply("+ idling\r\n{tag} OK IDLE terminated (timeout)"))
+    with fault_server(faults) as server:
+        client = on(server)
+        assert client.idle_start() and not client.idling  # the OK came with the "+"
+        client.idle_done()  # a no-op now
+        client.noop()
+        assert not client.idle_start()  # the second IDLE is a real one
+        assert client.idling
+        client.idle_done()
+        client.logout()
+
+
+def test_exists_while_idle_starts_is_not_lost() -> None:
+    faults = Faults().on("IDLE", action=Action.before(b"* 4 EXISTS\r\n"))
+    with fault_server(faults) as server:
+        client = on(server)
+        assert client.idle_start() and client.exists == 4 and client.idling
+        client.idle_done()
+        client.logout()
+
+
+def test_idle_refused_or_cut() -> None:
+    faults = Faults().on("IDLE", action=Action.no(text="no IDLE here")).on("IDLE", nth=2, action=Action.drop())
+    with fault_server(faults) as server:
+        client = on(server)
+        with pytest.raises(IMAPError, match="no IDLE here"):
+            client.idle_start()
+        client.noop()
+        with pytest.raises(IMAPConnectionError):
+            client.idle_start()
+
+
+def test_a_200_mb_message_streams_in_little_memory(dovecot: DovecotServer, pki: TestPKI) -> None:
+    """Issue 13: the literal goes into the sink in pieces, never held whole (the poller's bound is < 64 MB RSS;
+    Python's own allocations while the message streams are measured here)."""
+    import hashlib
+    import tracemalloc
+
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz" * 27 + b"\r\n"
+    size_target = 200 * 1024 * 1024
+    expected = hashlib.sha256()
+    path = dovecot.deliver("alice", b"")  # a placeholder that owns its name; filled before Dovecot looks
+    with path.open("wb") as out:
+        head = b"Subject: big\r\n\r\n"
+        out.write(head)
+        expected.update(head)
+        written = len(head)
+        block = line * 256
+        while written < size_target:
+            out.write(block)
+            expected.update(block)
+            written += len(block)
+    client = logged_in(dovecot, pki, tls="none")
+    client.select("INBOX")
+    (entry,) = client.listing()
+    assert entry.size == written
+    got = hashlib.sha256()
+    tracemalloc.start()
+    try:
+        client.send_fetch(entry.uid, limit=entry.size)
+        size = client.read_fetched(got.update)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size == written and got.digest() == expected.digest()
+    assert peak < 8 * 1024 * 1024, f"{peak / 1e6:.1f} MB allocated while streaming"
+    client.logout()
+
+
+def test_idle_ended_by_the_server_later() -> None:
+    import selectors
+
+    faults = Faults().on("IDLE", action=Action.before(b"+ idling\r\n", then=Action.stall(
+        0.3, then=Action.reply("* 5 EXISTS\r\n{tag} OK IDLE terminated"))))
+    with fault_server(faults) as server:
+        client = on(server)
+        assert not client.idle_start() and client.idling
+        with selectors.DefaultSelector() as selector:
+            selector.register(client.fileno(), selectors.EVENT_READ)
+            assert selector.select(timeout=5)
+            assert client.idle_read() and not client.idling and client.exists == 5
+            assert not selector.select(timeout=0.2)  # everything that came was read
+        client.idle_done()
+        client.logout()

@@ -258,6 +258,7 @@ class IMAPClient:
         self._idle: _Command | None = None
         self._closed = False
         self._idle_news = False  # an EXISTS or RECENT arrived (what idle_read reports)
+        self._idle_over = False  # the server ended IDLE by itself
         self._logging_out = False  # the BYE that LOGOUT brings is no error
         self._bye_seen = False
         self.greeting = ""
@@ -802,45 +803,69 @@ class IMAPClient:
     def noop(self) -> None:
         self._simple("NOOP")
 
-    def idle_start(self) -> None:
-        """IDLE (RFC 2177): sent, and its "+" waited for; then `idle_read` whenever the socket is readable."""
+    def idle_start(self) -> bool:
+        """IDLE (RFC 2177): sent, and its "+" waited for; then `idle_read` whenever the socket is readable. True when
+        news came with the "+" already (an EXISTS or RECENT, or the server ending IDLE at once): what arrived with
+        it is read here, since a selector cannot see what is already buffered."""
         if self.in_flight:
             raise RuntimeError("idle_start() with answers still to be read")
+        self._idle_news = False
+        self._idle_over = False
         command = self._command("IDLE", "IDLE")
         if self._until_continuation(command) is None:
             self._finish(command)  # a tagged NO/BAD instead of "+": raised here
             raise IMAPProtocolError(f"{self.host}: IDLE ended at once")
         self._idle = command
-        self._idle_news = False
+        return self._idle_responses(command)
+
+    @property
+    def idling(self) -> bool:
+        """Whether the session is in IDLE (started, and neither done nor ended by the server)."""
+        return self._idle is not None
 
     def idle_read(self) -> bool:
-        """Read what has arrived during IDLE (call it when the socket is readable): True when an EXISTS (or
-        RECENT) was among it. BYE, EOF or anything out of step raise `IMAPConnectionError`."""
+        """Read what has arrived during IDLE (call it when the socket is readable; it waits only for the rest of a
+        response already begun): True when an EXISTS (or RECENT) was among it -- or when the server ended IDLE by
+        itself (a tagged OK: look for mail, then `idle_start` again; `idle_done` is then a no-op). BYE, EOF or
+        anything out of step raise `IMAPConnectionError`."""
         command = self._idle
         if command is None:
             raise RuntimeError("idle_read() outside IDLE")
-        self._idle_news = False
         self._doing = "idling"
         if not self._receiver.has_line():
             self._receive()
+        return self._idle_responses(command)
+
+    def _idle_responses(self, command: _Command) -> bool:
+        """The whole responses that have arrived during IDLE (none is waited for); whether there is news."""
         while True:
             while self._receiver.has_line():
                 response = self._read_response()
-                if response.tag == "*":
-                    self._untagged(response)
-                elif response.tag == command.tag:
-                    raise IMAPProtocolError(f"{self.host}: IDLE ended by the server ({response.kind})")
-                else:
-                    raise IMAPProtocolError(f"{self.host}: {response.tag} {response.kind} during IDLE: out of step")
+                if response.tag == "+":
+                    raise IMAPProtocolError(f"{self.host}: a continuation request during IDLE: out of step")
+                self._dispatch(response)
+                if command.done is not None:  # the server ended IDLE (some do after a while)
+                    self._idle = None
+                    self._idle_over = True
+                    command.returned = True
+                    self._drop_answered()
+                    if command.done.kind != "OK":
+                        raise self._refused(command, command.done)
+                    self._idle_news = False
+                    return True
             if not (isinstance(self._sock, ssl.SSLSocket) and self._sock.pending()):
                 break
             self._receive()
-        return self._idle_news
+        news, self._idle_news = self._idle_news, False
+        return news
 
     def idle_done(self) -> None:
         """DONE, and the tagged OK that ends IDLE (EXISTS that arrive meanwhile are remembered in ``exists``)."""
         command = self._idle
         if command is None:
+            if self._idle_over:  # the server ended it already
+                self._idle_over = False
+                return
             raise RuntimeError("idle_done() outside IDLE")
         self._idle = None
         self._write_line("DONE")
