@@ -106,6 +106,8 @@ def test_folders_may_be_names_patterns_or_mappings_with_their_own_action(tmp_pat
                                                           "keep: true"),
     ("keep: true\nfolders: [{name: INBOX, after_fetch: delete}]\n", "accounts[0].folders[0].after_fetch: delete "
                                                                     "contradicts the account's keep: true"),
+    ("keep: true\nafter_fetch: seen\n", "accounts[0].after_fetch: seen with the account's keep: true would never "
+                                        "mark anything"),
     ("after_fetch: move\n", "postbote.yaml:8: accounts[0].after_fetch: move needs move_to"),
     ("after_fetch: seen\nmove_to: Archive\n", "postbote.yaml:9: accounts[0].move_to: move_to is for after_fetch: "
                                               "move"),

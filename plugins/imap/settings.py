@@ -180,6 +180,10 @@ def _check_action(section: Section, node: Node, after_fetch: AfterFetch, move_to
     if keep and after_fetch in (AfterFetch.DELETE, AfterFetch.MOVE):
         section.problem(f"{after_fetch} contradicts the account's keep: true (remove one of them, or use "
                         "after_fetch: seen or keep)", action_node)
+    elif keep and after_fetch is AfterFetch.SEEN:
+        # keep: true leaves every message untouched on the server, so \Seen would never be set
+        section.problem("seen with the account's keep: true would never mark anything: leave keep: true out "
+                        "(after_fetch: seen keeps the messages on the server too)", action_node)
     if after_fetch is AfterFetch.MOVE and move_to is None:
         section.problem("move needs move_to: the folder to move delivered messages into", action_node)
     if move_to is not None and after_fetch.stays:
