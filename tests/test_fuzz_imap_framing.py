@@ -160,6 +160,9 @@ def well_formed_body(segment: Segment, tag: str, previous: str) -> bytes | None:
     size = int(match.group(6))
     body = data[match.end():match.end() + size]
     rest = data[match.end() + size:]
+    own_ok = re.search(rb"(?:^|\r\n)%s OK[^\r\n]*\r\n" % re.escape(tag.encode()), rest)
+    if own_ok is not None:
+        rest = rest[:own_ok.end()]  # the answer is over at its tagged OK: what follows is another matter
     if len(body) != size or not re.fullmatch(rb"\)\r\n(?:%s|%s)*" % (HARMLESS, TAGGED_OK), rest):
         return None
     return body

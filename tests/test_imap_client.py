@@ -795,3 +795,22 @@ def test_idle_ended_by_the_server_later() -> None:
             assert not selector.select(timeout=0.2)  # everything that came was read
         client.idle_done()
         client.logout()
+
+
+def test_message_numbers_and_uids_must_agree() -> None:
+    """A FETCH that says message 1 has UID 2, when the listing said UID 1, is out of step; EXPUNGE shifts the
+    numbers (message 3 becomes 2) and is followed."""
+    faults = Faults().on("UID FETCH", nth=3, action=Action.before(b"* 1 FETCH (UID 2 FLAGS (\\Seen))\r\n"))
+    with fault_server(faults) as server:
+        client = on(server)
+        client.listing()
+        client.store_flags([2], ["\\Deleted"])
+        client.uid_expunge([2])  # * 2 EXPUNGE: UID 3 is message 2 now
+        assert fetch_one(client, 3) == message(3)
+        with pytest.raises(IMAPProtocolError, match="message 1 has UID 2, but it has UID 1"):
+            fetch_one(client, 1)
+    faults = Faults().on("NOOP", action=Action.before(b"* 9 EXPUNGE\r\n"))
+    with fault_server(faults) as server:
+        client = on(server)
+        with pytest.raises(IMAPProtocolError, match="EXPUNGE of message 9, but 3 exist"):
+            client.noop()

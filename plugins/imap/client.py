@@ -22,10 +22,12 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import itertools
 import re
 import socket
 import ssl
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -264,6 +266,9 @@ class IMAPClient:
         self.greeting = ""
         self.capabilities: frozenset[str] = frozenset()
         self.exists: int | None = None  # the selected folder's message count, as EXISTS/EXPUNGE tell
+        # the UID of each message number of the selected folder as far as FETCH responses told it (0: not yet),
+        # kept in step with EXISTS and EXPUNGE: a FETCH whose number and UID disagree with it is out of step
+        self._seqs: array[int] | None = None
         self.selected: SelectedFolder | None = None
 
     # --- connecting -------------------------------------------------------------------------------------------
@@ -459,6 +464,7 @@ class IMAPClient:
         verb = "EXAMINE" if read_only else "SELECT"
         self.selected = None
         self.exists = None
+        self._seqs = array("I")
         command = self._command("SIMPLE", f"{verb} {self._mailbox(folder)}", shown=f"{verb} {folder}")
         found: dict[str, int] = {}
 
@@ -516,6 +522,7 @@ class IMAPClient:
                 if "UID" not in fetched:
                     return True  # an unsolicited flag change
                 uid = wire.number_of(fetched["UID"], "UID", minimum=1)
+                self._check_number(response.number, uid)
                 if "RFC822.SIZE" not in fetched or "FLAGS" not in fetched:
                     return True
                 size = wire.number_of(fetched["RFC822.SIZE"], "RFC822.SIZE", maximum=2**63)
@@ -588,6 +595,8 @@ class IMAPClient:
             got = wire.number_of(items["UID"], "UID", minimum=1) if "UID" in items else None
         except WireError as exc:
             raise self._malformed("UID FETCH", str(exc)) from None
+        if got is not None:
+            self._check_number(response.number, got)
         carries_data = any(_is_body(name) or name.startswith("BODY[") for name in items)
         if got == uid:
             return items
@@ -1063,11 +1072,27 @@ class IMAPClient:
             raise IMAPConnectionError(f"{self.host}: the server closed the session {self._doing}: "
                                       f"{self._clean(response.text)}")
         if kind == "EXISTS":
+            assert response.number is not None
             self.exists = response.number
             self._idle_news = True
+            seqs = self._seqs
+            if seqs is not None:
+                if response.number > MAX_LISTING:
+                    self._seqs = None  # too many to follow: the number check is off for this folder
+                elif response.number >= len(seqs):
+                    seqs.extend(itertools.repeat(0, response.number - len(seqs)))
+                else:
+                    del seqs[response.number:]  # EXISTS never shrinks (RFC 3501 7.3.1); followed anyway
         elif kind == "RECENT":
             self._idle_news = True
         elif kind == "EXPUNGE":
+            number = response.number
+            assert number is not None
+            if self._seqs is not None:
+                if not 1 <= number <= len(self._seqs):
+                    raise IMAPProtocolError(f"{self.host}: EXPUNGE of message {number}, but {len(self._seqs)} "
+                                            f"exist {self._doing}: out of step")
+                del self._seqs[number - 1]
             if self.exists:
                 self.exists -= 1
         elif kind == "CAPABILITY":
@@ -1086,7 +1111,29 @@ class IMAPClient:
                 raise self._malformed("an unsolicited FETCH", str(exc)) from None
             if any(name.startswith(("BODY[", "BINARY[", "RFC822")) and name != "RFC822.SIZE" for name in items):
                 raise IMAPProtocolError(f"{self.host}: message data nobody asked for {self._doing}: out of step")
+            if "UID" in items:
+                try:
+                    uid = wire.number_of(items["UID"], "UID", minimum=1)
+                except WireError as exc:
+                    raise self._malformed("an unsolicited FETCH", str(exc)) from None
+                self._check_number(response.number, uid)
         # FETCH (flag changes), FLAGS, OK [ALERT] and the like: absorbed
+
+    def _check_number(self, number: int | None, uid: int) -> None:
+        """A FETCH response says message ``number`` has ``uid``: it must exist, and no other UID may have been said
+        for it (a stray answer, or one read out of step, shows here)."""
+        seqs = self._seqs
+        if seqs is None or number is None:
+            return
+        if not 1 <= number <= len(seqs):
+            raise IMAPProtocolError(f"{self.host}: a FETCH for message {number}, but {len(seqs)} exist "
+                                    f"{self._doing}: out of step")
+        known = seqs[number - 1]
+        if known == 0:
+            seqs[number - 1] = uid
+        elif known != uid:
+            raise IMAPProtocolError(f"{self.host}: a FETCH says message {number} has UID {uid}, but it has UID "
+                                    f"{known} {self._doing}: out of step")
 
     def _set_capabilities(self, text: str) -> None:
         self.capabilities = frozenset(word.upper() for word in text.split())
