@@ -12,6 +12,7 @@ import base64
 import re
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC
 
 import pytest
@@ -813,4 +814,26 @@ def test_message_numbers_and_uids_must_agree() -> None:
     with fault_server(faults) as server:
         client = on(server)
         with pytest.raises(IMAPProtocolError, match="EXPUNGE of message 9, but 3 exist"):
+            client.noop()
+
+
+def test_a_failing_sink_or_chunk_source_ends_the_session() -> None:
+    def full_disk(data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    def failing_chunks() -> Iterator[bytes]:
+        yield b"Subject: x\r\n"
+        raise OSError(5, "I/O error")
+
+    with fault_server() as server:
+        client = on(server)
+        client.send_fetch(1, limit=10**6)
+        with pytest.raises(OSError, match="No space"):
+            client.read_fetched(full_disk)
+        with pytest.raises(IMAPConnectionError):
+            client.noop()
+        client = on(server)
+        with pytest.raises(OSError, match="I/O error"):
+            client.send_append("INBOX", failing_chunks(), 100)
+        with pytest.raises(IMAPConnectionError):
             client.noop()

@@ -650,6 +650,9 @@ class IMAPClient:
                 responses += 1
                 if responses > MAX_RESPONSES:
                     raise IMAPProtocolError(f"{self.host}: more than {MAX_RESPONSES} responses {self._doing}")
+        except BaseException:
+            self.close()  # whatever failed (the sink too), the rest of this answer is unread: the session is over
+            raise
         finally:
             self._sink = None
             self._fetching = None
@@ -755,7 +758,11 @@ class IMAPClient:
             return  # refused before the literal: the answer is kept
         # The command is complete on the wire when this returns (so the server stores the message while the caller
         # goes on), in as few writes as the message allows: a small one goes out with its command line in one.
-        self._send_literal(chunks, length, command.shown)
+        try:
+            self._send_literal(chunks, length, command.shown)
+        except BaseException:
+            self.close()  # the server waits for the rest of the literal: the session cannot go on
+            raise
 
     def read_append(self) -> AppendResult:
         """The next APPEND answer in line: the UIDVALIDITY and UID the server gave the message ([APPENDUID], with
