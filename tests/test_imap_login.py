@@ -29,6 +29,7 @@ from tests.conftest import _require_dovecot
 from tests.harness import capture_logging
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot_sasl import FakeOAuthProvider, SaslDovecotServer, scram_credentials
+from tests.test_login_dovecot import RecordingLog
 
 pytestmark = pytest.mark.dovecot
 
@@ -37,19 +38,6 @@ WRONG_PASSWORD = "not-the-password"
 CLIENT_ID = "postbote-imap-test"
 CLIENT_SECRET = "cs-imap-client-secret"
 SASL_PASSWORD_MECHANISMS = ["plain", "login", "cram-md5", "scram-sha-1", "scram-sha-256"]
-
-
-class RecordingLog:
-    """Stands in for the structlog logger the login is given: remembers the events."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str, dict[str, Any]]] = []
-
-    def __getattr__(self, level: str) -> Any:
-        return lambda event, **fields: self.events.append((level, event, fields))
-
-    def names(self, level: str) -> list[str]:
-        return [event for lvl, event, _ in self.events if lvl == level]
 
 
 @pytest.fixture(scope="module")
