@@ -252,6 +252,15 @@ def test_several_folders_and_a_wildcard_are_fetched_and_other_folders_are_not(ri
     assert subjects_in(dovecot, "Private") == ["private"]
 
 
+def test_inbox_named_in_any_case_and_matched_by_a_wildcard_is_read_once(rig: IMAPRig,
+                                                                         dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", *messages("once"))
+
+    assert rig.poll(folders=["inbox", "*"], after_fetch="keep") == 0
+
+    assert rig.delivered() == ["once"]
+
+
 def test_a_folder_made_later_that_matches_a_wildcard_is_fetched_by_the_next_poll(
         rig: IMAPRig, dovecot: DovecotServer) -> None:
     append(dovecot, "Lists.one", *messages("first"))

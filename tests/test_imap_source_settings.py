@@ -115,6 +115,7 @@ def test_folders_may_be_names_patterns_or_mappings_with_their_own_action(tmp_pat
     ("folders: INBOX\n", "postbote.yaml:8: accounts[0].folders: expected a list of folder names"),
     ("folders: []\n", "accounts[0].folders: expected a list of folder names"),
     ("folders: [INBOX, INBOX]\n", "accounts[0].folders[1]: folder 'INBOX' is listed twice"),
+    ("folders: [inbox, INBOX]\n", "accounts[0].folders[1]: folder 'INBOX' is listed twice"),
     ("folders: [{after_fetch: seen}]\n", "accounts[0].folders[0].name: required key is missing"),
     ("folders: [{name: X, after: seen}]\n", "accounts[0].folders[0].after: unknown key (did you mean "
                                             "'after_fetch'?)"),

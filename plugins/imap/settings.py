@@ -243,7 +243,7 @@ def _folder_name(value: Any) -> str:
         raise ValueError("expected a folder name (INBOX, Archive/2024, Lists/* ...)")
     if any(ch in value for ch in "\r\n\0"):
         raise ValueError("a folder name cannot contain a line break or NUL")
-    return value
+    return DEFAULT_FOLDER if value.upper() == DEFAULT_FOLDER else value  # INBOX is INBOX in any case (RFC 3501)
 
 
 def _fingerprint(value: Any) -> str:
