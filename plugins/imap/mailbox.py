@@ -112,7 +112,8 @@ class IMAPMailbox:
             for info in self.client.list_folders(rule.name):
                 if {"\\NOSELECT", "\\NONEXISTENT"} & info.flags or info.name in targets:
                     continue
-                found.setdefault(info.name, rule)  # a folder two patterns match follows the first
+                name = "INBOX" if info.name.upper() == "INBOX" else info.name  # a server may say "Inbox"
+                found.setdefault(name, rule)  # a folder two patterns match follows the first
         return list(found.items())
 
     def _select(self, folder: str, *, listing: bool = False) -> SelectedFolder:
