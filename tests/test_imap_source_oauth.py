@@ -29,7 +29,7 @@ def settings(tmp_path: Path, provider: FakeOAuthProvider, pki: TestPKI) -> OAuth
     """An oauth2: section's settings (the refresh token file not written yet: `postbote auth` writes it)."""
     return oauth2_settings(client_id=CLIENT_ID, refresh_token_file=tmp_path / "refresh-token",
                            token_url=provider.token_url, authorize_url="https://127.0.0.1:1/authorize",
-                           scope="imap offline_access", ca_file=pki.ca_file,
+                           scope="pop offline_access", ca_file=pki.ca_file,
                            client_secret_file=_secret_file(tmp_path / "client-secret", CLIENT_SECRET))
 
 
