@@ -372,6 +372,20 @@ def test_a_message_over_max_size_stays_on_the_server_and_the_others_are_delivere
     assert "larger than max_size" in rejected["reason"]
 
 
+def test_a_rejected_message_is_released_by_its_imap_uid_with_postbote_retry(rig: IMAPRig,
+                                                                            dovecot: DovecotServer) -> None:
+    append(dovecot, "INBOX", make_message("big", b"x" * 5000 + b"\n"))
+    rig.poll(max_size="2KB")
+    (rejected,) = rig.events("message.rejected")
+    assert re.fullmatch(r"INBOX;UIDVALIDITY=\d+;UID=1", rejected["uid"])
+
+    assert rig.postbote.retry("alice", rejected["uid"]) == 0
+    assert rig.poll(max_size="10KB") == 0
+
+    assert rig.delivered() == ["big"]
+    assert subjects_in(dovecot) == []
+
+
 # --- TLS and login ----------------------------------------------------------------------------------------------
 
 
