@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import itertools
 import re
 import socket
@@ -33,7 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 from postbote import AccountError, LoginRefused, Secret, TLSPolicy
 from postbote.plugins.imap import wire
@@ -234,6 +235,24 @@ def _is_body(name: str) -> bool:
     return name in ("BODY[]", "RFC822") or (name.startswith("BODY[]<") and name.endswith(">"))
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _session_over_on_error(method: _Method) -> _Method:
+    """An `IMAPConnectionError` (a protocol error too) closes the socket before it is raised: nothing more that
+    arrives can be trusted, and whatever the caller tries next fails at once instead of reading out of step."""
+
+    @functools.wraps(method)
+    def guarded(self: IMAPClient, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except IMAPConnectionError:
+            self.close()
+            raise
+
+    return cast(_Method, guarded)
+
+
 class IMAPClient:
     """An IMAP session that stays in step with the server or ends; see the module docstring."""
 
@@ -331,6 +350,7 @@ class IMAPClient:
 
     # --- capabilities, TLS, login ---------------------------------------------------------------------------
 
+    @_session_over_on_error
     def capability(self) -> frozenset[str]:
         self._simple("CAPABILITY")
         return self.capabilities
@@ -338,6 +358,7 @@ class IMAPClient:
     def has(self, capability: str) -> bool:
         return capability.upper() in self.capabilities
 
+    @_session_over_on_error
     def starttls(self, tls: TLSPolicy) -> None:
         """Upgrade the connection; fails closed (`IMAPError` when STARTTLS is not offered, never goes on in clear).
         Whatever the server sent before the handshake is discarded, and the capabilities are asked for again."""
@@ -352,6 +373,7 @@ class IMAPClient:
         self.capabilities = frozenset()
         self.capability()
 
+    @_session_over_on_error
     def login(self, username: str, password: Secret) -> None:
         """LOGIN, with each argument quoted or, when it needs one, sent as a literal; `IMAPAuthError` if refused."""
         if self.has("LOGINDISABLED"):
@@ -368,6 +390,7 @@ class IMAPClient:
     def sasl_mechanisms(self) -> list[str]:
         return sorted(c[5:] for c in self.capabilities if c.startswith("AUTH="))
 
+    @_session_over_on_error
     def authenticate(self, mechanism: SASLMechanism, *, max_rounds: int = 10) -> None:
         """AUTHENTICATE (RFC 3501 6.2.2), with the initial response on the command line when the server has
         SASL-IR (RFC 4959)."""
@@ -424,6 +447,7 @@ class IMAPClient:
 
     # --- folders ----------------------------------------------------------------------------------------------
 
+    @_session_over_on_error
     def list_folders(self, pattern: str = "*") -> list[FolderInfo]:
         """``LIST "" pattern``: the folders, names decoded from modified UTF-7."""
         command = self._command("SIMPLE", f'LIST "" {self._mailbox(pattern)}', shown="LIST")
@@ -459,6 +483,7 @@ class IMAPClient:
             raise self._malformed("LIST", str(exc)) from None
         return FolderInfo(name, delimiter, flags)
 
+    @_session_over_on_error
     def select(self, folder: str, *, read_only: bool = False) -> SelectedFolder:
         """SELECT (or EXAMINE with ``read_only``); a server that does not say the UIDVALIDITY is out of step."""
         verb = "EXAMINE" if read_only else "SELECT"
@@ -487,6 +512,7 @@ class IMAPClient:
                                        read_only or done.code == "READ-ONLY")
         return self.selected
 
+    @_session_over_on_error
     def create(self, folder: str) -> None:
         """CREATE; a folder that exists already ([ALREADYEXISTS]) counts as created."""
         try:
@@ -497,6 +523,7 @@ class IMAPClient:
 
     # --- listing and fetching ---------------------------------------------------------------------------------
 
+    @_session_over_on_error
     def listing(self, *, unseen_only: bool = False, gmail: bool = False) -> list[ListedMessage]:
         """Every message of the selected folder (or the unseen ones), ascending UID, with size and flags."""
         if self.selected is None:
@@ -541,6 +568,7 @@ class IMAPClient:
             self._finish(command, keep, max_responses=MAX_LISTING + MAX_RESPONSES)
         return [listed[uid] for uid in sorted(listed)]
 
+    @_session_over_on_error
     def search_unseen(self) -> list[int]:
         """UID SEARCH UNSEEN: the UIDs of the unseen messages of the selected folder, ascending."""
         command = self._command("SIMPLE", "UID SEARCH UNSEEN", shown="UID SEARCH")
@@ -560,6 +588,7 @@ class IMAPClient:
         self._finish(command, keep, line_limit=MAX_SEARCH_LINE)
         return sorted(set(found))
 
+    @_session_over_on_error
     def header_block(self, uid: int, *, limit: int = MAX_HEADER_BLOCK) -> bytes | None:
         """The header block of message ``uid`` (``BODY.PEEK[HEADER]``), or None when it is gone."""
         command = self._command("SIMPLE", f"UID FETCH {uid} (UID BODY.PEEK[HEADER])", shown=f"UID FETCH {uid}")
@@ -605,6 +634,7 @@ class IMAPClient:
                                     "the session is out of step")
         return None
 
+    @_session_over_on_error
     def send_fetch(self, uid: int, *, limit: int) -> None:
         """UID FETCH ``uid`` (UID BODY.PEEK[]) -- which never sets \\Seen -- sent ahead; its answer is read in
         order by `read_fetched`, which accepts at most ``limit`` octets of the message."""
@@ -694,6 +724,7 @@ class IMAPClient:
 
     # --- changing messages ------------------------------------------------------------------------------------
 
+    @_session_over_on_error
     def store_flags(self, uids: Sequence[int], flags: Sequence[str], *, add: bool = True) -> None:
         """UID STORE +FLAGS.SILENT (or -FLAGS.SILENT); IMAPError when refused."""
         if not uids:
@@ -704,6 +735,7 @@ class IMAPClient:
                                   defer=True) for part in wire.uid_sets(uids)]
         self._finish_all(commands)
 
+    @_session_over_on_error
     def uid_expunge(self, uids: Sequence[int]) -> None:
         """UID EXPUNGE (RFC 4315): removes only the given messages (those flagged \\Deleted). Without UIDPLUS an
         IMAPError: a bare EXPUNGE would remove every message flagged \\Deleted, other clients' too."""
@@ -716,6 +748,7 @@ class IMAPClient:
                     for part in wire.uid_sets(uids)]
         self._finish_all(commands)
 
+    @_session_over_on_error
     def move(self, uids: Sequence[int], folder: str) -> None:
         """UID MOVE (RFC 6851) when offered; else UID COPY, then (only once the copy is confirmed) UID STORE
         \\Deleted and UID EXPUNGE, which needs UIDPLUS (else IMAPError). Never a bare EXPUNGE."""
@@ -738,6 +771,7 @@ class IMAPClient:
 
     # --- appending --------------------------------------------------------------------------------------------
 
+    @_session_over_on_error
     def send_append(self, folder: str, chunks: Iterable[bytes], length: int, *, flags: Sequence[str] = (),
                     internaldate: datetime | None = None) -> None:
         """APPEND a message of ``length`` octets (``chunks``, CRLF line ends already) to ``folder``. With LITERAL+
@@ -764,6 +798,7 @@ class IMAPClient:
             self.close()  # the server waits for the rest of the literal: the session cannot go on
             raise
 
+    @_session_over_on_error
     def read_append(self) -> AppendResult:
         """The next APPEND answer in line: the UIDVALIDITY and UID the server gave the message ([APPENDUID], with
         UIDPLUS), or Nones; IMAPError when refused (``code`` says TRYCREATE, OVERQUOTA, ...)."""
@@ -816,9 +851,11 @@ class IMAPClient:
 
     # --- other commands ---------------------------------------------------------------------------------------
 
+    @_session_over_on_error
     def noop(self) -> None:
         self._simple("NOOP")
 
+    @_session_over_on_error
     def idle_start(self) -> bool:
         """IDLE (RFC 2177): sent, and its "+" waited for; then `idle_read` whenever the socket is readable. True when
         news came with the "+" already (an EXISTS or RECENT, or the server ending IDLE at once): what arrived with
@@ -839,6 +876,7 @@ class IMAPClient:
         """Whether the session is in IDLE (started, and neither done nor ended by the server)."""
         return self._idle is not None
 
+    @_session_over_on_error
     def idle_read(self) -> bool:
         """Read what has arrived during IDLE (call it when the socket is readable; it waits only for the rest of a
         response already begun): True when an EXISTS (or RECENT) was among it -- or when the server ended IDLE by
@@ -875,6 +913,7 @@ class IMAPClient:
         news, self._idle_news = self._idle_news, False
         return news
 
+    @_session_over_on_error
     def idle_done(self) -> None:
         """DONE, and the tagged OK that ends IDLE (EXISTS that arrive meanwhile are remembered in ``exists``)."""
         command = self._idle
