@@ -619,7 +619,8 @@ def test_unsolicited_responses_are_absorbed_and_exists_tracked() -> None:
 
 def test_data_for_another_uid_is_never_returned() -> None:
     """A hostile server answers UID FETCH 1 with message 2's data (a UID no fetch in line asked for)."""
-    faults = Faults().on("UID FETCH", nth=2, action=Action.mutate(lambda data: data.replace(b"UID 1 ", b"UID 2 ")))
+    faults = Faults().on("UID FETCH", arguments=r"^1 ", action=Action.mutate(
+        lambda data: data.replace(b"UID 1 ", b"UID 2 ")))
     with fault_server(faults) as server:
         client = on(server)
         client.listing()

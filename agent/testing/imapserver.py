@@ -197,10 +197,11 @@ class _Rule:
     first: int
     last: int | None
     action: Action
+    arguments: re.Pattern[str] | None = None
     seen: int = 0
 
-    def fires_on(self, command: str) -> bool:
-        if command != self.command:
+    def fires_on(self, command: str, arguments: str) -> bool:
+        if command != self.command or (self.arguments is not None and not self.arguments.search(arguments)):
             return False
         self.seen += 1
         return self.seen >= self.first and (self.last is None or self.seen <= self.last)
@@ -214,24 +215,28 @@ class Faults:
         self._rules: list[_Rule] = []
         self._lock = threading.Lock()
 
-    def on(self, command: str, *, nth: int = 1, times: int | None = 1, action: Action) -> Faults:
+    def on(self, command: str, *, nth: int = 1, times: int | None = 1, action: Action,
+           arguments: str | None = None) -> Faults:
         """Apply ``action`` to the ``nth`` ``command`` (counted across sessions, from 1) and the ``times - 1``
-        after it (``times=None``: every one from the ``nth`` on). The first rule registered wins."""
+        after it (``times=None``: every one from the ``nth`` on). ``arguments``, a regular expression, narrows the
+        rule to the commands whose arguments it finds (``on("UID FETCH", arguments="PEEK", ...)``:
+        the message fetches, not the listing); only those are counted. The first rule registered wins."""
         if nth < 1 or (times is not None and times < 1):
             raise ValueError("nth and times must be >= 1")
         if not isinstance(action, Action):
             raise TypeError(f"action must be an Action, not {type(action).__name__}")
         last = None if times is None else nth + times - 1
         with self._lock:
-            self._rules.append(_Rule(" ".join(command.upper().split()), nth, last, action))
+            self._rules.append(_Rule(" ".join(command.upper().split()), nth, last, action,
+                                     None if arguments is None else re.compile(arguments)))
         return self
 
-    def action_for(self, command: str) -> Action | None:
+    def action_for(self, command: str, arguments: str = "") -> Action | None:
         with self._lock:
-            firing = [rule for rule in self._rules if rule.fires_on(command)]
+            firing = [rule for rule in self._rules if rule.fires_on(command, arguments)]
             if not firing:
                 return None
-            self.fired.append(command)
+            self.fired.append(f"{command} {arguments}".strip())
             return firing[0].action
 
 
@@ -432,8 +437,10 @@ class _Session:
             head = b" ".join(words[:rest_index])
             remainder = first[len(head):]
             arguments = [remainder, *parts[1:]]
-            self.server._log_command(self.logged(verb, arguments))
-            self.answer(verb, functools.partial(self.execute, self.handlers().get(verb), arguments))
+            logged = self.logged(verb, arguments)
+            self.server._log_command(logged)
+            self.answer(verb, functools.partial(self.execute, self.handlers().get(verb), arguments),
+                        logged[len(verb):].strip())
 
     def logged(self, verb: str, arguments: list[bytes | _Literal]) -> str:
         if verb in ("LOGIN", "AUTHENTICATE"):
@@ -468,10 +475,10 @@ class _Session:
             return None
         return parts
 
-    def answer(self, command: str, produce: Callable[[], bytes]) -> None:
+    def answer(self, command: str, produce: Callable[[], bytes], arguments: str = "") -> None:
         """Produce the normal answer (or not) as the fault script says, and send it."""
         faults = self.server.faults
-        action = faults.action_for(command) if faults is not None else None
+        action = faults.action_for(command, arguments) if faults is not None else None
         self.apply(action, produce)
 
     def apply(self, action: Action | None, produce: Callable[[], bytes]) -> None:
