@@ -838,3 +838,41 @@ def test_a_failing_sink_or_chunk_source_ends_the_session() -> None:
             client.send_append("INBOX", failing_chunks(), 100)
         with pytest.raises(IMAPConnectionError):
             client.noop()
+
+
+# --- the fault server's own semantics (what the source and destination fault tests rely on) -----------------------
+
+def test_fault_server_uidvalidity_change_and_gmail_ids() -> None:
+    with fault_server(gmail=True) as server:
+        client = on(server, select=False)
+        before = client.select("INBOX").uidvalidity
+        listed = client.listing(gmail=True)
+        assert all(entry.gm_msgid for entry in listed) and len({entry.gm_msgid for entry in listed}) == 3
+        after = server.renumber("INBOX")
+        assert after != before and client.select("INBOX").uidvalidity == after
+        client.logout()
+
+
+def test_fault_server_list_patterns_examine_and_bare_expunge() -> None:
+    with fault_server() as server:
+        server.add_folder("Lists/python")
+        server.add_folder("Lists/rust")
+        client = on(server, select=False)
+        assert {f.name for f in client.list_folders("Lists/%")} == {"Lists/python", "Lists/rust"}
+        assert {f.name for f in client.list_folders("*")} == {"INBOX", "Archive", "Lists/python", "Lists/rust"}
+        client.select("INBOX", read_only=True)
+        with pytest.raises(IMAPError, match="read-only"):
+            client.store_flags([1], ["\\Seen"])
+        client.logout()
+        assert server.messages()[0].flags == set()
+
+
+def test_fault_server_counts_faults_per_matching_command() -> None:
+    faults = Faults().on("UID FETCH", arguments="PEEK\\[\\]", nth=2, action=Action.no("UNAVAILABLE", "try later"))
+    with fault_server(faults) as server:
+        client = on(server)
+        client.listing()  # not counted: no BODY.PEEK[]
+        assert fetch_all(client, [1, 2, 3]) == {1: message(1), 2: None, 3: message(3)}
+        assert faults.fired == ["UID FETCH 2 (UID BODY.PEEK[])"]
+        client.logout()
+        assert server.errors == []
