@@ -209,3 +209,15 @@ def test_gmail_lists_a_message_in_two_labels_once_with_a_real_x_gm_msgid(make_ri
     assert stats.ok and stats.listed == 3 and stats.delivered == 3
     assert rig.copies() == Counter(dict.fromkeys(rig.numbers, 1))
     assert any("X-GM-MSGID" in command for command in rig.server.commands)
+
+
+def test_a_server_trickling_a_message_is_cut_off_by_the_poll_deadline(make_rig: Any) -> None:
+    """A byte now and then keeps every single read alive; the whole session's deadline (poll_timeout) still ends
+    it, with nothing expunged."""
+    rig = make_rig(faults=Faults().on("UID FETCH", nth=FIRST_BODY_FETCH, action=Action.trickle(0.05)))
+
+    stats = rig.poll(poll_timeout="2s")  # the module's time limit fails the test if the deadline did not hold
+
+    assert not stats.ok, "the session outlived its deadline"
+    assert stats.deleted == 0 and rig.on_server() == list(rig.numbers)
+    rig.healthy_poll_finishes()
