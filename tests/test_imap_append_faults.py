@@ -143,3 +143,20 @@ def test_a_temporary_refusal_keeps_the_session(make_rig: RigFactory, imap_server
 
     assert stats.deferred == 1 and stats.delivered == 2
     assert imap_server.sessions == 1
+
+
+@pytest.mark.parametrize("action", [Action.bad("8-bit NUL in literal"), Action.no(None, "invalid message")],
+                         ids=["BAD", "NO"])
+def test_a_server_that_refuses_a_nul_byte_rejects_the_message_and_says_why(
+        make_rig: RigFactory, imap_server: IMAPServer, action: Action) -> None:
+    """IMAP allows NUL only in a BINARY literal (RFC 3516); postbote sends it in a plain one (Dovecot stores it as
+    sent). A server that refuses it can never take the message: rejected, with the NUL named, kept on the source."""
+    faults(imap_server).on("APPEND", action=action)
+    rig = make_rig([b"Message-ID: <corpus-1@postbote.test>\r\n\r\nnul\x00byte\r\n"],
+                   target=FaultyIMAPTarget(imap_server), source="fake")
+
+    stats = rig.poll()
+
+    assert stats.rejected == 1 and stats.deferred == 0, stats
+    audit = rig.audit()
+    assert audit.on_server == (1,) and "NUL byte" in audit.rejected[1], audit.rejected
