@@ -286,6 +286,7 @@ def test_uid_sets_cover_exactly_the_uids(uids: set[int], max_length: int) -> Non
         return found
 
     assert expand(wire.uid_set(uids)) == uids
+    assert wire.parse_uid_set(wire.uid_set(uids), len(uids)) == sorted(uids)
     parts = wire.uid_sets(uids, max_length)
     assert set().union(*(expand(part) for part in parts)) == uids
     assert all(len(part) <= max_length or "," not in part for part in parts)
@@ -295,6 +296,13 @@ def test_uid_sets_cover_exactly_the_uids(uids: set[int], max_length: int) -> Non
 def test_uid_sets_refuse_what_is_not_a_uid(bad: list[int]) -> None:
     with pytest.raises(WireError):
         wire.uid_set(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "1:", ":2", "0", "1:4294967296", "1,,2", "*", "1:*", "a", "1:3000000"])
+def test_server_uid_sets_are_checked_before_they_are_expanded(bad: str) -> None:
+    with pytest.raises(WireError):
+        wire.parse_uid_set(bad, 2_000_000)
+    assert wire.parse_uid_set("5:3,9,4", 10) == [3, 4, 5, 9]
 
 
 def test_flag_lists_and_dates() -> None:

@@ -41,7 +41,7 @@ from postbote.plugins.imap import wire
 from postbote.plugins.imap.wire import Atom, Response, Streamed, Value, WireError
 
 MAX_LINE = 64 * 1024  # one response line (a segment between literals)
-MAX_SEARCH_LINE = 32 * 1024 * 1024  # a SEARCH answer is one line for all the UIDs (~2 million)
+MAX_SEARCH_LINE = 16 * 1024 * 1024  # a SEARCH answer is one line for all the UIDs (~1.5 million; ESEARCH: compact)
 MAX_SMALL_LITERAL = 64 * 1024  # a literal nobody asked to stream (a folder name, a label, ...)
 MAX_LITERALS = 1000  # literals in one response
 MAX_KEPT_LITERALS = 1024 * 1024  # octets of kept (not streamed) literals in one response
@@ -115,7 +115,7 @@ class FolderInfo:
     flags: frozenset[str]  # upper-case: "\\NOSELECT", "\\HASCHILDREN", "\\TRASH", ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a listing may hold a million of them
 class ListedMessage:
     uid: int
     size: int
@@ -540,6 +540,7 @@ class IMAPClient:
                 return []
             commands = [self._command("SIMPLE", f"UID FETCH 1:* ({items})", shown="UID FETCH")]
         listed: dict[int, ListedMessage] = {}
+        flag_sets: dict[frozenset[str], frozenset[str]] = {}
 
         def keep(response: Response) -> bool:
             if response.kind != "FETCH":
@@ -554,6 +555,7 @@ class IMAPClient:
                     return True
                 size = wire.number_of(fetched["RFC822.SIZE"], "RFC822.SIZE", maximum=2**63)
                 flags = _flags_of(fetched["FLAGS"])
+                flags = flag_sets.setdefault(flags, flags)  # one object for each combination of flags
                 msgid = None
                 if gmail and "X-GM-MSGID" in fetched:
                     msgid = wire.number_of(fetched["X-GM-MSGID"], "X-GM-MSGID", maximum=2**64 - 1)
@@ -570,15 +572,21 @@ class IMAPClient:
 
     @_session_over_on_error
     def search_unseen(self) -> list[int]:
-        """UID SEARCH UNSEEN: the UIDs of the unseen messages of the selected folder, ascending."""
-        command = self._command("SIMPLE", "UID SEARCH UNSEEN", shown="UID SEARCH")
+        """UID SEARCH UNSEEN: the UIDs of the unseen messages of the selected folder, ascending. With ESEARCH
+        (RFC 4731) the answer is a compact UID set instead of one long line of every UID."""
+        esearch = self.has("ESEARCH")
+        command = self._command("SIMPLE", "UID SEARCH RETURN (ALL) UNSEEN" if esearch else "UID SEARCH UNSEEN",
+                                shown="UID SEARCH")
         found: list[int] = []
 
         def keep(response: Response) -> bool:
-            if response.kind != "SEARCH":
-                return False
             try:
-                found.extend(wire.number_of(value, "SEARCH", minimum=1) for value in response.values)
+                if response.kind == "SEARCH":
+                    found.extend(wire.number_of(value, "SEARCH", minimum=1) for value in response.values)
+                elif response.kind == "ESEARCH" and esearch:
+                    found.extend(self._esearch_all(response, command.tag))
+                else:
+                    return False
             except WireError as exc:
                 raise self._malformed("UID SEARCH", str(exc)) from None
             if len(found) > MAX_LISTING:
@@ -587,6 +595,25 @@ class IMAPClient:
 
         self._finish(command, keep, line_limit=MAX_SEARCH_LINE)
         return sorted(set(found))
+
+    @staticmethod
+    def _esearch_all(response: Response, tag: str) -> list[int]:
+        """The UIDs of ``* ESEARCH (TAG "tag") UID ALL set`` (none when ALL is missing: nothing matched)."""
+        values = response.values
+        if not values or not isinstance(values[0], list) or len(values[0]) != 2 or \
+                str(values[0][0]).upper() != "TAG" or values[0][1] != tag.encode():
+            raise WireError("an ESEARCH answer to another command")
+        rest = values[1:]
+        if not rest or not isinstance(rest[0], Atom) or rest[0].upper() != "UID":
+            raise WireError("an ESEARCH answer without UID")
+        found: list[int] = []
+        for index in range(1, len(rest) - 1, 2):
+            name, value = rest[index], rest[index + 1]
+            if isinstance(name, Atom) and name.upper() == "ALL":
+                if not isinstance(value, Atom):
+                    raise WireError("ESEARCH ALL without a UID set")
+                found = wire.parse_uid_set(value, MAX_LISTING)
+        return found
 
     @_session_over_on_error
     def header_block(self, uid: int, *, limit: int = MAX_HEADER_BLOCK) -> bytes | None:

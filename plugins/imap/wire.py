@@ -376,6 +376,30 @@ def uid_set(uids: Iterable[int]) -> str:
     return ",".join(parts)
 
 
+_SET_PIECE = re.compile(r"([0-9]{1,10})(?::([0-9]{1,10}))?")
+
+
+def parse_uid_set(text: str, max_count: int) -> list[int]:
+    """The UIDs of a UID set as a server sends it (ESEARCH ``ALL 1:5,7``), ascending; a malformed set, a UID out
+    of range or more than ``max_count`` UIDs raise `WireError` (before any range is expanded)."""
+    ranges: list[tuple[int, int]] = []
+    total = 0
+    for piece in text.split(","):
+        match = _SET_PIECE.fullmatch(piece)
+        if match is None:
+            raise WireError("a malformed UID set")
+        low = int(match.group(1))
+        high = int(match.group(2) or low)
+        low, high = min(low, high), max(low, high)
+        if low < 1 or high > MAX_UID:
+            raise WireError("a UID out of range in a UID set")
+        total += high - low + 1
+        if total > max_count:
+            raise WireError(f"more than {max_count} UIDs in a UID set")
+        ranges.append((low, high))
+    return sorted({uid for low, high in ranges for uid in range(low, high + 1)})
+
+
 def uid_sets(uids: Iterable[int], max_length: int = 4000) -> list[str]:
     """`uid_set` of ``uids`` split so that each set is at most about ``max_length`` characters (servers limit the
     length of a command line; Dovecot to 64 KiB)."""
