@@ -117,7 +117,7 @@ def test_all_mistakes_are_reported_at_once(tmp_path: Path) -> None:
         """)
     lines = message.splitlines()
     assert any(":4: accounts[0].port:" in line for line in lines)
-    assert any(":12: accounts[1].deliver.carrier_pigeon: unknown delivery target 'carrier_pigeon' (known: lmtp, "
+    assert any(":12: accounts[1].deliver.carrier_pigeon: unknown delivery target 'carrier_pigeon' (known: imap, lmtp, "
                "maildir, " in line for line in lines)
 
 
@@ -209,7 +209,7 @@ def test_the_source_keys_are_read_by_the_pop3_plugin_and_a_misspelt_one_gets_a_h
 def test_an_unknown_protocol_is_an_error_that_lists_the_known_ones(tmp_path: Path) -> None:
     message = problems_of(tmp_path, "accounts:\n  - name: a\n    protocol: carrier-pigeon\n    host: h\n"
                                     "    deliver: {maildir: m}\n")
-    assert ":3: accounts[0].protocol: unknown protocol 'carrier-pigeon' (known: pop3)" in message
+    assert ":3: accounts[0].protocol: unknown protocol 'carrier-pigeon' (known: imap, pop3)" in message
     assert "host" not in message  # the source keys are not judged without a source to read them
 
 

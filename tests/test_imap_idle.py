@@ -136,6 +136,7 @@ def test_postbote_run_fetches_pushed_mail_within_seconds_not_at_the_poll_interva
             latencies.append(time.monotonic() - started)
         print(f"IDLE push latency, APPEND to Maildir file: median {statistics.median(latencies) * 1000:.0f} ms, "
               f"max {max(latencies) * 1000:.0f} ms over {len(latencies)}")
-        assert len(daemon.events("poll.finished")) == 6  # the first poll, then one per pushed message
+        daemon.wait_for("poll.finished", count=6, timeout=15)  # the first poll, then one per pushed message
+        assert len(daemon.events("poll.finished")) == 6
     finally:
         assert daemon.stop(15) == 0
