@@ -17,9 +17,10 @@ The connection and login keys (``host``, ``port``, ``tls``, ``username``, ``pass
 
 What counts: the message is delivered when the server answers the APPEND with a tagged OK (the answer names the
 APPENDUID when the server has UIDPLUS). ``NO [OVERQUOTA]``, a folder that cannot be created, other codes that say
-"not now" (UNAVAILABLE, INUSE, SERVERBUG, NOPERM, …), a dropped connection or a BAD (after which the session
-is ended: the server may be out of step) leave the message on the source server, to be retried (temporary); any
-other NO is the server refusing this message for good: it is rejected, like an SMTP 5xx.
+"not now" (UNAVAILABLE, INUSE, SERVERBUG, NOPERM, …), a NO without such a code whose text says it (quota, "try again
+later", throttling: `not_now`), a dropped connection or a BAD (after which the session is ended: the server may be
+out of step) leave the message on the source server, to be retried (temporary); any other NO (TOOBIG, LIMIT, PARSE,
+no code) is the server refusing this message for good: it is rejected, like an SMTP 5xx.
 
 The wire: one session per poll and destination (``poll.resource``), reused for every message and opened again
 once it broke. A message goes as a literal of its CRLF form (`postbote.crlf_lines`: a bare CR or LF becomes CRLF,
@@ -94,7 +95,23 @@ TEMPORARY_CODES = frozenset({
     "AUTHORIZATIONFAILED", "AUTHENTICATIONFAILED", "PRIVACYREQUIRED", "CLIENTBUG",
 })
 
+# NO codes that say this message can never be stored there: rejected whatever the text says.
+PERMANENT_CODES = frozenset({"TOOBIG", "LIMIT", "PARSE", "CANNOT", "UNKNOWN-CTE", "BADCHARSET"})
+# Without a code (or with only [ALERT]), servers still say "not now" in words: Gmail's "Account exceeded command or
+# bandwidth limits", "Mailbox is full", "try again later". Such a NO defers; any other is a rejection.
+_NOT_NOW_TEXT = re.compile(r"quota|mailbox (is )?full|try (again|later)|temporar|unavailable|throttl|too many|"
+                           r"rate limit|bandwidth|busy", re.IGNORECASE)
+
 log = structlog.get_logger("postbote.imap_append")
+
+
+def not_now(code: str | None, text: str) -> bool:
+    """Whether a NO means "not now" (deferred) rather than "never" (rejected)."""
+    if code in TEMPORARY_CODES:
+        return True
+    if code in PERMANENT_CODES:
+        return False
+    return bool(_NOT_NOW_TEXT.search(text))
 
 
 @dataclass(frozen=True)
@@ -374,7 +391,7 @@ class AppendSession:
                                     "is false: create it on the server, or set create_folder: true", temporary=True)
             if not entry.retried:
                 return self.create_and_retry(entry)
-        if error.code in TEMPORARY_CODES:
+        if not_now(error.code, error.text):
             raise DeliveryError(said, temporary=True)
         reason = said
         if entry.has_nul:

@@ -25,7 +25,7 @@ from postbote import Message, crlf_lines, hookimpl
 from postbote.config import load_config
 from postbote.errors import ConfigError
 from postbote.pluginmanager import make_plugin_manager
-from postbote.plugins.imap_append import MAX_REOPENS, checked_length, measure, sent_at
+from postbote.plugins.imap_append import MAX_REOPENS, checked_length, measure, not_now, sent_at
 from postbote.state import DEFERRED, DELIVERED, REJECTED
 from structlog.testing import capture_logs
 
@@ -148,6 +148,23 @@ def test_a_literal_that_comes_out_longer_or_shorter_than_announced_is_stopped() 
         b"".join(checked_length([b"ab", b"c"], 2))
     with pytest.raises(Exception, match="had 3 octets, not the 4"):
         b"".join(checked_length([b"ab", b"c"], 4))
+
+
+@pytest.mark.parametrize(("code", "text", "deferred"), [
+    ("OVERQUOTA", "Quota exceeded (mailbox for user is full)", True),  # Dovecot
+    ("UNAVAILABLE", "backend down", True),
+    (None, "Mailbox is full", True),
+    ("ALERT", "Account exceeded command or bandwidth limits", True),  # Gmail's throttling
+    (None, "Server busy, try again later", True),
+    ("LIMIT", "Mail size is larger than the maximum size allowed by server configuration", False),  # Dovecot
+    ("TOOBIG", "try a smaller one later", False),  # a permanent code wins over the words
+    (None, "Can't save a zero byte message", False),
+    (None, "Message refused", False),
+    ("PARSE", "bad header", False),
+])
+def test_a_no_defers_when_its_code_or_else_its_text_says_not_now(code: str | None, text: str,
+                                                                 deferred: bool) -> None:
+    assert not_now(code, text) is deferred
 
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
