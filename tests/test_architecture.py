@@ -23,16 +23,20 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_FOLDERS = {"postbote": ROOT / "agent", "postbote.plugins": ROOT / "plugins"}
 
 POP3_CLIENT = "postbote.plugins.pop3.client"
+IMAP_CLIENT = ("postbote.plugins.imap.client", "postbote.plugins.imap.wire")  # the client and its parser
 # The POP3 plugin's modules and the sign-in modules it shares with the sources and destinations to come.
 SIGN_IN = ("postbote.plugins.signin.sasl", "postbote.plugins.signin.oauth2", "postbote.plugins.signin.authorize")
 NETWORK = ("ssl", "socket", "http", "urllib", "postbote.smtp", "postbote.tls", "postbote.plugins")
 DELIVERY_STATE_AND_PLUGINS = ("postbote.state", "postbote.poller", "postbote.handling", "postbote.pluginmanager",
                               "postbote.hookspecs", "postbote.plugins", "pluggy")
-# Reading the POP3 keys (the plugin's parse_source) loads no network code either: not even the plugin's own.
-SOURCE_SETTINGS = ("postbote.plugins.pop3.settings", "postbote.plugins.signin.settings",
-                   "postbote.plugins.signin.passwords", "postbote.plugins.signin.oauth2_settings")
+# Reading a source's keys (its plugin's parse_source) loads no network code either: not even the plugin's own.
+SOURCE_SETTINGS = ("postbote.plugins.pop3.settings", "postbote.plugins.imap.settings",
+                   "postbote.plugins.signin.settings", "postbote.plugins.signin.passwords",
+                   "postbote.plugins.signin.oauth2_settings")
 SOURCE_NETWORK = ("ssl", "socket", "http", "urllib.request", "urllib.error", "postbote.smtp", "postbote.tls",
-                  POP3_CLIENT, "postbote.plugins.pop3.login", "postbote.plugins.pop3.mailbox", *SIGN_IN)
+                  POP3_CLIENT, "postbote.plugins.pop3.login", "postbote.plugins.pop3.mailbox", *IMAP_CLIENT,
+                  "postbote.plugins.imap.login", "postbote.plugins.imap.mailbox", "postbote.plugins.imap.idle",
+                  *SIGN_IN)
 
 
 class When(enum.Enum):
@@ -175,6 +179,14 @@ def test_the_pop3_client_knows_nothing_of_delivery_state_or_plugins() -> None:
               if within(found.target, DELIVERY_STATE_AND_PLUGINS) and not within(found.target, SIGN_IN)]
     assert not broken, "the POP3 client imports delivery, state or plugin code:\n" + report(broken)
     assert POP3_CLIENT in modules()  # the wall names a module that exists
+
+
+def test_the_imap_client_knows_nothing_of_delivery_state_or_plugins() -> None:
+    """The one IMAP client, shared by the IMAP source and the IMAP destination: of the plugins only its parser."""
+    broken = [found for found in imports_by(list(IMAP_CLIENT))
+              if within(found.target, DELIVERY_STATE_AND_PLUGINS) and not within(found.target, IMAP_CLIENT)]
+    assert not broken, "the IMAP client imports delivery, state or plugin code:\n" + report(broken)
+    assert set(IMAP_CLIENT) <= set(modules())
 
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from postbote import CredentialError
+from postbote import CredentialError, TLSPolicy
 from postbote.plugins.imap.client import IMAPAuthError, IMAPClient
 from postbote.plugins.imap.settings import TLSMode
 from postbote.plugins.signin.login import (
@@ -39,7 +39,8 @@ def open_session(conn: ConnectionSettings, *, account: str, state_dir: Path | No
                  deadline: float | None, log: Any = default_log) -> IMAPClient:
     """A logged-in session with the server ``conn`` names (``account`` names the token cache and the messages);
     closed again if anything after the connect fails."""
-    tls = conn.tls_policy()
+    tls = TLSPolicy(verify=conn.tls_verify, fingerprint=conn.tls_fingerprint,
+                    ca_file=str(conn.tls_ca_file) if conn.tls_ca_file else None)
     client = IMAPClient.connect(conn.host, conn.port, implicit_tls=conn.tls is TLSMode.IMPLICIT, tls=tls,
                                 timeout=timeout, deadline=deadline)
     try:

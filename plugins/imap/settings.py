@@ -14,14 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from postbote import Node, Section, boolean, choice, nonempty_text, path_relative_to, port_number
 from postbote.plugins.pop3.settings import TLS_LABELS, TLSMode, normalise_fingerprint
 from postbote.plugins.signin.settings import AUTH_CHOICES, AuthChoice, Credentials, credentials_from_section
-
-if TYPE_CHECKING:
-    from postbote import TLSPolicy
 
 DEFAULT_PORTS = {TLSMode.IMPLICIT: 993, TLSMode.STARTTLS: 143, TLSMode.NONE: 143}
 # IMAP logs in with SASL or its LOGIN command (chosen by ``auth: auto`` when the server offers no SASL for a
@@ -83,12 +80,6 @@ class ConnectionSettings:
             tls += ", certificate NOT verified"
         return f"{tls}, auth {self.auth}, {self.credentials.describe()}"
 
-    def tls_policy(self) -> TLSPolicy:
-        """The TLS policy objects the client takes (loaded only when connecting)."""
-        from postbote import TLSPolicy
-
-        return TLSPolicy(verify=self.tls_verify, fingerprint=self.tls_fingerprint,
-                         ca_file=str(self.tls_ca_file) if self.tls_ca_file else None)
 
 
 @dataclass(frozen=True)
