@@ -650,3 +650,40 @@ def test_a_folder_name_beyond_ascii_is_sent_in_modified_utf7(make_rig: RigFactor
     assert "Alte Post.Gr&APwA3w-e" in target.folders()  # RFC 3501 5.1.3
     assert [corpus_number(m["body"]) for m in target.fetch("Alte Post.Gr&APwA3w-e")] == [1]
     assert rig.records()["uid-1"].reason.startswith("imap: appended to Alte Post.Grüße as UID 1 ")
+
+
+# ================================================================== several APPENDs in flight
+
+
+@pytest.mark.dovecot
+def test_several_appends_in_flight_are_answered_in_order_and_a_trycreate_for_all_of_them_creates_once(
+        imap_dovecot: DovecotServer, tmp_path: Path) -> None:
+    """The poller waits for each answer before the next hand-over today; the session does not rely on it: answers
+    are read in the order the APPENDs went out, whoever waits first, so a wider pipeline needs no change here."""
+    from types import SimpleNamespace
+
+    from postbote.credentials import Secret
+    from postbote.plugins.imap.settings import ConnectionSettings, TLSMode
+    from postbote.plugins.imap_append import AppendSession, IMAPAppendSettings
+    from postbote.plugins.signin.passwords import PasswordKind, PasswordSource
+    from postbote.plugins.signin.settings import AuthChoice, Credentials
+
+    user = fresh_user(imap_dovecot)
+    password = PasswordSource(PasswordKind.INLINE, inline=Secret(imap_dovecot.password(user)))
+    connection = ConnectionSettings(host=imap_dovecot.host, port=imap_dovecot.imap_port, tls=TLSMode.NONE,
+                                    username=user, auth=AuthChoice.AUTO, credentials=Credentials(password=password))
+    settings = IMAPAppendSettings(connection=connection, folder="Pipelined", timeout=10.0)
+    session = AppendSession(settings, SimpleNamespace(name="test"),  # type: ignore[arg-type]
+                            SimpleNamespace(state_dir=tmp_path, deadline=None))  # type: ignore[arg-type]
+    try:
+        waits = [session.append(Message.from_bytes(corpus_message(n), uid=f"uid-{n}")) for n in (1, 2, 3)]
+        assert session.client is not None and session.client.in_flight == 3
+        answers = [wait() for wait in waits]
+    finally:
+        session.close()
+
+    assert [re.sub(r" \(UIDVALIDITY \d+\)", "", answer) for answer in answers] == [
+        "imap: appended to Pipelined as UID 1", "imap: appended to Pipelined as UID 2",
+        "imap: appended to Pipelined as UID 3"]
+    target = IMAPTarget(imap_dovecot, user, folder="Pipelined")
+    assert [corpus_number(m["body"]) for m in target.fetch()] == [1, 2, 3]
