@@ -115,6 +115,15 @@ def test_the_destination_says_which_files_it_needs_whether_it_holds_a_password_a
     assert "(not created)" in inline.describe()
 
 
+def test_check_shows_the_imap_destination(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from postbote.cli import main
+
+    path = write(tmp_path, "imap: {host: imap.example.org, username: me, password: secret, folder: Old}\n")
+    assert main(["-c", str(path), "check"]) == 0
+    out = capsys.readouterr().out
+    assert "-> imap:me@imap.example.org:993/Old" in out and "secret" not in out
+
+
 @pytest.mark.parametrize(("options", "expected"), [
     ("{host: h, username: u, password: p, flags: ['\\\\Recent']}", "deliver.imap.flags: expected one of the system"),
     ("{host: h, username: u, password: p, flags: ['two words']}", "deliver.imap.flags: expected a keyword"),
