@@ -190,7 +190,7 @@ def test_the_example_config_shows_valid_keys_only() -> None:
     """examples/postbote.yaml documents every key; it must stay a config postbote accepts."""
     example = Path(__file__).resolve().parent.parent / "examples" / "postbote.yaml"
     config = load(example)
-    assert [a.name for a in config.accounts] == ["alice", "bob", "carol-gmail"]
+    assert [a.name for a in config.accounts] == ["alice", "bob", "carol-gmail", "dave-old-isp"]
     assert config.accounts[0].options_for("backup") is not None and not config.accounts[0].uses("spamassassin")
 
 
