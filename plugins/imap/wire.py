@@ -188,133 +188,91 @@ def _status(tag: str, kind: str, rest: bytes) -> Response:
     return Response(tag, kind, code=code, code_args=_text(args), text=_text(rest))
 
 
+_ATOM_CLASS = b"[" + b"".join(re.escape(bytes([c])) for c in sorted(_ATOM_BYTES)) + b"]"
+# One token of a data response: "(", ")", a space, a quoted string (only \\ and \" escaped; no CR, LF or NUL),
+# or an atom -- which may hold bracketed sections such as BODY[HEADER.FIELDS (SUBJECT)] and an origin <0>.
+_TOKEN = re.compile(rb'(?P<space> ?)(?:(?P<open>\()|(?P<close>\))|"(?P<quoted>(?:[^"\\\r\n\x00]|\\[\\"])*)"'
+                    rb"|(?P<atom>" + _ATOM_CLASS + rb"+(?:\[[^\]\r\n]*\]" + _ATOM_CLASS + rb"*)*))")
+_ESCAPE = re.compile(rb'\\([\\"])')
+
+
 class _Cursor:
-    """Walks the segments and literals of a response, one value at a time."""
+    """Walks the segments and literals of a data response, token by token (`_TOKEN`: a token and the single space
+    before it, if any), keeping the lists open at the moment on a stack."""
 
     def __init__(self, segments: Sequence[bytes], literals: Sequence[bytes | Streamed], start: int) -> None:
         self.segments = segments
         self.literals = literals
-        self.index = 0
-        self.pos = start
+        self.start = start
         # where the marker of each segment's literal starts (the last segment has none)
         self.markers = [segment.rfind(b"{") for segment in segments[:-1]]
         if any(marker == -1 for marker in self.markers):
             raise WireError("a segment that does not end in a literal marker")
 
-    @property
-    def end(self) -> int:
-        """Where the data of the current segment ends (its literal marker, or its end)."""
-        return self.markers[self.index] if self.index < len(self.markers) else len(self.segments[self.index])
-
-    def at_literal(self) -> bool:
-        return self.index < len(self.markers) and self.pos == self.markers[self.index]
-
-    def at_end(self) -> bool:
-        return self.index == len(self.segments) - 1 and self.pos >= len(self.segments[self.index])
-
-    def peek(self) -> int | None:
-        if self.pos >= self.end:
-            return None
-        return self.segments[self.index][self.pos]
-
     def values(self) -> list[Value]:
-        """The values up to the end of the response, separated by single spaces (trailing spaces are forgiven)."""
-        values: list[Value] = []
-        while not self.at_end():
-            values.append(self.value(0))
-            if self.at_end():
-                break
-            self.space()
-            if self.index == len(self.segments) - 1 and not self.segments[-1][self.pos:].strip(b" "):
-                break
-        return values
-
-    def space(self) -> None:
-        """Exactly one space: inside a list, where a literal announced too short would leave the tail of a message
-        for the parser to skip, nothing is forgiven."""
-        if self.peek() != 0x20:
-            raise WireError("values not separated by a space")
-        self.pos += 1
-
-    def value(self, depth: int) -> Value:
-        if self.at_literal():
-            literal = self.literals[self.index]
-            self.index += 1
-            self.pos = 0
-            return literal
-        byte = self.peek()
-        if byte is None:
-            raise WireError("a value expected, the line ended")
-        if byte == 0x28:  # (
-            return self.parenthesised(depth + 1)
-        if byte == 0x22:  # "
-            return self.quoted()
-        return self.atom()
-
-    def parenthesised(self, depth: int) -> list[Value]:
-        if depth > MAX_NESTING:
-            raise WireError("lists nested too deep")
-        self.pos += 1
-        items: list[Value] = []
+        """The values up to the end of the response: separated by single spaces, inside lists strictly (a literal
+        announced too short would leave a message's tail for a lenient parser to skip); trailing spaces at the end
+        of the response are forgiven."""
+        stack: list[list[Value]] = [[]]
+        current = stack[0]
+        first = True  # no value yet in the current list (or at the top): no space before the next one
+        last = len(self.segments) - 1
+        index, pos = 0, self.start
+        segment = self.segments[0]
+        end = self.markers[0] if last else len(segment)
+        token = _TOKEN.match
         while True:
-            if self.peek() == 0x29:  # )
-                self.pos += 1
-                return items
-            if self.at_end():
-                raise WireError("a list without its closing ')'")
-            items.append(self.value(depth))
-            if self.peek() == 0x29:
+            if pos >= end:
+                if index < last:  # the literal announced at the end of this segment, after a space
+                    if not first and not segment[:end].endswith(b" "):
+                        raise WireError("a literal right after a value, without a space")
+                    if segment[:end].endswith(b"  ") or (first and segment[:end].endswith(b"( ")):
+                        raise WireError("two spaces, or a space after '(', before a literal")
+                    current.append(self.literals[index])
+                    first = False
+                    index += 1
+                    segment, pos = self.segments[index], 0
+                    end = self.markers[index] if index < last else len(segment)
+                    continue
+                if len(stack) > 1:
+                    raise WireError("a list without its closing ')'")
+                return stack[0]
+            match = token(segment, pos, end)
+            if match is None:
+                if len(stack) == 1 and index == last and not segment[pos:].strip(b" "):
+                    return stack[0]  # trailing spaces
+                if segment.startswith(b" ", pos) and pos + 1 == end and index < last:
+                    pos += 1  # the space before a literal
+                    continue
+                raise WireError(f"unexpected {segment[pos:pos + 2]!r} where a value should be")
+            pos = match.end()
+            spaced = match.start("space") != match.end("space")
+            if match.group("close") is not None:
+                if spaced or len(stack) == 1:
+                    raise WireError("a ')' after a space, or without its '('")
+                inner = stack.pop()
+                current = stack[-1]
+                current.append(inner)
+                first = False
                 continue
-            self.space()
-            if self.peek() in (0x29, 0x20):
-                raise WireError("a space before ')' or two spaces in a list")
-
-    def quoted(self) -> bytes:
-        segment = self.segments[self.index]
-        end = self.end
-        out = bytearray()
-        pos = self.pos + 1
-        while pos < end:
-            byte = segment[pos]
-            if byte == 0x22:
-                self.pos = pos + 1
-                return bytes(out)
-            if byte == 0x5C:  # backslash: only \\ and \" are escapes
-                if pos + 1 >= end or segment[pos + 1] not in (0x5C, 0x22):
-                    raise WireError("a bad escape in a quoted string")
-                out.append(segment[pos + 1])
-                pos += 2
+            if spaced == first:  # a value needs a space before it, except the first one of a list
+                if spaced:
+                    raise WireError("a space where no value came before it")
+                raise WireError("values not separated by a space")
+            if match.group("open") is not None:
+                if len(stack) > MAX_NESTING:
+                    raise WireError("lists nested too deep")
+                current = []
+                stack.append(current)
+                first = True
                 continue
-            if byte in (0x0D, 0x0A, 0x00):
-                raise WireError("CR, LF or NUL in a quoted string")
-            out.append(byte)
-            pos += 1
-        raise WireError("a quoted string without its closing quote")
-
-    def atom(self) -> Value:
-        segment = self.segments[self.index]
-        end = self.end
-        start = pos = self.pos
-        bracketed = False
-        while pos < end:
-            byte = segment[pos]
-            if byte in _ATOM_BYTES:
-                pos += 1
-            elif byte == 0x5B:  # "[": a section such as BODY[HEADER.FIELDS (SUBJECT)], up to its "]"
-                close = segment.find(b"]", pos, end)
-                if close == -1 or pos == start:
-                    raise WireError("a '[' without its ']' or outside an atom")
-                bracketed = True
-                pos = close + 1
+            quoted = match.group("quoted")
+            if quoted is not None:
+                current.append(_ESCAPE.sub(rb"\1", quoted) if b"\\" in quoted else quoted)
             else:
-                break
-        if pos == start:
-            raise WireError(f"unexpected {segment[pos:pos + 1]!r} where a value should be")
-        self.pos = pos
-        word = segment[start:pos].decode("ascii")
-        if not bracketed and word.upper() == "NIL":
-            return None
-        return Atom(word)
+                word = match.group("atom")
+                current.append(None if len(word) == 3 and word.upper() == b"NIL" else Atom(word.decode("ascii")))
+            first = False
 
 
 def number_of(value: Value, what: str, *, maximum: int = MAX_UID, minimum: int = 0) -> int:
