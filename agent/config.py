@@ -275,8 +275,7 @@ def check_files(config: Config) -> None:
     """
     problems = Problems(str(config.path))
     for account in config.accounts:
-        files: Mapping[str, tuple[Path, int, str]] = getattr(account.source, "files", None) or {}
-        for path, line, key_path in files.values():
+        for path, line, key_path in _named_files(account):
             expanded = os.path.expandvars(str(path))
             if "$" in expanded:
                 continue
@@ -398,9 +397,25 @@ def _known_source_protocols(pm: pluggy.PluginManager) -> set[str]:
     return protocols
 
 
+def _plugin_settings(account: Account) -> list[Any]:
+    """What the account's plugins read: its source's settings and each destination's."""
+    return [account.source, *(destination.settings for destination in account.destinations)]
+
+
+def _named_files(account: Account) -> list[tuple[Path, int, str]]:
+    """The files the account's source and destinations name (``files``: key -> (path, line, key path))."""
+    named: list[tuple[Path, int, str]] = []
+    for settings in _plugin_settings(account):
+        files: Mapping[str, tuple[Path, int, str]] = getattr(settings, "files", None) or {}
+        named.extend(files.values())
+    return named
+
+
 def _refuse_exposed_inline_password(config: Config) -> None:
-    """An inline password in a file others can read is refused, as fetchmail does."""
-    if not any(getattr(account.source, "holds_inline_password", False) for account in config.accounts):
+    """An inline password in a file others can read is refused, as fetchmail does (a source's, or a
+    destination's: an IMAP destination logs in too)."""
+    if not any(getattr(settings, "holds_inline_password", False)
+               for account in config.accounts for settings in _plugin_settings(account)):
         return
     try:
         mode = config.path.stat().st_mode
