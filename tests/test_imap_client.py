@@ -876,3 +876,18 @@ def test_fault_server_counts_faults_per_matching_command() -> None:
         assert faults.fired == ["UID FETCH 2 (UID BODY.PEEK[])"]
         client.logout()
         assert server.errors == []
+
+
+def test_fault_server_tells_each_session_of_others_expunges_and_appends() -> None:
+    """Two sessions on one folder: what one expunges or appends reaches the other as EXPUNGE / EXISTS before any
+    answer that numbers messages, so the client's number checks hold as against a real server."""
+    with fault_server() as server:
+        first, second = on(server), on(server)
+        second.store_flags([1], ["\\Deleted"])
+        second.uid_expunge([1])
+        server.add_message("INBOX", message(4))
+        assert [entry.uid for entry in first.listing()] == [2, 3, 4] and first.exists == 3
+        assert fetch_all(first, [2, 4]) == {2: message(2), 4: message(4)}
+        first.logout()
+        second.logout()
+        assert server.errors == []

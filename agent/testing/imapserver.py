@@ -388,7 +388,7 @@ class _Session:
         self.user: str | None = None
         self.selected: _Folder | None = None
         self.read_only = False
-        self.known_exists = 0
+        self.view: list[int] = []  # the UIDs of the selected folder as this client was told, in message-number order
         self.tag = "*"
         self.literal_delta = 0
 
@@ -526,11 +526,14 @@ class _Session:
         tag = self.tag
         if handler is None:
             return f"{tag} BAD unknown command\r\n".encode()
+        # What changed meanwhile is said first, as a real server does (numbers in the answer then agree with it).
+        news = self.news() if handler not in (_Session._idle, _Session._logout, _Session._select,
+                                              _Session._examine) else b""
         try:
             body = handler(self, _tokens(arguments))
         except _Refusal as refusal:
-            return f"{tag} {refusal.status} {refusal}\r\n".encode()
-        return body
+            return news + f"{tag} {refusal.status} {refusal}\r\n".encode()
+        return news + body
 
     # ---- helpers
 
@@ -557,15 +560,30 @@ class _Session:
         return self.selected
 
     def news(self) -> bytes:
-        """``* n EXISTS`` when the selected folder grew or shrank since the client was last told."""
+        """What changed in the selected folder since this client was last told, as a real server says it: ``* n
+        EXPUNGE`` for each message gone (others' expunges, from the highest number down), then ``* n EXISTS``
+        when messages came. Message numbers in answers are those of `view`, which this keeps in step."""
         if self.selected is None:
             return b""
         with self.server._lock:
-            count = len(self.selected.messages)
-        if count == self.known_exists:
-            return b""
-        self.known_exists = count
-        return f"* {count} EXISTS\r\n".encode()
+            current = [message.uid for message in self.selected.messages]
+        present = set(current)
+        out = []
+        for index in range(len(self.view) - 1, -1, -1):
+            if self.view[index] not in present:
+                del self.view[index]
+                out.append(f"* {index + 1} EXPUNGE\r\n".encode())
+        highest = self.view[-1] if self.view else 0
+        known = set(self.view)
+        new = [uid for uid in current if uid > highest or uid not in known]
+        if new:
+            self.view.extend(uid for uid in new if uid not in known)
+            out.append(f"* {len(self.view)} EXISTS\r\n".encode())
+        return b"".join(out)
+
+    def numbers(self) -> dict[int, int]:
+        """UID -> message number, as this client was told."""
+        return {uid: number for number, uid in enumerate(self.view, 1)}
 
     # ---- commands
 
@@ -643,7 +661,7 @@ class _Session:
         self.selected, self.read_only = folder, read_only
         with self.server._lock:
             count, uidvalidity, uidnext = len(folder.messages), folder.uidvalidity, folder.uidnext
-        self.known_exists = count
+            self.view = [message.uid for message in folder.messages]
         flags = " ".join(_SYSTEM_FLAGS)
         return (f"* FLAGS ({flags})\r\n* OK [PERMANENTFLAGS ({flags} \\*)] Flags permitted.\r\n"
                 f"* {count} EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY {uidvalidity}] UIDs valid\r\n"
@@ -671,7 +689,9 @@ class _Session:
         names = [_text(item).upper() for item in items]
         with self.server._lock:
             wanted = _uids_in(_text(arguments[0]), folder)
-            found = [(number, message) for number, message in enumerate(folder.messages, 1) if message.uid in wanted]
+            numbers = self.numbers()
+            found = [(numbers[message.uid], message) for message in folder.messages
+                     if message.uid in wanted and message.uid in numbers]
         out = []
         for number, message in found:
             parts = [f"UID {message.uid}".encode()]
@@ -725,9 +745,11 @@ class _Session:
         out = []
         with self.server._lock:
             wanted = _uids_in(_text(arguments[0]), folder)
-            for number, message in enumerate(folder.messages, 1):
-                if message.uid not in wanted:
+            numbers = self.numbers()
+            for message in folder.messages:
+                if message.uid not in wanted or message.uid not in numbers:
                     continue
+                number = numbers[message.uid]
                 if operation.startswith("+"):
                     message.flags |= names
                 elif operation.startswith("-"):
@@ -740,14 +762,11 @@ class _Session:
         return b"".join(out) + self.ok("Store completed")
 
     def expunged(self, folder: _Folder, doomed: Callable[[StoredMessage], bool]) -> bytes:
-        out = []
+        """Remove the doomed messages; ``* n EXPUNGE`` for each (numbers of this client's view)."""
         with self.server._lock:
-            for number in range(len(folder.messages), 0, -1):
-                if doomed(folder.messages[number - 1]):
-                    del folder.messages[number - 1]
-                    out.append(f"* {number} EXPUNGE\r\n".encode())
-            self.known_exists = len(folder.messages)
-        return b"".join(out)
+            gone = {message.uid for message in folder.messages if doomed(message)}
+            folder.messages = [message for message in folder.messages if message.uid not in gone]
+        return self.news()
 
     def _expunge(self, arguments: list[object]) -> bytes:
         folder = self.folder_selected()
@@ -810,8 +829,6 @@ class _Session:
         if folder is None:
             raise _Refusal("[TRYCREATE] Mailbox doesn't exist")
         uid = self.server.add_message(folder.name, arguments[-1], flags=flags)
-        if self.selected is folder:
-            self.known_exists += 1
         code = f"APPENDUID {folder.uidvalidity} {uid}" if self.has("UIDPLUS") else None
         return self.ok("Append completed", code=code)
 
