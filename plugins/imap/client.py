@@ -15,6 +15,22 @@ Only a well-formed tagged NO or BAD (`IMAPError`) leaves the session usable. A B
 is an `IMAPConnectionError`; anything out of step, malformed or over a bound an `IMAPProtocolError` (a subclass):
 the caller then closes the connection without expunging anything. No secret (a LOGIN password, an AUTHENTICATE
 response) ever appears in an exception message; what the server says is cleaned of them too.
+
+A session, as the IMAP source drives it::
+
+    client = IMAPClient.connect(host, 143, implicit_tls=False, tls=policy, timeout=30, deadline=poll_deadline)
+    client.starttls(policy)                         # IMAPError when not offered: never goes on in clear
+    client.login(user, password)                    # or client.authenticate(mechanism)
+    client.select("INBOX")                          # SelectedFolder(exists, uidvalidity, uidnext, read_only)
+    listed = client.listing()                       # [ListedMessage(uid, size, flags)], ascending UID
+    for entry in listed[:window]:
+        client.send_fetch(entry.uid, limit=cap)     # pipelined: written ahead
+    size = client.read_fetched(spool.write)         # in order: None when the message is gone
+    client.store_flags([uid], ["\\Deleted"]); client.uid_expunge([uid])   # never a bare EXPUNGE
+    client.logout()
+
+and IDLE in a selector loop: ``idle_start()`` (True: news came already), then ``idle_read()`` whenever ``fileno()``
+is readable (True: an EXISTS, or the server ended IDLE), ``idle_done()`` before any other command.
 """
 
 from __future__ import annotations
