@@ -600,7 +600,9 @@ class Daemon:
             problems.append("waiting: " + "; ".join(f"{name} {summary.describe()}"
                                                     for name, summary in waiting.items()))
         health = ", ".join(problems) if problems else "all fine"
-        return f"{len(self._slots)} account(s), {health}; last poll: {self._last_summary}"
+        watched = self._watcher.count()
+        push = f", {watched} watched for new mail" if watched else ""
+        return f"{len(self._slots)} account(s){push}, {health}; last poll: {self._last_summary}"
 
 
 def _summary(stats: PollStats) -> str:

@@ -119,6 +119,7 @@ def test_hook_watch_mailbox(tmp_path: Path, fake: FakeSource, push: PushSource, 
     push.servers[0].send(b"NEW")
     assert wait_until(lambda: delivered(tmp_path) == 2, 15), "the watch's news did not start a poll"
     assert fake.mailbox("fake").sessions == 2 and len(push.watches) == 1  # the watch stays open across polls
+    assert "1 watched for new mail" in daemon._status_line()  # systemd's STATUS= shows push at work
 
 
 def test_a_broken_watch_is_closed_and_the_next_successful_poll_watches_again(
