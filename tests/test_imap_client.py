@@ -891,3 +891,18 @@ def test_fault_server_tells_each_session_of_others_expunges_and_appends() -> Non
         first.logout()
         second.logout()
         assert server.errors == []
+
+
+def test_idle_read_never_waits_for_what_has_not_come() -> None:
+    """A readable socket may hold no whole response (half a line; with TLS 1.3 perhaps no data at all): idle_read
+    takes what is there and returns at once instead of waiting up to the timeout in the watcher's thread."""
+    faults = Faults().on("IDLE", action=Action.before(b"+ idling\r\n* 5 EXI", then=Action.stall(30)))
+    with fault_server(faults) as server:
+        client = on(server, timeout=30.0)
+        client.idle_start()
+        started = time.monotonic()
+        assert not client.idle_read()  # half a line: nothing to report yet
+        assert not client.idle_read()  # nothing more has come: no wait either
+        assert time.monotonic() - started < 10
+        assert client.idling
+        client.close()

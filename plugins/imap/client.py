@@ -930,8 +930,25 @@ class IMAPClient:
             raise RuntimeError("idle_read() outside IDLE")
         self._doing = "idling"
         if not self._receiver.has_line():
-            self._receive()
+            self._receive_ready()
         return self._idle_responses(command)
+
+    def _receive_ready(self) -> None:
+        """Take what the socket holds without waiting: readable may mean no application data at all (a TLS 1.3
+        session ticket, say), and a watcher thread must not sit in recv() for it."""
+        if self._socket_timeout != 0.0:
+            self._sock.settimeout(0.0)
+            self._socket_timeout = 0.0
+        try:
+            received = self._receiver.fill()
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except ssl.SSLError as exc:
+            raise IMAPConnectionError(f"{self.host}: TLS error {self._doing}: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise IMAPConnectionError(f"{self.host}: connection lost {self._doing}: {exc.strerror or exc}") from None
+        if not received:
+            raise IMAPConnectionError(f"{self.host}: connection closed by the server {self._doing}")
 
     def _idle_responses(self, command: _Command) -> bool:
         """The whole responses that have arrived during IDLE (none is waited for); whether there is news."""
