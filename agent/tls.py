@@ -51,26 +51,49 @@ class TLSPolicy:
             context.verify_mode = ssl.CERT_NONE
         return context
 
-    def wrap(self, sock: socket.socket, host: str, where: str) -> ssl.SSLSocket:
-        """Handshake on ``sock`` (closed on failure) and check the pin; errors name the server and the reason."""
+    def wrap(self, sock: socket.socket, host: str, where: str, *, implicit: bool = False) -> ssl.SSLSocket:
+        """Handshake on ``sock`` (closed on failure) and check the pin; errors name the server, the reason and
+        what to do. ``implicit``: the connection is TLS from its first byte, so a refused certificate's fingerprint
+        can be read on a second connection and shown, ready to pin."""
         import ssl
 
+        fresh = _peer(sock) if implicit else None
         try:
             wrapped = self.context().wrap_socket(sock, server_hostname=host)
         except ssl.SSLCertVerificationError as exc:
             sock.close()
-            raise TLSError(f"TLS certificate of {where} not trusted: {exc.verify_message or exc.reason}"
-                           " (set tls_ca_file for a private CA, or tls_fingerprint for a self-signed server)") from None
+            raise TLSError(self._untrusted(exc, where, fresh, sock.gettimeout())) from None
         except TimeoutError:
             sock.close()
             raise TLSError(f"TLS handshake with {where} timed out") from None
         except (ssl.SSLError, OSError) as exc:
             sock.close()
             reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
-            raise TLSError(f"TLS handshake with {where} failed: {reason}") from None
+            hint = PLAIN_PORT_HINT if reason in PLAIN_PORT_REASONS else ""
+            raise TLSError(f"TLS handshake with {where} failed: {reason}{hint}") from None
         if self.fingerprint:
             self._check_pin(wrapped, where)
         return wrapped
+
+    def _untrusted(self, exc: ssl.SSLCertVerificationError, where: str, fresh: tuple[str, int] | None,
+                   timeout: float | None) -> str:
+        """What went wrong and what to do: for a connection that was TLS from its first byte, the certificate's
+        SHA-256 fingerprint (read on a second, unverified connection that sends nothing) and the line that pins it."""
+        reason = exc.verify_message or exc.reason
+        message = f"TLS certificate of {where} not trusted: {reason}"
+        if "hostname mismatch" in str(reason).lower() or "ip address mismatch" in str(reason).lower():
+            return message + (" (the certificate is for another name: connect to a name it holds, or pin it "
+                              "with tls_fingerprint)")
+        advice = "" if self.ca_file else "set tls_ca_file for a private CA, or "
+        fingerprint = _presented_fingerprint(fresh, timeout) if fresh else None
+        if fingerprint is None:
+            return (f"{message} ({advice}tls_fingerprint for a self-signed server; its SHA-256 fingerprint: "
+                    "openssl s_client -connect HOST:PORT [-starttls pop3|imap|smtp] </dev/null | "
+                    "openssl x509 -noout -fingerprint -sha256)")
+        return (f"{message}. The server presented a certificate with SHA-256 fingerprint {_colons(fingerprint)}: "
+                f"{advice}to trust this one certificate, add\n    tls_fingerprint: {_colons(fingerprint)}\n"
+                "only after checking it out of band (with the server's admin, or on the server itself): pinning a "
+                "certificate you have not verified trusts whoever answered this time")
 
     def _check_pin(self, wrapped: ssl.SSLSocket, where: str) -> None:
         import hashlib
@@ -92,6 +115,39 @@ def forget_contexts() -> None:
     """Build every context anew on next use: the CA files and the system's CA store are read again."""
     with _CONTEXTS_LOCK:
         _CONTEXTS.clear()
+
+
+# OpenSSL's reasons when the other end answered a TLS ClientHello in plain text.
+PLAIN_PORT_REASONS = frozenset({"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE",
+                                "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"})
+PLAIN_PORT_HINT = (": this port speaks plain text, not TLS from the first byte; use tls: starttls on it, or the "
+                   "implicit-TLS port (POP3 995, IMAP 993, SMTP submission 465)")
+
+
+def _peer(sock: socket.socket) -> tuple[str, int] | None:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return None
+    return (peer[0], peer[1])
+
+
+def _presented_fingerprint(address: tuple[str, int], timeout: float | None) -> str | None:
+    """The SHA-256 of the certificate the server at ``address`` presents, from a handshake that verifies nothing
+    and is closed at once (no data is sent on it); None when that fails."""
+    import hashlib
+    import socket
+    import ssl
+
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection(address, timeout=timeout or 10) as raw, probe.wrap_socket(raw) as wrapped:
+            der = wrapped.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError):
+        return None
+    return hashlib.sha256(der).hexdigest() if der else None
 
 
 def _colons(digits: str) -> str:

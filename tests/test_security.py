@@ -118,6 +118,40 @@ def test_a_self_signed_server_is_refused_by_default_and_nothing_is_sent(alice: D
     assert "Login: user=<alice>" not in alice.dovecot.new_log(mark)
 
 
+def test_a_refused_certificate_is_shown_with_the_line_that_would_pin_it(alice: DovecotAccount,
+                                                                         self_signed: SelfSigned) -> None:
+    """Implicit TLS: the error names the presented certificate's SHA-256, ready to paste, with the warning that
+    pinning an unverified certificate trusts whoever answered."""
+    status, output = alice.poll()
+
+    assert status == 1 and f"tls_fingerprint: {self_signed.sha256}" in output
+    assert "out of band" in output and "set tls_ca_file" in output
+
+
+def test_with_tls_ca_file_set_a_refused_certificate_does_not_suggest_setting_it(alice: DovecotAccount,
+                                                                               tmp_path: Path) -> None:
+    other = SelfSigned(tmp_path / "other")
+
+    status, output = alice.poll(tls_ca_file=str(other.cert))
+
+    assert status == 1 and "not trusted" in output and "set tls_ca_file" not in output
+    assert "tls_fingerprint:" in output
+
+
+def test_starttls_to_an_untrusted_server_says_how_to_read_its_fingerprint(alice: DovecotAccount) -> None:
+    """After STARTTLS a second connection cannot read the certificate without speaking the protocol: the error
+    gives the openssl command instead."""
+    status, output = alice.poll(tls="starttls", port=alice.dovecot.pop3_port)
+
+    assert status == 1 and "not trusted" in output and "-starttls pop3" in output
+
+
+def test_implicit_tls_against_a_plain_text_port_says_so(alice: DovecotAccount) -> None:
+    status, output = alice.poll(tls="implicit", port=alice.dovecot.pop3_port)
+
+    assert status == 1 and "this port speaks plain text" in output and "tls: starttls" in output
+
+
 def test_a_self_signed_server_is_accepted_with_its_certificate_as_tls_ca_file(alice: DovecotAccount,
                                                                                 self_signed: SelfSigned) -> None:
     status, output = alice.poll(tls_ca_file=str(self_signed.cert))

@@ -159,7 +159,7 @@ class POP3Client:
             raise POP3ConnectionError(f"cannot connect to {where}: {exc.strerror or exc}") from None
         try:
             if implicit_tls:
-                sock = tls.wrap(sock, host, where)
+                sock = tls.wrap(sock, host, where, implicit=True)
             client = cls(sock, host=host, timeout=timeout, deadline=deadline)
             client.read_greeting()
         except BaseException:
