@@ -102,6 +102,7 @@ def test_implicit_tls(dovecot: DovecotServer, pki: TestPKI) -> None:
     client = logged_in(dovecot, pki, tls="implicit")
     assert client.encrypted
     client.noop()
+    assert client.identify({"name": "postbote", "version": "0.1.0"}).get("name") == "Dovecot"
     client.logout()
 
 

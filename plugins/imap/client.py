@@ -895,6 +895,37 @@ class IMAPClient:
     # --- other commands ---------------------------------------------------------------------------------------
 
     @_session_over_on_error
+    def identify(self, fields: dict[str, str]) -> dict[str, str]:
+        """ID (RFC 2971): tell the server who we are (some, like NetEase's, refuse SELECT without it) and return
+        what it says of itself. Only with the ID capability (else an empty dict, nothing sent)."""
+        if not self.has("ID"):
+            return {}
+        parts: list[bytes] = []
+        for key, value in list(fields.items())[:30]:
+            for text in (key[:30], value[:1024]):
+                form = wire.quoted(text.encode("utf-8"))
+                if form is None:
+                    raise ValueError(f"an ID field cannot hold {text!r}")
+                parts.append(form)
+        command = self._command("SIMPLE", f"ID ({b' '.join(parts).decode('utf-8')})" if parts else "ID NIL",
+                                shown="ID")
+        said: dict[str, str] = {}
+
+        def keep(response: Response) -> bool:
+            if response.kind != "ID":
+                return False
+            values = response.values[0] if response.values else None
+            if isinstance(values, list):
+                for index in range(0, len(values) - 1, 2):
+                    key, value = values[index], values[index + 1]
+                    if isinstance(key, bytes) and isinstance(value, bytes):
+                        said[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+            return True
+
+        self._finish(command, keep)
+        return said
+
+    @_session_over_on_error
     def noop(self) -> None:
         self._simple("NOOP")
 
