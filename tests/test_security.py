@@ -152,6 +152,13 @@ def test_implicit_tls_against_a_plain_text_port_says_so(alice: DovecotAccount) -
     assert status == 1 and "this port speaks plain text" in output and "tls: starttls" in output
 
 
+def test_starttls_against_a_tls_port_says_so(alice: DovecotAccount) -> None:
+    """The server waits for a TLS handshake while postbote waits for a greeting: the timeout says why."""
+    status, output = alice.poll(tls="starttls", port=alice.dovecot.pop3s_port, timeout="1s")
+
+    assert status == 1 and "timed out" in output and "tls: implicit" in output
+
+
 def test_a_self_signed_server_is_accepted_with_its_certificate_as_tls_ca_file(alice: DovecotAccount,
                                                                                 self_signed: SelfSigned) -> None:
     status, output = alice.poll(tls_ca_file=str(self_signed.cert))

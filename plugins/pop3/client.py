@@ -179,7 +179,13 @@ class POP3Client:
     def read_greeting(self) -> str:
         """The server's greeting, which also tells how it ends its lines (`LineEnding`)."""
         self._doing = "reading the greeting"
-        line = self._readline(MAX_REPLY_LINE + 1)
+        try:
+            line = self._readline(MAX_REPLY_LINE + 1)
+        except POP3ConnectionError as exc:
+            if self.encrypted or "timed out" not in str(exc):
+                raise
+            raise POP3ConnectionError(f"{exc}: if this port speaks TLS from the first byte (POP3S, usually 995), "
+                                      "set tls: implicit") from None
         self._check_complete(line, MAX_REPLY_LINE)
         self.line_ending = LineEnding.CRLF if line.endswith(b"\r\n") else LineEnding.LF
         self.greeting = self._ok_text(line.rstrip(b"\r\n"))
