@@ -907,3 +907,36 @@ def test_idle_read_never_waits_for_what_has_not_come() -> None:
         assert time.monotonic() - started < 10
         assert client.idling
         client.close()
+
+
+def test_a_large_append_streams_in_little_memory(dovecot: DovecotServer, pki: TestPKI) -> None:
+    """APPEND writes the message as its chunks come (small ones gathered into 64 KiB writes), never whole."""
+    import hashlib
+    import tracemalloc
+
+    line = b"appended line of a large message, " * 3 + b"\r\n"
+    head = b"Subject: large append\r\n\r\n"
+    count = 1_000_000
+    length = len(head) + len(line) * count
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        for _ in range(count // 1000):
+            yield line * 1000
+
+    client = logged_in(dovecot, pki, tls="none")
+    tracemalloc.start()
+    try:
+        result = client.append("INBOX", chunks(), length)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.uid is not None and peak < 4 * 1024 * 1024, f"{peak / 1e6:.1f} MB"
+    client.select("INBOX")
+    expected = hashlib.sha256(head)
+    for _ in range(count // 1000):
+        expected.update(line * 1000)
+    got = hashlib.sha256()
+    client.send_fetch(result.uid, limit=length)
+    assert client.read_fetched(got.update) == length and got.digest() == expected.digest()
+    client.logout()
