@@ -110,3 +110,5 @@ def test_plugins_command_lists_source_enabling_and_hooks(tmp_path: Path, plugin_
     assert f"tagger  [plugin_paths: {plugin_dir / 'tagger.py'}]\n    enabled: a, c\n" \
            "    hooks: filter_message, parse_plugin_options" in out
     assert "received  [built-in: postbote.plugins.received]\n    enabled: always" in out
+    assert "    provides: deliver: smtp, lmtp\n" in out and "    provides: protocol: imap\n" in out
+    assert "    provides: deliver: imap\n" in out and "    provides: protocol: pop3\n" in out

@@ -27,7 +27,19 @@ def list_plugins(pm: PluginManager, config: Config, out: TextIO | None = None) -
         print(f"{name}  [{source.origin}: {source.where}]", file=out)
         print(f"    enabled: {_where_enabled(name, source.essential, config)}", file=out)
         print(f"    hooks: {', '.join(pm.hooks_of(name)) or '-'}", file=out)
+        if provides := _provides(pm.get_plugin(name)):
+            print(f"    provides: {provides}", file=out)
     return ExitStatus.OK
+
+
+def _provides(plugin: object) -> str:
+    """The mail sources (``protocol:``) and destination kinds (``deliver:``) a plugin declares."""
+    parts = []
+    if protocols := getattr(plugin, "SOURCE_PROTOCOLS", ()):
+        parts.append(f"protocol: {', '.join(protocols)}")
+    if kinds := getattr(plugin, "DESTINATION_KINDS", ()):
+        parts.append(f"deliver: {', '.join(kinds)}")
+    return "; ".join(parts)
 
 
 def _where_enabled(name: str, essential: bool, config: Config) -> str:
