@@ -19,6 +19,7 @@ import pytest
 from postbote import Secret
 from postbote.plugins.imap.client import (
     AppendResult,
+    FolderInfo,
     IMAPAuthError,
     IMAPClient,
     IMAPConnectionError,
@@ -940,3 +941,16 @@ def test_a_large_append_streams_in_little_memory(dovecot: DovecotServer, pki: Te
     client.send_fetch(result.uid, limit=length)
     assert client.read_fetched(got.update) == length and got.digest() == expected.digest()
     client.logout()
+
+
+def test_list_answers_as_servers_vary_them() -> None:
+    faults = Faults().on("LIST", action=Action.reply(
+        '* LIST (\\HasChildren) "/" Inbox\r\n* LIST (\\Noselect) NIL {5}\r\nlit/x ("CHILDINFO" ("SUBSCRIBED"))\r\n'
+        '* LIST () "." "Entw&APw-rfe"\r\n{tag} OK done'))
+    with fault_server(faults) as server:
+        client = on(server, select=False)
+        assert client.list_folders() == [
+            FolderInfo("INBOX", "/", frozenset({"\\HASCHILDREN"})),
+            FolderInfo("lit/x", None, frozenset({"\\NOSELECT"})),
+            FolderInfo("Entwürfe", ".", frozenset())]
+        client.logout()

@@ -482,7 +482,7 @@ class IMAPClient:
 
     def _folder_info(self, response: Response) -> FolderInfo:
         values = response.values
-        if len(values) != 3 or not isinstance(values[0], list):
+        if len(values) < 3 or not isinstance(values[0], list):  # extended data (RFC 5258) may follow: ignored
             raise self._malformed("LIST", "not (flags) delimiter name")
         flags = frozenset(str(flag).upper() for flag in values[0] if isinstance(flag, Atom))
         if len(flags) != len(values[0]):
@@ -497,6 +497,8 @@ class IMAPClient:
             name = wire.decode_mailbox(wire.string_of(values[2], "name"))
         except WireError as exc:
             raise self._malformed("LIST", str(exc)) from None
+        if name.upper() == "INBOX":
+            name = "INBOX"  # case-insensitive (RFC 3501 5.1): one spelling for the state records
         return FolderInfo(name, delimiter, flags)
 
     @_session_over_on_error
