@@ -696,3 +696,18 @@ def test_several_appends_in_flight_are_answered_in_order_and_a_trycreate_for_all
         "imap: appended to Pipelined as UID 3"]
     target = IMAPTarget(imap_dovecot, user, folder="Pipelined")
     assert [corpus_number(m["body"]) for m in target.fetch()] == [1, 2, 3]
+
+
+@pytest.mark.dovecot
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+def test_the_destination_speaks_tls_as_the_source_does(make_rig: RigFactory, imap_dovecot: DovecotServer,
+                                                       pki: Any, tls: str) -> None:
+    user = fresh_user(imap_dovecot)
+    port = imap_dovecot.imaps_port if tls == "implicit" else imap_dovecot.imap_port
+    target = IMAPTarget(imap_dovecot, user, tls=tls, port=port, tls_ca_file=str(pki.ca_file))
+    rig = make_rig(corpus(2), target=target, source="fake")
+
+    with capture_logs() as logs:
+        assert rig.poll().delivered == 2
+    assert not [e for e in logs if e["event"] == "login.cleartext"]
+    imap_dovecot.wait_for_log(rf"Login: user=<{user}>.*\bTLS\b")  # Dovecot says so for an encrypted session
