@@ -954,3 +954,21 @@ def test_list_answers_as_servers_vary_them() -> None:
             FolderInfo("lit/x", None, frozenset({"\\NOSELECT"})),
             FolderInfo("Entwürfe", ".", frozenset())]
         client.logout()
+
+
+def test_append_answers_are_matched_by_tag_in_order() -> None:
+    """An answer tagged for the second APPEND arriving before the first's is out of step: neither APPENDUID is
+    taken for the wrong message."""
+    faults = Faults().on("APPEND", action=Action.before(b"A0003 OK [APPENDUID 1000 99] early\r\n"))
+    with fault_server(faults) as server:
+        client = on(server, select=False)
+        data = message(5)
+        client.send_append("INBOX", [data], len(data))
+        client.send_append("INBOX", [data], len(data))
+        with pytest.raises(IMAPProtocolError, match="tagged 'A0003'"):
+            client.read_append()
+    faults = Faults().on("APPEND", action=Action.mutate(lambda answer: answer.replace(b"APPENDUID", b"APPENDUID x")))
+    with fault_server(faults) as server:
+        client = on(server, select=False)
+        with pytest.raises(IMAPProtocolError, match="APPENDUID"):
+            client.append("INBOX", [data], len(data))
