@@ -187,16 +187,19 @@ def _accounts(top: Section, defaults: Section | None, problems: Problems, pm: Pl
     known: set[str] = set()  # every key some account's readers asked for
     for item in node.value:
         merged, inherited = _with_defaults(item, defaults)
+        # A name used twice is reported whatever else is wrong with either account.
+        name_node = item.value.get("name") if isinstance(item.value, dict) else None
+        name = name_node.value if name_node is not None and isinstance(name_node.value, str) else None
+        duplicate = name is not None and name in seen
+        if duplicate:
+            problems.add(item.line, f"{item.path}.name",
+                         f"duplicate account name {name!r} (first used on line {seen[name or '']})")
+        elif name is not None:
+            seen[name] = item.line
         account = _account(Section(merged, problems, what="an account mapping"), problems, pm, base_dir,
                            global_plugins, inherited, known)
-        if account is None:
-            continue
-        if account.name in seen:
-            problems.add(item.line, f"{item.path}.name",
-                         f"duplicate account name {account.name!r} (first used on line {seen[account.name]})")
-            continue
-        seen[account.name] = item.line
-        accounts.append(account)
+        if account is not None and not duplicate:
+            accounts.append(account)
     if defaults is not None and known:
         # Merged into every account, so a key there is known when an account's readers know it (the general keys
         # and, say, POP3's); checked here once rather than for every account (which skip the keys they inherit).

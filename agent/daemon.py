@@ -551,8 +551,9 @@ class Daemon:
             if self._watcher.watching(name) and slot.account not in new.config.accounts:
                 self._watcher.drop(name)  # removed or changed: the next poll watches with the new settings
         self._plan(new.config.accounts, previous=self._slots)
+        changes = {"added": sorted(set(self._slots) - before), "removed": sorted(before - set(self._slots))}
         log.info("config.reloaded", config=str(new.config.path), accounts=len(new.config.accounts),
-                 added=sorted(set(self._slots) - before) or None, removed=sorted(before - set(self._slots)) or None)
+                 **{key: names for key, names in changes.items() if names})
         for name in before - set(self._slots):
             self._remember_next_poll(name, None)
         self.notifier.ready(self._status_line())

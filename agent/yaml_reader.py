@@ -36,16 +36,19 @@ class Problems:
     def __init__(self, file: str) -> None:
         self.file = file
         self.lines: list[str] = []
+        self._line_of: dict[str, int] = {}
 
     def add(self, line: int, path: str, message: str) -> None:
         where = f"{self.file}:{line}" if line else self.file
         text = f"{where}: {path}: {message}" if path else f"{where}: {message}"
-        if text not in self.lines:  # options shared by several accounts are checked once per account
+        if text not in self._line_of:  # options shared by several accounts are checked once per account
             self.lines.append(text)
+            self._line_of[text] = line
 
     def raise_if_any(self) -> None:
+        """All problems at once, in the order of their lines in the file (the file's own problems first)."""
         if self.lines:
-            raise ConfigError(self.lines)
+            raise ConfigError(sorted(self.lines, key=self._line_of.__getitem__))
 
 
 MAX_CONFIG_BYTES = 1 << 20

@@ -378,7 +378,7 @@ def test_sighup_with_a_valid_config_switches_to_it(tmp_path: Path, servers, daem
                         account("two", second, tmp_path / "two", poll_interval="1h")])
     daemon.send(signal.SIGHUP)
     (reloaded,) = daemon.wait_for("config.reloaded")
-    assert reloaded["added"] == ["two"]
+    assert reloaded["added"] == ["two"] and "removed" not in reloaded  # no "removed": null
     daemon.send(signal.SIGUSR1)
     wait_until(lambda: subjects(tmp_path / "two") == ["Subject: message 2"], 3, "the new account's delivery")
     assert daemon.stop() == 0
