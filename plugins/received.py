@@ -14,7 +14,17 @@ _ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]+")
 
 @cache
 def local_hostname() -> str:
-    return socket.getfqdn() or "localhost"
+    """This host's name for ``Received: ... by`` and the SMTP greeting: the fully qualified name, or the plain
+    host name where resolving it gives only ``localhost`` (a machine without a DNS name for itself)."""
+    for name in (socket.getfqdn(), socket.gethostname()):
+        if name and not _is_loopback_name(name):
+            return name
+    return "localhost"
+
+
+def _is_loopback_name(name: str) -> bool:
+    lowered = name.lower()
+    return lowered == "localhost" or lowered.startswith("localhost.") or lowered.startswith("ip6-localhost")
 
 
 @hookimpl(tryfirst=True)

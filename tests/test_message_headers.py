@@ -204,3 +204,20 @@ def test_a_header_block_of_many_near_miss_fields_is_searched_in_linear_time(name
     message = Message.from_bytes(block + name.encode() + b": found\r\n\r\nbody")
     with interrupt_after(CALL_LIMIT, "get_header over 50,000 near misses"):
         assert message.get_header(name) == "found"
+
+
+def test_received_names_the_host_name_where_the_fqdn_resolves_to_localhost(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from postbote.plugins import received
+
+    monkeypatch.setattr(socket, "getfqdn", lambda: "localhost.localdomain")
+    monkeypatch.setattr(socket, "gethostname", lambda: "mailhost")
+    received.local_hostname.cache_clear()
+    try:
+        assert received.local_hostname() == "mailhost"
+        monkeypatch.setattr(socket, "gethostname", lambda: "localhost")
+        received.local_hostname.cache_clear()
+        assert received.local_hostname() == "localhost"  # nothing better is known
+    finally:
+        received.local_hostname.cache_clear()
