@@ -14,7 +14,7 @@ from postbote.errors import ConfigError
 from postbote.pluginmanager import make_plugin_manager
 from postbote.plugins.pop3.settings import TLSMode
 from postbote.plugins.signin.passwords import PasswordKind
-from postbote.plugins.signin.settings import AuthChoice
+from postbote.plugins.signin.settings import AuthChoice, server_label
 
 VALID = """\
 state_dir: state
@@ -74,6 +74,7 @@ def test_a_valid_config_becomes_typed_accounts_with_defaults_merged(tmp_path: Pa
     assert bob.source.credentials.password.command == ("pass", "show", "mail/bob")
     assert bob.source.credentials.password.kind is PasswordKind.COMMAND and bob.source.auth is AuthChoice.AUTO
     assert (alice.protocol, alice.source.server) == ("pop3", "alice@pop.example.org:995")
+    assert server_label("me@example.org", "pop.example.org", 995) == "me@example.org on pop.example.org:995"
 
 
 @pytest.mark.parametrize(("snippet", "expected"), [

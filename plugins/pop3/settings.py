@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from postbote import Section, boolean, choice, nonempty_text, path_relative_to, port_number
-from postbote.plugins.signin.settings import AUTH_CHOICES, AuthChoice, Credentials, credentials_from_section
+from postbote.plugins.signin.settings import (
+    AUTH_CHOICES,
+    AuthChoice,
+    Credentials,
+    credentials_from_section,
+    server_label,
+)
 
 
 class TLSMode(StrEnum):
@@ -46,8 +52,8 @@ class POP3Settings:
 
     @property
     def server(self) -> str:
-        """``user@host:port``, as ``check`` and ``status`` show the account."""
-        return f"{self.username}@{self.host}:{self.port}"
+        """``user@host:port`` (``user on host:port`` for an address), as ``check`` and ``status`` show the account."""
+        return server_label(self.username, self.host, self.port)
 
     @property
     def received_protocol(self) -> str:

@@ -133,3 +133,9 @@ def _env_name(value: Any) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise ValueError("expected an environment variable name")
     return name
+
+
+def server_label(username: str, host: str, port: int) -> str:
+    """How ``check`` and ``status`` show an account's server: ``user@host:port``, or ``user on host:port`` when the
+    user name is an address itself (``me@example.org@pop.example.org:995`` reads badly)."""
+    return f"{username} on {host}:{port}" if "@" in username else f"{username}@{host}:{port}"
