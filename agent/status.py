@@ -56,3 +56,16 @@ def stale_after(account: Account) -> float:
 def waiting_messages(store: StateStore, account: str) -> list[WaitingMessage]:
     """The account's deferred and rejected messages, longest waiting first."""
     return sorted(store.waiting(account), key=lambda message: (message.since, message.uid))
+
+
+def human_duration(seconds: float) -> str:
+    """``45s``, ``5m``, ``1h30m``, ``2d3h``: how ``check``, ``status`` and the status line show a duration."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        amount, seconds = divmod(seconds, size)
+        if amount:
+            parts.append(f"{amount}{unit}")
+    return "".join(parts[:2])

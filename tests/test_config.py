@@ -177,6 +177,7 @@ def test_check_lists_accounts_without_showing_secrets(tmp_path: Path, capsys: py
     assert main(["-c", str(path), "check"]) == 0
     out = capsys.readouterr().out
     assert "a: u@h:995 (TLS, auth auto, inline password (********))" in out
+    assert "every 5m; delete after delivery" in out  # durations as `status` shows them
     assert "s3cr3t-pw" not in out
 
 

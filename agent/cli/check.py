@@ -20,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
 
 def check(config: Config, out: TextIO | None = None) -> int:
     from postbote.config import check_files
+    from postbote.status import human_duration
 
     out = out or sys.stdout
     check_files(config)
@@ -27,7 +28,8 @@ def check(config: Config, out: TextIO | None = None) -> int:
     for account in config.accounts:
         describe = getattr(account.source, "describe", None)  # POP3: TLS, auth and where the secret comes from
         print(f"  {account.name}: {account.source.server}{f' ({describe()})' if describe else ''}", file=out)
-        print(f"    every {account.poll_interval:g} s; {'keep' if account.keep else 'delete'} after delivery; "
+        after = getattr(account.source, "after_delivery", None) or ("keep" if account.keep else "delete")
+        print(f"    every {human_duration(account.poll_interval)}; {after} after delivery; "
               f"{'all messages' if account.fetch_all else 'new messages only'}", file=out)
         for destination in account.destinations:
             print(f"    -> {destination.label}", file=out)

@@ -27,7 +27,7 @@ from postbote.cli.startup import set_up
 from postbote.config import DEFAULT_STALE_AFTER, Account, Config
 from postbote.errors import StateError
 from postbote.state import PollRecord, StateStore, WaitingMessage, read_lock_holder
-from postbote.status import WaitingSummary, stale_after, waiting_messages
+from postbote.status import WaitingSummary, human_duration, stale_after, waiting_messages
 
 EXIT_OK, EXIT_FAILED = 0, 1
 SHOWN_COUNTS = ("delivered", "dropped", "deferred", "rejected", "left")
@@ -196,7 +196,7 @@ def _account_lines(account: AccountStatus, now: float, width: int, *, daemon_run
     if account.next_poll is not None:
         lines.append(f"{indent}next poll {_when(account.next_poll, now)}")
     elif not daemon_running:
-        lines.append(f"{indent}next poll: when the daemon runs (every {_duration(account.poll_interval)})")
+        lines.append(f"{indent}next poll: when the daemon runs (every {human_duration(account.poll_interval)})")
     return lines
 
 
@@ -219,8 +219,8 @@ def _waiting_lines(account: AccountStatus, now: float, indent: str) -> list[str]
     noun = "message" if summary.total == 1 else "messages"
     lines = [f"{indent}{summary.total} {noun} waiting on the server: {summary.describe()}"]
     if summary.stale and summary.oldest is not None:
-        lines.append(f"{indent}STALE: mail has waited {_duration(now - summary.oldest)}, longer than stale_after "
-                     f"({_duration(account.stale_after)})")
+        lines.append(f"{indent}STALE: mail has waited {human_duration(now - summary.oldest)}, longer than stale_after "
+                     f"({human_duration(account.stale_after)})")
     if summary.rejected:
         lines.append(f"{indent}rejected messages are tried again after: postbote retry {account.name} [UID...]")
     for message in account.waiting[:MAX_WAITING_SHOWN]:
@@ -244,20 +244,8 @@ def _count_label(key: str) -> str:
 def _when(timestamp: float, now: float) -> str:
     local = datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
     delta = timestamp - now
-    relative = f"in {_duration(delta)}" if delta >= 0.5 else f"{_duration(-delta)} ago" if delta <= -0.5 else "now"
+    relative = f"in {human_duration(delta)}" if delta >= 0.5 else f"{human_duration(-delta)} ago" if delta <= -0.5 else "now"
     return f"{local} ({relative})"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        amount, seconds = divmod(seconds, size)
-        if amount:
-            parts.append(f"{amount}{unit}")
-    return "".join(parts[:2])
 
 
 def _iso(timestamp: float | None) -> str | None:
