@@ -244,7 +244,10 @@ def _count_label(key: str) -> str:
 def _when(timestamp: float, now: float) -> str:
     local = datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
     delta = timestamp - now
-    relative = f"in {human_duration(delta)}" if delta >= 0.5 else f"{human_duration(-delta)} ago" if delta <= -0.5 else "now"
+    if delta >= 0.5:
+        relative = f"in {human_duration(delta)}"
+    else:
+        relative = f"{human_duration(-delta)} ago" if delta <= -0.5 else "now"
     return f"{local} ({relative})"
 
 
