@@ -12,6 +12,7 @@ the rendered exception included, for structlog events and standard-library recor
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
@@ -21,6 +22,32 @@ import structlog
 from postbote.credentials import knows_secrets, redact
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# syslog priorities (sd-daemon(3)): a line journald reads from a service's stderr may start with <N>.
+PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "exception": 3, "critical": 2}
+
+
+class JournalPriority:
+    """Prefixes each rendered line with its syslog priority (``<3>`` for an error), so that ``journalctl -p err``
+    shows postbote's errors; used only when stderr is the journal itself (systemd's ``JOURNAL_STREAM``)."""
+
+    def __init__(self, renderer: structlog.typing.Processor) -> None:
+        self.renderer = renderer
+
+    def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        priority = PRIORITIES.get(str(event_dict.get("level", method)).lower(), 6)
+        rendered = self.renderer(logger, method, event_dict)
+        text = rendered.decode() if isinstance(rendered, bytes) else str(rendered)
+        return f"<{priority}>{text}"
+
+
+def writes_to_the_journal(stream: TextIO) -> bool:
+    """Whether ``stream`` is the journal stream systemd connected (``JOURNAL_STREAM`` is its device:inode)."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        status = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(expected) and expected == f"{status.st_dev}:{status.st_ino}"
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -58,6 +85,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         shared.append(structlog.processors.ExceptionRenderer(
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
+    if writes_to_the_journal(stream):
+        renderer = JournalPriority(renderer)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, redact_secrets, renderer],

@@ -257,3 +257,34 @@ def test_no_command_module_imports_the_clis_top() -> None:
     assert {"poll.py", "demo.py", "boundary.py"} <= {path.name for path in modules}
     offenders = [path.name for path in modules if "postbote.cli" in _imported_modules(path)]
     assert offenders == []
+
+
+def test_under_systemd_each_log_line_carries_its_syslog_priority_for_journalctl_p(tmp_path: Path) -> None:
+    """stderr connected to the journal (JOURNAL_STREAM names it): ``<3>`` before an error, ``<6>`` before info, so
+    ``journalctl -p err`` shows the failed poll; anywhere else the lines stay plain JSON."""
+    config = tmp_path / "postbote.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nlog: {{format: json, level: info}}\naccounts:\n"
+                      "  - {name: a, host: 127.0.0.1, port: 1, tls: none, username: u, password: p, timeout: 2s,\n"
+                      f"     deliver: {{maildir: {tmp_path / 'Maildir'}}}}}\n")
+    config.chmod(0o600)
+    outputs = {}
+    for journal in (True, False):
+        with open(tmp_path / f"stderr-{journal}", "w+b") as stderr:
+            status = os.fstat(stderr.fileno())
+            env = {**os.environ, "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}" if journal else "1:2"}
+            subprocess.run([sys.executable, "-m", "postbote", "-c", str(config), "poll"], stderr=stderr, env=env,
+                           stdout=subprocess.DEVNULL, timeout=60, check=False)
+            stderr.seek(0)
+            outputs[journal] = stderr.read().decode().splitlines()
+    failed = [line for line in outputs[True] if '"account.failed"' in line]
+    assert failed and all(line.startswith("<3>{") for line in failed)
+    assert outputs[True] and all(line[:1] == "<" and line[1].isdigit() and line[2:4] == ">{" for line in outputs[True])
+    assert outputs[False] and all(line.startswith("{") for line in outputs[False])
+
+
+def test_each_level_has_its_syslog_priority() -> None:
+    from postbote.logconfig import JournalPriority
+
+    render = JournalPriority(lambda _logger, _method, event: event["event"])
+    assert [render(None, level, {"event": "x", "level": level}) for level in ("debug", "info", "warning", "error")] \
+        == ["<7>x", "<6>x", "<4>x", "<3>x"]
