@@ -337,6 +337,25 @@ class StateStore:
             for uid, key in notes:
                 self._note_in_flight(account, uid, key)
 
+    def record_imported(self, account: str, uids: Iterable[str], *, reason: str,
+                        sizes: dict[str, int] | None = None) -> int:
+        """Record messages delivered by other means -- another tool's UID list (``postbote import-state``), or what
+        is on the server now (``postbote mark-seen``) -- as DELIVERED with ``reason``, in one transaction, so that
+        no poll delivers them again. A UID the store already has a record of keeps it (postbote's own knowledge
+        wins). ``sizes``: the size the server lists per UID, where known (a reused UID of another size is then
+        told apart). Returns how many records were added."""
+        now = time.time()
+        wanted = list(dict.fromkeys(uids))
+        sizes = sizes or {}
+        with self._transaction():
+            before = self._db.total_changes
+            self._db.executemany(
+                "INSERT INTO messages (account, uid, status, reason, size, updated) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (account, uid) DO NOTHING",
+                [(account, uid, DELIVERED, reason, sizes.get(uid), now) for uid in wanted])
+            added = self._db.total_changes - before
+        return added
+
     def waiting(self, account: str) -> list[WaitingMessage]:
         """The messages of ``account`` that wait on the server undelivered: deferred or rejected, oldest first."""
         columns = {row[1] for row in self._query("PRAGMA table_info(messages)", ())}  # read-only: maybe older

@@ -31,6 +31,9 @@ COMMAND_MODULES = {
     "retry": "retry",
     "auth": "auth",
     "demo": "demo",
+    "import": "import_config",
+    "import-state": "import_state",
+    "mark-seen": "mark_seen",
 }
 
 
@@ -61,6 +64,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="fetch sample mail from a built-in POP3 server into a Maildir")
     demo.add_argument("--maildir", metavar="DIR", help="where to deliver (default: a new temporary directory)")
     demo.add_argument("--messages", type=int, default=None, metavar="N", help="how many extra generated messages")
+    imported = commands.add_parser(
+        "import", help="print a postbote.yaml for the accounts of a .fetchmailrc or getmail rc files",
+        description="Read a .fetchmailrc (default ~/.fetchmailrc) or getmail rc files and print a postbote.yaml for "
+                    "their accounts; passwords go into 0600 files, never into the YAML. What cannot be taken over "
+                    "is listed (YAML comments and stderr) with the reason. See docs/migration.md.")
+    imported.add_argument("files", nargs="*", metavar="FILE", help="the rc file(s) (default: ~/.fetchmailrc)")
+    imported.add_argument("--from", dest="tool", choices=["fetchmail", "getmail"],
+                          help="the tool that wrote the files (default: recognised by their content)")
+    imported.add_argument("-o", "--output", metavar="FILE", help="write the YAML here (created, never overwritten) "
+                                                                 "instead of on stdout")
+    imported.add_argument("--secrets-dir", metavar="DIR", help="where the password files go (default: the output "
+                                                               "file's directory, or the current one)")
+    imported.add_argument("--include-skipped", action="store_true", help="import fetchmail's skip entries too")
+    imported.add_argument("--local-user", metavar="NAME", help="fetchmail's local user for entries that name none "
+                                                                "(default: the user running this)")
+    state = commands.add_parser(
+        "import-state", help="record the UIDs fetchmail, getmail or mpop delivered, so they are not delivered again",
+        description="Read fetchmail's .fetchids, getmail's oldmail-* or mpop's UIDL file and record the UIDs of "
+                    "ACCOUNT's login as delivered (before the first poll of an account with keep: true).")
+    state.add_argument("account", metavar="ACCOUNT")
+    state.add_argument("files", nargs="+", metavar="FILE")
+    state.add_argument("--from", dest="tool", choices=["fetchmail", "getmail", "mpop"],
+                       help="the tool that wrote the files (default: recognised by name and content)")
+    state.add_argument("--user", metavar="USER@HOST", help="the UID list to take from a file holding several "
+                                                          "(default: the account's username and host)")
+    state.add_argument("--folder", metavar="FOLDER", help="the IMAP folder of a getmail oldmail file (default: from "
+                                                          "its name)")
+    seen = commands.add_parser(
+        "mark-seen", help="record every message on the server now as delivered (nothing fetched or deleted)",
+        description="Log in to each ACCOUNT, list its mailbox and record every message as delivered, without "
+                    "fetching or deleting anything: switching from another tool then delivers no old mail. Exit "
+                    "status 1 when an account cannot be reached.")
+    seen.add_argument("accounts", nargs="+", metavar="ACCOUNT")
     return parser
 
 
