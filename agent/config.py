@@ -65,6 +65,7 @@ def find_config(explicit: str | None) -> Path:
 class LogSettings:
     level: str = "info"
     format: str = "auto"
+    file: Path | None = None  # append here instead of stderr; opened again on SIGHUP (after logrotate moved it)
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def load_config(path: Path, pm: PluginManager) -> Config:
         raise ConfigError(f"{path}:{node.line if node else 0}: {exc}") from None
     global_plugins = _plugin_entries(top.section("plugins"), pm, problems)
     state_dir = top.get("state_dir", s.path_relative_to(base_dir), default_state_dir())
-    log = _log_settings(top.section("log"))
+    log = _log_settings(top.section("log"), base_dir)
     accounts = _accounts(top, top.section("defaults"), problems, pm, base_dir, global_plugins)
     top.finish(TOP_KEYS)
     problems.raise_if_any()
@@ -164,11 +165,12 @@ def load_config(path: Path, pm: PluginManager) -> Config:
     return config
 
 
-def _log_settings(section: Section | None) -> LogSettings:
+def _log_settings(section: Section | None, base_dir: Path) -> LogSettings:
     if section is None:
         return LogSettings()
     settings = LogSettings(level=section.get("level", s.choice("debug", "info", "warning", "error"), "info"),
-                           format=section.get("format", s.choice("auto", "console", "json"), "auto"))
+                           format=section.get("format", s.choice("auto", "console", "json"), "auto"),
+                           file=section.get("file", s.path_relative_to(base_dir), None))
     section.finish()
     return settings
 

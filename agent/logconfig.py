@@ -16,10 +16,12 @@ import os
 import sys
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 from postbote.credentials import knows_secrets, redact
+from postbote.errors import ConfigError
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 # syslog priorities (sd-daemon(3)): a line journald reads from a service's stderr may start with <N>.
@@ -65,8 +67,19 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    handler: logging.Handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None,
+                      file: Path | None = None) -> None:
+    """Log at ``level`` in ``fmt`` to ``stream`` (default: stderr), or appended to ``file``: opened anew at each
+    call, so the SIGHUP reload, which calls this again, follows a file logrotate has moved away."""
+    handler: logging.Handler
+    if file is not None:
+        try:
+            handler = logging.FileHandler(file, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"log.file: cannot open {file} for appending: {exc.strerror or exc}") from None
+        stream = handler.stream
+    else:
+        handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     stream = stream or sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     shared: list[structlog.typing.Processor] = [
@@ -94,6 +107,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+        old.close()  # a log file: closed, so that the moved file is let go
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
     _skip_unrendered_record_fields()

@@ -406,3 +406,20 @@ def test_a_refused_login_is_logged_once_per_streak(tmp_path: Path, servers, daem
     assert len(daemon.events("account.login_refused", account="box")) == 1
     assert [e["level"] for e in daemon.events("poll.backing_off")][:3] == ["info", "debug", "debug"]
     assert daemon.stop() == 0
+
+
+def test_a_log_file_moved_away_by_logrotate_is_opened_anew_on_sighup(tmp_path: Path, servers: Callable[..., POP3Server],
+                                                                      daemons: Callable[..., DaemonRun]) -> None:
+    log_file = tmp_path / "postbote.log"
+    config = write_config(tmp_path / "postbote.yaml",
+                          [account("one", servers([mail(1)]), tmp_path / "one", poll_interval="1h")],
+                          log={"format": "json", "level": "info", "file": str(log_file)})
+    daemon = daemons(config)
+    wait_until(lambda: log_file.exists() and "daemon.started" in log_file.read_text(), 10, "daemon.started in the file")
+    log_file.rename(tmp_path / "postbote.log.1")  # what logrotate does, then it sends SIGHUP
+    daemon.send(signal.SIGHUP)
+    wait_until(lambda: log_file.exists() and "config.reloaded" in log_file.read_text(), 10, "the new file")
+    assert "daemon.started" not in log_file.read_text()
+    assert "daemon.started" in (tmp_path / "postbote.log.1").read_text()
+    assert daemon.stop() == 0
+    assert "daemon.stopped" in log_file.read_text()
