@@ -8,9 +8,11 @@ Dovecot serves Maildir++ folders, whose hierarchy delimiter is ".": ``Lists.*`` 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import imaplib
 import json
 import re
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -413,6 +415,33 @@ def test_implicit_tls_refuses_a_certificate_the_system_does_not_trust(rig: IMAPR
     assert rig.delivered() == []
     assert subjects_in(dovecot) == ["stays"]
     assert "certificate" in rig.events("account.failed")[0]["error"]
+
+
+def fingerprint(pki: TestPKI) -> str:
+    """The SHA-256 pin of the test server's certificate, as tls_fingerprint takes it."""
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(Path(pki.cert_file).read_text())).hexdigest()
+
+
+@pytest.mark.parametrize("tls", ["implicit", "starttls"])
+def test_a_pinned_certificate_fingerprint_is_trusted_without_a_ca(rig: IMAPRig, dovecot: DovecotServer,
+                                                                  pki: TestPKI, tls: str) -> None:
+    append(dovecot, "INBOX", *messages("pinned"))
+    port = dovecot.imaps_port if tls == "implicit" else dovecot.imap_port
+
+    assert rig.poll(tls=tls, port=port, tls_fingerprint=fingerprint(pki)) == 0
+
+    assert rig.delivered() == ["pinned"]
+
+
+def test_a_wrong_pin_is_refused_even_with_a_trusting_ca_file(rig: IMAPRig, dovecot: DovecotServer,
+                                                             pki: TestPKI) -> None:
+    append(dovecot, "INBOX", *messages("stays"))
+
+    assert rig.poll(tls="implicit", port=dovecot.imaps_port, tls_ca_file=str(pki.ca_file),
+                    tls_fingerprint="00" * 32) == 1
+
+    assert "does not match tls_fingerprint" in rig.events("account.failed")[0]["error"]
+    assert rig.delivered() == [] and subjects_in(dovecot) == ["stays"]
 
 
 def test_starttls_fails_closed_when_the_server_does_not_offer_it(rig: IMAPRig, dovecot_factory: Any,
