@@ -285,10 +285,13 @@ def check_files(config: Config) -> None:
             if "$" in expanded:
                 continue
             try:
-                with open(expanded, "rb"):
-                    pass
+                with open(expanded, "rb") as handle:
+                    readable_by_others = os.fstat(handle.fileno()).st_mode & stat.S_IROTH
             except OSError as exc:
                 problems.add(line, key_path, f"cannot read {expanded}: {exc.strerror or exc}")
+                continue
+            if key_path.endswith("password_file") and readable_by_others:  # as a poll would refuse it
+                problems.add(line, key_path, f"{expanded} is readable by other users; run: chmod o-r {expanded}")
     problems.raise_if_any()
 
 
@@ -423,10 +426,21 @@ def _refuse_exposed_inline_password(config: Config) -> None:
                for account in config.accounts for settings in _plugin_settings(account)):
         return
     try:
-        mode = config.path.stat().st_mode
+        status = config.path.stat()
     except OSError:
         return
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"{config.path}: holds an inline password but is accessible by group or others "
-            f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {config.path} (or use password_file)")
+    if not exposes_a_secret(status):
+        return
+    raise ConfigError(
+        f"{config.path}: holds an inline password but is accessible by group or others "
+        f"(mode {stat.S_IMODE(status.st_mode):04o}); run: chmod 600 {config.path} (or chmod 640 with the group of "
+        "the user postbote runs as, or use password_file)")
+
+
+def exposes_a_secret(status: os.stat_result) -> bool:
+    """Whether a file holding a secret can be read by others than its owner -- beyond the group postbote itself
+    runs as, which may read it (the service recipe: ``install -m 640 -g postbote``), never write it."""
+    mode = status.st_mode
+    if mode & stat.S_IRWXO or mode & (stat.S_IWGRP | stat.S_IXGRP):
+        return True
+    return bool(mode & stat.S_IRGRP) and status.st_gid != os.getegid()

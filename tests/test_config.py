@@ -153,6 +153,37 @@ def test_an_inline_password_in_a_file_others_can_read_is_refused(tmp_path: Path)
         tmp_path, text, mode=0o644)
 
 
+def test_an_inline_password_may_be_read_by_the_group_postbote_runs_as(tmp_path: Path) -> None:
+    """The service recipe installs the config ``-m 640 -g postbote``: readable by the service's own group."""
+    text = "accounts:\n  - {name: a, host: h, username: u, password: p, deliver: {maildir: m}}\n"
+    path = write(tmp_path, text, 0o640)
+    os.chown(path, -1, os.getegid())
+    assert load(path).accounts[0].name == "a"
+    path.chmod(0o660)  # the group may read it, never write it
+    assert "accessible by group or others (mode 0660)" in str(pytest.raises(ConfigError, load, path).value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another group needs root (CI runs as root)")
+def test_an_inline_password_readable_by_another_group_is_refused(tmp_path: Path) -> None:
+    text = "accounts:\n  - {name: a, host: h, username: u, password: p, deliver: {maildir: m}}\n"
+    path = write(tmp_path, text, 0o640)
+    os.chown(path, -1, os.getegid() + 4242)
+    assert "accessible by group or others (mode 0640)" in str(pytest.raises(ConfigError, load, path).value)
+
+
+def test_check_refuses_a_password_file_others_can_read_as_a_poll_would(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("pw\n")
+    secret.chmod(0o644)
+    path = write(tmp_path, "accounts:\n  - {name: a, host: h, username: u, password_file: secret, "
+                           "deliver: {maildir: m}}\n")
+    assert main(["-c", str(path), "check"]) == 2
+    assert f"accounts[0].password_file: {secret} is readable by other users" in capsys.readouterr().err
+    secret.chmod(0o600)
+    assert main(["-c", str(path), "check"]) == 0
+
+
 def test_smtp_destination_options_are_validated_by_the_smtp_plugin(tmp_path: Path) -> None:
     text = ("accounts:\n  - name: a\n    host: h\n    username: u\n    password: p\n    deliver:\n"
             "      smtp: {host: mx, port: 25, recipents: [x@y]}\n")
