@@ -269,9 +269,10 @@ class AppendSession:
         from postbote.plugins.imap.login import open_session
 
         try:
+            # No session deadline: ``poll.deadline`` is the source's first budget (login and listing), which a long
+            # poll outlives; each wait here is bounded by the timeout, a whole answer line within it (as for SMTP).
             self.client = open_session(self.settings.connection, account=token_cache_name(self.account, self.settings),
-                                       state_dir=self.poll.state_dir, timeout=self.settings.timeout,
-                                       deadline=self.poll.deadline)
+                                       state_dir=self.poll.state_dir, timeout=self.settings.timeout, deadline=None)
         except (AccountError, CredentialError, OSError) as exc:
             self.failure = DeliveryError(f"{self.where}: {exc}", temporary=True)
             log.warning("imap_append.session_failed", destination=self.settings.label, error=str(exc),

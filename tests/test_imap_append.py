@@ -711,3 +711,19 @@ def test_the_destination_speaks_tls_as_the_source_does(make_rig: RigFactory, ima
         assert rig.poll().delivered == 2
     assert not [e for e in logs if e["event"] == "login.cleartext"]
     imap_dovecot.wait_for_log(rf"Login: user=<{user}>.*\bTLS\b")  # Dovecot says so for an encrypted session
+
+
+@pytest.mark.dovecot
+def test_the_destination_is_not_bound_by_the_deadline_the_poll_started_with(
+        make_rig: RigFactory, imap_dovecot: DovecotServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``poll.deadline`` is the budget for logging in and listing (a few timeouts); the source's session gets a
+    longer one once the listing says how much mail there is, and a long poll runs past the first. The destination's
+    waits are each bounded by its timeout (a whole answer line within it), not by that first budget."""
+    import postbote.poller
+
+    monkeypatch.setattr(postbote.poller, "DEADLINE_TIMEOUTS", 0)  # the first budget is spent before any delivery
+    rig = make_rig(corpus(3), target=IMAPTarget(imap_dovecot, fresh_user(imap_dovecot)), source="fake")
+
+    stats = rig.poll()
+
+    assert stats.delivered == 3, stats
