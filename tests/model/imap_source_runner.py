@@ -52,6 +52,10 @@ DELETED = "\\Deleted"
 # a move done as UID COPY + UID STORE \Deleted + UID EXPUNGE (no MOVE) whose UID EXPUNGE is lost leaves the original
 # flagged \Deleted in its folder for ever. Tolerated here so the model keeps looking; set False once fixed.
 TOLERATE_MOVE_BY_COPY_LEFTOVER = True
+# Known finding (test_finding_seen_is_never_set_when_its_store_fails): in a folder read with after_fetch: seen, a
+# delivered message whose UID STORE \Seen was refused or lost (NO, a drop, a kill, the poll ending first) is never
+# flagged: it stays, so no later poll asks for its action again. Tolerated here so the model keeps looking.
+TOLERATE_SEEN_NOT_RETRIED = True
 SEEN = "\\Seen"
 
 
@@ -655,6 +659,9 @@ class IMAPSourceRun(CaseRun):
                     problems.append(f"message {ident} of {home} never reached {', '.join(missing)}")
                 continue
             if action is AfterFetch.SEEN and not (in_home and SEEN in in_home[0].flags):
+                if TOLERATE_SEEN_NOT_RETRIED:
+                    TALLY["known finding: a delivered message of a seen folder left without \\Seen"] += 1
+                    continue
                 problems.append(f"message {ident} of {home} (after_fetch seen) delivered but not flagged \\Seen")
             elif not action.stays and in_home:
                 leftover = (TOLERATE_MOVE_BY_COPY_LEFTOVER and action is AfterFetch.MOVE and DELETED in in_home[0].flags
