@@ -116,6 +116,11 @@ def test_folders_may_be_names_patterns_or_mappings_with_their_own_action(tmp_pat
     ("folders: []\n", "accounts[0].folders: expected a list of folder names"),
     ("folders: [INBOX, INBOX]\n", "accounts[0].folders[1]: folder 'INBOX' is listed twice"),
     ("folders: [inbox, INBOX]\n", "accounts[0].folders[1]: folder 'INBOX' is listed twice"),
+    ("after_fetch: move\nmove_to: Archive\nfolders: [INBOX, Archive]\n", "accounts[0].folders[1]: folder "
+                                                                      "'Archive' is where delivered messages are "
+                                                                      "moved (move_to)"),
+    ("folders: [INBOX, {name: Old, after_fetch: move, move_to: INBOX}]\n", "accounts[0].folders[0]: folder 'INBOX' "
+                                                                          "is where delivered messages are moved"),
     ("folders: [{after_fetch: seen}]\n", "accounts[0].folders[0].name: required key is missing"),
     ("folders: [{name: X, after: seen}]\n", "accounts[0].folders[0].after: unknown key (did you mean "
                                             "'after_fetch'?)"),

@@ -196,16 +196,21 @@ def _folders(section: Section, after_fetch: AfterFetch, move_to: str | None,
         section.problem("expected a list of folder names (or {name: ..., after_fetch: ...} mappings), "
                         "e.g. [INBOX, Lists/*]", node)
         return ()
-    rules: list[FolderRule] = []
+    rules: list[tuple[FolderRule, Node]] = []
     for item in items:
         rule = _folder(section, item, after_fetch, move_to, keep)
         if rule is None:
             continue
-        if any(other.name == rule.name for other in rules):
+        if any(other.name == rule.name for other, _ in rules):
             section.problem(f"folder {rule.name!r} is listed twice", item)
             continue
-        rules.append(rule)
-    return tuple(rules)
+        rules.append((rule, item))
+    targets = {rule.move_to for rule, _ in rules if rule.move_to} | ({move_to} if move_to else set())
+    for rule, item in rules:
+        if rule.name in targets:
+            section.problem(f"folder {rule.name!r} is where delivered messages are moved (move_to): read as a "
+                            "source too, its messages would be fetched again and again", item)
+    return tuple(rule for rule, _ in rules)
 
 
 def _folder(section: Section, item: Node, after_fetch: AfterFetch, move_to: str | None,
