@@ -203,7 +203,6 @@ class Option:
 class User:
     line: int
     remote: str | None = None
-    remote_is_local: bool = False  # ``user NAME here``: the name given is the local one
     locals: list[str] = field(default_factory=list)
     mapped: list[tuple[str, str]] = field(default_factory=list)  # ``is "remote" = "local"``
     wildcard: bool = False  # ``to * here``
@@ -271,7 +270,11 @@ class _Parser:
         if negated:
             token = self.take() if self.peek() is not None else token
         if token.value in ("daemon", "logfile", "idfile", "pidfile", "postmaster", "properties"):
+            if (nxt := self.peek()) is not None and nxt.kind == MAP:
+                self.take()
             value = self.argument(token)
+            if token.value == "daemon" and not value.isdigit():
+                raise self.error(token.line, f"'set daemon' needs a number of seconds, found {value!r}")
             globals_[token.value] = Option(int(value) if token.value == "daemon" else value, token.line)
         else:
             globals_[token.value] = Option(not negated, token.line)
@@ -293,7 +296,11 @@ class _Parser:
         return found
 
     def entry(self, entry: Entry) -> Entry:
+        """Server options, then the users. fetchmail wants user options after ``user NAME`` (those before the first
+        ``user`` describe its implicit user); options written before the first ``user`` are taken here as applying
+        to every user of the entry, which is what their author meant."""
         user: User | None = None
+        leading = User(entry.line)  # user options before any ``user``
         while (token := self.peek()) is not None and not (token.kind == WORD and token.value in _STARTS):
             self.take()
             if token.kind != WORD:
@@ -310,12 +317,15 @@ class _Parser:
                     continue
             if keyword == "user":
                 user = User(token.line, remote=self.argument(token))
-                if (nxt := self.peek()) is not None and nxt.kind == WORD and nxt.value in ("here", "there"):
-                    user.remote_is_local = self.take().value == "here"
+                nxt = self.peek()
+                where = self.take().value if nxt is not None and nxt.kind == WORD and nxt.value in ("here",
+                                                                                                  "there") else ""
+                if where == "here":  # ``user NAME here [is REMOTE there]``: a local name
+                    user.locals.append(user.remote or "")
+                    user.remote = None
                 entry.users.append(user)
             elif keyword in ("is", "to"):
-                user = user or self.implicit_user(entry, token)
-                self.local_names(user, token)
+                self.local_names(user or leading, token)
             elif keyword in ("here", "there"):
                 continue  # after a name list: where those names live (already read)
             elif keyword in _SERVER_FLAGS and value is not None:
@@ -329,20 +339,22 @@ class _Parser:
                 header = self.argument(token) if first.isdigit() else first
                 entry.options["envelope"] = Option(header, token.line)
             elif keyword in _USER_FLAGS:
-                user = user or self.implicit_user(entry, token)
-                user.options[keyword] = Option(value, token.line)
+                (user or leading).options[keyword] = Option(value, token.line)
             elif keyword in _USER_ONE:
-                user = user or self.implicit_user(entry, token)
                 text = self.argument(token, numeric=keyword in _NUMERIC)
-                user.options[keyword] = Option(int(text) if keyword in _NUMERIC else text, token.line)
+                (user or leading).options[keyword] = Option(int(text) if keyword in _NUMERIC else text, token.line)
             elif keyword in _USER_LIST:
-                user = user or self.implicit_user(entry, token)
                 found = self.values()
                 if not found:
                     raise self.error(token.line, f"'{keyword}' needs at least one value")
-                user.options[keyword] = Option(found, token.line)
+                (user or leading).options[keyword] = Option(found, token.line)
             else:
                 raise self.error(token.line, f"'{keyword}' does not belong in a server entry")
+        if not entry.users and (leading.options or leading.locals or leading.mapped or leading.wildcard):
+            entry.users.append(leading)  # fetchmail's implicit user
+        elif entry.users:
+            for each in entry.users:
+                each.options = {**leading.options, **each.options}
         return entry
 
     def server_argument(self, keyword: str, token: Token) -> Any:
@@ -354,28 +366,27 @@ class _Parser:
         text = self.argument(token, numeric=keyword in _NUMERIC)
         return int(text) if keyword in _NUMERIC else text
 
-    @staticmethod
-    def implicit_user(entry: Entry, token: Token) -> User:
-        """User options before any ``user``: fetchmail's implicit user (the remote name is the local login)."""
-        user = User(token.line)
-        entry.users.append(user)
-        return user
-
     def local_names(self, user: User, token: Token) -> None:
-        found = False
+        found: list[str] = []
         while (nxt := self.peek()) is not None and nxt.kind in (STRING, NUMBER, WILD):
             self.take()
-            found = True
             if nxt.kind == WILD:
                 user.wildcard = True
+                found.append("*")
             elif (after := self.peek()) is not None and after.kind == MAP:
                 self.take()
                 local = self.argument(Token(WORD, "=", after.line))
                 user.mapped.append((nxt.value, local))
+                found.append("=")
             else:
                 user.locals.append(nxt.value)
+                found.append(nxt.value)
         if not found:
             raise self.error(token.line, f"'{token.value}' needs a local name (or *)")
+        nxt = self.peek()
+        if nxt is not None and nxt.kind == WORD and nxt.value == "there" and len(found) == 1 \
+                and found[0] not in ("*", "="):  # ``is NAME there``: the remote name
+            user.remote = user.locals.pop()
 
 
 def parse(text: str, filename: str = "fetchmailrc") -> RcFile:
@@ -435,10 +446,10 @@ _REASONS = {
     "bad-header": "postbote delivers messages with malformed headers as they are",
     "dns": "multidrop address checks are not supported",
     "checkalias": "multidrop address checks are not supported",
-    "aka": "multidrop routing is not supported (see 'multidrop' below)",
-    "localdomains": "multidrop routing is not supported (see 'multidrop' below)",
-    "envelope": "multidrop routing is not supported (see 'multidrop' below)",
-    "qvirtual": "multidrop routing is not supported (see 'multidrop' below)",
+    "aka": "multidrop routing is not supported (see 'multidrop')",
+    "localdomains": "multidrop routing is not supported (see 'multidrop')",
+    "envelope": "multidrop routing is not supported (see 'multidrop')",
+    "qvirtual": "multidrop routing is not supported (see 'multidrop')",
     "via": "",
 }
 _SHELL_CHARS = set("|&;<>()$`\\*?[]#~{}\n")
@@ -526,11 +537,9 @@ def _map_user(entry: Entry, user: User, defaults: Entry | None, filename: str, t
             options.update(template.options)
     options.update(user.options)
 
-    remote = user.remote or local_user
     locals_ = list(user.locals) + [local for _, local in user.mapped]
-    if user.remote_is_local and user.remote:
-        locals_ = locals_ or [user.remote]
-    local = locals_[0] if locals_ else (user.remote if user.remote and not user.locals else local_user)
+    remote = user.remote or (locals_[0] if locals_ else local_user)  # fetchmail: the (first) local name
+    local = locals_[0] if locals_ else local_user  # fetchmail: the user running it, when no local name is given
     host = str(server["via"].value) if "via" in server else entry.name
     account = Imported(account_name(remote, entry.name, taken=taken), f"{filename}:{user.line}")
     keys = account.keys
@@ -670,13 +679,13 @@ def _map_user(entry: Entry, user: User, defaults: Entry | None, filename: str, t
     if user.wildcard or len(locals_) > 1 or any(key in server for key in ("localdomains", "envelope", "qvirtual")):
         names = "*" if user.wildcard else " ".join(locals_)
         account.skip(f"{here.format(user.line)}multidrop (to {names} here)",
-                     f"postbote delivers every message of an account to the same destination; it does not route by "
-                     f"To/Cc/envelope headers to several local users. Written: everything to {local!r}. Per-recipient "
-                     "routing can be written with the rules plugin (match: {recipient: ...}, action: {reroute: "
-                     "[...]}; docs/plugins.md)")
+                     "postbote delivers every message of an account to the same destination; it does not route by "
+                     "To/Cc/envelope headers to several local users. Written: everything to the one destination "
+                     "below. Per-recipient routing can be written with the rules plugin (match: {recipient: ...}, "
+                     "action: {reroute: [...]}; docs/plugins.md)")
     for source in (server, options):
         for key, option in source.items():
-            if key in _HANDLED or (key, option.value) in _SAME_AS_POSTBOTE:
+            if key in _HANDLED or (isinstance(option.value, bool) and (key, option.value) in _SAME_AS_POSTBOTE):
                 continue
             if isinstance(option.value, bool):
                 shown = key if option.value else f"no {key}"
@@ -692,7 +701,7 @@ def _map_user(entry: Entry, user: User, defaults: Entry | None, filename: str, t
 
 _HANDLED = {"protocol", "port", "via", "ssl", "sslproto", "sslcertck", "sslcertfile", "sslfingerprint", "auth",
             "password", "keep", "fetchall", "limit", "fetchlimit", "timeout", "interval", "folder", "mda",
-            "smtphost", "smtpname", "lmtp", "localdomains", "envelope", "qvirtual", "aka"}
+            "smtphost", "smtpname", "lmtp"}
 
 
 def _delivery(options: dict[str, Option], local: str, account: Imported, skip: Any) -> dict[str, Any]:
