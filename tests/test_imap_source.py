@@ -502,6 +502,7 @@ def test_a_200_mb_message_is_streamed_to_disk_under_64_mb_of_memory(rig: IMAPRig
     run = run_postbote(config, "poll", timeout=180, address_space=2 << 30)
 
     assert run.status == 0, run.output[-2000:]
+    print(f"peak RSS {run.peak_rss_mb:.0f} MB, {run.duration:.1f} s for a 200 MB message")
     assert run.peak_rss_mb < 64, f"peak RSS {run.peak_rss_mb:.0f} MB for a 200 MB message"
     (delivered,) = MaildirTarget(rig.maildir).files("new")
     assert delivered.stat().st_size > len(big)  # the message and the trace field
