@@ -22,6 +22,9 @@ def test_the_wheel_holds_one_top_level_package_postbote_with_its_plugins_and_typ
     assert {"postbote/__main__.py", "postbote/plugins/maildir.py", "postbote/py.typed"} <= set(names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "postbote = postbote.cli:main" in entry_points
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names), "the wheel ships the licence"
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: MIT" in metadata and "Classifier: Topic :: Communications :: Email" in metadata
 
 
 def test_python_m_postbote_runs_the_command_outside_the_source_tree(tmp_path: Path) -> None:
