@@ -117,7 +117,7 @@ def test_after_import_state_a_keep_poll_delivers_only_the_new_message(
         config = write_config(tmp_path, server)
         assert main(["-c", str(config), "import-state", "joe", str(DATA / file)]) == 0
         out = capsys.readouterr().out
-        assert f"joe: 2 of 2 UID(s) from" in out and "recorded as delivered" in out
+        assert "joe: 2 of 2 UID(s) from" in out and "recorded as delivered" in out
         assert main(["-c", str(config), "poll"]) == 0
         assert delivered_subjects(tmp_path) == [f"Subject: message {NEW}"]
         assert len(server.messages()) == 3  # keep: everything stays on the server
