@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("postbote.imap")
 PIPELINE_WINDOW = 64  # UID FETCHes in flight: enough to hide a 20 ms round trip behind small messages
-UIDS_PER_COMMAND = 500  # UIDs in one STORE / EXPUNGE / MOVE: keeps command lines short whatever the server
 FOLDER_TABLE = "imap_folders"  # state_dir/imap_folders.sqlite3: each folder's last UIDVALIDITY, per account
 DELETED = "\\Deleted"
 SEEN = "\\Seen"
@@ -295,16 +294,15 @@ class IMAPMailbox:
         expunge = rule.after_fetch is AfterFetch.DELETE and self.client.has("UIDPLUS")
         if expunge:
             self._note_expunging(folder, uids)
-        for start in range(0, len(uids), UIDS_PER_COMMAND):
-            part = uids[start:start + UIDS_PER_COMMAND]
-            if rule.after_fetch is AfterFetch.SEEN:
-                self.client.store_flags(part, [SEEN])
-            elif rule.after_fetch is AfterFetch.MOVE or not self.client.has("UIDPLUS"):
-                assert rule.move_to is not None  # checked when the session opened
-                self._move(part, rule.move_to)
-            else:
-                self.client.store_flags(part, [DELETED])
-                self.client.uid_expunge(part)
+        # The client splits long UID sets over several commands, sent together.
+        if rule.after_fetch is AfterFetch.SEEN:
+            self.client.store_flags(uids, [SEEN])
+        elif rule.after_fetch is AfterFetch.MOVE or not self.client.has("UIDPLUS"):
+            assert rule.move_to is not None  # checked when the session opened
+            self._move(uids, rule.move_to)
+        else:
+            self.client.store_flags(uids, [DELETED])
+            self.client.uid_expunge(uids)
         if expunge:
             self._note_expunging(folder, None)
 
