@@ -61,6 +61,8 @@ def installed_copy(tmp_path: Path) -> Path:
     units = tmp_path / "units"
     units.mkdir()
     for unit in UNITS_DIR.iterdir():
+        if unit.is_dir():
+            continue  # systemd/user/: the per-user unit, verified on its own
         text = unit.read_text()
         if unit.suffix in (".service", ".timer"):
             assert "ExecStart=postbote " in text or unit.suffix == ".timer"
@@ -136,3 +138,27 @@ def test_the_sysusers_file_creates_the_postbote_user(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     (entry,) = [line for line in (tmp_path / "etc/passwd").read_text().splitlines() if line.startswith("postbote:")]
     assert entry.endswith(":/var/lib/postbote:/usr/sbin/nologin")
+
+
+def test_the_user_unit_runs_without_root_and_passes_verification(tmp_path: Path) -> None:
+    """``systemctl --user``: for people without root; its own user's config and state, started at login (or
+    boot, with lingering)."""
+    unit_file = UNITS_DIR / "user" / "postbote.service"
+    unit = parse_unit(unit_file)
+    assert unit["Service.Type"] == ["notify"] and unit["Service.ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert unit["Service.ExecStart"] == ["%h/.local/bin/postbote --config %E/postbote/postbote.yaml run"]
+    assert "Service.User" not in unit and unit["Install.WantedBy"] == ["default.target"]
+    assert unit["Service.StateDirectory"] == ["postbote"] and unit["Service.RestartPreventExitStatus"] == ["2"]
+    home = tmp_path / "home"
+    (home / ".local" / "bin").mkdir(parents=True)
+    stub = home / ".local" / "bin" / "postbote"
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    installed = tmp_path / "postbote.service"
+    installed.write_text(unit_file.read_text().replace("%h/.local/bin/postbote", str(stub)))
+    result = subprocess.run([tool("systemd-analyze"), "--user", "verify", "--man=no", str(installed)],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "XDG_RUNTIME_DIR": str(runtime), "HOME": str(home)})
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
