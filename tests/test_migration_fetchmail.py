@@ -240,3 +240,26 @@ def test_the_yaml_can_be_written_to_a_file_that_is_never_overwritten(tmp_path: P
     assert "joe.sixpack" in target.read_text()
     assert main(["import", str(DATA / "fetchmailrc-simple"), "-o", str(target)]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_an_imap_account_without_fetchall_fetches_only_unseen_mail_as_fetchmail_did(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = tmp_path / "rc"
+    rc.write_text('poll imap.example proto imap user u password "p" is u here keep ssl\n')
+    status, out, _err, _ = run_import(tmp_path, capsys, str(rc))
+    assert status == 0
+    account = accounts_of(out)["u@imap.example"]
+    assert account["unseen_only"] is True and account["keep"] is True
+    assert "postbote mark-seen u@imap.example" in out  # the other way, in a comment
+    assert "import-state" not in out  # fetchmail's .fetchids holds POP3 UIDs only
+    assert loads_as_postbote_config(tmp_path, out) == ["u@imap.example"]
+
+
+def test_the_imported_config_passes_postbote_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "imported.yaml"
+    assert main(["import", str(DATA / "fetchmailrc-simple"), "-o", str(target), "--local-user", "me"]) == 0
+    config = tmp_path / "postbote.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\n" + target.read_text())
+    capsys.readouterr()
+    assert main(["-c", str(config), "check"]) == 0
+    assert "OK, 1 account(s)" in capsys.readouterr().out

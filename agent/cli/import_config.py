@@ -44,12 +44,12 @@ def import_command(files: list[str], *, tool: str | None = None, output: str | N
     paths = [Path(name).expanduser() for name in files] or [Path("~/.fetchmailrc").expanduser()]
     tools = {path: tool or detect_tool(path) for path in paths}
     if tool is None and len(set(tools.values())) > 1:
-        raise ConfigError("postbote import: these files are of different tools (fetchmail and getmail): import "
+        raise ConfigError("these files are of different tools (fetchmail and getmail): import "
                           "them one tool at a time, or say which with --from")
     chosen = next(iter(tools.values()))
     if chosen == "fetchmail":
         if len(paths) > 1:
-            raise ConfigError("postbote import: one .fetchmailrc at a time (it holds every account)")
+            raise ConfigError("one .fetchmailrc at a time (it holds every account)")
         result: ImportResult = import_fetchmailrc(paths[0], include_skipped=include_skipped, local_user=local_user)
     else:
         result = import_getmailrc(paths)
@@ -63,9 +63,9 @@ def import_command(files: list[str], *, tool: str | None = None, output: str | N
         try:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            raise ConfigError(f"postbote import: {target} exists: remove it or name another --output") from None
+            raise ConfigError(f"{target} exists: remove it or name another --output") from None
         except OSError as exc:
-            raise ConfigError(f"postbote import: cannot write {target}: {exc.strerror or exc}") from None
+            raise ConfigError(f"cannot write {target}: {exc.strerror or exc}") from None
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(text)
     _report(result, written, target, err)

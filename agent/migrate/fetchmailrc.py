@@ -647,12 +647,21 @@ def _map_user(entry: Entry, user: User, defaults: Entry | None, filename: str, t
     keys["password_file"] = None  # filled in by the writer
 
     # what happens to the mail on the server
-    if (keep := options.get("keep")) is not None and keep.value:
+    keeping = (keep := options.get("keep")) is not None and keep.value
+    fetching_all = (fetchall := options.get("fetchall")) is not None and fetchall.value
+    if keeping:
         keys["keep"] = True
-        account.comments.append(f"keep: import fetchmail's UID list before the first poll, or every message still on "
-                                f"the server is delivered again: postbote import-state {account.name} ~/.fetchids")
-    if (fetchall := options.get("fetchall")) is not None and fetchall.value:
+        if chosen == "pop3":
+            account.comments.append(f"keep: import fetchmail's UID list before the first poll, or every message "
+                                    f"still on the server is delivered again: postbote import-state {account.name} "
+                                    "~/.fetchids")
+    if fetching_all:
         keys["fetch_all"] = True
+    elif chosen == "imap":
+        keys["unseen_only"] = True
+        account.comments.append("fetchmail fetched only IMAP messages without the \\Seen flag (and set it): "
+                                "unseen_only: true does the same. To fetch every message not delivered yet instead, "
+                                f"remove it and run `postbote mark-seen {account.name}` before the first poll")
     if "limit" in options and int(options["limit"].value) > 0:
         keys["max_size"] = int(options["limit"].value)
     if "fetchlimit" in options and int(options["fetchlimit"].value) > 0:
