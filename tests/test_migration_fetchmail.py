@@ -263,3 +263,18 @@ def test_the_imported_config_passes_postbote_check(tmp_path: Path, capsys: pytes
     capsys.readouterr()
     assert main(["-c", str(config), "check"]) == 0
     assert "OK, 1 account(s)" in capsys.readouterr().out
+
+
+def test_a_password_the_rc_file_lacks_is_taken_from_netrc_as_fetchmail_does(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = tmp_path / "rc"
+    rc.write_text("poll pop.example proto pop3 user joe is joe here\npoll other.example proto pop3 user ann\n")
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine pop.example login joe password n3trc-secret\n")
+    netrc.chmod(0o600)
+    status, out, err, secrets = run_import(tmp_path, capsys, str(rc), "--netrc", str(netrc))
+    assert status == 0
+    assert (secrets / "joe@pop.example.password").read_text() == "n3trc-secret\n"
+    assert "n3trc-secret" not in out + err
+    assert not (secrets / "ann@other.example.password").exists()  # none anywhere: the user writes it
+    assert "fetchmail had no password for this account" in out

@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         "import", help="print a postbote.yaml for the accounts of a .fetchmailrc or getmail rc files",
         description="Read a .fetchmailrc (default ~/.fetchmailrc) or getmail rc files and print a postbote.yaml for "
                     "their accounts; passwords go into 0600 files, never into the YAML. What cannot be taken over "
-                    "is listed (YAML comments and stderr) with the reason. See docs/migration.md.")
+                    "is listed (YAML comments and stderr) with the reason. See docs/migration.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status: 0 when the accounts were written, 2 when a file cannot be read or parsed (FILE:LINE)\n"
+               "example: postbote import ~/.fetchmailrc -o ~/.config/postbote/postbote.yaml")
     imported.add_argument("files", nargs="*", metavar="FILE", help="the rc file(s) (default: ~/.fetchmailrc)")
     imported.add_argument("--from", dest="tool", choices=["fetchmail", "getmail"],
                           help="the tool that wrote the files (default: recognised by their content)")
@@ -77,12 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--secrets-dir", metavar="DIR", help="where the password files go (default: the output "
                                                                "file's directory, or the current one)")
     imported.add_argument("--include-skipped", action="store_true", help="import fetchmail's skip entries too")
+    imported.add_argument("--netrc", metavar="FILE", help="where to look up passwords a .fetchmailrc lacks, as "
+                                                          "fetchmail does (default: ~/.netrc, if there is one)")
     imported.add_argument("--local-user", metavar="NAME", help="fetchmail's local user for entries that name none "
                                                                 "(default: the user running this)")
     state = commands.add_parser(
         "import-state", help="record the UIDs fetchmail, getmail or mpop delivered, so they are not delivered again",
         description="Read fetchmail's .fetchids, getmail's oldmail-* or mpop's UIDL file and record the UIDs of "
-                    "ACCOUNT's login as delivered (before the first poll of an account with keep: true).")
+                    "ACCOUNT's login as delivered (before the first poll of an account with keep: true).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status: 0 when the UIDs were recorded, 2 when a file cannot be read or holds no list for the "
+               "account\nexample: postbote import-state work ~/.fetchids")
     state.add_argument("account", metavar="ACCOUNT")
     state.add_argument("files", nargs="+", metavar="FILE")
     state.add_argument("--from", dest="tool", choices=["fetchmail", "getmail", "mpop"],
@@ -95,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         "mark-seen", help="record every message on the server now as delivered (nothing fetched or deleted)",
         description="Log in to each ACCOUNT, list its mailbox and record every message as delivered, without "
                     "fetching or deleting anything: switching from another tool then delivers no old mail. Exit "
-                    "status 1 when an account cannot be reached.")
+                    "status 1 when an account cannot be reached.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status: 0 when every account was listed and recorded, 1 when one could not be reached or "
+               "logged in to, 2 for a usage or configuration error\nexample: postbote mark-seen work")
     seen.add_argument("accounts", nargs="+", metavar="ACCOUNT")
     return parser
 

@@ -19,7 +19,7 @@ from postbote.jobs import ExitStatus
 
 def run(args: argparse.Namespace) -> int:
     return import_command(args.files, tool=args.tool, output=args.output, secrets_dir=args.secrets_dir,
-                          include_skipped=args.include_skipped, local_user=args.local_user)
+                          include_skipped=args.include_skipped, local_user=args.local_user, netrc=args.netrc)
 
 
 def detect_tool(path: Path) -> str:
@@ -33,7 +33,7 @@ def detect_tool(path: Path) -> str:
 
 def import_command(files: list[str], *, tool: str | None = None, output: str | None = None,
                    secrets_dir: str | None = None, include_skipped: bool = False, local_user: str | None = None,
-                   out: TextIO | None = None, err: TextIO | None = None) -> int:
+                   netrc: str | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     from postbote.errors import ConfigError
     from postbote.migrate import ImportResult
     from postbote.migrate.emit import render, write_secrets
@@ -50,7 +50,10 @@ def import_command(files: list[str], *, tool: str | None = None, output: str | N
     if chosen == "fetchmail":
         if len(paths) > 1:
             raise ConfigError("one .fetchmailrc at a time (it holds every account)")
-        result: ImportResult = import_fetchmailrc(paths[0], include_skipped=include_skipped, local_user=local_user)
+        netrc_path = Path(netrc).expanduser() if netrc else Path("~/.netrc").expanduser()
+        result: ImportResult = import_fetchmailrc(
+            paths[0], include_skipped=include_skipped, local_user=local_user,
+            netrc=netrc_path if netrc or netrc_path.is_file() else None)
     else:
         result = import_getmailrc(paths)
     target = Path(output).expanduser() if output else None

@@ -455,14 +455,38 @@ _REASONS = {
 _SHELL_CHARS = set("|&;<>()$`\\*?[]#~{}\n")
 
 
-def import_fetchmailrc(path: Path, *, include_skipped: bool = False, local_user: str | None = None) -> ImportResult:
-    """The accounts of the rc file at ``path`` as postbote keys (one per user of each ``poll`` entry)."""
+def import_fetchmailrc(path: Path, *, include_skipped: bool = False, local_user: str | None = None,
+                       netrc: Path | None = None) -> ImportResult:
+    """The accounts of the rc file at ``path`` as postbote keys (one per user of each ``poll`` entry). A password
+    the rc file does not hold is looked up in ``netrc`` (fetchmail reads ``~/.netrc`` the same way)."""
     try:
         text = path.read_text(encoding="utf-8", errors="surrogateescape")
     except OSError as exc:
         raise MigrationError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return map_rcfile(parse(text, str(path)), str(path), include_skipped=include_skipped,
-                      local_user=local_user or _login_name())
+    result = map_rcfile(parse(text, str(path)), str(path), include_skipped=include_skipped,
+                        local_user=local_user or _login_name())
+    if netrc is not None:
+        _passwords_from_netrc(result, netrc)
+    return result
+
+
+def _passwords_from_netrc(result: ImportResult, path: Path) -> None:
+    import netrc as netrc_module
+
+    missing = [account for account in result.accounts if account.password is None and "password_file" in account.keys]
+    if not missing:
+        return
+    try:
+        entries = netrc_module.netrc(str(path))
+    except (OSError, netrc_module.NetrcParseError) as exc:
+        result.unmapped.append(Unmapped(str(path), f"cannot read it for the passwords the rc file lacks: {exc}"))
+        return
+    for account in missing:
+        found = entries.authenticators(str(account.keys.get("host", "")))
+        if found is not None and found[0] == account.keys.get("username") and found[2]:
+            account.password = found[2]
+            account.comments = [comment for comment in account.comments if "had no password" not in comment]
+            account.comments.append(f"the password came from {path} (machine {account.keys['host']})")
 
 
 def _login_name() -> str:
