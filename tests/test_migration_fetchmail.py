@@ -278,3 +278,14 @@ def test_a_password_the_rc_file_lacks_is_taken_from_netrc_as_fetchmail_does(
     assert "n3trc-secret" not in out + err
     assert not (secrets / "ann@other.example.password").exists()  # none anywhere: the user writes it
     assert "fetchmail had no password for this account" in out
+
+
+def test_a_line_break_in_a_quoted_value_does_not_break_the_yaml(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    rc = tmp_path / "rc"
+    rc.write_text('poll pop.example proto pop3 user joe pass p preconnect "echo one\\necho two"\n'
+                  '  postconnect "echo\nthree"\n')
+    status, out, _err, _ = run_import(tmp_path, capsys, str(rc))
+    assert status == 0
+    assert loads_as_postbote_config(tmp_path, out) == ["joe@pop.example"]
+    assert "preconnect echo one\\necho two" in out

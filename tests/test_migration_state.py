@@ -13,6 +13,7 @@ from postbote.cli import main
 from postbote.migrate import MigrationError
 from postbote.migrate.uidfiles import read_uid_file
 from postbote.state import DELIVERED, REJECTED, StateStore
+from postbote.testing.mailbox import FakeSource
 from postbote.testing.pop3server import POP3Server
 
 DATA = Path(__file__).parent / "data" / "migration"
@@ -189,3 +190,28 @@ def test_mark_seen_of_an_unreachable_server_exits_1_and_records_nothing(
         assert store.records("joe") == {}
     finally:
         store.close()
+
+
+def test_mark_seen_works_through_any_source_plugin_and_with_keep_false_the_next_poll_deletes_unfetched(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """mark-seen opens the mailbox through the ``open_mailbox`` hook, as a poll does: here a FakeSource plugin.
+    Recorded messages count as delivered, so with keep: false the next poll removes them without fetching them --
+    what the warning says."""
+    source = FakeSource()
+    mailbox = source.mailbox("joe")
+    for n in range(2):
+        mailbox.add(message(f"old-{n}"), uid=f"old-{n}")
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    source.plugin_file(plugins)
+    config = tmp_path / "postbote.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nplugin_paths: [{plugins}]\naccounts:\n  - name: joe\n"
+                      f"    protocol: fake\n    deliver: {{maildir: {tmp_path / 'Maildir'}}}\n")
+    assert main(["-c", str(config), "mark-seen", "joe"]) == 0
+    assert mailbox.fetched == [] and mailbox.deleted == [] and mailbox.sessions == 1
+    assert "keep is false, so the next poll deletes these 2 message(s)" in capsys.readouterr().err
+    mailbox.add(message(NEW), uid=NEW)
+    assert main(["-c", str(config), "poll"]) == 0
+    assert mailbox.fetched == [NEW]  # the old ones were never fetched ...
+    assert sorted(mailbox.deleted) == sorted(["old-0", "old-1", NEW])  # ... and are gone from the server
+    assert delivered_subjects(tmp_path) == [f"Subject: message {NEW}"]

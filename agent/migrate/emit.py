@@ -93,19 +93,24 @@ def write_secrets(result: ImportResult, secrets_dir: Path) -> list[Path]:
     return written
 
 
+def _one_line(text: str) -> str:
+    """A note as one comment line: a line break in a value quoted from the old config must not end the comment."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def render(result: ImportResult, source: str) -> str:
     """The postbote.yaml for ``result`` (after `write_secrets` has named the password files)."""
     lines = [f"# postbote.yaml imported from {source} by `postbote import`.",
              "# Read it through, then check it: postbote -c THIS_FILE check",
              "# Passwords are in the password_file each account names (mode 0600), never in this file."]
     for comment in result.comments:
-        lines.append(f"# {comment}")
+        lines.append(f"# {_one_line(comment)}")
     notes = [str(note) for note in result.unmapped] + \
         [f"{note} (account {account.name})" for account in result.accounts for note in account.unmapped]
     if notes:
         lines.append("#")
         lines.append("# Not taken over (also printed on stderr):")
-        lines += [f"#   - {note}" for note in notes]
+        lines += [f"#   - {_one_line(note)}" for note in notes]
     lines.append("")
     if result.defaults:
         lines.append("defaults:")
@@ -119,9 +124,9 @@ def render(result: ImportResult, source: str) -> str:
 
 
 def _account(account: Imported) -> list[str]:
-    lines = ["", f"  # {account.name}: from {account.origin}"]
-    lines += [f"  # {comment}" for comment in account.comments]
-    lines += [f"  # not taken over: {note}" for note in account.unmapped]
+    lines = ["", f"  # {account.name}: from {_one_line(account.origin)}"]
+    lines += [f"  # {_one_line(comment)}" for comment in account.comments]
+    lines += [f"  # not taken over: {_one_line(str(note))}" for note in account.unmapped]
     lines.append(f"  - name: {scalar(account.name)}")
     for key, value in account.keys.items():
         if value is None:
