@@ -382,3 +382,84 @@ def test_through_the_fault_server(bodies_: list[bytes], nth: int, seed: int) -> 
         assert server.errors == []
     for uid, data in results.items():
         assert uid <= len(messages) and data in (None, messages[uid - 1]) or nth - 1 == uid, (uid, data)
+
+
+# --- IDLE: what a server says while the client idles, in any chunks -----------------------------------------------
+
+IDLE_LINES = [b"* 3 EXISTS\r\n", b"* 1 RECENT\r\n", b"* 2 EXPUNGE\r\n", b"* OK Still here\r\n",
+              b"* 1 FETCH (FLAGS (\\Seen))\r\n", b"* BYE shutting down\r\n", b"garbage\r\n", b"+ again\r\n",
+              b"A0001 OK IDLE terminated\r\n", b"* 7 EXISTS\r\n", b"* 5 EXI", b"\r\n",
+              b"* 1 FETCH (UID 1 BODY[] {3}\r\nabc)\r\n"]
+
+
+class IdleSocket:
+    """Gives "+ idling" once IDLE is sent, then ``stream`` in ``sizes`` chunks; an empty read is EWOULDBLOCK (or
+    the end of the stream once ``closes``)."""
+
+    def __init__(self, stream: bytes, sizes: list[int], closes: bool) -> None:
+        self.pending = b""
+        self.stream = stream
+        self.sizes = sizes or [len(stream) or 1]
+        self.index = 0
+        self.closes = closes
+        self.timeout: float | None = None
+
+    def sendall(self, data: bytes) -> None:
+        if data.endswith(b"IDLE\r\n"):
+            self.pending += b"+ idling\r\n"
+        elif data == b"DONE\r\n":
+            self.pending += self.stream + b"A0001 OK done\r\n"
+            self.stream = b""
+
+    def recv(self, size: int) -> bytes:
+        if not self.pending and self.stream:
+            count = self.sizes[self.index % len(self.sizes)]
+            self.index += 1
+            self.pending, self.stream = self.stream[:count], self.stream[count:]
+        if not self.pending:
+            if self.closes:
+                return b""
+            if self.timeout == 0.0:
+                raise BlockingIOError
+            raise TimeoutError
+        chunk, self.pending = self.pending[:size], self.pending[size:]
+        return chunk
+
+    def gettimeout(self) -> float | None:
+        return self.timeout
+
+    def settimeout(self, value: float | None) -> None:
+        self.timeout = value
+
+    def fileno(self) -> int:
+        return -1
+
+    def close(self) -> None:
+        pass
+
+
+@settings(max_examples=EXAMPLES, deadline=None, print_blob=True, derandomize=bool(os.environ.get("CI")))
+@given(st.lists(st.sampled_from(IDLE_LINES), max_size=8), st.lists(st.integers(1, 40), max_size=6), st.booleans())
+def test_idle_reads_report_news_or_fail_cleanly(lines: list[bytes], sizes: list[int], closes: bool) -> None:
+    stream = b"".join(lines)
+    client = IMAPClient(IdleSocket(stream, sizes, closes), host="fuzz.test", timeout=1.0)  # type: ignore[arg-type]
+    client.capabilities = frozenset({"IMAP4REV1", "IDLE"})
+    news = False
+    try:
+        news = client.idle_start()
+        for _ in range(len(stream) + 2):
+            if not client.idling:
+                break
+            news = client.idle_read() or news
+        if client.idling:
+            client.idle_done()
+    except (IMAPConnectionError, IMAPError):
+        return
+    if b"A0001 OK IDLE terminated\r\n" in lines:  # the server ended IDLE: what follows is read with the next command
+        lines = lines[:lines.index(b"A0001 OK IDLE terminated\r\n")]
+    said = [line for line in lines if line in (b"* 3 EXISTS\r\n", b"* 7 EXISTS\r\n", b"* 1 RECENT\r\n")]
+    if said:
+        assert news
+    exists = [int(line.split()[1]) for line in lines if line.endswith(b" EXISTS\r\n")]
+    if exists and b"* 2 EXPUNGE\r\n" not in lines:
+        assert client.exists == exists[-1]
