@@ -30,7 +30,7 @@ NETWORK = ("ssl", "socket", "http", "urllib", "postbote.smtp", "postbote.tls", "
 DELIVERY_STATE_AND_PLUGINS = ("postbote.state", "postbote.poller", "postbote.handling", "postbote.pluginmanager",
                               "postbote.hookspecs", "postbote.plugins", "pluggy")
 # Reading a source's keys (its plugin's parse_source) loads no network code either: not even the plugin's own.
-SOURCE_SETTINGS = ("postbote.plugins.pop3.settings", "postbote.plugins.imap.settings",
+SOURCE_SETTINGS = ("postbote.plugins.pop3.settings", "postbote.plugins.imap.settings", "postbote.plugins.signin.server",
                    "postbote.plugins.signin.settings", "postbote.plugins.signin.passwords",
                    "postbote.plugins.signin.oauth2_settings")
 SOURCE_NETWORK = ("ssl", "socket", "http", "urllib.request", "urllib.error", "postbote.smtp", "postbote.tls",

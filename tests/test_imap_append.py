@@ -78,7 +78,7 @@ def test_an_imap_destination_reads_the_connection_keys_of_an_imap_source_and_def
         ("imap.example.org", 993, "implicit")
     assert (settings.folder, settings.create_folder, settings.flags, settings.internaldate) == \
         ("INBOX", True, (), "date")
-    assert destination.label == "imap:me@example.org@imap.example.org:993/INBOX"
+    assert destination.label == "imap:me@example.org on imap.example.org:993/INBOX"
 
 
 def test_flags_folder_and_internaldate_are_read_and_system_flags_take_their_proper_case(tmp_path: Path) -> None:

@@ -10,15 +10,14 @@ OAuth2 code.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from postbote import Node, Section, boolean, choice, nonempty_text, path_relative_to, port_number
-from postbote.plugins.pop3.settings import TLS_LABELS, TLSMode, normalise_fingerprint
-from postbote.plugins.signin.settings import AUTH_CHOICES, AuthChoice, Credentials, credentials_from_section
+from postbote import Node, Section, boolean, choice, nonempty_text
+from postbote.plugins.signin.server import ServerSettings, TLSMode, read_server
+from postbote.plugins.signin.settings import AUTH_CHOICES, AuthChoice
 
 DEFAULT_PORTS = {TLSMode.IMPLICIT: 993, TLSMode.STARTTLS: 143, TLSMode.NONE: 143}
 # IMAP logs in with SASL or its LOGIN command (chosen by ``auth: auto`` when the server offers no SASL for a
@@ -43,43 +42,11 @@ class AfterFetch(StrEnum):
 
 
 @dataclass(frozen=True)
-class ConnectionSettings:
+class ConnectionSettings(ServerSettings):
     """How to reach and log in to an IMAP server: the part of an IMAP source and of an IMAP destination that is
     the same (`AuthSettings.from_source` reads username, tls, auth and credentials from it)."""
 
-    host: str
-    port: int
-    tls: TLSMode
-    username: str
-    auth: AuthChoice
-    credentials: Credentials
-    tls_verify: bool = True
-    tls_ca_file: Path | None = None
-    tls_fingerprint: str | None = None
-    files: Mapping[str, tuple[Path, int, str]] = field(default_factory=dict)  # key -> (path, line, key path)
-
-    @property
-    def server(self) -> str:
-        """``user@host:port``, as ``check`` and ``status`` show the account."""
-        return f"{self.username}@{self.host}:{self.port}"
-
-    @property
-    def received_protocol(self) -> str:
-        """What the ``Received:`` trace field says the message came ``with``."""
-        return "IMAP" if self.tls is TLSMode.NONE else "IMAPS"
-
-    @property
-    def holds_inline_password(self) -> bool:
-        """Whether the password is written in the config file, which must then be readable by its owner only."""
-        return self.credentials.inline
-
-    def describe(self) -> str:
-        """How ``postbote check`` shows the connection and the login: TLS, auth and where the secret comes from."""
-        tls = TLS_LABELS[self.tls]
-        if self.tls is not TLSMode.NONE and not self.tls_verify:
-            tls += ", certificate NOT verified"
-        return f"{tls}, auth {self.auth}, {self.credentials.describe()}"
-
+    PROTOCOL = "IMAP"
 
 
 @dataclass(frozen=True)
@@ -119,24 +86,8 @@ def connection_settings(section: Section, base_dir: Path, *,
                         default_tls: TLSMode = TLSMode.IMPLICIT) -> ConnectionSettings | None:
     """The connection and login keys of an IMAP section (an account, or a destination's ``imap:`` mapping);
     None when some are wrong (recorded as problems in ``section.problems``)."""
-    before = len(section.problems.lines)
-    tls = TLSMode(section.get("tls", choice(*TLSMode), default_tls.value))
-    port = section.get("port", port_number, DEFAULT_PORTS[tls])
-    host = section.get("host", nonempty_text, required=True)
-    tls_verify = section.get("tls_verify", boolean, True)
-    tls_ca_file = section.get("tls_ca_file", path_relative_to(base_dir), None)
-    tls_fingerprint = section.get("tls_fingerprint", _fingerprint, None)
-    username = section.get("username", nonempty_text, required=True)
-    auth = AuthChoice(section.get("auth", choice(*IMAP_AUTH_CHOICES), AuthChoice.AUTO.value))
-    credentials = credentials_from_section(section, base_dir, auth)
-    named = {"tls_ca_file": tls_ca_file, "password_file": credentials.password_file}
-    files = {key: (path, node.line, node.path) for key, path in named.items()
-             if path is not None and (node := section.raw(key)) is not None}
-    if len(section.problems.lines) > before:
-        return None
-    return ConnectionSettings(host=host, port=port, tls=tls, username=username, auth=auth, credentials=credentials,
-                              tls_verify=tls_verify, tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint,
-                              files=files)
+    return read_server(section, base_dir, ConnectionSettings, default_ports=DEFAULT_PORTS,
+                       auth_choices=IMAP_AUTH_CHOICES, default_tls=default_tls)
 
 
 def imap_settings(section: Section, base_dir: Path) -> IMAPSettings | None:
@@ -240,7 +191,3 @@ def _folder_name(value: Any) -> str:
     if any(ch in value for ch in "\r\n\0"):
         raise ValueError("a folder name cannot contain a line break or NUL")
     return DEFAULT_FOLDER if value.upper() == DEFAULT_FOLDER else value  # INBOX is INBOX in any case (RFC 3501)
-
-
-def _fingerprint(value: Any) -> str:
-    return normalise_fingerprint(nonempty_text(value))
