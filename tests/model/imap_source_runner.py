@@ -48,9 +48,10 @@ FOLDER_NAMES = ("INBOX", "Lists/a", "Lists/b")
 ARCHIVE = "Archive"  # move_to of the folders read with after_fetch: move
 TRASH = "Trash"  # move_to of the folders read with after_fetch: delete on a server without UIDPLUS
 DELETED = "\\Deleted"
-# Known finding (tests/test_model_imap_source.py::test_finding_move_by_copy_left_flagged_deleted_after_a_lost_expunge):
-# a move done as UID COPY + UID STORE \Deleted + UID EXPUNGE (no MOVE) whose UID EXPUNGE is lost leaves the original
-# flagged \Deleted in its folder for ever. Tolerated here so the model keeps looking; set False once fixed.
+# Known findings (tests/test_model_imap_source.py::test_finding_move_by_copy_*): a move done as UID COPY + UID STORE
+# \Deleted + UID EXPUNGE (no MOVE) is not remembered between polls: a lost UID EXPUNGE leaves the original flagged
+# \Deleted in its folder for ever, and a refused or lost UID STORE has the next poll copy it again (two in Archive).
+# Tolerated here so the model keeps looking; set False once fixed.
 TOLERATE_MOVE_BY_COPY_LEFTOVER = True
 # Known finding (test_finding_seen_is_never_set_when_its_store_fails): in a folder read with after_fetch: seen, a
 # delivered message whose UID STORE \Seen was refused or lost (NO, a drop, a kill, the poll ending first) is never
@@ -222,12 +223,30 @@ def _others(message: IMAPMessage) -> str:
 # ------------------------------------------------------------------ strategies
 
 
+# How many of a command a poll may send: the greeting, the login, the after-fetch commands once per folder at most.
+MOST_PER_POLL = {"SELECT": 3, "listing": 3, "header": 2, "body": 4, "UID STORE": 2, "UID EXPUNGE": 2, "UID MOVE": 2,
+                 "UID COPY": 2}
+
+
+def commands_sent(folders: tuple[AfterFetch, ...], capabilities: Capabilities) -> set[str]:
+    """The commands a poll of such a case can send (a fault at another one would never fire)."""
+    sent = {"GREETING", "AUTHENTICATE", "SELECT", "listing", "header", "body", "LOGOUT"}
+    uidplus, move = capabilities is not Capabilities.NO_UIDPLUS, capabilities is not Capabilities.NO_MOVE
+    if AfterFetch.SEEN in folders:
+        sent.add("UID STORE")
+    if AfterFetch.DELETE in folders:
+        sent |= {"UID STORE", "UID EXPUNGE"} if uidplus else {"UID MOVE"}
+    if AfterFetch.MOVE in folders:
+        sent |= {"UID MOVE"} if move else {"UID COPY", "UID STORE", "UID EXPUNGE"}
+    return sent
+
+
 @st.composite
-def imap_faults(draw: st.DrawFn) -> IMAPInjected:
+def imap_faults(draw: st.DrawFn, sent: set[str]) -> IMAPInjected:
     fault = draw(st.sampled_from(IMAPFault))
-    command = draw(st.sampled_from(FAULT_COMMANDS[fault]))
+    command = draw(st.sampled_from([c for c in FAULT_COMMANDS[fault] if c in sent]))
     after = draw(st.sampled_from(MIDWAY_BYTES)) if fault is IMAPFault.DROP_MIDWAY else 0
-    return IMAPInjected(fault, command, draw(st.integers(1, 3)), after)
+    return IMAPInjected(fault, command, draw(st.integers(1, MOST_PER_POLL.get(command, 1))), after)
 
 
 def imap_messages(folder_count: int) -> st.SearchStrategy[IMAPMessage]:
@@ -236,13 +255,16 @@ def imap_messages(folder_count: int) -> st.SearchStrategy[IMAPMessage]:
 
 
 @st.composite
-def imap_poll_plans(draw: st.DrawFn, destinations: tuple[Kind, ...], folder_count: int) -> IMAPPollPlan:
+def imap_poll_plans(draw: st.DrawFn, destinations: tuple[Kind, ...], folders: tuple[AfterFetch, ...],
+                    capabilities: Capabilities) -> IMAPPollPlan:
+    folder_count = len(folders)
     return IMAPPollPlan(
-        destination_outcomes=tuple(draw(destination_schedule(kind)) for kind in destinations),
+        # half the polls without refusals, so that deliveries reach the after-fetch commands and their faults
+        destination_outcomes=tuple(draw(st.one_of(st.just(()), destination_schedule(kind))) for kind in destinations),
         state_locked_at=draw(st.one_of(st.none(), st.none(), st.none(), st.integers(0, 12))),
         kill=draw(st.one_of(st.none(), st.none(), st.none(),
                             st.builds(Kill, st.sampled_from(KillPoint), st.integers(1, 25)))),
-        imap_faults=tuple(draw(st.lists(imap_faults(), max_size=2))),
+        imap_faults=tuple(draw(st.lists(imap_faults(commands_sent(folders, capabilities)), max_size=2))),
         imap_arrivals=tuple(draw(st.lists(imap_messages(folder_count), max_size=2))),
         renumbered=tuple(draw(st.one_of(st.just([]), st.just([]), st.just([]),
                                         st.lists(st.integers(0, folder_count - 1), max_size=1)))),
@@ -254,9 +276,9 @@ def imap_cases(draw: st.DrawFn) -> IMAPCase:
     folders = tuple(draw(st.lists(st.sampled_from(AfterFetch), min_size=1, max_size=len(FOLDER_NAMES))))
     destinations = tuple(draw(st.lists(kinds, min_size=1, max_size=3)))
     messages = tuple(draw(st.lists(imap_messages(len(folders)), min_size=1, max_size=6)))
-    polls = tuple(draw(st.lists(imap_poll_plans(destinations, len(folders)), min_size=1, max_size=3)))
-    return IMAPCase(folders, messages, destinations, draw(st.sampled_from(Capabilities)), draw(st.booleans()),
-                    polls)
+    capabilities = draw(st.sampled_from(Capabilities))
+    polls = tuple(draw(st.lists(imap_poll_plans(destinations, folders, capabilities), min_size=1, max_size=3)))
+    return IMAPCase(folders, messages, destinations, capabilities, draw(st.booleans()), polls)
 
 
 # ------------------------------------------------------------------ the server's side
@@ -383,6 +405,7 @@ class IMAPSourceRun(CaseRun):
         self.others: set[int] = set()  # idents of other clients' \Deleted messages
         self.gone: set[int] = set()  # idents another client expunged
         self.renumbered_since: dict[int, int] = {}  # folder -> UIDVALIDITY changes so far
+        self.after_fetch_faults = 0  # polls whose STORE, EXPUNGE, MOVE or COPY met a fault
         self.labels = [d.label for d in self.destinations]
         TALLY["cases with an IMAP destination"] += Kind.IMAP in case.destinations
         TALLY[f"server {case.capabilities.name}"] += 1
@@ -544,6 +567,7 @@ class IMAPSourceRun(CaseRun):
         result.killed = result.killed or faults.killed
         self.kills += result.killed
         self.tally_imap(result, faults)
+        self.after_fetch_faults += any(f.command in _CHANGING for f in faults.fired_faults)
         self.log.append(f"{name}: {result.stats if result.stats else 'killed'}"
                         f"{'; state locked' if result.state_locked else ''}"
                         f"{'; faults ' + ', '.join(map(str, faults.fired_faults)) if faults.fired_faults else ''}")
@@ -634,7 +658,9 @@ class IMAPSourceRun(CaseRun):
             if moved and (not everywhere or places.count(target or "") != moved):
                 raise WrongAction(f"{name}: message {ident} of {home} (after_fetch {action.value}) is in "
                                   f"{places}, delivered to {sorted(holders.get(ident, set()))} of {self.labels}")
-            if moved > 1 + sent.risky_polls:
+            copy_retries = self.after_fetch_faults if TOLERATE_MOVE_BY_COPY_LEFTOVER and target == ARCHIVE and \
+                self.imap_case.capabilities is Capabilities.NO_MOVE else 0
+            if moved > 1 + sent.risky_polls + copy_retries:
                 raise WrongAction(f"{name}: {moved} copies of message {ident} in {target} after "
                                   f"{sent.risky_polls} crash(es)")
 
@@ -653,10 +679,11 @@ class IMAPSourceRun(CaseRun):
             index = self.folder_of[ident]
             home, action, target = FOLDER_NAMES[index], self.imap_case.action(index), self.imap_case.target(index)
             in_home = [m for i, m in where.get(home, []) if i == ident]
+            if in_home and self.entry_uid(home, in_home[0].uid) in rejected:
+                continue  # (its UID now: after a UIDVALIDITY change, a copy delivered before may exist)
             if not self.delivered_everywhere(ident, holders):
-                if not (in_home and self.entry_uid(home, in_home[0].uid) in rejected):
-                    missing = sorted(set(self.labels) - holders.get(ident, set()))
-                    problems.append(f"message {ident} of {home} never reached {', '.join(missing)}")
+                missing = sorted(set(self.labels) - holders.get(ident, set()))
+                problems.append(f"message {ident} of {home} never reached {', '.join(missing)}")
                 continue
             if action is AfterFetch.SEEN and not (in_home and SEEN in in_home[0].flags):
                 if TOLERATE_SEEN_NOT_RETRIED:
