@@ -170,6 +170,7 @@ def _email_channel(section: Section, base_dir: Path) -> list[Channel]:
     via = section.get("via_destination", boolean, False)
     smtp_section = section.section("smtp")
     section.finish({"to", "from", "via_destination", "smtp"})
+    smtp = _relay(smtp_section, tuple(to), sender, base_dir) if smtp_section is not None else None
     if via and smtp_section is not None:
         section.problem("give smtp: (a relay) or via_destination: true (the account's own SMTP or LMTP "
                         "destination), not both")
@@ -178,11 +179,14 @@ def _email_channel(section: Section, base_dir: Path) -> list[Channel]:
         section.problem("give smtp: {host: ..., port: ...} (a relay that takes mail from this host) or "
                         "via_destination: true (the account's own SMTP or LMTP destination)")
         return []
-    if not via and not to:
-        section.problem("to: required: the addresses the notifications go to", section.raw("to"))
+    if not via and section.raw("to") is None:
+        _missing(section, "to", "the addresses the notifications go to")
         return []
-    smtp = _relay(smtp_section, tuple(to), sender, base_dir) if smtp_section is not None else None
     return [EmailChannel(to=tuple(to), sender=sender, smtp=smtp)]
+
+
+def _missing(section: Section, key: str, what: str) -> None:
+    section.problems.add(section.line, f"{section.path}.{key}", f"required key is missing: {what}")
 
 
 def _relay(section: Section, to: tuple[str, ...], sender: str | None, base_dir: Path) -> SMTPSettings:
@@ -217,8 +221,7 @@ def _http_channel(kind: str, section: Section, base_dir: Path) -> list[Channel]:
     if url is None:
         return []
     if kind == "gotify" and token_file is None:
-        section.problem("token_file: required: the file holding the Gotify application token",
-                        section.raw("token_file"))
+        _missing(section, "token_file", "the file holding the Gotify application token")
     if urllib.parse.urlsplit(url).scheme == "http" and not allow_http and not _loopback(url):
         section.problem("use https:// -- over plain http:// anyone on the way reads the notifications and the "
                         "token; http:// is taken for a loopback address, or with allow_http: true",
@@ -427,7 +430,7 @@ class Notifier:
             if streak:
                 changes.append((None, lambda: self.table.delete(name, "failures")))
             if failing is not None:
-                count, since = failing.get("count", 0), failing.get("since")
+                count, since = streak.get("count", failing.get("count", 0)), failing.get("since")
                 event = None if RECOVERED not in settings.events else Event(
                     RECOVERED, name, f"{name}: polls succeed again",
                     f"{name}: the poll succeeded again after {plural(count, 'failed poll')} in a row "
