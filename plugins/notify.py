@@ -212,7 +212,7 @@ def _http_channel(kind: str, section: Section, base_dir: Path) -> list[Channel]:
     if kind == "webhook" and (header_section := section.section("headers")) is not None:
         for header, node in header_section.items():
             try:
-                headers.append((header_name(header), nonempty_text(node.value)))
+                headers.append((header_name(header), header_value(node.value)))
             except ValueError as exc:
                 header_section.problem(str(exc), node)
         header_section.finish(set(header_section.keys()))
@@ -245,6 +245,13 @@ def header_name(value: str) -> str:
     return value
 
 
+def header_value(value: Any) -> str:
+    text = nonempty_text(value)
+    if not text.isascii():
+        raise ValueError("expected an ASCII header value")
+    return text
+
+
 def _loopback(url: str) -> bool:
     host = urllib.parse.urlsplit(url).hostname or ""
     if host == "localhost":
@@ -275,9 +282,11 @@ class Event:
     title: str
     text: str
     fields: Mapping[str, Any]
+    made: float = dataclasses.field(default_factory=time.time)
 
     def body(self) -> dict[str, Any]:
-        return {"event": self.event, "account": self.account, **self.fields, "text": self.text}
+        return {"event": self.event, "account": self.account, "time": iso(self.made), **self.fields,
+                "text": self.text}
 
     def json(self) -> bytes:
         return redact(json.dumps(self.body(), ensure_ascii=False, sort_keys=False)).encode("utf-8")
@@ -394,11 +403,15 @@ class Notifier:
             return
         now = self.clock()
         changes: list[Change] = []
-        changes += self._failures(account, settings, stats, error, now)
-        waiting = self._waiting(account.name)
-        changes += self._rejections(account, settings, rejected, waiting)
-        if waiting is not None:
-            changes += self._staleness(account, settings, waiting, now)
+        try:
+            changes += self._failures(account, settings, stats, error, now)
+            waiting = self._waiting(account.name)
+            changes += self._rejections(account, settings, rejected, waiting)
+            if waiting is not None:
+                changes += self._staleness(account, settings, waiting, now)
+        except PostboteError as exc:  # the plugin's table cannot be read: nothing is sent rather than repeated
+            log.error("notify.state_failed", account=account.name, error=str(exc))
+            return
         events = [event for event, _ in changes if event is not None]
         delivered = self.send(account.name, events, settings.timeout) if events else set()
         for event, remember in changes:
@@ -455,16 +468,24 @@ class Notifier:
 
     def _rejections(self, account: Account, settings: NotifySettings, rejected: list[dict[str, Any]],
                     waiting: list[WaitingMessage] | None) -> list[Change]:
+        """The messages rejected in this poll, and those the state store holds as rejected that no notification
+        has named yet (one whose notification reached no channel, or rejected by another process's poll)."""
         name = account.name
-        notified: list[str] = list(self._get(name, "rejected") or [])
+        before: list[str] = list(self._get(name, "rejected") or [])
+        notified = before
+        pending = {shown["uid"]: shown for shown in rejected}
         if waiting is not None:  # forget the messages no longer rejected (retried, delivered, gone)
-            still = {message.uid for message in waiting if message.status == "rejected"}
-            notified = [uid for uid in notified if uid in still]
-        new = [shown for shown in rejected if shown["uid"] not in notified]
-        new = list({shown["uid"]: shown for shown in new}.values())
+            held = [message for message in waiting if message.status == "rejected"]
+            notified = [uid for uid in before if uid in {message.uid for message in held}]
+            for message in held:
+                pending.setdefault(message.uid, {
+                    "uid": message.uid, **({"message_id": clean(message.message_id)}
+                                           if "message_id" in settings.details else {}),
+                    "reason": clean(message.reason, 500)})
+        new = [shown for uid, shown in pending.items() if uid not in notified]
         if not new or REJECTED not in settings.events:
             kept: Any = notified
-            return [(None, lambda: self.table.put(name, "rejected", kept))]
+            return [(None, lambda: self.table.put(name, "rejected", kept))] if notified != before else []
         lines = [", ".join(f"{key.replace('_', '-')}: {shown[key]}" for key in ("message_id", "from", "subject")
                            if shown.get(key)) or f"uid {shown['uid']}" for shown in new[:MAX_LISTED]]
         text = (f"{name}: {plural(len(new), 'message')} rejected for good; "

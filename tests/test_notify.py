@@ -241,6 +241,24 @@ def test_a_notification_no_channel_took_is_tried_again_after_the_next_poll(tmp_p
     assert [event["count"] for event in hook.events()] == [1, 2]  # the failed attempt, then the one that arrived
 
 
+def test_a_rejection_no_channel_took_is_told_after_the_next_poll(tmp_path: Path, hook: Hook) -> None:
+    """The rejected message is not fetched again, so the notification comes from the state store's record."""
+    hook.mode = "fail"
+    mda = tmp_path / "mda"
+    mda.write_text("#!/bin/sh\ncat >/dev/null\necho 'mailbox full for good' >&2\nexit 1\n")
+    mda.chmod(0o755)
+    path, source, mailbox = setup(tmp_path, {"webhook": {"url": f"{hook.url}/hook"}}, deliver={"mda": [str(mda)]})
+    mailbox.add(letter("one", message_id="<one@example.net>"))
+    poll(path, source)
+    hook.mode = "ok"
+    poll(path, source)
+    poll(path, source)
+    assert len(hook.posts) == 2  # the refused POST, then the one that arrived; then nothing more
+    (shown,) = hook.events()[1]["messages"]
+    assert shown["message_id"] == "<one@example.net>" and shown["uid"] == "uid-1"
+    assert mailbox.fetched == ["uid-1"]
+
+
 def test_mail_is_delivered_whatever_the_channels_do(tmp_path: Path, hook: Hook) -> None:
     hook.mode = "fail"
     mda = tmp_path / "mda"
