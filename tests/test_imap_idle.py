@@ -17,7 +17,8 @@ from postbote import Secret, TLSPolicy
 from postbote.config import load_config
 from postbote.pluginmanager import make_plugin_manager
 from postbote.plugins.imap.client import IMAPClient
-from postbote.plugins.imap.idle import IMAPWatch, note_uidnext, open_watches
+from postbote.plugins.imap.idle import IMAPWatch, open_watches
+from postbote.plugins.imap.mailbox import note_uidnext
 
 from tests.harness import DaemonRun, MaildirTarget, make_message, wait_until
 from tests.servers.dovecot import DovecotServer

@@ -7,13 +7,13 @@ an EXISTS it reports new mail and the account is polled at once. Each IDLE is re
 `RENEW_AFTER`, well before the 30 minutes after which RFC 2177 lets a server drop an idle client.
 
 Mail that arrives between a poll's listing and the watch's IDLE would wait for the next poll: so each poll notes
-the folder's UIDNEXT (`note_uidnext`), and a watch that finds a larger one when it opens reports new mail at once.
+the folder's UIDNEXT (`postbote.plugins.imap.mailbox.note_uidnext`), and a watch that finds a larger one when it
+opens reports new mail at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -30,23 +30,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("postbote.imap")
 RENEW_AFTER = 25 * 60.0  # seconds: RFC 2177 servers may log an idle client out after 30 minutes
 CLOSE_WITHIN = 2.0  # seconds a closing watch gets for DONE and LOGOUT before the socket is just closed
-
-_uidnext_lock = threading.Lock()
-_uidnext: dict[tuple[str, str], int] = {}  # (account, folder) -> UIDNEXT its last poll saw
-
-
-def note_uidnext(account: str, folder: str, uidnext: int | None) -> None:
-    """Remember the UIDNEXT a poll saw in ``folder`` (called by the mailbox when it lists the folder)."""
-    if uidnext is None:
-        return
-    with _uidnext_lock:
-        _uidnext[(account, folder)] = uidnext
-
-
-def _uidnext_seen(account: str, folder: str) -> int | None:
-    with _uidnext_lock:
-        return _uidnext.get((account, folder))
-
 
 class IMAPWatch:
     """One folder in IDLE on its own connection (a `postbote.Watch`)."""
@@ -90,6 +73,7 @@ class IMAPWatch:
 def open_watches(account: Account, state_dir: Path | None) -> list[IMAPWatch]:
     """A watch per folder of ``account`` (see the module docstring); [] when the server offers no IDLE."""
     from postbote.plugins.imap.login import open_session
+    from postbote.plugins.imap.mailbox import resolve_folders
 
     source: IMAPSettings = account.source
     first = open_session(source, account=account.name, state_dir=state_dir, timeout=account.timeout, deadline=None)
@@ -100,7 +84,7 @@ def open_watches(account: Account, state_dir: Path | None) -> list[IMAPWatch]:
                      effect="polled at its poll_interval")
             first.logout()
             return []
-        folders = _folders(first, source)
+        folders = [folder for folder, _ in resolve_folders(first, source)]
         for number, folder in enumerate(folders):
             client = first if number == 0 else open_session(source, account=account.name, state_dir=state_dir,
                                                             timeout=account.timeout, deadline=None)
@@ -115,28 +99,15 @@ def open_watches(account: Account, state_dir: Path | None) -> list[IMAPWatch]:
     return watches
 
 
-def _folders(client: IMAPClient, source: IMAPSettings) -> list[str]:
-    """The folders the account reads, patterns resolved as the mailbox resolves them."""
-    targets = {rule.move_to for rule in source.folders if rule.move_to}
-    found: dict[str, None] = {}
-    for rule in source.folders:
-        if not rule.is_pattern:
-            found.setdefault(rule.name)
-            continue
-        for info in client.list_folders(rule.name):
-            if not ({"\\NOSELECT", "\\NONEXISTENT"} & info.flags or info.name in targets):
-                found.setdefault(info.name)
-    return list(found)
-
-
 def _watch(client: IMAPClient, account: str, folder: str) -> IMAPWatch:
     from postbote.plugins.imap.client import IMAPError
+    from postbote.plugins.imap.mailbox import uidnext_seen
 
     try:
         selected = client.select(folder, read_only=True)
     except IMAPError as exc:
         client.close()
         raise AccountError(f"cannot watch folder {folder!r}: {exc}") from None
-    seen = _uidnext_seen(account, folder)
+    seen = uidnext_seen(account, folder)
     news = seen is not None and selected.uidnext is not None and selected.uidnext > seen
     return IMAPWatch(client, folder, news=news)

@@ -17,6 +17,7 @@ is expunged, moved or flagged.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -31,7 +32,6 @@ from postbote.plugins.imap.client import (
     LiteralTooLarge,
     SelectedFolder,
 )
-from postbote.plugins.imap.idle import note_uidnext
 from postbote.plugins.imap.settings import AfterFetch, FolderRule, IMAPSettings
 
 if TYPE_CHECKING:
@@ -100,20 +100,7 @@ class IMAPMailbox:
         return entries
 
     def folders(self) -> list[tuple[str, FolderRule]]:
-        """The folders to read, in the configured order, patterns resolved with LIST (folders that cannot be
-        selected are skipped, and so are the folders messages are moved into: they would be fetched again)."""
-        targets = {rule.move_to for rule in self.settings.folders if rule.move_to}
-        found: dict[str, FolderRule] = {}
-        for rule in self.settings.folders:
-            if not rule.is_pattern:
-                found.setdefault(rule.name, rule)
-                continue
-            for info in self.client.list_folders(rule.name):
-                if {"\\NOSELECT", "\\NONEXISTENT"} & info.flags or info.name in targets:
-                    continue
-                name = "INBOX" if info.name.upper() == "INBOX" else info.name  # a server may say "Inbox"
-                found.setdefault(name, rule)  # a folder two patterns match follows the first
-        return list(found.items())
+        return resolve_folders(self.client, self.settings)
 
     def _select(self, folder: str, *, listing: bool = False) -> SelectedFolder:
         """SELECT ``folder`` unless it is selected; after the listing, only with the UIDVALIDITY listed."""
@@ -324,6 +311,40 @@ class IMAPMailbox:
     def abort(self) -> None:
         self._close_table()
         self.client.close()
+
+
+def resolve_folders(client: IMAPClient, settings: IMAPSettings) -> list[tuple[str, FolderRule]]:
+    """The folders to read, in the configured order, patterns resolved with LIST (folders that cannot be selected
+    are skipped, and so are the folders messages are moved into: they would be fetched again)."""
+    targets = {rule.move_to for rule in settings.folders if rule.move_to}
+    found: dict[str, FolderRule] = {}
+    for rule in settings.folders:
+        if not rule.is_pattern:
+            found.setdefault(rule.name, rule)
+            continue
+        for info in client.list_folders(rule.name):
+            if {"\\NOSELECT", "\\NONEXISTENT"} & info.flags or info.name in targets:
+                continue
+            name = "INBOX" if info.name.upper() == "INBOX" else info.name  # a server may say "Inbox"
+            found.setdefault(name, rule)  # a folder two patterns match follows the first
+    return list(found.items())
+
+
+_uidnext_lock = threading.Lock()
+_uidnext: dict[tuple[str, str], int] = {}  # (account, folder) -> UIDNEXT its last poll saw
+
+
+def note_uidnext(account: str, folder: str, uidnext: int | None) -> None:
+    """Remember the UIDNEXT a poll saw in ``folder``: a watch opened after the poll compares it (`idle`)."""
+    if uidnext is None:
+        return
+    with _uidnext_lock:
+        _uidnext[(account, folder)] = uidnext
+
+
+def uidnext_seen(account: str, folder: str) -> int | None:
+    with _uidnext_lock:
+        return _uidnext.get((account, folder))
 
 
 def check_capabilities(client: IMAPClient, settings: IMAPSettings) -> None:
