@@ -458,8 +458,9 @@ class Notifier:
         record: Any = {"count": count, "since": since, "reason": reason}
         changes = [(None, lambda: self.table.put(name, "failures", record))]
         if failing is None and count >= settings.after_failures and FAILING in settings.events:
-            event = Event(FAILING, name, f"{name}: {plural(count, 'poll')} in a row failed ({kind})",
-                          f"{name}: {plural(count, 'poll')} in a row failed since {iso(since)}: {reason}\n"
+            polls = "the poll failed" if count == 1 else f"{count} polls in a row failed"
+            event = Event(FAILING, name, f"{name}: {polls} ({kind})",
+                          f"{name}: {polls}{f' since {iso(since)}' if count > 1 else ''}: {reason}\n"
                           f"Mail stays on the server meanwhile; nothing is lost.",
                           {"count": count, "since": iso(since), "reason": reason,
                            "error_type": type(error).__name__ if error is not None else None})

@@ -322,8 +322,8 @@ def test_ntfy_and_gotify_get_the_token_in_a_header(tmp_path: Path, hook: Hook) -
     posts = {path: (headers, body) for path, headers, body in hook.posts}
     headers, body = posts["/alerts"]
     assert headers["Authorization"] == "Bearer tk-0123456789abcdef" and headers["X-Priority"] == "4"
-    assert headers["X-Title"] == "postbote: alice: 1 poll in a row failed (login refused)"
-    assert b"1 poll in a row failed" in body
+    assert headers["X-Title"] == "postbote: alice: the poll failed (login refused)"
+    assert b"alice: the poll failed: -ERR nope" in body
     headers, body = posts["/gotify/message"]
     assert headers["X-Gotify-Key"] == "tk-0123456789abcdef"
     sent = json.loads(body)
