@@ -49,7 +49,7 @@ def test_an_imap_account_reads_the_connection_like_pop3_with_the_imap_ports(tmp_
     assert isinstance(source, IMAPSettings) and isinstance(source, ConnectionSettings)
     assert (source.host, source.port, source.tls, source.auth) == ("imap.example.org", 993, TLSMode.IMPLICIT,
                                                                   AuthChoice.AUTO)
-    assert source.server == "me@example.org@imap.example.org:993"
+    assert source.server == "me@example.org on imap.example.org:993"
     assert source.received_protocol == "IMAPS" and source.holds_inline_password
 
 
@@ -156,5 +156,14 @@ def test_check_shows_the_imap_account_without_its_secret(tmp_path: Path,
 
     out = capsys.readouterr().out
     assert status == 0, out
-    assert "me@example.org@imap.example.org:143" in out and "STARTTLS" in out and "after fetch: seen" in out
+    assert "me@example.org on imap.example.org:143" in out and "STARTTLS" in out and "seen after delivery" in out
     assert "secret" not in out
+
+
+def test_check_shows_each_folders_own_action(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, LOGIN + "folders: [INBOX, {name: Archive, after_fetch: keep}]\n")
+
+    with logging_restored():
+        assert main(["-c", str(path), "check"]) == 0
+
+    assert "delete (INBOX), keep (Archive) after delivery" in capsys.readouterr().out

@@ -75,11 +75,19 @@ class IMAPSettings(ConnectionSettings):
 
     def describe(self) -> str:
         folders = ", ".join(rule.name for rule in self.folders)
-        return f"{super().describe()}; folders {folders}; after fetch: {self._actions()}"
+        return f"{super().describe()}; folders {folders}"
 
-    def _actions(self) -> str:
-        actions = {f"{rule.after_fetch}" + (f" to {rule.move_to}" if rule.move_to else "") for rule in self.folders}
-        return ", ".join(sorted(actions))
+    @property
+    def after_delivery(self) -> str:
+        """What ``check`` says happens to a delivered message: ``delete``, ``move to Archive``, or per folder
+        ``seen (Lists.*), delete (INBOX)`` when the folders differ."""
+        def action(rule: FolderRule) -> str:
+            return f"{rule.after_fetch}" + (f" to {rule.move_to}" if rule.after_fetch is AfterFetch.MOVE else "")
+
+        actions = {action(rule) for rule in self.folders}
+        if len(actions) == 1:
+            return actions.pop()
+        return ", ".join(f"{action(rule)} ({rule.name})" for rule in self.folders)
 
 
 def connection_settings(section: Section, base_dir: Path, *,
