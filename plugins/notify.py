@@ -207,7 +207,7 @@ def _relay(section: Section, to: tuple[str, ...], sender: str | None, base_dir: 
 def _http_channel(kind: str, section: Section, base_dir: Path) -> list[Channel]:
     allow_http = section.get("allow_http", boolean, False)
     url = section.get("url", http_url, None, required=True)
-    token_file = section.get("token_file", path_relative_to(base_dir), None) if kind != "webhook" else None
+    token_file = section.get("token_file", path_relative_to(base_dir), None)
     headers: list[tuple[str, str]] = []
     if kind == "webhook" and (header_section := section.section("headers")) is not None:
         for header, node in header_section.items():
@@ -216,7 +216,7 @@ def _http_channel(kind: str, section: Section, base_dir: Path) -> list[Channel]:
             except ValueError as exc:
                 header_section.problem(str(exc), node)
         header_section.finish(set(header_section.keys()))
-    section.finish({"url", "allow_http", "tls_ca_file", *(("headers",) if kind == "webhook" else ("token_file",))})
+    section.finish({"url", "allow_http", "tls_ca_file", "token_file", *(("headers",) if kind == "webhook" else ())})
     tls_ca_file = section.get("tls_ca_file", path_relative_to(base_dir), None)
     if url is None:
         return []
@@ -263,10 +263,12 @@ def _loopback(url: str) -> bool:
 
 
 def shown_url(url: str) -> str:
-    """The URL as logs show it: scheme, host, port and path, without user, password or query."""
+    """The URL as logs show it: scheme, host and port only. The path of a Slack-style webhook or an ntfy topic is
+    as good as a password, and the user, password and query may hold one."""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
-    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}/…"
 
 
 # --- what happened
@@ -623,6 +625,8 @@ def post(event: Event, channel: HTTPChannel, token: str | None, timeout: float) 
     if channel.kind == "webhook":
         body = event.json()
         headers["Content-Type"] = "application/json; charset=utf-8"
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         headers.update(dict(channel.headers))
     elif channel.kind == "ntfy":
         body = redact(event.text).encode("utf-8")

@@ -226,7 +226,7 @@ def test_a_broken_webhook_costs_the_poll_at_most_its_timeout(tmp_path: Path, hoo
         took = time.monotonic() - started
     assert not stats.ok and took < 2.5
     failed = [entry for entry in logs if entry["event"] == "notify.failed"]
-    assert failed and failed[0]["channel"] == f"webhook {hook.url}/hook"
+    assert failed and failed[0]["channel"] == f"webhook {hook.url}/…"  # no path: it may be the secret
     assert len(smtp_sink.messages) == 1  # the other channel still got it
 
 
@@ -310,13 +310,14 @@ def test_via_destination_without_an_smtp_destination_is_a_start_up_error(tmp_pat
         poll(path, source)
 
 
-def test_ntfy_and_gotify_get_the_token_in_a_header(tmp_path: Path, hook: Hook) -> None:
+def test_ntfy_gotify_and_a_webhook_get_the_token_in_a_header(tmp_path: Path, hook: Hook) -> None:
     token = tmp_path / "token"
     token.write_text("tk-0123456789abcdef\n")
     path, source, mailbox = setup(tmp_path, {
         "after_failures": 1,
         "ntfy": {"url": f"{hook.url}/alerts", "token_file": str(token)},
-        "gotify": {"url": f"{hook.url}/gotify", "token_file": str(token)}})
+        "gotify": {"url": f"{hook.url}/gotify", "token_file": str(token)},
+        "webhook": {"url": f"{hook.url}/hook", "token_file": "token"}})  # relative to the config's directory
     mailbox.open_error = LoginRefused("-ERR nope")
     poll(path, source)
     posts = {path: (headers, body) for path, headers, body in hook.posts}
@@ -329,6 +330,14 @@ def test_ntfy_and_gotify_get_the_token_in_a_header(tmp_path: Path, hook: Hook) -
     sent = json.loads(body)
     assert sent["priority"] == 8 and sent["extras"]["postbote"]["event"] == "account.failing"
     assert b"tk-0123456789abcdef" not in body
+    headers, body = posts["/hook"]
+    assert headers["Authorization"] == "Bearer tk-0123456789abcdef" and b"tk-0123456789abcdef" not in body
+
+
+def test_an_unreadable_token_file_is_a_start_up_error(tmp_path: Path) -> None:
+    path, source, _ = setup(tmp_path, {"ntfy": {"url": "https://ntfy.sh/topic", "token_file": "missing.token"}})
+    with pytest.raises(ConfigError, match="cannot read the token file .*missing.token"):
+        poll(path, source)
 
 
 # --- options
