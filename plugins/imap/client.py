@@ -68,6 +68,7 @@ MAX_HEADER_BLOCK = 256 * 1024
 _UID_ITEM = re.compile(rb"[( ]UID ([0-9]{1,10}) ", re.IGNORECASE)
 READ_SIZE = 1 << 18
 WRITE_SIZE = 64 * 1024  # a literal's small pieces are gathered into writes of this size
+LARGE_WRITE = 256 * 1024  # a literal's large pieces go out in writes of at most this size
 FLUSH_AFTER = 32  # pipelined commands collected before a write at most
 LITERAL_MINUS_MAX = 4096  # RFC 7888: LITERAL- allows non-synchronizing literals up to 4096 octets
 IDLE_READ_TIMEOUT = 0.0  # idle_read() takes what has arrived; a partial TLS record waits at most ``timeout``
@@ -882,7 +883,9 @@ class IMAPClient:
                                         "announced; the session is closed")
             if len(chunk) >= WRITE_SIZE:
                 self._flush(shown)
-                self._sendall(chunk, shown)
+                view = memoryview(chunk)
+                for start in range(0, len(chunk), LARGE_WRITE):  # each write bounded by the timeout on its own
+                    self._sendall(view[start:start + LARGE_WRITE], shown)
                 continue
             self._outgoing += chunk
             if len(self._outgoing) >= WRITE_SIZE:
@@ -1115,7 +1118,7 @@ class IMAPClient:
         data, self._outgoing, self._queued = bytes(self._outgoing), bytearray(), 0
         self._sendall(data, what)
 
-    def _sendall(self, data: bytes, what: str) -> None:
+    def _sendall(self, data: bytes | memoryview, what: str) -> None:
         doing, self._doing = self._doing, f"sending {what}"
         self._limit_wait(None)
         try:
