@@ -24,7 +24,8 @@ from postbote.pluginmanager import make_plugin_manager
 from postbote.testing import FakeMailbox, FakeSource, poll_once
 from postbote.testing.pop3server import Action, Faults, POP3Server
 
-from tests.harness import account, fake_account, fake_mailbox, make_message, write_config
+from tests.harness import DaemonRun, account, fake_account, fake_mailbox, make_message, write_config
+from tests.servers import free_port
 from tests.servers.smtp_sink import SMTPSink
 
 pytestmark = pytest.mark.usefixtures("time_limit")
@@ -338,6 +339,26 @@ def test_an_unreadable_token_file_is_a_start_up_error(tmp_path: Path) -> None:
     path, source, _ = setup(tmp_path, {"ntfy": {"url": "https://ntfy.sh/topic", "token_file": "missing.token"}})
     with pytest.raises(ConfigError, match="cannot read the token file .*missing.token"):
         poll(path, source)
+
+
+def test_the_daemon_notifies_the_outage_once_and_the_recovery_once(tmp_path: Path, hook: Hook) -> None:
+    """``postbote run``: the server is down for some polls, then comes up."""
+    port = free_port()
+    server = POP3Server([make_message("waiting out the outage")], port=port)
+    path = write_config(tmp_path / "postbote.yaml", [account("alice", server, tmp_path / "Maildir")],
+                        plugins={"notify": {"after_failures": 2, "webhook": {"url": f"{hook.url}/hook"}}})
+    daemon = DaemonRun(path)
+    try:
+        daemon.wait_for("notify.sent", notification="account.failing", timeout=30)
+        server.start()
+        daemon.wait_for("notify.sent", notification="account.recovered", timeout=30)
+        daemon.wait_for("poll.finished", ok=True, count=2, timeout=30)
+    finally:
+        assert daemon.stop() == 0
+        server.stop()
+    assert [(event["event"], event["count"]) for event in hook.events()] == [("account.failing", 2),
+                                                                             ("account.recovered", 2)]
+    assert len(daemon.events("poll.finished", ok=False)) == 2
 
 
 # --- options
