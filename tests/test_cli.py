@@ -288,3 +288,57 @@ def test_each_level_has_its_syslog_priority() -> None:
     render = JournalPriority(lambda _logger, _method, event: event["event"])
     assert [render(None, level, {"event": "x", "level": level}) for level in ("debug", "info", "warning", "error")] \
         == ["<7>x", "<6>x", "<4>x", "<3>x"]
+
+
+def one_account(tmp_path: Path, server: POP3Server) -> Path:
+    return write_config(tmp_path, f"state_dir: {tmp_path / 'state'}\nlog: {{format: json, level: info}}\n"
+                                  f"accounts:\n  - {{name: a, host: 127.0.0.1, port: {server.port}, tls: none, "
+                                  f"username: demo, password: demo, deliver: {{maildir: {tmp_path / 'Maildir'}}}}}\n")
+
+
+def delivered(tmp_path: Path) -> int:
+    new = tmp_path / "Maildir" / "new"
+    return len(list(new.iterdir())) if new.exists() else 0
+
+
+def test_the_config_option_may_follow_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with POP3Server([]) as server:
+        path = one_account(tmp_path, server)
+        with logging_restored():
+            assert main(["check", "-c", str(path)]) == 0
+            assert main(["-c", "/nonexistent.yaml", "check", "--config", str(path)]) == 0  # the later one wins
+            assert main(["-c", str(path), "check"]) == 0  # and one before the command is not undone
+    assert capsys.readouterr().out.count("config ") == 3
+
+
+def test_every_command_says_what_it_does_its_exit_statuses_and_an_example(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from postbote.cli import COMMAND_MODULES
+
+    for command in COMMAND_MODULES:
+        assert main([command, "--help"]) == 0
+        text = capsys.readouterr().out
+        assert "exit status:" in text and "example: postbote" in text, command
+
+
+def test_poll_keep_all_and_limit_apply_to_this_poll_only(tmp_path: Path) -> None:
+    mail = [f"Subject: {n}\r\nMessage-ID: <{n}@x>\r\n\r\nbody\r\n".encode() for n in range(3)]
+    with POP3Server(mail) as server:
+        path = one_account(tmp_path, server)
+        with logging_restored():
+            assert main(["poll", "-c", str(path), "--keep", "--limit", "1"]) == 0
+            assert delivered(tmp_path) == 1 and len(server.uids()) == 3  # one fetched, nothing deleted
+            assert main(["poll", "-c", str(path), "-k", "-a", "-l", "1"]) == 0  # --all: the delivered one again
+            assert delivered(tmp_path) == 2 and len(server.uids()) == 3
+            assert main(["poll", "-c", str(path)]) == 0  # the config again: delete what was delivered, fetch the rest
+    assert delivered(tmp_path) == 4 and server.uids() == []
+
+
+def test_quiet_logs_warnings_and_errors_only(tmp_path: Path) -> None:
+    with POP3Server([b"Subject: hi\r\n\r\nbody\r\n"]) as server:
+        path = one_account(tmp_path, server)
+        done = subprocess.run([sys.executable, "-m", "postbote", "poll", "-q", "-c", str(path)], capture_output=True,
+                              text=True, timeout=60, check=False)
+    assert done.returncode == 0 and delivered(tmp_path) == 1
+    levels = {json.loads(line)["level"] for line in done.stderr.splitlines()}
+    assert levels <= {"warning", "error"}  # tls: none's warning, and no poll.finished or message.delivered

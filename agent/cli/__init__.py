@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from postbote import __version__
 from postbote.cli.boundary import guarded
@@ -37,31 +38,76 @@ COMMAND_MODULES = {
 }
 
 
+CONFIG_HELP = ("config file (default: $POSTBOTE_CONFIG, ./postbote.yaml, ~/.config/postbote/postbote.yaml, "
+               "/etc/postbote/postbote.yaml)")
+
+
+def _common_options(parser: argparse.ArgumentParser, default: object) -> None:
+    """The options every command takes, before or after its name (``postbote -c f poll`` and ``postbote poll -c
+    f``); after it they default to SUPPRESS, so they never undo what was given before it."""
+    parser.add_argument("-c", "--config", metavar="FILE", default=default, help=CONFIG_HELP)
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=default,
+                        help="override log.level")
+    parser.add_argument("--log-format", choices=["auto", "console", "json"], default=default,
+                        help="override log.format")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default if default is not None else False,
+                        help="log warnings and errors only (as --log-level warning)")
+
+
+def _command(commands: Any, name: str, summary: str, *, exits: str, example: str,
+             description: str = "") -> argparse.ArgumentParser:
+    """A command's parser: its summary, what it does, its exit statuses and an example in ``--help``."""
+    common = argparse.ArgumentParser(add_help=False)
+    _common_options(common, argparse.SUPPRESS)
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=summary, description=description or summary[:1].upper() + summary[1:] + ".", parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"exit status: {exits}\nexample: {example}")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="postbote", description="Fetch mail from POP3 mailboxes and redeliver it.")
-    parser.add_argument("-c", "--config", metavar="FILE",
-                        help="config file (default: $POSTBOTE_CONFIG, ./postbote.yaml, "
-                             "~/.config/postbote/postbote.yaml, /etc/postbote/postbote.yaml)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log.level")
-    parser.add_argument("--log-format", choices=["auto", "console", "json"], help="override log.format")
+    parser = argparse.ArgumentParser(prog="postbote", description="Fetch mail from POP3 mailboxes and IMAP folders "
+                                                                  "and redeliver it, without ever losing a message.")
+    _common_options(parser, None)
     parser.add_argument("--version", action="version", version=f"postbote {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    poll = commands.add_parser("poll", help="poll the accounts once and exit")
+    poll = _command(commands, "poll", "poll the accounts once and exit",
+                    exits="0 when every listed message was delivered, dropped by a filter or left on purpose; 1 when "
+                          "a message was deferred or rejected or an account failed; 2 for a config error",
+                    example="postbote -c ~/.config/postbote/postbote.yaml poll work --keep --limit 10",
+                    description="Poll the accounts once (all, or those named) and exit. With a daemon running on the "
+                                "same state directory, ask it to poll now instead.")
     poll.add_argument("accounts", nargs="*", metavar="ACCOUNT", help="only these accounts (default: all)")
-    commands.add_parser("run", help="run as a daemon, polling each account at its poll_interval")
-    status = commands.add_parser("status", help="show each account's last poll, next poll and last error")
+    poll.add_argument("-k", "--keep", action="store_true", help="this time, leave every message on the server")
+    poll.add_argument("-a", "--all", dest="fetch_all", action="store_true",
+                      help="this time, fetch messages delivered before too (as fetch_all: true)")
+    poll.add_argument("-l", "--limit", type=int, metavar="N", help="this time, fetch at most N messages per account")
+    poll.add_argument("--max-size", metavar="SIZE", help="this time, leave messages larger than SIZE (e.g. 10MB)")
+    _command(commands, "run", "run as a daemon, polling each account at its poll_interval",
+             exits="0 after SIGTERM or SIGINT; 1 when the state directory is held by another postbote; 2 for a "
+                   "config error", example="postbote -c /etc/postbote/postbote.yaml run")
+    status = _command(commands, "status", "show each account's last poll, next poll and last error",
+                      exits="0 when all is well; 1 when an account's last poll failed or mail waits on a server",
+                      example="postbote status --json | jq '.accounts[] | select(.ok == false)'")
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
-    commands.add_parser("check", help="validate the config and show the accounts it would poll")
-    commands.add_parser("plugins", help="list the plugins found, where they come from, where they are enabled")
-    retry = commands.add_parser("retry", help="let rejected messages be tried again on the next poll")
+    _command(commands, "check", "validate the config and show the accounts it would poll",
+             exits="0 when the config and the files it names are fine; 2 otherwise (FILE:LINE: key: what is wrong)",
+             example="postbote -c postbote.yaml check")
+    _command(commands, "plugins", "list the plugins found, where they come from, where they are enabled",
+             exits="0; 2 for a config error", example="postbote plugins")
+    retry = _command(commands, "retry", "let rejected messages be tried again on the next poll",
+                     exits="0; 2 for an unknown account", example="postbote retry work 'INBOX;UIDVALIDITY=1;UID=42'")
     retry.add_argument("account", metavar="ACCOUNT")
     retry.add_argument("uids", nargs="*", metavar="UID", help="only these messages (default: all rejected)")
-    auth = commands.add_parser("auth", help="authorize an OAuth2 account once and store its refresh token")
+    auth = _command(commands, "auth", "authorize an OAuth2 account once and store its refresh token",
+                    exits="0 when the refresh token is stored; 1 when the provider refused; 2 for an account "
+                          "without oauth2", example="postbote auth gmail --flow loopback")
     auth.add_argument("account", metavar="ACCOUNT")
     auth.add_argument("--flow", choices=["auto", "device", "loopback"], default="auto",
                       help="device code flow, loopback redirect flow, or whichever the provider supports")
     auth.add_argument("--no-browser", action="store_true", help="print the address instead of opening a browser")
-    demo = commands.add_parser("demo", help="fetch sample mail from a built-in POP3 server into a Maildir")
+    demo = _command(commands, "demo", "fetch sample mail from a built-in POP3 server into a Maildir",
+                    exits="0 when the sample mail was delivered", example="postbote demo --maildir /tmp/demo")
     demo.add_argument("--maildir", metavar="DIR", help="where to deliver (default: a new temporary directory)")
     demo.add_argument("--messages", type=int, default=None, metavar="N", help="how many extra generated messages")
     imported = commands.add_parser(

@@ -28,7 +28,35 @@ PROGRESS_PLUGIN_NAME = "postbote.progress"
 
 def run(args: argparse.Namespace) -> int:
     pm, config = set_up(args)
-    return poll_command(pm, config, args.accounts)
+    return poll_command(pm, this_time(config, args), args.accounts)
+
+
+def this_time(config: Config, args: argparse.Namespace) -> Config:
+    """The config with what the command line says for this poll only (fetchmail's -k, -a, -l): keep, fetch_all,
+    max_messages, max_size."""
+    import dataclasses
+
+    from postbote.errors import ConfigError
+    from postbote.yaml_reader import size
+
+    changes: dict[str, object] = {}
+    if getattr(args, "keep", False):
+        changes["keep"] = True
+    if getattr(args, "fetch_all", False):
+        changes["fetch_all"] = True
+    if getattr(args, "limit", None) is not None:
+        if args.limit < 1:
+            raise ConfigError("--limit: expected a number of messages, at least 1")
+        changes["max_messages"] = args.limit
+    if getattr(args, "max_size", None) is not None:
+        try:
+            changes["max_size"] = size(args.max_size)
+        except ValueError as exc:
+            raise ConfigError(f"--max-size: {exc}") from None
+    if not changes:
+        return config
+    return dataclasses.replace(config, accounts=tuple(dataclasses.replace(account, **changes)  # type: ignore[arg-type]
+                                                      for account in config.accounts))
 
 
 def poll_command(pm: PluginManager, config: Config, names: Sequence[str]) -> int:

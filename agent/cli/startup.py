@@ -23,7 +23,8 @@ def load_setup(args: argparse.Namespace) -> tuple[PluginManager, Config]:
 def apply_logging(args: argparse.Namespace, config: Config) -> None:
     from postbote.logconfig import configure_logging
 
-    configure_logging(args.log_level or config.log.level, args.log_format or config.log.format, file=config.log.file)
+    level = args.log_level or ("warning" if getattr(args, "quiet", False) else config.log.level)
+    configure_logging(level, args.log_format or config.log.format, file=config.log.file)
 
 
 def set_up(args: argparse.Namespace) -> tuple[PluginManager, Config]:
