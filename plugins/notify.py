@@ -37,6 +37,7 @@ from postbote import (
     Config,
     ConfigError,
     KeyedTable,
+    LoginRefused,
     Message,
     Node,
     PollStats,
@@ -143,7 +144,7 @@ def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir:
         timeout=section.get("timeout", duration, DEFAULT_TIMEOUT),
     )
     section.finish({*CHANNELS, "after_failures", "stale_after", "events", "details", "timeout"})
-    if not any(kind in section for kind in CHANNELS):
+    if not any((node := section.raw(kind)) is not None and node.value is not None for kind in CHANNELS):
         section.problem("give at least one channel: email: {to: [...], smtp: {host: ...}}, webhook: {url: ...}, "
                         "ntfy: {url: ...} or gotify: {url: ..., token_file: ...}")
     return settings
@@ -215,7 +216,6 @@ def _http_channel(kind: str, section: Section, base_dir: Path) -> list[Channel]:
                 headers.append((header_name(header), header_value(node.value)))
             except ValueError as exc:
                 header_section.problem(str(exc), node)
-        header_section.finish(set(header_section.keys()))
     section.finish({"url", "allow_http", "tls_ca_file", "token_file", *(("headers",) if kind == "webhook" else ())})
     tls_ca_file = section.get("tls_ca_file", path_relative_to(base_dir), None)
     if url is None:
@@ -456,7 +456,7 @@ class Notifier:
         count = int(streak.get("count", 0)) + 1
         since = streak.get("since") or now
         reason = clean(stats.error or (str(error) if error else "the poll failed"), 500) or ""
-        kind = "login refused" if error is not None and type(error).__name__ == "LoginRefused" else "failed"
+        kind = "login refused" if isinstance(error, LoginRefused) else "failed"
         record: Any = {"count": count, "since": since, "reason": reason}
         changes = [(None, lambda: self.table.put(name, "failures", record))]
         if failing is None and count >= settings.after_failures and FAILING in settings.events:
@@ -534,31 +534,47 @@ class Notifier:
     # --- sending
 
     def send(self, account: str, events: list[Event], timeout: float) -> set[int]:
-        """Send every event to every channel of ``account`` at once; wait at most ``timeout``. The ids of the events
-        that reached at least one channel."""
+        """Send every event to every channel of ``account`` at once and wait at most ``timeout``; the ids of the
+        events that reached at least one channel. A channel still busy then is logged as failed and left to its
+        socket timeouts, its outcome no longer logged."""
+        channels = self.channels.get(account, [])
         results: dict[tuple[int, int], bool] = {}
+        abandoned: set[tuple[int, int]] = set()
         lock = threading.Lock()
         threads: list[tuple[threading.Thread, Event, Channel]] = []
         for event in events:
-            for channel in self.channels.get(account, []):
+            for channel in channels:
                 def run(event: Event = event, channel: Channel = channel) -> None:
-                    ok = self._send_one(event, channel)
+                    error = self._send_one(event, channel)
                     with lock:
-                        results[(id(event), id(channel))] = ok
+                        key = (id(event), id(channel))
+                        results[key] = error is None
+                        if key in abandoned:
+                            return
+                    if error is None:
+                        log.info("notify.sent", account=account, notification=event.event, channel=channel.label)
+                    else:
+                        log.warning("notify.failed", account=account, notification=event.event,
+                                    channel=channel.label, error=error)
                 thread = threading.Thread(target=run, name=f"notify-{channel.kind}", daemon=True)
                 thread.start()
                 threads.append((thread, event, channel))
         deadline = time.monotonic() + timeout
         for thread, event, channel in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
+            with lock:
+                late = (id(event), id(channel)) not in results
+                if late:
+                    abandoned.add((id(event), id(channel)))
+            if late:
                 log.warning("notify.failed", account=account, notification=event.event, channel=channel.label,
                             error=f"no answer within {human_duration(timeout)}")
         with lock:
-            return {id(event) for event in events if any(results.get((id(event), id(channel)))
-                                                         for channel in self.channels.get(account, []))}
+            return {id(event) for event in events
+                    if any(results.get((id(event), id(channel))) for channel in channels)}
 
-    def _send_one(self, event: Event, channel: Channel) -> bool:
+    def _send_one(self, event: Event, channel: Channel) -> str | None:
+        """Send ``event`` through ``channel``; None when it went, else why not (redacted)."""
         try:
             if isinstance(channel, EmailChannel):
                 send_email(event, channel)
@@ -566,12 +582,8 @@ class Notifier:
                 post(event, channel, self.tokens.get(channel.token_file) if channel.token_file else None,
                      self.settings[event.account].timeout)
         except Exception as exc:  # noqa: BLE001 - a channel's failure is logged and never reaches the mail
-            log.warning("notify.failed", account=event.account, notification=event.event, channel=channel.label,
-                        error=redact(f"{type(exc).__name__}: {exc}" if not isinstance(exc, PostboteError)
-                                     else str(exc)))
-            return False
-        log.info("notify.sent", account=event.account, notification=event.event, channel=channel.label)
-        return True
+            return redact(str(exc) if isinstance(exc, PostboteError) else f"{type(exc).__name__}: {exc}")
+        return None
 
 
 def read_token(path: Path) -> str:

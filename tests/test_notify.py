@@ -227,7 +227,7 @@ def test_a_broken_webhook_costs_the_poll_at_most_its_timeout(tmp_path: Path, hoo
         took = time.monotonic() - started
     assert not stats.ok and took < 2.5
     failed = [entry for entry in logs if entry["event"] == "notify.failed"]
-    assert failed and failed[0]["channel"] == f"webhook {hook.url}/…"  # no path: it may be the secret
+    assert len(failed) == 1 and failed[0]["channel"] == f"webhook {hook.url}/…"  # no path: it may be the secret
     assert len(smtp_sink.messages) == 1  # the other channel still got it
 
 
