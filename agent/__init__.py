@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from postbote.smtp import Delivery, Reply, SMTPClient
     from postbote.state import KeyedTable, LegacyTable, PollRecord, WaitingMessage, read_account_state
     from postbote.status import WaitingSummary, stale_after
-    from postbote.tls import TLSError, TLSPolicy
+    from postbote.tls import TLSError, TLSPolicy, certificate_facts
     from postbote.watch import Watch
     from postbote.wire import CRLFEncoder, LFEncoder, SMTPDataEncoder, crlf_lines, lf_lines, smtp_data
     from postbote.yaml_reader import (
@@ -77,7 +77,7 @@ _FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
     # errors
     "postbote.errors": ("AccountError", "ConfigError", "CredentialError", "DeliveryError", "LoginRefused",
                         "PluginError", "PostboteError", "StateError", "StateLockedError"),
-    "postbote.tls": ("TLSError", "TLSPolicy"),
+    "postbote.tls": ("TLSError", "TLSPolicy", "certificate_facts"),
     # delivering: line endings for the wire and for files, an SMTP/LMTP client
     "postbote.wire": ("CRLFEncoder", "LFEncoder", "SMTPDataEncoder", "crlf_lines", "lf_lines", "smtp_data"),
     "postbote.smtp": ("Delivery", "Reply", "SMTPClient"),
@@ -118,7 +118,8 @@ __all__ = [  # spelled out, so that type checkers see the re-exports; tests/test
     "AccountError", "ConfigError", "CredentialError", "DeliveryError", "LoginRefused", "PluginError", "PostboteError",
     "StateError", "StateLockedError", "TLSError",
     # delivering
-    "CRLFEncoder", "Delivery", "LFEncoder", "Reply", "SMTPClient", "SMTPDataEncoder", "TLSPolicy", "child_environment",
+    "CRLFEncoder", "Delivery", "LFEncoder", "Reply", "SMTPClient", "SMTPDataEncoder", "TLSPolicy", "certificate_facts",
+    "child_environment",
     "crlf_lines", "lf_lines", "smtp_data",
     # secrets
     "Secret", "redact", "register_secret", "register_secret_variable",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from postbote.errors import AccountError
 
@@ -105,6 +105,32 @@ class TLSPolicy:
             wrapped.close()
             raise TLSError(f"TLS certificate of {where} does not match tls_fingerprint "
                            f"(server presented SHA-256 {_colons(actual)})")
+
+
+def certificate_facts(wrapped: ssl.SSLSocket) -> dict[str, str]:
+    """What ``postbote check --connect`` shows of the server's certificate: subject, issuer and expiry (when it was
+    verified against a CA; a pinned certificate is not parsed), the TLS version, and its SHA-256 fingerprint in the
+    form ``tls_fingerprint:`` takes."""
+    import hashlib
+
+    facts: dict[str, str] = {"version": wrapped.version() or "?"}
+    parsed: dict[str, Any] = dict(wrapped.getpeercert() or {})
+
+    def names(field: str) -> str:
+        pairs = [pair for rdn in parsed.get(field, ()) for pair in rdn]
+        return ", ".join(f"{pair[0]}={pair[1]}" for pair in pairs)
+
+    if parsed:
+        facts["subject"] = names("subject")
+        facts["issuer"] = names("issuer")
+        facts["expires"] = str(parsed.get("notAfter", "?"))
+        alternatives = [entry[1] for entry in parsed.get("subjectAltName", ())]
+        if alternatives:
+            facts["names"] = ", ".join(str(value) for value in alternatives)
+    der = wrapped.getpeercert(binary_form=True)
+    if der:
+        facts["sha256"] = _colons(hashlib.sha256(der).hexdigest())
+    return facts
 
 
 _CONTEXTS: dict[TLSPolicy, ssl.SSLContext] = {}

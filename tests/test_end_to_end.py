@@ -432,6 +432,32 @@ def test_check_lists_accounts_without_revealing_secrets(
     assert "s3cr3t-Pa55word" not in output_of(result)
 
 
+@pytest.mark.dovecot
+def test_check_connect_logs_in_and_shows_what_a_poll_would_find_without_touching_anything(
+    dovecot: DovecotServer, smtp_sink: SMTPSink, postbote: Postbote, pki: TestPKI
+) -> None:
+    """``check --connect``: the login used, the capabilities, the certificate with its SHA-256 ready to pin, and
+    the messages a poll would fetch; nothing is fetched, deleted or recorded."""
+    for subject in ("one", "two"):
+        dovecot.deliver("alice", make_message(subject))
+    postbote.configure([account(dovecot, smtp_sink, tls="implicit", port=dovecot.pop3s_port,
+                                tls_ca_file=str(pki.ca_file)),
+                        account(dovecot, smtp_sink, user="bob", password="wrong-password")])
+
+    result = postbote.run_process("check", "--connect")
+
+    output = output_of(result)
+    assert result.returncode == 1, output  # bob's password is wrong
+    assert "alice: connecting to alice@127.0.0.1:" in output and "logged in (" in output
+    assert "capabilities: " in output and "UIDL" in output
+    assert "certificate: subject " in output and "tls_fingerprint: " in output
+    assert "2 message(s)" in output and "2 not delivered yet (a poll would fetch them)" in output
+    assert "bob: connecting" in output and "FAILED: " in output
+    assert dovecot.password("alice") not in output and "wrong-password" not in output
+    assert dovecot.count("alice") == 2 and smtp_sink.messages == []
+    assert postbote.run_process("check", "--connect", "alice").returncode == 0
+
+
 def test_config_with_an_inline_password_readable_by_others_is_refused(
     smtp_sink: SMTPSink, postbote: Postbote
 ) -> None:

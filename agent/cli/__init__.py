@@ -90,9 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
                       exits="0 when all is well; 1 when an account's last poll failed or mail waits on a server",
                       example="postbote status --json | jq '.accounts[] | select(.ok == false)'")
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
-    _command(commands, "check", "validate the config and show the accounts it would poll",
-             exits="0 when the config and the files it names are fine; 2 otherwise (FILE:LINE: key: what is wrong)",
-             example="postbote -c postbote.yaml check")
+    check = _command(commands, "check", "validate the config and show the accounts it would poll",
+                     exits="0 when the config and the files it names are fine (and, with --connect, every account "
+                           "logged in); 1 when an account could not be reached or logged in to; 2 for a config error "
+                           "(FILE:LINE: key: what is wrong)",
+                     example="postbote -c postbote.yaml check --connect work")
+    check.add_argument("--connect", nargs="*", metavar="ACCOUNT",
+                       help="also log in to these accounts (all when none is named) and show the capabilities, the "
+                            "login, the certificate and what a poll would fetch; nothing is fetched or deleted")
     _command(commands, "plugins", "list the plugins found, where they come from, where they are enabled",
              exits="0; 2 for a config error", example="postbote plugins")
     retry = _command(commands, "retry", "let rejected messages be tried again on the next poll",

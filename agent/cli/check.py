@@ -1,4 +1,5 @@
-"""``postbote check``: validate the config (and the files it names) and show the accounts it would poll."""
+"""``postbote check``: validate the config (and the files it names) and show the accounts it would poll; with
+``--connect``, also log in to each account and show what a poll would find, without fetching or deleting anything."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from postbote.cli.startup import set_up
 from postbote.jobs import ExitStatus
 
 if TYPE_CHECKING:
-    from postbote.config import Config
+    from postbote.config import Account, Config
+    from postbote.pluginmanager import PluginManager
 
 
 def run(args: argparse.Namespace) -> int:
-    _pm, config = set_up(args)
-    return check(config)
+    pm, config = set_up(args)
+    status = check(config)
+    if getattr(args, "connect", None) is not None:
+        status = max(status, connect(pm, config, args.connect))
+    return status
 
 
 def check(config: Config, out: TextIO | None = None) -> int:
@@ -34,3 +39,71 @@ def check(config: Config, out: TextIO | None = None) -> int:
         for destination in account.destinations:
             print(f"    -> {destination.label}", file=out)
     return ExitStatus.OK
+
+
+def connect(pm: PluginManager, config: Config, names: list[str], out: TextIO | None = None) -> int:
+    """Log in to each account (all, or ``names``), list its mailbox and say what a poll would fetch; the session
+    ends without deleting anything (and nothing is recorded). 1 when an account cannot be reached or logged in."""
+    out = out or sys.stdout
+    failed = False
+    for account in config.select(tuple(names)):
+        print(f"{account.name}: connecting to {account.source.server}", file=out)
+        try:
+            lines = _connected(pm, config, account)
+        except Exception as exc:  # noqa: BLE001 - every failure is this account's answer, shown as one line
+            from postbote.credentials import redact
+
+            failed = True
+            print(f"    FAILED: {redact(str(exc))}", file=out)
+            continue
+        for line in lines:
+            print(f"    {line}", file=out)
+    return ExitStatus.FAILED if failed else ExitStatus.OK
+
+
+def _connected(pm: PluginManager, config: Config, account: Account) -> list[str]:
+    import time
+
+    from postbote.errors import AccountError, PostboteError
+    from postbote.poll import Poll
+    from postbote.state import StateStore
+
+    poll = Poll(account, state_dir=config.state_dir, deadline=time.monotonic() + 4 * account.timeout)
+    try:
+        mailbox = pm.hooks_for(account).call("open_mailbox", passing=(PostboteError,), account=account, poll=poll)
+        if mailbox is None:
+            raise AccountError(f"no plugin reads mail over {account.protocol!r}")
+        try:
+            entries = mailbox.listing()
+            facts = mailbox.facts() if hasattr(mailbox, "facts") else {}
+        finally:
+            mailbox.abort()  # no QUIT or EXPUNGE: nothing can be deleted
+    finally:
+        poll.close()
+    handled: set[str] = set()
+    if StateStore.exists(config.state_dir):
+        store = StateStore(config.state_dir, readonly=True)
+        try:
+            handled = {uid for uid, record in store.records(account.name).items() if record.handled}
+        finally:
+            store.close()
+    new = [entry for entry in entries if entry.uid not in handled]
+    lines = [f"logged in ({facts['login']})" if facts.get("login") else "logged in"]
+    if facts.get("capabilities"):
+        lines.append(f"capabilities: {facts['capabilities']}")
+    tls = facts.get("tls") or {}
+    if tls:
+        lines.append(f"TLS {tls.get('version', '?')}; certificate: " + "; ".join(
+            f"{key} {tls[key]}" for key in ("subject", "names", "issuer", "expires") if key in tls))
+        if "sha256" in tls:
+            lines.append(f"tls_fingerprint: {tls['sha256']}")
+    size = sum(entry.size for entry in entries)
+    lines.append(f"{len(entries)} message(s), {size} octets on the server; "
+                 f"{len(new)} not delivered yet{_fetch_note(account, new)}")
+    return lines
+
+
+def _fetch_note(account: Account, new: list) -> str:  # type: ignore[type-arg]
+    if account.max_messages is not None and len(new) > account.max_messages:
+        return f" (a poll fetches {account.max_messages}: max_messages)"
+    return " (a poll would fetch them)" if new else ""

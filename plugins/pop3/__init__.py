@@ -44,11 +44,11 @@ def open_mailbox(account: Account, poll: Poll) -> POP3Mailbox | None:
         client.capa()
         if source.tls is TLSMode.STARTTLS:
             client.starttls(tls)
-        login(client, AuthSettings.from_account(account, poll.state_dir), log)
+        mechanism = login(client, AuthSettings.from_account(account, poll.state_dir), log)
     except BaseException:
         client.close()
         raise
-    return POP3Mailbox(client, max_size=account.max_size)
+    return POP3Mailbox(client, max_size=account.max_size, mechanism=mechanism)
 
 
 @hookimpl

@@ -240,6 +240,12 @@ class POP3Client:
         """Whether the session runs over TLS now (implicit, or after STLS)."""
         return isinstance(self._sock, ssl.SSLSocket)
 
+    def tls_facts(self) -> dict[str, str]:
+        """The server certificate as ``check --connect`` shows it ({} without TLS)."""
+        from postbote import certificate_facts
+
+        return certificate_facts(self._sock) if isinstance(self._sock, ssl.SSLSocket) else {}
+
     def sasl_mechanisms(self) -> list[str]:
         return [m.upper() for m in self.capabilities.get("SASL", [])]
 

@@ -18,9 +18,10 @@ PIPELINE_WINDOW = 64  # RETRs in flight: enough to hide a 20 ms round trip behin
 
 
 class POP3Mailbox:
-    def __init__(self, client: POP3Client, *, max_size: int | None) -> None:
+    def __init__(self, client: POP3Client, *, max_size: int | None, mechanism: str = "") -> None:
         self.client = client
         self.max_size = max_size
+        self.mechanism = mechanism  # the auth choice the login used
         self._numbers: dict[int, MailboxEntry] = {}  # DELE sent, by message number
 
     @property
@@ -30,6 +31,11 @@ class POP3Mailbox:
     @deadline.setter
     def deadline(self, value: float | None) -> None:
         self.client.deadline = value
+
+    def facts(self) -> dict[str, object]:
+        """What ``check --connect`` shows of the session: the login used, the server's capabilities, TLS."""
+        return {"login": self.mechanism, "capabilities": " ".join(sorted(self.client.capabilities)),
+                "tls": self.client.tls_facts()}
 
     def listing(self) -> Sequence[MailboxEntry]:
         return [MailboxEntry(entry.uid, entry.size, entry.number) for entry in self.client.listing()]
