@@ -260,6 +260,33 @@ def test_a_rejection_no_channel_took_is_told_after_the_next_poll(tmp_path: Path,
     assert mailbox.fetched == ["uid-1"]
 
 
+def test_only_the_chosen_events_are_sent_and_an_account_can_turn_the_plugin_off(tmp_path: Path, hook: Hook) -> None:
+    source = FakeSource()
+    for name in ("alice", "bob", "carol"):
+        source.mailbox(name).open_error = LoginRefused("-ERR nope")
+    path = write_config(tmp_path / "postbote.yaml", [
+        fake_account("alice", tmp_path / "a"),
+        fake_account("bob", tmp_path / "b", plugins={"notify": False}),
+        fake_account("carol", tmp_path / "c", plugins={"notify": {"events": ["message.rejected"]}})],
+        plugins={"notify": {"after_failures": 1, "webhook": {"url": f"{hook.url}/hook"}}})
+    for name in ("alice", "bob", "carol"):
+        poll_once(path, account=name, plugins=[source], start_plugins=True)
+    assert [(event["event"], event["account"]) for event in hook.events()] == [("account.failing", "alice")]
+
+
+def test_the_accounts_own_stale_after_applies_by_default(tmp_path: Path, hook: Hook) -> None:
+    mda = tmp_path / "mda"
+    mda.write_text("#!/bin/sh\ncat >/dev/null\nexit 75\n")
+    mda.chmod(0o755)
+    path, source, mailbox = setup(tmp_path, {"webhook": {"url": f"{hook.url}/hook"}}, deliver={"mda": [str(mda)]},
+                                  stale_after="0.3s")
+    mailbox.add(letter("held up"))
+    poll(path, source)
+    time.sleep(0.4)
+    poll(path, source)
+    assert [(event["event"], event["stale_after"]) for event in hook.events()] == [("mail.stale", 0.3)]
+
+
 def test_mail_is_delivered_whatever_the_channels_do(tmp_path: Path, hook: Hook) -> None:
     hook.mode = "fail"
     mda = tmp_path / "mda"
@@ -372,9 +399,10 @@ def problems(tmp_path: Path, options: Any) -> list[str]:
     return [line.replace(str(path), "FILE") for line in str(caught.value).splitlines()]
 
 
-def test_options_need_a_channel(tmp_path: Path) -> None:
+@pytest.mark.parametrize("options", [{"after_failures": 2}, {"webhook": None, "email": None}, True])
+def test_options_need_a_channel(tmp_path: Path, options: Any) -> None:
     assert any(line.startswith("FILE:") and "give at least one channel" in line
-               for line in problems(tmp_path, {"after_failures": 2}))
+               for line in problems(tmp_path, options))
 
 
 @pytest.mark.parametrize(("options", "expected"), [
