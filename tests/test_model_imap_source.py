@@ -123,6 +123,14 @@ PATHS = {
     "delete without UIDPLUS moves to Trash; a NO to the MOVE leaves it for the next poll": IMAPCase(
         (AfterFetch.DELETE,), TWO, (Kind.MBOX,), Capabilities.NO_UIDPLUS,
         polls=(IMAPPollPlan(imap_faults=(IMAPInjected(IMAPFault.NO, "UID MOVE"),)),)),
+    "Lists/* read through LIST, dropped once; another client expunges a message before its UID STORE": IMAPCase(
+        (AfterFetch.KEEP, AfterFetch.DELETE, AfterFetch.DELETE),
+        (IMAPMessage(("text",), 1), IMAPMessage(("text",), 2), IMAPMessage(("text",), 2)), (Kind.MAILDIR,),
+        lists_pattern=True, polls=(IMAPPollPlan(imap_faults=(IMAPInjected(IMAPFault.DROP, "LIST"),)),
+                                   IMAPPollPlan(expunged_before_action=True))),
+    "an [ALERT] and another client's flag change before the answers: harmless": IMAPCase(
+        (AfterFetch.SEEN,), TWO, (Kind.MBOX,), polls=(IMAPPollPlan(imap_faults=(
+            IMAPInjected(IMAPFault.UNSOLICITED, "body", 2), IMAPInjected(IMAPFault.UNSOLICITED, "UID STORE"))),)),
     "a destination deferring in a seen folder: \\Seen only once delivered": IMAPCase(
         (AfterFetch.SEEN,), TWO, (Kind.MAILDIR, Kind.MDA),
         polls=(IMAPPollPlan(destination_outcomes=((), (Outcome.TEMPORARY,))),)),

@@ -90,6 +90,7 @@ class IMAPFault(enum.Enum):
     BYE = "an untagged BYE, then the connection closed"
     GARBAGE = "a line that is not IMAP instead of the answer"
     STRAY_LITERAL = "message data for another UID instead of the answer"
+    UNSOLICITED = "an [ALERT] and another client's flag change announced before the answer (harmless)"
     LITERAL_SHORT = "the message's literal announced 7 octets shorter than sent"
     LITERAL_LONG = "the message's literal announced 7 octets longer than sent"
 
@@ -108,18 +109,20 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "UID MOVE": ("UID MOVE", None),
     "UID COPY": ("UID COPY", None),
     "LOGOUT": ("LOGOUT", None),
+    "LIST": ("LIST", None),  # only with a pattern among the folders
 }
 _CHANGING = ("UID STORE", "UID EXPUNGE", "UID MOVE", "UID COPY")
 _ALL = tuple(COMMANDS)
-_ANSWERED = ("SELECT", "listing", "header", "body", *_CHANGING)
+_ANSWERED = ("SELECT", "LIST", "listing", "header", "body", *_CHANGING)
 FAULT_COMMANDS: dict[IMAPFault, tuple[str, ...]] = {
     IMAPFault.DROP: _ALL,
     IMAPFault.DROP_MIDWAY: _ANSWERED,
     IMAPFault.NO: _ANSWERED,
     IMAPFault.BAD: _ANSWERED,
     IMAPFault.BYE: _ALL,
-    IMAPFault.GARBAGE: ("SELECT", "listing", "body", *_CHANGING),
+    IMAPFault.GARBAGE: ("SELECT", "LIST", "listing", "body", *_CHANGING),
     IMAPFault.STRAY_LITERAL: ("body",),
+    IMAPFault.UNSOLICITED: ("listing", "body", "header", *_CHANGING),
     IMAPFault.LITERAL_SHORT: ("body",),
     IMAPFault.LITERAL_LONG: ("body",),
 }
@@ -144,8 +147,10 @@ class IMAPInjected:
         message for the next poll and is logged, by design; an answer cut after its last octet cannot be told."""
         if self.command == "LOGOUT":
             return False
+        if self.fault is IMAPFault.UNSOLICITED:
+            return False
         if self.fault in (IMAPFault.NO, IMAPFault.BAD):
-            return self.command in ("SELECT", "listing")
+            return self.command in ("SELECT", "listing", "LIST")
         if self.fault is IMAPFault.DROP_MIDWAY:
             return self.command == "body" or self.after_bytes == 0
         return True
@@ -167,10 +172,12 @@ class IMAPPollPlan(PollPlan):
     imap_arrivals: tuple[IMAPMessage, ...] = ()
     renumbered: tuple[int, ...] = ()  # folders whose UIDVALIDITY changes before the poll
     expunged_at_fetch: int | None = None  # at the poll's k-th message fetch, another client expunges that message
+    expunged_before_action: bool = False  # another client expunges the first message of the first after-fetch command
 
     @property
     def clean(self) -> bool:
-        return super().clean and not (self.imap_faults or self.renumbered or self.expunged_at_fetch)
+        return super().clean and not (self.imap_faults or self.renumbered or self.expunged_at_fetch
+                                      or self.expunged_before_action)
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,11 @@ class IMAPCase:
     capabilities: Capabilities = Capabilities.ALL
     raw_line_endings: bool = False
     polls: tuple[IMAPPollPlan, ...] = field(default=())
+    lists_pattern: bool = False  # Lists/a and Lists/b configured as "Lists/*" (LIST) when they share their action
+
+    @property
+    def uses_pattern(self) -> bool:
+        return self.lists_pattern and len(self.folders) == 3 and self.folders[1] is self.folders[2]
 
     def action(self, folder: int) -> AfterFetch:
         return self.folders[folder]
@@ -195,7 +207,8 @@ class IMAPCase:
         return None
 
     def describe(self) -> str:
-        lines = [f"folders {[f'{FOLDER_NAMES[i]}: {a.value}' for i, a in enumerate(self.folders)]}, server: "
+        lines = [f"folders {[f'{FOLDER_NAMES[i]}: {a.value}' for i, a in enumerate(self.folders)]}"
+                 f"{' (Lists/* configured)' if self.uses_pattern else ''}, server: "
                  f"{self.capabilities.name}, destinations {[k.value for k in self.destinations]}, "
                  f"raw_line_endings={self.raw_line_endings}",
                  *(f"message {i + 1}: in {FOLDER_NAMES[m.folder]} {list(m.pieces)}{_others(m)}"
@@ -206,6 +219,8 @@ class IMAPCase:
             parts += [str(f) for f in poll.imap_faults]
             if poll.expunged_at_fetch:
                 parts.append(f"another client expunges the message of fetch #{poll.expunged_at_fetch}")
+            if poll.expunged_before_action:
+                parts.append("another client expunges a delivered message just before its after-fetch command")
             parts += [f"dest {i}: {[o.value for o in outcomes]}" for i, outcomes in
                       enumerate(poll.destination_outcomes) if any(o is not Outcome.OK for o in outcomes)]
             if poll.state_locked_at is not None:
@@ -228,9 +243,11 @@ MOST_PER_POLL = {"SELECT": 3, "listing": 3, "header": 2, "body": 4, "UID STORE":
                  "UID COPY": 2}
 
 
-def commands_sent(folders: tuple[AfterFetch, ...], capabilities: Capabilities) -> set[str]:
+def commands_sent(folders: tuple[AfterFetch, ...], capabilities: Capabilities, pattern: bool) -> set[str]:
     """The commands a poll of such a case can send (a fault at another one would never fire)."""
     sent = {"GREETING", "AUTHENTICATE", "SELECT", "listing", "header", "body", "LOGOUT"}
+    if pattern:
+        sent.add("LIST")
     uidplus, move = capabilities is not Capabilities.NO_UIDPLUS, capabilities is not Capabilities.NO_MOVE
     if AfterFetch.SEEN in folders:
         sent.add("UID STORE")
@@ -256,7 +273,7 @@ def imap_messages(folder_count: int) -> st.SearchStrategy[IMAPMessage]:
 
 @st.composite
 def imap_poll_plans(draw: st.DrawFn, destinations: tuple[Kind, ...], folders: tuple[AfterFetch, ...],
-                    capabilities: Capabilities) -> IMAPPollPlan:
+                    capabilities: Capabilities, pattern: bool) -> IMAPPollPlan:
     folder_count = len(folders)
     return IMAPPollPlan(
         # half the polls without refusals, so that deliveries reach the after-fetch commands and their faults
@@ -264,11 +281,12 @@ def imap_poll_plans(draw: st.DrawFn, destinations: tuple[Kind, ...], folders: tu
         state_locked_at=draw(st.one_of(st.none(), st.none(), st.none(), st.integers(0, 12))),
         kill=draw(st.one_of(st.none(), st.none(), st.none(),
                             st.builds(Kill, st.sampled_from(KillPoint), st.integers(1, 25)))),
-        imap_faults=tuple(draw(st.lists(imap_faults(commands_sent(folders, capabilities)), max_size=2))),
+        imap_faults=tuple(draw(st.lists(imap_faults(commands_sent(folders, capabilities, pattern)), max_size=2))),
         imap_arrivals=tuple(draw(st.lists(imap_messages(folder_count), max_size=2))),
         renumbered=tuple(draw(st.one_of(st.just([]), st.just([]), st.just([]),
                                         st.lists(st.integers(0, folder_count - 1), max_size=1)))),
-        expunged_at_fetch=draw(st.one_of(st.none(), st.none(), st.none(), st.integers(1, 4))))
+        expunged_at_fetch=draw(st.one_of(st.none(), st.none(), st.none(), st.integers(1, 4))),
+        expunged_before_action=draw(st.sampled_from([False, False, False, True])))
 
 
 @st.composite
@@ -277,8 +295,10 @@ def imap_cases(draw: st.DrawFn) -> IMAPCase:
     destinations = tuple(draw(st.lists(kinds, min_size=1, max_size=3)))
     messages = tuple(draw(st.lists(imap_messages(len(folders)), min_size=1, max_size=6)))
     capabilities = draw(st.sampled_from(Capabilities))
-    polls = tuple(draw(st.lists(imap_poll_plans(destinations, folders, capabilities), min_size=1, max_size=3)))
-    return IMAPCase(folders, messages, destinations, capabilities, draw(st.booleans()), polls)
+    pattern = draw(st.booleans()) and len(folders) == 3 and folders[1] is folders[2]
+    polls = tuple(draw(st.lists(imap_poll_plans(destinations, folders, capabilities, pattern), min_size=1,
+                                max_size=3)))
+    return IMAPCase(folders, messages, destinations, capabilities, draw(st.booleans()), polls, pattern)
 
 
 # ------------------------------------------------------------------ the server's side
@@ -298,6 +318,8 @@ def fault_action(spec: IMAPInjected) -> Action:
         return Action.bye("model: going away")
     if kind is IMAPFault.GARBAGE:
         return Action.reply(b"what is this")
+    if kind is IMAPFault.UNSOLICITED:
+        return Action.before(b"* OK [ALERT] model: maintenance tonight\r\n* 1 FETCH (FLAGS (\\Flagged))\r\n")
     if kind is IMAPFault.STRAY_LITERAL:
         return Action.reply(b"* 1 FETCH (UID 999999 BODY[] {5}\r\nxx\r\n\r\n{tag} OK done")
     return Action.literal_delta(-7 if kind is IMAPFault.LITERAL_SHORT else 7)
@@ -322,6 +344,7 @@ class SourceFaults(Faults):
         self.run = run
         self.kill_at_command = plan.kill.k if plan.kill and plan.kill.at is KillPoint.COMMAND else None
         self.expunge_at = plan.expunged_at_fetch
+        self.expunge_before_action = plan.expunged_before_action
         self.victim: int | None = None
         self.killed = False
         self.commands_seen = 0
@@ -356,28 +379,32 @@ class SourceFaults(Faults):
         if command == "UID FETCH" and "BODY.PEEK[]" in arguments:
             self.body_fetches += 1
             if self.body_fetches == self.expunge_at and action is None and self.selected is not None:
-                action = self.expunge_by_other(self.selected, arguments)
+                self.expunge_by_other(self.selected, arguments)
+        elif command in _CHANGING and self.expunge_before_action and action is None and self.selected is not None:
+            self.expunge_before_action = False
+            self.expunge_by_other(self.selected, arguments)
         return action
 
-    def expunge_by_other(self, folder: str, arguments: str) -> Action | None:
-        """Another client expunges the message about to be fetched; a real server tells this session before the
-        fetch's answer (``* n EXPUNGE``, allowed during a UID FETCH)."""
-        uid = int(arguments.split(None, 1)[0])
+    def expunge_by_other(self, folder: str, arguments: str) -> None:
+        """Another client expunges the first message the command names (the message about to be fetched, or the
+        first one an after-fetch command names); the server tells this session before the command's answer
+        (``* n EXPUNGE``, allowed during the UID forms of FETCH, STORE, COPY, MOVE and EXPUNGE)."""
         server = self.run.imap
-        with server._lock:  # the fault server has no public "another client expunges" (see the module docstring)
+        # IMAPServer has no public "another client expunges": its lock and folders are used directly
+        with server._lock:
             stored = server._folder(folder)
-            if stored is None:
-                return None
+            if stored is None or not stored.messages:
+                return
+            uids = parse_uid_set(arguments.split(None, 1)[0], stored.messages[-1].uid)
             for number, message in enumerate(stored.messages, 1):
-                if message.uid == uid:
+                if message.uid in uids:
                     del stored.messages[number - 1]
                     break
             else:
-                return None
+                return
         ident = ident_of(message.data)
         if ident is not None:
             self.expunged.append(ident)
-        return Action.before(f"* {number} EXPUNGE\r\n".encode())
 
 
 # ------------------------------------------------------------------ one case
@@ -599,7 +626,10 @@ class IMAPSourceRun(CaseRun):
     def poll_with(self, plugin: ModelPlugin) -> Any:
         folders = []
         for index, action in enumerate(self.imap_case.folders):
-            entry: dict[str, Any] = {"name": FOLDER_NAMES[index], "after_fetch": action.value}
+            if self.imap_case.uses_pattern and index == 2:
+                continue  # Lists/* stands for both
+            name = "Lists/*" if self.imap_case.uses_pattern and index == 1 else FOLDER_NAMES[index]
+            entry: dict[str, Any] = {"name": name, "after_fetch": action.value}
             if (target := self.imap_case.target(index)) is not None:
                 entry["move_to"] = target
             folders.append(entry)
