@@ -93,6 +93,7 @@ class Account:
     destinations: tuple[Destination, ...]
     poll_timeout: float | None = None  # the whole session's deadline; None: derived from timeout and the mail
     stale_after: float = DEFAULT_STALE_AFTER
+    delete_after: float | None = None  # with keep: delete a delivered message this long after its delivery
     plugins: Mapping[str, Any] = field(default_factory=dict)
     disabled_plugins: frozenset[str] = frozenset()
     protocol: str = DEFAULT_PROTOCOL  # the source plugin that opens the mailbox (the ``open_mailbox`` hook)
@@ -236,12 +237,16 @@ def _account(section: Section, problems: Problems, pm: PluginManager, base_dir: 
         poll_timeout=section.get("poll_timeout", s.duration, None),
         stale_after=section.get("stale_after", s.duration, DEFAULT_STALE_AFTER),
         keep=section.get("keep", s.boolean, False),
+        delete_after=section.get("delete_after", s.duration, None),
         fetch_all=section.get("fetch_all", s.boolean, False),
         max_size=section.get("max_size", s.size, DEFAULT_MAX_SIZE),
         max_messages=section.get("max_messages", s.integer(1), None),
         destinations=_destinations(section, problems, pm, base_dir),
         plugins=_account_plugins(section, pm, problems, base_dir, global_plugins),
     )
+    if account_args["delete_after"] is not None and not account_args["keep"]:
+        section.problem("delete_after is for keep: true (without keep, a message is deleted once it is delivered)",
+                        section.raw("delete_after"))
     account_args["disabled_plugins"] = frozenset(pm.sources) - set(account_args["plugins"] or {})
     if protocol in protocols:
         # Every key the source reads is now known: the rest are mistakes. Keys from ``defaults:`` are checked there.

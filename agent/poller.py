@@ -106,7 +106,8 @@ class Poller:
                          octets=sum(entry.size for entry in to_fetch))
             for entry in session.verified(to_verify, to_fetch):
                 session.delete(entry)
-                log.info("message.deleted", uid=entry.uid, reason="delivered in an earlier poll")
+                log.info("message.deleted", uid=entry.uid, reason="kept for delete_after since its delivery"
+                         if entry.uid in session.expired else "delivered in an earlier poll")
             session.fetch(to_fetch)
             session.settle()
             self.store.make_durable()  # deletions take effect when the mailbox finishes: their records must be on disk
@@ -146,6 +147,7 @@ class Poller:
         """Split the listing into messages handled before (to delete once their headers show they are the same
         messages) and messages to fetch; note the UIDs the listing lacks (`StateStore.note_listing`)."""
         records = self.store.records(account.name)
+        now = time.time()
         session.partly_delivered.update(self.store.partly_delivered(account.name))
         self.store.note_listing(account.name, records, {entry.uid for entry in entries})
         duplicated = {uid for uid, count in Counter(e.uid for e in entries).items() if count > 1}
@@ -163,6 +165,9 @@ class Poller:
                 stats.left += 1
             elif record is not None and record.handled and (not (account.keep or entry.stays) or record.absent):
                 to_verify.append((entry, record))  # a UID back after an absence is checked too, even with keep
+            elif record is not None and record.handled and kept_long_enough(account, record, now):
+                session.expired.add(entry.uid)  # keep with delete_after: its time on the server is up
+                to_verify.append((entry, record))
             elif record is not None and (record.status == REJECTED or (record.handled and not account.fetch_all)):
                 stats.left += 1
             elif account.max_size is not None and entry.size > account.max_size:
@@ -208,6 +213,7 @@ class AccountSession:
         self.batch: list[Handled] = []
         self.awaiting_answer = False  # a message in the batch has a pending answer
         self.partly_delivered: set[str] = set()  # UIDs some destinations already took in an earlier poll
+        self.expired: set[str] = set()  # kept UIDs whose delete_after is up: deleted although the account keeps mail
         self._handler: handling.Handler | None = None
 
     @property
@@ -243,7 +249,7 @@ class AccountSession:
                             reason="this UID now names a message with other headers: treated as a new message")
                 self.store.forget(self.account.name, [entry.uid])
                 to_fetch.append(entry)
-        return [entry for entry in same if not (self.account.keep or entry.stays)]
+        return [entry for entry in same if entry.uid in self.expired or not (self.account.keep or entry.stays)]
 
     def fetch(self, to_fetch: list[MailboxEntry]) -> None:
         fetched = self.mailbox.fetch(to_fetch, stop=self.poller.stop.is_set)
@@ -410,11 +416,21 @@ class AccountSession:
                 self.hooks.notify("message_delivered", message=message, account=self.account, destinations=answers)
 
     def delete(self, entry: MailboxEntry) -> None:
+        if entry.uid in self.expired:
+            self.mailbox.delete(entry)
+            return
         if self.account.keep or entry.stays:
             self.stats.left += 1
             if self.account.keep:
                 return
         self.mailbox.delete(entry)  # for an entry that stays: the source's own action (an IMAP \Seen flag)
+
+
+def kept_long_enough(account: Account, record: Record, now: float) -> bool:
+    """Whether a message the account keeps has been on the server ``delete_after`` since its delivery."""
+    if not account.keep or account.delete_after is None or record.updated is None:
+        return False
+    return now - record.updated >= account.delete_after
 
 
 def session_deadline(account: Account, started: float, to_fetch: Sequence[MailboxEntry]) -> float:

@@ -151,6 +151,7 @@ class Record:
     header_digest: str | None = None
     absent: int = 0  # listings in a row that did not list this UID
     absent_since: float | None = None
+    updated: float | None = None  # when the outcome was recorded (for a delivered message: when it was delivered)
 
     @property
     def handled(self) -> bool:
@@ -291,10 +292,10 @@ class StateStore:
                 os.close(fd)
 
     def records(self, account: str) -> dict[str, Record]:
-        rows = self._query("SELECT uid, status, reason, size, header_digest, absent, absent_since FROM messages "
-                           "WHERE account = ?", (account,))
-        return {uid: Record(uid, Status(status), reason, size, digest, absent, absent_since)
-                for uid, status, reason, size, digest, absent, absent_since in rows}
+        rows = self._query("SELECT uid, status, reason, size, header_digest, absent, absent_since, updated "
+                           "FROM messages WHERE account = ?", (account,))
+        return {uid: Record(uid, Status(status), reason, size, digest, absent, absent_since, updated)
+                for uid, status, reason, size, digest, absent, absent_since, updated in rows}
 
     def record(self, account: str, uid: str, status: Status, *, reason: str = "", message_id: str | None = None,
                size: int | None = None, header_digest: str | None = None) -> None:
