@@ -612,7 +612,7 @@ def send_email(event: Event, channel: EmailChannel) -> None:
     message["From"] = f"postbote <{sender}>"
     message["To"] = ", ".join(relay.recipients)
     message["Subject"] = redact(f"[postbote] {event.title}")
-    message["Date"] = formatdate(localtime=False)
+    message["Date"] = formatdate(localtime=True)
     message["Message-ID"] = make_msgid("postbote.notify", domain=hostname)
     message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies
     message["X-Postbote-Event"] = event.event
