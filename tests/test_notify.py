@@ -6,6 +6,7 @@ webhook, ntfy or Gotify (a local HTTP server), after the poll, bounded by a time
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from postbote.testing.pop3server import Action, Faults, POP3Server
 
 from tests.harness import DaemonRun, account, fake_account, fake_mailbox, make_message, write_config
 from tests.servers import free_port
+from tests.servers.certs import TestPKI
 from tests.servers.smtp_sink import SMTPSink
 
 pytestmark = pytest.mark.usefixtures("time_limit")
@@ -35,7 +37,7 @@ class Hook:
     """A local HTTP server recording every POST: ``mode`` ``ok`` answers 200, ``fail`` 500, ``hang`` nothing until
     the test ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.posts: list[tuple[str, dict[str, str], bytes]] = []
         self.mode = "ok"
         self.release = threading.Event()
@@ -47,6 +49,12 @@ class Hook:
                 hook.posts.append((self.path, dict(self.headers.items()), body))
                 if hook.mode == "hang":
                     hook.release.wait(30)
+                    return
+                if hook.mode == "redirect":
+                    self.send_response(307)
+                    self.send_header("Location", "/elsewhere")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 code = 500 if hook.mode == "fail" else 200
                 self.send_response(code)
@@ -61,7 +69,9 @@ class Hook:
             daemon_threads = True
 
         self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -323,6 +333,51 @@ def test_no_secret_reaches_a_notification(tmp_path: Path, hook: Hook, smtp_sink:
     assert "wrong password ********" in text
     for sent in (hook.posts[0][2].decode(), mail.data.decode(), text):
         assert secret not in sent and "hook-token-0123456789" not in sent
+
+
+def test_tls_to_the_relay_and_the_webhook_checked_against_the_configured_ca(tmp_path: Path, pki: TestPKI,
+                                                                            smtp_sink_factory: Any) -> None:
+    relay = smtp_sink_factory(starttls=True, require_starttls=True)
+    secure = Hook(tls=pki.server_context())
+    try:
+        path, source, mailbox = setup(tmp_path, {
+            "after_failures": 1,
+            "webhook": {"url": f"{secure.url}/hook", "tls_ca_file": str(pki.ca_file)},
+            "email": {"to": ["ops@example.org"], "smtp": {"host": "127.0.0.1", "port": relay.port, "starttls": True,
+                                                         "tls_ca_file": str(pki.ca_file)}}})
+        mailbox.open_error = LoginRefused("-ERR nope")
+        poll(path, source)
+        assert [event["event"] for event in secure.events()] == ["account.failing"]
+        (attempt,) = relay.attempts
+        assert attempt.tls and attempt.accepted
+    finally:
+        secure.close()
+
+
+def test_a_webhook_not_trusting_the_certificate_is_a_failed_channel(tmp_path: Path, pki: TestPKI) -> None:
+    secure = Hook(tls=pki.server_context())
+    try:
+        path, source, mailbox = setup(tmp_path, {"after_failures": 1, "webhook": {"url": f"{secure.url}/hook"}})
+        mailbox.open_error = LoginRefused("-ERR nope")
+        with structlog.testing.capture_logs() as logs:
+            poll(path, source)
+        (failed,) = [entry for entry in logs if entry["event"] == "notify.failed"]
+        assert "CERTIFICATE_VERIFY_FAILED" in failed["error"] and secure.posts == []
+    finally:
+        secure.close()
+
+
+def test_a_redirect_is_not_followed(tmp_path: Path, hook: Hook) -> None:
+    hook.mode = "redirect"
+    path, source, mailbox = setup(tmp_path, {"after_failures": 1, "webhook": {"url": f"{hook.url}/hook",
+                                                                             "token_file": "token"}})
+    (tmp_path / "token").write_text("redirect-token-0123\n")
+    mailbox.open_error = LoginRefused("-ERR nope")
+    with structlog.testing.capture_logs() as logs:
+        poll(path, source)
+    assert [path for path, _, _ in hook.posts] == ["/hook"]  # not /elsewhere, with or without the token
+    (failed,) = [entry for entry in logs if entry["event"] == "notify.failed"]
+    assert "307" in failed["error"]
 
 
 def test_email_via_the_accounts_own_smtp_destination(tmp_path: Path, smtp_sink: SMTPSink) -> None:
