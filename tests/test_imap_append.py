@@ -130,6 +130,7 @@ def test_check_shows_the_imap_destination(tmp_path: Path, capsys: pytest.Capture
     ("{host: h, username: u, password: p, flags: ['a)']}", "deliver.imap.flags: expected a keyword"),
     ("{host: h, username: u, password: p, internaldate: received}", "deliver.imap.internaldate: expected one of"),
     ("{host: h, username: u, password: p, folder: ''}", "deliver.imap.folder:"),
+    ('{host: h, username: u, password: p, folder: "a\\nb"}', "deliver.imap.folder: expected a single line"),
     ("{host: h, username: u, password: p, foldr: x}", "deliver.imap.foldr: unknown key (did you mean 'folder'?)"),
     ("{username: u, password: p}", "deliver.imap.host: required key is missing"),
     ("{host: h, password: p}", "deliver.imap.username: required key is missing"),
