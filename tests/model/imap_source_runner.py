@@ -173,11 +173,12 @@ class IMAPPollPlan(PollPlan):
     renumbered: tuple[int, ...] = ()  # folders whose UIDVALIDITY changes before the poll
     expunged_at_fetch: int | None = None  # at the poll's k-th message fetch, another client expunges that message
     expunged_before_action: bool = False  # another client expunges the first message of the first after-fetch command
+    dropped_at_command: int | None = None  # the connection dropped at the k-th command the server receives, whatever
 
     @property
     def clean(self) -> bool:
         return super().clean and not (self.imap_faults or self.renumbered or self.expunged_at_fetch
-                                      or self.expunged_before_action)
+                                      or self.expunged_before_action or self.dropped_at_command)
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,8 @@ class IMAPCase:
             parts += [str(f) for f in poll.imap_faults]
             if poll.expunged_at_fetch:
                 parts.append(f"another client expunges the message of fetch #{poll.expunged_at_fetch}")
+            if poll.dropped_at_command:
+                parts.append(f"connection dropped at IMAP command #{poll.dropped_at_command}")
             if poll.expunged_before_action:
                 parts.append("another client expunges a delivered message just before its after-fetch command")
             parts += [f"dest {i}: {[o.value for o in outcomes]}" for i, outcomes in
@@ -286,7 +289,8 @@ def imap_poll_plans(draw: st.DrawFn, destinations: tuple[Kind, ...], folders: tu
         renumbered=tuple(draw(st.one_of(st.just([]), st.just([]), st.just([]),
                                         st.lists(st.integers(0, folder_count - 1), max_size=1)))),
         expunged_at_fetch=draw(st.one_of(st.none(), st.none(), st.none(), st.integers(1, 4))),
-        expunged_before_action=draw(st.sampled_from([False, False, False, True])))
+        expunged_before_action=draw(st.sampled_from([False, False, False, True])),
+        dropped_at_command=draw(st.one_of(st.none(), st.none(), st.none(), st.integers(1, 20))))
 
 
 @st.composite
@@ -325,6 +329,14 @@ def fault_action(spec: IMAPInjected) -> Action:
     return Action.literal_delta(-7 if kind is IMAPFault.LITERAL_SHORT else 7)
 
 
+def command_key(command: str, arguments: str) -> str:
+    """The key of `COMMANDS` a command the server received falls under."""
+    for key, (verb, pattern) in COMMANDS.items():
+        if verb == command and (pattern is None or re.search(pattern, arguments)):
+            return key
+    return command
+
+
 def parse_uid_set(spec: str, highest: int) -> set[int]:
     found: set[int] = set()
     for piece in spec.split(","):
@@ -345,6 +357,7 @@ class SourceFaults(Faults):
         self.kill_at_command = plan.kill.k if plan.kill and plan.kill.at is KillPoint.COMMAND else None
         self.expunge_at = plan.expunged_at_fetch
         self.expunge_before_action = plan.expunged_before_action
+        self.drop_at = plan.dropped_at_command
         self.victim: int | None = None
         self.killed = False
         self.commands_seen = 0
@@ -376,6 +389,9 @@ class SourceFaults(Faults):
             spec = self.injected[id(action)]
             if spec not in self.fired_faults:
                 self.fired_faults.append(spec)
+        elif self.commands_seen == self.drop_at:
+            action = Action.drop()
+            self.fired_faults.append(IMAPInjected(IMAPFault.DROP, command_key(command, arguments), self.commands_seen))
         if command == "UID FETCH" and "BODY.PEEK[]" in arguments:
             self.body_fetches += 1
             if self.body_fetches == self.expunge_at and action is None and self.selected is not None:
@@ -751,7 +767,7 @@ class IMAPSourceRun(CaseRun):
         TALLY["polls killed"] += result.killed
         TALLY["polls with the state DB locked"] += result.state_locked
         TALLY["destination refusals"] += result.destination_refusals
-        TALLY["messages expunged by another client before their fetch"] += len(faults.expunged)
+        TALLY["messages another client expunged mid-poll"] += len(faults.expunged)
         for fault in faults.fired_faults:
             TALLY[f"IMAP fault {fault.fault.name} at {fault.command}"] += 1
 
