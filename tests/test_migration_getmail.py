@@ -35,13 +35,14 @@ def test_an_imap_ssl_retriever_with_a_password_command_an_mda_and_options(
                            "45:67:89",  # getmail's fingerprints are SHA-256 already
         "username": "alice", "password_command": ["/usr/bin/pass", "show", "mail/alice"],
         "keep": True,  # delete = false
+        "delete_after": "7d",  # getmail's days
         "max_messages": 100, "folders": ["INBOX", "Lists.postbote"],
         "deliver": {"mda": ["/usr/bin/procmail", "-f", "%(sender)", "-d", "alice"]}}
     assert not (tmp_path / "secrets").exists()  # a password command: no secret to write
-    for words in ("[options] delete_after = 7: not yet in postbote (issue 15", "[options] verbose = 2",
+    for words in ("[options] verbose = 2",
                   "[options] message_log", "[destination] %(sender)", "[filter-spam] type = Filter_classifier"):
         assert words in err and words in out
-    assert "getmailrc-imap:19: [options] delete_after" in err  # FILE:LINE
+    assert "getmailrc-imap:16: [options] verbose = 2" in err  # FILE:LINE
     assert "oldmail-imap.example.com-993-alice-INBOX" in out  # how to import the state
 
 

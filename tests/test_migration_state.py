@@ -137,7 +137,7 @@ def test_import_state_takes_the_list_of_the_accounts_login_or_the_one_named(
         assert main(["-c", str(config), "import-state", "joe", str(DATA / "fetchids")]) == 2
         err = capsys.readouterr().err
         assert "no UID list for account joe" in err and "other@pop.isp.example" in err and "--user" in err
-        assert main(["-c", str(config), "import-state", "joe", str(DATA / "fetchids"),
+        assert main(["import-state", "joe", str(DATA / "fetchids"), "-c", str(config),  # -c after the command too
                      "--user", "other@pop.isp.example"]) == 0
         assert "1 of 1 UID(s)" in capsys.readouterr().out
 

@@ -115,14 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                     exits="0 when the sample mail was delivered", example="postbote demo --maildir /tmp/demo")
     demo.add_argument("--maildir", metavar="DIR", help="where to deliver (default: a new temporary directory)")
     demo.add_argument("--messages", type=int, default=None, metavar="N", help="how many extra generated messages")
-    imported = commands.add_parser(
-        "import", help="print a postbote.yaml for the accounts of a .fetchmailrc or getmail rc files",
+    imported = _command(
+        commands, "import", "print a postbote.yaml for the accounts of a .fetchmailrc or getmail rc files",
+        exits="0 when the accounts were written (notes or not); 2 when a file cannot be read or parsed (FILE:LINE: "
+              "what)",
+        example="postbote import ~/.fetchmailrc -o ~/.config/postbote/postbote.yaml",
         description="Read a .fetchmailrc (default ~/.fetchmailrc) or getmail rc files and print a postbote.yaml for "
                     "their accounts; passwords go into 0600 files, never into the YAML. What cannot be taken over "
-                    "is listed (YAML comments and stderr) with the reason. See docs/migration.md.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit status: 0 when the accounts were written, 2 when a file cannot be read or parsed (FILE:LINE)\n"
-               "example: postbote import ~/.fetchmailrc -o ~/.config/postbote/postbote.yaml")
+                    "is listed (YAML comments and stderr) with the reason. See docs/migration.md.")
     imported.add_argument("files", nargs="*", metavar="FILE", help="the rc file(s) (default: ~/.fetchmailrc)")
     imported.add_argument("--from", dest="tool", choices=["fetchmail", "getmail"],
                           help="the tool that wrote the files (default: recognised by their content)")
@@ -135,13 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "fetchmail does (default: ~/.netrc, if there is one)")
     imported.add_argument("--local-user", metavar="NAME", help="fetchmail's local user for entries that name none "
                                                                 "(default: the user running this)")
-    state = commands.add_parser(
-        "import-state", help="record the UIDs fetchmail, getmail or mpop delivered, so they are not delivered again",
+    state = _command(
+        commands, "import-state", "record the UIDs fetchmail, getmail or mpop delivered, so they are not delivered "
+                                  "again",
+        exits="0 when the UIDs were recorded; 2 when a file cannot be read or holds no list for the account",
+        example="postbote import-state work ~/.fetchids",
         description="Read fetchmail's .fetchids, getmail's oldmail-* or mpop's UIDL file and record the UIDs of "
-                    "ACCOUNT's login as delivered (before the first poll of an account with keep: true).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit status: 0 when the UIDs were recorded, 2 when a file cannot be read or holds no list for the "
-               "account\nexample: postbote import-state work ~/.fetchids")
+                    "ACCOUNT's login as delivered (before the first poll of an account with keep: true).")
     state.add_argument("account", metavar="ACCOUNT")
     state.add_argument("files", nargs="+", metavar="FILE")
     state.add_argument("--from", dest="tool", choices=["fetchmail", "getmail", "mpop"],
@@ -150,14 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(default: the account's username and host)")
     state.add_argument("--folder", metavar="FOLDER", help="the IMAP folder of a getmail oldmail file (default: from "
                                                           "its name)")
-    seen = commands.add_parser(
-        "mark-seen", help="record every message on the server now as delivered (nothing fetched or deleted)",
+    seen = _command(
+        commands, "mark-seen", "record every message on the server now as delivered (nothing fetched or deleted)",
+        exits="0 when every account was listed and recorded; 1 when one could not be reached or logged in to; 2 "
+              "for a config error",
+        example="postbote mark-seen work",
         description="Log in to each ACCOUNT, list its mailbox and record every message as delivered, without "
-                    "fetching or deleting anything: switching from another tool then delivers no old mail. Exit "
-                    "status 1 when an account cannot be reached.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit status: 0 when every account was listed and recorded, 1 when one could not be reached or "
-               "logged in to, 2 for a usage or configuration error\nexample: postbote mark-seen work")
+                    "fetching or deleting anything: switching from another tool then delivers no old mail.")
     seen.add_argument("accounts", nargs="+", metavar="ACCOUNT")
     return parser
 

@@ -176,9 +176,13 @@ def _import_one(path: Path, taken: set[str]) -> Imported:
             keys["fetch_all"] = True
             account.comments.append("getmail's read_all (its default) fetched every message on every run; "
                                     "fetch_all: false fetches only new ones")
-    if "delete_after" in options and options["delete_after"].strip() not in ("", "0"):
-        skip("options", "delete_after", "not yet in postbote (issue 15: delete_after); messages stay on the "
-                                        "server (keep: true)", shown=f"delete_after = {options['delete_after']}")
+    after = options.get("delete_after", "").strip()
+    if after not in ("", "0") and not delete:
+        if after.isdigit():
+            keys["delete_after"] = f"{int(after)}d"  # getmail counts days
+        else:
+            skip("options", "delete_after", "not a number of days: set delete_after yourself (e.g. 7d)",
+                 shown=f"delete_after = {after}")
     if options.get("max_messages_per_session", "").strip() not in ("", "0"):
         keys["max_messages"] = int(options["max_messages_per_session"])
     if options.get("max_message_size", "").strip() not in ("", "0"):
@@ -198,6 +202,7 @@ def _import_one(path: Path, taken: set[str]) -> Imported:
             keys["move_to"] = retriever["move_on_delete"].strip()
             keys.pop("keep", None)
             keys.pop("fetch_all", None)
+            keys.pop("delete_after", None)
     for key, value in retriever.items():
         if key not in _HANDLED_RETRIEVER and value.strip():
             shown = f"{key} = (not shown)" if "pass" in key or "secret" in key or "token" in key else \
