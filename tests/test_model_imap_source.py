@@ -131,6 +131,9 @@ PATHS = {
     "an [ALERT] and another client's flag change before the answers: harmless": IMAPCase(
         (AfterFetch.SEEN,), TWO, (Kind.MBOX,), polls=(IMAPPollPlan(imap_faults=(
             IMAPInjected(IMAPFault.UNSOLICITED, "body", 2), IMAPInjected(IMAPFault.UNSOLICITED, "UID STORE"))),)),
+    "unseen_only: a message read elsewhere is left alone, the SEARCH dropped once": IMAPCase(
+        (AfterFetch.DELETE,), TWO + (IMAPMessage(("text",), 0, read_elsewhere=True),), (Kind.MAILDIR,),
+        unseen_only=True, polls=(IMAPPollPlan(imap_faults=(IMAPInjected(IMAPFault.DROP, "SEARCH"),)),)),
     "a destination deferring in a seen folder: \\Seen only once delivered": IMAPCase(
         (AfterFetch.SEEN,), TWO, (Kind.MAILDIR, Kind.MDA),
         polls=(IMAPPollPlan(destination_outcomes=((), (Outcome.TEMPORARY,))),)),

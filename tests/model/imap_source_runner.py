@@ -58,6 +58,7 @@ TOLERATE_MOVE_BY_COPY_LEFTOVER = True
 # flagged: it stays, so no later poll asks for its action again. Tolerated here so the model keeps looking.
 TOLERATE_SEEN_NOT_RETRIED = True
 SEEN = "\\Seen"
+NOT_OURS = "not postbote's (another client's \\Deleted message, or one read elsewhere with unseen_only)"
 
 
 class OthersMessageTouched(InvariantBroken):
@@ -110,17 +111,18 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "UID COPY": ("UID COPY", None),
     "LOGOUT": ("LOGOUT", None),
     "LIST": ("LIST", None),  # only with a pattern among the folders
+    "SEARCH": ("UID SEARCH", None),  # only with unseen_only
 }
 _CHANGING = ("UID STORE", "UID EXPUNGE", "UID MOVE", "UID COPY")
 _ALL = tuple(COMMANDS)
-_ANSWERED = ("SELECT", "LIST", "listing", "header", "body", *_CHANGING)
+_ANSWERED = ("SELECT", "LIST", "SEARCH", "listing", "header", "body", *_CHANGING)
 FAULT_COMMANDS: dict[IMAPFault, tuple[str, ...]] = {
     IMAPFault.DROP: _ALL,
     IMAPFault.DROP_MIDWAY: _ANSWERED,
     IMAPFault.NO: _ANSWERED,
     IMAPFault.BAD: _ANSWERED,
     IMAPFault.BYE: _ALL,
-    IMAPFault.GARBAGE: ("SELECT", "LIST", "listing", "body", *_CHANGING),
+    IMAPFault.GARBAGE: ("SELECT", "LIST", "SEARCH", "listing", "body", *_CHANGING),
     IMAPFault.STRAY_LITERAL: ("body",),
     IMAPFault.UNSOLICITED: ("listing", "body", "header", *_CHANGING),
     IMAPFault.LITERAL_SHORT: ("body",),
@@ -150,7 +152,7 @@ class IMAPInjected:
         if self.fault is IMAPFault.UNSOLICITED:
             return False
         if self.fault in (IMAPFault.NO, IMAPFault.BAD):
-            return self.command in ("SELECT", "listing", "LIST")
+            return self.command in ("SELECT", "listing", "LIST", "SEARCH")
         if self.fault is IMAPFault.DROP_MIDWAY:
             return self.command == "body" or self.after_bytes == 0
         return True
@@ -161,6 +163,7 @@ class IMAPMessage:
     pieces: tuple[str, ...]
     folder: int  # an index into the case's folders
     others_deleted: bool = False  # another client flagged it \Deleted (and will expunge it) before postbote saw it
+    read_elsewhere: bool = False  # arrives \Seen (read in another client): not postbote's with unseen_only
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,7 @@ class IMAPCase:
     raw_line_endings: bool = False
     polls: tuple[IMAPPollPlan, ...] = field(default=())
     lists_pattern: bool = False  # Lists/a and Lists/b configured as "Lists/*" (LIST) when they share their action
+    unseen_only: bool = False  # the account's unseen_only: messages read elsewhere (\Seen) are not fetched
 
     @property
     def uses_pattern(self) -> bool:
@@ -209,7 +213,8 @@ class IMAPCase:
 
     def describe(self) -> str:
         lines = [f"folders {[f'{FOLDER_NAMES[i]}: {a.value}' for i, a in enumerate(self.folders)]}"
-                 f"{' (Lists/* configured)' if self.uses_pattern else ''}, server: "
+                 f"{' (Lists/* configured)' if self.uses_pattern else ''}"
+                 f"{', unseen_only' if self.unseen_only else ''}, server: "
                  f"{self.capabilities.name}, destinations {[k.value for k in self.destinations]}, "
                  f"raw_line_endings={self.raw_line_endings}",
                  *(f"message {i + 1}: in {FOLDER_NAMES[m.folder]} {list(m.pieces)}{_others(m)}"
@@ -235,7 +240,8 @@ class IMAPCase:
 
 
 def _others(message: IMAPMessage) -> str:
-    return " (flagged \\Deleted by another client)" if message.others_deleted else ""
+    return (" (flagged \\Deleted by another client)" if message.others_deleted else "") + (
+        " (\\Seen: read in another client)" if message.read_elsewhere else "")
 
 
 # ------------------------------------------------------------------ strategies
@@ -246,11 +252,14 @@ MOST_PER_POLL = {"SELECT": 3, "listing": 3, "header": 2, "body": 4, "UID STORE":
                  "UID COPY": 2}
 
 
-def commands_sent(folders: tuple[AfterFetch, ...], capabilities: Capabilities, pattern: bool) -> set[str]:
+def commands_sent(folders: tuple[AfterFetch, ...], capabilities: Capabilities, pattern: bool,
+                  unseen_only: bool) -> set[str]:
     """The commands a poll of such a case can send (a fault at another one would never fire)."""
     sent = {"GREETING", "AUTHENTICATE", "SELECT", "listing", "header", "body", "LOGOUT"}
     if pattern:
         sent.add("LIST")
+    if unseen_only:
+        sent.add("SEARCH")
     uidplus, move = capabilities is not Capabilities.NO_UIDPLUS, capabilities is not Capabilities.NO_MOVE
     if AfterFetch.SEEN in folders:
         sent.add("UID STORE")
@@ -271,12 +280,12 @@ def imap_faults(draw: st.DrawFn, sent: set[str]) -> IMAPInjected:
 
 def imap_messages(folder_count: int) -> st.SearchStrategy[IMAPMessage]:
     rarely = st.sampled_from([False, False, False, False, False, True])
-    return st.builds(IMAPMessage, pieces, st.integers(0, folder_count - 1), rarely)
+    return st.builds(IMAPMessage, pieces, st.integers(0, folder_count - 1), rarely, rarely)
 
 
 @st.composite
 def imap_poll_plans(draw: st.DrawFn, destinations: tuple[Kind, ...], folders: tuple[AfterFetch, ...],
-                    capabilities: Capabilities, pattern: bool) -> IMAPPollPlan:
+                    capabilities: Capabilities, pattern: bool, unseen_only: bool) -> IMAPPollPlan:
     folder_count = len(folders)
     return IMAPPollPlan(
         # half the polls without refusals, so that deliveries reach the after-fetch commands and their faults
@@ -284,7 +293,8 @@ def imap_poll_plans(draw: st.DrawFn, destinations: tuple[Kind, ...], folders: tu
         state_locked_at=draw(st.one_of(st.none(), st.none(), st.none(), st.integers(0, 12))),
         kill=draw(st.one_of(st.none(), st.none(), st.none(),
                             st.builds(Kill, st.sampled_from(KillPoint), st.integers(1, 25)))),
-        imap_faults=tuple(draw(st.lists(imap_faults(commands_sent(folders, capabilities, pattern)), max_size=2))),
+        imap_faults=tuple(draw(st.lists(imap_faults(commands_sent(folders, capabilities, pattern, unseen_only)),
+                                        max_size=2))),
         imap_arrivals=tuple(draw(st.lists(imap_messages(folder_count), max_size=2))),
         renumbered=tuple(draw(st.one_of(st.just([]), st.just([]), st.just([]),
                                         st.lists(st.integers(0, folder_count - 1), max_size=1)))),
@@ -300,9 +310,10 @@ def imap_cases(draw: st.DrawFn) -> IMAPCase:
     messages = tuple(draw(st.lists(imap_messages(len(folders)), min_size=1, max_size=6)))
     capabilities = draw(st.sampled_from(Capabilities))
     pattern = draw(st.booleans()) and len(folders) == 3 and folders[1] is folders[2]
-    polls = tuple(draw(st.lists(imap_poll_plans(destinations, folders, capabilities, pattern), min_size=1,
-                                max_size=3)))
-    return IMAPCase(folders, messages, destinations, capabilities, draw(st.booleans()), polls, pattern)
+    unseen_only = draw(st.sampled_from([False, False, False, True]))
+    polls = tuple(draw(st.lists(imap_poll_plans(destinations, folders, capabilities, pattern, unseen_only),
+                                min_size=1, max_size=3)))
+    return IMAPCase(folders, messages, destinations, capabilities, draw(st.booleans()), polls, pattern, unseen_only)
 
 
 # ------------------------------------------------------------------ the server's side
@@ -445,7 +456,7 @@ class IMAPSourceRun(CaseRun):
         self.log: list[str] = []
         self.folder_of: dict[int, int] = {}  # ident -> folder index
         self.original_flags: dict[int, frozenset[str]] = {}
-        self.others: set[int] = set()  # idents of other clients' \Deleted messages
+        self.others: set[int] = set()  # idents of other clients' \Deleted messages (and \Seen ones, unseen_only)
         self.gone: set[int] = set()  # idents another client expunged
         self.renumbered_since: dict[int, int] = {}  # folder -> UIDVALIDITY changes so far
         self.after_fetch_faults = 0  # polls whose STORE, EXPUNGE, MOVE or COPY met a fault
@@ -466,13 +477,14 @@ class IMAPSourceRun(CaseRun):
     def arrive_imap(self, message: IMAPMessage) -> None:
         ident = len(self.folder_of) + 1
         data = on_the_wire(model_message(ident, message.pieces), raw_line_endings=self.imap_case.raw_line_endings)
-        flags = {DELETED} if message.others_deleted else set()
+        flags = ({DELETED} if message.others_deleted else set()) | ({SEEN} if message.read_elsewhere else set())
         uid = self.imap.add_message(FOLDER_NAMES[message.folder], data, flags=flags)
         self.folder_of[ident] = message.folder
         self.original_flags[ident] = frozenset(flags)
-        if message.others_deleted:
-            self.others.add(ident)
-            TALLY["other clients' \\Deleted messages"] += 1
+        if message.others_deleted or (message.read_elsewhere and self.imap_case.unseen_only):
+            self.others.add(ident)  # not postbote's to fetch or touch
+            TALLY["other clients' \\Deleted messages" if message.others_deleted else
+                  "messages read elsewhere, not fetched with unseen_only"] += 1
         else:
             self.ledger.add(ident, f"{FOLDER_NAMES[message.folder]};UID={uid}", data)
 
@@ -562,7 +574,7 @@ class IMAPSourceRun(CaseRun):
             ident = ident_of(message.data)
             if ident is None or ident in self.others:
                 raise OthersMessageTouched(f"{command} {arguments} names message {ident} (UID {message.uid}) in "
-                                           f"{folder}: another client's \\Deleted message")
+                                           f"{folder}: {NOT_OURS}")
             record = records.get(self.entry_uid(folder, message.uid))
             if record is None or not record.handled:
                 raise WrongAction(f"{command} {arguments} in {folder} names message {ident} (UID {message.uid}) "
@@ -651,7 +663,8 @@ class IMAPSourceRun(CaseRun):
             folders.append(entry)
         account = {"name": ACCOUNT, "protocol": "imap", "host": self.imap.host, "port": self.imap.port,
                    "tls": "none", "username": "demo", "password": "demo", "timeout": IMAP_TIMEOUT,
-                   "folders": folders, "deliver": [d.config() for d in self.destinations]}
+                   "folders": folders, "unseen_only": self.imap_case.unseen_only,
+                   "deliver": [d.config() for d in self.destinations]}
         document = {"state_dir": str(self.state_dir), "log": {"level": "warning", "format": "json"},
                     "state_busy_timeout": f"{STATE_BUSY_MS / 1000}s", "accounts": [account]}
         self.config_path.write_text(yaml.safe_dump(document, sort_keys=False))
@@ -674,11 +687,11 @@ class IMAPSourceRun(CaseRun):
         for ident in self.others:
             home = FOLDER_NAMES[self.folder_of[ident]]
             if holders.get(ident):
-                raise OthersMessageTouched(f"{name}: message {ident}, another client's \\Deleted message in {home}, "
+                raise OthersMessageTouched(f"{name}: message {ident} in {home}, {NOT_OURS}, "
                                            f"was delivered to {sorted(holders[ident])}")
             now = [m.flags for i, m in where.get(home, []) if i == ident]
             if seen_in.get(ident) != [home] or now != [set(self.original_flags[ident])]:
-                raise OthersMessageTouched(f"{name}: message {ident}, another client's \\Deleted message in {home}, "
+                raise OthersMessageTouched(f"{name}: message {ident} in {home}, {NOT_OURS}, "
                                            f"is now in {seen_in.get(ident, [])} with flags {now}")
         for ident, sent in self.ledger.sent.items():
             if ident in self.gone:
