@@ -7,7 +7,6 @@ never appears in it, nor on stdout or stderr: it goes into ``SECRETS_DIR/ACCOUNT
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -16,11 +15,11 @@ from typing import Any
 from postbote.migrate import Imported, ImportResult, MigrationError
 
 _PLAIN = re.compile(r"[A-Za-z/~_.][A-Za-z0-9_./@+~-]*")
-_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
+_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~", ".inf", ".nan"}
 
 
 def scalar(value: Any) -> str:
-    """One YAML scalar: plain where that cannot be misread, double-quoted (JSON rules, valid YAML) otherwise."""
+    """One YAML scalar: plain where that cannot be misread, double-quoted with escapes otherwise."""
     if value is True or value is False:
         return "true" if value else "false"
     if isinstance(value, int):
@@ -28,7 +27,18 @@ def scalar(value: Any) -> str:
     text = str(value)
     if _PLAIN.fullmatch(text) and text.lower() not in _YAML_WORDS:
         return text
-    return json.dumps(text, ensure_ascii=False)
+    return '"' + "".join(_escaped(char) for char in text) + '"'
+
+
+def _escaped(char: str) -> str:
+    """One character inside a YAML double-quoted scalar: printable text as it is, the rest as an escape (YAML reads
+    a raw control character as an error, a raw NEL or line separator as a line break)."""
+    if char in '"\\':
+        return "\\" + char
+    if char.isprintable():
+        return char
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _flow(value: Any) -> str | None:
@@ -95,7 +105,8 @@ def write_secrets(result: ImportResult, secrets_dir: Path) -> list[Path]:
 
 def _one_line(text: str) -> str:
     """A note as one comment line: a line break in a value quoted from the old config must not end the comment."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    return "".join(char if char.isprintable() else
+                   {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or f"\\u{ord(char):04x}" for char in text)
 
 
 def render(result: ImportResult, source: str) -> str:
