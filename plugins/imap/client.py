@@ -71,7 +71,7 @@ WRITE_SIZE = 64 * 1024  # a literal's small pieces are gathered into writes of t
 LARGE_WRITE = 256 * 1024  # a literal's large pieces go out in writes of at most this size
 FLUSH_AFTER = 32  # pipelined commands collected before a write at most
 LITERAL_MINUS_MAX = 4096  # RFC 7888: LITERAL- allows non-synchronizing literals up to 4096 octets
-IDLE_READ_TIMEOUT = 0.0  # idle_read() takes what has arrived; a partial TLS record waits at most ``timeout``
+IDLE_RECEIVES = 64  # reads of data TLS already holds in one idle_read() at most
 
 
 class IMAPError(AccountError):
@@ -987,7 +987,9 @@ class IMAPClient:
             raise IMAPConnectionError(f"{self.host}: connection closed by the server {self._doing}")
 
     def _idle_responses(self, command: _Command) -> bool:
-        """The whole responses that have arrived during IDLE (none is waited for); whether there is news."""
+        """The whole responses that have arrived during IDLE (none is waited for); whether there is news. A server
+        that floods the connection cannot keep the caller here: at most `IDLE_RECEIVES` reads of what TLS holds."""
+        receives = 0
         while True:
             while self._receiver.has_line():
                 response = self._read_response()
@@ -1003,9 +1005,10 @@ class IMAPClient:
                         raise self._refused(command, command.done)
                     self._idle_news = False
                     return True
-            if not (isinstance(self._sock, ssl.SSLSocket) and self._sock.pending()):
+            if not (isinstance(self._sock, ssl.SSLSocket) and self._sock.pending()) or receives >= IDLE_RECEIVES:
                 break
             self._receive()
+            receives += 1
         news, self._idle_news = self._idle_news, False
         return news
 
