@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from postbote.migrate import Imported, ImportResult, Unmapped
 from postbote.migrate.emit import render, scalar
 
-TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)
 
 
 @settings(max_examples=300, deadline=None)
