@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from postbote.cli import main
 from postbote.config import load_config
 from postbote.migrate import MigrationError
@@ -289,3 +291,22 @@ def test_a_line_break_in_a_quoted_value_does_not_break_the_yaml(tmp_path: Path,
     assert status == 0
     assert loads_as_postbote_config(tmp_path, out) == ["joe@pop.example"]
     assert "preconnect echo one\\necho two" in out
+
+
+_RC_WORDS = st.sampled_from(["poll", "skip", "defaults", "set", "daemon", "user", "is", "to", "here", "there", "=",
+                             "*", "password", "proto", "pop3", "imap", "port", "995", "ssl", "keep", "no", "nokeep",
+                             "folder", "mda", "smtphost", "limit", "-1", "auth", "with", ";", ",", ":", "#", "\n",
+                             "\\\n", '"', "'", '"x y"', "'a\\'b'", "\\x41", "host.example", "via", "envelope",
+                             "localdomains", "sslfingerprint", "interval", "options", "aka"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_RC_WORDS, max_size=30))
+def test_any_rc_text_parses_or_is_one_migration_error(words: list[str]) -> None:
+    """Whatever an rc file holds, the import ends with accounts or with one FILE:LINE error -- never a crash."""
+    from postbote.migrate.fetchmailrc import map_rcfile
+
+    try:
+        map_rcfile(parse(" ".join(words), "rc"), "rc", include_skipped=True)
+    except MigrationError as exc:
+        assert str(exc).startswith("rc:")

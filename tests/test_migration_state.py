@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from postbote.cli import main
 from postbote.migrate import MigrationError
 from postbote.migrate.uidfiles import read_uid_file
@@ -215,3 +217,17 @@ def test_mark_seen_works_through_any_source_plugin_and_with_keep_false_the_next_
     assert mailbox.fetched == [NEW]  # the old ones were never fetched ...
     assert sorted(mailbox.deleted) == sorted(["old-0", "old-1", NEW])  # ... and are gone from the server
     assert delivered_subjects(tmp_path) == [f"Subject: message {NEW}"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["fetchmail", "getmail", "mpop"]),
+       st.lists(st.sampled_from(["a@b 1", "@", " ", " 2 h u", " 1 h u", "x", "1\0002", "1/2\0003", "#c", "",
+                                 "u@h x y", "1\000z", "7/8/9\0001", " 0 h u", "\t"]), max_size=12))
+def test_any_uid_file_reads_or_is_one_migration_error(tmp_path_factory: pytest.TempPathFactory, tool: str,
+                                                      lines: list[str]) -> None:
+    path = tmp_path_factory.mktemp("uids") / "uids"
+    path.write_text("\n".join(lines) + "\n")
+    try:
+        read_uid_file(path, tool, folder="INBOX")
+    except MigrationError as exc:
+        assert str(exc).startswith(str(path))
