@@ -6,6 +6,7 @@ server holding those messages and one new one delivers only the new one."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from postbote.cli import main
 from postbote.migrate import MigrationError
 from postbote.migrate.uidfiles import read_uid_file
 from postbote.state import DELIVERED, REJECTED, StateStore
+from postbote.testing.imapserver import IMAPServer
 from postbote.testing.mailbox import FakeSource
 from postbote.testing.pop3server import POP3Server
 
@@ -231,3 +233,52 @@ def test_any_uid_file_reads_or_is_one_migration_error(tmp_path_factory: pytest.T
         read_uid_file(path, tool, folder="INBOX")
     except MigrationError as exc:
         assert str(exc).startswith(str(path))
+
+
+def write_imap_config(tmp_path: Path, server: IMAPServer, *, folders: str = "[INBOX, Lists/dev]") -> Path:
+    path = tmp_path / "postbote.yaml"
+    path.write_text(f"state_dir: {tmp_path / 'state'}\naccounts:\n  - name: ann\n    protocol: imap\n"
+                    f"    host: 127.0.0.1\n    port: {server.port}\n    tls: none\n    username: ann\n"
+                    f"    password: demo\n    timeout: 5s\n    keep: true\n    folders: {folders}\n"
+                    f"    deliver: {{maildir: {tmp_path / 'Maildir'}}}\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def test_getmails_imap_oldmail_files_one_per_folder_then_a_keep_poll_delivers_only_new_mail(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with IMAPServer(["Lists/dev"], users={"ann": "demo"}, uidvalidity=5000) as server:
+        old_inbox = [server.add_message("INBOX", message(f"inbox-{n}")) for n in range(2)]
+        old_lists = [server.add_message("Lists/dev", message("lists-0"))]
+        server.add_message("INBOX", message(NEW))
+        validity = {name: uidvalidity for name, uidvalidity in (("INBOX", 5000), ("Lists/dev", 5001))}
+        inbox = tmp_path / "oldmail-127.0.0.1-143-ann-INBOX"
+        inbox.write_text("".join(f"{validity['INBOX']}/{uid}\0{1764547200 + uid}\n" for uid in old_inbox))
+        lists = tmp_path / "oldmail-127.0.0.1-143-ann-Lists.dev"  # getmail turns / into . in the file name
+        lists.write_text("".join(f"{validity['Lists/dev']}/{uid}\0{1764547200}\n" for uid in old_lists))
+        config = write_imap_config(tmp_path, server)
+        assert main(["-c", str(config), "import-state", "ann", str(inbox)]) == 0
+        assert main(["-c", str(config), "import-state", "ann", str(lists)]) == 0  # Lists.dev: the folder Lists/dev
+        assert "ann: 1 of 1 UID(s)" in capsys.readouterr().out.splitlines()[-1]
+        other = tmp_path / "oldmail-127.0.0.1-143-ann-Elsewhere"
+        other.write_text("5000/1\0001764547200\n")
+        assert main(["-c", str(config), "import-state", "ann", str(other)]) == 2  # no such folder: say which
+        assert "--folder" in capsys.readouterr().err
+        assert main(["-c", str(config), "poll"]) == 0
+        assert delivered_subjects(tmp_path) == [f"Subject: message {NEW}"]
+        assert len(server.messages("INBOX")) == 3 and len(server.messages("Lists/dev")) == 1
+
+
+def test_mark_seen_over_imap_lists_every_folder_and_fetches_nothing(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    with IMAPServer(["Lists/dev"], users={"ann": "demo"}) as server:
+        server.add_message("INBOX", message("inbox-0"))
+        server.add_message("Lists/dev", message("lists-0"))
+        config = write_imap_config(tmp_path, server)
+        assert main(["-c", str(config), "mark-seen", "ann"]) == 0
+        assert "ann: 2 message(s) on the server, 2 newly recorded" in capsys.readouterr().out
+        fetching = re.compile(r"BODY(\.PEEK)?\[|RFC822(?!\.SIZE)|STORE|EXPUNGE|MOVE", re.IGNORECASE)
+        assert not [command for command in server.commands if fetching.search(command)]  # listed only
+        server.add_message("Lists/dev", message(NEW))
+        assert main(["-c", str(config), "poll"]) == 0
+        assert delivered_subjects(tmp_path) == [f"Subject: message {NEW}"]

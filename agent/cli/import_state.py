@@ -42,7 +42,7 @@ def import_state(config: Config, store: StateStore, account_name: str, files: li
     total = added = 0
     for name in files:
         path = Path(name).expanduser()
-        lists = read_uid_file(path, tool, folder=folder)
+        lists = read_uid_file(path, tool, folder=folder or _getmail_folder(path, account))
         chosen = _choose(lists, account, path, user)
         _check_protocol(chosen, account, path)
         count = store.record_imported(account.name, chosen.uids,
@@ -57,6 +57,21 @@ def import_state(config: Config, store: StateStore, account_name: str, files: li
         print(f"{account.name}: note: keep is false, so the next poll deletes from the server every listed message "
               "recorded here (they count as delivered)", file=sys.stderr)
     return ExitStatus.OK
+
+
+def _getmail_folder(path: Path, account: Account) -> str | None:
+    """The IMAP folder a getmail oldmail file is about, from its name (``oldmail-SERVER-PORT-USER-MAILBOX``, with
+    ``/ : ; < > |`` in the mailbox turned into ``.``): the account's one folder that name fits, if any."""
+    import re
+
+    folders = [str(rule.name) for rule in getattr(account.source, "folders", ())]
+    marker = "-" + re.sub(r"[/:;<>|]+", "-", _source(account, "username")) + "-"
+    at = path.name.find(marker)
+    if not path.name.startswith("oldmail-") or at < 0 or not folders:
+        return None
+    suffix = path.name[at + len(marker):]
+    fitting = [folder for folder in folders if re.sub(r"[/:;<>|]+", ".", folder) == suffix]
+    return fitting[0] if len(fitting) == 1 else None
 
 
 def _source(account: Account, key: str) -> str:
