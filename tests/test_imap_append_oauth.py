@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -76,3 +77,45 @@ def test_postbote_auth_authorizes_the_imap_destination_and_the_polls_log_in_to_i
         assert pop3.uids() == []
     folder = MaildirTarget(dovecot.maildir("alice") / ".From the old account")  # Dovecot's Maildir++ layout
     assert sorted(corpus_number(data) or 0 for data in folder.delivered()) == [1, 2, 3]
+
+
+def test_when_the_source_needs_an_authorization_too_postbote_auth_runs_the_sources(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One ``postbote auth ACCOUNT`` authorizes one thing: the source comes first (the destination's then needs a
+    way to be named, which postbote auth does not have yet); an account whose source needs none gets the
+    destination's, under the destination's own token cache name."""
+    import io
+
+    from postbote.config import load_config
+    from postbote.pluginmanager import make_plugin_manager
+    from postbote.plugins import imap_append
+    from postbote.plugins.signin import authorize as signin_authorize
+
+    oauth = {"client_id": CLIENT_ID, "token_url": "https://127.0.0.1:1/token", "refresh_token_file": "rt",
+             "scope": "imap"}
+    imap = {"host": "imap.example.org", "username": "me", "auth": "xoauth2", "oauth2": oauth}
+    config = tmp_path / "postbote.yaml"
+    config.write_text(yaml.safe_dump({"accounts": [
+        {"name": "both", "host": "pop.example.org", "username": "me", "auth": "xoauth2", "oauth2": oauth,
+         "deliver": {"imap": imap}},
+        {"name": "destination-only", "host": "pop.example.org", "username": "me", "password": "pw",
+         "deliver": {"imap": imap}},
+        {"name": "neither", "host": "pop.example.org", "username": "me", "password": "pw",
+         "deliver": {"imap": {"host": "imap.example.org", "username": "me", "password": "pw"}}}]}))
+    config.chmod(0o600)
+    both, destination_only, neither = load_config(config, make_plugin_manager(entry_points=False)).accounts
+    flows: list[str] = []
+
+    def run_auth(oauth: Any, out: Any, *, account: str, **_: Any) -> int:
+        flows.append(account)
+        return 0
+
+    monkeypatch.setattr(signin_authorize, "run_auth", run_auth)
+
+    def answer(account: Any) -> Any:
+        return imap_append.authorize(account=account, state_dir=tmp_path, out=io.StringIO(), flow="device",
+                                     open_browser=False)
+
+    assert answer(both) is None and answer(neither) is None  # left to the source's plugin
+    assert answer(destination_only) == 0
+    assert flows == ["destination-only.imap-me@imap.example.org_993"]
