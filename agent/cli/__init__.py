@@ -116,15 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--maildir", metavar="DIR", help="where to deliver (default: a new temporary directory)")
     demo.add_argument("--messages", type=int, default=None, metavar="N", help="how many extra generated messages")
     imported = _command(
-        commands, "import", "print a postbote.yaml for the accounts of a .fetchmailrc or getmail rc files",
+        commands, "import", "print a postbote.yaml for the accounts of a .fetchmailrc, getmail rc files or an .mpoprc",
         exits="0 when the accounts were written (notes or not); 2 when a file cannot be read or parsed (FILE:LINE: "
               "what)",
         example="postbote import ~/.fetchmailrc -o ~/.config/postbote/postbote.yaml",
-        description="Read a .fetchmailrc (default ~/.fetchmailrc) or getmail rc files and print a postbote.yaml for "
+        description="Read a .fetchmailrc (default ~/.fetchmailrc), getmail rc files or an .mpoprc and print a "
+                    "postbote.yaml for "
                     "their accounts; passwords go into 0600 files, never into the YAML. What cannot be taken over "
                     "is listed (YAML comments and stderr) with the reason. See docs/migration.md.")
     imported.add_argument("files", nargs="*", metavar="FILE", help="the rc file(s) (default: ~/.fetchmailrc)")
-    imported.add_argument("--from", dest="tool", choices=["fetchmail", "getmail"],
+    imported.add_argument("--from", dest="tool", choices=["fetchmail", "getmail", "mpop"],
                           help="the tool that wrote the files (default: recognised by their content)")
     imported.add_argument("-o", "--output", metavar="FILE", help="write the YAML here (created, never overwritten) "
                                                                  "instead of on stdout")

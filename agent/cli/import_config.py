@@ -1,7 +1,9 @@
-"""``postbote import [--from fetchmail|getmail] [FILE...]``: print a postbote.yaml for the accounts of a
-``.fetchmailrc`` (default ``~/.fetchmailrc``) or of getmail rc files, the passwords written into 0600 files.
+"""``postbote import [--from fetchmail|getmail|mpop] [FILE...]``: print a postbote.yaml for the accounts of a
+``.fetchmailrc`` (default ``~/.fetchmailrc``), of getmail rc files or of an ``.mpoprc``, the passwords written into
+0600 files.
 
-The format is recognised by content (a ``[retriever]`` section is getmail's) unless ``--from`` says. What could not be
+The format is recognised by content (a ``[retriever]`` section is getmail's, ``account`` and ``host`` lines are
+mpop's) unless ``--from`` says. What could not be
 taken over is listed in the YAML's comments and on stderr, each with its reason. Exit status 0 when the accounts were
 written (notes or not), 2 when a file cannot be read or parsed (``FILE:LINE: what``).
 """
@@ -23,12 +25,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def detect_tool(path: Path) -> str:
-    """``getmail`` for an INI file with a ``[retriever]`` section, else ``fetchmail``."""
+    """``getmail`` for an INI file with a ``[retriever]`` section, ``mpop`` for one with ``account`` and ``host``
+    lines, else ``fetchmail``."""
     try:
-        head = path.read_text(encoding="utf-8", errors="replace")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
     except OSError:
         return "fetchmail"  # the reader reports the error
-    return "getmail" if any(line.strip().lower() == "[retriever]" for line in head.splitlines()) else "fetchmail"
+    if any(line.lower() == "[retriever]" for line in lines):
+        return "getmail"
+    words = {line.split()[0] for line in lines if line and not line.startswith("#")}
+    return "mpop" if {"account", "host"} <= words and not words & {"poll", "server", "skip"} else "fetchmail"
 
 
 def import_command(files: list[str], *, tool: str | None = None, output: str | None = None,
@@ -44,7 +50,7 @@ def import_command(files: list[str], *, tool: str | None = None, output: str | N
     paths = [Path(name).expanduser() for name in files] or [Path("~/.fetchmailrc").expanduser()]
     tools = {path: tool or detect_tool(path) for path in paths}
     if tool is None and len(set(tools.values())) > 1:
-        raise ConfigError("these files are of different tools (fetchmail and getmail): import "
+        raise ConfigError("these files are of different tools: import "
                           "them one tool at a time, or say which with --from")
     chosen = next(iter(tools.values()))
     if chosen == "fetchmail":
@@ -54,6 +60,15 @@ def import_command(files: list[str], *, tool: str | None = None, output: str | N
         result: ImportResult = import_fetchmailrc(
             paths[0], include_skipped=include_skipped, local_user=local_user,
             netrc=netrc_path if netrc or netrc_path.is_file() else None)
+    elif chosen == "mpop":
+        from postbote.migrate.mpoprc import import_mpoprc
+
+        result = ImportResult()
+        taken: set[str] = set()
+        for path in paths:
+            found = import_mpoprc(path, taken=taken)
+            result.accounts += found.accounts
+            result.unmapped += found.unmapped
     else:
         result = import_getmailrc(paths)
     target = Path(output).expanduser() if output else None

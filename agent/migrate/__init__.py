@@ -102,5 +102,15 @@ def repin_comments(old: str, kind: str, host: str, port: int | None, starttls: s
     ]
 
 
+_SENDER_OPTION = re.compile(r"""\s*-[fr]\s*(['"]?)%F\1""")
+_SENDER = re.compile(r"""\s*(['"]?)%F\1""")
+
+
+def without_sender(command: str) -> str:
+    """An MDA command without the old tool's sender placeholder ``%F`` -- and without the ``-f``/``-r`` option that
+    introduced it, which would otherwise take the next argument as its value."""
+    return _SENDER.sub("", _SENDER_OPTION.sub("", command)).strip()
+
+
 __all__ = ["ImportResult", "Imported", "MigrationError", "Unmapped", "account_name", "fingerprint_kind",
-           "repin_comments"]
+           "repin_comments", "without_sender"]

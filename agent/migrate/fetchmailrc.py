@@ -32,6 +32,7 @@ from postbote.migrate import (
     account_name,
     fingerprint_kind,
     repin_comments,
+    without_sender,
 )
 
 # --- the tokenizer ------------------------------------------------------------------------------------------
@@ -778,7 +779,7 @@ def mda_argv(command: str, local: str, account: Imported, skip: Any, line: int) 
     if "%F" in replaced:
         skip("mda %F", line, "postbote's MDA gets no sender argument; the message's Return-Path: holds it (most MDAs "
                              "read it)")
-        replaced = replaced.replace("'%F'", "").replace('"%F"', "").replace("%F", "")
+        replaced = without_sender(replaced)
     if "%T" in command or "%s" in command:
         account.comments.append(f"fetchmail's %T/%s in the MDA command stood for the local user: written as {local!r}")
     if not any(char in _SHELL_CHARS for char in replaced):
