@@ -134,8 +134,9 @@ class Config:
         return tuple(self.account(name) for name in names) if names else self.accounts
 
 
-TOP_KEYS = {"state_dir", "log", "defaults", "accounts", "plugins", "plugin_paths", "max_parallel", "backoff_max",
-            "state_busy_timeout"}
+TOP_KEYS = {"state_dir", "log", "defaults", "accounts", "accounts_dir", "plugins", "plugin_paths", "max_parallel",
+            "backoff_max", "state_busy_timeout"}
+ACCOUNT_FILE_PATTERNS = ("*.yaml", "*.yml")
 
 
 def load_config(path: Path, pm: PluginManager) -> Config:
@@ -154,9 +155,13 @@ def load_config(path: Path, pm: PluginManager) -> Config:
     global_plugins = _plugin_entries(top.section("plugins"), pm, problems)
     state_dir = top.get("state_dir", s.path_relative_to(base_dir), default_state_dir())
     log = _log_settings(top.section("log"), base_dir)
-    accounts = _accounts(top, top.section("defaults"), problems, pm, base_dir, global_plugins)
+    accounts_dir = top.get("accounts_dir", s.path_relative_to(base_dir), None)
+    defaults = top.section("defaults")
+    accounts = _accounts(top, defaults, problems, pm, base_dir, global_plugins, required=accounts_dir is None)
     top.finish(TOP_KEYS)
     problems.raise_if_any()
+    if accounts_dir is not None:
+        accounts += _accounts_from_dir(accounts_dir, defaults, pm, global_plugins, {a.name: path for a in accounts})
     config = Config(path=path, state_dir=state_dir, log=log, accounts=tuple(accounts),
                     max_parallel=top.get("max_parallel", s.integer(1, 256), 4),
                     backoff_max=top.get("backoff_max", s.duration, 3600.0),
@@ -176,11 +181,47 @@ def _log_settings(section: Section | None, base_dir: Path) -> LogSettings:
     return settings
 
 
+def _accounts_from_dir(directory: Path, defaults: Section | None, pm: PluginManager,
+                       global_plugins: dict[str, Node | bool], seen: dict[str, Path]) -> list[Account]:
+    """The accounts of every ``*.yaml`` file in ``accounts_dir`` (a conf.d: one or many accounts a file, in name
+    order), each file's mistakes reported with its own name and lines; ``defaults:`` and ``plugins:`` of the main
+    file apply. A name used in two files is a mistake in the second."""
+    if not directory.is_dir():
+        raise ConfigError(f"accounts_dir: {directory} is not a directory")
+    files = sorted({file for pattern in ACCOUNT_FILE_PATTERNS for file in directory.glob(pattern)})
+    accounts: list[Account] = []
+    lines: list[str] = []
+    for file in files:
+        problems = Problems(str(file))
+        top = Section(s.load_yaml(file), problems, what="a mapping with accounts")
+        found = _accounts(top, defaults, problems, pm, file.resolve().parent, global_plugins)
+        top.finish({"accounts"})
+        if any(getattr(settings, "holds_inline_password", False) for account in found
+               for settings in _plugin_settings(account)) and exposes_a_secret(file.stat()):
+            problems.add(0, "", "holds an inline password but is accessible by group or others; run: chmod 600 "
+                                f"{file} (or use password_file)")
+        for account in found:
+            if account.name in seen:
+                problems.add(0, "", f"duplicate account name {account.name!r} (also in {seen[account.name]})")
+            else:
+                seen[account.name] = file
+                accounts.append(account)
+        try:
+            problems.raise_if_any()
+        except ConfigError as exc:
+            lines += exc.problems
+    if lines:
+        raise ConfigError(lines)
+    return accounts
+
+
 def _accounts(top: Section, defaults: Section | None, problems: Problems, pm: PluginManager,
-              base_dir: Path, global_plugins: dict[str, Node | bool]) -> list[Account]:
+              base_dir: Path, global_plugins: dict[str, Node | bool], *, required: bool = True) -> list[Account]:
     node = top.raw("accounts")
+    if (node is None or node.value is None) and not required:
+        return []
     if node is None or node.value is None:
-        problems.add(top.line, "accounts", "required key is missing: list the mailboxes to poll")
+        problems.add(top.line, "accounts", "required key is missing: list the mailboxes to poll (or accounts_dir)")
         return []
     if not isinstance(node.value, list) or not node.value:
         problems.add(node.line, "accounts", f"expected a non-empty list of accounts, got {s.describe(node.value)}")

@@ -14,6 +14,8 @@ Fixtures
 ``make_setup``        ``make_setup(messages, faults=None, source="pop3")``: a poller-suite
                       `tests.harness.Setup`, likewise
 ``postbote``           a `tests.harness.Postbote` in ``tmp_path``: write a config, run commands on it
+``daemons``           ``daemons(config)``: ``postbote run`` subprocesses (`tests.harness.DaemonRun`), killed after
+                      the test if still running
 ``time_limit``        interrupts the test after the module's ``TIME_LIMIT`` seconds (60 by default); a
                       module opts in with ``pytestmark = pytest.mark.usefixtures("time_limit")``
 
@@ -30,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Postbote, RigFactory, SetupFactory, limited_time, rig_factory, setup_factory
+from tests.harness import DaemonRun, Postbote, RigFactory, SetupFactory, limited_time, rig_factory, setup_factory
 from tests.servers.certs import TestPKI, make_test_pki
 from tests.servers.dovecot import DEFAULT_USERS, DovecotServer, dovecot_binary
 from tests.servers.smtp_sink import SMTPSink
@@ -196,3 +198,20 @@ def umask_022() -> Iterator[None]:
         yield
     finally:
         os.umask(previous)
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., DaemonRun]]:
+    """``daemons(config, **DaemonRun options)``: ``postbote run`` subprocesses, killed after the test if still up."""
+    running: list[DaemonRun] = []
+
+    def start(config: Path, **kwargs: Any) -> DaemonRun:
+        run = DaemonRun(config, **kwargs)
+        running.append(run)
+        return run
+
+    yield start
+    for run in running:
+        if run.process.poll() is None:
+            run.process.kill()
+            run.wait(5)

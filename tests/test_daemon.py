@@ -45,22 +45,6 @@ def servers() -> Iterator[Callable[..., POP3Server]]:
         server.stop()
 
 
-@pytest.fixture
-def daemons() -> Iterator[Callable[..., DaemonRun]]:
-    running: list[DaemonRun] = []
-
-    def start(config: Path, **kwargs: Any) -> DaemonRun:
-        run = DaemonRun(config, **kwargs)
-        running.append(run)
-        return run
-
-    yield start
-    for run in running:
-        if run.process.poll() is None:
-            run.process.kill()
-            run.wait(5)
-
-
 # --- scheduling policy, without waiting
 
 
