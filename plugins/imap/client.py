@@ -217,8 +217,12 @@ class Receiver:
         return self._take(min(len(self._data), self._pos + count))
 
     def _take(self, end: int) -> bytes:
-        taken = self._data[self._pos:end]
-        self._pos = end
+        data = self._data
+        taken = data[self._pos:end]  # (all of it: the same object, no copy)
+        if end >= len(data):  # drained: let the last read go (an idle connection keeps no 256 KiB buffer)
+            self._data, self._pos = b"", 0
+        else:
+            self._pos = end
         return taken
 
 
