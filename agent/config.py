@@ -104,6 +104,12 @@ class Account:
     # ``received_protocol`` (the ``Received:`` trace field's ``from`` and ``with``).
     source: Any = None
 
+    @property
+    def server_host(self) -> str:
+        """The server host the account's polls connect to (``max_parallel_per_host`` counts by it); its own name when
+        its source names none."""
+        return str(getattr(self.source, "host", None) or self.name)
+
     def uses(self, plugin: str) -> bool:
         """Whether ``plugin`` is enabled for this account (plugins registered after the config was read are)."""
         return plugin not in self.disabled_plugins
@@ -120,6 +126,7 @@ class Config:
     log: LogSettings
     accounts: tuple[Account, ...]
     max_parallel: int = 4
+    max_parallel_per_host: int = 8  # polls at once against one server host (providers limit connections per IP)
     backoff_max: float = 3600.0
     state_busy_timeout: float = 2.0
 
@@ -135,7 +142,7 @@ class Config:
 
 
 TOP_KEYS = {"state_dir", "log", "defaults", "accounts", "accounts_dir", "plugins", "plugin_paths", "max_parallel",
-            "backoff_max", "state_busy_timeout"}
+            "max_parallel_per_host", "backoff_max", "state_busy_timeout"}
 ACCOUNT_FILE_PATTERNS = ("*.yaml", "*.yml")
 
 
@@ -163,7 +170,8 @@ def load_config(path: Path, pm: PluginManager) -> Config:
     if accounts_dir is not None:
         accounts += _accounts_from_dir(accounts_dir, defaults, pm, global_plugins, {a.name: path for a in accounts})
     config = Config(path=path, state_dir=state_dir, log=log, accounts=tuple(accounts),
-                    max_parallel=top.get("max_parallel", s.integer(1, 256), 4),
+                    max_parallel=top.get("max_parallel", s.integer(1, 1024), 4),
+                    max_parallel_per_host=top.get("max_parallel_per_host", s.integer(1, 1024), 8),
                     backoff_max=top.get("backoff_max", s.duration, 3600.0),
                     state_busy_timeout=top.get("state_busy_timeout", s.duration, 2.0))
     problems.raise_if_any()

@@ -33,7 +33,7 @@ import signal
 import socket
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -421,8 +421,17 @@ class Daemon:
     def _start_queued(self) -> None:
         if self._pending is not None:
             return  # a reload waits for the running polls; start nothing on the old config meanwhile
+        per_host = Counter(self._slots[name].account.server_host for name in self._workers if name in self._slots)
+        waiting: deque[str] = deque()
         while self._queue and len(self._workers) < self.config.max_parallel:
-            self._start(self._slots[self._queue.popleft()])
+            slot = self._slots[self._queue.popleft()]
+            host = slot.account.server_host
+            if per_host[host] >= self.config.max_parallel_per_host:
+                waiting.append(slot.account.name)  # its host has max_parallel_per_host polls running: later
+                continue
+            per_host[host] += 1
+            self._start(slot)
+        self._queue.extendleft(reversed(waiting))
 
     def _start(self, slot: AccountSlot) -> None:
         name = slot.account.name

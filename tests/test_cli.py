@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from postbote import hookimpl
 from postbote.cli import main
 from postbote.config import load_config
 from postbote.pluginmanager import make_plugin_manager
@@ -342,3 +343,52 @@ def test_quiet_logs_warnings_and_errors_only(tmp_path: Path) -> None:
     assert done.returncode == 0 and delivered(tmp_path) == 1
     levels = {json.loads(line)["level"] for line in done.stderr.splitlines()}
     assert levels <= {"warning", "error"}  # tls: none's warning, and no poll.finished or message.delivered
+
+
+class Concurrency:
+    """Counts the polls running at once (poll_started / poll_finished)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+
+    @hookimpl
+    def poll_started(self, account: Any) -> None:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.05)  # long enough for the other workers to start theirs, if they may
+
+    @hookimpl
+    def poll_finished(self, account: Any, stats: Any) -> None:
+        with self.lock:
+            self.running -= 1
+
+
+def test_poll_runs_at_most_max_parallel_per_host_polls_against_one_server(tmp_path: Path) -> None:
+    from postbote.cli.poll import poll
+    from postbote.state import StateStore
+
+    servers = [POP3Server([b"Subject: hi\r\n\r\nbody\r\n"]).start() for _ in range(4)]
+    try:
+        accounts = "".join(f"  - {{name: a{n}, host: 127.0.0.1, port: {server.port}, tls: none, username: demo, "
+                           f"password: demo, deliver: {{maildir: {tmp_path / 'Maildir'}}}}}\n"
+                           for n, server in enumerate(servers))
+        path = write_config(tmp_path, f"state_dir: {tmp_path / 'state'}\nmax_parallel: 4\nmax_parallel_per_host: 1\n"
+                                      f"accounts:\n{accounts}")
+        counter = Concurrency()
+        pm = make_plugin_manager(entry_points=False, extra=[counter])
+        config = load_config(path, pm)
+        store = StateStore(config.state_dir)
+        try:
+            with logging_restored():
+                assert poll(pm, config, store, []) == 0
+        finally:
+            store.close()
+    finally:
+        for server in servers:
+            server.stop()
+    assert counter.most == 1 and all(server.uids() == [] for server in servers)

@@ -154,6 +154,16 @@ def test_at_most_max_parallel_polls_run_and_never_two_of_one_account(tmp_path: P
     assert poller.overlaps == []
 
 
+def test_at_most_max_parallel_per_host_polls_run_against_one_server(tmp_path: Path) -> None:
+    """Providers limit connections per address: accounts on one host take turns, however many may run at once."""
+    poller = StandInPoller(lambda _name, _stop: time.sleep(0.1))
+    daemon, thread, store = in_process_daemon(tmp_path, poller, ["a", "b", "c", "d"], max_parallel=4,
+                                              max_parallel_per_host=1, poll_interval=0.1)
+    wait_until(lambda: all(len(poller.starts.get(n, [])) >= 2 for n in "abcd"), 10, "two polls of every account")
+    stop_daemon(daemon, thread, store)
+    assert poller.most_at_once == 1 and poller.overlaps == []
+
+
 def test_a_hanging_account_does_not_hold_up_the_others(tmp_path: Path) -> None:
     release = threading.Event()
     poller = StandInPoller(lambda name, _stop: release.wait(10) and None if name == "stuck" else None)

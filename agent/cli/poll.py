@@ -19,8 +19,9 @@ from postbote.jobs import ExitStatus
 if TYPE_CHECKING:
     import threading
 
-    from postbote.config import Config
+    from postbote.config import Account, Config
     from postbote.pluginmanager import PluginManager
+    from postbote.poll import PollStats
     from postbote.state import StateStore
 
 PROGRESS_PLUGIN_NAME = "postbote.progress"
@@ -129,13 +130,30 @@ def poll(pm: PluginManager, config: Config, store: StateStore, names: Sequence[s
 
     accounts = config.select(tuple(names))
     stop = threading.Event()
+    hosts = {host: threading.BoundedSemaphore(config.max_parallel_per_host)
+             for host in {account.server_host for account in accounts}}
+
+    def poll_one(account: Account) -> PollStats | None:
+        with hosts[account.server_host]:  # at most max_parallel_per_host polls against one server at a time
+            return None if stop.is_set() else poll_guarded(poller, account)
+
     with stop_on_signals(stop):
         poller = Poller(pm, store, stop)
         with ThreadPoolExecutor(max_workers=max(1, min(config.max_parallel, len(accounts))),
                                 thread_name_prefix="poll") as pool:
-            results = list(pool.map(lambda account: None if stop.is_set() else poll_guarded(poller, account),
-                                    accounts))
+            results = list(pool.map(poll_one, interleaved_by_host(accounts)))
     return exit_status(results)
+
+
+def interleaved_by_host(accounts: Sequence[Account]) -> list[Account]:
+    """The accounts with their hosts taken in turn, so that the pool's workers do not all wait on one busy host."""
+    import itertools
+
+    by_host: dict[str, list[Account]] = {}
+    for account in accounts:
+        by_host.setdefault(account.server_host, []).append(account)
+    turns = itertools.zip_longest(*by_host.values())
+    return [account for turn in turns for account in turn if account is not None]
 
 
 @contextmanager
