@@ -188,6 +188,24 @@ def test_a_permanent_rejection_notifies_with_the_reason_and_no_body(tmp_path: Pa
     assert len(hook.events()) == 1 and len(relay.messages) == 1
 
 
+def test_rejections_of_one_poll_go_out_together_after_the_poll(tmp_path: Path, hook: Hook) -> None:
+    mda = tmp_path / "mda"
+    mda.write_text("#!/bin/sh\ncat >/dev/null\nexit 1\n")
+    mda.chmod(0o755)
+    path, source, mailbox = setup(tmp_path, {"webhook": {"url": f"{hook.url}/hook"}}, deliver={"mda": [str(mda)]})
+    for n in range(12):
+        mailbox.add(letter(f"number {n}", message_id=f"<{n}@example.net>"))
+    with structlog.testing.capture_logs() as logs:
+        stats = poll(path, source)
+    assert stats.rejected == 12
+    (event,) = hook.events()
+    assert event["count"] == 12 and len(event["messages"]) == 10  # the first ten named, all counted
+    assert [m["message_id"] for m in event["messages"]] == [f"<{n}@example.net>" for n in range(10)]
+    order = [entry["event"] for entry in logs if entry["event"] in ("message.rejected", "poll.finished",
+                                                                   "notify.sent")]
+    assert order == ["message.rejected"] * 12 + ["poll.finished", "notify.sent"]
+
+
 def test_details_name_only_what_the_config_allows(tmp_path: Path, hook: Hook, smtp_sink: SMTPSink) -> None:
     smtp_sink.respond_with("550 5.1.1 no such user")
     path, source, mailbox = setup(
