@@ -272,8 +272,8 @@ def commands_sent(folders: tuple[AfterFetch, ...], capabilities: Capabilities, p
 
 @st.composite
 def imap_faults(draw: st.DrawFn, sent: set[str]) -> IMAPInjected:
-    fault = draw(st.sampled_from(IMAPFault))
-    command = draw(st.sampled_from([c for c in FAULT_COMMANDS[fault] if c in sent]))
+    command = draw(st.sampled_from(sorted(sent)))
+    fault = draw(st.sampled_from([f for f in IMAPFault if command in FAULT_COMMANDS[f]]))
     after = draw(st.sampled_from(MIDWAY_BYTES)) if fault is IMAPFault.DROP_MIDWAY else 0
     return IMAPInjected(fault, command, draw(st.integers(1, MOST_PER_POLL.get(command, 1))), after)
 
@@ -287,14 +287,16 @@ def imap_messages(folder_count: int) -> st.SearchStrategy[IMAPMessage]:
 def imap_poll_plans(draw: st.DrawFn, destinations: tuple[Kind, ...], folders: tuple[AfterFetch, ...],
                     capabilities: Capabilities, pattern: bool, unseen_only: bool) -> IMAPPollPlan:
     folder_count = len(folders)
+    sent = commands_sent(folders, capabilities, pattern, unseen_only)
+    if draw(st.booleans()) and sent & set(_CHANGING):
+        sent &= set(_CHANGING)  # half the polls: faults only where the after-fetch actions are done (reached less)
     return IMAPPollPlan(
         # half the polls without refusals, so that deliveries reach the after-fetch commands and their faults
         destination_outcomes=tuple(draw(st.one_of(st.just(()), destination_schedule(kind))) for kind in destinations),
         state_locked_at=draw(st.one_of(st.none(), st.none(), st.none(), st.integers(0, 12))),
         kill=draw(st.one_of(st.none(), st.none(), st.none(),
                             st.builds(Kill, st.sampled_from(KillPoint), st.integers(1, 25)))),
-        imap_faults=tuple(draw(st.lists(imap_faults(commands_sent(folders, capabilities, pattern, unseen_only)),
-                                        max_size=2))),
+        imap_faults=tuple(draw(st.lists(imap_faults(sent), max_size=2))),
         imap_arrivals=tuple(draw(st.lists(imap_messages(folder_count), max_size=2))),
         renumbered=tuple(draw(st.one_of(st.just([]), st.just([]), st.just([]),
                                         st.lists(st.integers(0, folder_count - 1), max_size=1)))),
