@@ -141,6 +141,8 @@ def test_failing_polls_notify_once_and_the_recovery_once(tmp_path: Path, hook: H
     assert mail["Subject"] == "[postbote] alice: 3 polls in a row failed (login refused)"
     assert mail["Auto-Submitted"] == "auto-generated" and mail["To"] == "ops@example.org"
     assert smtp_sink.messages[0].rcpt_tos == ["ops@example.org"]
+    memory = tmp_path / "state" / "notify.sqlite3"  # each poll() is a fresh start: the memory is on disk
+    assert memory.stat().st_mode & 0o777 == 0o600
 
     mailbox.open_error = None
     mailbox.add(make_message("after the outage"))
