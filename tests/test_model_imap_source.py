@@ -17,7 +17,7 @@ per UIDVALIDITY change) and none otherwise, keep and seen folders keep their mes
 says. After the clean polls every message is delivered everywhere or rejected and still there, and has had exactly
 its folder's action.
 
-CI runs ``POSTBOTE_MODEL_IMAP_EXAMPLES`` cases (default 30, about 20 s), the same ones every time (derandomised
+CI runs ``POSTBOTE_MODEL_IMAP_EXAMPLES`` cases (default 40, about 20 s), the same ones every time (derandomised
 when ``CI`` is set); the findings the model made are strict xfails at the end, and the model tolerates them behind
 named switches (`tests.model.imap_source_runner.TOLERATE_*`) so that it keeps looking. The soak::
 
@@ -53,7 +53,7 @@ from tests.model.ledger import InvariantBroken
 from tests.model.plan import Kill, KillPoint
 from tests.model.runner import TALLY
 
-EXAMPLES = int(os.environ.get("POSTBOTE_MODEL_IMAP_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("POSTBOTE_MODEL_IMAP_EXAMPLES", "40"))
 IN_CI = bool(os.environ.get("CI"))
 # A soak looking for new paths may skip shrinking (slow: each step is a whole case): POSTBOTE_MODEL_SHRINK=0.
 PHASES = tuple(Phase) if os.environ.get("POSTBOTE_MODEL_SHRINK", "1") != "0" else (Phase.explicit, Phase.generate)
