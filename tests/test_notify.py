@@ -448,23 +448,29 @@ def test_an_unreadable_token_file_is_a_start_up_error(tmp_path: Path) -> None:
 
 
 def test_the_daemon_notifies_the_outage_once_and_the_recovery_once(tmp_path: Path, hook: Hook) -> None:
-    """``postbote run``: the server is down for some polls, then comes up."""
+    """``postbote run`` with two accounts polled in parallel: alice's server is down for some polls, then comes
+    up; bob's stays down."""
     port = free_port()
     server = POP3Server([make_message("waiting out the outage")], port=port)
-    path = write_config(tmp_path / "postbote.yaml", [account("alice", server, tmp_path / "Maildir")],
+    path = write_config(tmp_path / "postbote.yaml",
+                        [account("alice", server, tmp_path / "Maildir"),
+                         account("bob", None, tmp_path / "Maildir", port=free_port())],
                         plugins={"notify": {"after_failures": 2, "webhook": {"url": f"{hook.url}/hook"}}})
     daemon = DaemonRun(path)
     try:
-        daemon.wait_for("notify.sent", notification="account.failing", timeout=30)
+        daemon.wait_for("notify.sent", notification="account.failing", account="alice", timeout=30)
         server.start()
-        daemon.wait_for("notify.sent", notification="account.recovered", timeout=30)
-        daemon.wait_for("poll.finished", ok=True, count=2, timeout=30)
+        daemon.wait_for("notify.sent", notification="account.recovered", account="alice", timeout=30)
+        daemon.wait_for("poll.finished", ok=True, account="alice", count=2, timeout=30)
+        daemon.wait_for("notify.sent", notification="account.failing", account="bob", timeout=30)
     finally:
         assert daemon.stop() == 0
         server.stop()
-    assert [(event["event"], event["count"]) for event in hook.events()] == [("account.failing", 2),
-                                                                             ("account.recovered", 2)]
-    assert len(daemon.events("poll.finished", ok=False)) == 2
+    told = [(event["account"], event["event"], event["count"]) for event in hook.events()]
+    assert [entry for entry in told if entry[0] == "alice"] == [("alice", "account.failing", 2),
+                                                                ("alice", "account.recovered", 2)]
+    assert [entry for entry in told if entry[0] == "bob"] == [("bob", "account.failing", 2)]
+    assert len(daemon.events("poll.finished", ok=False, account="alice")) == 2
 
 
 # --- options
