@@ -47,9 +47,10 @@ from tests.model.imap_source_runner import (
     IMAPMessage,
     IMAPPollPlan,
     IMAPSourceRun,
+    WrongAction,
     imap_cases,
 )
-from tests.model.ledger import InvariantBroken
+from tests.model.ledger import InvariantBroken, Stuck
 from tests.model.plan import Kill, KillPoint
 from tests.model.runner import TALLY
 
@@ -166,7 +167,7 @@ def test_imap_to_imap_append_loses_nothing_and_duplicates_only_what_a_crash_may_
 # ------------------------------------------------------------------ findings (issue 13), as failing reproductions
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=Stuck, reason=(
     "finding: without MOVE, postbote moves with UID COPY, UID STORE \\Deleted and UID EXPUNGE, but notes the UIDs "
     "it flags as its own (the 'expunging' table) only for delete; a lost UID EXPUNGE leaves the original flagged "
     "\\Deleted in its folder for ever, the next polls taking it for another client's deletion "
@@ -178,7 +179,7 @@ def test_finding_move_by_copy_leaves_the_original_flagged_deleted_after_a_lost_e
                       polls=(IMAPPollPlan(imap_faults=(IMAPInjected(IMAPFault.DROP, "UID EXPUNGE"),)),)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=WrongAction, reason=(
     "finding: without MOVE, a NO to the UID STORE \\Deleted after the UID COPY (nothing uncertain, no crash) has the "
     "next poll UID COPY the message again: two copies in the move_to folder (plugins/imap/mailbox.py _apply, "
     "client.move: the COPYUID answer is not kept)"))
@@ -188,7 +189,7 @@ def test_finding_move_by_copy_copies_again_after_a_refused_store(monkeypatch: py
                       polls=(IMAPPollPlan(imap_faults=(IMAPInjected(IMAPFault.NO, "UID STORE"),)),)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=Stuck, reason=(
     "finding: after_fetch: seen sets \\Seen once, after the commit; a NO to that UID STORE (logged 'the action is "
     "tried again next poll'), a dropped connection or a kill before it leaves the delivered message unseen for ever: "
     "entries that stay are never asked for again (agent/poller.py _plan, AccountSession.verified)"))
