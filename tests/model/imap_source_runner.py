@@ -462,6 +462,7 @@ class IMAPSourceRun(CaseRun):
         self.gone: set[int] = set()  # idents another client expunged
         self.renumbered_since: dict[int, int] = {}  # folder -> UIDVALIDITY changes so far
         self.after_fetch_faults = 0  # polls whose STORE, EXPUNGE, MOVE or COPY met a fault
+        self.uncertain_polls = 0  # polls where a destination crashed mid-delivery (its outcome unknown to postbote)
         self.labels = [d.label for d in self.destinations]
         TALLY["cases with an IMAP destination"] += Kind.IMAP in case.destinations
         TALLY[f"server {case.capabilities.name}"] += 1
@@ -625,6 +626,8 @@ class IMAPSourceRun(CaseRun):
         self.kills += result.killed
         self.tally_imap(result, faults)
         self.after_fetch_faults += any(f.command in _CHANGING for f in faults.fired_faults)
+        crashes = any(o is Outcome.CRASH for outcomes in plan.destination_outcomes for o in outcomes)
+        self.uncertain_polls += bool(crashes and result.destination_refusals)
         self.log.append(f"{name}: {result.stats if result.stats else 'killed'}"
                         f"{'; state locked' if result.state_locked else ''}"
                         f"{'; faults ' + ', '.join(map(str, faults.fired_faults)) if faults.fired_faults else ''}")
@@ -764,6 +767,14 @@ class IMAPSourceRun(CaseRun):
                 problems.append(f"message {ident} of {home} (after_fetch {action.value}) delivered and gone, but "
                                 f"not in {target}")
         return problems
+
+    def only_held_after_repeated_cuts(self, result: PollResult) -> bool:
+        """As `CaseRun.only_held_after_repeated_cuts`, a destination's crash mid-delivery (SMTP/LMTP connection
+        dropped after the data, the MDA killed, an APPEND cut) counting as a cut too: postbote cannot know whether
+        it arrived, and leaves that delivery's "in flight" note as a kill does (agent/handling.py announce)."""
+        stats = result.stats or {}
+        return (self.risky_polls + self.uncertain_polls >= 2 and stats.get("error") is None
+                and not stats.get("deferred") and 0 < stats.get("rejected", 0) <= len(self.held_uids()))
 
     def check_imap_stats(self, plan: IMAPPollPlan, result: PollResult, faults: SourceFaults, name: str) -> None:
         """A poll that met a fault it could see does not look clean; a clean poll is."""
