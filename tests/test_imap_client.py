@@ -302,11 +302,11 @@ def test_move(dovecot: DovecotServer, pki: TestPKI) -> None:
     client.create("Done")
     client.select("INBOX")
     first, second, third = client.listing()
-    client.move([first.uid, third.uid], "Done")
+    copied = client.move([first.uid, third.uid], "Done")
     assert [entry.uid for entry in client.listing()] == [second.uid]
     client.select("Done")
     moved = client.listing()
-    assert len(moved) == 2
+    assert len(moved) == 2 and copied == {first.uid: moved[0].uid, third.uid: moved[1].uid}  # [COPYUID]
     assert list(fetch_all(client, [entry.uid for entry in moved]).values()) == [message(1), message(3)]
     client.logout()
 
@@ -533,6 +533,21 @@ def test_move_without_move_uses_copy_and_uid_expunge_only() -> None:
         assert [m.data for m in server.messages("Archive")] == [message(1), message(3)]
         assert "EXPUNGE" not in server.commands
         assert client.exists == 1
+        client.logout()
+
+
+def test_move_by_copy_says_what_was_copied_even_when_the_store_fails() -> None:
+    faults = Faults().on("UID STORE", action=Action.no(text="read-only now"))
+    with fault_server(faults, capabilities=("IMAP4rev1", "LITERAL+", "UIDPLUS")) as server:
+        client = on(server)
+        with pytest.raises(IMAPError, match="read-only now"):
+            client.move([1, 3], "Archive")
+        assert client.copied == {1: 1, 3: 2}  # the copies exist: a caller must not copy again
+        assert [m.uid for m in server.messages("INBOX")] == [1, 2, 3]
+        client.logout()
+    with fault_server() as server:  # UID MOVE: [COPYUID] comes untagged, before the EXPUNGEs
+        client = on(server)
+        assert client.move([2, 3], "Archive") == {2: 1, 3: 2}
         client.logout()
 
 

@@ -310,6 +310,7 @@ class IMAPClient:
         # kept in step with EXISTS and EXPUNGE: a FETCH whose number and UID disagree with it is out of step
         self._seqs: array[int] | None = None
         self.selected: SelectedFolder | None = None
+        self.copied: dict[int, int] = {}  # what the last move() copied: source UID -> UID in the target folder
 
     # --- connecting -------------------------------------------------------------------------------------------
 
@@ -799,25 +800,53 @@ class IMAPClient:
         self._finish_all(commands)
 
     @_session_over_on_error
-    def move(self, uids: Sequence[int], folder: str) -> None:
+    def move(self, uids: Sequence[int], folder: str) -> dict[int, int]:
         """UID MOVE (RFC 6851) when offered; else UID COPY, then (only once the copy is confirmed) UID STORE
-        \\Deleted and UID EXPUNGE, which needs UIDPLUS (else IMAPError). Never a bare EXPUNGE."""
+        \\Deleted and UID EXPUNGE, which needs UIDPLUS (else IMAPError). Never a bare EXPUNGE.
+
+        Returns the UIDs the messages have in ``folder`` as the server said them ([COPYUID], UIDPLUS), source UID
+        -> new UID (empty when it did not say). ``copied`` holds the same as soon as the copies are confirmed: when
+        the STORE or UID EXPUNGE after a UID COPY fails, it tells the caller the copies exist already."""
+        self.copied = {}
         if not uids:
-            return
+            return {}
         target = self._mailbox(folder)
         if self.has("MOVE"):
             commands = [self._command("SIMPLE", f"UID MOVE {part} {target}", shown=f"UID MOVE to {folder}",
                                       defer=True) for part in wire.uid_sets(uids)]
-            self._finish_all(commands)
-            return
+            self._finish_all(commands, self._copyuid_keeper(uids))
+            return dict(self.copied)
         if not self.has("UIDPLUS"):
             raise IMAPError(f"{self.host} offers neither MOVE nor UIDPLUS: the messages cannot be moved without "
                             "a bare EXPUNGE, which could remove other clients' deleted messages", status="NO")
         commands = [self._command("SIMPLE", f"UID COPY {part} {target}", shown=f"UID COPY to {folder}", defer=True)
                     for part in wire.uid_sets(uids)]
-        self._finish_all(commands)  # the copies must be confirmed before the originals are touched
+        self._finish_all(commands, self._copyuid_keeper(uids))  # the copies are confirmed before the originals go
         self.store_flags(uids, ["\\Deleted"])
         self.uid_expunge(uids)
+        return dict(self.copied)
+
+    def _copyuid_keeper(self, uids: Sequence[int]) -> Callable[[Response], bool]:
+        """Takes [COPYUID v source-set new-set] (untagged with UID MOVE, tagged with UID COPY) into ``copied``."""
+        asked = set(uids)
+
+        def keep(response: Response) -> bool:
+            if response.kind != "OK" or response.code != "COPYUID":
+                return False
+            words = response.code_args.split()
+            try:
+                if len(words) != 3:
+                    raise WireError("COPYUID needs a UIDVALIDITY and two UID sets")
+                sources = wire.parse_uid_set(words[1], len(asked), ordered=True)
+                targets = wire.parse_uid_set(words[2], len(asked), ordered=True)
+            except WireError as exc:
+                raise self._malformed("COPYUID", str(exc)) from None
+            if len(sources) != len(targets) or not asked.issuperset(sources):
+                raise self._malformed("COPYUID", "the UID sets do not fit the messages asked for")
+            self.copied.update(zip(sources, targets, strict=True))
+            return True
+
+        return keep
 
     # --- appending --------------------------------------------------------------------------------------------
 
@@ -1072,12 +1101,15 @@ class IMAPClient:
     def _simple(self, text: str, *, shown: str | None = None) -> Response:
         return self._finish(self._command("SIMPLE", text, shown=shown))
 
-    def _finish_all(self, commands: list[_Command]) -> None:
-        """Read the answers of ``commands`` (sent together); the first refusal is raised after all are read."""
+    def _finish_all(self, commands: list[_Command], keep: Callable[[Response], bool] | None = None) -> None:
+        """Read the answers of ``commands`` (sent together); the first refusal is raised after all are read.
+        ``keep`` sees the untagged responses and the tagged OKs."""
         error: IMAPError | None = None
         for command in commands:
             try:
-                self._finish(command)
+                done = self._finish(command, keep)
+                if keep is not None:
+                    keep(done)
             except IMAPError as exc:
                 error = error or exc
         if error is not None:

@@ -337,9 +337,10 @@ def uid_set(uids: Iterable[int]) -> str:
 _SET_PIECE = re.compile(r"([0-9]{1,10})(?::([0-9]{1,10}))?")
 
 
-def parse_uid_set(text: str, max_count: int) -> list[int]:
-    """The UIDs of a UID set as a server sends it (ESEARCH ``ALL 1:5,7``), ascending; a malformed set, a UID out
-    of range or more than ``max_count`` UIDs raise `WireError` (before any range is expanded)."""
+def parse_uid_set(text: str, max_count: int, *, ordered: bool = False) -> list[int]:
+    """The UIDs of a UID set as a server sends it (ESEARCH ``ALL 1:5,7``), ascending -- or with ``ordered`` in the
+    order written (COPYUID's sets correspond by position); a malformed set, a UID out of range or more than
+    ``max_count`` UIDs raise `WireError` (before any range is expanded)."""
     ranges: list[tuple[int, int]] = []
     total = 0
     for piece in text.split(","):
@@ -355,6 +356,8 @@ def parse_uid_set(text: str, max_count: int) -> list[int]:
         if total > max_count:
             raise WireError(f"more than {max_count} UIDs in a UID set")
         ranges.append((low, high))
+    if ordered:
+        return [uid for low, high in ranges for uid in range(low, high + 1)]
     return sorted({uid for low, high in ranges for uid in range(low, high + 1)})
 
 
