@@ -1,21 +1,27 @@
 """The model of an IMAP source (issue 13): the scripted fault IMAP server in front, the model's destinations behind.
 
 A case spreads its mailbox over one to three folders, each read with its own ``after_fetch`` (delete, move, seen,
-keep), on a server that offers UIDPLUS and MOVE, or lacks one of them (move is then COPY, STORE \\Deleted and
-UID EXPUNGE; delete moves to a Trash folder). Each poll may meet IMAP faults at the n-th command of a kind
-(connection dropped before the answer or partway through it -- inside the message's literal for a body fetch --,
-NO, BAD, BYE, garbage, a literal for another message, a literal announced longer or shorter than sent), another
-client's doings (a message that client flagged \\Deleted and has not expunged, a message it expunges between the
-listing and its fetch, the folder's UIDVALIDITY changing between polls), the destinations' refusals, the state
-store locked by another process, and a SIGKILL of the polling child at the k-th hook step or when the server
-receives its k-th command (the kill machinery, the destinations, the hook plugin and the ledger are those of the
-POP3 model: `tests.model.runner`, `tests.model.destinations`, `tests.model.ledger`).
+keep), two of them possibly through a LIST pattern (``Lists/*``), on a server that offers UIDPLUS and MOVE, or lacks
+one of them (move is then COPY, STORE \\Deleted and UID EXPUNGE; delete moves to a Trash folder), the account
+possibly ``unseen_only``. Each poll may meet IMAP faults at the n-th command of a kind (connection dropped before
+the answer or partway through it -- inside the message's literal for a body fetch --, NO, BAD, BYE, garbage, a
+literal for another message, a literal announced longer or shorter than sent, harmless unsolicited responses), the
+connection dropped at the k-th command whatever it is, another client's doings (messages it flagged \\Deleted and
+has not expunged, messages it read, a message it expunges between the listing and its fetch or just before its
+after-fetch command, the folder's UIDVALIDITY changing between polls), the destinations' refusals, the state store
+locked by another process, and a SIGKILL of the polling child at the k-th hook step or when the server receives its
+k-th command (the kill machinery, the destinations, the hook plugin and the ledger are those of the POP3 model:
+`tests.model.runner`, `tests.model.destinations`, `tests.model.ledger`).
 
 What the server is asked to do is checked when it is asked, in the server's thread: a UID STORE, UID EXPUNGE,
 UID MOVE or UID COPY names only messages whose delivery the state store has recorded and every destination holds,
 of folders whose action it is; never a bare EXPUNGE; never another client's \\Deleted message. After every poll
 the folders are checked (`IMAPSourceRun.check_folders`) and the ledger's invariants run; after the clean polls every
-message has had exactly its folder's action (`IMAPSourceRun.unsettled`).
+message has had exactly its folder's action (`IMAPSourceRun.unsettled_imap`). What the model found in postbote is
+tolerated behind the ``TOLERATE_*`` switches below (each has its strict xfail in tests/test_model_imap_source.py),
+so that the model keeps looking past it.
+
+(The module is not ``imap_source.py``: that name is another helper's, for the POP3 cases run from an IMAP server.)
 """
 
 from __future__ import annotations
