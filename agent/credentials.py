@@ -26,47 +26,89 @@ from collections.abc import Iterable
 MASK = "********"
 # Shorter values are not masked: "p" or "abc" would mask half of every log line and hide nothing worth hiding.
 MIN_SECRET_LENGTH = 4
-# Access tokens from a token_command change every hour or so; the oldest forms are forgotten beyond this many.
-MAX_REGISTERED_FORMS = 1024
+# Access tokens from a token_command change every hour or so: beyond this many forms, the forms not seen for the
+# longest time are forgotten (a configured password is seen again at every login, so it stays). ~5 forms a secret.
+MAX_REGISTERED_FORMS = 50_000
+# Up to this many forms, one compiled pattern finds them all (about a microsecond a log line); beyond it a regular
+# expression's cost grows with every alternative (a millisecond a line at 10,000), so the forms are looked up by
+# their first characters instead, at a cost that grows with the text only.
+PATTERN_FORMS = 256
 
 
 # --- the registry of secrets and redaction ------------------------------------------------------------------------
 
-class _SecretRegistry:
-    """The secret texts this process has seen, newest last, bounded. `redact` uses one compiled pattern of them all
-    (one pass over the text however many there are) and reads it without locking."""
 
-    def __init__(self, limit: int = MAX_REGISTERED_FORMS) -> None:
+class _SecretRegistry:
+    """The secret texts this process has seen, newest last, bounded. `redact` reads without locking: it uses one
+    compiled pattern while the forms are few, and an index of them by their first `MIN_SECRET_LENGTH` characters
+    once they are many (a provider's thousands of accounts); both are replaced whole when a form is added."""
+
+    def __init__(self, limit: int = MAX_REGISTERED_FORMS, pattern_forms: int = PATTERN_FORMS) -> None:
         self._limit = limit
+        self._pattern_forms = pattern_forms
         self._lock = threading.Lock()
         self._forms: OrderedDict[str, None] = OrderedDict()
         self._pattern: re.Pattern[str] | None = None
+        self._index: dict[str, tuple[str, ...]] | None = None  # first characters -> forms, longest first
 
     def add(self, forms: Iterable[str]) -> None:
         with self._lock:
-            new = False
+            added: list[str] = []
             for form in forms:
-                new = new or form not in self._forms
+                if form not in self._forms:
+                    added.append(form)
                 self._forms[form] = None
                 self._forms.move_to_end(form)  # seen again: the newest, the last to be forgotten
+            forgotten = []
             while len(self._forms) > self._limit:
-                self._forms.popitem(last=False)
-            if new:
-                self._compile()
-
-    def _compile(self) -> None:
-        # Longest first: at any position the longest secret wins, so one that contains another is masked whole.
-        ordered = sorted(self._forms, key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+                forgotten.append(self._forms.popitem(last=False)[0])
+            if not added and not forgotten:
+                return
+            if len(self._forms) <= self._pattern_forms:
+                # Longest first: at any position the longest secret wins, so one containing another is masked whole.
+                ordered = sorted(self._forms, key=len, reverse=True)
+                self._pattern = re.compile("|".join(map(re.escape, ordered)))
+                re.purge()  # the module's cache would keep every earlier version of this pattern alive
+                self._index = None
+                return
+            if self._index is None:  # many forms now: index them all, once
+                self._index, added, forgotten = {}, list(self._forms), []
+            for form in forgotten:
+                head = form[:MIN_SECRET_LENGTH]
+                rest = tuple(kept for kept in self._index.get(head, ()) if kept != form)
+                if rest:
+                    self._index[head] = rest
+                else:
+                    self._index.pop(head, None)
+            for form in added:
+                head = form[:MIN_SECRET_LENGTH]
+                self._index[head] = tuple(sorted((*self._index.get(head, ()), form), key=len, reverse=True))
+            self._pattern = None
 
     def __bool__(self) -> bool:
-        return self._pattern is not None
+        return self._pattern is not None or self._index is not None
 
     def redact(self, text: str) -> str:
-        pattern = self._pattern
-        if pattern is None or not pattern.search(text):
+        pattern, index = self._pattern, self._index
+        if pattern is not None:
+            return pattern.sub(MASK, text) if pattern.search(text) else text
+        if index is None or len(text) < MIN_SECRET_LENGTH:
             return text
-        return pattern.sub(MASK, text)
+        pieces: list[str] = []
+        position = start = 0
+        end = len(text) - MIN_SECRET_LENGTH + 1
+        while start < end:
+            candidates = index.get(text[start:start + MIN_SECRET_LENGTH])
+            found = next((form for form in candidates if text.startswith(form, start)), None) if candidates else None
+            if found is None:
+                start += 1
+                continue
+            pieces += [text[position:start], MASK]
+            position = start = start + len(found)
+        if not pieces:
+            return text
+        pieces.append(text[position:])
+        return "".join(pieces)
 
 
 _secrets = _SecretRegistry()

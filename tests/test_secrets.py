@@ -26,7 +26,7 @@ import pytest
 import structlog
 import yaml
 from postbote import credentials
-from postbote.credentials import MASK, Secret, child_environment, redact
+from postbote.credentials import MASK, Secret, child_environment, redact, register_secret
 from postbote.errors import CredentialError
 from postbote.logconfig import configure_logging
 from postbote.plugins.mda import run_mda
@@ -380,3 +380,37 @@ def test_poll_starts_the_mda_without_the_accounts_password_variable(dovecot_fact
     assert dump.exists(), output.decode(errors="replace")
     assert "POSTBOTE_TEST_ORDINARY" in dumped_environment(dump)
     assert "POSTBOTE_TEST_PW" not in dumped_environment(dump)
+
+
+# --- many accounts ----------------------------------------------------------------------------------------------------
+
+
+def test_the_passwords_of_thousands_of_accounts_are_all_masked_the_first_as_the_last() -> None:
+    """A provider's daemon logs in to thousands of accounts: every password stays masked (the registry once kept only
+    the newest thousand forms), registering them costs linear time, and the regex module's cache does not fill."""
+    import re
+
+    passwords = [f"password-of-account-{number:05d}" for number in range(3000)]
+    for password in passwords:
+        register_secret(password)
+    text = f"refused {passwords[0]}, {passwords[1500]} and {passwords[-1]}; plain text stays"
+    assert redact(text) == f"refused {MASK}, {MASK} and {MASK}; plain text stays"
+    assert redact(f"prefix{passwords[7]}suffix") == f"prefix{MASK}suffix"
+    assert len(re._cache) < 100  # type: ignore[attr-defined]
+
+
+def test_a_secret_that_contains_another_is_masked_whole_however_many_there_are() -> None:
+    for number in range(300):  # past the one-pattern regime
+        register_secret(f"filler-secret-{number:04d}")
+    register_secret("token-abcd")
+    register_secret("token-abcd-and-more")
+    assert redact("x token-abcd-and-more y token-abcd z") == f"x {MASK} y {MASK} z"
+
+
+def test_beyond_its_bound_the_registry_forgets_the_forms_not_seen_for_longest() -> None:
+    registry = credentials._SecretRegistry(limit=10, pattern_forms=4)
+    registry.add(["old-token-1", "kept-password"])
+    for number in range(12):
+        registry.add([f"hourly-token-{number:02d}", "kept-password"])  # the password is seen at every login
+    assert registry.redact("old-token-1") == "old-token-1"  # forgotten
+    assert registry.redact("kept-password hourly-token-11") == f"{MASK} {MASK}"
