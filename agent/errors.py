@@ -48,11 +48,15 @@ class DeliveryError(PostboteError):
     poll.
     """
 
-    def __init__(self, reason: str, *, temporary: bool, accepted: tuple[str, ...] = ()) -> None:
+    def __init__(self, reason: str, *, temporary: bool, accepted: tuple[str, ...] = (), in_doubt: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.temporary = temporary
         self.accepted = accepted  # recipients that did take the message (a partial LMTP success)
+        # The whole message went out and the answer was lost (the connection broke, the reply was garbage): the
+        # destination may have it. Its "in flight" note is kept, so that a retry is counted as a possible second
+        # copy and the message is held after that instead of being delivered again on every poll.
+        self.in_doubt = in_doubt
 
 
 class PluginError(PostboteError):

@@ -156,8 +156,9 @@ class Handler:
             if note.attempts >= UNCERTAIN_ATTEMPTS:
                 raise DeliveryError(
                     f"{destination.label}: {note.attempts} deliveries ended without an answer (postbote was stopped "
-                    "mid-delivery, or could not record the outcome); held so that it is not delivered again and "
-                    "again: check the destination for copies, then `postbote retry` it", temporary=False)
+                    "mid-delivery, the connection broke after the whole message was sent, or the outcome could not "
+                    "be recorded); held so that it is not delivered again and again: check the destination for "
+                    "copies, then `postbote retry` it", temporary=False)
             log.warning("message.delivering_again", destination=destination.label, attempts=note.attempts,
                         reason="an earlier delivery ended without an answer: the destination may get a second copy")
         self.begin_delivery(message.uid, key)

@@ -310,7 +310,8 @@ class AccountSession:
             log.error("message.rejected", reason=reason, **facts)
         try:
             self.store.record(self.account.name, message.uid, DEFERRED if temporary else REJECTED,
-                              reason=reason, message_id=message.message_id, size=message.server_size)
+                              reason=reason, message_id=message.message_id, size=message.server_size,
+                              in_doubt=isinstance(error, DeliveryError) and error.in_doubt)
         except StateError as exc:
             log.error("state.outcome_not_recorded", error=str(exc),
                       reason="the message stays on the server and is tried again")

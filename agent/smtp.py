@@ -243,9 +243,13 @@ class SMTPClient:
     def _final_answers(self, recipients: list[str], envelope: list[str], chunks: int) -> str:
         """Read what a sent message is owed, in order: the answers to a pipelined envelope, to its BDAT chunks but
         the last, then the final answer (LMTP: one per recipient)."""
-        envelope_replies = [self._read_reply() for _ in envelope]
-        chunk_replies = [self._read_reply() for _ in range(chunks - 1)]
-        final = [self._read_reply() for _ in (recipients if self.lmtp else recipients[:1])]
+        try:
+            envelope_replies = [self._read_reply() for _ in envelope]
+            chunk_replies = [self._read_reply() for _ in range(chunks - 1)]
+            final = [self._read_reply() for _ in (recipients if self.lmtp else recipients[:1])]
+        except DeliveryError as exc:  # the whole message went out; its answer was lost: it may have arrived
+            raise DeliveryError(f"{exc.reason} (after the whole message was sent: it may have arrived)",
+                                temporary=True, in_doubt=True) from None
         refused = [(c, r) for c, r in zip(envelope, envelope_replies, strict=True) if not r.ok]
         if refused:
             self._reset()

@@ -168,6 +168,7 @@ class Outcome:
     message_id: str | None = None
     size: int | None = None
     header_digest: str | None = None
+    in_doubt: bool = False  # a failure after which the destination may have the message: its notes are kept
 
 
 @dataclass(frozen=True)
@@ -298,9 +299,9 @@ class StateStore:
                 for uid, status, reason, size, digest, absent, absent_since, updated in rows}
 
     def record(self, account: str, uid: str, status: Status, *, reason: str = "", message_id: str | None = None,
-               size: int | None = None, header_digest: str | None = None) -> None:
+               size: int | None = None, header_digest: str | None = None, in_doubt: bool = False) -> None:
         """Record the outcome for one message, committed before returning (synced by `make_durable`)."""
-        self.record_batch(account, [Outcome(uid, status, reason, message_id, size, header_digest)])
+        self.record_batch(account, [Outcome(uid, status, reason, message_id, size, header_digest, in_doubt)])
 
     def record_batch(self, account: str, outcomes: Sequence[Outcome], renames: Sequence[tuple[str, str, str]] = (),
                      notes: Sequence[tuple[str, DeliveryKey]] = ()) -> None:
@@ -328,7 +329,8 @@ class StateStore:
             handled = [(account, o.uid) for o in outcomes if o.status in HANDLED]
             if handled:
                 self._db.executemany("DELETE FROM delivery_notes WHERE account = ? AND uid = ?", handled)
-            answered = [(account, o.uid, DeliveryState.IN_FLIGHT) for o in outcomes if o.status in WAITING]
+            answered = [(account, o.uid, DeliveryState.IN_FLIGHT) for o in outcomes
+                        if o.status in WAITING and not o.in_doubt]
             if answered:  # the destination said no: that attempt left no doubt behind
                 self._db.executemany("DELETE FROM delivery_notes WHERE account = ? AND uid = ? AND state = ?",
                                      answered)

@@ -288,10 +288,11 @@ class AppendSession:
         client, self.client = self.client, None
         if client is not None:
             client.close()
-        while self.in_flight:
+        while self.in_flight:  # each of these went out whole: the server may have stored it before the break
             entry = self.in_flight.popleft()
             entry.answered = True
-            entry.error = DeliveryError(reason, temporary=True)
+            entry.error = DeliveryError(f"{reason} (after the whole message was sent: it may have arrived)",
+                                        temporary=True, in_doubt=True)
 
     def close(self) -> None:
         client, self.client = self.client, None

@@ -124,6 +124,22 @@ def test_dropped_after_the_data_before_the_reply_the_message_stays_and_costs_at_
 
 
 @pytest.mark.parametrize("faulty", ["DATA", "BDAT"], indirect=True)
+def test_an_mta_that_always_drops_after_the_data_gets_at_most_two_copies_then_the_message_is_held(
+        make_rig: RigFactory, faulty: FaultySMTP) -> None:
+    """Never a copy per poll: an answer lost after the whole message went out keeps the "in flight" note, so the
+    next attempt is counted as a possible second copy, and after that the message is held (rejected, with the
+    reason) until `postbote retry` -- instead of a copy in the MTA on every poll."""
+    faulty.on("END", DROP, times=None)
+    rig = make_rig(corpus(1), target=FaultyTarget(faulty), source="fake")
+
+    polls = [rig.poll() for _ in range(5)]
+
+    assert [(p.deferred, p.rejected) for p in polls[:3]] == [(1, 0), (1, 0), (0, 1)]
+    assert len(faulty.received) == 2  # two copies the MTA may hold, then no more
+    assert rig.audit().on_server == (1,)  # held on the server, never deleted
+
+
+@pytest.mark.parametrize("faulty", ["DATA", "BDAT"], indirect=True)
 def test_an_mta_that_never_answers_the_data_is_given_up_on_after_the_timeout(make_rig: RigFactory,
                                                                              faulty: FaultySMTP) -> None:
     faulty.on("END", Stall(5.0))

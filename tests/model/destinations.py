@@ -192,6 +192,15 @@ class Destination:
             return 0
         return len([name for name in os.listdir(self.directory) if name.startswith("incoming.")])
 
+    def answers_lost(self) -> int:
+        """Messages the SMTP/LMTP server read whole and then dropped the connection instead of answering: deliveries
+        in doubt, which postbote counts like a crash mid-delivery (two of them hold the message)."""
+        if self.proxy is not None:  # an APPEND cut after postbote sent it whole is in doubt to postbote too
+            return sum(1 for _, fault in self.proxy.fired if isinstance(fault, Cut))
+        if self.server is None:
+            return 0
+        return sum(1 for received in self.server.received if received.replies is None)
+
     def refusals_fired(self) -> int:
         """Faults the SMTP/LMTP server or the APPEND proxy has played so far."""
         if self.proxy is not None:

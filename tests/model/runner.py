@@ -301,10 +301,12 @@ class CaseRun:
 
     def only_held_after_repeated_cuts(self, result: PollResult) -> bool:
         """A clean poll may reject, visibly, what postbote holds on purpose: a message whose delivery two cut-short
-        polls (kills, a state store locked mid-poll) left without a recorded answer is held for the admin instead of
+        polls (kills, a state store locked mid-poll) or two lost answers (an MTA that dropped the connection after
+        the whole message) left without a recorded answer is held for the admin instead of
         being delivered again and again (docs/reliability.md)."""
         stats = result.stats or {}
-        return (self.risky_polls >= 2 and stats.get("error") is None and not stats.get("deferred")
+        in_doubt = self.risky_polls + sum(destination.answers_lost() for destination in self.destinations)
+        return (in_doubt >= 2 and stats.get("error") is None and not stats.get("deferred")
                 and 0 < stats.get("rejected", 0) <= len(self.held_uids()))
 
     def run_here(self, plan: PollPlan) -> PollResult:
