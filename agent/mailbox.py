@@ -28,13 +28,15 @@ class MailboxEntry:
 
     ``stays``: the source keeps this message where it is once handled (an IMAP folder read with ``after_fetch:
     seen`` or ``keep``). The poller treats it as with ``keep: true`` -- its record stays while it is listed and it is
-    never fetched or asked for again -- but still calls `Mailbox.delete` for it once, after the commit, so that the
-    source can apply its action (mark it seen)."""
+    never fetched again -- but still calls `Mailbox.delete` for it once, after the commit, so that the source can
+    apply its action (mark it seen). ``action_due``: the listing shows that action undone for an entry handled
+    before (a session that broke before it, a server that refused it): the poller asks for it again."""
 
     uid: str
     size: int
     ref: Any = None
     stays: bool = False
+    action_due: bool = False  # an entry that stays whose action the listing shows undone (IMAP: not \Seen yet)
 
 
 @dataclass(frozen=True)

@@ -106,8 +106,11 @@ class Poller:
                          octets=sum(entry.size for entry in to_fetch))
             for entry in session.verified(to_verify, to_fetch):
                 session.delete(entry)
-                log.info("message.deleted", uid=entry.uid, reason="kept for delete_after since its delivery"
-                         if entry.uid in session.expired else "delivered in an earlier poll")
+                if entry.stays:
+                    log.info("message.action_again", uid=entry.uid, reason="its action did not happen last time")
+                else:
+                    log.info("message.deleted", uid=entry.uid, reason="kept for delete_after since its delivery"
+                             if entry.uid in session.expired else "delivered in an earlier poll")
             session.fetch(to_fetch)
             session.settle()
             self.store.make_durable()  # deletions take effect when the mailbox finishes: their records must be on disk
@@ -165,6 +168,8 @@ class Poller:
                 stats.left += 1
             elif record is not None and record.handled and (not (account.keep or entry.stays) or record.absent):
                 to_verify.append((entry, record))  # a UID back after an absence is checked too, even with keep
+            elif record is not None and record.handled and entry.stays and entry.action_due and not account.keep:
+                to_verify.append((entry, record))  # handled, but its source's action did not happen: again
             elif record is not None and record.handled and kept_long_enough(account, record, now):
                 session.expired.add(entry.uid)  # keep with delete_after: its time on the server is up
                 to_verify.append((entry, record))
@@ -249,7 +254,8 @@ class AccountSession:
                             reason="this UID now names a message with other headers: treated as a new message")
                 self.store.forget(self.account.name, [entry.uid])
                 to_fetch.append(entry)
-        return [entry for entry in same if entry.uid in self.expired or not (self.account.keep or entry.stays)]
+        return [entry for entry in same
+                if entry.uid in self.expired or entry.action_due or not (self.account.keep or entry.stays)]
 
     def fetch(self, to_fetch: list[MailboxEntry]) -> None:
         fetched = self.mailbox.fetch(to_fetch, stop=self.poller.stop.is_set)

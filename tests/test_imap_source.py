@@ -631,3 +631,21 @@ def test_gmail_uids_name_the_message_not_the_folder(rig: IMAPRig, dovecot: Dovec
     assert re.fullmatch(r"gmail;X-GM-MSGID=\d+", delivered["uid"])
     assert rig.delivered() == ["labelled"]
     assert subjects_in(dovecot) == [] and subjects_in(dovecot, "AllMail") == ["labelled"]
+
+
+def test_check_connect_shows_the_imap_session_and_what_a_poll_would_fetch_without_touching_it(
+        rig: IMAPRig, dovecot: DovecotServer, capsys: pytest.CaptureFixture[str]) -> None:
+    from postbote.cli import main
+
+    from tests.harness import logging_restored
+
+    append(dovecot, "INBOX", *messages("one", "two"))
+    path = rig.configure()
+
+    with logging_restored():
+        status = main(["-c", str(path), "check", "--connect"])
+
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "logged in (" in out and "IMAP4REV1" in out and "2 not delivered yet (a poll would fetch them)" in out
+    assert subjects_in(dovecot) == ["one", "two"] and flags_in(dovecot) == [set(), set()]  # nothing seen or moved

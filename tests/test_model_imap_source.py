@@ -18,8 +18,9 @@ says. After the clean polls every message is delivered everywhere or rejected an
 its folder's action.
 
 CI runs ``POSTBOTE_MODEL_IMAP_EXAMPLES`` cases (default 40, about 20 s), the same ones every time (derandomised
-when ``CI`` is set); the findings the model made are strict xfails at the end, and the model tolerates them behind
-named switches (`tests.model.imap_source_runner.TOLERATE_*`) so that it keeps looking. The soak::
+when ``CI`` is set); the three findings the model made (a move by UID COPY copying again or leaving the original
+behind after a lost UID EXPUNGE, \\Seen never set again after a failed STORE) are fixed and kept at the end as
+regression cases; their switches (`tests.model.imap_source_runner.TOLERATE_*`) are off. The soak::
 
     POSTBOTE_MODEL_IMAP_EXAMPLES=2000 .venv/bin/python -m pytest tests/test_model_imap_source.py -x -s
 
@@ -47,10 +48,9 @@ from tests.model.imap_source_runner import (
     IMAPMessage,
     IMAPPollPlan,
     IMAPSourceRun,
-    WrongAction,
     imap_cases,
 )
-from tests.model.ledger import InvariantBroken, Stuck
+from tests.model.ledger import InvariantBroken
 from tests.model.plan import Kill, KillPoint
 from tests.model.runner import TALLY
 
@@ -164,36 +164,24 @@ def test_imap_to_imap_append_loses_nothing_and_duplicates_only_what_a_crash_may_
     run_case(case)
 
 
-# ------------------------------------------------------------------ findings (issue 13), as failing reproductions
+# ------------------------------------------------------------------ findings (issue 13), fixed: kept as regressions
 
 
-@pytest.mark.xfail(strict=True, raises=Stuck, reason=(
-    "finding: without MOVE, postbote moves with UID COPY, UID STORE \\Deleted and UID EXPUNGE, but notes the UIDs "
-    "it flags as its own (the 'expunging' table) only for delete; a lost UID EXPUNGE leaves the original flagged "
-    "\\Deleted in its folder for ever, the next polls taking it for another client's deletion "
-    "(plugins/imap/mailbox.py IMAPMailbox._apply)"))
-def test_finding_move_by_copy_leaves_the_original_flagged_deleted_after_a_lost_expunge(
+def test_a_move_by_copy_whose_uid_expunge_was_lost_is_finished_next_poll_without_a_second_copy(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(imap_source_runner, "TOLERATE_MOVE_BY_COPY_LEFTOVER", False)
     run_case(IMAPCase((AfterFetch.MOVE,), ONE, (Kind.MAILDIR,), Capabilities.NO_MOVE,
                       polls=(IMAPPollPlan(imap_faults=(IMAPInjected(IMAPFault.DROP, "UID EXPUNGE"),)),)))
 
 
-@pytest.mark.xfail(strict=True, raises=WrongAction, reason=(
-    "finding: without MOVE, a NO to the UID STORE \\Deleted after the UID COPY (nothing uncertain, no crash) has the "
-    "next poll UID COPY the message again: two copies in the move_to folder (plugins/imap/mailbox.py _apply, "
-    "client.move: the COPYUID answer is not kept)"))
-def test_finding_move_by_copy_copies_again_after_a_refused_store(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_move_by_copy_whose_store_was_refused_is_finished_next_poll_without_copying_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(imap_source_runner, "TOLERATE_MOVE_BY_COPY_LEFTOVER", False)
     run_case(IMAPCase((AfterFetch.MOVE,), ONE, (Kind.MAILDIR,), Capabilities.NO_MOVE,
                       polls=(IMAPPollPlan(imap_faults=(IMAPInjected(IMAPFault.NO, "UID STORE"),)),)))
 
 
-@pytest.mark.xfail(strict=True, raises=Stuck, reason=(
-    "finding: after_fetch: seen sets \\Seen once, after the commit; a NO to that UID STORE (logged 'the action is "
-    "tried again next poll'), a dropped connection or a kill before it leaves the delivered message unseen for ever: "
-    "entries that stay are never asked for again (agent/poller.py _plan, AccountSession.verified)"))
-def test_finding_seen_is_never_set_when_its_store_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_seen_is_set_again_next_poll_when_its_store_failed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(imap_source_runner, "TOLERATE_SEEN_NOT_RETRIED", False)
     run_case(IMAPCase((AfterFetch.SEEN,), ONE, (Kind.MAILDIR,),
                       polls=(IMAPPollPlan(imap_faults=(IMAPInjected(IMAPFault.NO, "UID STORE"),)),)))

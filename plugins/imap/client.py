@@ -305,12 +305,14 @@ class IMAPClient:
         self._bye_seen = False
         self.greeting = ""
         self.capabilities: frozenset[str] = frozenset()
+        self.login_choice = ""  # the auth choice the login used (set by the IMAP plugin's login)
         self.exists: int | None = None  # the selected folder's message count, as EXISTS/EXPUNGE tell
         # the UID of each message number of the selected folder as far as FETCH responses told it (0: not yet),
         # kept in step with EXISTS and EXPUNGE: a FETCH whose number and UID disagree with it is out of step
         self._seqs: array[int] | None = None
         self.selected: SelectedFolder | None = None
         self.copied: dict[int, int] = {}  # what the last move() copied: source UID -> UID in the target folder
+        self.copy_confirmed: list[int] = []  # the UIDs the last move() by UID COPY has copied (COPYUID or not)
 
     # --- connecting -------------------------------------------------------------------------------------------
 
@@ -329,7 +331,7 @@ class IMAPClient:
             raise IMAPConnectionError(f"cannot connect to {where}: {exc.strerror or exc}") from None
         try:
             if implicit_tls:
-                sock = tls.wrap(sock, host, where)
+                sock = tls.wrap(sock, host, where, implicit=True)
             client = cls(sock, host=host, timeout=timeout, deadline=deadline)
             client.read_greeting()
         except BaseException:
@@ -356,6 +358,12 @@ class IMAPClient:
     def encrypted(self) -> bool:
         """Whether the session runs over TLS now (implicit, or after STARTTLS)."""
         return isinstance(self._sock, ssl.SSLSocket)
+
+    def tls_facts(self) -> dict[str, str]:
+        """The server certificate as ``check --connect`` shows it ({} without TLS)."""
+        from postbote import certificate_facts
+
+        return certificate_facts(self._sock) if isinstance(self._sock, ssl.SSLSocket) else {}
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -808,6 +816,7 @@ class IMAPClient:
         -> new UID (empty when it did not say). ``copied`` holds the same as soon as the copies are confirmed: when
         the STORE or UID EXPUNGE after a UID COPY fails, it tells the caller the copies exist already."""
         self.copied = {}
+        self.copy_confirmed = []
         if not uids:
             return {}
         target = self._mailbox(folder)
@@ -822,6 +831,7 @@ class IMAPClient:
         commands = [self._command("SIMPLE", f"UID COPY {part} {target}", shown=f"UID COPY to {folder}", defer=True)
                     for part in wire.uid_sets(uids)]
         self._finish_all(commands, self._copyuid_keeper(uids))  # the copies are confirmed before the originals go
+        self.copy_confirmed = list(uids)  # should the rest fail, the caller knows not to copy these again
         self.store_flags(uids, ["\\Deleted"])
         self.uid_expunge(uids)
         return dict(self.copied)

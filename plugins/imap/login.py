@@ -48,7 +48,7 @@ def open_session(conn: ConnectionSettings, *, account: str, state_dir: Path | No
             client.capability()
         if conn.tls is TLSMode.STARTTLS:
             client.starttls(tls)
-        login(client, AuthSettings.from_source(account, conn, state_dir), log)
+        client.login_choice = login(client, AuthSettings.from_source(account, conn, state_dir), log)
     except BaseException:
         client.close()
         raise

@@ -71,6 +71,11 @@ class IMAPMailbox:
     def deadline(self, value: float | None) -> None:
         self.client.deadline = value
 
+    def facts(self) -> dict[str, object]:
+        """What ``check --connect`` shows of the session: the login used, the server's capabilities, TLS."""
+        return {"login": self.client.login_choice, "capabilities": " ".join(sorted(self.client.capabilities)),
+                "tls": self.client.tls_facts()}
+
     # --- listing ---
 
     def listing(self) -> Sequence[MailboxEntry]:
@@ -95,7 +100,10 @@ class IMAPMailbox:
                     uid = f"gmail;X-GM-MSGID={message.gm_msgid}"
                 else:
                     uid = f"{folder};UIDVALIDITY={selected.uidvalidity};UID={message.uid}"
-                entries.append(MailboxEntry(uid, message.size, (folder, message.uid), stays=rule.after_fetch.stays))
+                unseen = rule.after_fetch is AfterFetch.SEEN and not any(flag.upper() == SEEN.upper()
+                                                                         for flag in message.flags)
+                entries.append(MailboxEntry(uid, message.size, (folder, message.uid), stays=rule.after_fetch.stays,
+                                            action_due=unseen))
         self._note_uidvalidities()
         return entries
 
@@ -278,7 +286,11 @@ class IMAPMailbox:
         return confirmed
 
     def _apply(self, folder: str, rule: FolderRule, uids: list[int]) -> None:
-        expunge = rule.after_fetch is AfterFetch.DELETE and self.client.has("UIDPLUS")
+        # UIDs this account flags \Deleted itself are remembered until expunged: with delete, and with a move that
+        # the server can only do by COPY + \Deleted + UID EXPUNGE (no MOVE), so a session lost in between has them
+        # listed and finished next poll instead of taken for another client's deletions.
+        expunge = self.client.has("UIDPLUS") and (rule.after_fetch is AfterFetch.DELETE or (
+            rule.after_fetch is AfterFetch.MOVE and not self.client.has("MOVE")))
         if expunge:
             self._note_expunging(folder, uids)
         # The client splits long UID sets over several commands, sent together.
@@ -286,12 +298,53 @@ class IMAPMailbox:
             self.client.store_flags(uids, [SEEN])
         elif rule.after_fetch is AfterFetch.MOVE or not self.client.has("UIDPLUS"):
             assert rule.move_to is not None  # checked when the session opened
-            self._move(uids, rule.move_to)
+            copied = self._listed_uids(folder, "copied") if not self.client.has("MOVE") else set()
+            if done := [uid for uid in uids if uid in copied]:  # copied by an earlier poll that broke after it
+                self.client.store_flags(done, [DELETED])
+                self.client.uid_expunge(done)
+            if rest := [uid for uid in uids if uid not in copied]:
+                self._move_noting_copies(folder, rest, rule.move_to)
+            if copied:
+                self._note_uids(folder, "copied", None)
         else:
             self.client.store_flags(uids, [DELETED])
             self.client.uid_expunge(uids)
         if expunge:
             self._note_expunging(folder, None)
+
+    def _move_noting_copies(self, folder: str, uids: list[int], target: str) -> None:
+        """Move; should a move by UID COPY fail after the copies, remember them, so that the next poll finishes the
+        move (STORE, UID EXPUNGE) instead of copying the messages again."""
+        try:
+            self._move(uids, target)
+        except (IMAPError, IMAPConnectionError):
+            if confirmed := getattr(self.client, "copy_confirmed", None):
+                self._note_uids(folder, "copied", list(confirmed))
+            raise
+
+    def _listed_uids(self, folder: str, what: str) -> set[int]:
+        table = self._table()
+        try:
+            entry = table.get(f"{self.account}/{what}", f"{folder};{self._uidvalidity.get(folder)}") if table else None
+        except StateError:
+            return set()
+        if entry is None or not isinstance(entry.value, list):
+            return set()
+        return {uid for uid in entry.value if isinstance(uid, int)}
+
+    def _note_uids(self, folder: str, what: str, uids: list[int] | None) -> None:
+        table = self._table()
+        if table is None:
+            return
+        key = f"{folder};{self._uidvalidity.get(folder)}"
+        try:
+            if uids is None:
+                table.delete(f"{self.account}/{what}", key)
+            else:
+                value: Any = sorted(set(uids) | self._listed_uids(folder, what))
+                table.put(f"{self.account}/{what}", key, value)
+        except StateError as exc:
+            log.warning("imap.folder_table_unavailable", error=str(exc))
 
     def _move(self, uids: list[int], folder: str) -> None:
         try:

@@ -58,11 +58,11 @@ DELETED = "\\Deleted"
 # \Deleted + UID EXPUNGE (no MOVE) is not remembered between polls: a lost UID EXPUNGE leaves the original flagged
 # \Deleted in its folder for ever, and a refused or lost UID STORE has the next poll copy it again (two in Archive).
 # Tolerated here so the model keeps looking; set False once fixed.
-TOLERATE_MOVE_BY_COPY_LEFTOVER = True
+TOLERATE_MOVE_BY_COPY_LEFTOVER = False
 # Known finding (test_finding_seen_is_never_set_when_its_store_fails): in a folder read with after_fetch: seen, a
 # delivered message whose UID STORE \Seen was refused or lost (NO, a drop, a kill, the poll ending first) is never
 # flagged: it stays, so no later poll asks for its action again. Tolerated here so the model keeps looking.
-TOLERATE_SEEN_NOT_RETRIED = True
+TOLERATE_SEEN_NOT_RETRIED = False
 SEEN = "\\Seen"
 NOT_OURS = "not postbote's (another client's \\Deleted message, or one read elsewhere with unseen_only)"
 
