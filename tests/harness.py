@@ -31,6 +31,9 @@ import tempfile
 import textwrap
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -52,6 +55,7 @@ from postbote.testing.pop3server import Faults, POP3Server
 
 from tests.servers import interrupt_after
 from tests.servers.dovecot import DovecotServer
+from tests.servers.dovecot_sasl import FakeOAuthProvider
 from tests.servers.faulty_smtp import FaultySMTP
 from tests.servers.smtp_sink import SMTPSink
 
@@ -745,3 +749,64 @@ class DaemonRun:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def held_uids(state_dir: Path, account: str) -> list[str]:
+    """The UIDs postbote holds for the admin after deliveries that ended without an answer (two kills, or lost
+    answers, mid-delivery): what ``postbote retry`` releases."""
+    from postbote.state import REJECTED, StateStore
+
+    store = StateStore(state_dir, readonly=True)
+    try:
+        return [uid for uid, record in store.records(account).items()
+                if record.status == REJECTED and "ended without an answer" in record.reason]
+    finally:
+        store.close()
+
+
+# --- OAuth2 against the fake provider (tests/servers/dovecot_sasl.FakeOAuthProvider) --------------------------------
+
+OAUTH_CLIENT_ID = "postbote-test-client"
+OAUTH_CLIENT_SECRET = "cs-very-secret-client-secret"
+
+
+def secret_file(path: Path, value: str, mode: int = 0o600) -> Path:
+    """``value`` in a file of its own, mode 0600 unless told (a password, a client secret, a refresh token)."""
+    path.write_text(value + "\n")
+    path.chmod(mode)
+    return path
+
+
+Browser = Callable[[str], None]
+
+
+def oauth_browser(provider: FakeOAuthProvider, *, tamper: dict[str, str] | None = None) -> Browser:
+    """Plays the user's browser: checks the authorization URL, 'signs in', follows the redirect to 127.0.0.1."""
+
+    def open_url(url: str) -> None:
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+        assert query["response_type"] == "code" and query["code_challenge_method"] == "S256"
+        assert query["client_id"] == OAUTH_CLIENT_ID and query["scope"] == "pop offline_access"
+        redirect = query["redirect_uri"]
+        assert redirect.startswith("http://127.0.0.1:")
+        code = provider.issue_code("alice", OAUTH_CLIENT_ID, redirect, query["code_challenge"])
+        params = {"code": code, "state": query["state"], **(tamper or {})}
+        try:
+            urllib.request.urlopen(f"{redirect}?{urllib.parse.urlencode(params)}", timeout=5).read()
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404
+
+    return open_url
+
+
+class RecordingLog:
+    """Stands in for the structlog logger `login` is given: remembers the events."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **fields: self.events.append((level, event, fields))
+
+    def names(self, level: str) -> list[str]:
+        return [event for lvl, event, _ in self.events if lvl == level]

@@ -31,20 +31,20 @@ from typing import Any
 
 import pytest
 import yaml
-from postbote.state import REJECTED, StateStore
 
 from tests.conftest import DovecotFactory
 from tests.harness import (
     child_env,
     corpus_message,
     corpus_number,
+    held_uids,
     postbote_argv,
     record_figures,
     run_postbote,
 )
+from tests.kill_harness import Chain, Tally, measure
 from tests.model.imap_proxy import AppendProxy, Phase
 from tests.servers.dovecot import DovecotServer
-from tests.test_kill import Chain, Tally, measure
 
 pytestmark = [pytest.mark.usefixtures("time_limit"), pytest.mark.dovecot]
 
@@ -194,12 +194,7 @@ class IMAPToIMAP:
         return copies
 
     def held(self) -> list[str]:
-        store = StateStore(self.state_dir, readonly=True)
-        try:
-            return [uid for uid, record in store.records("alice").items()
-                    if record.status == REJECTED and "ended without an answer" in record.reason]
-        finally:
-            store.close()
+        return held_uids(self.state_dir, "alice")
 
     def finish(self) -> tuple[Counter[int | None], int]:
         """Poll until alice's INBOX is empty, releasing held messages with ``postbote retry`` as an admin would."""

@@ -18,10 +18,12 @@ from postbote.plugins.signin import oauth2
 from postbote.testing.pop3server import POP3Server
 
 from tests.conftest import _require_dovecot
+from tests.harness import OAUTH_CLIENT_ID as CLIENT_ID
+from tests.harness import OAUTH_CLIENT_SECRET as CLIENT_SECRET
 from tests.harness import MaildirTarget, corpus, corpus_number
+from tests.harness import oauth_browser as _browser
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot_sasl import FakeOAuthProvider, SaslDovecotServer
-from tests.test_oauth2 import CLIENT_ID, CLIENT_SECRET, _browser
 
 pytestmark = [pytest.mark.dovecot, pytest.mark.usefixtures("time_limit")]
 

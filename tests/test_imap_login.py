@@ -26,10 +26,9 @@ from postbote.plugins.signin.sasl import MechanismChoiceError
 from postbote.plugins.signin.settings import AuthChoice, Credentials
 
 from tests.conftest import _require_dovecot
-from tests.harness import capture_logging
+from tests.harness import RecordingLog, capture_logging
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot_sasl import FakeOAuthProvider, SaslDovecotServer, scram_credentials
-from tests.test_login_dovecot import RecordingLog
 
 pytestmark = pytest.mark.dovecot
 

@@ -11,10 +11,13 @@ from postbote.cli import main
 from postbote.plugins.signin import oauth2
 from postbote.plugins.signin.oauth2 import OAuth2Settings, oauth2_settings
 
+from tests.harness import OAUTH_CLIENT_ID as CLIENT_ID
+from tests.harness import OAUTH_CLIENT_SECRET as CLIENT_SECRET
 from tests.harness import logging_restored
+from tests.harness import oauth_browser as _browser
+from tests.harness import secret_file as _secret_file
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot_sasl import FakeOAuthProvider
-from tests.test_oauth2 import CLIENT_ID, CLIENT_SECRET, _browser, _secret_file
 
 
 @pytest.fixture

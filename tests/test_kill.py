@@ -20,33 +20,24 @@ The figures (kills, the phases they hit, message fates checked, lost, duplicates
 from __future__ import annotations
 
 import random
-import subprocess
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from postbote.plugins.mbox import mboxrd_messages
-from postbote.state import REJECTED
-from postbote.testing.pop3server import POP3Server
 
 from tests.harness import (
-    Audit,
     FaultyTarget,
     MaildirTarget,
-    Rig,
     SinkTarget,
     Target,
-    child_env,
     corpus_message,
     corpus_number,
-    postbote_argv,
     record_figures,
-    run_postbote,
 )
+from tests.kill_harness import MAILBOX, SEED, Chain, Tally, TargetFactory, measure
 from tests.servers.dovecot import DovecotServer
 from tests.servers.faulty_smtp import FaultySMTP
 from tests.servers.smtp_sink import SMTPSink
@@ -54,139 +45,8 @@ from tests.servers.smtp_sink import SMTPSink
 pytestmark = pytest.mark.usefixtures("time_limit")
 
 TIME_LIMIT = 150.0
-MAILBOX = 300
 CHAINS = ("maildir", "smtp", "maildir", "bdat")
 KILLS_PER_CHAIN = 5
-STARTUP_SHARE = 0.1  # kill points below this fraction fall into the start-up
-SEED = 20_240_601
-
-
-def mailbox() -> list[bytes]:
-    """300 messages of 1-20 kB, so that batches end at different points when the kill lands."""
-    return [corpus_message(n, body_lines=40 + (n * 37) % 700) for n in range(1, MAILBOX + 1)]
-
-
-def phase_of(commands: list[str]) -> str:
-    """Where in the POP3 session the child was when it died, from the commands the server received."""
-    verbs = [command.split(" ", 1)[0].upper() for command in commands]
-    if "QUIT" in verbs:
-        return "at QUIT"
-    if "DELE" in verbs:
-        return "fetching and deleting"
-    if "RETR" in verbs:
-        return "fetching"
-    if "UIDL" in verbs or "LIST" in verbs:
-        return "listing"
-    if verbs:
-        return "logging in"
-    return "starting up"
-
-
-@dataclass
-class Tally:
-    kills: int = 0
-    missed: int = 0
-    runs: int = 0
-    fates_checked: int = 0
-    duplicates: int = 0
-    lost: int = 0
-    phases: Counter[str] = field(default_factory=Counter)
-    stray_tmp_files: int = 0
-    held: int = 0  # messages held after two deliveries cut short by kills, released with `postbote retry`
-
-    def check(self, audit: Audit) -> None:
-        self.fates_checked += len(audit.numbers)
-        self.lost += len(audit.lost)
-
-
-@dataclass(frozen=True)
-class Measured:
-    """An uninterrupted child poll of a full mailbox: how long it took, its start-up, the commands it sent."""
-
-    seconds: float
-    startup: float
-    commands: int
-    messages: int = MAILBOX
-
-    @property
-    def fixed_commands(self) -> int:
-        """Commands that do not depend on the messages (log-in, listing, QUIT)."""
-        return self.commands - 2 * self.messages
-
-
-class Chain:
-    """One mailbox, one destination, one state directory; the child postbote runs against them again and again."""
-
-    def __init__(self, directory: Path, target: Target, messages: list[bytes] | None = None,
-                 **account: Any) -> None:
-        self.server = POP3Server(mailbox() if messages is None else messages).start()
-        self.rig = Rig(directory, self.server, target)
-        self.config = self.rig.configure(timeout="10s", **account)
-
-    def commands_left(self, measured: Measured) -> int:
-        """Commands a poll would send now: the fixed ones, a RETR per message not yet delivered, a DELE per
-        message still on the server."""
-        audit = self.rig.audit()
-        return measured.fixed_commands + len(audit.undelivered) + len(audit.on_server)
-
-    def run_killed_at(self, fraction: float, measured: Measured, tally: Tally) -> None:
-        seen_before = len(self.server.commands)
-        if fraction < STARTUP_SHARE:
-            delay: float | None = measured.startup * fraction / STARTUP_SHARE
-            commands: int | None = None
-        else:
-            delay = None
-            share = (fraction - STARTUP_SHARE) / (1 - STARTUP_SHARE)
-            commands = max(1, round(share * self.commands_left(measured)))
-        with open(self.rig.directory / "child.log", "ab") as log:
-            child = subprocess.Popen(postbote_argv(self.config, "poll"), stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=log, env=child_env(), cwd=self.rig.directory)
-            started = time.monotonic()
-            while child.poll() is None:
-                due = (time.monotonic() - started >= delay if delay is not None
-                       else len(self.server.commands) - seen_before >= (commands or 0))
-                if due:
-                    child.kill()  # SIGKILL
-                    child.wait(timeout=30)
-                    tally.kills += 1
-                    tally.phases[phase_of(self.server.commands[seen_before:])] += 1
-                    break
-                if time.monotonic() - started > 60:
-                    child.kill()
-                    child.wait(timeout=30)
-                    pytest.fail("a poll ran for a minute without reaching its kill point")
-                time.sleep(0.0005)
-            else:
-                tally.missed += 1  # the poll ended before its kill point
-        tally.runs += 1
-        tally.check(self.rig.audit())
-
-    def finish(self, tally: Tally, *, keep: bool = False) -> Audit:
-        for _ in range(4):
-            run = run_postbote(self.config, "poll", timeout=60)
-            tally.runs += 1
-            held = self.held()  # held by this poll or an earlier one (a killed one, say)
-            if run.status == 0 and not held and (keep or not self.server.uids()):
-                break
-            if held:
-                # The admin's part: two kills cut the same delivery short, so postbote held the message (it may be
-                # there twice already) and `status` shows it; after a look at the destination, it is retried.
-                run_postbote(self.config, "retry", "test", *held, timeout=60)
-                tally.held += len(held)
-                continue
-            time.sleep(0.5)  # the server had not yet noticed the killed session and said [IN-USE]
-        audit = self.rig.audit()
-        tally.check(audit)
-        if isinstance(self.rig.target, MaildirTarget):
-            tally.stray_tmp_files += len(self.rig.target.files("tmp"))
-        return audit
-
-    def held(self) -> list[str]:
-        return [uid for uid, record in self.rig.records().items()
-                if record.status == REJECTED and "ended without an answer" in record.reason]
-
-
-TargetFactory = Callable[[str, Path], Target]
 
 
 @pytest.fixture
@@ -209,19 +69,6 @@ def new_target() -> Iterator[TargetFactory]:
     yield make
     for server in servers:
         server.stop()
-
-
-def measure(directory: Path, target: Target, messages: list[bytes] | None = None, **account: Any) -> Measured:
-    chain = Chain(directory, target, messages, **account)
-    try:
-        startup = run_postbote(chain.config, "check", timeout=60).duration
-        run = run_postbote(chain.config, "poll", timeout=60)
-        assert run.status == 0, run.output
-        audit = chain.rig.audit()
-        assert audit.delivered_once == list(audit.numbers) and (account.get("keep") or not audit.on_server)
-        return Measured(run.duration, startup, len(chain.server.commands), len(chain.rig.numbers))
-    finally:
-        chain.server.stop()
 
 
 def test_sigkill_at_many_points_of_a_large_poll_loses_nothing_and_costs_at_most_one_duplicate_per_kill(

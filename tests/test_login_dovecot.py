@@ -26,7 +26,7 @@ from postbote.plugins.signin.sasl import MechanismChoiceError
 from postbote.tls import TLSPolicy
 
 from tests.conftest import _require_dovecot
-from tests.harness import capture_logging
+from tests.harness import RecordingLog, capture_logging
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot_sasl import FakeOAuthProvider, SaslDovecotServer, scram_credentials
 
@@ -37,19 +37,6 @@ WRONG_PASSWORD = "not-the-password"
 CLIENT_ID = "postbote-dovecot-test"
 CLIENT_SECRET = "cs-dovecot-client-secret"
 PASSWORD_MECHANISMS = ["plain", "login", "cram-md5", "scram-sha-1", "scram-sha-256", "user", "apop"]
-
-
-class RecordingLog:
-    """Stands in for the structlog logger `login` is given: remembers the events."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str, dict[str, Any]]] = []
-
-    def __getattr__(self, level: str) -> Any:
-        return lambda event, **fields: self.events.append((level, event, fields))
-
-    def names(self, level: str) -> list[str]:
-        return [event for lvl, event, _ in self.events if lvl == level]
 
 
 @pytest.fixture(scope="module")

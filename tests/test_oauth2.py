@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,12 +37,12 @@ from postbote.plugins.signin.oauth2 import (
 )
 from postbote.yaml_reader import Problems, Section, load_yaml
 
-from tests.harness import capture_logging
+from tests.harness import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, capture_logging, oauth_browser, secret_file
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot_sasl import FakeOAuthProvider
 
-CLIENT_ID = "postbote-test-client"
-CLIENT_SECRET = "cs-very-secret-client-secret"
+CLIENT_ID, CLIENT_SECRET = OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET
+_browser, _secret_file = oauth_browser, secret_file
 
 
 class Clock:
@@ -58,12 +58,6 @@ def provider(pki: TestPKI) -> Iterator[FakeOAuthProvider]:
     with FakeOAuthProvider(pki) as server:
         server.add_client(CLIENT_ID, CLIENT_SECRET)
         yield server
-
-
-def _secret_file(path: Path, value: str, mode: int = 0o600) -> Path:
-    path.write_text(value + "\n")
-    path.chmod(mode)
-    return path
 
 
 @pytest.fixture
@@ -367,28 +361,6 @@ def test_auth_without_oauth2_section() -> None:
 
 
 # --- postbote auth: loopback redirect flow --------------------------------------------------------------------------
-
-Browser = Callable[[str], None]
-
-
-def _browser(provider: FakeOAuthProvider, *, tamper: dict[str, str] | None = None) -> Browser:
-    """Plays the user's browser: checks the authorization URL, 'signs in', follows the redirect to 127.0.0.1."""
-
-    def open_url(url: str) -> None:
-        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
-        assert query["response_type"] == "code" and query["code_challenge_method"] == "S256"
-        assert query["client_id"] == CLIENT_ID and query["scope"] == "pop offline_access"
-        redirect = query["redirect_uri"]
-        assert redirect.startswith("http://127.0.0.1:")
-        code = provider.issue_code("alice", CLIENT_ID, redirect, query["code_challenge"])
-        params = {"code": code, "state": query["state"], **(tamper or {})}
-        try:
-            urllib.request.urlopen(f"{redirect}?{urllib.parse.urlencode(params)}", timeout=5).read()
-        except urllib.error.HTTPError as exc:
-            assert exc.code == 404
-
-    return open_url
-
 
 def test_loopback_flow(settings: OAuth2Settings, provider: FakeOAuthProvider, tmp_path: Path,
                        monkeypatch: pytest.MonkeyPatch) -> None:
