@@ -89,7 +89,7 @@ class IMAPMailbox:
                 continue
             listed = self.client.listing(unseen_only=self.settings.unseen_only, gmail=self.settings.gmail)
             log.debug("imap.folder", folder=folder, uidvalidity=selected.uidvalidity, messages=len(listed))
-            ours = self._expunging(folder, selected.uidvalidity)
+            ours = self._listed_uids(folder, "expunging")  # flagged by a session of ours that broke
             for message in listed:
                 if message.uid not in ours and any(flag.upper() == DELETED.upper() for flag in message.flags):
                     continue  # another client deleted it and will expunge it: not ours to fetch
@@ -149,36 +149,6 @@ class IMAPMailbox:
                     table.put(self.account, folder, value)
         except StateError as exc:
             log.warning("imap.folder_table_unavailable", error=str(exc))
-
-    def _expunging(self, folder: str, uidvalidity: int) -> set[int]:
-        """The UIDs of ``folder`` this account flagged \\Deleted and has not seen expunged (a session that ended
-        between STORE and UID EXPUNGE): listed again although flagged, so that their deletion is finished."""
-        table = self._table()
-        try:
-            entry = table.get(f"{self.account}/expunging", f"{folder};{uidvalidity}") if table else None
-        except StateError:
-            return set()
-        if entry is None or not isinstance(entry.value, list):
-            return set()
-        return {uid for uid in entry.value if isinstance(uid, int)}
-
-    def _note_expunging(self, folder: str, uids: list[int] | None) -> None:
-        """Remember (or, with None, forget) the UIDs about to be flagged \\Deleted and expunged in ``folder``."""
-        table = self._table()
-        if table is None:
-            return
-        key = f"{folder};{self._uidvalidity.get(folder)}"
-        try:
-            if uids is None:
-                table.delete(f"{self.account}/expunging", key)
-            else:
-                pending: Any = sorted(set(uids) | self._expunging_now(folder))
-                table.put(f"{self.account}/expunging", key, pending)
-        except StateError as exc:
-            log.warning("imap.folder_table_unavailable", error=str(exc))
-
-    def _expunging_now(self, folder: str) -> set[int]:
-        return self._expunging(folder, self._uidvalidity.get(folder, 0))
 
     def _table(self) -> KeyedTable | None:
         """The account's folder table (``state_dir/imap_folders.sqlite3``), opened once per session; None when
@@ -292,7 +262,7 @@ class IMAPMailbox:
         expunge = self.client.has("UIDPLUS") and (rule.after_fetch is AfterFetch.DELETE or (
             rule.after_fetch is AfterFetch.MOVE and not self.client.has("MOVE")))
         if expunge:
-            self._note_expunging(folder, uids)
+            self._note_uids(folder, "expunging", uids)
         # The client splits long UID sets over several commands, sent together.
         if rule.after_fetch is AfterFetch.SEEN:
             self.client.store_flags(uids, [SEEN])
@@ -310,7 +280,7 @@ class IMAPMailbox:
             self.client.store_flags(uids, [DELETED])
             self.client.uid_expunge(uids)
         if expunge:
-            self._note_expunging(folder, None)
+            self._note_uids(folder, "expunging", None)
 
     def _move_noting_copies(self, folder: str, uids: list[int], target: str) -> None:
         """Move; should a move by UID COPY fail after the copies, remember them, so that the next poll finishes the
@@ -323,6 +293,9 @@ class IMAPMailbox:
             raise
 
     def _listed_uids(self, folder: str, what: str) -> set[int]:
+        """The UIDs of ``folder`` (at its UIDVALIDITY listed now) noted as ``what``: ``expunging`` -- flagged
+        \\Deleted by this account and not yet seen expunged (listed again so that the deletion is finished, not taken
+        for another client's); ``copied`` -- copied into the move target by a move that broke before its end."""
         table = self._table()
         try:
             entry = table.get(f"{self.account}/{what}", f"{folder};{self._uidvalidity.get(folder)}") if table else None
@@ -333,6 +306,7 @@ class IMAPMailbox:
         return {uid for uid in entry.value if isinstance(uid, int)}
 
     def _note_uids(self, folder: str, what: str, uids: list[int] | None) -> None:
+        """Add ``uids`` to what ``folder`` has noted as ``what`` (None: forget them all)."""
         table = self._table()
         if table is None:
             return
