@@ -3,7 +3,7 @@ config's ``plugin_paths``.
 
 There is no module-level manager: each command builds its own, so tests and reloads never share plugin state.
 Built-ins come in two tiers, as in pytest: *essential* ones (the trace header, the delivery targets) are always on;
-*optional* ones (backup, rules, spamassassin, dedupe, metrics) are on only where the config's ``plugins:`` names
+*optional* ones (backup, rules, spamassassin, dedupe, metrics, notify) are on only where the config's ``plugins:`` names
 them. An optional built-in is known by name from the start but imported only once the config enables it (or
 ``postbote plugins`` lists it), so a poll does not pay for plugins it does not use; it is then registered where it
 would have been had it been loaded at once, so the order in which plugins are called does not depend on it.
