@@ -104,11 +104,14 @@ def parse_source(protocol: str, section: Section, problems: Problems, base_dir: 
 
 
 @hookspec(firstresult=True)
-def authorize(account: Account, state_dir: Path, out: TextIO, flow: str, open_browser: bool) -> int | None:
-    """``postbote auth ACCOUNT``: run the one-time authorization of ``account`` (an OAuth2 flow that stores a
-    refresh token) if its source (or, later, a destination) is yours and needs one; return the exit status.
-    ``flow`` is ``auto``, ``device`` or ``loopback``; print only what the user must see (a URL, a user code) to
-    ``out``. Raise `ConfigError` when the account has nothing to authorize. Stops at the first non-None result.
+def authorize(account: Account, state_dir: Path, out: TextIO, flow: str, open_browser: bool,
+              destination: str | None) -> int | None:
+    """``postbote auth ACCOUNT [--destination D]``: run a one-time authorization (an OAuth2 flow that stores a
+    refresh token) and return the exit status. Without ``destination``: the account's source's, if the source is
+    yours and needs one (or, when it needs none, a destination of yours that does); with it, the destination of
+    yours whose label or kind is ``destination``. ``flow`` is ``auto``, ``device`` or ``loopback``; print only what
+    the user must see (a URL, a user code) to ``out``. Raise `ConfigError` when there is nothing to authorize.
+    Stops at the first non-None result.
     """
 
 

@@ -196,13 +196,16 @@ def deliver_message(message: Message, destination: Destination, account: Account
 
 
 @hookimpl(tryfirst=True)
-def authorize(account: Account, state_dir: Path, out: TextIO, flow: str, open_browser: bool) -> int | None:
+def authorize(account: Account, state_dir: Path, out: TextIO, flow: str, open_browser: bool,
+              destination: str | None) -> int | None:
     """``postbote auth ACCOUNT`` for an account whose IMAP destination logs in with OAuth2 (``oauth2:``) while its
-    source needs no authorization (the usual move: an old POP3 account with a password into Gmail or Outlook).
-    When the source needs one too, the source's comes first and this one is not reachable yet."""
+    source needs no authorization (the usual move: an old POP3 account with a password into Gmail or Outlook);
+    ``postbote auth ACCOUNT --destination imap`` (or the destination's label) when the source needs one too."""
     targets = [d.settings for d in account.destinations
-               if d.kind in DESTINATION_KINDS and d.settings.connection.credentials.oauth2 is not None]
-    if not targets or getattr(getattr(account.source, "credentials", None), "oauth2", None) is not None:
+               if d.kind in DESTINATION_KINDS and d.settings.connection.credentials.oauth2 is not None
+               and destination in (None, d.kind, d.label)]
+    source_needs_one = getattr(getattr(account.source, "credentials", None), "oauth2", None) is not None
+    if not targets or (destination is None and source_needs_one):
         return None
     from postbote.plugins.signin.authorize import run_auth  # HTTP and a browser: only for `postbote auth`
     from postbote.plugins.signin.login import AuthSettings

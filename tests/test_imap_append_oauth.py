@@ -83,9 +83,9 @@ def test_postbote_auth_authorizes_the_imap_destination_and_the_polls_log_in_to_i
 
 def test_when_the_source_needs_an_authorization_too_postbote_auth_runs_the_sources(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One ``postbote auth ACCOUNT`` authorizes one thing: the source comes first (the destination's then needs a
-    way to be named, which postbote auth does not have yet); an account whose source needs none gets the
-    destination's, under the destination's own token cache name."""
+    """One ``postbote auth ACCOUNT`` authorizes one thing: the source comes first, the destination with
+    ``--destination imap`` (its kind or its label); an account whose source needs none gets the destination's,
+    under the destination's own token cache name."""
     import io
 
     from postbote.config import load_config
@@ -114,10 +114,24 @@ def test_when_the_source_needs_an_authorization_too_postbote_auth_runs_the_sourc
 
     monkeypatch.setattr(signin_authorize, "run_auth", run_auth)
 
-    def answer(account: Any) -> Any:
+    def answer(account: Any, destination: str | None = None) -> Any:
         return imap_append.authorize(account=account, state_dir=tmp_path, out=io.StringIO(), flow="device",
-                                     open_browser=False)
+                                     open_browser=False, destination=destination)
 
     assert answer(both) is None and answer(neither) is None  # left to the source's plugin
     assert answer(destination_only) == 0
-    assert flows == ["destination-only.imap-me@imap.example.org_993"]
+    assert answer(both, "imap") == 0  # postbote auth both --destination imap
+    assert answer(neither, "imap") is None and answer(both, "smtp") is None
+    assert flows == ["destination-only.imap-me@imap.example.org_993", "both.imap-me@imap.example.org_993"]
+
+
+def test_auth_for_a_destination_that_does_not_log_in_with_oauth2_is_a_clear_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "postbote.yaml"
+    config.write_text(yaml.safe_dump({"accounts": [
+        {"name": "old", "host": "pop.example.org", "username": "me", "password": "pw",
+         "deliver": {"imap": {"host": "imap.example.org", "username": "me", "password": "pw"}}}]}))
+    config.chmod(0o600)
+
+    assert main(["-c", str(config), "auth", "old", "--destination", "imap"]) == 2
+    assert "has no destination 'imap' that logs in with OAuth2 (its destinations: imap:" in capsys.readouterr().err

@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_argument("--flow", choices=["auto", "device", "loopback"], default="auto",
                       help="device code flow, loopback redirect flow, or whichever the provider supports")
     auth.add_argument("--no-browser", action="store_true", help="print the address instead of opening a browser")
+    auth.add_argument("--destination", metavar="KIND|LABEL",
+                      help="authorize this destination of the account (e.g. imap) instead of its source")
     demo = _command(commands, "demo", "fetch sample mail from a built-in POP3 server into a Maildir",
                     exits="0 when the sample mail was delivered", example="postbote demo --maildir /tmp/demo")
     demo.add_argument("--maildir", metavar="DIR", help="where to deliver (default: a new temporary directory)")

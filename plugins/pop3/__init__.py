@@ -52,8 +52,9 @@ def open_mailbox(account: Account, poll: Poll) -> POP3Mailbox | None:
 
 
 @hookimpl
-def authorize(account: Account, state_dir: Path, out: TextIO, flow: str, open_browser: bool) -> int | None:
-    if account.protocol not in SOURCE_PROTOCOLS:
+def authorize(account: Account, state_dir: Path, out: TextIO, flow: str, open_browser: bool,
+              destination: str | None) -> int | None:
+    if account.protocol not in SOURCE_PROTOCOLS or destination is not None:
         return None
     from postbote.plugins.signin.authorize import run_auth  # HTTP and a browser: only for `postbote auth`
     from postbote.plugins.signin.login import AuthSettings
