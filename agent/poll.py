@@ -51,7 +51,8 @@ class Poll:
     def __init__(self, account: Account, *, state_dir: Path, deadline: float | None = None) -> None:
         self.account = account
         self.state_dir = state_dir
-        self.deadline = deadline  # time.monotonic() by which the session must end
+        self.deadline = deadline  # time.monotonic() by which the source must have logged in (the mailbox's own
+        # deadline, which the poller moves once it knows how much mail there is, bounds the rest of the session)
         self._resources: dict[Any, tuple[Any, Callable[[Any], None]]] = {}
 
     def resource(self, key: Any, opener: Callable[[], Any], *, usable: Callable[[Any], bool] = lambda _: True,
