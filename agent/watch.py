@@ -187,6 +187,10 @@ class Watcher:
         except (PostboteError, OSError) as exc:
             self._close(watched, reason=str(exc))
             return
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug closes its watch, never the thread watching all
+            log.exception("watch.crashed", account=watched.account, folder=watched.watch.name)
+            self._close(watched, reason=f"{type(exc).__name__}: {exc}")
+            return
         if new_mail:
             log.info("watch.new_mail", account=watched.account, folder=watched.watch.name)
             self._on_new_mail(watched.account)

@@ -49,3 +49,17 @@ def test_a_kept_message_stays_while_its_delete_after_runs(tmp_path: Path) -> Non
 def test_delete_after_without_keep_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="delete_after is for keep: true"):
         poll_once(config(tmp_path, "7d", keep=False), plugins=[FakeSource()])
+
+
+def test_poll_keep_leaves_even_a_message_whose_delete_after_is_up(tmp_path: Path) -> None:
+    """``postbote poll -k``: this time every message stays, whatever delete_after says."""
+    import argparse
+
+    from postbote.cli.poll import this_time
+    from postbote.config import load_config
+    from postbote.pluginmanager import make_plugin_manager
+
+    loaded = load_config(config(tmp_path, "7d"), make_plugin_manager(entry_points=False, extra=[FakeSource()]))
+    args = argparse.Namespace(keep=True, fetch_all=False, limit=None, max_size=None)
+    assert [(a.keep, a.delete_after) for a in this_time(loaded, args).accounts] == [(True, None)]
+    assert loaded.accounts[0].delete_after == 7 * 86400  # the config itself is left as it is

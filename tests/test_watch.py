@@ -41,6 +41,8 @@ class SocketWatch:
         data = self.sock.recv(100)
         if not data:
             raise OSError("the server closed the connection")
+        if b"BUG" in data:
+            raise RuntimeError("a bug in the plugin's watch")
         return b"NEW" in data
 
     def refresh_at(self) -> float:
@@ -133,6 +135,18 @@ def test_a_broken_watch_is_closed_and_the_next_successful_poll_watches_again(
     fake.mailbox("fake").add(mail(3))
     push.servers[1].send(b"NEW")
     assert wait_until(lambda: delivered(tmp_path) == 1, 15)
+
+
+def test_a_watch_that_raises_an_unexpected_error_is_closed_and_the_watcher_goes_on(
+        tmp_path: Path, fake: FakeSource, push: PushSource, daemon: Daemon) -> None:
+    assert wait_until(lambda: push.watches, 15)
+    push.servers[0].send(b"BUG")
+    assert wait_until(lambda: push.watches[0].closed, 15)
+    daemon.request(signal.SIGUSR1)  # the next poll watches again, through the same watcher thread
+    assert wait_until(lambda: len(push.watches) == 2, 15)
+    fake.mailbox("fake").add(mail(4))
+    push.servers[1].send(b"NEW")
+    assert wait_until(lambda: delivered(tmp_path) == 1, 15), "the watcher thread died with the first watch"
 
 
 def test_a_watch_that_says_nothing_new_starts_no_poll(tmp_path: Path, fake: FakeSource, push: PushSource,

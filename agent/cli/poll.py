@@ -43,6 +43,7 @@ def this_time(config: Config, args: argparse.Namespace) -> Config:
     changes: dict[str, object] = {}
     if getattr(args, "keep", False):
         changes["keep"] = True
+        changes["delete_after"] = None  # "leave every message": not even one whose delete_after is up
     if getattr(args, "fetch_all", False):
         changes["fetch_all"] = True
     if getattr(args, "limit", None) is not None:
