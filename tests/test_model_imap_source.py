@@ -30,16 +30,14 @@ regression cases; their switches (`tests.model.imap_source_runner.TOLERATE_*`) a
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
 from postbote.plugins.imap.settings import AfterFetch
 
 from tests.model import imap_source_runner
-from tests.model.destinations import Kind, Outcome, imap_available, stop_shared_servers
+from tests.model.destinations import Kind, Outcome, imap_available
 from tests.model.imap_source_runner import (
     Capabilities,
     IMAPCase,
@@ -50,9 +48,8 @@ from tests.model.imap_source_runner import (
     IMAPSourceRun,
     imap_cases,
 )
-from tests.model.ledger import InvariantBroken
 from tests.model.plan import Kill, KillPoint
-from tests.model.runner import TALLY
+from tests.model.runner import report_tally, run_model_case
 
 EXAMPLES = int(os.environ.get("POSTBOTE_MODEL_IMAP_EXAMPLES", "40"))
 IN_CI = bool(os.environ.get("CI"))
@@ -63,32 +60,11 @@ PHASES = tuple(Phase) if os.environ.get("POSTBOTE_MODEL_SHRINK", "1") != "0" els
 @pytest.fixture(scope="module", autouse=True)
 def summary(request: pytest.FixtureRequest) -> Iterator[None]:
     """At the end: how many cases and polls ran, and which faults they exercised."""
-    TALLY.clear()
-    yield
-    stop_shared_servers()
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None:
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line("")
-        reporter.write_line(f"IMAP source model: {TALLY['cases']} cases, {TALLY['polls']} polls; exercised:")
-        for name, count in sorted(TALLY.items()):
-            if name not in ("cases", "polls") and count:
-                reporter.write_line(f"  {count:6d}  {name}")
+    yield from report_tally(request, "IMAP source model")
 
 
 def run_case(case: IMAPCase) -> None:
-    TALLY["cases"] += 1
-    with tempfile.TemporaryDirectory(prefix="model-imap-") as scratch:
-        run = IMAPSourceRun(case, Path(scratch))
-        try:
-            run.run()
-        except InvariantBroken as broken:
-            raise type(broken)(f"{broken}\n--- case ---\n{case.describe()}\n--- polls ---\n"
-                               + "\n".join(run.log)) from None
-        finally:
-            run.close()
+    run_model_case(lambda scratch: IMAPSourceRun(case, scratch), case, "model-imap-")
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=IN_CI, phases=PHASES,

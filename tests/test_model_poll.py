@@ -20,15 +20,12 @@ A failure prints the shrunk case (``case.describe()``) and what each poll did; i
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, note, settings
 
-from tests.model.destinations import Kind, Outcome, imap_available, stop_shared_servers
-from tests.model.ledger import InvariantBroken
+from tests.model.destinations import Kind, Outcome, imap_available
 from tests.model.plan import (
     Arrival,
     Case,
@@ -40,7 +37,7 @@ from tests.model.plan import (
     ServerFault,
     cases,
 )
-from tests.model.runner import TALLY, CaseRun
+from tests.model.runner import CaseRun, report_tally, run_model_case
 
 EXAMPLES = int(os.environ.get("POSTBOTE_MODEL_EXAMPLES", "150"))
 # CI, which decides whether a change lands, runs the same cases every time; the soak explores new ones, and what it
@@ -51,32 +48,11 @@ IN_CI = bool(os.environ.get("CI"))
 @pytest.fixture(scope="module", autouse=True)
 def summary(request: pytest.FixtureRequest) -> Iterator[None]:
     """At the end: how many cases and polls ran, and which faults they exercised."""
-    TALLY.clear()
-    yield
-    stop_shared_servers()
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None:
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line("")
-        reporter.write_line(f"model test: {TALLY['cases']} cases, {TALLY['polls']} polls; exercised:")
-        for name, count in sorted(TALLY.items()):
-            if name not in ("cases", "polls") and count:
-                reporter.write_line(f"  {count:6d}  {name}")
+    yield from report_tally(request, "model test")
 
 
 def run_case(case: Case) -> None:
-    TALLY["cases"] += 1
-    with tempfile.TemporaryDirectory(prefix="model-") as scratch:
-        run = CaseRun(case, Path(scratch))
-        try:
-            run.run()
-        except InvariantBroken as broken:
-            raise type(broken)(f"{broken}\n--- case ---\n{case.describe()}\n--- polls ---\n"
-                               + "\n".join(run.log)) from None
-        finally:
-            run.close()
+    run_model_case(lambda scratch: CaseRun(case, scratch), case, "model-")
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=IN_CI,

@@ -14,12 +14,15 @@ import re
 import select
 import signal
 import sqlite3
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from postbote import DeliveryError, hookimpl
 from postbote.poll import PollStats
 from postbote.state import DATABASE_NAME, REJECTED, StateStore
@@ -27,7 +30,7 @@ from postbote.testing import poll_once
 from postbote.testing.pop3server import Action, Faults, POP3Server, Reply, crlf_normalised
 
 from tests.harness import Rig
-from tests.model.destinations import Destination, Kind, Outcome
+from tests.model.destinations import Destination, Kind, Outcome, stop_shared_servers
 from tests.model.ledger import HiddenFault, InvariantBroken, Ledger, Stuck
 from tests.model.messages import ident_of, model_message, on_the_wire
 from tests.model.plan import Case, InjectedFault, KillPoint, PollPlan, ServerFault
@@ -403,3 +406,38 @@ class _NoTarget:
 
     def delivered(self) -> list[bytes]:
         return []
+
+
+# ------------------------------------------------------------------ what the model tests share
+
+
+def report_tally(request: pytest.FixtureRequest, title: str) -> Iterator[None]:
+    """A module fixture's body: counts from nothing, then at the end writes how many cases and polls ran and which
+    faults they exercised, and stops the shared servers."""
+    TALLY.clear()
+    yield
+    stop_shared_servers()
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("")
+        reporter.write_line(f"{title}: {TALLY['cases']} cases, {TALLY['polls']} polls; exercised:")
+        for name, count in sorted(TALLY.items()):
+            if name not in ("cases", "polls") and count:
+                reporter.write_line(f"  {count:6d}  {name}")
+
+
+def run_model_case(make_run: Callable[[Path], Any], case: Any, prefix: str) -> None:
+    """Run one case in a scratch directory; a broken invariant is raised with the case and its polls' log."""
+    TALLY["cases"] += 1
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+        run = make_run(Path(scratch))
+        try:
+            run.run()
+        except InvariantBroken as broken:
+            raise type(broken)(f"{broken}\n--- case ---\n{case.describe()}\n--- polls ---\n"
+                               + "\n".join(run.log)) from None
+        finally:
+            run.close()
