@@ -32,7 +32,16 @@ from typing import Any
 
 import pytest
 
-from tests.harness import DaemonRun, Postbote, RigFactory, SetupFactory, limited_time, rig_factory, setup_factory
+from tests.harness import (
+    DaemonRun,
+    Postbote,
+    RigFactory,
+    SetupFactory,
+    fixtures_watched,
+    limited_time,
+    rig_factory,
+    setup_factory,
+)
 from tests.servers.certs import TestPKI, make_test_pki
 from tests.servers.dovecot import DEFAULT_USERS, DovecotServer, dovecot_binary
 from tests.servers.smtp_sink import SMTPSink
@@ -170,8 +179,31 @@ def smtp_sink(smtp_sink_factory: SinkFactory) -> SMTPSink:
 
 
 @pytest.fixture
-def time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield from limited_time(request)
+def time_limit() -> None:
+    """Opts a test in to the time limit that `pytest_runtest_call` below puts on its body."""
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Bound the body of a test that asks for ``time_limit``, never its fixtures' set-up or tear-down: an
+    interrupt landing inside pytest's fixture machinery leaves a fixture cached, and every later test of the run
+    would share one ``tmp_path``."""
+    if "time_limit" not in getattr(item, "fixturenames", ()):
+        return (yield)
+    with limited_time(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with fixtures_watched(item, "set-up"):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    with fixtures_watched(item, "tear-down"):
+        return (yield)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ scripted POP3 server (the default, ``source="pop3"``).
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import json
 import logging
@@ -66,10 +67,30 @@ TIME_LIMIT = 60.0
 # --- no test may hang ---------------------------------------------------------------------------------
 
 
-def limited_time(request: pytest.FixtureRequest) -> Iterator[None]:
+@contextmanager
+def limited_time(item: pytest.Item) -> Iterator[None]:
     """Interrupt the test after ``TIME_LIMIT`` seconds (a module may set its own): a hang fails, never blocks CI."""
-    with interrupt_after(float(getattr(request.module, "TIME_LIMIT", TIME_LIMIT)), request.node.name):
+    with interrupt_after(float(getattr(item.module, "TIME_LIMIT", TIME_LIMIT)), item.name):  # type: ignore[attr-defined]
         yield
+
+
+FIXTURE_TIME_LIMIT = 120.0
+
+
+@contextmanager
+def fixtures_watched(item: pytest.Item, phase: str) -> Iterator[None]:
+    """End the whole run, printing every thread's stack, when a test's fixtures hang in ``phase``.
+
+    Interrupting fixtures with an exception (as `limited_time` does the test's body) is not safe: pytest would keep
+    a half-finalized fixture cached for the tests after it. A dead run with the stacks says where the hang is."""
+    if "time_limit" not in getattr(item, "fixturenames", ()):
+        yield
+        return
+    faulthandler.dump_traceback_later(FIXTURE_TIME_LIMIT, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 # --- the corpus ---------------------------------------------------------------------------------------

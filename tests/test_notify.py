@@ -71,6 +71,9 @@ class Hook:
         self.server = Server(("127.0.0.1", 0), Handler)
         if tls is not None:
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        # a connection that goes away between the server's select and its accept must not block the serving
+        # thread in accept: `close` would then wait for it forever
+        self.server.socket.settimeout(1.0)
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

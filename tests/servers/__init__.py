@@ -66,15 +66,23 @@ class Overtime(BaseException):
 
 @contextmanager
 def interrupt_after(seconds: float, what: str) -> Iterator[None]:
-    """Interrupt the main thread with `Overtime` after ``seconds``: a hang fails a test, never blocks CI."""
+    """Interrupt the main thread with `Overtime` after ``seconds``: a hang fails a test, never blocks CI.
+
+    Nested uses keep the outer bound: the inner one interrupts at the earlier of the two, and on leaving the
+    outer timer runs on with what was left of it (less the time spent inside)."""
 
     def expire(signum: int, frame: object) -> None:
         raise Overtime(f"{what} did not finish within {seconds:g} s")
 
+    started = time.monotonic()
+    outer_left, _ = signal.getitimer(signal.ITIMER_REAL)
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, min(seconds, outer_left) if outer_left else seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_left:
+            # at least a moment, so that an outer bound already past still fires
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - started), 0.001))
