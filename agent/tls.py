@@ -7,19 +7,32 @@ does, but with SHA-256 and compared in constant time.
 ``ssl`` is imported when a connection is wrapped, not when the config is read. Building a context loads the CA
 store (16-20 ms of CPU); it is built once per policy and shared by every connection that uses that policy, until
 `forget_contexts` (a config reload) -- so a CA file replaced on disk is read again at the next reload.
+
+TLS sessions are resumed where the server allows it (Dovecot does when its login processes serve many connections,
+``service_count = 0``): the session of the last connection to a server that passed the checks is kept per policy,
+host and port, and offered by the next connection there, for any account. Resuming skips the key exchange and the
+certificate chain, not the checks: only the server that holds the session's secret can resume it (any other one
+gets a full handshake, verified as usual), and the pin is compared on every connection, resumed or not, against the
+certificate the session carries.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from postbote.errors import AccountError
 
 if TYPE_CHECKING:
     import socket
     import ssl
+
+log = structlog.get_logger("postbote.tls")
 
 
 class TLSError(AccountError):
@@ -49,6 +62,7 @@ class TLSPolicy:
         if not self.verify or self.fingerprint:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
+        context.sslsocket_class = _session_keeping_socket()
         return context
 
     def wrap(self, sock: socket.socket, host: str, where: str, *, implicit: bool = False) -> ssl.SSLSocket:
@@ -58,21 +72,33 @@ class TLSPolicy:
         import ssl
 
         fresh = _peer(sock) if implicit else None
+        context = self.context()
+        key = _session_key(self, host, sock)
         try:
-            wrapped = self.context().wrap_socket(sock, server_hostname=host)
+            wrapped = context.wrap_socket(sock, server_hostname=host, session=_session_for(key, context))
         except ssl.SSLCertVerificationError as exc:
+            _forget_session(key)
             sock.close()
             raise TLSError(self._untrusted(exc, where, fresh, sock.gettimeout())) from None
         except TimeoutError:
             sock.close()
             raise TLSError(f"TLS handshake with {where} timed out") from None
         except (ssl.SSLError, OSError) as exc:
+            _forget_session(key)
             sock.close()
             reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
             hint = PLAIN_PORT_HINT if reason in PLAIN_PORT_REASONS else ""
             raise TLSError(f"TLS handshake with {where} failed: {reason}{hint}") from None
         if self.fingerprint:
-            self._check_pin(wrapped, where)
+            try:
+                self._check_pin(wrapped, where)
+            except TLSError:
+                _forget_session(key)
+                raise
+        if key is not None and isinstance(wrapped, _session_keeping_socket()):
+            wrapped.session_key = key  # type: ignore[attr-defined]  # checked: its session may be offered again
+        if _debugging():
+            log.debug("tls.connected", where=where, version=wrapped.version(), resumed=wrapped.session_reused)
         return wrapped
 
     def _untrusted(self, exc: ssl.SSLCertVerificationError, where: str, fresh: tuple[str, int] | None,
@@ -138,9 +164,72 @@ _CONTEXTS_LOCK = threading.Lock()
 
 
 def forget_contexts() -> None:
-    """Build every context anew on next use: the CA files and the system's CA store are read again."""
+    """Build every context anew on next use: the CA files and the system's CA store are read again. The TLS
+    sessions go too (each belongs to the context that made it)."""
     with _CONTEXTS_LOCK:
         _CONTEXTS.clear()
+        _SESSIONS.clear()
+
+
+# --- TLS session resumption
+
+_SessionKey = tuple[TLSPolicy, str, int]  # the policy, the host name checked, the server's port
+_SESSIONS: dict[_SessionKey, tuple[ssl.SSLContext, ssl.SSLSession]] = {}  # one per server: bounded by the config
+
+
+def _session_key(policy: TLSPolicy, host: str, sock: socket.socket) -> _SessionKey | None:
+    peer = _peer(sock)
+    return None if peer is None else (policy, host, peer[1])
+
+
+def _session_for(key: _SessionKey | None, context: ssl.SSLContext) -> ssl.SSLSession | None:
+    """The session to offer: the last one kept for this server, if the same context made it."""
+    if key is None:
+        return None
+    with _CONTEXTS_LOCK:
+        kept = _SESSIONS.get(key)
+    return kept[1] if kept is not None and kept[0] is context else None
+
+
+def _forget_session(key: _SessionKey | None) -> None:
+    if key is not None:
+        with _CONTEXTS_LOCK:
+            _SESSIONS.pop(key, None)
+
+
+@functools.cache
+def _session_keeping_socket() -> type[ssl.SSLSocket]:
+    """The socket class of postbote's contexts: one that passed the checks keeps its session when it is closed.
+
+    Taken at close, not after the handshake: with TLS 1.3 the server sends the session ticket after the handshake,
+    and the client reads it with the first data (the greeting)."""
+    import ssl
+
+    class SessionKeepingSocket(ssl.SSLSocket):
+        session_key: _SessionKey | None = None  # set by `TLSPolicy.wrap` once the certificate or pin is checked
+
+        def close(self) -> None:
+            key, self.session_key = self.session_key, None
+            if key is not None:
+                with contextlib.suppress(ValueError, OSError):
+                    _keep_session(key, self.context, self.session)
+            super().close()
+
+    return SessionKeepingSocket
+
+
+def _keep_session(key: _SessionKey, context: ssl.SSLContext, session: ssl.SSLSession | None) -> None:
+    if session is None:
+        return
+    with _CONTEXTS_LOCK:
+        if _CONTEXTS.get(key[0]) is context:  # not a context a reload has dropped since
+            _SESSIONS[key] = (context, session)
+
+
+def _debugging() -> bool:
+    """Whether ``tls.connected`` would be logged: asked first, because most polls log at info and this is on every
+    connection's path."""
+    return logging.getLogger("postbote.tls").isEnabledFor(logging.DEBUG)
 
 
 # OpenSSL's reasons when the other end answered a TLS ClientHello in plain text.
