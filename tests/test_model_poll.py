@@ -6,7 +6,8 @@ same size), one to three destinations of every kind (Maildir, mbox, MDA, SMTP, L
 Dovecot) each refusing on its own schedule (temporarily, permanently, or crashing), and several polls, each with
 server faults (drops, garbage, stalls, a stray line after a message, lenient dot-stuffing, an empty listing, ``+OK``
 to QUIT without committing), the state database locked by another process from some step on, and SIGKILL at some
-step. Clean polls follow. After every poll
+step; one case in four has an old server without UIDL (postbote names its messages by a digest of their headers).
+Clean polls follow. After every poll
 the invariants of `tests.model.ledger` must hold: nothing lost, no duplicate beyond what a crash may cost, nothing
 stuck, no fault hidden from the poll's result.
 
@@ -121,6 +122,28 @@ IMAP_PATHS = {
         TWO, (Kind.IMAP,), keep=True, raw_line_endings=False,
         polls=(PollPlan(destination_outcomes=((Outcome.CRASH,),)), PollPlan())),
 }
+
+
+# A server without UIDL (issue 15): postbote names messages by a digest of their headers; the same invariants.
+NO_UIDL_PATHS = {
+    "+OK to QUIT without committing: the next poll deletes without delivering again": Case(
+        TWO, (Kind.MAILDIR, Kind.SMTP), keep=False, raw_line_endings=False, uidl=False,
+        polls=(PollPlan(server_faults=(InjectedFault(ServerFault.QUIT_WITHOUT_COMMIT, "QUIT"),)),)),
+    "keep, with messages the server lists under one UID and a dropped TOP": Case(
+        (MessageSpec(("text",), "same-1"), MessageSpec(("8-bit",), "same-1")), (Kind.MAILDIR,), keep=True,
+        raw_line_endings=True, uidl=False,
+        polls=(PollPlan(server_faults=(InjectedFault(ServerFault.DROP, "TOP", 2),)), PollPlan(arrivals=(
+            Arrival(("text",)),)))),
+    "SIGKILL mid-poll, then a lost QUIT reply": Case(
+        TWO, (Kind.MDA,), keep=False, raw_line_endings=False, uidl=False,
+        polls=(PollPlan(kill=Kill(KillPoint.HOOK, 3)),
+               PollPlan(server_faults=(InjectedFault(ServerFault.QUIT_REPLY_LOST, "QUIT"),)))),
+}
+
+
+@pytest.mark.parametrize("case", NO_UIDL_PATHS.values(), ids=NO_UIDL_PATHS.keys())
+def test_a_server_without_uidl_loses_nothing_and_duplicates_only_what_a_crash_may_cost(case: Case) -> None:
+    run_case(case)
 
 
 @pytest.mark.dovecot

@@ -632,11 +632,12 @@ class _Session:
 
     def _execute(self, keyword: str, arguments: str) -> _Response:
         handlers = self._transaction_handlers if self._in_transaction else self._authorization_handlers
-        handler = handlers.get(keyword)
+        handler = None if keyword in self._server.without else handlers.get(keyword)
         try:
             if handler is not None:
                 return handler(self, arguments)
-            if keyword in self._authorization_handlers or keyword in self._transaction_handlers:
+            if keyword not in self._server.without and (keyword in self._authorization_handlers
+                                                        or keyword in self._transaction_handlers):
                 raise _Refusal("Command not valid in this state")
             raise _Refusal("Unknown command")
         except _Refusal as refusal:
@@ -660,7 +661,7 @@ class _Session:
                 listed.insert(-1, "STLS")
         if self._tls_active:
             listed = [capability for capability in listed if capability.upper() != "STLS"]
-        return listed
+        return [capability for capability in listed if capability.split(" ")[0].upper() not in server.without]
 
     def _user(self, arguments: str) -> _Response:
         (self._pending_user,) = _expect_arguments(arguments, 1)
@@ -850,6 +851,9 @@ class POP3Server:
     ``faults`` may be replaced while the server runs; each command consults
     the current value.  ``capabilities`` only changes what CAPA advertises:
     pipelining, for instance, keeps working when it is not listed.
+    ``without`` names optional commands the server does not know at all
+    (``{"UIDL"}``, ``{"UIDL", "TOP"}``: old servers): they get ``-ERR Unknown
+    command`` and are left out of CAPA.
     """
 
     def __init__(
@@ -866,8 +870,10 @@ class POP3Server:
         faults: Faults | None = None,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        without: Iterable[str] = (),
     ) -> None:
         self.host = host
+        self.without = frozenset(command.upper() for command in without)
         self.port = port
         self.users = dict(users)
         self.ssl_context = ssl_context

@@ -48,7 +48,7 @@ def open_mailbox(account: Account, poll: Poll) -> POP3Mailbox | None:
     except BaseException:
         client.close()
         raise
-    return POP3Mailbox(client, max_size=account.max_size, mechanism=mechanism)
+    return POP3Mailbox(client, max_size=account.max_size, mechanism=mechanism, keep=account.keep)
 
 
 @hookimpl

@@ -139,6 +139,7 @@ class POP3Client:
         self.greeting = ""
         self.capabilities: dict[str, list[str]] = {}
         self.refused_deletions: dict[int, str] = {}
+        self.has_uidl = True  # until the server answers -ERR to UIDL
         self._first_line = b""  # the start of the data block read last
         self._outgoing = bytearray()
         self._queued = 0
@@ -290,24 +291,27 @@ class POP3Client:
         return "PIPELINING" in self.capabilities
 
     def listing(self) -> list[ListingEntry]:
-        """UIDL joined with LIST: every message's number, UID and size. Malformed lines end the session."""
+        """UIDL joined with LIST: every message's number, UID and size. Malformed lines end the session.
+
+        A server without UIDL (it is optional in RFC 1939) answers ``-ERR`` and does not list UIDL in CAPA: its
+        entries come with an empty ``uid`` and `has_uidl` turns false, for the caller to name the messages another
+        way. A ``-ERR`` from a server whose CAPA lists UIDL is a passing refusal, raised: naming its messages
+        another way for one poll would fetch them all again."""
         if self.pipelining:
             self._send_all(["UIDL", "LIST"])
         else:
             self._send("UIDL")
-        self._expect_ok()
-        uids: dict[int, str] = {}
-        for line in self._read_listing(limit=MAX_LISTING_ENTRIES, line_limit=MAX_LISTING_LINE):
-            if match := _UIDL_LINE.fullmatch(line):  # the usual line, in one step; anything else is judged below
-                uids[int(match[1])] = match[2].decode("ascii")
-                continue
-            number, rest = self._number_and_rest(line, "UIDL")
-            if not _UID.fullmatch(rest):
-                raise POP3ProtocolError(f"UIDL: invalid unique id for message {number} (RFC 1939: 1-70 printable "
-                                        "characters)", line[:100].decode("ascii", "replace"))
-            uids[number] = rest.decode("ascii")
+        self._doing = "waiting for the reply to UIDL"
+        try:
+            self._expect_ok()
+        except POP3Error:
+            if "UIDL" in self.capabilities:
+                raise
+            self.has_uidl = False
+        uids = self._unique_ids() if self.has_uidl else {}
         if not self.pipelining:
             self._send("LIST")
+        self._doing = "waiting for the reply to LIST"
         self._expect_ok()
         sizes: dict[int, int] = {}
         for line in self._read_listing(limit=MAX_LISTING_ENTRIES, line_limit=MAX_LISTING_LINE):
@@ -319,7 +323,23 @@ class POP3Client:
                 raise POP3ProtocolError(f"LIST: invalid size for message {number}",
                                         line[:100].decode("ascii", "replace"))
             sizes[number] = int(rest)
+        if not self.has_uidl:
+            return [ListingEntry(n, "", size) for n, size in sorted(sizes.items())]
         return [ListingEntry(n, uid, sizes.get(n, 0)) for n, uid in sorted(uids.items()) if n in sizes]
+
+    def _unique_ids(self) -> dict[int, str]:
+        """The lines of a UIDL reply: message number -> UID."""
+        uids: dict[int, str] = {}
+        for line in self._read_listing(limit=MAX_LISTING_ENTRIES, line_limit=MAX_LISTING_LINE):
+            if match := _UIDL_LINE.fullmatch(line):  # the usual line, in one step; anything else is judged below
+                uids[int(match[1])] = match[2].decode("ascii")
+                continue
+            number, rest = self._number_and_rest(line, "UIDL")
+            if not _UID.fullmatch(rest):
+                raise POP3ProtocolError(f"UIDL: invalid unique id for message {number} (RFC 1939: 1-70 printable "
+                                        "characters)", line[:100].decode("ascii", "replace"))
+            uids[number] = rest.decode("ascii")
+        return uids
 
     def top_headers(self, number: int, *, limit: int = MAX_HEADER_BLOCK) -> bytes | None:
         """The header block of message ``number`` as ``TOP number 0`` shows it (un-dot-stuffed, the empty line

@@ -2,27 +2,45 @@
 
 RFC 1939 removes messages marked with DELE only when QUIT is answered (the UPDATE state), so `finish` is what
 makes deletions final; `abort` closes the connection without QUIT, and the server keeps every message.
+
+A server without UIDL gives its messages no lasting names, so the listing names them itself: by a digest of their
+header block (``TOP n 0``), which a message keeps as long as it is on the server; a server without TOP either, and
+only with ``keep: false``, by a digest of the whole message (read once more to name it). The poller's records and
+deletions then work as with UIDs: a message delivered but not yet deleted is known again at the next poll.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import structlog
 from postbote import AccountError, Fetched, MailboxEntry, NotFetched, TooLarge
-from postbote.plugins.pop3.client import MessageTooLarge, POP3Client, POP3ConnectionError, POP3Error
+from postbote.plugins.pop3.client import (
+    MAX_HEADER_BLOCK,
+    ListingEntry,
+    MessageTooLarge,
+    POP3Client,
+    POP3ConnectionError,
+    POP3Error,
+)
 
 log = structlog.get_logger("postbote.pop3")
 PIPELINE_WINDOW = 64  # RETRs in flight: enough to hide a 20 ms round trip behind small messages
+HEADERS_NAME = "headers:"  # a message named by the digest of its header block (a server without UIDL)
+CONTENT_NAME = "message:"  # ... by the digest of the whole message (a server without UIDL and TOP)
+NAME_DIGITS = 32  # hex digits of SHA-256 kept in a name: 128 bits
 
 
 class POP3Mailbox:
-    def __init__(self, client: POP3Client, *, max_size: int | None, mechanism: str = "") -> None:
+    def __init__(self, client: POP3Client, *, max_size: int | None, mechanism: str = "", keep: bool = False) -> None:
         self.client = client
         self.max_size = max_size
         self.mechanism = mechanism  # the auth choice the login used
+        self.keep = keep  # a server without UIDL and TOP can be read only with keep: false
         self._numbers: dict[int, MailboxEntry] = {}  # DELE sent, by message number
+        self._header_blocks: dict[int, bytes] = {}  # read while naming messages by their content (no TOP)
 
     @property
     def deadline(self) -> float | None:
@@ -38,9 +56,49 @@ class POP3Mailbox:
                 "tls": self.client.tls_facts()}
 
     def listing(self) -> Sequence[MailboxEntry]:
-        return [MailboxEntry(entry.uid, entry.size, entry.number) for entry in self.client.listing()]
+        listed = self.client.listing()
+        if self.client.has_uidl:
+            return [MailboxEntry(entry.uid, entry.size, entry.number) for entry in listed]
+        log.debug("pop3.no_uidl", messages=len(listed), reason="the server has no UIDL: messages are named by a "
+                  "digest of their headers")
+        return self._named_by_digest(listed)
+
+    def _named_by_digest(self, listed: Sequence[ListingEntry]) -> list[MailboxEntry]:
+        """Names for the messages of a server without UIDL. Messages with the same header block (true copies,
+        as a rule) are told apart by their order: ``#2``, ``#3``."""
+        entries: list[MailboxEntry] = []
+        seen: Counter[str] = Counter()
+        for item in listed:
+            name = self._digest_name(item)
+            seen[name] += 1
+            uid = name if seen[name] == 1 else f"{name}#{seen[name]}"
+            entries.append(MailboxEntry(uid, item.size, item.number))
+        return entries
+
+    def _digest_name(self, item: ListingEntry) -> str:
+        headers = self.client.top_headers(item.number)
+        if headers is not None:
+            return HEADERS_NAME + hashlib.sha256(header_block(headers)).hexdigest()[:NAME_DIGITS]
+        if self.keep:
+            raise AccountError(f"{self.client.host} has neither UIDL nor TOP, so a message it keeps cannot be told "
+                               "from a new one without downloading every message at every poll; use keep: false "
+                               "(each message is deleted once delivered), or a server with UIDL")
+        content = hashlib.sha256()
+        head = bytearray()
+
+        def take(data: bytes) -> None:
+            content.update(data)
+            if len(head) < MAX_HEADER_BLOCK and b"\n\n" not in head.replace(b"\r", b""):
+                head.extend(data[: MAX_HEADER_BLOCK - len(head)])
+
+        self.client.send_retrieve(item.number, limit=retrieve_limit(item.size, None))
+        self.client.read_retrieved(take)
+        self._header_blocks[item.number] = header_block(bytes(head))
+        return CONTENT_NAME + content.hexdigest()[:NAME_DIGITS]
 
     def headers(self, entry: MailboxEntry) -> bytes | None:
+        if entry.ref in self._header_blocks:
+            return self._header_blocks[entry.ref]
         return self.client.top_headers(entry.ref)
 
     def fetch(self, entries: Iterable[MailboxEntry], *, stop: Callable[[], bool]) -> Iterator[tuple[MailboxEntry,
@@ -99,6 +157,14 @@ class POP3Mailbox:
 
     def abort(self) -> None:
         self.client.close()
+
+
+def header_block(data: bytes) -> bytes:
+    """The header lines of a ``TOP n 0`` reply, carriage returns and the empty line that ends them left out: the
+    same name whichever line ends the server uses."""
+    text = data.replace(b"\r", b"")
+    end = text.find(b"\n\n")
+    return text[:end] if end != -1 else text.rstrip(b"\n")
 
 
 def looks_truncated(received: int, listed: int) -> bool:

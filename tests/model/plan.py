@@ -32,10 +32,10 @@ class ServerFault(enum.Enum):
 
 
 FAULT_COMMANDS: dict[ServerFault, tuple[str, ...]] = {
-    ServerFault.DROP: ("UIDL", "LIST", "RETR", "DELE", "QUIT"),
+    ServerFault.DROP: ("UIDL", "LIST", "TOP", "RETR", "DELE", "QUIT"),
     ServerFault.DROP_MIDWAY: ("UIDL", "RETR"),
-    ServerFault.GARBAGE: ("UIDL", "RETR", "DELE", "QUIT"),
-    ServerFault.STALL: ("UIDL", "RETR", "DELE", "QUIT"),
+    ServerFault.GARBAGE: ("UIDL", "TOP", "RETR", "DELE", "QUIT"),
+    ServerFault.STALL: ("UIDL", "TOP", "RETR", "DELE", "QUIT"),
     ServerFault.STRAY_LINE: ("RETR",),
     ServerFault.LENIENT_STUFFING: ("RETR",),
     ServerFault.EMPTY_LISTING: ("UIDL",),
@@ -104,10 +104,11 @@ class Case:
     keep: bool
     raw_line_endings: bool  # the server sends stored bytes as they are (sizes are raw sizes)
     polls: tuple[PollPlan, ...] = field(default=())
+    uidl: bool = True  # False: an old server without UIDL (-ERR, not in CAPA); postbote names messages by digest
 
     def describe(self) -> str:
         lines = [f"destinations {[k.value for k in self.destinations]}, keep={self.keep}, "
-                 f"raw_line_endings={self.raw_line_endings}",
+                 f"raw_line_endings={self.raw_line_endings}{'' if self.uidl else ', server without UIDL'}",
                  *(f"message {i}: uid={m.uid} {list(m.pieces)}" for i, m in enumerate(self.messages))]
         for number, poll in enumerate(self.polls, start=1):
             parts = [str(f) for f in poll.server_faults]
@@ -164,4 +165,4 @@ def cases(draw: st.DrawFn) -> Case:
                              min_size=1, max_size=5))
     polls = draw(st.lists(poll_plans(destinations, len(messages)), min_size=1, max_size=4))
     return Case(tuple(messages), destinations, keep=draw(st.booleans()), raw_line_endings=draw(st.booleans()),
-                polls=tuple(polls))
+                polls=tuple(polls), uidl=draw(st.sampled_from([True, True, True, False])))

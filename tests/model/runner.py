@@ -8,6 +8,7 @@ forked child; the others run in this process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from typing import Any
 
 import pytest
 from postbote import DeliveryError, hookimpl
+from postbote.plugins.pop3.mailbox import HEADERS_NAME, NAME_DIGITS, header_block
 from postbote.poll import PollStats
 from postbote.state import DATABASE_NAME, REJECTED, StateStore
 from postbote.testing import poll_once
@@ -208,7 +210,7 @@ class CaseRun:
         self.directory = directory
         self.destinations = [Destination.create(kind, i, directory / f"dest{i}-{kind.value}")
                              for i, kind in enumerate(case.destinations)]
-        self.server = POP3Server([], lock_timeout=2.0).start()
+        self.server = POP3Server([], lock_timeout=2.0, without=() if case.uidl else ("UIDL",)).start()
         self.rig = Rig(directory / "rig", self.server, _NoTarget())  # type: ignore[arg-type]
         self.ledger = Ledger(self.destinations, case.keep)
         self.pieces: dict[int, tuple[str, ...]] = {}
@@ -216,6 +218,7 @@ class CaseRun:
         self.risky_polls = 0  # polls cut short where a hand-over's outcome may not have been recorded
         self.log: list[str] = []
         TALLY["cases with an IMAP destination"] += Kind.IMAP in case.destinations
+        TALLY["cases with a server without UIDL"] += not case.uidl
         for spec in case.messages:
             self.arrive(spec.pieces, spec.uid)
         StateStore(self.rig.state_dir).close()  # the database exists before any lock is taken on it
@@ -373,14 +376,32 @@ class CaseRun:
     # ---- what the state says
 
     def held_uids(self) -> set[str]:
-        return {uid for uid, record in self.rig.records().items()
-                if record.status == REJECTED and "ended without an answer" in record.reason}
+        server_uid = self.server_uids_by_name()
+        return {server_uid[name] for name, record in self.rig.records().items() if name in server_uid
+                and record.status == REJECTED and "ended without an answer" in record.reason}
 
     def rejected_uids(self) -> set[str]:
-        return {uid for uid, record in self.rig.records().items() if record.status == REJECTED}
+        server_uid = self.server_uids_by_name()
+        return {server_uid[name] for name, record in self.rig.records().items()
+                if name in server_uid and record.status == REJECTED}
 
     def duplicated_uids(self) -> set[str]:
+        if not self.case.uidl:
+            return set()  # postbote never sees the server's UIDs: every message has a name of its own
         return {uid for uid, count in Counter(self.server.uids()).items() if count > 1}
+
+    def server_uids_by_name(self) -> dict[str, str]:
+        """The server's UID of each message on it, by the name postbote knows it by: its UID, or without UIDL the
+        digest of its header block (`postbote.plugins.pop3.mailbox`), ``#n`` for the n-th with the same headers."""
+        if self.case.uidl:
+            return {uid: uid for uid in self.server.uids()}
+        names: dict[str, str] = {}
+        seen: Counter[str] = Counter()
+        for uid, data in self.server.messages():
+            name = HEADERS_NAME + hashlib.sha256(header_block(data)).hexdigest()[:NAME_DIGITS]
+            seen[name] += 1
+            names[name if seen[name] == 1 else f"{name}#{seen[name]}"] = uid
+        return names
 
     def tally(self, plan: PollPlan, result: PollResult) -> None:
         TALLY["polls"] += 1
