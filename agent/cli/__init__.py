@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     _command(commands, "run", "run as a daemon, polling each account at its poll_interval",
              exits="0 after SIGTERM or SIGINT; 1 when the state directory is held by another postbote; 2 for a "
                    "config error", example="postbote -c /etc/postbote/postbote.yaml run")
+    poll.add_argument("-n", "--dry-run", action="store_true",
+                      help="fetch the headers only, run the filters and print where each message would go (or which "
+                           "filter drops it); nothing is fetched, deleted or recorded")
     status = _command(commands, "status", "show each account's last poll, next poll and last error",
                       exits="0 when all is well; 1 when an account's last poll failed or mail waits on a server",
                       example="postbote status --json | jq '.accounts[] | select(.ok == false)'")

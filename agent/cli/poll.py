@@ -20,16 +20,72 @@ if TYPE_CHECKING:
     import threading
 
     from postbote.config import Account, Config
+    from postbote.dry_run import AccountPreview
     from postbote.pluginmanager import PluginManager
     from postbote.poll import PollStats
-    from postbote.state import StateStore
+    from postbote.state import Record, StateStore
 
 PROGRESS_PLUGIN_NAME = "postbote.progress"
 
 
 def run(args: argparse.Namespace) -> int:
     pm, config = set_up(args)
+    if getattr(args, "dry_run", False):
+        return dry_run(pm, this_time(config, args), args.accounts)
     return poll_command(pm, this_time(config, args), args.accounts)
+
+
+def dry_run(pm: PluginManager, config: Config, names: Sequence[str], out: TextIO | None = None) -> int:
+    """``poll --dry-run``: per account and message, where a poll would deliver it, or that a filter would drop it
+    (and which), from the headers alone; nothing changes on the server or in the state (`postbote.dry_run`). Needs
+    no state lock, so it runs beside a daemon. 1 when an account could not be reached or logged in to."""
+    from postbote.credentials import redact
+    from postbote.dry_run import preview_account
+    from postbote.jobs import plugins_started
+
+    out = out or sys.stdout
+    status = ExitStatus.OK
+    accounts = config.select(tuple(names))
+    with plugins_started(pm, config):
+        for account in accounts:
+            try:
+                preview = preview_account(pm, account, config.state_dir, read_records(config, account.name))
+            except Exception as exc:  # noqa: BLE001 - every failure is this account's answer, shown as one line
+                status = ExitStatus.FAILED
+                print(f"{account.name}: FAILED: {redact(str(exc))}", file=out)
+                continue
+            for line in preview_lines(preview):
+                print(line, file=out)
+    return status
+
+
+def read_records(config: Config, account: str) -> dict[str, Record]:
+    """The account's records, read-only (none before the first poll)."""
+    from postbote.state import StateStore
+
+    if not StateStore.exists(config.state_dir):
+        return {}
+    store = StateStore(config.state_dir, readonly=True)
+    try:
+        return store.records(account)
+    finally:
+        store.close()
+
+
+def preview_lines(preview: AccountPreview) -> list[str]:
+    from postbote.dry_run import Fate
+
+    filters = (f"; filters, on the headers only (a filter reading the body may decide otherwise): "
+               f"{', '.join(preview.filters)}" if preview.filters else "")
+    lines = [f"{preview.account}: {len(preview.messages)} message(s) on the server (dry run: nothing is fetched, "
+             f"deleted or recorded){filters}"]
+    for message in preview.messages:
+        subject = f" {message.subject!r}" if message.subject is not None else ""
+        what = {Fate.DELIVER: f"-> {message.detail}", Fate.DROP: message.detail,
+                Fate.DELETE: f"delete: {message.detail}", Fate.LEAVE: f"leave: {message.detail}",
+                Fate.DEFER: f"defer: {message.detail}"}[message.fate]
+        lines.append(f"  {message.uid} ({message.size} octets){subject}: {what}")
+    return lines
 
 
 def this_time(config: Config, args: argparse.Namespace) -> Config:
