@@ -32,7 +32,7 @@ ENTRY_POINT_GROUP = "postbote"
 
 # Registration order is call order reversed: among filters, later entries run first. spamassassin comes after
 # rules so that its X-Spam-* fields exist when the rules run; dedupe is trylast, so it sees final recipients.
-ESSENTIAL_PLUGINS = ("pop3", "imap", "received", "smtp", "imap_append", "maildir", "mbox", "mda")
+ESSENTIAL_PLUGINS = ("pop3", "imap", "received", "smtp", "imap_append", "gmail", "maildir", "mbox", "mda")
 OPTIONAL_PLUGINS: tuple[str, ...] = ("backup", "rules", "dedupe", "spamassassin", "metrics", "notify")
 BUILTIN_PLUGINS = (*ESSENTIAL_PLUGINS, *OPTIONAL_PLUGINS)
 
