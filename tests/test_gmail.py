@@ -438,3 +438,78 @@ def test_without_pipelining_every_import_is_answered_before_the_next_message_is_
     assert rig.poll(pipeline=False) == 0
 
     assert sorted(rig.subjects()) == ["m0", "m1", "m2"] and rig.on_source() == 0
+
+
+# ================================================================== postbote auth
+
+
+def signs_in_for_gmail(provider: FakeOAuthProvider) -> Any:
+    """Plays the user's browser: the authorization asks for the import scopes only, and 'signs in'."""
+    import urllib.parse
+    import urllib.request
+
+    def open_url(url: str) -> None:
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+        assert query["scope"] == ("https://www.googleapis.com/auth/gmail.insert "
+                                  "https://www.googleapis.com/auth/gmail.labels")
+        assert query["access_type"] == "offline" and query["client_id"] == CLIENT_ID
+        code = provider.issue_code("alice", CLIENT_ID, query["redirect_uri"], query["code_challenge"])
+        params = urllib.parse.urlencode({"code": code, "state": query["state"]})
+        urllib.request.urlopen(f"{query['redirect_uri']}?{params}", timeout=5).read()
+
+    return open_url
+
+
+def test_postbote_auth_destination_gmail_asks_for_the_import_scopes_and_caches_the_token_apart(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from postbote.plugins.signin import oauth2, oauth2_settings
+
+    # The Google preset, with its endpoints on the fake provider: what a user's config says
+    preset = oauth2_settings.PRESETS["google"]
+    monkeypatch.setitem(oauth2_settings.PRESETS, "google", oauth2_settings.Preset(
+        token_url=rig.provider.token_url, scope=preset.scope, device_url=None,
+        authorize_url="https://127.0.0.1:1/authorize", authorize_params=preset.authorize_params,
+        needs_client_secret=True))
+    monkeypatch.setattr(oauth2, "_open_browser", signs_in_for_gmail(rig.provider))
+    rig.refresh_file.unlink()
+    config = rig.configure(oauth2={"provider": "google", "client_id": CLIENT_ID,
+                                   "client_secret_file": str(rig.tmp_path / "client-secret"),
+                                   "refresh_token_file": str(rig.refresh_file), "ca_file": str(rig.gmail_ca)})
+    rig.send(make_message("a"))
+
+    assert main(["-c", str(config), "auth", "old", "--destination", "gmail", "--flow", "loopback"]) == 0
+    assert "Authorized. The refresh token is stored in" in capsys.readouterr().out
+    assert rig.refresh_file.stat().st_mode & 0o777 == 0o600
+    assert [path.name for path in (rig.state_dir / "oauth2").iterdir()] == ["old.gmail-me.json"]
+
+    assert main(["-c", str(config), "poll"]) == 0
+    assert rig.subjects() == ["a"]
+
+
+def test_postbote_auth_runs_the_gmail_destinations_only_when_asked_or_when_the_source_needs_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from postbote.plugins.signin import authorize as signin_authorize
+
+    oauth = {"provider": "google", "client_id": "c", "client_secret_file": "cs", "refresh_token_file": "rt"}
+    config = tmp_path / "postbote.yaml"
+    config.write_text(yaml.safe_dump({"accounts": [
+        {"name": "both", "host": "pop.gmail.com", "username": "me", "auth": "xoauth2", "oauth2": oauth,
+         "deliver": {"gmail": {"oauth2": oauth}}},
+        {"name": "destination-only", "host": "pop.example.org", "username": "me", "password": "pw",
+         "deliver": {"gmail": {"oauth2": oauth}}}]}))
+    config.chmod(0o600)
+    both, destination_only = load_config(config, make_plugin_manager(entry_points=False)).accounts
+    flows: list[tuple[str, str]] = []
+    monkeypatch.setattr(signin_authorize, "run_auth",
+                        lambda oauth, out, *, account, **_: flows.append((account, oauth.scope)) or 0)
+
+    def answer(account: Any, destination: str | None = None) -> Any:
+        return gmail_plugin.authorize(account=account, state_dir=tmp_path, out=io.StringIO(), flow="loopback",
+                                      open_browser=False, destination=destination)
+
+    assert answer(both) is None  # the source's own authorization comes first
+    assert answer(destination_only) == 0 and answer(both, "gmail") == 0 and answer(both, "imap") is None
+    assert [name for name, _ in flows] == ["destination-only.gmail-me", "both.gmail-me"]
+    assert all("gmail.insert" in scope and "mail.google.com" not in scope for _, scope in flows)

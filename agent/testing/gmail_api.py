@@ -27,7 +27,8 @@ The fault script (``faults``, consumed in order by the requests they match): an 
 and Retry-After (a 429 storm, a 503); a 503 after reading part of an upload's body (``after_bytes``), the
 connection then closed; storing the message and then dropping the connection unanswered (``store`` with ``drop``:
 the answer lost). ``race_label(name)`` makes another client create a label just before postbote's create
-reaches the server. ``rtt`` delays every answer (the bench's 20 ms).
+reaches the server. ``rtt`` delays every answer (the bench's 20 ms); ``after_answer`` is called once an answer is
+written (a kill test kills postbote there: between Gmail's 200 and postbote's record of it).
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ class GmailAPIServer:
     refused: list[str] = field(default_factory=list)
     log: list[Logged] = field(default_factory=list)
     labels: dict[str, dict[str, Any]] = field(default_factory=dict)
+    after_answer: Callable[[Logged], None] | None = None  # called once an answer is written (a kill test's moment)
     _sessions: dict[str, _Session] = field(default_factory=dict)
     _races: set[str] = field(default_factory=set)
     _lock: threading.RLock = field(default_factory=threading.RLock)
@@ -253,6 +255,9 @@ class GmailAPIServer:
         handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
         handler.wfile.write(data)
+        handler.wfile.flush()
+        if self.after_answer is not None:
+            self.after_answer(Logged(handler.command, kind, status))
 
     def _log(self, method: str, kind: str, status: int) -> None:
         with self._lock:
