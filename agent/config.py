@@ -94,6 +94,7 @@ class Account:
     poll_timeout: float | None = None  # the whole session's deadline; None: derived from timeout and the mail
     stale_after: float = DEFAULT_STALE_AFTER
     delete_after: float | None = None  # with keep: delete a delivered message this long after its delivery
+    delete_oversized: bool = False  # delete a message over max_size once it was reported, instead of leaving it
     plugins: Mapping[str, Any] = field(default_factory=dict)
     disabled_plugins: frozenset[str] = frozenset()
     protocol: str = DEFAULT_PROTOCOL  # the source plugin that opens the mailbox (the ``open_mailbox`` hook)
@@ -289,6 +290,7 @@ def _account(section: Section, problems: Problems, pm: PluginManager, base_dir: 
         delete_after=section.get("delete_after", s.duration, None),
         fetch_all=section.get("fetch_all", s.boolean, False),
         max_size=section.get("max_size", s.size, DEFAULT_MAX_SIZE),
+        delete_oversized=section.get("delete_oversized", s.boolean, False),
         max_messages=section.get("max_messages", s.integer(1), None),
         destinations=_destinations(section, problems, pm, base_dir),
         plugins=_account_plugins(section, pm, problems, base_dir, global_plugins),

@@ -40,6 +40,7 @@ BATCH_SIZE = 64
 DEADLINE_TIMEOUTS = 4
 DEADLINE_RATE = 64 * 1024  # octets per second
 DEADLINE_PER_MESSAGE = 0.5  # seconds
+OVERSIZED_DELETED = "larger than max_size: deleted unread (delete_oversized)"
 
 
 @dataclass
@@ -109,8 +110,7 @@ class Poller:
                 if entry.stays:
                     log.info("message.action_again", uid=entry.uid, reason="its action did not happen last time")
                 else:
-                    log.info("message.deleted", uid=entry.uid, reason="kept for delete_after since its delivery"
-                             if entry.uid in session.expired else "delivered in an earlier poll")
+                    log.info("message.deleted", uid=entry.uid, reason=deletion_reason(account, entry, session))
             session.fetch(to_fetch)
             session.settle()
             self.store.make_durable()  # deletions take effect when the mailbox finishes: their records must be on disk
@@ -166,6 +166,8 @@ class Poller:
             if entry.uid in duplicated:
                 log.warning("message.skipped", uid=entry.uid, reason="the server lists this UID more than once")
                 stats.left += 1
+            elif oversized_to_delete(account, entry, record):
+                to_verify.append((entry, self._delete_oversized(account, entry, session)))
             elif record is not None and record.handled and (not (account.keep or entry.stays) or record.absent):
                 to_verify.append((entry, record))  # a UID back after an absence is checked too, even with keep
             elif record is not None and record.handled and entry.stays and entry.action_due and not account.keep:
@@ -192,6 +194,16 @@ class Poller:
         self.store.record(account.name, entry.uid, REJECTED, reason=reason, size=entry.size)
         stats.rejected += 1
         stats.left += 1
+
+    def _delete_oversized(self, account: Account, entry: MailboxEntry, session: AccountSession) -> Record:
+        """``delete_oversized``: a message reported as too large by an earlier poll (and so notified) is recorded as
+        dropped and deleted unread, even with ``keep``."""
+        reason = f"{OVERSIZED_DELETED} ({entry.size} > {account.max_size} octets)"
+        log.warning("message.oversized_deleted", uid=entry.uid, size=entry.size, max_size=account.max_size)
+        self.store.record(account.name, entry.uid, DROPPED, reason=reason, size=entry.size)
+        session.expired.add(entry.uid)
+        return Record(entry.uid, DROPPED, reason, entry.size)
+
 
 
 class AccountSession:
@@ -431,6 +443,22 @@ class AccountSession:
             if self.account.keep:
                 return
         self.mailbox.delete(entry)  # for an entry that stays: the source's own action (an IMAP \Seen flag)
+
+
+def deletion_reason(account: Account, entry: MailboxEntry, session: AccountSession) -> str:
+    if entry.uid not in session.expired:
+        return "delivered in an earlier poll"
+    if account.delete_oversized and account.max_size is not None and entry.size > account.max_size:
+        return "larger than max_size, reported in an earlier poll (delete_oversized)"
+    return "kept for delete_after since its delivery"
+
+
+def oversized_to_delete(account: Account, entry: MailboxEntry, record: Record | None) -> bool:
+    """Whether ``delete_oversized`` deletes this message now: over ``max_size`` and reported as rejected by an
+    earlier poll (or recorded for deletion by one whose deletion did not happen)."""
+    if not account.delete_oversized or account.max_size is None or entry.size <= account.max_size or record is None:
+        return False
+    return record.status == REJECTED or (record.status == DROPPED and record.reason.startswith(OVERSIZED_DELETED))
 
 
 def kept_long_enough(account: Account, record: Record, now: float) -> bool:
