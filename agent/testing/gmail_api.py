@@ -38,6 +38,7 @@ import json
 import re
 import secrets
 import shutil
+import socket
 import ssl
 import threading
 import time
@@ -208,6 +209,12 @@ class GmailAPIServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                # the header and the body of an answer go in two writes: without this, Nagle holds the second
+                # until the client's delayed ACK (40 ms), which Google's front ends never make a client wait
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 api._serve(self)
