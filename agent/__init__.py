@@ -30,10 +30,11 @@ if TYPE_CHECKING:
     from postbote.mailbox import Fetched, Mailbox, MailboxEntry, NotFetched, TooLarge
     from postbote.message import Message, Verdict
     from postbote.poll import Poll, PollStats
-    from postbote.smtp import Delivery, Reply, SMTPClient
+    from postbote.smtp import AuthRefused, Delivery, Reply, SenderRefused, SessionRefused, SMTPClient
     from postbote.state import KeyedTable, LegacyTable, PollRecord, WaitingMessage, read_account_state
     from postbote.status import WaitingSummary, stale_after
     from postbote.tls import TLSError, TLSPolicy, certificate_facts
+    from postbote.trace import ProtocolTrace, protocol_trace
     from postbote.watch import Watch
     from postbote.wire import CRLFEncoder, LFEncoder, SMTPDataEncoder, crlf_lines, lf_lines, smtp_data
     from postbote.yaml_reader import (
@@ -80,7 +81,9 @@ _FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
     "postbote.tls": ("TLSError", "TLSPolicy", "certificate_facts"),
     # delivering: line endings for the wire and for files, an SMTP/LMTP client
     "postbote.wire": ("CRLFEncoder", "LFEncoder", "SMTPDataEncoder", "crlf_lines", "lf_lines", "smtp_data"),
-    "postbote.smtp": ("Delivery", "Reply", "SMTPClient"),
+    "postbote.smtp": ("AuthRefused", "Delivery", "Reply", "SMTPClient", "SenderRefused", "SessionRefused"),
+    # the protocol trace of ``postbote -v``: a protocol client's hooks (None when the trace is off)
+    "postbote.trace": ("ProtocolTrace", "protocol_trace"),
     # secrets: a value no log shows (`redact` masks every one registered); a child's environment without them
     "postbote.credentials": ("Secret", "child_environment", "redact", "register_secret", "register_secret_variable"),
     # making written files survive a crash (each raises the kernel's OSError; turn it into your DeliveryError)
@@ -118,8 +121,8 @@ __all__ = [  # spelled out, so that type checkers see the re-exports; tests/test
     "AccountError", "ConfigError", "CredentialError", "DeliveryError", "LoginRefused", "PluginError", "PostboteError",
     "StateError", "StateLockedError", "TLSError",
     # delivering
-    "CRLFEncoder", "Delivery", "LFEncoder", "Reply", "SMTPClient", "SMTPDataEncoder", "TLSPolicy", "certificate_facts",
-    "child_environment",
+    "AuthRefused", "CRLFEncoder", "Delivery", "LFEncoder", "Reply", "SMTPClient", "SMTPDataEncoder", "SenderRefused",
+    "SessionRefused", "TLSPolicy", "certificate_facts", "child_environment", "ProtocolTrace", "protocol_trace",
     "crlf_lines", "lf_lines", "smtp_data",
     # secrets
     "Secret", "redact", "register_secret", "register_secret_variable",

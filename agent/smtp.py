@@ -6,23 +6,60 @@ pipelined when the server offers PIPELINING (RFC 2920), the message is streamed 
 dot-stuffing rules of `postbote.wire`, LMTP's per-recipient replies are read, and every reply the server sends is
 bounded and checked, since the MTA side is attack surface too. Failures raise `DeliveryError` marked temporary
 (4xx, connection trouble, garbled replies) or permanent (5xx).
+
+For a submission relay: implicit TLS (port 465) or STARTTLS, which fails closed (`SessionRefused`) when the server
+does not offer it, and SMTP AUTH (RFC 4954) driven by any SASL mechanism object (`authenticate`); a refused sender
+is a `SenderRefused`, so that the caller can try once more with another. With ``postbote -v`` every command and
+reply line is traced (`postbote.trace`), the data as one ``[... N bytes ...]`` line.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from postbote.errors import DeliveryError
 from postbote.tls import TLSError, TLSPolicy
+from postbote.trace import protocol_trace
 from postbote.wire import crlf_lines, smtp_data
 
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 100
 WRITE_BUFFER = 1 << 16
 BDAT_CHUNK = 1 << 20
+MAX_AUTH_ROUNDS = 10
+
+
+class SessionRefused(DeliveryError):
+    """The session cannot be used for any message: TLS could not be had (STARTTLS not offered, a certificate not
+    trusted) or the login was refused. Temporary for the messages, which wait; trying again for every message of
+    the poll would only repeat it (and a login tried per message can lock the account)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, temporary=True)
+
+
+class AuthRefused(SessionRefused):
+    """The server refused SMTP AUTH (or the exchange broke off)."""
+
+
+class SenderRefused(DeliveryError):
+    """The server refused the envelope sender (MAIL FROM); the recipients were never tried."""
+
+
+class SASLMechanism(Protocol):
+    """What `SMTPClient.authenticate` needs of a SASL mechanism (``postbote.plugins.signin.sasl``'s classes)."""
+
+    name: str
+
+    def initial_response(self) -> bytes | None: ...
+
+    def respond(self, challenge: bytes) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -45,22 +82,35 @@ class Reply:
 class SMTPClient:
     """A connected, greeted (EHLO/LHLO) session; `send` delivers one message, `quit` ends the session."""
 
-    def __init__(self, sock: socket.socket, *, server: str, timeout: float, lmtp: bool) -> None:
+    def __init__(self, sock: socket.socket, *, server: str, timeout: float, lmtp: bool, host: str = "localhost",
+                 encrypted: bool = False) -> None:
         self.server = server
+        self.host = host  # the name TLS verified, and OAUTHBEARER names
         self.timeout = timeout
         self.lmtp = lmtp
+        self.encrypted = encrypted  # TLS from the first byte, or since STARTTLS
         self.extensions: dict[str, str] = {}
         self.usable = True
         self._sock = sock
         self._reader = sock.makefile("rb")
         self._outstanding: Delivery | None = None
+        self._trace = protocol_trace("LMTP" if lmtp else "SMTP")
 
     @classmethod
     def connect(cls, *, host: str | None = None, port: int = 25, unix_socket: str | None = None, timeout: float,
-                lmtp: bool = False, helo: str, starttls: bool = False, tls: TLSPolicy | None = None) -> SMTPClient:
+                lmtp: bool = False, helo: str, starttls: bool = False, tls: TLSPolicy | None = None,
+                implicit_tls: bool = False) -> SMTPClient:
+        """A greeted session; ``implicit_tls``: TLS from the first byte (submissions, port 465); ``starttls``:
+        upgraded before anything else is said, or `SessionRefused`."""
         server = unix_socket or f"{host}:{port}"
         sock = _open_socket(host, port, unix_socket, timeout, server)
-        client = cls(sock, server=server, timeout=timeout, lmtp=lmtp)
+        if implicit_tls:
+            try:
+                sock = (tls or TLSPolicy()).wrap(sock, host or "localhost", server, implicit=True)
+            except TLSError as exc:
+                raise SessionRefused(f"TLS to {server}: {exc}") from None
+        client = cls(sock, server=server, timeout=timeout, lmtp=lmtp, host=host or "localhost",
+                     encrypted=implicit_tls)
         try:
             client._expect(client._read_reply(), "greeting", 220)
             client.hello(helo)
@@ -90,17 +140,61 @@ class SMTPClient:
             self.extensions[keyword.upper()] = params
 
     def starttls(self, tls: TLSPolicy, host: str, helo: str) -> None:
+        """Upgrade to TLS, or refuse to go on: nothing is ever sent in the clear when TLS was asked for."""
         if "STARTTLS" not in self.extensions:
-            raise DeliveryError(f"{self.server} does not offer STARTTLS (starttls: true in the config)", temporary=True)
-        self._expect(self._command("STARTTLS"), "STARTTLS", 220)
+            self.usable = False
+            raise SessionRefused(f"{self.server} does not offer STARTTLS, which the config requires (tls: "
+                                 "starttls); nothing was sent in the clear")
+        reply = self._command("STARTTLS")
+        if reply.code != 220:
+            self.usable = False
+            raise SessionRefused(f"{self.server} answered STARTTLS with {reply}; nothing was sent in the clear")
         self._reader.close()
         try:
             self._sock = tls.wrap(self._sock, host, self.server)
         except TLSError as exc:
             self.usable = False
-            raise DeliveryError(f"STARTTLS to the MTA: {exc}", temporary=True) from None
+            raise SessionRefused(f"STARTTLS to {self.server}: {exc}") from None
         self._reader = self._sock.makefile("rb")
+        self.encrypted = True
         self.hello(helo)
+
+    def sasl_mechanisms(self) -> list[str]:
+        """The SASL mechanisms the server named in its EHLO reply (``AUTH PLAIN LOGIN ...``)."""
+        return self.extensions.get("AUTH", "").upper().split()
+
+    def authenticate(self, mechanism: SASLMechanism, *, max_rounds: int = MAX_AUTH_ROUNDS) -> None:
+        """SMTP AUTH (RFC 4954) with ``mechanism``; the initial response rides on the AUTH line. Raises
+        `AuthRefused` (with the server's reply, never a secret) unless the server answers 235."""
+        initial = mechanism.initial_response()
+        line = f"AUTH {mechanism.name}"
+        if initial is not None:
+            line += " " + (base64.b64encode(initial).decode("ascii") or "=")
+        reply = self._command(line)
+        for _ in range(max_rounds):
+            if reply.code != 334:
+                break
+            try:
+                challenge = base64.b64decode(reply.text.strip(), validate=True)
+            except binascii.Error:
+                self._cancel_auth()
+                raise AuthRefused(f"{self.server}: invalid base64 in an AUTH {mechanism.name} challenge") from None
+            try:
+                response = mechanism.respond(challenge)
+            except Exception:
+                self._cancel_auth()
+                raise
+            reply = self._command(base64.b64encode(response).decode("ascii"))
+        else:
+            self._cancel_auth()
+            raise AuthRefused(f"{self.server}: AUTH {mechanism.name} took more than {max_rounds} rounds")
+        if reply.code != 235:
+            raise AuthRefused(f"{self.server} refused AUTH {mechanism.name}: {reply}")
+
+    def _cancel_auth(self) -> None:
+        """``*`` ends an exchange (RFC 4954 4); its 501 is read, so the session stays in step (or is dropped)."""
+        with contextlib.suppress(DeliveryError):
+            self._command("*")
 
     def send(self, sender: str, recipients: list[str], chunks: Iterable[bytes], *, eight_bit: bool = False) -> str:
         """Deliver one message to all ``recipients``; returns the server's final answer. All or nothing."""
@@ -123,6 +217,8 @@ class SMTPClient:
         chunking = pipelining and "CHUNKING" in self.extensions
         if chunking and len(recipients) == 1:
             envelope = "".join(c + "\r\n" for c in commands).encode("utf-8")
+            if self._trace:
+                self._trace.sent("\r\n".join(commands))
             return self._track(Delivery(self, recipients, commands, self._write_chunks(chunks, envelope)))
         self._send_envelope(commands, pipelining, data_follows=not chunking)
         if chunking:
@@ -160,7 +256,10 @@ class SMTPClient:
         no recipient to start a transaction for and refuses DATA too, so all-or-nothing still holds."""
         data_pipelined = data_follows and pipelining and len(commands) == 2
         if pipelining:
-            self._write("".join(c + "\r\n" for c in commands + ["DATA"] * data_pipelined).encode("utf-8"))
+            pipeline = "".join(c + "\r\n" for c in commands + ["DATA"] * data_pipelined)
+            if self._trace:
+                self._trace.sent(pipeline)
+            self._write(pipeline.encode("utf-8"))
             replies = [self._read_reply() for _ in commands]
         else:
             replies = []
@@ -189,8 +288,9 @@ class SMTPClient:
         lack of a transaction), else the worst of the refused recipients."""
         mail_refused = refused[0][0].startswith("MAIL")
         command, worst = refused[0] if mail_refused else max(refused, key=lambda item: item[1].code)
-        return DeliveryError(f"{self.server} refused {command.split(':')[0]} {command.partition(':')[2]}: {worst}",
-                             temporary=not worst.code >= 500)
+        error = SenderRefused if mail_refused else DeliveryError
+        return error(f"{self.server} refused {command.split(':')[0]} {command.partition(':')[2]}: {worst}",
+                     temporary=not worst.code >= 500)
 
     def _mail_parameters(self, sender: str, recipients: list[str], eight_bit: bool) -> str:
         params = ""
@@ -218,12 +318,17 @@ class SMTPClient:
     def _write_data(self, chunks: Iterable[bytes]) -> None:
         """Stream the payload in large writes, so the end of a message never waits alone in a small segment."""
         buffer = bytearray()
+        written = 0
         for piece in smtp_data(chunks):
             buffer += piece
             if len(buffer) >= WRITE_BUFFER:
+                written += len(buffer)
                 self._write(bytes(buffer))
                 buffer.clear()
         self._write(bytes(buffer))
+        if self._trace:
+            self._trace.elided(written + len(buffer) - 3, sent=True)  # without the ".\r\n" that ends it
+            self._trace.sent(".")
 
     def _write_chunks(self, chunks: Iterable[bytes], envelope: bytes) -> int:
         """The message as BDAT chunks (RFC 3030: CRLF line endings, no dot-stuffing, no terminator) behind
@@ -234,9 +339,15 @@ class SMTPClient:
         for piece in crlf_lines(chunks):
             pending += piece
             if len(pending) >= BDAT_CHUNK:
+                if self._trace:
+                    self._trace.sent(f"BDAT {len(pending)}")
+                    self._trace.elided(len(pending), sent=True)
                 self._write(prefix + b"BDAT %d\r\n" % len(pending) + pending)
                 prefix, count = b"", count + 1
                 pending.clear()
+        if self._trace:
+            self._trace.sent(f"BDAT {len(pending)} LAST")
+            self._trace.elided(len(pending), sent=True)
         self._write(prefix + b"BDAT %d LAST\r\n" % len(pending) + pending)
         return count + 1
 
@@ -269,6 +380,8 @@ class SMTPClient:
 
     def _command(self, line: str) -> Reply:
         self.finish_outstanding()
+        if self._trace:
+            self._trace.sent(line)
         self._write(line.encode("utf-8") + b"\r\n")
         return self._read_reply()
 
@@ -291,6 +404,8 @@ class SMTPClient:
         code = 0
         while True:
             raw = self._read_line()
+            if self._trace:
+                self._trace.received(raw)
             if len(raw) < 3 or not raw[:3].isdigit() or (len(raw) > 3 and raw[3:4] not in (b" ", b"-")):
                 self.usable = False
                 raise DeliveryError(f"{self.server} sent an invalid reply: {raw[:80]!r}", temporary=True)

@@ -52,6 +52,9 @@ def _common_options(parser: argparse.ArgumentParser, default: object) -> None:
                         help="override log.format")
     parser.add_argument("-q", "--quiet", action="store_true", default=default if default is not None else False,
                         help="log warnings and errors only (as --log-level warning)")
+    parser.add_argument("-v", "--trace", action="store_true", default=default if default is not None else False,
+                        help="print every POP3, IMAP, SMTP and LMTP command and reply line to stderr (passwords, "
+                             "tokens and AUTH data redacted, message data shown as its size)")
 
 
 def _command(commands: Any, name: str, summary: str, *, exits: str, example: str,
@@ -83,12 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="this time, fetch messages delivered before too (as fetch_all: true)")
     poll.add_argument("-l", "--limit", type=int, metavar="N", help="this time, fetch at most N messages per account")
     poll.add_argument("--max-size", metavar="SIZE", help="this time, leave messages larger than SIZE (e.g. 10MB)")
-    _command(commands, "run", "run as a daemon, polling each account at its poll_interval",
-             exits="0 after SIGTERM or SIGINT; 1 when the state directory is held by another postbote; 2 for a "
-                   "config error", example="postbote -c /etc/postbote/postbote.yaml run")
     poll.add_argument("-n", "--dry-run", action="store_true",
                       help="fetch the headers only, run the filters and print where each message would go (or which "
                            "filter drops it); nothing is fetched, deleted or recorded")
+    _command(commands, "run", "run as a daemon, polling each account at its poll_interval",
+             exits="0 after SIGTERM or SIGINT; 1 when the state directory is held by another postbote; 2 for a "
+                   "config error", example="postbote -c /etc/postbote/postbote.yaml run")
     status = _command(commands, "status", "show each account's last poll, next poll and last error",
                       exits="0 when all is well; 1 when an account's last poll failed or mail waits on a server",
                       example="postbote status --json | jq '.accounts[] | select(.ok == false)'")
@@ -173,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    if args.trace:
+        from postbote.trace import enable
+
+        enable()
     return guarded(lambda: command_runner(args.command)(args))
 
 

@@ -52,7 +52,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Protocol, TypeVar, cast
 
-from postbote import AccountError, LoginRefused, Secret, TLSPolicy
+from postbote import AccountError, LoginRefused, Secret, TLSPolicy, protocol_trace
 from postbote.plugins.imap import wire
 from postbote.plugins.imap.wire import Atom, Response, Streamed, Value, WireError
 
@@ -293,6 +293,7 @@ class IMAPClient:
         self._queued = 0
         self._in_flight: deque[_Command] = deque()
         self._secrets: list[str] = []
+        self._trace = protocol_trace("IMAP")  # None unless ``postbote -v``: each hook below is one ``if``
         self._sink: Sink | None = None  # where the literal of the FETCH being read goes
         self._fetching: _Command | None = None  # the UID FETCH whose answer is being read
         self._partial: tuple[list[bytes], list[bytes | Streamed], int, str] | None = None  # a response begun
@@ -602,13 +603,25 @@ class IMAPClient:
             self._finish(command, keep, max_responses=MAX_LISTING + MAX_RESPONSES)
         return [listed[uid] for uid in sorted(listed)]
 
-    @_session_over_on_error
     def search_unseen(self) -> list[int]:
-        """UID SEARCH UNSEEN: the UIDs of the unseen messages of the selected folder, ascending. With ESEARCH
-        (RFC 4731) the answer is a compact UID set instead of one long line of every UID."""
+        """UID SEARCH UNSEEN: the UIDs of the unseen messages of the selected folder, ascending."""
+        return self.search("UNSEEN")
+
+    def search_message(self, message_id: bytes, size: int) -> list[int]:
+        """The UIDs of the messages of the selected folder with this Message-ID (a substring of the field, as
+        SEARCH HEADER matches) and exactly ``size`` octets; WireError when the Message-ID cannot be quoted."""
+        form = wire.quoted(message_id)
+        if form is None or not message_id:
+            raise WireError("a Message-ID that cannot be sent as a quoted string")
+        return self.search(f"HEADER Message-ID {form.decode('ascii')} LARGER {max(size - 1, 0)} SMALLER {size + 1}")
+
+    @_session_over_on_error
+    def search(self, criteria: str) -> list[int]:
+        """UID SEARCH ``criteria`` in the selected folder: the UIDs found, ascending. With ESEARCH (RFC 4731) the
+        answer is a compact UID set instead of one long line of every UID."""
         esearch = self.has("ESEARCH")
-        command = self._command("SIMPLE", "UID SEARCH RETURN (ALL) UNSEEN" if esearch else "UID SEARCH UNSEEN",
-                                shown="UID SEARCH")
+        command = self._command("SIMPLE", f"UID SEARCH RETURN (ALL) {criteria}" if esearch
+                                else f"UID SEARCH {criteria}", shown="UID SEARCH")
         found: list[int] = []
 
         def keep(response: Response) -> bool:
@@ -939,6 +952,8 @@ class IMAPClient:
                                     "announced; the session is closed")
         self._outgoing += b"\r\n"
         self._flush(shown)
+        if self._trace:
+            self._trace.elided(length, sent=True)
 
     # --- other commands ---------------------------------------------------------------------------------------
 
@@ -1136,6 +1151,8 @@ class IMAPClient:
         """A command line whose arguments are astrings: quoted when they can be, else literals -- synchronizing
         ones wait for "+", non-synchronizing ones (LITERAL+, or LITERAL- up to 4096 octets) do not."""
         line = f"{command.tag} {verb}".encode("ascii")
+        if self._trace:  # as one line, literals inline (LOGIN's arguments are redacted by the trace)
+            self._trace.sent(b" ".join([line, *arguments]))
         for argument in arguments:
             form = wire.astring_or_literal(argument)
             if isinstance(form, bytes):
@@ -1151,6 +1168,8 @@ class IMAPClient:
         self._write_raw(line + b"\r\n", flush=True)
 
     def _write_line(self, line: str, *, flush: bool = True) -> None:
+        if self._trace:
+            self._trace.sent(line)
         self._write_raw(line.encode("utf-8") + b"\r\n", flush=flush)
 
     def _write_raw(self, data: bytes, *, flush: bool) -> None:
@@ -1429,6 +1448,8 @@ class IMAPClient:
             piece = self._receiver.take(left)
             left -= len(piece)
             sink(piece)
+        if self._trace:
+            self._trace.elided(size, sent=False)
         return Streamed(size)
 
     def _read_literal(self, size: int) -> bytes:
@@ -1440,6 +1461,8 @@ class IMAPClient:
             piece = self._receiver.take(left)
             left -= len(piece)
             pieces.append(piece)
+        if self._trace:
+            self._trace.elided(size, sent=False)
         return b"".join(pieces)
 
     def _read_line(self, limit: int) -> bytes:
@@ -1451,6 +1474,8 @@ class IMAPClient:
                 self._receive(line_deadline)
         if not line.endswith(b"\n"):
             raise IMAPProtocolError(f"{self.host}: a response line longer than {limit} octets {self._doing}")
+        if self._trace:
+            self._trace.received(line)
         return line[:-2] if line.endswith(b"\r\n") else line[:-1]
 
     def _receive(self, line_deadline: float | None = None) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from postbote import AccountError, LoginRefused, Secret, TLSPolicy
+from postbote import AccountError, LoginRefused, Secret, TLSPolicy, protocol_trace
 
 MAX_REPLY_LINE = 8192
 MAX_LISTING_ENTRIES = 2_000_000
@@ -144,6 +144,7 @@ class POP3Client:
         self._outgoing = bytearray()
         self._queued = 0
         self._in_flight: deque[tuple[str, int, int | None]] = deque()  # (command, message number, data limit)
+        self._trace = protocol_trace("POP3")  # None unless ``postbote -v``: each hook below is one ``if``
 
     @classmethod
     def connect(cls, host: str, port: int, *, implicit_tls: bool, tls: TLSPolicy, timeout: float,
@@ -188,6 +189,8 @@ class POP3Client:
             raise POP3ConnectionError(f"{exc}: if this port speaks TLS from the first byte (POP3S, usually 995), "
                                       "set tls: implicit") from None
         self._check_complete(line, MAX_REPLY_LINE)
+        if self._trace:
+            self._trace.received(line)
         self.line_ending = LineEnding.CRLF if line.endswith(b"\r\n") else LineEnding.LF
         self.greeting = self._ok_text(line.rstrip(b"\r\n"))
         return self.greeting
@@ -474,6 +477,8 @@ class POP3Client:
             raise POP3ProtocolError(f"{self.host}: the server sent data nobody asked for before "
                                     f"{shown or command.split(' ')[0]}: {stray!r}; the session is out of step",
                                     stray.decode("latin-1"))
+        if self._trace:
+            self._trace.sent(command)
         self._outgoing += command.encode("utf-8") + b"\r\n"
         self._queued += 1
         if not defer or self._queued >= FLUSH_AFTER:
@@ -556,6 +561,8 @@ class POP3Client:
         line = self._receiver.line(limit + 1)  # the line has usually arrived already: no wait to bound
         if line is None:
             line = self._readline(limit + 1)
+        if self._trace:
+            self._trace.received(line)
         if line.endswith(b"\r\n"):
             return line.rstrip(b"\r\n")
         self._check_complete(line, limit)
@@ -593,6 +600,8 @@ class POP3Client:
             if count > limit:
                 raise POP3ProtocolError(f"{self.host}: more than {limit} lines {self._doing}")
             for line in block:
+                if self._trace:
+                    self._trace.received(line)
                 yield line[1:] if line.startswith(b"..") else line
             line = self._read_reply_line(line_limit)
             if line == b".":
@@ -642,6 +651,8 @@ class POP3Client:
                 at_line_start = piece.endswith(line_end)
                 sink(piece)
             if done:
+                if self._trace:
+                    self._trace.elided(received, sent=False)
                 return received
 
 
