@@ -120,6 +120,62 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     )
 
 
+class HeldBack(logging.Handler):
+    """Routine events (below WARNING) wait in memory until `finish` says whether to print them: a cron job mails
+    whatever a command prints, so a poll in which nothing happened must print nothing. A warning or an error prints
+    at once, the events held before it first, and so does everything after it; so does everything once `CAPACITY`
+    events are held (memory stays bounded, and that many events are something happening)."""
+
+    CAPACITY = 10_000
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__()
+        self.target = target
+        self.held: list[logging.LogRecord] = []
+        self.passing = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.passing and record.levelno < logging.WARNING and len(self.held) < self.CAPACITY:
+            self.held.append(record)
+            return
+        self.let_through()
+        self.target.handle(record)
+
+    def let_through(self) -> None:
+        """Print the events held, and every event from now on. (Not ``release``: that is `logging.Handler`'s
+        lock.)"""
+        self.passing = True
+        held, self.held = self.held, []
+        for record in held:
+            self.target.handle(record)
+
+    def finish(self, *, something_happened: bool) -> None:
+        """Print the held events if ``something_happened`` (else forget them), and log straight to the stream
+        again."""
+        if something_happened:
+            self.let_through()
+        self.held = []
+        root = logging.getLogger()
+        if self in root.handlers:
+            root.removeHandler(self)
+            root.addHandler(self.target)
+
+
+def hold_back_routine_events() -> HeldBack | None:
+    """Under cron -- logging at the default level (info) to a stderr that is neither a terminal nor the journal --
+    hold routine events back (`HeldBack`); None, and nothing changed, anywhere else."""
+    root = logging.getLogger()
+    if root.level != logging.INFO or len(root.handlers) != 1 or not isinstance(root.handlers[0], _StderrHandler):
+        return None
+    if sys.stderr.isatty() or writes_to_the_journal(sys.stderr):
+        return None
+    target = root.handlers[0]
+    held = HeldBack(target)
+    root.removeHandler(target)
+    root.addHandler(held)
+    return held
+
+
 def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Mask every known secret in the event: in every value, nested dicts and lists, the rendered exception.
     Runs last before the renderer, on structlog events and standard-library records alike."""

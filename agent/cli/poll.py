@@ -32,7 +32,23 @@ def run(args: argparse.Namespace) -> int:
     pm, config = set_up(args)
     if getattr(args, "dry_run", False):
         return dry_run(pm, this_time(config, args), args.accounts)
-    return poll_command(pm, this_time(config, args), args.accounts)
+    from postbote.logconfig import hold_back_routine_events
+
+    held = hold_back_routine_events()  # under cron: nothing printed unless something happened
+    results: list[PollStats | None] = []
+    status: int = ExitStatus.FAILED
+    try:
+        status = poll_command(pm, this_time(config, args), args.accounts, results)
+    finally:
+        if held is not None:
+            held.finish(something_happened=status != ExitStatus.OK or any(map(happened, results)))
+    return status
+
+
+def happened(stats: PollStats | None) -> bool:
+    """Whether a poll did anything a person may want to hear of: mail handled, deleted or waiting, a failure."""
+    return stats is None or not stats.ok or any(
+        (stats.delivered, stats.dropped, stats.deferred, stats.rejected, stats.deleted))
 
 
 def dry_run(pm: PluginManager, config: Config, names: Sequence[str], out: TextIO | None = None) -> int:
@@ -117,8 +133,10 @@ def this_time(config: Config, args: argparse.Namespace) -> Config:
                                                       for account in config.accounts))
 
 
-def poll_command(pm: PluginManager, config: Config, names: Sequence[str]) -> int:
-    """Poll once; when a daemon holds the state directory, ask it to poll now instead of failing."""
+def poll_command(pm: PluginManager, config: Config, names: Sequence[str],
+                 results: list[PollStats | None] | None = None) -> int:
+    """Poll once; when a daemon holds the state directory, ask it to poll now instead of failing. Each account's
+    `PollStats` is added to ``results``."""
     from postbote.jobs import keep_out_of_the_collector, plugins_started
     from postbote.state import StateLock, StateStore, read_lock_holder
 
@@ -136,7 +154,7 @@ def poll_command(pm: PluginManager, config: Config, names: Sequence[str]) -> int
         try:
             with plugins_started(pm, config), progress_shown(pm):
                 keep_out_of_the_collector()
-                return poll(pm, config, store, names)
+                return poll(pm, config, store, names, results)
         finally:
             store.close()
     finally:
@@ -176,7 +194,8 @@ def progress_shown(pm: PluginManager) -> Iterator[str | None]:
         pm.unregister(display)
 
 
-def poll(pm: PluginManager, config: Config, store: StateStore, names: Sequence[str]) -> int:
+def poll(pm: PluginManager, config: Config, store: StateStore, names: Sequence[str],
+         results: list[PollStats | None] | None = None) -> int:
     """Poll ``names`` (all accounts when empty) once, up to ``max_parallel`` accounts at a time; the exit status
     says whether every listed message was taken care of (`postbote.jobs.exit_status`)."""
     import threading
@@ -198,8 +217,10 @@ def poll(pm: PluginManager, config: Config, store: StateStore, names: Sequence[s
         poller = Poller(pm, store, stop)
         with ThreadPoolExecutor(max_workers=max(1, min(config.max_parallel, len(accounts))),
                                 thread_name_prefix="poll") as pool:
-            results = list(pool.map(poll_one, interleaved_by_host(accounts)))
-    return exit_status(results)
+            polled = list(pool.map(poll_one, interleaved_by_host(accounts)))
+    if results is not None:
+        results.extend(polled)
+    return exit_status(polled)
 
 
 def interleaved_by_host(accounts: Sequence[Account]) -> list[Account]:
