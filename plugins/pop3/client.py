@@ -599,9 +599,10 @@ class POP3Client:
             count += len(block)
             if count > limit:
                 raise POP3ProtocolError(f"{self.host}: more than {limit} lines {self._doing}")
-            for line in block:
-                if self._trace:
+            if self._trace:  # once per block, not per line: a listing can have millions
+                for line in block:
                     self._trace.received(line)
+            for line in block:
                 yield line[1:] if line.startswith(b"..") else line
             line = self._read_reply_line(line_limit)
             if line == b".":
