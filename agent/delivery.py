@@ -9,7 +9,11 @@
   each destination's success is recorded on its own. If the message fails later, ``source`` is removed.
 - `Pending`: the answer arrives later (a pipelined SMTP transaction): ``wait()`` returns the answer or raises
   `DeliveryError`. The poll calls it after fetching the next message, before handing that one on, and counts the
-  message as delivered only if it returns.
+  message as delivered only if it returns. A destination that can tell afterwards whether a message it never
+  answered arrived (the ``find_delivered`` hook: an IMAP folder searched by Message-ID) says ``confirmable=True``:
+  then the poll hands on the next messages without waiting, up to `PENDING_WINDOW` answers at once, since a
+  crash with several answers outstanding costs no copies -- the next poll finds those messages instead of
+  delivering them again.
 
 A plugin may also return a plain string (taken as `Delivered`) or an object with a ``result()`` method (taken as
 `Pending`), as earlier versions allowed.
@@ -39,6 +43,7 @@ class Staged:
 @dataclass(frozen=True)
 class Pending:
     wait: Callable[[], str]
+    confirmable: bool = False  # the destination's ``find_delivered`` can tell later whether this message arrived
 
 
 DeliveryResult = Delivered | Staged | Pending

@@ -46,6 +46,11 @@ class Outcome:
         return any(isinstance(result, Pending) for _, result in self.results)
 
     @property
+    def confirmable(self) -> bool:
+        """Every answer still on its way is from a destination that can find the message later if it is lost."""
+        return all(result.confirmable for _, result in self.results if isinstance(result, Pending))
+
+    @property
     def staged(self) -> list[Staged]:
         return [result for _, result in self.results if isinstance(result, Staged)]
 
@@ -131,10 +136,12 @@ class Handler:
                 continue
             served = [part.key.recipient for part in notes.values()
                       if part.key.recipient and part.key.destination == key and part.state is DeliveryState.DONE]
-            if several or not stages_delivery(destination):
+            found = self.found_there(message, destination, note)
+            if found is None and (several or not stages_delivery(destination)):
                 self.announce(message, destination, key, note)
             try:
-                result = self.deliver_to_the_rest(message, destination, served)
+                result = Delivered(found) if found is not None else \
+                    self.deliver_to_the_rest(message, destination, served)
                 if several:  # each destination's success is noted on its own, so it must be final now
                     result = made_final(result, destination)
             except DeliveryError as exc:
@@ -147,6 +154,19 @@ class Handler:
                 store.finish_delivery(account.name, uid, key, result.answer)
                 self.partly_delivered.add(uid)
             outcome.results.append((destination, result))
+
+    def found_there(self, message: Message, destination: Destination, note: Delivery | None) -> str | None:
+        """Where an earlier delivery that ended without an answer put the message, if its destination can find it
+        (``find_delivered``): then it counts as delivered without a second copy."""
+        if note is None or note.state is not DeliveryState.IN_FLIGHT or note.key.recipient:
+            return None
+        found = self.hooks.call("find_delivered", message=message, destination=destination, account=self.account,
+                                poll=self.poll)
+        if found is None:
+            return None
+        answer = f"found already delivered: {found}"
+        log.info("message.found_delivered", destination=destination.label, answer=answer, attempts=note.attempts)
+        return answer
 
     def announce(self, message: Message, destination: Destination, key: DeliveryKey, note: Delivery | None) -> None:
         """Commit the "in flight" note before the hand-over. A note left from an earlier attempt means that attempt

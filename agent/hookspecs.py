@@ -203,6 +203,21 @@ def deliver_message(message: Message, destination: Destination, account: Account
     """
 
 
+@hookspec(firstresult=True)
+def find_delivered(message: Message, destination: Destination, account: Account, poll: Poll) -> str | None:
+    """Whether ``message`` is already at ``destination`` although no answer said so: an earlier delivery ended
+    without one (postbote was killed, the connection broke after the whole message was sent). Return a description
+    of where it is (``"INBOX, UID 42"``) when you find it there for certain -- it then counts as delivered and is not
+    handed over again -- or None when it is not there, or you cannot tell (it is then delivered again, once).
+
+    Called only for a destination of your kind, only for messages with such an unanswered earlier delivery. Be
+    strict: a message you claim to find that is not there is a message lost. A destination that implements this
+    may answer ``Pending(wait, confirmable=True)`` for the messages it can find, so that the poll keeps several
+    answers outstanding (see ``postbote.delivery``). Raise ``DeliveryError`` when the destination cannot be asked
+    now (the message is deferred). Stops at the first non-None result.
+    """
+
+
 # --- events for observers ---
 
 

@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("postbote.poll")
 BATCH_SIZE = 64
+# Answers a poll leaves outstanding at once when every destination still to answer can find a message it never
+# answered (`postbote.Pending.confirmable`): a window of APPENDs on the wire instead of one round trip per message.
+# Bounded in messages and in bytes, since each waiting message keeps its spool file.
+PENDING_WINDOW = 16
+PENDING_WINDOW_BYTES = 8 * 1024 * 1024
 # The session's deadline when the account sets no poll_timeout: login and listing get a few `timeout`s, then each
 # message adds time for its size at a slow link's rate and a little for its hand-over.
 DEADLINE_TIMEOUTS = 4
@@ -205,6 +210,28 @@ class Poller:
         return Record(entry.uid, DROPPED, reason, entry.size)
 
 
+@dataclass
+class Unanswered:
+    """The messages of a batch whose answers are still on their way, and whether the next hand-over must wait.
+
+    One such message may always wait (its answer arrives while the source sends the next message): a crash then
+    costs at most one copy. More may wait only while every one of them is `confirmable` (its destination can find
+    it after a crash, so none costs a copy), up to `PENDING_WINDOW` messages and `PENDING_WINDOW_BYTES`."""
+
+    count: int = 0
+    size: int = 0
+    confirmable: bool = True
+
+    def add(self, handled: Handled) -> None:
+        self.count += 1
+        self.size += handled.message.size
+        self.confirmable = self.confirmable and handled.outcome.confirmable
+
+    def must_wait(self) -> bool:
+        if self.count == 0:
+            return False
+        return not self.confirmable or self.count >= PENDING_WINDOW or self.size >= PENDING_WINDOW_BYTES
+
 
 class AccountSession:
     """The fetch loop of one open mailbox: messages streamed in, handed on, committed in batches, then deleted.
@@ -228,7 +255,7 @@ class AccountSession:
         self.poll = poll
         self.hooks = hooks
         self.batch: list[Handled] = []
-        self.awaiting_answer = False  # a message in the batch has a pending answer
+        self.unanswered = Unanswered()  # the messages of the batch whose answers are on their way
         self.partly_delivered: set[str] = set()  # UIDs some destinations already took in an earlier poll
         self.expired: set[str] = set()  # kept UIDs whose delete_after is up: deleted although the account keeps mail
         self._handler: handling.Handler | None = None
@@ -292,15 +319,17 @@ class AccountSession:
             # The previous message's answer has had this message's transfer to arrive: it is settled before this
             # message's first hand-over (`begin_delivery`), or right after this message is handled.
             handled = self.hand_on(entry, message, digest)
-            if self.awaiting_answer:
+            if self.unanswered.must_wait():
                 self.settle()
         if handled is None:
             message.discard()
             return
         self.batch.append(handled)
         if handled.outcome.pending:
-            self.awaiting_answer = True
-            return  # settled before the next message's first hand-over, or at the end of the poll
+            self.unanswered.add(handled)
+            if len(self.batch) >= BATCH_SIZE:
+                self.settle()
+            return  # settled before a later message's first hand-over, or at the end of the poll
         if handled.outcome.durable_now or len(self.batch) >= BATCH_SIZE or not more_coming:
             self.settle()
 
@@ -336,9 +365,9 @@ class AccountSession:
         self.hooks.notify("message_failed", message=message, account=self.account, error=error, temporary=temporary)
 
     def begin_delivery(self, uid: str, key: DeliveryKey) -> None:
-        """Commit the "in flight" note of the message about to be handed over; when the previous message's answer
-        is pending, settle that one first, its record and this note in one transaction."""
-        if self.awaiting_answer and self.settle(note=(uid, key)):
+        """Commit the "in flight" note of the message about to be handed over; when the answers on their way must
+        be waited for first (see `Unanswered`), settle them, their records and this note in one transaction."""
+        if self.unanswered.must_wait() and self.settle(note=(uid, key)):
             return
         self.store.begin_delivery(self.account.name, uid, key)
 
@@ -348,10 +377,11 @@ class AccountSession:
         ``note`` was committed.
 
         A message whose answer is pending (an MTA's answer still on its way) is settled before the next message's
-        first hand-over, so at most one message is ever delivered but not recorded: a crash costs one duplicate."""
+        first hand-over, so at most one message is ever delivered but not recorded: a crash costs one duplicate --
+        unless its destination can find it later (see `Unanswered`)."""
         if not self.batch:
             return False
-        self.awaiting_answer = False
+        self.unanswered = Unanswered()
         batch, self.batch = [h for h in self.batch if self.answered(h)], []
         if not batch:
             return False

@@ -83,6 +83,7 @@ DESTINATION_KINDS = ("imap",)
 INTERNALDATE_CHOICES = ("date", "fetch")
 FUTURE_SLACK = timedelta(days=1)  # a Date: further ahead than this is not believed (it would sort on top for ever)
 NUL_NOTE = " (the message holds a NUL byte, which IMAP allows only in a BINARY literal)"
+MAX_MESSAGE_ID = 900  # longer Message-IDs are not searched for (a line must fit in 1,000 octets)
 MAX_REOPENS = 3  # sessions opened again in a row, none taking a message, before the rest of the poll is deferred
 
 # RFC 3501 flag syntax: a system flag, or a keyword atom (no specials, no controls, ASCII). \Recent cannot be set.
@@ -192,7 +193,26 @@ def deliver_message(message: Message, destination: Destination, account: Account
     session: AppendSession = poll.resource(("imap_append", destination.label),
                                            lambda: AppendSession(settings, account, poll),
                                            close=AppendSession.close)
-    return Pending(session.append(message))
+    return Pending(session.append(message), confirmable=findable(message))
+
+
+@hookimpl
+def find_delivered(message: Message, destination: Destination, account: Account, poll: Poll) -> str | None:
+    """After an APPEND that went out whole but was never answered: whether the folder holds the message already
+    (see `AppendSession.find`), so that the poll records it instead of appending a second copy."""
+    if destination.kind not in DESTINATION_KINDS or not findable(message):
+        return None
+    settings: IMAPAppendSettings = destination.settings
+    session: AppendSession = poll.resource(("imap_append", destination.label),
+                                           lambda: AppendSession(settings, account, poll),
+                                           close=AppendSession.close)
+    return session.find(message)
+
+
+def findable(message: Message) -> bool:
+    """Whether `AppendSession.find` can look for this message: it has a Message-ID to search by."""
+    message_id = message.message_id or ""
+    return 0 < len(message_id) <= MAX_MESSAGE_ID and message_id.isascii() and message_id.isprintable()
 
 
 @hookimpl(tryfirst=True)
@@ -426,6 +446,51 @@ class AppendSession:
         self.send(client, entry)
         return self.wait(entry)
 
+    # ---- finding a message whose APPEND was never answered
+
+    def find(self, message: Message) -> str | None:
+        """Where the folder holds ``message`` already, or None. Found means: a message with its Message-ID, exactly
+        its size as it would be appended now, and the same header fields apart from our ``Received:`` trace
+        field (which carries the time of each fetch). So another message with the same Message-ID (a copy sent to
+        two addresses, a list's copy) is never taken for this one."""
+        from postbote.plugins.imap.client import IMAPConnectionError, IMAPError
+        from postbote.plugins.imap.wire import WireError
+
+        client = self.session()
+        self.drain()
+        length, _ = measure(message)
+        ours = fields_besides_our_trace(crlf_header_block(message.header_bytes))
+        try:
+            self.select_folder(client)
+            if client.selected is None:
+                return None
+            for uid in client.search_message((message.message_id or "").encode("ascii"), length):
+                theirs = client.header_block(uid)
+                if theirs is not None and fields_besides_our_trace(theirs) == ours:
+                    return f"{self.settings.folder}, UID {uid} (UIDVALIDITY {client.selected.uidvalidity})"
+        except IMAPError as exc:
+            raise DeliveryError(f"{self.where}: looking for a message whose delivery was not answered failed: "
+                                f"{exc.status} {exc.text}", temporary=True) from None
+        except (IMAPConnectionError, OSError, WireError) as exc:
+            self.drop(f"{self.where}: {exc}")
+            raise DeliveryError(f"{self.where}: looking for a message whose delivery was not answered failed: "
+                                f"{exc}", temporary=True) from None
+        return None
+
+    def select_folder(self, client: IMAPClient) -> None:
+        """EXAMINE the destination folder (read-only: nothing is marked seen), once per session; a folder that does
+        not exist holds nothing."""
+        from postbote.plugins.imap.client import IMAPError
+
+        if client.selected is not None and client.selected.name == self.settings.folder:
+            return
+        try:
+            client.select(self.settings.folder, read_only=True)
+        except IMAPError as exc:
+            if exc.status != "NO":
+                raise
+            client.selected = None
+
     def drain(self) -> None:
         """Read every answer still on its way, so that the next command's answer is the next one read."""
         if self.in_flight:
@@ -445,6 +510,26 @@ def measure(message: Message) -> tuple[int, bool]:
         length += len(encoder.encode(chunk))
         has_nul = has_nul or b"\0" in chunk
     return length + len(encoder.finish()), has_nul
+
+
+def crlf_header_block(header_bytes: bytes) -> bytes:
+    encoder = CRLFEncoder()
+    return encoder.encode(header_bytes) + encoder.finish()
+
+
+_OUR_TRACE = re.compile(rb"received:[^\r\n]*\(postbote, account ", re.IGNORECASE)
+
+
+def fields_besides_our_trace(block: bytes) -> list[bytes]:
+    """The header fields of a CRLF header block (each with its folded lines), without postbote's ``Received:``
+    fields and the blank line that ends the block."""
+    fields: list[bytes] = []
+    for line in block.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b"\r\n" + line
+        elif line:
+            fields.append(line)
+    return [field for field in fields if not _OUR_TRACE.match(field)]
 
 
 class LengthChanged(Exception):

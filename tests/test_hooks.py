@@ -43,6 +43,7 @@ class Recorder:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.verdicts: dict[str, Verdict] = {}
         self.refuse: dict[str, DeliveryError] = {}
+        self.found: dict[str, str] = {}  # subject -> where find_delivered says the message is
 
     def seen(self, hook: str) -> list[dict[str, Any]]:
         return [kwargs for name, kwargs in self.calls if name == hook]
@@ -99,6 +100,13 @@ class Recorder:
         if subject in self.refuse:
             raise self.refuse[subject]
         return f"recorded {message.uid}"
+
+    @hookimpl
+    def find_delivered(self, message, destination, account, poll):
+        if destination.kind != "recorded":
+            return None
+        self.calls.append(("find_delivered", {"uid": message.uid, "destination": destination.label}))
+        return self.found.get(message.get_header("Subject") or "")
 
     @hookimpl
     def message_delivered(self, message, account, destinations):
@@ -207,6 +215,23 @@ def test_hook_deliver_message(run) -> None:
     stats, mailbox = run([mail("a"), mail("b")], recorder)
     assert [c["destination"] for c in recorder.seen("deliver_message")] == ["recorded", "recorded"]
     assert stats.delivered == 2 and mailbox.uids() == []
+
+
+def test_hook_find_delivered(run) -> None:
+    recorder = Recorder()
+    recorder.refuse["cut"] = DeliveryError("connection lost after the whole message was sent", temporary=True,
+                                           in_doubt=True)
+    stats, _ = run([mail("cut"), mail("fine")], recorder)
+    assert stats.deferred == 1 and recorder.seen("find_delivered") == []  # asked only after an unanswered delivery
+
+    recorder = Recorder()
+    recorder.found["cut"] = "shelf 3"
+    stats, mailbox = run([mail("cut"), mail("fine")], recorder)
+    assert recorder.seen("find_delivered") == [{"uid": "uid-1", "destination": "recorded"}]
+    assert recorder.seen("deliver_message") == [], "found there: not handed over again"
+    (call,) = recorder.seen("message_delivered")
+    assert call["destinations"] == ["found already delivered: shelf 3"]
+    assert stats.delivered == 1 and mailbox.uids() == []
 
 
 def test_hook_message_delivered(run) -> None:

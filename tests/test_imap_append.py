@@ -600,19 +600,22 @@ def test_a_no_is_temporary_when_its_code_says_not_now_and_a_rejection_otherwise(
 
 
 @pytest.mark.dovecot
-def test_a_bad_defers_the_message_and_the_next_one_goes_in_a_new_session(
+def test_a_bad_ends_the_session_and_the_appends_sent_after_it_are_found_or_sent_again_next_poll(
         make_rig: RigFactory, proxied: tuple[AppendProxy, IMAPTarget]) -> None:
+    """The APPENDs after the refused one were already on the wire when the BAD came (they go out in a window):
+    the session is ended, they stay on the source, and the next poll finds the ones Dovecot stored instead of
+    appending them twice."""
     proxy, target = proxied
     proxy.reset({2: Refuse("BAD what was that")})
     rig = make_rig(corpus(4), target=target, source="fake")
 
     stats = rig.poll(deliver=through(proxy, target))
 
-    assert stats.ok and stats.delivered == 3 and stats.deferred == 1, stats
-    assert rig.audit().on_server == (2,)
-    assert proxy.connections == 2, "the session that got a BAD was ended, another was opened"
-    rig.poll(deliver=through(proxy, target))
-    assert rig.audit().everything_delivered_once_and_deleted
+    assert stats.ok and stats.delivered == 1 and stats.deferred == 3, stats
+    assert rig.audit().on_server == (2, 3, 4)
+    second = rig.poll(deliver=through(proxy, target))
+    assert second.delivered == 3 and rig.audit().everything_delivered_once_and_deleted
+    assert proxy.connections == 2, "the session that got a BAD was ended, the next poll opened another"
 
 
 @pytest.mark.dovecot

@@ -3,11 +3,11 @@
 It keeps folders in memory (each with its UIDVALIDITY, UIDNEXT and messages with UIDs and flags) and serves enough
 of IMAP4rev1 for postbote's IMAP source and destination: CAPABILITY, STARTTLS, LOGIN, AUTHENTICATE PLAIN (with
 SASL-IR), LIST, SELECT/EXAMINE, CREATE, UID FETCH (UID, RFC822.SIZE, FLAGS, X-GM-MSGID with ``gmail=True``,
-BODY.PEEK[] / BODY[] / BODY.PEEK[HEADER]), UID SEARCH UNSEEN/ALL, UID STORE, EXPUNGE, UID EXPUNGE, UID COPY,
-UID MOVE, APPEND (with APPENDUID), IDLE/DONE, NOOP and LOGOUT. Synchronizing literals get their "+"; a
-non-synchronizing one (``{n+}``) is refused with BAD unless LITERAL+ (or LITERAL- and at most 4096 octets) is
-advertised. UID EXPUNGE and UID MOVE are only understood when UIDPLUS and MOVE are advertised: take them out of
-``capabilities`` to play a server without them.
+BODY.PEEK[] / BODY[] / BODY.PEEK[HEADER]), UID SEARCH (ALL, UNSEEN, HEADER, LARGER, SMALLER), UID STORE,
+EXPUNGE, UID EXPUNGE, UID COPY, UID MOVE, APPEND (with APPENDUID), IDLE/DONE, NOOP and LOGOUT. Synchronizing
+literals get their "+"; a non-synchronizing one (``{n+}``) is refused with BAD unless LITERAL+ (or LITERAL- and at
+most 4096 octets) is advertised. UID EXPUNGE and UID MOVE are only understood when UIDPLUS and MOVE are
+advertised: take them out of ``capabilities`` to play a server without them.
 
 Faults are scripted per command, as for `postbote.testing.pop3server`::
 
@@ -257,6 +257,41 @@ class _Folder:
     uidvalidity: int
     uidnext: int = 1
     messages: list[StoredMessage] = field(default_factory=list)
+
+
+def _matches(message: StoredMessage, criteria: list[object]) -> bool:
+    """Whether ``message`` meets every search key of ``criteria``: ALL, UNSEEN, HEADER field string (a
+    case-insensitive substring of the field's unfolded value, as RFC 3501 says), LARGER n, SMALLER n."""
+    while criteria:
+        key = _text(criteria.pop(0)).upper()
+        if key == "ALL":
+            continue
+        if key == "UNSEEN":
+            if "\\Seen" in message.flags:
+                return False
+        elif key in ("LARGER", "SMALLER") and criteria:
+            size = int(_text(criteria.pop(0)))
+            if (len(message.data) <= size) if key == "LARGER" else (len(message.data) >= size):
+                return False
+        elif key == "HEADER" and len(criteria) >= 2:
+            name, wanted = _text(criteria.pop(0)).lower(), _text(criteria.pop(0)).lower()
+            values = [value for field_name, value in _header_fields(message.data) if field_name == name]
+            if not any(wanted in value.lower() for value in values):
+                return False
+        else:
+            raise _Refusal("unsupported search", "BAD")
+    return True
+
+
+def _header_fields(data: bytes) -> list[tuple[str, str]]:
+    fields: list[tuple[str, str]] = []
+    for line in _header_of(data).decode("latin-1").split("\r\n"):
+        if line[:1] in (" ", "\t") and fields:
+            fields[-1] = (fields[-1][0], fields[-1][1] + line)
+        elif ":" in line:
+            name, _, value = line.partition(":")
+            fields.append((name.strip().lower(), value.strip()))
+    return fields
 
 
 class _Refusal(Exception):
@@ -721,14 +756,8 @@ class _Session:
 
     def _uid_search(self, arguments: list[object]) -> bytes:
         folder = self.folder_selected()
-        criteria = " ".join(_text(argument).upper() for argument in arguments)
         with self.server._lock:
-            if criteria == "UNSEEN":
-                uids = [m.uid for m in folder.messages if "\\Seen" not in m.flags]
-            elif criteria == "ALL":
-                uids = [m.uid for m in folder.messages]
-            else:
-                raise _Refusal("unsupported search", "BAD")
+            uids = [m.uid for m in folder.messages if _matches(m, list(arguments))]
         return ("* SEARCH" + "".join(f" {uid}" for uid in uids) + "\r\n").encode() + self.ok("Search completed")
 
     def _uid_store(self, arguments: list[object]) -> bytes:

@@ -2,11 +2,12 @@
 
 Dovecot stores what it is sent and answers truthfully; it cannot refuse one chosen message on demand. The proxy can,
 without ever lying about what the server holds: a refused APPEND never reaches the server (the proxy swallows the
-command and its literal and answers ``NO`` itself), and a cut connection is cut in the middle of the literal, so the
-server never has the whole message. It can also call a function at a chosen point of the n-th APPEND (to SIGKILL
-postbote there): when the command line arrives, halfway through the literal, or when the server's answer arrives
-(the server has the message, postbote does not know it yet). When the function returns True the connection is cut
-right there, as if postbote had died before sending the rest: the server never gets what the proxy still holds.
+command and its literal and answers ``NO`` itself, in the place of the server's answer to a NOOP sent instead), and
+a cut connection is cut in the middle of the literal, so the server never has the whole message. It can also call a
+function at a chosen point of the n-th APPEND (to SIGKILL postbote there): when the command line arrives, halfway
+through the literal, or when the server's answer arrives (the server has the message, postbote does not know it
+yet). When the function returns True the connection is cut right there, as if postbote had died before sending the
+rest: the server never gets what the proxy still holds.
 
 APPENDs are counted across connections since the last `AppendProxy.reset`.
 """
@@ -101,6 +102,7 @@ class _Session:
         self.server = server
         self.to_client = threading.Lock()
         self.watched: dict[bytes, int] = {}  # tag -> APPEND number, for the "answer" phase
+        self.refusals: dict[bytes, bytes] = {}  # tag -> the refusal to give in place of the server's answer
 
     def close(self) -> None:
         _close(self.client)
@@ -176,7 +178,10 @@ class _Session:
             if rest is None:
                 return
             line = rest
-        self.tell_client(tag + b" " + fault.response.encode() + b"\r\n")
+        # The server answers a NOOP in the APPEND's place, and `downstream` turns that answer into the refusal: the
+        # answers of pipelined APPENDs reach the client in the order the commands were sent, as a server gives them.
+        self.refusals[tag] = fault.response.encode()
+        self.server.sendall(tag + b" NOOP\r\n")
 
     def cut(self, reader: _Reader, line: bytes) -> None:
         self.server.sendall(line)
@@ -194,6 +199,9 @@ class _Session:
                 number = self.watched.pop(tag, None)
                 if number is not None:
                     self.call(number, "answer")
+                refusal = self.refusals.pop(tag, None)
+                if refusal is not None:
+                    line = tag + b" " + refusal + b"\r\n"
                 self.tell_client(line)
                 literal = _LITERAL.search(line)
                 if literal is not None:
