@@ -288,40 +288,44 @@ def _connect(settings: SMTPSettings, account: Account, poll: Poll) -> SMTPClient
     """A greeted session (over TLS, logged in, when the settings say so). Connection trouble raises, so that the
     next message tries again; a refused TLS or login comes back as `Unusable` for the rest of the poll."""
     try:
-        client = SMTPClient.connect(host=settings.host, port=settings.port, unix_socket=settings.unix_socket,
-                                    timeout=settings.timeout, lmtp=settings.lmtp, helo=settings.helo,
-                                    starttls=settings.tls is TLSMode.STARTTLS,
-                                    implicit_tls=settings.tls is TLSMode.IMPLICIT, tls=settings.tls_policy())
+        return connect(settings, token_cache=token_cache_name(account, settings), state_dir=poll.state_dir)
     except SessionRefused as exc:
-        return _refused(settings, exc.reason)
+        error = DeliveryError(f"smtp relay {settings.label}: {exc.reason}", temporary=True)
+        log.warning("smtp.session_refused", destination=settings.label, error=error.reason,
+                    action="the messages of this poll stay on the source server and are tried on the next poll")
+        return Unusable(error)
+
+
+def connect(settings: SMTPSettings, *, token_cache: str, state_dir: Path | None) -> SMTPClient:
+    """A session with the server ``settings`` name, over TLS and logged in when they say so (``token_cache``:
+    the name of the cached OAuth2 token). Raises `SessionRefused` when TLS cannot be had or the login is refused
+    (with a reason naming the user and what to check), `DeliveryError` for connection trouble."""
+    client = SMTPClient.connect(host=settings.host, port=settings.port, unix_socket=settings.unix_socket,
+                                timeout=settings.timeout, lmtp=settings.lmtp, helo=settings.helo,
+                                starttls=settings.tls is TLSMode.STARTTLS,
+                                implicit_tls=settings.tls is TLSMode.IMPLICIT, tls=settings.tls_policy())
     if settings.login is None:
         return client
     try:
-        _log_in(client, settings, settings.login, account, poll)
+        _log_in(client, settings, settings.login, token_cache, state_dir)
     except (AccountError, CredentialError, DeliveryError) as exc:
         client.quit()
-        return _refused(settings, f"login as {settings.login.username} failed: {exc}; check the username and "
-                                  f"the secret ({settings.login.credentials.describe()})")
+        raise SessionRefused(f"login as {settings.login.username} failed: {exc}; check the username and the secret "
+                             f"({settings.login.credentials.describe()})") from None
     return client
 
 
-def _refused(settings: SMTPSettings, reason: str) -> Unusable:
-    error = DeliveryError(f"smtp relay {settings.label}: {reason}", temporary=True)
-    log.warning("smtp.session_refused", destination=settings.label, error=error.reason,
-                action="the messages of this poll stay on the source server and are tried on the next poll")
-    return Unusable(error)
-
-
-def _log_in(client: SMTPClient, settings: SMTPSettings, login: RelayLogin, account: Account, poll: Poll) -> None:
+def _log_in(client: SMTPClient, settings: SMTPSettings, login: RelayLogin, token_cache: str,
+            state_dir: Path | None) -> None:
     """SMTP AUTH with the sign-in code the sources use: the mechanism chosen as for them (never a secret in the
     clear unless ``tls: none``), passwords resolved now, a refused cached OAuth2 token refreshed once."""
     from postbote.plugins.signin.login import AuthSettings, choose, sasl_login, token_login
     from postbote.plugins.signin.sasl import TOKEN_MECHANISMS
 
-    auth = AuthSettings(account=token_cache_name(account, settings), username=login.username,
-                        tls=settings.tls.value, auth=login.auth.value, password=login.credentials.password,
+    auth = AuthSettings(account=token_cache, username=login.username, tls=settings.tls.value,
+                        auth=login.auth.value, password=login.credentials.password,
                         token_command=login.credentials.token_command, oauth2=login.credentials.oauth2,
-                        state_dir=poll.state_dir)
+                        state_dir=state_dir)
     tokens = auth.token_source()
     chosen = choose(auth, client.sasl_mechanisms(), client.encrypted, tokens, log, offers_user=False)
     if chosen in TOKEN_MECHANISMS:
