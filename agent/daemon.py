@@ -1,9 +1,14 @@
 """``postbote run``: poll every account at its ``poll_interval``, several at once, until told to stop.
 
-A private `schedule.Scheduler` holds one job per account; a job only queues its account. The main thread starts
-queued polls in threads, at most ``max_parallel`` at a time and never two for one account, so a slow or hanging
-server delays nobody else (and every network operation has its ``timeout``). The main thread never polls: it sleeps
-on a wake-up socket that poll threads and signals write to, so it always answers signals and the systemd watchdog.
+When each account is next due is kept in a heap (`DueQueue`): the main loop takes the accounts that are due and
+learns how long it may sleep in O(log n), which 100,000 accounts need. The `schedule` library is kept for the
+daemon's human-scale housekeeping only (a few jobs: systemd's STATUS= line and the next-poll notes in the state
+store, once a second): its ``run_pending`` and ``idle_seconds`` look at every job on every tick, 100,000
+``datetime.now()`` calls per tick with one job per account. Due accounts wait in a `ReadyQueue`, per server host;
+the main thread starts their polls in threads, at most ``max_parallel`` at a time, at most
+``max_parallel_per_host`` against one host and never two for one account, so a slow or hanging server delays nobody
+else (and every network operation has its ``timeout``). The main thread never polls: it sleeps on a wake-up socket
+that poll threads and signals write to, so it always answers signals and the systemd watchdog.
 
 After a failed poll an account waits twice as long each time, up to ``backoff_max``; one success brings it back to
 its ``poll_interval``. A refused login is logged once per streak of refusals, not on every poll.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import heapq
 import logging
 import random
 import selectors
@@ -34,11 +40,12 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from queue import Empty, SimpleQueue
+from typing import Any
 
 import schedule
 import structlog
@@ -50,7 +57,7 @@ from postbote.pluginmanager import PluginManager
 from postbote.poll import PollStats
 from postbote.poller import Poller
 from postbote.sdnotify import Notifier
-from postbote.state import StateStore
+from postbote.state import StateStore, WaitingMessage
 from postbote.status import WaitingSummary, stale_after, waiting_messages
 from postbote.tls import forget_contexts
 from postbote.watch import Watcher
@@ -61,6 +68,8 @@ START_JITTER = 5.0  # the first polls are spread over this many seconds (at most
 BACKOFF_JITTER = 0.1  # a delay after failures is shortened by up to this fraction, so that accounts drift apart
 STOP_GRACE = 20.0  # seconds the polls in hand get to finish after SIGTERM (the unit's TimeoutStopSec is 30 s)
 MAX_SLEEP = 60.0
+HOUSEKEEPING_EVERY = 1  # seconds between two STATUS= updates and two writes of the next-poll notes
+STATUS_NAMES = 10  # failing or waiting accounts named in STATUS= (systemd shows one line; the rest are counted)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1)
 
@@ -102,9 +111,102 @@ class AccountSlot:
     """What the daemon knows about one account between polls."""
 
     account: Account
-    job: schedule.Job
     backoff: Backoff
     auth_failures: int = 0
+
+
+class DueQueue:
+    """When each planned account is next due (``time.time()`` seconds), as a heap: the next due in O(log n).
+
+    An account has one plan at a time; planning it again leaves its old heap entry behind, which is skipped when it
+    comes up (and the heap is rebuilt when such entries outnumber the live ones)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, str]] = []
+        self._when: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._when)
+
+    def set(self, name: str, when: float) -> None:
+        self._when[name] = when
+        heapq.heappush(self._heap, (when, name))
+        if len(self._heap) > 2 * len(self._when) + 64:
+            self._heap = [(planned, account) for account, planned in self._when.items()]
+            heapq.heapify(self._heap)
+
+    def when(self, name: str) -> float | None:
+        return self._when.get(name)
+
+    def pop_due(self, now: float) -> Iterator[str]:
+        """The accounts due at ``now``, soonest first; they are no longer planned."""
+        while self._heap and self._heap[0][0] <= now:
+            when, name = heapq.heappop(self._heap)
+            if self._when.get(name) == when:
+                del self._when[name]
+                yield name
+
+    def seconds_to_next(self, now: float) -> float | None:
+        while self._heap and self._when.get(self._heap[0][1]) != self._heap[0][0]:
+            heapq.heappop(self._heap)  # planned again since: not this entry
+        return self._heap[0][0] - now if self._heap else None
+
+
+class ReadyQueue:
+    """Accounts due (or asked for) and waiting for a free slot: first come, first served within one server host,
+    the hosts taken in turn, so that accounts of a host at its ``max_parallel_per_host`` do not hold up the others
+    and are not looked at again until their host has room (which a single queue would do on every tick)."""
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, deque[str]] = {}  # in turn: a host served goes to the end
+        self._names: set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def add(self, name: str, host: str) -> None:
+        if name not in self._names:
+            self._names.add(name)
+            self._hosts.setdefault(host, deque()).append(name)
+
+    def clear(self) -> None:
+        self._hosts.clear()
+        self._names.clear()
+
+    def keep_only(self, names: Iterable[str]) -> None:
+        wanted = set(names)
+        for host, waiting in list(self._hosts.items()):
+            kept = deque(name for name in waiting if name in wanted)
+            if kept:
+                self._hosts[host] = kept
+            else:
+                del self._hosts[host]
+        self._names &= wanted
+
+    def take(self, free: int, running: Counter[str], per_host: int) -> list[str]:
+        """Up to ``free`` accounts to start, none on a host that has ``per_host`` polls ``running`` (which counts
+        the ones taken here too)."""
+        taken: list[str] = []
+        progress = True
+        while progress and len(taken) < free and self._hosts:
+            progress = False
+            for host in list(self._hosts):
+                if len(taken) >= free:
+                    break
+                if running[host] >= per_host:
+                    continue
+                waiting = self._hosts.pop(host)
+                name = waiting.popleft()
+                if waiting:
+                    self._hosts[host] = waiting  # to the end: the next host's turn
+                self._names.discard(name)
+                running[host] += 1
+                taken.append(name)
+                progress = True
+        return taken
 
 
 @dataclass(frozen=True)
@@ -214,9 +316,14 @@ class Daemon:
         self._pending: _Generation | None = None
         self._make_poller = poller_factory
         self._poller = poller_factory(pm, store, self.stop)
-        self.scheduler = schedule.Scheduler()
+        self.scheduler = schedule.Scheduler()  # housekeeping only; the accounts are in self._due (see the docstring)
+        self._due = DueQueue()
         self._slots: dict[str, AccountSlot] = {}
-        self._queue: deque[str] = deque()
+        self._ready = ReadyQueue()
+        self._next_poll_notes: dict[str, float | None] = {}  # for the state store, written by the housekeeping
+        self._failing: set[str] = set()
+        self._status_due = False
+        self._last_housekeeping = float("-inf")  # time.monotonic() of the last one
         self._workers: dict[str, threading.Thread] = {}
         self._again: set[str] = set()  # asked to poll now while polling: polled once more when that poll ends
         self._results: SimpleQueue[PollResult] = SimpleQueue()
@@ -244,8 +351,9 @@ class Daemon:
                 self._configure(self._current)
                 try:
                     self._plan(self.config.accounts, previous={})
-                    for account in self.config.accounts:
-                        self._refresh_waiting(account)
+                    self._refresh_all_waiting()
+                    self._write_next_poll_notes()
+                    self.scheduler.every(HOUSEKEEPING_EVERY).seconds.do(self._housekeeping)
                     log.info("daemon.started", accounts=len(self.config.accounts), config=str(self.config.path),
                              max_parallel=self.config.max_parallel)
                     self.notifier.ready(self._status_line())
@@ -286,6 +394,7 @@ class Daemon:
                 break
             self._poll_pushed()
             self._apply_pending_reload()
+            self._queue_due()
             self.scheduler.run_pending()
             self._start_queued()
             self.notifier.ping_if_due()
@@ -293,6 +402,8 @@ class Daemon:
 
     def _sleep_time(self) -> float:
         candidates = [MAX_SLEEP]
+        if (due := self._due.seconds_to_next(time.time())) is not None:
+            candidates.append(due)
         if (idle := self.scheduler.idle_seconds) is not None:
             candidates.append(idle)
         if (ping := self.notifier.seconds_to_next_ping()) is not None:
@@ -305,7 +416,7 @@ class Daemon:
         log.info("daemon.stopping", polls_running=running or None)
         self.notifier.stopping(f"stopping; finishing {', '.join(running)}" if running else "stopping")
         self.stop.set()
-        self._queue.clear()
+        self._ready.clear()
         deadline = time.monotonic() + self._stop_grace
         abandon_now = False
         while self._workers and not abandon_now and time.monotonic() < deadline:
@@ -319,8 +430,8 @@ class Daemon:
                         reason="second stop signal" if abandon_now else f"still busy after {self._stop_grace:g} s",
                         effect="no QUIT sent, so the server deletes nothing from these sessions; a message whose "
                                "hand-off was cut short is fetched again next time (at worst delivered twice)")
-        for name in self._slots:
-            self._remember_next_poll(name, None)
+        self._next_poll_notes = dict.fromkeys(self._slots)
+        self._write_next_poll_notes()
 
     # --- requests (signals)
 
@@ -388,50 +499,45 @@ class Daemon:
     # --- scheduling
 
     def _plan(self, accounts: tuple[Account, ...], previous: dict[str, AccountSlot]) -> None:
-        """One job per account; accounts kept over a reload keep their next poll and their failure streak."""
-        self.scheduler.clear()
-        self._slots = {}
+        """Plan every account's next poll; accounts kept over a reload keep their next poll and their failure
+        streak (one waiting for a free slot keeps its place, and is planned when its poll ends)."""
         now = time.time()
+        old_due, self._due = self._due, DueQueue()
+        self._slots = {}
         for account in accounts:
-            every = self.scheduler.every(account.poll_interval)  # type: ignore[arg-type]  # floats work
-            job = every.seconds.do(self._due, account.name)
             backoff = Backoff(account.poll_interval, self.config.backoff_max)
             old = previous.get(account.name)
-            if old is not None and old.job.next_run is not None:
-                backoff.failures = old.backoff.failures
-                next_poll = old.job.next_run.timestamp()
-                if old.account.poll_interval != account.poll_interval and not backoff.failures:
-                    next_poll = min(next_poll, now + account.poll_interval)
-            else:
-                next_poll = now + start_delay(account.poll_interval, self._rng)
-            slot = AccountSlot(account, job, backoff, auth_failures=old.auth_failures if old else 0)
-            self._slots[account.name] = slot
-            self._set_next_poll(slot, next_poll)
-        self._queue = deque(name for name in self._queue if name in self._slots)
+            self._slots[account.name] = AccountSlot(account, backoff, auth_failures=old.auth_failures if old else 0)
+            if old is None:
+                self._set_next_poll(account.name, now + start_delay(account.poll_interval, self._rng))
+                continue
+            backoff.failures = old.backoff.failures
+            next_poll = old_due.when(account.name)
+            if next_poll is None:
+                continue  # waiting for a slot
+            if old.account.poll_interval != account.poll_interval and not backoff.failures:
+                next_poll = min(next_poll, now + account.poll_interval)
+            self._set_next_poll(account.name, next_poll)
+        self._failing = {name for name, slot in self._slots.items() if slot.backoff.failures}
+        self._ready.keep_only(self._slots)
 
-    def _due(self, name: str) -> None:
-        self._enqueue(name)
+    def _queue_due(self) -> None:
+        for name in self._due.pop_due(time.time()):
+            self._enqueue(name)
 
     def _enqueue(self, name: str) -> None:
-        if name in self._workers or name in self._queue:
+        if name in self._workers or name in self._ready:
             log.debug("poll.skipped", account=name, reason="already running or waiting for a free slot")
             return
-        self._queue.append(name)
+        self._ready.add(name, self._slots[name].account.server_host)
 
     def _start_queued(self) -> None:
-        if self._pending is not None:
+        if self._pending is not None or not self._ready:
             return  # a reload waits for the running polls; start nothing on the old config meanwhile
-        per_host = Counter(self._slots[name].account.server_host for name in self._workers if name in self._slots)
-        waiting: deque[str] = deque()
-        while self._queue and len(self._workers) < self.config.max_parallel:
-            slot = self._slots[self._queue.popleft()]
-            host = slot.account.server_host
-            if per_host[host] >= self.config.max_parallel_per_host:
-                waiting.append(slot.account.name)  # its host has max_parallel_per_host polls running: later
-                continue
-            per_host[host] += 1
-            self._start(slot)
-        self._queue.extendleft(reversed(waiting))
+        running = Counter(self._slots[name].account.server_host for name in self._workers if name in self._slots)
+        free = self.config.max_parallel - len(self._workers)
+        for name in self._ready.take(free, running, self.config.max_parallel_per_host):
+            self._start(self._slots[name])
 
     def _start(self, slot: AccountSlot) -> None:
         name = slot.account.name
@@ -471,12 +577,17 @@ class Daemon:
     def _finished(self, result: PollResult) -> None:
         slot = self._slots.get(result.account)
         self._last_summary = _summary(result.stats)
+        self._status_due = True
         if slot is None:  # removed by a reload while it ran
-            self.notifier.status(self._status_line())
             return
-        self._refresh_waiting(slot.account)
+        if result.stats.deferred or result.stats.rejected or result.account in self._waiting:
+            self._refresh_waiting(slot.account)  # else nothing waited before, and this poll left nothing waiting
         streak_before = slot.backoff.failures
         delay = slot.backoff.after(result.stats.ok, self._rng)
+        if slot.backoff.failures:
+            self._failing.add(result.account)
+        else:
+            self._failing.discard(result.account)
         self._note_login_outcome(slot, result)
         if result.stats.ok and streak_before:
             log.info("account.recovered", account=slot.account.name, failed_polls=streak_before)
@@ -485,8 +596,9 @@ class Daemon:
             log.log(level, "poll.backing_off", account=slot.account.name, failed_polls=slot.backoff.failures,
                     next_poll_in_s=round(delay, 3))
         if not self._stopping:
-            self._set_next_poll(slot, max(result.started + delay, time.time()))
-        self.notifier.status(self._status_line())
+            self._set_next_poll(result.account, max(result.started + delay, time.time()))
+        if time.monotonic() - self._last_housekeeping >= HOUSEKEEPING_EVERY:
+            self._housekeeping()  # the first poll after a quiet second is told at once; the next ones in a batch
 
     def _note_login_outcome(self, slot: AccountSlot, result: PollResult) -> None:
         """Count a streak of refused logins; the poller's own error event is kept for the first one only."""
@@ -503,15 +615,25 @@ class Daemon:
         slot.auth_failures = 0
         self._mute.muted.discard(name)
 
-    def _set_next_poll(self, slot: AccountSlot, when: float) -> None:
-        slot.job.next_run = datetime.fromtimestamp(when)
-        self._remember_next_poll(slot.account.name, when)
+    def _set_next_poll(self, name: str, when: float) -> None:
+        self._due.set(name, when)
+        self._next_poll_notes[name] = when
 
-    def _remember_next_poll(self, name: str, when: float | None) -> None:
+    def _housekeeping(self) -> None:
+        """At most once a second: what ``postbote status`` and systemd are told, batched -- a few hundred polls a
+        second would otherwise be as many commits and STATUS= datagrams."""
+        self._last_housekeeping = time.monotonic()
+        self._write_next_poll_notes()
+        if self._status_due:
+            self._status_due = False
+            self.notifier.status(self._status_line())
+
+    def _write_next_poll_notes(self) -> None:
+        notes, self._next_poll_notes = self._next_poll_notes, {}
         try:
-            self.store.set_next_poll(name, when)
+            self.store.set_next_polls(notes)
         except PostboteError as exc:
-            log.warning("state.next_poll_not_recorded", account=name, error=str(exc))
+            log.warning("state.next_poll_not_recorded", accounts=len(notes), error=str(exc))
 
     # --- reload
 
@@ -563,8 +685,9 @@ class Daemon:
         changes = {"added": sorted(set(self._slots) - before), "removed": sorted(before - set(self._slots))}
         log.info("config.reloaded", config=str(new.config.path), accounts=len(new.config.accounts),
                  **{key: names for key, names in changes.items() if names})
-        for name in before - set(self._slots):
-            self._remember_next_poll(name, None)
+        self._next_poll_notes.update(dict.fromkeys(before - set(self._slots)))
+        self._write_next_poll_notes()
+        self._waiting = {name: summary for name, summary in self._waiting.items() if name in self._slots}
         self.notifier.ready(self._status_line())
         del old
         gc.unfreeze()  # the old generation is garbage now: let the collector have it, then keep the new one out
@@ -596,23 +719,45 @@ class Daemon:
         except PostboteError as exc:
             log.warning("state.waiting_unreadable", account=account.name, error=str(exc))
             return
-        self._waiting[account.name] = WaitingSummary.of(messages, now=time.time(), stale_after=stale_after(account))
+        self._note_waiting(account, messages)
+
+    def _refresh_all_waiting(self) -> None:
+        """`_refresh_waiting` of every account, in one query of the state store (start-up)."""
+        try:
+            everywhere = self.store.waiting_everywhere()
+        except PostboteError as exc:
+            log.warning("state.waiting_unreadable", error=str(exc))
+            return
+        for name, messages in everywhere.items():
+            if name in self._slots:
+                self._note_waiting(self._slots[name].account, messages)
+
+    def _note_waiting(self, account: Account, messages: list[WaitingMessage]) -> None:
+        summary = WaitingSummary.of(messages, now=time.time(), stale_after=stale_after(account))
+        if summary.total:
+            self._waiting[account.name] = summary
+        else:
+            self._waiting.pop(account.name, None)  # only accounts with something waiting: the status line's cost
 
     def _status_line(self) -> str:
-        """systemd's STATUS=: failing accounts, what waits where (deferred, rejected, stale), and the last poll."""
-        failing = sorted(name for name, slot in self._slots.items() if slot.backoff.failures)
-        waiting = {name: summary for name in sorted(self._slots)
-                   if (summary := self._waiting.get(name)) is not None and summary.total}
+        """systemd's STATUS=: failing accounts, what waits where (deferred, rejected, stale), and the last poll;
+        the first `STATUS_NAMES` accounts of each kind by name, the others counted."""
+        failing = heapq.nsmallest(STATUS_NAMES, self._failing)
+        waiting = [(name, self._waiting[name]) for name in heapq.nsmallest(STATUS_NAMES, self._waiting)]
         problems = []
         if failing:
-            problems.append(f"{len(failing)} failing ({', '.join(failing)})")
+            problems.append(f"{len(self._failing)} failing ({', '.join(failing)}{_more(self._failing, failing)})")
         if waiting:
-            problems.append("waiting: " + "; ".join(f"{name} {summary.describe()}"
-                                                    for name, summary in waiting.items()))
+            problems.append("waiting: " + "; ".join(f"{name} {summary.describe()}" for name, summary in waiting)
+                            + _more(self._waiting, waiting))
         health = ", ".join(problems) if problems else "all fine"
         watched = self._watcher.count()
         push = f", {watched} watched for new mail" if watched else ""
         return f"{len(self._slots)} account(s){push}, {health}; last poll: {self._last_summary}"
+
+
+def _more(everything: set[str] | dict[str, WaitingSummary], named: list[Any]) -> str:
+    return f", and {len(everything) - len(named)} more" if len(everything) > len(named) else ""
 
 
 def _summary(stats: PollStats) -> str:

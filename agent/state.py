@@ -25,7 +25,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
@@ -361,16 +361,26 @@ class StateStore:
 
     def waiting(self, account: str) -> list[WaitingMessage]:
         """The messages of ``account`` that wait on the server undelivered: deferred or rejected, oldest first."""
+        return self._waiting("account = ? AND ", (account,)).get(account, [])
+
+    def waiting_everywhere(self) -> dict[str, list[WaitingMessage]]:
+        """`waiting` of every account that has such messages, in one query (the daemon's start-up asks for all)."""
+        return self._waiting("", ())
+
+    def _waiting(self, which: str, args: tuple[object, ...]) -> dict[str, list[WaitingMessage]]:
         columns = {row[1] for row in self._query("PRAGMA table_info(messages)", ())}  # read-only: maybe older
         if not columns:
-            return []
+            return {}
         since = "coalesce(since, updated)" if "since" in columns else "updated"
         attempts = "attempts" if "attempts" in columns else "1"
         rows = self._query(
-            f"SELECT uid, status, reason, {since}, {attempts}, size, message_id FROM messages "
-            f"WHERE account = ? AND status IN (?, ?) ORDER BY {since}, uid", (account, *WAITING))
-        return [WaitingMessage(uid, Status(status), reason, when, count, size, message_id)
-                for uid, status, reason, when, count, size, message_id in rows]
+            f"SELECT account, uid, status, reason, {since}, {attempts}, size, message_id FROM messages "
+            f"WHERE {which}status IN (?, ?) ORDER BY {since}, uid", (*args, *WAITING))
+        found: dict[str, list[WaitingMessage]] = {}
+        for account, uid, status, reason, when, count, size, message_id in rows:
+            found.setdefault(account, []).append(WaitingMessage(uid, Status(status), reason, when, count, size,
+                                                                message_id))
+        return found
 
     def pending_renames(self, account: str) -> list[tuple[str, str, str]]:
         return [tuple(row) for row in self._query(  # type: ignore[misc]
@@ -503,8 +513,15 @@ class StateStore:
 
     def set_next_poll(self, account: str, when: float | None) -> None:
         """Remember when the daemon means to poll ``account`` next (None: not planned, the daemon is not running)."""
+        self.set_next_polls({account: when})
+
+    def set_next_polls(self, planned: Mapping[str, float | None]) -> None:
+        """`set_next_poll` for many accounts in one transaction: the daemon plans 100,000 accounts at start-up and
+        notes a few hundred polls a second, which one commit each would make the state store's main cost."""
+        if not planned:
+            return
         with self._transaction():
-            self._db.execute("INSERT OR REPLACE INTO poll_schedule VALUES (?, ?)", (account, when))
+            self._db.executemany("INSERT OR REPLACE INTO poll_schedule VALUES (?, ?)", planned.items())
 
     def next_poll(self, account: str) -> float | None:
         if "poll_schedule" not in self._tables:
