@@ -74,7 +74,8 @@ class Mailbox(Protocol):
 
     def headers(self, entry: MailboxEntry) -> bytes | None:
         """The message's header block (up to the empty line), or None when the source cannot show it without
-        fetching the message. Used to confirm that a UID recorded as delivered still names the same message."""
+        fetching the message. Used to confirm that a UID recorded as delivered still names the same message, and by
+        ``poll --dry-run`` (`postbote.dry_run`) to run the filters on it: it must change nothing (no \\Seen)."""
         ...
 
     def fetch(self, entries: Iterable[MailboxEntry], *, stop: Callable[[], bool]) -> Iterator[tuple[MailboxEntry,

@@ -33,11 +33,11 @@ def unescaped(path: Path) -> str:
 def test_generating_writes_both_pages_and_the_three_completions_where_distributions_look(share: Path) -> None:
     written = sorted(str(path.relative_to(share)) for path in share.rglob("*") if path.is_file())
     assert written == ["bash-completion/completions/postbote", "fish/vendor_completions.d/postbote.fish",
-                       "man1/postbote.1", "man5/postbote.yaml.5", "zsh/site-functions/_postbote"]
+                       "man/man1/postbote.1", "man/man5/postbote.yaml.5", "zsh/site-functions/_postbote"]
 
 
 def test_the_command_page_names_every_command_and_every_option(share: Path) -> None:
-    page = unescaped(share / "man1" / "postbote.1")
+    page = unescaped(share / "man" / "man1" / "postbote.1")
     parser = build_parser()
     for name, _, sub in subcommands(parser):
         assert f".SS {name}\n" in page
@@ -48,7 +48,7 @@ def test_the_command_page_names_every_command_and_every_option(share: Path) -> N
 
 
 def test_the_config_page_names_every_key_the_config_reader_knows(share: Path) -> None:
-    page = unescaped(share / "man5" / "postbote.yaml.5")
+    page = unescaped(share / "man" / "man5" / "postbote.yaml.5")
     keys = set(TOP_KEYS) | {f"log.{field.name}" for field in dataclasses.fields(LogSettings)}
     keys |= {field.name for field in dataclasses.fields(Account)} - NOT_KEYS | {"deliver"}
     missing = [key for key in sorted(keys) if f"\\fB{key}\\fR" not in page and f".{key}\\fR" not in page]
@@ -56,7 +56,7 @@ def test_the_config_page_names_every_key_the_config_reader_knows(share: Path) ->
 
 
 @pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
-@pytest.mark.parametrize("page", ["man1/postbote.1", "man5/postbote.yaml.5"])
+@pytest.mark.parametrize("page", ["man/man1/postbote.1", "man/man5/postbote.yaml.5"])
 def test_the_pages_render_without_a_warning(share: Path, page: str) -> None:
     done = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(share / page)], capture_output=True,
                           text=True, timeout=60, check=False)
@@ -110,7 +110,7 @@ def test_postbote_manual_writes_them_under_the_directory_given(tmp_path: Path) -
     done = subprocess.run([sys.executable, "-m", "postbote", "manual", "-o", str(tmp_path / "share")], cwd=REPO,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 5
-    assert (tmp_path / "share" / "man1" / "postbote.1").read_text().startswith(".TH POSTBOTE 1")
+    assert (tmp_path / "share" / "man" / "man1" / "postbote.1").read_text().startswith(".TH POSTBOTE 1")
 
 
 def test_postbote_manual_outside_a_checkout_asks_for_the_example(tmp_path: Path) -> None:

@@ -170,10 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     seen.add_argument("accounts", nargs="+", metavar="ACCOUNT")
     manual = _command(
         commands, "manual", "write the man pages postbote(1), postbote.yaml(5) and the bash, zsh and fish completions",
-        exits="0 when they were written; 2 when the example config is missing", example="postbote manual -o "
-        "~/.local/share", description="Write man1/postbote.1, man5/postbote.yaml.5, bash-completion/completions/"
-        "postbote, zsh/site-functions/_postbote and fish/vendor_completions.d/postbote.fish under DIR (the layout of "
-        "/usr/share or ~/.local/share), from this parser and the annotated example config.")
+        exits="0 when they were written; 2 when the example config is missing",
+        example="postbote manual -o ~/.local/share",
+        description="Write man/man1/postbote.1, man/man5/postbote.yaml.5, bash-completion/completions/postbote, "
+                    "zsh/site-functions/_postbote and fish/vendor_completions.d/postbote.fish under DIR (the layout "
+                    "of /usr/share or ~/.local/share), from this parser and the annotated example config.")
     manual.add_argument("-o", "--output", metavar="DIR", required=True, help="where to write them")
     manual.add_argument("--example", metavar="FILE", default="examples/postbote.yaml",
                         help="the annotated example config (default: examples/postbote.yaml, in a checkout)")

@@ -4,8 +4,8 @@ completions, written from what they describe so they cannot drift: the command's
 (``examples/postbote.yaml``, which the tests keep a valid config documenting every key). No dependency: roff is
 simple enough to write.
 
-It writes ``DIR/man1/postbote.1``, ``DIR/man5/postbote.yaml.5`` and the completions (`postbote.cli.completion`):
-``DIR/bash-completion/completions/postbote``, ``DIR/zsh/site-functions/_postbote``,
+It writes ``DIR/man/man1/postbote.1``, ``DIR/man/man5/postbote.yaml.5`` and the completions
+(`postbote.cli.completion`): ``DIR/bash-completion/completions/postbote``, ``DIR/zsh/site-functions/_postbote``,
 ``DIR/fish/vendor_completions.d/postbote.fish`` -- the layout of ``/usr/share``, ``/usr/local/share`` or
 ``~/.local/share``. The parser comes from the top of the CLI (``args.build_parser``), which no command imports.
 """
@@ -176,8 +176,8 @@ def write_all(parser: argparse.ArgumentParser, output: Path, example: Path, date
 
     date = date or datetime.date.today().isoformat()
     files = {
-        output / "man1" / "postbote.1": command_page(parser, date),
-        output / "man5" / "postbote.yaml.5": config_page(example.read_text(encoding="utf-8"), date),
+        output / "man" / "man1" / "postbote.1": command_page(parser, date),
+        output / "man" / "man5" / "postbote.yaml.5": config_page(example.read_text(encoding="utf-8"), date),
         output / "bash-completion" / "completions" / "postbote": bash_script(parser),
         output / "zsh" / "site-functions" / "_postbote": zsh_script(parser),
         output / "fish" / "vendor_completions.d" / "postbote.fish": fish_script(parser),
