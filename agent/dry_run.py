@@ -101,8 +101,10 @@ def planned_without_fetching(account: Account, entry: MailboxEntry, record: Reco
                              now: float) -> tuple[Fate, str] | None:
     """The fate of a message a poll would not fetch (as `postbote.poller.Poller._plan` sorts the listing), or
     None for a message it would fetch."""
-    from postbote.poller import kept_long_enough
+    from postbote.poller import kept_long_enough, oversized_to_delete
 
+    if oversized_to_delete(account, entry, record):
+        return Fate.DELETE, "larger than max_size, reported in an earlier poll: deleted unread (delete_oversized)"
     if record is not None and record.handled and record.size is not None and record.size != entry.size:
         record = None  # the UID names another message now: a poll treats it as new
     if record is not None and record.handled:
@@ -126,7 +128,8 @@ def previewed(mailbox: Mailbox, hooks: AccountHooks, account: Account, entry: Ma
     headers = mailbox.headers(entry)
     if headers is None:
         return Preview(entry.uid, entry.size, Fate.DELIVER,
-                       "the server cannot show the headers alone (no TOP): a poll fetches it and delivers it to "
+                       "the server did not show the headers alone (POP3 without TOP, or gone): a poll fetches it "
+                       "and delivers it to "
                        f"{labels(account.destinations)} unless a filter decides otherwise")
     message = Message(entry.uid, entry.size)
     try:

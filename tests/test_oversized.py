@@ -134,6 +134,10 @@ def test_delete_oversized_deletes_the_message_unread_at_the_poll_after_its_notif
     status, _ = run.poll()
     assert status == 1 and [event["event"] for event in webhook.events] == ["message.rejected"]
     assert any(b"too big" in data for data in run.on_server())  # notified, not deleted yet
+    capsys.readouterr()
+    assert postbote.run("poll", "--dry-run") == 0
+    assert "delete: larger than max_size, reported in an earlier poll" in capsys.readouterr().out
+    assert any(b"too big" in data for data in run.on_server())  # a dry run deletes nothing
 
     status, events = run.poll()
     assert status == 0 and len(named(events, "message.oversized_deleted")) == 1

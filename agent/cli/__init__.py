@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     poll.add_argument("--max-size", metavar="SIZE", help="this time, leave messages larger than SIZE (e.g. 10MB)")
     poll.add_argument("-n", "--dry-run", action="store_true",
                       help="fetch the headers only, run the filters and print where each message would go (or which "
-                           "filter drops it); nothing is fetched, deleted or recorded")
+                           "filter drops it); nothing is delivered, deleted, flagged or recorded")
     _command(commands, "run", "run as a daemon, polling each account at its poll_interval",
              exits="0 after SIGTERM or SIGINT; 1 when the state directory is held by another postbote; 2 for a "
                    "config error", example="postbote -c /etc/postbote/postbote.yaml run")

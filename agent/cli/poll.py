@@ -93,8 +93,8 @@ def preview_lines(preview: AccountPreview) -> list[str]:
 
     filters = (f"; filters, on the headers only (a filter reading the body may decide otherwise): "
                f"{', '.join(preview.filters)}" if preview.filters else "")
-    lines = [f"{preview.account}: {len(preview.messages)} message(s) on the server (dry run: nothing is fetched, "
-             f"deleted or recorded){filters}"]
+    lines = [f"{preview.account}: {len(preview.messages)} message(s) on the server (dry run: headers read, "
+             f"nothing delivered, deleted, flagged or recorded){filters}"]
     for message in preview.messages:
         subject = f" {message.subject!r}" if message.subject is not None else ""
         what = {Fate.DELIVER: f"-> {message.detail}", Fate.DROP: message.detail,
