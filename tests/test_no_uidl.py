@@ -96,3 +96,11 @@ def delete_first_message_as_another_client(port: int) -> None:
         client.dele(1)
     finally:
         client.quit()
+
+
+def test_without_uidl_or_pipelining_the_headers_are_asked_for_one_at_a_time_and_keep_still_holds(
+        make_rig: RigFactory) -> None:
+    rig = make_rig(corpus(3), capabilities=("TOP", "USER"), **NO_UIDL)
+    assert rig.poll(keep=True).delivered == 3
+    again = rig.poll(keep=True)
+    assert (again.ok, again.delivered, again.left) == (True, 0, 3)

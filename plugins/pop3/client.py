@@ -363,6 +363,28 @@ class POP3Client:
         self._check_in_step()
         return b"".join(chunks)
 
+    def send_top(self, number: int, *, limit: int = MAX_HEADER_BLOCK) -> None:
+        """``TOP number 0`` sent ahead (pipelined when the server allows it); `read_top` reads the replies in
+        order. For naming the messages of a server without UIDL: one round trip for many messages, not one each."""
+        self._send(f"TOP {number} 0", defer=self.pipelining)
+        self._in_flight.append(("TOP", number, limit))
+
+    def read_top(self) -> bytes | None:
+        """The header block of the next TOP in line (as `top_headers` gives it), or None for a ``-ERR``."""
+        if not self._in_flight or self._in_flight[0][0] != "TOP":
+            raise RuntimeError("read_top() with no TOP next in line")
+        _, number, limit = self._in_flight.popleft()
+        self._doing = f"waiting for the reply to TOP {number} 0"
+        try:
+            self._expect_ok()
+        except POP3Error:
+            self._check_in_step()
+            return None
+        chunks: list[bytes] = []
+        self._read_data(chunks.append, limit)
+        self._check_in_step()
+        return b"".join(chunks)
+
     # RETR and DELE may be pipelined: each command sent is queued in ``_in_flight`` and its reply is read in
     # order. DELE replies are read lazily; a -ERR to DELE is remembered in ``refused_deletions``, not raised,
     # because the message was already recorded as handled: the next poll simply deletes it again.
@@ -412,6 +434,8 @@ class POP3Client:
             if self._in_flight[0][0] == "RETR":
                 with contextlib.suppress(POP3Error):  # a -ERR to an abandoned RETR: nothing to read
                     self.read_retrieved(lambda _data: None)  # bounded by the limit given when it was sent
+            elif self._in_flight[0][0] == "TOP":
+                self.read_top()
             else:
                 self._read_deletion_replies(stop_at_retrieve=True)
 

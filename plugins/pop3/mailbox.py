@@ -66,19 +66,34 @@ class POP3Mailbox:
     def _named_by_digest(self, listed: Sequence[ListingEntry]) -> list[MailboxEntry]:
         """Names for the messages of a server without UIDL. Messages with the same header block (true copies,
         as a rule) are told apart by their order: ``#2``, ``#3``."""
+        names = dict(self._header_names(listed))
         entries: list[MailboxEntry] = []
         seen: Counter[str] = Counter()
         for item in listed:
-            name = self._digest_name(item)
+            name = names.get(item.number) or self._content_name(item)
             seen[name] += 1
             uid = name if seen[name] == 1 else f"{name}#{seen[name]}"
             entries.append(MailboxEntry(uid, item.size, item.number))
         return entries
 
-    def _digest_name(self, item: ListingEntry) -> str:
-        headers = self.client.top_headers(item.number)
-        if headers is not None:
-            return HEADERS_NAME + hashlib.sha256(header_block(headers)).hexdigest()[:NAME_DIGITS]
+    def _header_names(self, listed: Sequence[ListingEntry]) -> Iterator[tuple[int, str | None]]:
+        """Each message's name from its ``TOP n 0`` header block (None where the server refused TOP), the TOPs
+        pipelined: one round trip for a window of messages."""
+        window = PIPELINE_WINDOW if self.client.pipelining else 1
+        waiting, in_flight = deque(listed), deque[ListingEntry]()
+        while waiting or in_flight:
+            while waiting and len(in_flight) < window:
+                item = waiting.popleft()
+                self.client.send_top(item.number)
+                in_flight.append(item)
+            item = in_flight.popleft()
+            headers = self.client.read_top()
+            digest = None if headers is None else hashlib.sha256(header_block(headers)).hexdigest()
+            yield item.number, None if digest is None else HEADERS_NAME + digest[:NAME_DIGITS]
+
+    def _content_name(self, item: ListingEntry) -> str:
+        """A message's name from a digest of all of it (a server without TOP either): read once more to name it,
+        which only fetch-and-delete can afford."""
         if self.keep:
             raise AccountError(f"{self.client.host} has neither UIDL nor TOP, so a message it keeps cannot be told "
                                "from a new one without downloading every message at every poll; use keep: false "
