@@ -121,10 +121,14 @@ def test_another_ca_file_makes_another_context(tmp_path: Path, pki: TestPKI) -> 
 
 class SwappableTLSServer:
     """A TLS server on loopback that answers each connection with a greeting; `present` changes the certificate
-    (and with it the context, whose ticket keys a session offered later was made with)."""
+    (and with it the context, whose ticket keys a session offered later was made with). ``resumes=False``: no
+    session ticket, no session cache -- every handshake is a full one."""
 
-    def __init__(self, pki: TestPKI) -> None:
+    def __init__(self, pki: TestPKI, *, resumes: bool = True) -> None:
         self.context = pki.server_context()
+        if not resumes:
+            self.context.options |= ssl.OP_NO_TICKET
+            self.context.num_tickets = 0  # TLS 1.3 resumes by tickets only
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -216,3 +220,43 @@ def test_a_session_is_offered_only_to_the_policy_and_server_it_was_made_with(
     forget_contexts()  # a reload
     connect(verified, swappable.port)
     assert [event["resumed"] for event in tls_log()] == [False, False, False, False]
+
+
+@pytest.fixture
+def sessions_taken(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the sessions taken from closed connections (Python copies each: a third of an empty poll's CPU)."""
+    from postbote.tls import _session_keeping_socket
+
+    taken: list[int] = []
+    socket_class = _session_keeping_socket()
+    real: property = ssl.SSLSocket.__dict__["session"]
+
+    def counted(self: ssl.SSLSocket) -> ssl.SSLSession | None:
+        taken.append(1)
+        return real.fget(self)  # type: ignore[misc]
+
+    monkeypatch.setattr(socket_class, "session", property(counted, real.fset), raising=False)
+    return taken
+
+
+def test_a_session_the_server_resumes_is_taken_once_and_offered_again(
+        pki: TestPKI, swappable: SwappableTLSServer, sessions_taken: list[int],
+        tls_log: Callable[[], list[dict[str, Any]]]) -> None:
+    pinned = TLSPolicy(fingerprint=pin_of(pki))
+    for _ in range(4):
+        connect(pinned, swappable.port)
+    assert [event["resumed"] for event in tls_log()] == [False, True, True, True]
+    assert len(sessions_taken) == 1
+
+
+def test_a_server_that_never_resumes_is_not_offered_sessions_for_a_while(
+        pki: TestPKI, sessions_taken: list[int], tls_log: Callable[[], list[dict[str, Any]]]) -> None:
+    server = SwappableTLSServer(pki, resumes=False)
+    try:
+        pinned = TLSPolicy(fingerprint=pin_of(pki))
+        for _ in range(10):
+            connect(pinned, server.port)
+    finally:
+        server.close()
+    assert [event["resumed"] for event in tls_log()] == [False] * 10
+    assert len(sessions_taken) <= 3, "two offered and declined: no more sessions taken from that server for now"
