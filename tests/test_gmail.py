@@ -58,7 +58,7 @@ def test_a_gmail_destination_defaults_to_inbox_unread_the_date_header_and_the_na
     config = load_config(write(tmp_path, f"gmail: {{{OAUTH}}}\n"), make_plugin_manager(entry_points=False))
     (destination,) = config.accounts[0].destinations
     settings = destination.settings
-    assert destination.kind == "gmail" and destination.label == "gmail:me (rt)"
+    assert destination.kind == "gmail" and destination.label == f"gmail:me ({tmp_path / 'rt'})"
     assert settings.labels == ("INBOX", "UNREAD") and settings.create_labels
     assert settings.internal_date_source.api_name == "dateHeader"
     assert not settings.never_mark_spam and not settings.process_for_calendar
@@ -107,7 +107,7 @@ def test_a_gmail_destination_needs_oauth2_or_a_token_command(tmp_path: Path) -> 
 def test_check_shows_the_gmail_destination(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "gmail: {token_command: [/usr/local/bin/gmail-token], labels: [INBOX, Old]}\n")
     assert main(["-c", str(path), "check"]) == 0
-    assert "-> gmail:me (gmail-token)" in capsys.readouterr().out
+    assert "-> gmail:me (/usr/local/bin/gmail-token)" in capsys.readouterr().out
 
 
 def test_a_retry_after_is_read_as_seconds_or_a_date_and_an_upload_resumes_at_any_offset() -> None:
@@ -227,7 +227,6 @@ def test_messages_from_a_pop3_account_arrive_in_gmail_unchanged_in_the_inbox_unr
 
 def test_a_message_is_deleted_from_the_source_only_after_gmail_answered_200(rig: Rig) -> None:
     on_source_when_answered: list[int] = []
-    rig.gmail.faults.append(Fault("import", status=200, times=0))  # placeholder, no effect
     rig.send(make_message("one"), make_message("two"))
     rig.gmail.faults[:] = [Fault("import", status=503, reason="backendError", retry_after="0",
                                  then=lambda: on_source_when_answered.append(rig.on_source()))]
@@ -513,3 +512,28 @@ def test_postbote_auth_runs_the_gmail_destinations_only_when_asked_or_when_the_s
     assert answer(destination_only) == 0 and answer(both, "gmail") == 0 and answer(both, "imap") is None
     assert [name for name, _ in flows] == ["destination-only.gmail-me", "both.gmail-me"]
     assert all("gmail.insert" in scope and "mail.google.com" not in scope for _, scope in flows)
+
+
+def test_two_gmail_destinations_of_one_account_each_get_every_message(
+        rig: Rig, pki: TestPKI, tmp_path: Path) -> None:
+    """Each has its own session and token, even with token files of the same name (the model test's finding: two
+    destinations that differed only in their endpoint shared one session, and one mailbox got both copies)."""
+    (tmp_path / "second").mkdir()
+    second_token = secret_file(tmp_path / "second" / rig.refresh_file.name,
+                               rig.provider.issue_refresh_token("alice", CLIENT_ID))
+    rig.send(make_message("a"), make_message("b"))
+    with GmailAPIServer(pki.server_context(), tmp_path / "gmail2",
+                        lambda token: valid_user(rig.provider, token)) as other:
+        config = rig.configure()
+        document = yaml.safe_load(config.read_text())
+        first = document["accounts"][0]["deliver"]["gmail"]
+        second = {**first, "api_url": other.base_url,
+                  "oauth2": {**first["oauth2"], "refresh_token_file": str(second_token)}}
+        document["accounts"][0]["deliver"] = [{"gmail": first}, {"gmail": second}]
+        config.write_text(yaml.safe_dump(document))
+
+        assert main(["-c", str(config), "poll"]) == 0
+
+        assert sorted(rig.subjects()) == ["a", "b"] and len(other.imported) == 2
+        assert other.refused == []
+    assert rig.on_source() == 0

@@ -26,7 +26,9 @@ Refusals get Gmail's error body (``{"error": {"code", "message", "errors": [{"do
 The fault script (``faults``, consumed in order by the requests they match): an answer with any status, reason
 and Retry-After (a 429 storm, a 503); a 503 after reading part of an upload's body (``after_bytes``), the
 connection then closed; storing the message and then dropping the connection unanswered (``store`` with ``drop``:
-the answer lost). ``race_label(name)`` makes another client create a label just before postbote's create
+the answer lost); a 200, which only takes its turn (a schedule: the first import fails, the second goes
+through, the third fails). ``fired`` lists the faults played. ``race_label(name)`` makes another client create a
+label just before postbote's create
 reaches the server. ``rtt`` delays every answer (the bench's 20 ms); ``after_answer`` is called once an answer is
 written (a kill test kills postbote there: between Gmail's 200 and postbote's record of it).
 """
@@ -85,6 +87,11 @@ class Fault:
     store: bool = False  # import the message first: Gmail has it, whatever the answer
     drop: bool = False  # close the connection without an answer
     then: Callable[[], None] | None = None  # run after the body was read (and stored), before the answer
+
+    @property
+    def passes(self) -> bool:
+        """A scripted success: the request is served as usual (a schedule's "this one goes through")."""
+        return self.status == 200 and not (self.store or self.drop or self.then) and self.after_bytes is None
 
 
 @dataclass
@@ -147,6 +154,7 @@ class GmailAPIServer:
     faults: list[Fault] = field(default_factory=list)
     imported: list[Imported] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    fired: list[Fault] = field(default_factory=list)  # the faults played so far
     log: list[Logged] = field(default_factory=list)
     labels: dict[str, dict[str, Any]] = field(default_factory=dict)
     after_answer: Callable[[Logged], None] | None = None  # called once an answer is written (a kill test's moment)
@@ -371,10 +379,14 @@ class GmailAPIServer:
         return value
 
     def _fault(self, kind: str) -> Fault | None:
+        """The fault for this request, if one is scripted; a scripted 200 (`Fault.passes`) only takes its turn."""
         with self._lock:
             for fault in self.faults:
                 if fault.times > 0 and (fault.on == kind or (fault.on == "import" and kind == "upload")):
                     fault.times -= 1
+                    if fault.passes:
+                        return None
+                    self.fired.append(fault)
                     return fault
         return None
 

@@ -64,12 +64,15 @@ class GmailSettings:
 
     @property
     def label(self) -> str:
-        """Names the destination in logs, answers and the state's delivery notes: the mailbox, and whose token."""
+        """Names the destination in logs, answers and the state's delivery notes (and keys its session and its rate
+        limit): the mailbox, whose token, and the endpoint unless it is Google's."""
         if self.user != "me":
-            return self.user
-        if self.oauth2 is not None:
-            return f"me ({self.oauth2.refresh_token_file.name})"
-        return f"me ({Path(self.token_command[0]).name})" if self.token_command else "me"
+            name = self.user
+        elif self.oauth2 is not None:
+            name = f"me ({self.oauth2.refresh_token_file})"  # the whole path: two token files may share a name
+        else:
+            name = f"me ({self.token_command[0]})" if self.token_command else "me"
+        return name if self.api_url == API_URL else f"{name} via {urllib.parse.urlsplit(self.api_url).netloc}"
 
     @property
     def user_labels(self) -> tuple[str, ...]:

@@ -1,11 +1,14 @@
-"""The six destination kinds of the model, each able to fail on a schedule, and what each has received.
+"""The seven destination kinds of the model, each able to fail on a schedule, and what each has received.
 
 A schedule is per poll: the i-th delivery attempt to that destination in the poll gets the i-th `Outcome`
 (attempts past the schedule succeed). Where the real destination can be told to fail, it is: the SMTP and LMTP
 servers (`FaultySMTP`: 451, 550, or the connection dropped after the data), the MDA (a shell script that exits 75
 or 1, or kills itself, as its schedule file says) and IMAP: a real Dovecot, one folder of its one user per
 destination, behind an `AppendProxy` that answers the i-th APPEND with ``NO [OVERQUOTA]`` or ``NO`` itself, or cuts
-the connection halfway through its literal, so that Dovecot never holds a message postbote was told it refused.
+the connection halfway through its literal, so that Dovecot never holds a message postbote was told it refused;
+and Gmail: `GmailAPIServer`, the stand-in for the Gmail API, one per destination, whose i-th import answers 503
+(Retry-After 0), 400, or is stored and left unanswered, as its schedule says (after a 503 postbote defers the rest of
+the poll for that mailbox, so later entries of the schedule may never be reached).
 Dovecot starts with the first IMAP destination and serves the whole test session (`stop_shared_servers`).
 A Maildir or an mbox cannot be made to refuse one message on demand when the tests run as root, so their refusals
 come from the model plugin (`runner.ModelPlugin`), which answers ``deliver_message`` for that destination before the
@@ -17,14 +20,19 @@ from __future__ import annotations
 import enum
 import itertools
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from postbote.plugins.mbox import mboxrd_messages
+from postbote.testing.gmail_api import Fault as GmailFault
+from postbote.testing.gmail_api import GmailAPIServer
 
 from tests.harness import MaildirTarget
 from tests.model.imap_proxy import AppendProxy, Cut, Fault, Refuse
+from tests.servers.certs import TestPKI, make_test_pki
 from tests.servers.dovecot import DovecotServer, dovecot_binary
 from tests.servers.faulty_smtp import DROP, FaultySMTP
 
@@ -38,6 +46,7 @@ class Kind(enum.Enum):
     SMTP = "smtp"
     LMTP = "lmtp"
     IMAP = "imap"
+    GMAIL = "gmail"
 
     @property
     def refused_by_plugin(self) -> bool:
@@ -57,6 +66,25 @@ SMTP_REPLIES: dict[Outcome, Any] = {Outcome.TEMPORARY: "451 4.3.0 model: try aga
 IMAP_FAULTS: dict[Outcome, Fault] = {Outcome.TEMPORARY: Refuse("NO [OVERQUOTA] model: mailbox full"),
                                      Outcome.PERMANENT: Refuse("NO model: refused"), Outcome.CRASH: Cut()}
 IMAP_USER = "model"
+GMAIL_TOKEN = "model-access-token"
+GMAIL_FAULTS: dict[Outcome, Callable[[], GmailFault]] = {
+    Outcome.OK: lambda: GmailFault("import", status=200),
+    Outcome.TEMPORARY: lambda: GmailFault("import", status=503, retry_after="0"),
+    Outcome.PERMANENT: lambda: GmailFault("import", status=400, reason="invalidArgument", message="model: refused"),
+    Outcome.CRASH: lambda: GmailFault("import", store=True, drop=True),
+}
+
+
+class _SharedPKI:
+    """A certificate for the Gmail stand-ins, made once per test session."""
+
+    pki: TestPKI | None = None
+
+    @classmethod
+    def get(cls) -> TestPKI:
+        if cls.pki is None:
+            cls.pki = make_test_pki(Path(tempfile.mkdtemp(prefix="postbote-model-pki-")))
+        return cls.pki
 
 
 class _SharedDovecot:
@@ -111,6 +139,7 @@ class Destination:
     server: FaultySMTP | None = None
     proxy: AppendProxy | None = None
     folder: str = ""
+    gmail: GmailAPIServer | None = None
 
     @classmethod
     def create(cls, kind: Kind, index: int, directory: Path) -> Destination:
@@ -129,6 +158,9 @@ class Destination:
             dovecot = _SharedDovecot.get()
             destination.proxy = AppendProxy((dovecot.host, dovecot.imap_port))
             destination.folder = f"model{next(_SharedDovecot.folders)}"  # created by the first APPEND (TRYCREATE)
+        elif kind is Kind.GMAIL:
+            destination.gmail = GmailAPIServer(_SharedPKI.get().server_context(), directory / "gmail",
+                                               lambda token: "model" if token == GMAIL_TOKEN else None).start()
         return destination
 
     @property
@@ -148,6 +180,10 @@ class Destination:
             return {"imap": {"host": self.proxy.host, "port": self.proxy.port, "tls": "none", "username": IMAP_USER,
                              "password": _SharedDovecot.get().password(IMAP_USER), "folder": self.folder,
                              "timeout": "2s"}}
+        if self.kind is Kind.GMAIL:
+            assert self.gmail is not None
+            return {"gmail": {"api_url": self.gmail.base_url, "tls_ca_file": str(_SharedPKI.get().ca_file),
+                              "token_command": ["/bin/echo", GMAIL_TOKEN], "timeout": "2s", "rate_limit": 1000}}
         assert self.server is not None
         return {self.kind.value: {"host": self.server.host, "port": self.server.port, "recipients": [RECIPIENT],
                                   "timeout": "2s"}}
@@ -157,6 +193,8 @@ class Destination:
         if self.kind is Kind.MDA:
             (self.directory / "count").write_text("0\n")
             (self.directory / "schedule").write_text("".join(f"{o.value}\n" for o in outcomes))
+        elif self.gmail is not None:
+            self.gmail.faults[:] = [GMAIL_FAULTS[outcome]() for outcome in outcomes]
         elif self.proxy is not None:
             self.proxy.reset({attempt: IMAP_FAULTS[outcome] for attempt, outcome in enumerate(outcomes, start=1)
                               if outcome is not Outcome.OK})
@@ -181,6 +219,8 @@ class Destination:
             return mboxrd_messages(path.read_bytes()) if path.exists() and path.stat().st_size else []
         if self.kind is Kind.MDA:
             return [file.read_bytes() for file in sorted((self.directory / "copies").iterdir())]
+        if self.gmail is not None:  # as postbote sent them, the Received: field on top
+            return [imported.data() for imported in self.gmail.imported]
         if self.kind is Kind.IMAP:  # Dovecot's Maildir++ folder, read from disk: LF line ends, bytes as sent
             return MaildirTarget(_SharedDovecot.get().maildir(IMAP_USER) / f".{self.folder}").delivered()
         assert self.server is not None
@@ -197,6 +237,8 @@ class Destination:
         in doubt, which postbote counts like a crash mid-delivery (two of them hold the message)."""
         if self.proxy is not None:  # an APPEND cut after postbote sent it whole is in doubt to postbote too
             return sum(1 for _, fault in self.proxy.fired if isinstance(fault, Cut))
+        if self.gmail is not None:  # stored, then the connection dropped: in doubt
+            return sum(1 for fault in self.gmail.fired if fault.drop)
         if self.server is None:
             return 0
         return sum(1 for received in self.server.received if received.replies is None)
@@ -205,6 +247,8 @@ class Destination:
         """Faults the SMTP/LMTP server or the APPEND proxy has played so far."""
         if self.proxy is not None:
             return len(self.proxy.fired)
+        if self.gmail is not None:
+            return len(self.gmail.fired)
         return len(self.server.fired) if self.server is not None else 0
 
     def stop(self) -> None:
@@ -212,3 +256,6 @@ class Destination:
             self.server.stop()
         if self.proxy is not None:
             self.proxy.stop()
+        if self.gmail is not None:
+            self.gmail.stop()
+            assert self.gmail.refused == [], f"postbote sent requests Gmail would refuse: {self.gmail.refused}"

@@ -218,6 +218,7 @@ class CaseRun:
         self.risky_polls = 0  # polls cut short where a hand-over's outcome may not have been recorded
         self.log: list[str] = []
         TALLY["cases with an IMAP destination"] += Kind.IMAP in case.destinations
+        TALLY["cases with a Gmail destination"] += Kind.GMAIL in case.destinations
         TALLY["cases with a server without UIDL"] += not case.uidl
         for spec in case.messages:
             self.arrive(spec.pieces, spec.uid)
@@ -280,6 +281,8 @@ class CaseRun:
         result.destination_refusals += sum(d.refusals_fired() - fired_before[d.label] for d in self.destinations)
         TALLY["IMAP APPENDs refused or cut"] += sum(d.refusals_fired() - fired_before[d.label]
                                                    for d in self.destinations if d.kind is Kind.IMAP)
+        TALLY["Gmail imports refused or left unanswered"] += sum(d.refusals_fired() - fired_before[d.label]
+                                                                 for d in self.destinations if d.kind is Kind.GMAIL)
         result.destination_refusals += sum(refusals_seen(d, plan) for d in self.destinations if d.kind is Kind.MDA)
         result.killed = result.killed or faults.killed
         self.kills += result.killed
