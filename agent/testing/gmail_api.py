@@ -141,6 +141,31 @@ def error_body(status: int, message: str, reason: str) -> dict[str, Any]:
                       "status": STATUS_NAMES.get(status, "UNKNOWN")}}
 
 
+def split_multipart(body: bytes, boundary: bytes) -> tuple[bytes, bytes]:
+    """The JSON metadata and the message of a ``multipart/related`` import body; `_Answer` (a 400) when the body is
+    not exactly two parts, ``application/json`` then ``message/rfc822``, between the delimiters."""
+    delimiter = b"--" + boundary
+    if not body.startswith(delimiter + b"\r\n") or not body.endswith(b"\r\n" + delimiter + b"--\r\n"):
+        raise _Answer(400, "malformed multipart body (delimiters)", "badRequest")
+    inner = body[len(delimiter) + 2: -(len(delimiter) + 6)]
+    parts = inner.split(b"\r\n" + delimiter + b"\r\n")
+    if len(parts) != 2:
+        raise _Answer(400, f"a multipart import has 2 parts, not {len(parts)}", "badRequest")
+    (json_head, json_data), (message_head, message) = (_part(part) for part in parts)
+    if not json_head.lower().startswith(b"content-type: application/json"):
+        raise _Answer(400, "the first part must be the application/json metadata", "badRequest")
+    if message_head.lower() != b"content-type: message/rfc822":
+        raise _Answer(400, "the second part must be message/rfc822", "badRequest")
+    return json_data, message
+
+
+def _part(part: bytes) -> tuple[bytes, bytes]:
+    head, separator, data = part.partition(b"\r\n\r\n")
+    if not separator:
+        raise _Answer(400, "malformed multipart part (no blank line after its header)", "badRequest")
+    return head, data
+
+
 @dataclass
 class GmailAPIServer:
     """The fake API on https://127.0.0.1:PORT (``context``: the server's certificate, e.g. the test PKI's)."""
@@ -482,28 +507,10 @@ class GmailAPIServer:
 
     def _parts(self, body: bytes, boundary: bytes) -> tuple[dict[str, Any], bytes]:
         """The two parts of a multipart/related body: JSON metadata, then the message/rfc822 bytes."""
-        delimiter = b"--" + boundary
-        if not body.startswith(delimiter + b"\r\n") or not body.endswith(b"\r\n" + delimiter + b"--\r\n"):
-            raise _Answer(400, "malformed multipart body (delimiters)", "badRequest")
-        inner = body[len(delimiter) + 2: -(len(delimiter) + 6)]
-        parts = inner.split(b"\r\n" + delimiter + b"\r\n")
-        if len(parts) != 2:
-            raise _Answer(400, f"a multipart import has 2 parts, not {len(parts)}", "badRequest")
-        (json_head, json_data), (message_head, message) = (self._part(part) for part in parts)
-        if not json_head.lower().startswith(b"content-type: application/json"):
-            raise _Answer(400, "the first part must be the application/json metadata", "badRequest")
-        if message_head.lower() != b"content-type: message/rfc822":
-            raise _Answer(400, "the second part must be message/rfc822", "badRequest")
+        metadata, message = split_multipart(body, boundary)
         if not message:
             raise _Answer(400, "Recipient address required", "invalidArgument", refusal=False)
-        return self._metadata(json_data), message
-
-    @staticmethod
-    def _part(part: bytes) -> tuple[bytes, bytes]:
-        head, separator, data = part.partition(b"\r\n\r\n")
-        if not separator:
-            raise _Answer(400, "malformed multipart part (no blank line after its header)", "badRequest")
-        return head, data
+        return self._metadata(metadata), message
 
     def _open(self, handler: BaseHTTPRequestHandler, query: Mapping[str, str],
               user: str) -> tuple[int, dict[str, Any] | None, dict[str, str]]:

@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 import structlog
 from postbote import (
@@ -82,6 +82,7 @@ SCOPE_REASONS = frozenset({"insufficientPermissions", "ACCESS_TOKEN_SCOPE_INSUFF
 REJECTING_STATUSES = frozenset({400, 413, 422})
 
 log = structlog.get_logger("postbote.gmail")
+T = TypeVar("T")
 
 
 @hookimpl
@@ -300,29 +301,37 @@ class ImportSession:
 
     def import_message(self, message: Message) -> str:
         """Import ``message``; returns the answer recorded with it, or raises `DeliveryError`."""
-        from postbote.plugins.gmail.api import MAX_MESSAGE, APIError, NotSent, Unanswered, Upload
+        from postbote.plugins.gmail.api import MAX_MESSAGE, Upload
 
         if message.size > MAX_MESSAGE:
             raise DeliveryError(f"{self.where}: the message has {message.size} octets; Gmail imports at most "
                                 f"{MAX_MESSAGE // (1024 * 1024)} MB", temporary=False)
+        api = self.connection()
+        label_ids = self.guarded(lambda: self.labels(api), message_sent=False)
+        upload = Upload(message.size, message.chunks, {"labelIds": label_ids}, self.params())
+        return self.answer(self.guarded(lambda: api.import_message(upload), message_sent=True))
+
+    def guarded(self, call: Callable[[], T], *, message_sent: bool) -> T:
+        """``call()``, its failures said as what they mean for the message. A connection that broke after the whole
+        request went out leaves the message in doubt only when the request carried it (``message_sent``)."""
+        from postbote.plugins.gmail.api import APIError, NotSent, Unanswered
+
         try:
-            api = self.connection()
-            upload = Upload(message.size, message.chunks,
-                            {"labelIds": self.labels(api)}, self.params())
-            response = api.import_message(upload)
+            return call()
         except DeliveryError:
             raise
         except APIError as exc:
             raise self.refused(exc) from None
         except Unanswered as exc:
-            raise DeliveryError(f"{self.where}: {exc} (the whole message was sent: it may have arrived)",
-                                temporary=True, in_doubt=True) from None
+            if message_sent:
+                raise DeliveryError(f"{self.where}: {exc} (the whole message was sent: it may have arrived)",
+                                    temporary=True, in_doubt=True) from None
+            raise DeliveryError(f"{self.where}: {exc}; the message is tried again", temporary=True) from None
         except NotSent as exc:
             raise DeliveryError(f"{self.where}: {exc}; the message is tried again", temporary=True) from None
         except (CredentialError, AccountError) as exc:
             self.give_up(self.token_problem(str(exc)))
             raise AssertionError("unreachable") from None
-        return self.answer(response)
 
     def params(self) -> dict[str, str]:
         return {"internalDateSource": self.settings.internal_date_source.api_name,

@@ -164,6 +164,37 @@ def exactly(chunks: Iterable[bytes], length: int) -> Iterator[bytes]:
         raise LengthChanged(f"the message had {sent} octets, not the {length} announced")
 
 
+@dataclass(frozen=True)
+class MultipartBody:
+    """A ``multipart/related`` upload: the JSON metadata, then the message as ``message/rfc822``, streamed."""
+
+    upload: Upload
+    boundary: str
+
+    @property
+    def head(self) -> bytes:
+        return (f"--{self.boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+                f"{json.dumps(dict(self.upload.metadata))}\r\n"
+                f"--{self.boundary}\r\nContent-Type: message/rfc822\r\n\r\n").encode()
+
+    @property
+    def tail(self) -> bytes:
+        return f"\r\n--{self.boundary}--\r\n".encode("ascii")
+
+    @property
+    def content_type(self) -> str:
+        return f'multipart/related; boundary="{self.boundary}"'
+
+    @property
+    def length(self) -> int:
+        return len(self.head) + self.upload.size + len(self.tail)
+
+    def chunks(self) -> Iterator[bytes]:
+        yield self.head
+        yield from exactly(self.upload.chunks(), self.upload.size)
+        yield self.tail
+
+
 @dataclass
 class GmailAPI:
     """The API for one mailbox (``user``: ``me`` or an address) over one kept-alive HTTPS connection."""
@@ -202,27 +233,19 @@ class GmailAPI:
         return self.import_resumable(upload)
 
     def import_multipart(self, upload: Upload) -> Response:
-        boundary = "postbote-" + secrets.token_hex(16)  # 128 random bits: no message can hold it by accident
-        head = (f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
-                f"{json.dumps(dict(upload.metadata))}\r\n"
-                f"--{boundary}\r\nContent-Type: message/rfc822\r\n\r\n").encode()
-        tail = f"\r\n--{boundary}--\r\n".encode("ascii")
-
-        def body() -> Iterator[bytes]:
-            yield head
-            yield from exactly(upload.chunks(), upload.size)
-            yield tail
-
-        return self.call("POST", self.import_path("multipart", upload.params), body=body,
-                         length=len(head) + upload.size + len(tail),
-                         content_type=f'multipart/related; boundary="{boundary}"', what="importing the message")
+        body = MultipartBody(upload, "postbote-" + secrets.token_hex(16))  # 128 random bits: no message holds it
+        return self.call("POST", self.import_path("multipart", upload.params), body=body.chunks,
+                         length=body.length, content_type=body.content_type, what="importing the message")
 
     def import_resumable(self, upload: Upload) -> Response:
-        opened = self.call("POST", self.import_path("resumable", upload.params),
-                           body=json.dumps(dict(upload.metadata)).encode("utf-8"),
-                           content_type="application/json; charset=UTF-8", what="opening the upload session",
-                           extra={"X-Upload-Content-Type": "message/rfc822",
-                                  "X-Upload-Content-Length": str(upload.size)})
+        try:
+            opened = self.call("POST", self.import_path("resumable", upload.params),
+                               body=json.dumps(dict(upload.metadata)).encode("utf-8"),
+                               content_type="application/json; charset=UTF-8", what="opening the upload session",
+                               extra={"X-Upload-Content-Type": "message/rfc822",
+                                      "X-Upload-Content-Length": str(upload.size)})
+        except Unanswered as exc:  # a session without its bytes imports nothing
+            raise NotSent(str(exc)) from None
         session = self.same_origin(opened.headers.get("location", ""))
         offset, resumes = 0, 0
         while True:
