@@ -46,6 +46,7 @@ MAX_MESSAGE = 150 * 1024 * 1024  # users.messages.import: "the maximum size of t
 MAX_RESPONSE = 1 << 20  # Gmail's answers are small JSON documents; more is refused rather than read
 MAX_RESUMES = 2  # a resumable upload asked "how much arrived?" and continued at most this often per message
 MAX_RETRY_AFTER = 24 * 3600.0
+WRITE_SIZE = 64 * 1024  # the spool's chunks are joined into writes of this size
 
 log = structlog.get_logger("postbote.gmail")
 
@@ -316,17 +317,16 @@ class GmailAPI:
                  body: bytes | Callable[[], Iterable[bytes]], length: int | None, what: str) -> Response:
         connection = self.connect()
         self.requests += 1
-        chunks: Iterable[bytes] = [body] if isinstance(body, bytes) else body()
+        writes = coalesced([body] if isinstance(body, bytes) else body())
         size = len(body) if isinstance(body, bytes) else length
         try:
             connection.putrequest(method, self._prefix + path, skip_accept_encoding=True)
             for name, value in {**headers, "Content-Length": str(size), "Accept": "application/json",
                                 "User-Agent": "postbote"}.items():
                 connection.putheader(name, value)
-            connection.endheaders()
-            for chunk in chunks:
-                if chunk:
-                    connection.send(chunk)
+            connection.endheaders(next(writes, None))  # the header block and the first piece in one write
+            for piece in writes:
+                connection.send(piece)
         except (OSError, http.client.HTTPException, LengthChanged) as exc:
             early = self.early_answer()  # a server may answer (401, 413) and close before reading the body
             if early is not None:
@@ -380,6 +380,19 @@ class GmailAPI:
         connection, self.connection = self.connection, None
         if connection is not None:
             connection.close()
+
+
+def coalesced(chunks: Iterable[bytes], size: int = WRITE_SIZE) -> Iterator[bytes]:
+    """``chunks`` joined into writes of about ``size`` octets (a small message: one write with its headers, not
+    five TLS records); never more than ``size`` plus one chunk held."""
+    pending = bytearray()
+    for chunk in chunks:
+        pending += chunk
+        if len(pending) >= size:
+            yield bytes(pending)
+            pending.clear()
+    if pending:
+        yield bytes(pending)
 
 
 def rest(upload: Upload, offset: int) -> Callable[[], Iterator[bytes]]:
