@@ -537,3 +537,22 @@ def test_two_gmail_destinations_of_one_account_each_get_every_message(
         assert sorted(rig.subjects()) == ["a", "b"] and len(other.imported) == 2
         assert other.refused == []
     assert rig.on_source() == 0
+
+
+def test_a_connection_broken_before_the_message_went_out_never_counts_as_a_possible_copy(
+        rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two polls whose label lookup (or upload session) broke would hold the message for the admin if they counted
+    as deliveries in doubt; they are plain deferrals, and the third poll delivers."""
+    line = b"w" * 79 + b"\n"
+    rig.send(make_message("a"), make_message("big", line * (6 * 1024 * 1024 // len(line))))
+    rig.gmail.faults += [Fault("labels.list", drop=True), Fault("labels.list", drop=True), Fault("open", drop=True)]
+
+    assert rig.poll(labels=["INBOX", "Old ISP"]) == 1  # the label lookup broke, for each message
+    assert rig.poll(labels=["INBOX", "Old ISP"]) == 1  # "a" arrives; the big one's upload session broke
+    assert len(rig.gmail.fired) == 3
+    assert rig.poll(labels=["INBOX", "Old ISP"]) == 0  # not held for the admin: the big one arrives
+
+    assert sorted(rig.subjects()) == ["a", "big"] and rig.on_source() == 0
+    err = capsys.readouterr().err
+    assert "may have arrived" not in err
+    assert not any(token in err for token in rig.provider.state.issued)  # no token in any log line
