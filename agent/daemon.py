@@ -271,6 +271,44 @@ def _login_refusal_names() -> set[str]:
     return names
 
 
+class PollThreads:
+    """The threads polls run in, kept from one poll to the next: as many as polls ran at once, at most
+    ``max_parallel``. A thread per poll cost its start-up, and the main loop waited for each new thread to run.
+    Daemon threads, as before: one abandoned after SIGTERM does not keep the process alive."""
+
+    def __init__(self) -> None:
+        self._jobs: SimpleQueue[tuple[Callable[..., Callable[[], None]], tuple[object, ...]] | None] = SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._count = 0
+
+    def run(self, work: Callable[..., Callable[[], None]], *args: object) -> None:
+        """``work(*args)`` in an idle thread, or a new one; ``work`` must not raise. What it returns is called once
+        the thread counts as idle again, so that a poll started in answer to it finds the thread free."""
+        with self._lock:
+            start = self._idle == 0
+            if start:
+                self._count += 1
+            else:
+                self._idle -= 1
+        if start:
+            threading.Thread(target=self._serve, name=f"poll-{self._count}", daemon=True).start()
+        self._jobs.put((work, args))
+
+    def close(self) -> None:
+        """Let the idle threads end (a busy one ends after its poll)."""
+        for _ in range(self._count):
+            self._jobs.put(None)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            work, args = job
+            report = work(*args)
+            with self._lock:
+                self._idle += 1
+            report()
+
+
 class Wakeup:
     """A socket pair the main loop sleeps on; poll threads and signal handlers write a byte to it to wake it."""
 
@@ -324,7 +362,8 @@ class Daemon:
         self._failing: set[str] = set()
         self._status_due = False
         self._last_housekeeping = float("-inf")  # time.monotonic() of the last one
-        self._workers: dict[str, threading.Thread] = {}
+        self._workers: set[str] = set()  # accounts being polled
+        self._threads = PollThreads()
         self._again: set[str] = set()  # asked to poll now while polling: polled once more when that poll ends
         self._results: SimpleQueue[PollResult] = SimpleQueue()
         self._requests: deque[int] = deque()
@@ -365,6 +404,7 @@ class Daemon:
         finally:
             poll_logger.removeFilter(self._mute)
             self._wakeup.close()
+            self._threads.close()
             self.notifier.close()
         log.info("daemon.stopped", abandoned=self.abandoned or None)
         return 0
@@ -540,14 +580,12 @@ class Daemon:
             self._start(self._slots[name])
 
     def _start(self, slot: AccountSlot) -> None:
-        name = slot.account.name
-        thread = threading.Thread(target=self._work, args=(self._poller, self._current.auth_watch, slot.account),
-                                  name=f"poll-{name}", daemon=True)
-        self._workers[name] = thread
-        thread.start()
+        self._workers.add(slot.account.name)
+        self._threads.run(self._work, self._poller, self._current.auth_watch, slot.account)
 
-    def _work(self, poller: Poller, auth_watch: AuthFailureWatch, account: Account) -> None:
-        """One poll, in its own thread; never raises, always reports back to the main loop."""
+    def _work(self, poller: Poller, auth_watch: AuthFailureWatch, account: Account) -> Callable[[], None]:
+        """One poll, in a poll thread; never raises. Returns the report to the main loop, which the thread sends
+        once it is free for the next poll."""
         structlog.contextvars.clear_contextvars()
         started = time.time()
         stats = poll_guarded(poller, account)
@@ -556,7 +594,11 @@ class Daemon:
                 self._watch(poller, account)
             except Exception:  # noqa: BLE001 - a plugin's bug in push must not lose the poll's result
                 log.exception("watch.crashed", account=account.name)
-        self._results.put(PollResult(account.name, stats, started, auth_watch.take(account.name)))
+        result = PollResult(account.name, stats, started, auth_watch.take(account.name))
+        return lambda: self._report(result)
+
+    def _report(self, result: PollResult) -> None:
+        self._results.put(result)
         self._wakeup.poke()
 
     def _collect_results(self) -> None:
@@ -565,9 +607,7 @@ class Daemon:
                 result = self._results.get_nowait()
             except Empty:
                 return
-            thread = self._workers.pop(result.account, None)
-            if thread is not None:
-                thread.join(1.0)
+            self._workers.discard(result.account)
             self._finished(result)
             if result.account in self._again:
                 self._again.discard(result.account)

@@ -131,3 +131,41 @@ def test_the_status_line_names_a_few_failing_accounts_and_counts_the_rest(tmp_pa
     store.close()
     assert line.startswith("25 account(s), 25 failing (acct000, acct001,")
     assert "acct009, and 15 more)" in line and "acct010" not in line
+
+
+class CountingPoller:
+    """Answers at once; remembers the threads polls ran in."""
+
+    def __init__(self, _pm: Any, store: StateStore, _stop: threading.Event) -> None:
+        self.store = store
+
+    threads: set[int] = set()
+    polls: list[str] = []
+
+    def poll(self, account: Any) -> PollStats:
+        CountingPoller.threads.add(threading.get_ident())
+        CountingPoller.polls.append(account.name)
+        return PollStats(account.name)
+
+
+def test_polls_run_in_at_most_max_parallel_threads_kept_from_poll_to_poll(tmp_path: Path) -> None:
+    names = [f"acct{index:02d}" for index in range(12)]
+    path = write_config(tmp_path / "postbote.yaml",
+                        [account(name, None, tmp_path / "Maildir", poll_interval="1h") for name in names],
+                        max_parallel=3, log={"format": "json", "level": "warning"})
+    pm = make_plugin_manager(entry_points=False)
+    store = StateStore(tmp_path / "state")
+    CountingPoller.threads, CountingPoller.polls = set(), []
+    daemon = Daemon(pm, load_config(path, pm), store, poller_factory=CountingPoller)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        for round_ in range(1, 4):
+            daemon.request(signal.SIGUSR1)  # every account, now
+            wait_until(lambda round_=round_: len(CountingPoller.polls) >= 12 * round_, 10, f"round {round_}")
+    finally:
+        daemon.request(signal.SIGTERM)
+        thread.join(20)
+    store.close()
+    assert sorted(set(CountingPoller.polls)) == names
+    assert len(CountingPoller.threads) <= 3, "36 polls, 3 at a time, in the same 3 threads"
