@@ -173,8 +173,16 @@ class DovecotServer:
         tls: bool = True,
         users: Mapping[str, str] = DEFAULT_USERS,
         extra_config: str = "",
+        clients: int | None = None,
+        login_reuse: bool = False,
     ) -> None:
         """Prepare (but do not start) a server.
+
+        *clients*: limits raised for that many simultaneous connections
+        (process, client and per-user limits; None keeps Dovecot's).
+        *login_reuse*: login processes serve many connections each
+        (``service_count = 0``, Dovecot's high-performance mode), so TLS
+        sessions can be resumed; by default each connection gets its own.
 
         *root* must be short: unix socket paths are limited to 107 bytes.  By
         default a fresh directory under the system temp dir is used and
@@ -193,6 +201,8 @@ class DovecotServer:
         self.pki = pki
         self.tls = tls
         self.extra_config = extra_config
+        self.clients = clients
+        self.login_reuse = login_reuse
         self.config_file = self.root / "dovecot.conf"
         self.base_dir = self.root / "run"
         self.state_dir = self.root / "state"
@@ -420,10 +430,30 @@ class DovecotServer:
                 "  }",
                 "}",
                 "",
+                self._scale_config(),
                 self.extra_config,
                 "",
             ]
         )
+
+    def _scale_config(self) -> str:
+        """The limits for `clients` connections and the login processes' reuse (both off by default)."""
+        lines = []
+        if self.clients is not None:
+            processes = self.clients + 100
+            lines += [
+                f"default_process_limit = {processes}",
+                f"default_client_limit = {4 * self.clients + 1000}",
+                "mail_max_userip_connections = 50",
+                *(f"service {name} {{\n  process_limit = {processes}\n}}" for name in ("pop3", "imap")),
+            ]
+        if self.login_reuse or self.clients is not None:
+            login = ["service_count = 0", "process_min_avail = 2"] if self.login_reuse else []
+            if self.clients is not None:
+                login.append(f"process_limit = {self.clients + 100}")
+            lines += [f"service {name} {{\n" + "".join(f"  {line}\n" for line in login) + "}"
+                      for name in ("pop3-login", "imap-login")]
+        return "\n".join(lines)
 
     def _privilege_config(self) -> str:
         lines = [
@@ -490,12 +520,17 @@ class DovecotServer:
 
         Dovecot re-reads the passwd-file when its size or mtime changed.
         """
-        for value in (name, password):
+        self.add_users({name: password})
+
+    def add_users(self, users: Mapping[str, str]) -> None:
+        """`add_user` for many users, with one write of the passwd-file (thousands of users stay quick)."""
+        for value in (value for pair in users.items() for value in pair):
             if not value or re.search(r"[:\s]", value):
                 raise ValueError(f"user names and passwords must be non-empty without ':' or blanks: {value!r}")
         with self._users_lock:
-            self.users[name] = password
-            self._make_maildir(name)
+            for name, password in users.items():
+                self.users[name] = password
+                self._make_maildir(name)
             lines = [
                 f"{user}:{{PLAIN}}{secret}:{self.uid}:{self.gid}::{self.home_root / user}::\n"
                 for user, secret in self.users.items()
