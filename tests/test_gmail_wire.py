@@ -60,3 +60,23 @@ def test_a_message_that_is_not_the_length_announced_stops_the_upload(message: by
 def test_any_retry_after_is_a_bounded_wait_or_none(value: str | None) -> None:
     wait = retry_after(value)
     assert wait is None or 0 <= wait <= MAX_RETRY_AFTER
+
+
+@given(st.floats(min_value=0.01, max_value=50), st.lists(st.floats(min_value=0, max_value=3), max_size=60))
+def test_the_rate_limit_never_lets_more_imports_through_than_its_rate_allows(rate: float,
+                                                                             gaps: list[float]) -> None:
+    """Over any stretch of time, imports started (after their waits) never exceed the burst plus rate x time."""
+    from postbote.plugins.gmail import MAX_PACE, TokenBucket
+
+    now = [0.0]
+    bucket = TokenBucket(rate, clock=lambda: now[0])
+    started: list[float] = []
+    for gap in gaps:
+        now[0] += gap
+        wait = bucket.reserve(MAX_PACE)
+        if wait <= MAX_PACE:
+            started.append(now[0] + wait)
+    burst = max(1.0, rate)
+    for i, first in enumerate(started):
+        for j in range(i, len(started)):
+            assert j - i + 1 <= burst + (started[j] - first) * rate + 1e-6

@@ -143,15 +143,17 @@ class TokenBucket:
         self.tokens = max(1.0, self.rate)
         self.last = self.clock()
 
-    def wait(self) -> float:
-        """Seconds until a token is there (0: now)."""
-        now = self.clock()
-        self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
-
-    def take(self) -> None:
-        self.tokens -= 1
+    def reserve(self, longest: float) -> float:
+        """Take a token and return how long to wait before using it (0: now); when that would be longer than
+        ``longest``, take nothing and return the wait. Shared by the polls of a process, hence the lock."""
+        with _LIMITS_LOCK:
+            now = self.clock()
+            self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.last) * self.rate)
+            self.last = now
+            wait = 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+            if wait <= longest:
+                self.tokens -= 1  # may go below zero: the next one waits its turn after this one
+            return wait
 
 
 @dataclass
@@ -228,14 +230,12 @@ class ImportSession:
         if now < limits.quiet_until:
             self.give_up(f"{limits.quiet_reason}; Gmail is left alone for another {limits.quiet_until - now:.0f} s, "
                          "the remaining messages are tried on a later poll")
-        wait = limits.bucket.wait()
+        wait = limits.bucket.reserve(MAX_PACE)
         if wait > MAX_PACE:
             self.give_up(f"the rate limit of {self.settings.rate_limit:g} imports a second (rate_limit) is reached; "
                          "the remaining messages are tried on the next poll")
         if wait > 0:
-            time.sleep(wait)
-            limits.bucket.wait()
-        limits.bucket.take()
+            time.sleep(wait)  # at most MAX_PACE: pacing within the limit, not a back-off
 
     def give_up(self, reason: str) -> None:
         """Defer this message and every later one of the poll with ``reason``."""
