@@ -4,12 +4,14 @@
     python bench/gmail.py                 # 500 small messages, pipelined and one at a time; a 30 MB message's RSS
     python bench/gmail.py --n 100 --rtt 0.005
 
-Prints, for 500 small messages: wall time of ``postbote poll`` (a child process), messages a second, HTTP requests
-per message, with ``pipeline: true`` (the import runs while the source sends the next message) and ``pipeline:
-false`` (each import answered before the next message is fetched); then the peak RSS of a poll that imports one
-30 MB message (resumable upload, streamed from the spool) and of one that imports one small message, for the
-difference. The source is postbote's own test POP3 server on loopback, in this process, so its memory is not
-counted; the token comes from a ``token_command``. Nothing is asserted; the figures go into docs/performance.md.
+Prints, for 500 small messages: wall time of ``postbote poll`` (a child process), messages a second, HTTP requests per
+message, with ``pipeline: true`` (the import runs while the source sends the next message) and ``pipeline: false``
+(each import answered before the next message is fetched), with the POP3 source on loopback and behind the delaying
+relay (bench/relay.py) at the same RTT, as an old provider on the internet is; then the peak RSS of a poll that
+imports one 30 MB message (resumable upload, streamed from the spool) and of one that imports one small message, for
+the difference. The source is postbote's own test POP3 server on loopback, in this process, so its memory is not
+counted; the token comes from a ``token_command``.
+Nothing is asserted; the figures go into docs/performance.md.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import yaml  # noqa: E402
 from postbote.testing.gmail_api import GmailAPIServer  # noqa: E402
 from postbote.testing.pop3server import POP3Server  # noqa: E402
 
+from bench.relay import RelayProcess  # noqa: E402
 from tests.harness import run_postbote  # noqa: E402
 from tests.servers.certs import make_test_pki  # noqa: E402
 
@@ -42,13 +45,14 @@ def large(megabytes: int) -> bytes:
     return b"Subject: large\r\nMessage-ID: <large@bench>\r\n\r\n" + line * (megabytes * 1024 * 1024 // len(line))
 
 
-def poll(work: Path, pop3: POP3Server, gmail: GmailAPIServer, ca_file: Path, **options: object) -> tuple[float, int]:
+def poll(work: Path, pop3_port: int, gmail: GmailAPIServer, ca_file: Path,
+         **options: object) -> tuple[float, int]:
     """One ``postbote poll`` as a child: its wall time and peak RSS (bytes)."""
     state = work / "state"
     config = work / "postbote.yaml"
     config.write_text(yaml.safe_dump({
         "state_dir": str(state), "log": {"level": "warning", "format": "json"},
-        "accounts": [{"name": "bench", "host": "127.0.0.1", "port": pop3.port, "tls": "none", "username": "demo",
+        "accounts": [{"name": "bench", "host": "127.0.0.1", "port": pop3_port, "tls": "none", "username": "demo",
                       "password": "demo", "timeout": "60s",
                       "deliver": {"gmail": {"api_url": gmail.base_url, "tls_ca_file": str(ca_file),
                                             "token_command": ["/bin/echo", TOKEN], "rate_limit": 1000,
@@ -65,16 +69,26 @@ def run(n: int, rtt: float, megabytes: int) -> None:
         root = Path(scratch)
         pki = make_test_pki(root / "pki")
         print(f"Gmail import, {n} small messages ({len(small(1))} octets), {rtt * 1000:g} ms RTT to the API")
-        print(f"{'mode':<26} {'time s':>8} {'msg/s':>8} {'requests/msg':>13}")
-        for mode, pipeline in (("pipelined (Pending)", True), ("one at a time", False)):
-            work = root / mode.split()[0]
-            work.mkdir()
-            with POP3Server([small(number) for number in range(1, n + 1)]) as pop3, \
-                    GmailAPIServer(pki.server_context(), work / "gmail", lambda token: "me" if token == TOKEN else None,
-                                   rtt=rtt) as gmail:
-                elapsed, _ = poll(work, pop3, gmail, pki.ca_file, pipeline=pipeline)
-                assert len(gmail.imported) == n and not gmail.refused, gmail.refused
-                print(f"{mode:<26} {elapsed:8.2f} {n / elapsed:8.1f} {len(gmail.log) / n:13.3f}")
+        print(f"{'source':<22} {'mode':<22} {'time s':>8} {'msg/s':>8} {'requests/msg':>13}")
+        for source_rtt in (0.0, rtt):
+            for mode, pipeline in (("pipelined (Pending)", True), ("one at a time", False)):
+                work = root / f"{mode.split()[0]}-{source_rtt}"
+                work.mkdir()
+                with POP3Server([small(number) for number in range(1, n + 1)]) as pop3, \
+                        GmailAPIServer(pki.server_context(), work / "gmail",
+                                       lambda token: "me" if token == TOKEN else None, rtt=rtt) as gmail:
+                    relay = RelayProcess(pop3.port, source_rtt / 2) if source_rtt else None
+                    if relay is not None:
+                        relay.start()
+                    try:
+                        elapsed, _ = poll(work, relay.port if relay else pop3.port, gmail, pki.ca_file,
+                                          pipeline=pipeline)
+                    finally:
+                        if relay is not None:
+                            relay.stop()
+                    assert len(gmail.imported) == n and not gmail.refused, gmail.refused
+                    where = f"POP3 at {source_rtt * 1000:g} ms RTT" if source_rtt else "POP3 on loopback"
+                    print(f"{where:<22} {mode:<22} {elapsed:8.2f} {n / elapsed:8.1f} {len(gmail.log) / n:13.3f}")
         print(f"\nPeak RSS of postbote poll (rtt {rtt * 1000:g} ms)")
         for label, message in ((f"one {megabytes} MB message", large(megabytes)), ("one small message", small(1))):
             work = root / label.replace(" ", "-")
@@ -82,7 +96,7 @@ def run(n: int, rtt: float, megabytes: int) -> None:
             with POP3Server([message]) as pop3, \
                     GmailAPIServer(pki.server_context(), work / "gmail", lambda token: "me" if token == TOKEN else None,
                                    rtt=rtt) as gmail:
-                elapsed, rss = poll(work, pop3, gmail, pki.ca_file)
+                elapsed, rss = poll(work, pop3.port, gmail, pki.ca_file)
                 (imported,) = gmail.imported
                 print(f"{label:<26} {rss / (1 << 20):8.1f} MB  ({imported.upload_type} upload, {elapsed:.2f} s)")
 
