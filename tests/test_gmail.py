@@ -29,7 +29,7 @@ from postbote.testing.gmail_api import Fault, GmailAPIServer
 
 from tests.harness import OAUTH_CLIENT_ID as CLIENT_ID
 from tests.harness import OAUTH_CLIENT_SECRET as CLIENT_SECRET
-from tests.harness import make_message, secret_file, strip_trace_header, to_crlf, uidls
+from tests.harness import make_message, secret_file, strip_trace_header, to_crlf, uidls, wait_until
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot import DovecotServer
 from tests.servers.dovecot_sasl import FakeOAuthProvider
@@ -226,15 +226,18 @@ def test_messages_from_a_pop3_account_arrive_in_gmail_unchanged_in_the_inbox_unr
 
 
 def test_a_message_is_deleted_from_the_source_only_after_gmail_answered_200(rig: Rig) -> None:
-    on_source_when_answered: list[int] = []
+    on_source_when_answered: list[tuple[int, int]] = []
     rig.send(make_message("one"), make_message("two"))
-    rig.gmail.faults[:] = [Fault("import", status=503, reason="backendError", retry_after="0",
-                                 then=lambda: on_source_when_answered.append(rig.on_source()))]
+    rig.gmail.after_answer = lambda entry: on_source_when_answered.append((entry.status, rig.dovecot.count("alice")))
+    rig.gmail.faults.append(Fault("import", status=503, reason="backendError", retry_after="0"))
 
-    assert rig.poll() == 1  # the 503: deferred
+    assert rig.poll() == 1  # the first import got the 503: deferred; the poll stops for this mailbox
 
-    assert on_source_when_answered == [2] and rig.on_source() == 2 and rig.gmail.imported == []
+    assert wait_until(lambda: on_source_when_answered == [(503, 2)], what="the 503 noted")
+    assert rig.on_source() == 2 and rig.gmail.imported == []
     assert rig.poll() == 0
+    assert wait_until(lambda: len(on_source_when_answered) == 3, what="the 200s noted")
+    assert on_source_when_answered[1:] == [(200, 2), (200, 2)]  # both still there when Gmail said 200
     assert rig.on_source() == 0 and sorted(rig.subjects()) == ["one", "two"]
 
 
