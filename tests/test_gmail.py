@@ -559,3 +559,14 @@ def test_a_connection_broken_before_the_message_went_out_never_counts_as_a_possi
     err = capsys.readouterr().err
     assert "may have arrived" not in err
     assert not any(token in err for token in rig.provider.state.issued)  # no token in any log line
+
+
+def test_an_api_whose_certificate_cannot_be_verified_gets_no_request_and_the_poll_defers_with_the_reason(
+        rig: Rig) -> None:
+    rig.send(make_message("a"), make_message("b"))
+
+    assert rig.poll(tls_ca_file=None) == 1  # the system's CAs do not know the test CA
+
+    assert rig.gmail.log == [] and rig.on_source() == 2
+    reasons = {record.reason for record in rig.records().values()}
+    assert len(reasons) == 1 and "certificate verify failed" in reasons.pop()

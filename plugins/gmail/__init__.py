@@ -314,12 +314,15 @@ class ImportSession:
     def guarded(self, call: Callable[[], T], *, message_sent: bool) -> T:
         """``call()``, its failures said as what they mean for the message. A connection that broke after the whole
         request went out leaves the message in doubt only when the request carried it (``message_sent``)."""
-        from postbote.plugins.gmail.api import APIError, NotSent, Unanswered
+        from postbote.plugins.gmail.api import APIError, CannotConnect, NotSent, Unanswered
 
         try:
             return call()
         except DeliveryError:
             raise
+        except CannotConnect as exc:  # one try per poll, not one per message
+            self.give_up(f"{exc}; the remaining messages are tried on the next poll")
+            raise AssertionError("unreachable") from None
         except APIError as exc:
             raise self.refused(exc) from None
         except Unanswered as exc:

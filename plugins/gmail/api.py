@@ -106,6 +106,11 @@ class NotSent(Exception):
     """The connection failed before the request was whole: Gmail cannot have acted on it."""
 
 
+class CannotConnect(NotSent):
+    """No connection to the API could be made (unreachable, TLS refused): no later request of the poll would fare
+    better."""
+
+
 class Unanswered(Exception):
     """The connection failed after the whole request went out and before the answer: Gmail may have acted on it."""
 
@@ -365,8 +370,13 @@ class GmailAPI:
     def connect(self) -> http.client.HTTPSConnection:
         if self.connection is None:
             _, host, port = self._origin
-            self.connection = http.client.HTTPSConnection(host, port, timeout=self.timeout,
-                                                          context=self.tls.context())
+            connection = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self.tls.context())
+            try:
+                connection.connect()
+            except (OSError, http.client.HTTPException) as exc:
+                connection.close()
+                raise CannotConnect(f"cannot connect to {self.base_url}: {self.reason(exc)}") from None
+            self.connection = connection
         return self.connection
 
     @staticmethod
