@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from postbote.testing.gmail_api import GmailAPIServer, Logged
+from postbote.testing.gmail_api import Fault, GmailAPIServer, Logged
 
 from tests.harness import (
     OAUTH_CLIENT_ID,
@@ -26,6 +26,7 @@ from tests.harness import (
     run_postbote,
     secret_file,
     uidls,
+    wait_until,
 )
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot import DovecotServer
@@ -111,4 +112,49 @@ def test_a_kill_between_gmails_200_and_the_record_costs_at_most_one_copy_and_los
     duplicates = sum(count - 1 for count in arrived.values())
     assert 1 <= duplicates <= len(KILL_AFTER), arrived  # at most one copy a kill (a kill may land after the record)
     assert all(count <= 2 for count in arrived.values()), arrived
+    assert uidls(dovecot, "alice") == []
+
+
+def test_a_kill_in_the_middle_of_a_large_upload_leaves_nothing_in_gmail_and_the_next_poll_imports_it_once(
+        tmp_path: Path, pki: TestPKI, dovecot: DovecotServer, provider: FakeOAuthProvider) -> None:
+    """A resumable upload cut short by the kill never completes its session: Gmail imports nothing from it."""
+    line = b"k" * 79 + b"\n"
+    dovecot.deliver("alice", corpus_message(1, body_lines=3))
+    big = corpus_message(2, body_lines=3) + line * (8 * 1024 * 1024 // len(line))
+    dovecot.deliver("alice", big)
+    pid: list[int] = []
+
+    def kill() -> None:
+        os.kill(wait_until(lambda: pid[0] if pid else None, what="the child's pid"), signal.SIGKILL)
+
+    def token_user(token: str) -> str | None:
+        entry = provider.state.access_tokens.get(token)
+        return entry[0] if entry else None
+
+    with GmailAPIServer(pki.server_context(), tmp_path / "gmail", token_user) as gmail:
+        gmail.faults.append(Fault("upload", status=503, after_bytes=2 * 1024 * 1024, then=kill))
+        config = tmp_path / "postbote.yaml"
+        config.write_text(yaml.safe_dump({
+            "state_dir": str(tmp_path / "state"), "log": {"level": "info", "format": "json"},
+            "accounts": [{"name": "old", "host": dovecot.host, "port": dovecot.pop3_port, "tls": "none",
+                          "username": "alice", "password": dovecot.password("alice"), "timeout": "10s",
+                          "deliver": {"gmail": {
+                              "api_url": gmail.base_url, "tls_ca_file": str(pki.ca_file), "timeout": "10s",
+                              "oauth2": {"client_id": OAUTH_CLIENT_ID,
+                                         "client_secret_file": str(secret_file(tmp_path / "cs", OAUTH_CLIENT_SECRET)),
+                                         "token_url": provider.token_url, "ca_file": str(pki.ca_file),
+                                         "refresh_token_file": str(secret_file(
+                                             tmp_path / "rt", provider.issue_refresh_token("alice", OAUTH_CLIENT_ID)))},
+                          }}}]}))
+        config.chmod(0o600)
+
+        killed = run_postbote(config, "poll", while_running=pid.append)
+        assert killed.status != 0 and gmail.fired, killed.output
+        assert [corpus_number(message.data()) for message in gmail.imported] == [1]  # not the cut one
+
+        final = run_postbote(config, "poll")
+        assert final.status == 0, final.output
+        arrived = Counter(corpus_number(message.data()) for message in gmail.imported)
+        assert gmail.refused == []
+    assert arrived == {1: 1, 2: 1} or arrived == {1: 2, 2: 1}  # message 1 again only if the kill beat its record
     assert uidls(dovecot, "alice") == []
