@@ -37,8 +37,10 @@ holds the message for the admin); a resumable upload asks its session first, and
 
 The wire (`postbote.plugins.gmail.api`): one kept-alive HTTPS connection per poll and mailbox (``poll.resource``).
 With ``pipeline: true`` the import runs on a worker thread and its answer is read later (`postbote.Pending`): Gmail
-takes one message while the source sends the next. Never more than one: the poller settles a message before the next
-one is handed on, so that a crash costs at most one duplicate, and two imports in flight would make it two.
+takes one message while the source sends the next. Never more than one: the poller keeps several answers
+outstanding only for a destination whose ``find_delivered`` can later tell whether a cut-short delivery arrived, and
+Gmail could tell only by searching the mailbox (``q=rfc822msgid:``), which needs the ``gmail.readonly`` scope
+(reading all mail) that the narrow scopes keep out. So a crash costs at most one duplicate.
 """
 
 from __future__ import annotations
