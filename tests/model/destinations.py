@@ -7,8 +7,8 @@ or 1, or kills itself, as its schedule file says) and IMAP: a real Dovecot, one 
 destination, behind an `AppendProxy` that answers the i-th APPEND with ``NO [OVERQUOTA]`` or ``NO`` itself, or cuts
 the connection halfway through its literal, so that Dovecot never holds a message postbote was told it refused;
 and Gmail: `GmailAPIServer`, the stand-in for the Gmail API, one per destination, whose i-th import answers 503
-(Retry-After 0), 400, or is stored and left unanswered, as its schedule says (after a 503 postbote defers the rest of
-the poll for that mailbox, so later entries of the schedule may never be reached).
+(Retry-After 0), 400, or is read whole and left unanswered (not stored, as for the others), as its schedule says
+(after a 503 postbote defers the rest of the poll for that mailbox, so later entries may never be reached).
 Dovecot starts with the first IMAP destination and serves the whole test session (`stop_shared_servers`).
 A Maildir or an mbox cannot be made to refuse one message on demand when the tests run as root, so their refusals
 come from the model plugin (`runner.ModelPlugin`), which answers ``deliver_message`` for that destination before the
@@ -71,7 +71,7 @@ GMAIL_FAULTS: dict[Outcome, Callable[[], GmailFault]] = {
     Outcome.OK: lambda: GmailFault("import", status=200),
     Outcome.TEMPORARY: lambda: GmailFault("import", status=503, retry_after="0"),
     Outcome.PERMANENT: lambda: GmailFault("import", status=400, reason="invalidArgument", message="model: refused"),
-    Outcome.CRASH: lambda: GmailFault("import", store=True, drop=True),
+    Outcome.CRASH: lambda: GmailFault("import", drop=True),  # read whole, then cut: in doubt, never stored
 }
 
 
