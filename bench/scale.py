@@ -14,7 +14,7 @@ with a self-signed certificate that postbote pins (``tls_fingerprint``), as the 
 fast as it can: after ``--warmup`` seconds, its CPU (utime + stime of the process, /proc) and the polls it finished
 (``poll.finished`` in its JSON log, at level info: the log line is part of the cost) are taken over ``--seconds``
 seconds. In the same repetition the floor (`pop3_floor.py`: one SSL context, the same pin, CAPA, AUTH PLAIN, UIDL,
-LIST, QUIT, ``--parallel`` threads) polls every user twice. Dovecot's CPU is taken around both, so the server's
+LIST, QUIT, ``--parallel`` threads) polls every user once. Dovecot's CPU is taken around both, so the server's
 share of a poll is known too. Everything runs on this machine's cores: polls/s is what postbote sustains with
 Dovecot beside it.
 
@@ -259,7 +259,7 @@ def measure_floor(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     server0 = dovecot_cpu(setup.server)
     done = subprocess.run([sys.executable, "-m", "bench.pop3_floor", "--host", setup.server.host,
                            "--port", str(setup.server.pop3s_port), "--fingerprint", setup.fingerprint,
-                           "--users", str(users_file), "--parallel", str(args.parallel), "--rounds", "2"],
+                           "--users", str(users_file), "--parallel", str(args.parallel), "--rounds", "1"],
                           cwd=environment.REPO, capture_output=True, text=True, check=False)
     server1 = dovecot_cpu(setup.server)
     if not done.stdout.strip():
