@@ -121,8 +121,8 @@ def test_all_mistakes_are_reported_at_once(tmp_path: Path) -> None:
     numbers = [int(match[1]) for line in lines if (match := re.search(r"\.yaml:(\d+):", line))]
     assert numbers == sorted(numbers) and len(numbers) >= 3  # in the order of the file, the duplicate name too
     assert any(":4: accounts[0].port:" in line for line in lines)
-    assert any(":12: accounts[1].deliver.carrier_pigeon: unknown delivery target 'carrier_pigeon' (known: imap, lmtp, "
-               "maildir, " in line for line in lines)
+    assert any(":12: accounts[1].deliver.carrier_pigeon: unknown delivery target 'carrier_pigeon' (known: gmail, imap, "
+               "lmtp, maildir, " in line for line in lines)
 
 
 def test_duplicate_account_names_are_refused(tmp_path: Path) -> None:
