@@ -570,3 +570,20 @@ def test_an_api_whose_certificate_cannot_be_verified_gets_no_request_and_the_pol
     assert rig.gmail.log == [] and rig.on_source() == 2
     reasons = {record.reason for record in rig.records().values()}
     assert len(reasons) == 1 and "certificate verify failed" in reasons.pop()
+
+
+def test_an_imap_account_goes_into_gmail_with_a_label_of_its_own_and_its_folder_is_emptied(rig: Rig) -> None:
+    originals = [make_message(f"imap {n}") for n in range(2)]
+    rig.send(*originals)
+    config = rig.configure(labels=["INBOX", "UNREAD", "University"])
+    document = yaml.safe_load(config.read_text())
+    document["accounts"][0].update({"protocol": "imap", "port": rig.dovecot.imap_port, "folders": ["INBOX"]})
+    config.write_text(yaml.safe_dump(document))
+
+    assert main(["-c", str(config), "poll"]) == 0
+
+    assert sorted(strip_trace_header(message.data()) for message in rig.gmail.imported) == \
+        sorted(to_crlf(data) for data in originals)
+    assert {tuple(rig.gmail.label_names(message)) for message in rig.gmail.imported} == \
+        {("INBOX", "UNREAD", "University")}
+    assert rig.dovecot.count("alice") == 0
