@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import structlog
 from postbote.state import DEFERRED, DELIVERED
-from postbote.testing.imapserver import DEFAULT_CAPABILITIES, Action, Faults, IMAPServer
+from postbote.testing.imapserver import DEFAULT_CAPABILITIES, REV2_ONLY, Action, Faults, IMAPServer
 
 from tests.harness import RigFactory, corpus, corpus_number
 
@@ -60,6 +60,26 @@ def test_without_uidplus_the_answer_names_the_folder_only(make_rig: RigFactory, 
     assert rig.poll().delivered == 2
     assert {record.reason for record in rig.records().values()} == {"imap: appended to INBOX"}
     assert rig.audit().everything_delivered_once_and_deleted
+
+
+@pytest.mark.parametrize("imap_server", [REV2_ONLY], indirect=True)
+def test_an_imap4rev2_only_server_takes_appends_and_an_unanswered_one_is_found_by_esearch(
+        make_rig: RigFactory, imap_server: IMAPServer) -> None:
+    """IMAP4rev2 (RFC 9051) includes UIDPLUS and LITERAL-: small messages go without waiting for "+", APPENDUID
+    names the UID, and the search for a message whose answer was lost is answered with ESEARCH."""
+    faults(imap_server).on("APPEND", action=Action.drop_midway(after_bytes=3))
+    rig = make_rig(corpus(3), target=FaultyIMAPTarget(imap_server), source="fake")
+
+    first = rig.poll()
+    assert first.delivered == 0 and first.deferred == 3, first
+
+    second = rig.poll()
+    assert second.delivered == 3, second
+    assert rig.audit().everything_delivered_once_and_deleted
+    records = rig.records()
+    assert records["uid-1"].reason.startswith("found already delivered: INBOX, UID 1 ")
+    assert any(record.reason.startswith("imap: appended to INBOX as UID ") for record in records.values())
+    assert any("UID SEARCH RETURN (ALL) HEADER Message-ID" in command for command in imap_server.commands)
 
 
 @pytest.mark.parametrize("imap_server", [WITHOUT["LITERAL+"]], indirect=True)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from postbote.poll import PollStats
 from postbote.testing import poll_once
-from postbote.testing.imapserver import DEFAULT_CAPABILITIES, Action, Faults, IMAPServer
+from postbote.testing.imapserver import DEFAULT_CAPABILITIES, REV2_ONLY, Action, Faults, IMAPServer
 
 from tests.harness import MaildirTarget, corpus_message, corpus_number
 
@@ -172,7 +172,7 @@ def test_without_uidplus_and_move_the_account_is_refused_and_nothing_is_fetched(
 
     assert not stats.ok and "needs UIDPLUS" in (stats.error or "")
     assert stats.delivered == 0 and rig.on_server() == list(rig.numbers)
-    assert not any(command.split()[1:2] == ["EXPUNGE"] for command in rig.server.commands), "no bare EXPUNGE"
+    assert not any(command.split()[:1] == ["EXPUNGE"] for command in rig.server.commands), "no bare EXPUNGE"
 
 
 def test_seen_without_uidplus_works_and_never_expunges(make_rig: Any) -> None:
@@ -184,6 +184,30 @@ def test_seen_without_uidplus_works_and_never_expunges(make_rig: Any) -> None:
     assert all("\\Seen" in message.flags for message in rig.server.messages())
     assert rig.copies() == Counter(dict.fromkeys(rig.numbers, 1))
     assert rig.poll(after_fetch="seen").delivered == 0
+
+
+@pytest.mark.parametrize("after_fetch", ["delete", "move", "seen"])
+def test_an_imap4rev2_only_server_gets_uid_expunge_move_and_esearch_without_naming_them(
+        make_rig: Any, after_fetch: str) -> None:
+    """RFC 9051 makes UIDPLUS, MOVE, ESEARCH and LITERAL- part of IMAP4rev2: a server that speaks only rev2 need not
+    name them, and answers every SEARCH with ESEARCH."""
+    rig = make_rig(count=0, capabilities=REV2_ONLY, folders=["Archive"])
+    for number in range(1, 6):  # unseen_only leaves the read message 2 where it is
+        rig.server.add_message("INBOX", corpus_message(number), flags=["\\Seen"] if number == 2 else [])
+
+    stats = rig.poll(after_fetch=after_fetch, unseen_only=True,
+                     **({"move_to": "Archive"} if after_fetch == "move" else {}))
+
+    assert stats.ok and stats.delivered == 4, stats.error
+    assert rig.copies() == Counter({1: 1, 3: 1, 4: 1, 5: 1})
+    expected_inbox = {"delete": [2], "move": [2], "seen": [1, 2, 3, 4, 5]}[after_fetch]
+    assert rig.on_server() == expected_inbox
+    assert rig.on_server("Archive") == ([1, 3, 4, 5] if after_fetch == "move" else [])
+    commands = " | ".join(rig.server.commands)
+    assert "UID SEARCH RETURN (ALL) UNSEEN" in commands
+    assert ("UID EXPUNGE" in commands) is (after_fetch == "delete")
+    assert ("UID MOVE" in commands) is (after_fetch == "move")
+    assert not any(command.split()[:1] == ["EXPUNGE"] for command in rig.server.commands), "no bare EXPUNGE"
 
 
 def test_a_uidvalidity_change_between_polls_fetches_the_folder_again(make_rig: Any) -> None:

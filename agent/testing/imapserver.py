@@ -63,6 +63,10 @@ __all__ = [
 
 CRLF = b"\r\n"
 GREETING = "GREETING"
+# Play an IMAP4rev2-only server with ``capabilities=REV2_ONLY``: it names nothing that rev2 includes, and answers
+# every UID SEARCH with ESEARCH, as RFC 9051 says.
+REV2_ONLY: tuple[str, ...] = ("IMAP4rev2", "AUTH=PLAIN")
+_REV2_INCLUDES = frozenset({"UIDPLUS", "MOVE", "ESEARCH", "LITERAL-", "IDLE", "SASL-IR"})
 DEFAULT_CAPABILITIES: tuple[str, ...] = ("IMAP4rev1", "LITERAL+", "SASL-IR", "AUTH=PLAIN", "UIDPLUS", "MOVE", "IDLE")
 MAX_COMMAND_LINE = 64 * 1024
 MAX_LITERAL = 256 * 1024 * 1024
@@ -281,6 +285,17 @@ def _matches(message: StoredMessage, criteria: list[object]) -> bool:
         else:
             raise _Refusal("unsupported search", "BAD")
     return True
+
+
+def _uid_set(uids: list[int]) -> str:
+    """A sequence set of ``uids``: ranges of consecutive UIDs as ``a:b``."""
+    parts: list[str] = []
+    for uid in sorted(uids):
+        if parts and parts[-1].split(":")[-1] == str(uid - 1):
+            parts[-1] = f"{parts[-1].split(':')[0]}:{uid}"
+        else:
+            parts.append(str(uid))
+    return ",".join(parts)
 
 
 def _header_fields(data: bytes) -> list[tuple[str, str]]:
@@ -579,7 +594,9 @@ class _Session:
         return " ".join(words)
 
     def has(self, capability: str) -> bool:
-        return capability.upper() in (word.upper() for word in self.server.capabilities)
+        """Named in ``capabilities``, or part of IMAP4rev2 when that is named (RFC 9051 appendix E)."""
+        named = {word.upper() for word in self.server.capabilities}
+        return capability.upper() in named or ("IMAP4REV2" in named and capability.upper() in _REV2_INCLUDES)
 
     def ok(self, text: str = "completed", code: str | None = None) -> bytes:
         return f"{self.tag} OK {f'[{code}] ' if code else ''}{text}\r\n".encode()
@@ -756,8 +773,15 @@ class _Session:
 
     def _uid_search(self, arguments: list[object]) -> bytes:
         folder = self.folder_selected()
+        criteria = list(arguments)
+        returning = bool(criteria) and _text(criteria[0]).upper() == "RETURN"
+        if returning:  # RETURN (ALL) of ESEARCH (RFC 4731): only ALL is played
+            criteria = criteria[2:]
         with self.server._lock:
-            uids = [m.uid for m in folder.messages if _matches(m, list(arguments))]
+            uids = [m.uid for m in folder.messages if _matches(m, list(criteria))]
+        if returning or not self.has("IMAP4rev1"):
+            found = f" ALL {_uid_set(uids)}" if uids else ""
+            return f'* ESEARCH (TAG "{self.tag}") UID{found}\r\n'.encode() + self.ok("Search completed")
         return ("* SEARCH" + "".join(f" {uid}" for uid in uids) + "\r\n").encode() + self.ok("Search completed")
 
     def _uid_store(self, arguments: list[object]) -> bytes:

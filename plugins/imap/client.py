@@ -57,6 +57,11 @@ from postbote.plugins.imap import wire
 from postbote.plugins.imap.wire import Atom, Response, Streamed, Value, WireError
 
 MAX_LINE = 64 * 1024  # one response line (a segment between literals)
+# What IMAP4rev2 (RFC 9051, appendix E) makes part of the base protocol: a server that speaks it offers these
+# commands and answers whether or not it names them (and a rev2-only server answers SEARCH with ESEARCH).
+IMAP4REV2_INCLUDES = frozenset({"UIDPLUS", "MOVE", "ESEARCH", "LITERAL-", "IDLE", "NAMESPACE", "ENABLE", "SASL-IR",
+                                "UNSELECT", "SPECIAL-USE", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS", "BINARY",
+                                "STATUS=SIZE", "SEARCHRES"})
 MAX_SEARCH_LINE = 16 * 1024 * 1024  # a SEARCH answer is one line for all the UIDs (~1.5 million; ESEARCH: compact)
 MAX_SMALL_LITERAL = 64 * 1024  # a literal nobody asked to stream (a folder name, a label, ...)
 MAX_LITERALS = 1000  # literals in one response
@@ -387,7 +392,10 @@ class IMAPClient:
         return self.capabilities
 
     def has(self, capability: str) -> bool:
-        return capability.upper() in self.capabilities
+        """Whether the server offers ``capability``: named, or part of IMAP4rev2 (RFC 9051), which a server that
+        speaks it need not name on its own."""
+        wanted = capability.upper()
+        return wanted in self.capabilities or (wanted in IMAP4REV2_INCLUDES and "IMAP4REV2" in self.capabilities)
 
     @_session_over_on_error
     def starttls(self, tls: TLSPolicy) -> None:
