@@ -36,7 +36,16 @@ if TYPE_CHECKING:
     from postbote.tls import TLSError, TLSPolicy, certificate_facts
     from postbote.trace import ProtocolTrace, protocol_trace
     from postbote.watch import Watch
-    from postbote.wire import CRLFEncoder, LFEncoder, SMTPDataEncoder, crlf_lines, lf_lines, smtp_data
+    from postbote.wire import (
+        CRLFEncoder,
+        LengthChanged,
+        LFEncoder,
+        SMTPDataEncoder,
+        checked_length,
+        crlf_lines,
+        lf_lines,
+        smtp_data,
+    )
     from postbote.yaml_reader import (
         Node,
         Parser,
@@ -80,7 +89,8 @@ _FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
                         "PluginError", "PostboteError", "StateError", "StateLockedError"),
     "postbote.tls": ("TLSError", "TLSPolicy", "certificate_facts"),
     # delivering: line endings for the wire and for files, an SMTP/LMTP client
-    "postbote.wire": ("CRLFEncoder", "LFEncoder", "SMTPDataEncoder", "crlf_lines", "lf_lines", "smtp_data"),
+    "postbote.wire": ("CRLFEncoder", "LFEncoder", "LengthChanged", "SMTPDataEncoder", "checked_length", "crlf_lines",
+                      "lf_lines", "smtp_data"),
     "postbote.smtp": ("AuthRefused", "Delivery", "Reply", "SMTPClient", "SenderRefused", "SessionRefused"),
     # the protocol trace of ``postbote -v``: a protocol client's hooks (None when the trace is off)
     "postbote.trace": ("ProtocolTrace", "protocol_trace"),
@@ -123,7 +133,7 @@ __all__ = [  # spelled out, so that type checkers see the re-exports; tests/test
     # delivering
     "AuthRefused", "CRLFEncoder", "Delivery", "LFEncoder", "Reply", "SMTPClient", "SMTPDataEncoder", "SenderRefused",
     "SessionRefused", "TLSPolicy", "certificate_facts", "child_environment", "ProtocolTrace", "protocol_trace",
-    "crlf_lines", "lf_lines", "smtp_data",
+    "crlf_lines", "lf_lines", "smtp_data", "LengthChanged", "checked_length",
     # secrets
     "Secret", "redact", "register_secret", "register_secret_variable",
     # making written files durable

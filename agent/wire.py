@@ -107,3 +107,20 @@ def _encoded(encoder: _Encoder, chunks: Iterable[bytes]) -> Iterator[bytes]:
     if tail := encoder.finish():
         yield tail
 
+
+class LengthChanged(Exception):
+    """A message's bytes were not as many as announced before they were sent (an IMAP literal, an HTTP body): the
+    other side would take message bytes for commands, or wait for bytes that never come."""
+
+
+def checked_length(chunks: Iterable[bytes], length: int) -> Iterator[bytes]:
+    """``chunks``, checked against the announced ``length``: `LengthChanged` as soon as they run past it, or at the
+    end when they fall short. A caller ends the session on it, since the stream is out of step."""
+    sent = 0
+    for chunk in chunks:
+        sent += len(chunk)
+        if sent > length:
+            raise LengthChanged(f"the message grew past the {length} octets announced")
+        yield chunk
+    if sent != length:
+        raise LengthChanged(f"the message had {sent} octets, not the {length} announced")

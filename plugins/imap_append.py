@@ -46,7 +46,7 @@ from __future__ import annotations
 import email.utils
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -60,12 +60,14 @@ from postbote import (
     Delivered,
     DeliveryError,
     Destination,
+    LengthChanged,
     Message,
     Node,
     Pending,
     Problems,
     Section,
     boolean,
+    checked_length,
     choice,
     crlf_lines,
     duration,
@@ -530,23 +532,6 @@ def fields_besides_our_trace(block: bytes) -> list[bytes]:
         elif line:
             fields.append(line)
     return [field for field in fields if not _OUR_TRACE.match(field)]
-
-
-class LengthChanged(Exception):
-    """The message's bytes changed between counting and sending them: the literal would be out of step."""
-
-
-def checked_length(chunks: Iterable[bytes], length: int) -> Iterator[bytes]:
-    """``chunks``, checked against the announced ``length``: a literal that came out longer or shorter would make
-    the server take message bytes for commands, so the session is ended instead."""
-    sent = 0
-    for chunk in chunks:
-        sent += len(chunk)
-        if sent > length:
-            raise LengthChanged(f"the message grew past the {length} octets announced")
-        yield chunk
-    if sent != length:
-        raise LengthChanged(f"the message had {sent} octets, not the {length} announced")
 
 
 def sent_at(date_field: str | None, *, now: datetime) -> datetime | None:

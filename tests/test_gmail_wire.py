@@ -9,7 +9,8 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from postbote.plugins.gmail.api import MAX_RETRY_AFTER, LengthChanged, MultipartBody, Upload, exactly, retry_after, skip
+from postbote import LengthChanged, checked_length
+from postbote.plugins.gmail.api import MAX_RETRY_AFTER, MultipartBody, Upload, retry_after, skip
 from postbote.testing.gmail_api import split_multipart
 
 messages = st.binary(max_size=4096)
@@ -53,7 +54,7 @@ def test_a_message_that_is_not_the_length_announced_stops_the_upload(message: by
     if announced == len(message):
         return
     with pytest.raises(LengthChanged):
-        b"".join(exactly(chunked(message, sizes), announced))
+        b"".join(checked_length(chunked(message, sizes), announced))
 
 
 @given(st.one_of(st.none(), st.text(max_size=60), st.integers(min_value=0, max_value=10**12).map(str)))

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from postbote import TLSPolicy, redact
+from postbote import LengthChanged, TLSPolicy, checked_length, redact
 
 if TYPE_CHECKING:
     from postbote.plugins.signin.oauth2 import TokenSource
@@ -155,21 +155,6 @@ def skip(chunks: Iterable[bytes], offset: int) -> Iterator[bytes]:
         offset = 0
 
 
-class LengthChanged(Exception):
-    """The bytes sent were not as many as announced: the request would be cut off or run into the next one."""
-
-
-def exactly(chunks: Iterable[bytes], length: int) -> Iterator[bytes]:
-    sent = 0
-    for chunk in chunks:
-        sent += len(chunk)
-        if sent > length:
-            raise LengthChanged(f"the message grew past the {length} octets announced")
-        yield chunk
-    if sent != length:
-        raise LengthChanged(f"the message had {sent} octets, not the {length} announced")
-
-
 @dataclass(frozen=True)
 class MultipartBody:
     """A ``multipart/related`` upload: the JSON metadata, then the message as ``message/rfc822``, streamed."""
@@ -197,7 +182,7 @@ class MultipartBody:
 
     def chunks(self) -> Iterator[bytes]:
         yield self.head
-        yield from exactly(self.upload.chunks(), self.upload.size)
+        yield from checked_length(self.upload.chunks(), self.upload.size)
         yield self.tail
 
 
@@ -407,7 +392,7 @@ def coalesced(chunks: Iterable[bytes], size: int = WRITE_SIZE) -> Iterator[bytes
 
 def rest(upload: Upload, offset: int) -> Callable[[], Iterator[bytes]]:
     """The upload's bytes from ``offset`` on, checked against their announced length."""
-    return lambda: exactly(skip(upload.chunks(), offset), upload.size - offset)
+    return lambda: checked_length(skip(upload.chunks(), offset), upload.size - offset)
 
 
 def content_range(offset: int, size: int) -> dict[str, str]:

@@ -352,16 +352,8 @@ class POP3Client:
         if self._in_flight:
             raise RuntimeError("top_headers() while RETR replies are still in flight")
         self._send(f"TOP {number} 0")
-        self._doing = f"waiting for the reply to TOP {number} 0"
-        try:
-            self._expect_ok()
-        except POP3Error:
-            self._check_in_step()
-            return None
-        chunks: list[bytes] = []
-        self._read_data(chunks.append, limit)
-        self._check_in_step()
-        return b"".join(chunks)
+        self._in_flight.append(("TOP", number, limit))
+        return self.read_top()
 
     def send_top(self, number: int, *, limit: int = MAX_HEADER_BLOCK) -> None:
         """``TOP number 0`` sent ahead (pipelined when the server allows it); `read_top` reads the replies in
