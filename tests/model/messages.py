@@ -35,8 +35,14 @@ BODY_PIECES: dict[str, bytes] = {
 
 
 def model_message(ident: int, pieces: tuple[str, ...]) -> bytes:
-    """Message number ``ident``: a fixed-size header block and a body of the named pieces, ending in CRLF."""
-    head = (f"Message-ID: <m{ident:0{ID_WIDTH}d}@model.test>\r\nSubject: model message\r\n"
+    """Message number ``ident``: a fixed-size header block and a body of the named pieces, ending in CRLF.
+
+    Its Message-ID is shared by a group of three messages (a copy sent to two addresses has one too), and every
+    fourth message has none: an IMAP destination that looks for a message whose APPEND went unanswered must tell
+    such messages apart by more than the Message-ID (or not look at all), or a message is lost."""
+    field = "X-Model-Nn" if ident % 4 == 0 else "Message-ID"  # as long, so that the header block's size is fixed
+    message_id = f"{field}: <m{ident // 3:0{ID_WIDTH}d}@model.test>\r\n"
+    head = (f"{message_id}Subject: model message\r\n"
             f"X-Model-Id: {ident:0{ID_WIDTH}d}\r\n\r\n").encode()
     return head + b"".join(BODY_PIECES[name] for name in pieces) + b"end\r\n"
 
