@@ -13,8 +13,10 @@ holds the small networking helpers the servers share.
 
 from __future__ import annotations
 
+import faulthandler
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -72,6 +74,7 @@ def interrupt_after(seconds: float, what: str) -> Iterator[None]:
     outer timer runs on with what was left of it (less the time spent inside)."""
 
     def expire(signum: int, frame: object) -> None:
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)  # where every thread was: the report shows it
         raise Overtime(f"{what} did not finish within {seconds:g} s")
 
     started = time.monotonic()
