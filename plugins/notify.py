@@ -44,8 +44,6 @@ from postbote import (
     PostboteError,
     Problems,
     Section,
-    SMTPClient,
-    TLSPolicy,
     WaitingMessage,
     WaitingSummary,
     boolean,
@@ -54,7 +52,6 @@ from postbote import (
     integer,
     nonempty_text,
     path_relative_to,
-    port_number,
     read_account_state,
     redact,
     register_secret,
@@ -62,7 +59,7 @@ from postbote import (
     text_list,
 )
 from postbote.plugins.received import local_hostname
-from postbote.plugins.smtp import SMTPSettings, address, addresses
+from postbote.plugins.smtp import SMTPSettings, address, addresses, connect, relay_settings, token_cache_name
 
 NAME = "notify"
 FAILING, STALE, REJECTED, RECOVERED = "account.failing", "mail.stale", "message.rejected", "account.recovered"
@@ -191,17 +188,9 @@ def _missing(section: Section, key: str, what: str) -> None:
 
 
 def _relay(section: Section, to: tuple[str, ...], sender: str | None, base_dir: Path) -> SMTPSettings:
-    settings = SMTPSettings(
-        lmtp=False, unix_socket=None, recipients=to, envelope_sender=sender,
-        host=section.get("host", nonempty_text, "localhost"),
-        port=section.get("port", port_number, 25),
-        helo=section.get("helo", nonempty_text, ""),
-        starttls=section.get("starttls", boolean, False),
-        tls_verify=section.get("tls_verify", boolean, True),
-        tls_ca_file=section.get("tls_ca_file", path_relative_to(base_dir), None),
-        timeout=DEFAULT_TIMEOUT,
-    )
-    section.finish({"host", "port", "helo", "starttls", "tls_verify", "tls_ca_file"})
+    """``email: {smtp: ...}``: a relay with the smtp destination's keys (implicit TLS or STARTTLS, a login)."""
+    settings = relay_settings(section, base_dir, recipients=to, envelope_sender=sender, timeout=DEFAULT_TIMEOUT)
+    section.finish()
     return settings
 
 
@@ -577,7 +566,7 @@ class Notifier:
         """Send ``event`` through ``channel``; None when it went, else why not (redacted)."""
         try:
             if isinstance(channel, EmailChannel):
-                send_email(event, channel)
+                send_email(event, channel, self.state_dir)
             else:
                 post(event, channel, self.tokens.get(channel.token_file) if channel.token_file else None,
                      self.settings[event.account].timeout)
@@ -598,7 +587,9 @@ def read_token(path: Path) -> str:
     return token
 
 
-def send_email(event: Event, channel: EmailChannel) -> None:
+def send_email(event: Event, channel: EmailChannel, state_dir: Path) -> None:
+    """Mail ``event`` through the channel's relay, opened as the smtp destination opens it (`connect`: implicit TLS
+    or STARTTLS, SMTP AUTH with the relay's own secret or token), so that a submission relay works here too."""
     from email.message import EmailMessage
     from email.policy import SMTP
     from email.utils import formatdate, make_msgid
@@ -619,10 +610,7 @@ def send_email(event: Event, channel: EmailChannel) -> None:
     details = json.dumps(event.body(), ensure_ascii=False, indent=2)
     message.set_content(redact(f"{event.text}\n\n-- \nThe same as JSON:\n{details}\n"))
     data = message.as_bytes()
-    tls = TLSPolicy(verify=relay.tls_verify, ca_file=str(relay.tls_ca_file) if relay.tls_ca_file else None)
-    client = SMTPClient.connect(host=relay.host, port=relay.port, unix_socket=relay.unix_socket,
-                                timeout=relay.timeout, lmtp=relay.lmtp, helo=relay.helo or hostname,
-                                starttls=relay.starttls, tls=tls)
+    client = connect(relay, token_cache=token_cache_name(event.account, relay), state_dir=state_dir)
     try:
         client.send(sender, list(relay.recipients), [data], eight_bit=not data.isascii())
     finally:

@@ -24,6 +24,7 @@ until the next poll. Without TLS and a login the session is what it always was: 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -169,31 +170,60 @@ def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Pa
     if kind not in DESTINATION_KINDS:
         return None
     section = Section(options, problems)
-    lmtp = kind == "lmtp"
-    unix_socket = section.get("socket", path_relative_to(base_dir), None) if lmtp else None
-    login = None if lmtp else _relay_login(section, base_dir)
-    tls, default_port = _tls_mode(section, lmtp, login is not None)
+    recipients = tuple(section.get("recipients", addresses, [], required=True))
+    sender = section.get("envelope_sender", envelope_sender, None)
+    timeout = section.get("timeout", duration, 60.0)
+    fallback = section.get("fallback_sender", ascii_envelope_sender, NULL_SENDER)
+    if kind == "lmtp":
+        settings = _lmtp_settings(section, base_dir, recipients=recipients, envelope_sender=sender, timeout=timeout)
+    else:
+        settings = relay_settings(section, base_dir, recipients=recipients, envelope_sender=sender, timeout=timeout)
+    section.finish()
+    return dataclasses.replace(settings, fallback_sender=fallback)
+
+
+def _lmtp_settings(section: Section, base_dir: Path, *, recipients: tuple[str, ...], envelope_sender: str | None,
+                   timeout: float) -> SMTPSettings:
+    """An LMTP server: a unix socket or host and port (24), ``lhlo``, STARTTLS if asked; no login."""
+    unix_socket = section.get("socket", path_relative_to(base_dir), None)
+    tls, default_port = _tls_mode(section, True, False)
     tls_ca_file = section.get("tls_ca_file", path_relative_to(base_dir), None)
-    settings = SMTPSettings(
-        lmtp=lmtp,
+    return SMTPSettings(
+        lmtp=True, recipients=recipients, envelope_sender=envelope_sender, timeout=timeout,
         host=section.get("host", nonempty_text, None if unix_socket else "localhost"),
         port=section.get("port", port_number, default_port),
         unix_socket=str(unix_socket) if unix_socket else None,
-        recipients=tuple(section.get("recipients", addresses, [], required=True)),
-        helo=section.get("lhlo" if lmtp else "helo", nonempty_text, None) or local_hostname(),
+        helo=section.get("lhlo", nonempty_text, None) or local_hostname(),
         starttls=tls is TLSMode.STARTTLS,
         tls=tls,
         tls_verify=section.get("tls_verify", boolean, True),
         tls_ca_file=tls_ca_file,
         tls_fingerprint=section.get("tls_fingerprint", fingerprint, None),
-        envelope_sender=section.get("envelope_sender", envelope_sender, None),
-        timeout=section.get("timeout", duration, 60.0),
-        fallback_sender=section.get("fallback_sender", ascii_envelope_sender, NULL_SENDER),
+        files=_named_files(section, tls_ca_file, None),
+    )
+
+
+def relay_settings(section: Section, base_dir: Path, *, recipients: tuple[str, ...],
+                   envelope_sender: str | None = None, timeout: float = 60.0) -> SMTPSettings:
+    """An SMTP relay named by another plugin (the notify plugin's ``email: {smtp: ...}``), its keys read as the
+    smtp destination reads them -- host, port, helo, tls, tls_verify, tls_ca_file, tls_fingerprint and the login --
+    so that `connect` opens it the same way. The caller finishes ``section``."""
+    login = _relay_login(section, base_dir)
+    tls, default_port = _tls_mode(section, False, login is not None)
+    tls_ca_file = section.get("tls_ca_file", path_relative_to(base_dir), None)
+    return SMTPSettings(
+        lmtp=False, unix_socket=None, recipients=recipients, envelope_sender=envelope_sender, timeout=timeout,
+        host=section.get("host", nonempty_text, "localhost"),
+        port=section.get("port", port_number, default_port),
+        helo=section.get("helo", nonempty_text, None) or local_hostname(),
+        starttls=tls is TLSMode.STARTTLS,
+        tls=tls,
+        tls_verify=section.get("tls_verify", boolean, True),
+        tls_ca_file=tls_ca_file,
+        tls_fingerprint=section.get("tls_fingerprint", fingerprint, None),
         login=login,
         files=_named_files(section, tls_ca_file, login),
     )
-    section.finish()
-    return settings
 
 
 def _relay_login(section: Section, base_dir: Path) -> RelayLogin | None:
@@ -338,10 +368,11 @@ def _log_in(client: SMTPClient, settings: SMTPSettings, login: RelayLogin, token
     log.debug("smtp.logged_in", destination=settings.label, mechanism=chosen)
 
 
-def token_cache_name(account: Account, settings: SMTPSettings) -> str:
+def token_cache_name(account: Account | str, settings: SMTPSettings) -> str:
     """The name of the relay's cached OAuth2 access token (STATE_DIR/oauth2/NAME.json), apart from the source's."""
     user = settings.login.username if settings.login else ""
-    return f"{account.name}.smtp-" + re.sub(r"[^\w.@+-]", "_", f"{user}@{settings.label}")
+    name = account if isinstance(account, str) else account.name
+    return f"{name}.smtp-" + re.sub(r"[^\w.@+-]", "_", f"{user}@{settings.label}")
 
 
 @hookimpl(tryfirst=True)

@@ -28,6 +28,7 @@ from postbote.testing.pop3server import Action, Faults, POP3Server
 from tests.harness import DaemonRun, account, fake_account, fake_mailbox, make_message, write_config
 from tests.servers import free_port
 from tests.servers.certs import TestPKI
+from tests.servers.smtp_relay import SMTPRelay
 from tests.servers.smtp_sink import SMTPSink
 
 pytestmark = pytest.mark.usefixtures("time_limit")
@@ -412,6 +413,26 @@ def test_email_via_the_accounts_own_smtp_destination(tmp_path: Path, smtp_sink: 
     (delivery,) = smtp_sink.messages
     assert delivery.rcpt_tos == ["me@example.org"]
     assert b"X-Postbote-Event: account.failing" in delivery.data
+
+
+def test_email_through_a_submission_relay_over_implicit_tls_with_a_login(tmp_path: Path, pki: TestPKI) -> None:
+    """The relay is opened as the smtp destination opens it: TLS from the first byte, SMTP AUTH with its own
+    password file -- the notification never goes out unencrypted or unauthenticated."""
+    relay = SMTPRelay(users={"ops@example.org": "relay-Pw-9"}, implicit_tls=pki.server_context()).start()
+    try:
+        secret = tmp_path / "relay.password"
+        secret.write_text("relay-Pw-9\n")
+        secret.chmod(0o600)
+        path, source, mailbox = setup(tmp_path, {"after_failures": 1, "email": {"to": ["ops@example.org"], "smtp": {
+            "host": relay.host, "port": relay.port, "tls": "implicit", "tls_ca_file": str(pki.ca_file),
+            "username": "ops@example.org", "password_file": str(secret)}}})
+        mailbox.open_error = LoginRefused("-ERR nope")
+        poll(path, source)
+        (mail,) = relay.messages
+        assert (mail.login, mail.tls) == ("ops@example.org", True)
+        assert b"X-Postbote-Event: account.failing" in mail.data and b"relay-Pw-9" not in mail.data
+    finally:
+        relay.stop()
 
 
 def test_via_destination_without_an_smtp_destination_is_a_start_up_error(tmp_path: Path) -> None:
