@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import structlog
 import structlog.testing
+import yaml
 from postbote.config import load_config
 from postbote.daemon import START_JITTER, Backoff, Daemon, start_delay
 from postbote.pluginmanager import make_plugin_manager
@@ -325,8 +326,18 @@ def test_postbote_poll_while_the_daemon_runs_asks_it_to_poll(tmp_path: Path, ser
     poll = subprocess.run([sys.executable, "-m", "postbote", "-c", str(config), "poll"], cwd=REPO,
                           capture_output=True, text=True, timeout=10)
     assert poll.returncode == 0
-    assert f"the daemon (pid {daemon.process.pid}) is running: asked it to poll now" in poll.stdout
+    assert poll.stdout == "", "no line on stdout when it is no terminal (cron mails every line)"
+    assert '"event": "poll.asked_daemon"' in poll.stderr and f'"pid": {daemon.process.pid}' in poll.stderr
     daemon.wait_for("poll.requested")
+    as_cron = config.with_name("cron.yaml")  # the same accounts and state, the log at its default level
+    document = yaml.safe_load(config.read_text())
+    del document["log"]
+    as_cron.write_text(yaml.safe_dump(document))
+    as_cron.chmod(0o600)
+    cron = subprocess.run([sys.executable, "-m", "postbote", "-c", str(as_cron), "poll"], cwd=REPO,
+                          capture_output=True, text=True, timeout=10)
+    assert (cron.returncode, cron.stdout, cron.stderr) == (0, "", ""), "under cron: nothing to mail"
+    daemon.wait_for("poll.requested", count=2)
     wait_until(lambda: subjects(maildir) == ["Subject: message 1"], 3, "the delivery")
     unknown = subprocess.run([sys.executable, "-m", "postbote", "-c", str(config), "poll", "nobody"], cwd=REPO,
                              capture_output=True, text=True, timeout=10)

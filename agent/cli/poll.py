@@ -172,8 +172,14 @@ def ask_daemon_to_poll(pid: int, config: Config, names: Sequence[str], out: Text
                                f"signal it; run this as the daemon's user (or: systemctl kill -s USR1 postbote)"
                                ) from None
     note = f" (it polls every account, not only {', '.join(names)})" if names else ""
-    print(f"postbote: the daemon (pid {pid}) is running: asked it to poll now{note}; "
-          f"see `postbote status` or its log for the outcome", file=out or sys.stdout)
+    stream = out or sys.stdout
+    if out is not None or stream.isatty():
+        print(f"postbote: the daemon (pid {pid}) is running: asked it to poll now{note}; "
+              f"see `postbote status` or its log for the outcome", file=stream)
+    else:  # an event, not a line on stdout: under cron, whose every line of output is mailed, it is held back
+        import structlog
+
+        structlog.get_logger("postbote").info("poll.asked_daemon", pid=pid, only=list(names) or None)
     return ExitStatus.OK
 
 
