@@ -9,10 +9,12 @@ source or target brings its own options and their errors look the same.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -149,6 +151,25 @@ ACCOUNT_FILE_PATTERNS = ("*.yaml", "*.yml")
 
 def load_config(path: Path, pm: PluginManager) -> Config:
     """Load and validate ``path``, registering its ``plugin_paths`` in ``pm``; `ConfigError` lists every problem."""
+    with _no_cycle_collection():
+        return _load_config(path, pm)
+
+
+@contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Reading a config makes many objects that all stay alive, and no garbage in cycles: the cyclic collector's
+    passes over the growing heap made reading 100,000 accounts quadratic (40,000: 20.6 s with it, 8.8 s without).
+    Reference counting still frees whatever is dropped meanwhile."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _load_config(path: Path, pm: PluginManager) -> Config:
     root = s.load_yaml(path)
     problems = Problems(str(path))
     top = Section(root, problems, what="a mapping with accounts")
