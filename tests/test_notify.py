@@ -415,6 +415,8 @@ def test_email_via_the_accounts_own_smtp_destination(tmp_path: Path, smtp_sink: 
     assert b"X-Postbote-Event: account.failing" in delivery.data
 
 
+# aiosmtpd counts only STARTTLS as TLS for AUTH; over implicit TLS the session is encrypted all along
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
 def test_email_through_a_submission_relay_over_implicit_tls_with_a_login(tmp_path: Path, pki: TestPKI) -> None:
     """The relay is opened as the smtp destination opens it: TLS from the first byte, SMTP AUTH with its own
     password file -- the notification never goes out unencrypted or unauthenticated."""
