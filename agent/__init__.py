@@ -47,6 +47,7 @@ if TYPE_CHECKING:
         smtp_data,
     )
     from postbote.yaml_reader import (
+        AccountRows,
         Node,
         Parser,
         Problems,
@@ -81,9 +82,9 @@ _FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
     # what a destination answers (the deliver_message hook)
     "postbote.delivery": ("Delivered", "DeliveryResult", "Pending", "Staged"),
     # reading a plugin's options, with the core's file:line errors
-    "postbote.yaml_reader": ("Node", "Parser", "Problems", "Section", "boolean", "choice", "describe", "duration",
-                          "integer", "nonempty_text", "path_relative_to", "port_number", "size", "text",
-                          "text_list"),
+    "postbote.yaml_reader": ("AccountRows", "Node", "Parser", "Problems", "Section", "boolean", "choice",
+                             "describe", "duration", "integer", "nonempty_text", "path_relative_to", "port_number",
+                             "size", "text", "text_list"),
     # errors
     "postbote.errors": ("AccountError", "ConfigError", "CredentialError", "DeliveryError", "LoginRefused",
                         "PluginError", "PostboteError", "StateError", "StateLockedError"),
@@ -125,8 +126,8 @@ __all__ = [  # spelled out, so that type checkers see the re-exports; tests/test
     # what a destination answers
     "Delivered", "DeliveryResult", "Pending", "Staged",
     # reading a plugin's options
-    "Node", "Parser", "Problems", "Section", "boolean", "choice", "describe", "duration", "integer", "nonempty_text",
-    "path_relative_to", "port_number", "size", "text", "text_list",
+    "AccountRows", "Node", "Parser", "Problems", "Section", "boolean", "choice", "describe", "duration", "integer",
+    "nonempty_text", "path_relative_to", "port_number", "size", "text", "text_list",
     # errors
     "AccountError", "ConfigError", "CredentialError", "DeliveryError", "LoginRefused", "PluginError", "PostboteError",
     "StateError", "StateLockedError", "TLSError",

@@ -186,11 +186,14 @@ def _load_config(path: Path, pm: PluginManager) -> Config:
     log = _log_settings(top.section("log"), base_dir)
     accounts_dir = top.get("accounts_dir", s.path_relative_to(base_dir), None)
     defaults = top.section("defaults")
-    accounts = _accounts(top, defaults, problems, pm, base_dir, global_plugins, required=accounts_dir is None)
+    elsewhere = accounts_dir is not None or _plugins_supply_accounts(pm, global_plugins)
+    accounts = _accounts(top, defaults, problems, pm, base_dir, global_plugins, required=not elsewhere)
     top.finish(TOP_KEYS)
     problems.raise_if_any()
+    seen: dict[str, Path | str] = {a.name: path for a in accounts}
     if accounts_dir is not None:
-        accounts += _accounts_from_dir(accounts_dir, defaults, pm, global_plugins, {a.name: path for a in accounts})
+        accounts += _accounts_from_dir(accounts_dir, defaults, pm, global_plugins, seen)
+    accounts += _accounts_from_plugins(pm, defaults, base_dir, global_plugins, seen)
     config = Config(path=path, state_dir=state_dir, log=log, accounts=tuple(accounts),
                     max_parallel=top.get("max_parallel", s.integer(1, 1024), 4),
                     max_parallel_per_host=top.get("max_parallel_per_host", s.integer(1, 1024), 8),
@@ -212,7 +215,7 @@ def _log_settings(section: Section | None, base_dir: Path) -> LogSettings:
 
 
 def _accounts_from_dir(directory: Path, defaults: Section | None, pm: PluginManager,
-                       global_plugins: GlobalPlugins, seen: dict[str, Path]) -> list[Account]:
+                       global_plugins: GlobalPlugins, seen: dict[str, Path | str]) -> list[Account]:
     """The accounts of every ``*.yaml`` file in ``accounts_dir`` (a conf.d: one or many accounts a file, in name
     order), each file's mistakes reported with its own name and lines; ``defaults:`` and ``plugins:`` of the main
     file apply. A name used in two files is a mistake in the second."""
@@ -230,16 +233,65 @@ def _accounts_from_dir(directory: Path, defaults: Section | None, pm: PluginMana
                for settings in _plugin_settings(account)) and exposes_a_secret(file.stat()):
             problems.add(0, "", "holds an inline password but is accessible by group or others; run: chmod 600 "
                                 f"{file} (or use password_file)")
-        for account in found:
-            if account.name in seen:
-                problems.add(0, "", f"duplicate account name {account.name!r} (also in {seen[account.name]})")
-            else:
-                seen[account.name] = file
-                accounts.append(account)
+        accounts += _new_names(found, file, seen, problems)
+        lines += _sorted_problems(problems)
+    if lines:
+        raise ConfigError(lines)
+    return accounts
+
+
+def _sorted_problems(problems: Problems) -> list[str]:
+    try:
+        problems.raise_if_any()
+    except ConfigError as exc:
+        return list(exc.problems)
+    return []
+
+
+def _new_names(found: list[Account], where: Path | str, seen: dict[str, Path | str],
+               problems: Problems) -> list[Account]:
+    """The accounts of ``found`` whose names no earlier file or plugin used; a name used again is a mistake here."""
+    kept: list[Account] = []
+    for account in found:
+        if account.name in seen:
+            problems.add(0, "", f"duplicate account name {account.name!r} (also in {seen[account.name]})")
+        else:
+            seen[account.name] = where
+            kept.append(account)
+    return kept
+
+
+def _plugins_supply_accounts(pm: PluginManager, global_plugins: GlobalPlugins) -> bool:
+    """Whether a plugin the top-level ``plugins:`` enables may supply accounts (then ``accounts:`` may be left out)."""
+    return any(entry is not False for entry in global_plugins.entries.values()) and \
+        bool(pm.hook.load_accounts.get_hookimpls())
+
+
+def _accounts_from_plugins(pm: PluginManager, defaults: Section | None, base_dir: Path,
+                           global_plugins: GlobalPlugins, seen: dict[str, Path | str]) -> list[Account]:
+    """The accounts plugins supply (``load_accounts``: from SQL, LDAP, ...), each plugin enabled in the top-level
+    ``plugins:`` asked once; checked as the config's own accounts are, mistakes named by the plugin's place and row."""
+    accounts: list[Account] = []
+    lines: list[str] = []
+    for name, entry in global_plugins.entries.items():
+        if entry is False:
+            continue
+        options = entry if isinstance(entry, Node) else Node({}, 0, f"plugins.{name}")
         try:
-            problems.raise_if_any()
-        except ConfigError as exc:
-            lines += exc.problems
+            supplied = pm.hook.load_accounts(name=name, options=options, base_dir=base_dir)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a plugin's failure is a config error that names it
+            raise ConfigError(f"plugins.{name}: loading accounts failed: {type(exc).__name__}: {exc}") from None
+        for rows in supplied:
+            problems = Problems(rows.where)
+            root = Node({"accounts": Node([s.node_of(row, number, f"accounts[{index}]")
+                                           for index, (number, row) in enumerate(rows.rows)], 0, "accounts")},
+                        0, "")
+            found = _accounts(Section(root, problems), defaults, problems, pm, base_dir, global_plugins,
+                              required=False)
+            accounts += _new_names(found, rows.where, seen, problems)
+            lines += _sorted_problems(problems)
     if lines:
         raise ConfigError(lines)
     return accounts

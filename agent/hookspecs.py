@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     # the names a plugin author sees, from the public face
     from postbote import (
         Account,
+        AccountRows,
         Config,
         DeliveryResult,
         Destination,
@@ -87,6 +88,20 @@ def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir:
     are a config error. A plugin whose options name delivery targets (as ``rules`` does) turns them into
     destinations with ``postbote.parse_destination_entry(node, problems, pluginmanager, base_dir)``.
     Stops at the first non-None result.
+    """
+
+
+@hookspec
+def load_accounts(name: str, options: Node, base_dir: Path) -> AccountRows | None:
+    """Supply accounts from somewhere other than the config files -- a database table, a directory service -- when
+    ``name`` is yours: called once per config load (and reload) for each plugin the top-level ``plugins:`` enables,
+    with that entry's ``options`` (also parsed by your ``parse_plugin_options``, as for every account).
+
+    Return ``postbote.AccountRows(where, rows)``: ``where`` names the place in error messages, ``rows`` (number,
+    mapping) pairs in the config's account format (``name``, ``host``, ``username``, ``password_file``, ``deliver``,
+    ...), checked as the config's own accounts are, with ``defaults:`` applied. Keep secrets out of the rows where you
+    can: a ``password_file`` in a directory only postbote reads, or a ``password_command``. Raise ``ConfigError``
+    when the place cannot be read. Return None when ``name`` is not yours.
     """
 
 

@@ -30,6 +30,27 @@ class Node:
     path: str
 
 
+def node_of(value: Any, line: int, path: str) -> Node:
+    """``value`` (scalars, lists, mappings with str keys) as a `Node` tree, every node on ``line``: config read from
+    somewhere else than YAML (a database row) and checked as YAML is, its mistakes named by that line."""
+    if isinstance(value, dict):
+        return Node({str(key): node_of(item, line, f"{path}.{key}" if path else str(key))
+                     for key, item in value.items()}, line, path)
+    if isinstance(value, list | tuple):
+        return Node([node_of(item, line, f"{path}[{index}]") for index, item in enumerate(value)], line, path)
+    return Node(value, line, path)
+
+
+@dataclass(frozen=True)
+class AccountRows:
+    """Accounts a plugin supplies (the ``load_accounts`` hook): ``where`` names their place in error messages
+    (``/etc/postbote/accounts.sqlite3``), ``rows`` are (number, account mapping) pairs, the number standing for the
+    line: a mistake in the third row is ``accounts.sqlite3:3: accounts[2].port: …``."""
+
+    where: str
+    rows: list[tuple[int, dict[str, Any]]]
+
+
 class Problems:
     """Collects config problems as ``file:line: key: message`` lines."""
 
