@@ -5,7 +5,9 @@ from, and the table holding no secret."""
 
 from __future__ import annotations
 
+import signal
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from postbote.cli import main
 from postbote.config import load_config
 from postbote.pluginmanager import make_plugin_manager
 
-from tests.harness import REPO_ROOT, MaildirTarget, corpus_message, corpus_number
+from tests.harness import REPO_ROOT, DaemonRun, MaildirTarget, corpus_message, corpus_number, wait_until
 from tests.servers.dovecot import DovecotServer
 
 pytestmark = pytest.mark.usefixtures("time_limit")
@@ -92,3 +94,30 @@ def test_a_name_the_config_uses_already_is_a_mistake_in_the_table(tmp_path: Path
 def test_a_database_that_cannot_be_read_is_one_config_error(tmp_path: Path) -> None:
     path = config(tmp_path, tmp_path / "missing.sqlite3")
     assert main(["-c", str(path), "check"]) == 2
+
+
+@pytest.mark.dovecot
+def test_a_reload_reads_the_table_again_and_polls_a_new_row(tmp_path: Path, dovecot: DovecotServer,
+                                                            daemons: Callable[..., DaemonRun]) -> None:
+    dovecot.deliver("alice", corpus_message(1))
+    dovecot.deliver("bob", corpus_message(2))
+    password_files(tmp_path, dovecot, "alice", "bob")
+    database = accounts_table(tmp_path / "accounts.sqlite3", [
+        ("alice", dovecot.host, "alice", str(tmp_path / "alice"), dovecot.pop3_port, None)])
+    path = config(tmp_path, database, log={"format": "json", "level": "info"})
+    document = yaml.safe_load(path.read_text())
+    document["defaults"]["poll_interval"] = "1h"
+    path.write_text(yaml.safe_dump(document))
+    daemon = daemons(path)
+    wait_until(lambda: len(MaildirTarget(tmp_path / "alice").delivered()) == 1, 15, "alice's mail")
+
+    with sqlite3.connect(database) as table:
+        table.execute("INSERT INTO accounts VALUES (?, ?, ?, ?, ?, NULL)",
+                      ("bob", dovecot.host, "bob", str(tmp_path / "bob"), dovecot.pop3_port))
+    daemon.send(signal.SIGHUP)
+
+    (reloaded,) = daemon.wait_for("config.reloaded", timeout=15)
+    assert reloaded["added"] == ["bob"]
+    wait_until(lambda: len(MaildirTarget(tmp_path / "bob").delivered()) == 1, 15, "bob's mail")
+    assert len(daemon.events("poll.finished", account="alice")) == 1  # not polled again by the reload
+    assert daemon.stop() == 0
