@@ -8,6 +8,7 @@ gives its own default ports and the ``auth:`` choices it can honour. Nothing her
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -96,6 +97,9 @@ def read_server(section: Section, base_dir: Path, settings_type: type[Settings],
                          tls_verify=tls_verify, tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, files=files)
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
 def _fingerprint(value: Any) -> str:
     return normalise_fingerprint(nonempty_text(value))
 
@@ -103,6 +107,6 @@ def _fingerprint(value: Any) -> str:
 def normalise_fingerprint(value: str) -> str:
     """``AB:CD:…`` or ``abcd…`` (64 hex digits) to lower-case hex without colons; ValueError otherwise."""
     digits = value.replace(":", "").strip().lower()
-    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+    if not _SHA256_HEX.fullmatch(digits):
         raise ValueError("expected a SHA-256 fingerprint: 64 hex digits, optionally separated by colons")
     return digits
