@@ -33,6 +33,8 @@ from typing import Any
 import pytest
 
 from tests.harness import (
+    OAUTH_CLIENT_ID,
+    OAUTH_CLIENT_SECRET,
     DaemonRun,
     Postbote,
     RigFactory,
@@ -44,6 +46,7 @@ from tests.harness import (
 )
 from tests.servers.certs import TestPKI, make_test_pki
 from tests.servers.dovecot import DEFAULT_USERS, DovecotServer, dovecot_binary
+from tests.servers.dovecot_sasl import FakeOAuthProvider
 from tests.servers.smtp_sink import SMTPSink
 
 DovecotFactory = Callable[..., DovecotServer]
@@ -151,6 +154,15 @@ def _finished(server: DovecotServer) -> bool:
 def dovecot(dovecot_factory: DovecotFactory) -> DovecotServer:
     """A running Dovecot with TLS and the users alice and bob, empty mailboxes."""
     return dovecot_factory()
+
+
+@pytest.fixture
+def provider(pki: TestPKI) -> Iterator[FakeOAuthProvider]:
+    """A local OAuth2 provider (token endpoint, refresh tokens, access tokens) that knows the test client
+    ``OAUTH_CLIENT_ID``; a module that needs one for all its tests overrides this with a module-scoped one."""
+    with FakeOAuthProvider(pki) as server:
+        server.add_client(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET)
+        yield server
 
 
 @pytest.fixture

@@ -180,13 +180,6 @@ def valid_user(provider: FakeOAuthProvider, token: str) -> str | None:
 
 
 @pytest.fixture
-def provider(pki: TestPKI) -> Iterator[FakeOAuthProvider]:
-    with FakeOAuthProvider(pki) as server:
-        server.add_client(CLIENT_ID, CLIENT_SECRET)
-        yield server
-
-
-@pytest.fixture
 def gmail(pki: TestPKI, provider: FakeOAuthProvider, tmp_path: Path) -> Iterator[GmailAPIServer]:
     with GmailAPIServer(pki.server_context(), tmp_path / "gmail", lambda token: valid_user(provider, token)) as server:
         yield server

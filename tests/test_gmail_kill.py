@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,13 +38,6 @@ MESSAGES = 12
 KILL_AFTER = [3, 2, 4]  # the n-th 200 of each killed run
 
 
-@pytest.fixture
-def provider(pki: TestPKI) -> Iterator[FakeOAuthProvider]:
-    with FakeOAuthProvider(pki) as server:
-        server.add_client(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET)
-        yield server
-
-
 class Killer:
     """Kills the postbote child once the n-th import of its run was answered 200."""
 
@@ -68,6 +60,26 @@ class Killer:
             self.killed.set()
 
 
+def write_config(tmp_path: Path, dovecot: DovecotServer, gmail: GmailAPIServer, provider: FakeOAuthProvider,
+                 pki: TestPKI) -> Path:
+    """alice's POP3 mailbox on Dovecot into the fake Gmail API, authorized by the fake provider."""
+    config = tmp_path / "postbote.yaml"
+    config.write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / "state"), "log": {"level": "info", "format": "json"},
+        "accounts": [{"name": "old", "host": dovecot.host, "port": dovecot.pop3_port, "tls": "none",
+                      "username": "alice", "password": dovecot.password("alice"), "timeout": "10s",
+                      "deliver": {"gmail": {
+                          "api_url": gmail.base_url, "tls_ca_file": str(pki.ca_file), "timeout": "10s",
+                          "oauth2": {"client_id": OAUTH_CLIENT_ID,
+                                     "client_secret_file": str(secret_file(tmp_path / "cs", OAUTH_CLIENT_SECRET)),
+                                     "token_url": provider.token_url, "ca_file": str(pki.ca_file),
+                                     "refresh_token_file": str(secret_file(
+                                         tmp_path / "rt", provider.issue_refresh_token("alice", OAUTH_CLIENT_ID)))},
+                      }}}]}))
+    config.chmod(0o600)
+    return config
+
+
 def test_a_kill_between_gmails_200_and_the_record_costs_at_most_one_copy_and_loses_nothing(
         tmp_path: Path, pki: TestPKI, dovecot: DovecotServer, provider: FakeOAuthProvider) -> None:
     for number in range(1, MESSAGES + 1):
@@ -79,20 +91,7 @@ def test_a_kill_between_gmails_200_and_the_record_costs_at_most_one_copy_and_los
         return entry[0] if entry else None
 
     with GmailAPIServer(pki.server_context(), tmp_path / "gmail", token_user, after_answer=killer.answered) as gmail:
-        config = tmp_path / "postbote.yaml"
-        config.write_text(yaml.safe_dump({
-            "state_dir": str(tmp_path / "state"), "log": {"level": "info", "format": "json"},
-            "accounts": [{"name": "old", "host": dovecot.host, "port": dovecot.pop3_port, "tls": "none",
-                          "username": "alice", "password": dovecot.password("alice"), "timeout": "10s",
-                          "deliver": {"gmail": {
-                              "api_url": gmail.base_url, "tls_ca_file": str(pki.ca_file), "timeout": "10s",
-                              "oauth2": {"client_id": OAUTH_CLIENT_ID,
-                                         "client_secret_file": str(secret_file(tmp_path / "cs", OAUTH_CLIENT_SECRET)),
-                                         "token_url": provider.token_url, "ca_file": str(pki.ca_file),
-                                         "refresh_token_file": str(secret_file(
-                                             tmp_path / "rt", provider.issue_refresh_token("alice", OAUTH_CLIENT_ID)))},
-                          }}}]}))
-        config.chmod(0o600)
+        config = write_config(tmp_path, dovecot, gmail, provider, pki)
 
         def remember(pid: int) -> None:
             killer.pid = pid
@@ -133,20 +132,7 @@ def test_a_kill_in_the_middle_of_a_large_upload_leaves_nothing_in_gmail_and_the_
 
     with GmailAPIServer(pki.server_context(), tmp_path / "gmail", token_user) as gmail:
         gmail.faults.append(Fault("upload", status=503, after_bytes=2 * 1024 * 1024, then=kill))
-        config = tmp_path / "postbote.yaml"
-        config.write_text(yaml.safe_dump({
-            "state_dir": str(tmp_path / "state"), "log": {"level": "info", "format": "json"},
-            "accounts": [{"name": "old", "host": dovecot.host, "port": dovecot.pop3_port, "tls": "none",
-                          "username": "alice", "password": dovecot.password("alice"), "timeout": "10s",
-                          "deliver": {"gmail": {
-                              "api_url": gmail.base_url, "tls_ca_file": str(pki.ca_file), "timeout": "10s",
-                              "oauth2": {"client_id": OAUTH_CLIENT_ID,
-                                         "client_secret_file": str(secret_file(tmp_path / "cs", OAUTH_CLIENT_SECRET)),
-                                         "token_url": provider.token_url, "ca_file": str(pki.ca_file),
-                                         "refresh_token_file": str(secret_file(
-                                             tmp_path / "rt", provider.issue_refresh_token("alice", OAUTH_CLIENT_ID)))},
-                          }}}]}))
-        config.chmod(0o600)
+        config = write_config(tmp_path, dovecot, gmail, provider, pki)
 
         killed = run_postbote(config, "poll", while_running=pid.append)
         assert killed.status != 0 and gmail.fired, killed.output

@@ -29,13 +29,6 @@ pytestmark = [pytest.mark.dovecot, pytest.mark.usefixtures("time_limit")]
 
 
 @pytest.fixture
-def provider(pki: TestPKI) -> Iterator[FakeOAuthProvider]:
-    with FakeOAuthProvider(pki) as server:
-        server.add_client(CLIENT_ID, CLIENT_SECRET)
-        yield server
-
-
-@pytest.fixture
 def dovecot(pki: TestPKI, provider: FakeOAuthProvider) -> Iterator[SaslDovecotServer]:
     _require_dovecot()
     server = SaslDovecotServer(pki=pki, introspection_url=provider.introspection_url, ca_file=pki.ca_file,

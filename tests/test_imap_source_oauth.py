@@ -3,7 +3,6 @@ account's ``oauth2:`` section, as the POP3 plugin does (tests/test_oauth2.py's p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,6 @@ from tests.harness import oauth_browser as _browser
 from tests.harness import secret_file as _secret_file
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot_sasl import FakeOAuthProvider
-
-
-@pytest.fixture
-def provider(pki: TestPKI) -> Iterator[FakeOAuthProvider]:
-    with FakeOAuthProvider(pki) as server:
-        server.add_client(CLIENT_ID, CLIENT_SECRET)
-        yield server
 
 
 @pytest.fixture

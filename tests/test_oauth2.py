@@ -17,7 +17,6 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -51,13 +50,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def provider(pki: TestPKI) -> Iterator[FakeOAuthProvider]:
-    with FakeOAuthProvider(pki) as server:
-        server.add_client(CLIENT_ID, CLIENT_SECRET)
-        yield server
 
 
 @pytest.fixture
