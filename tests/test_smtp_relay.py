@@ -9,16 +9,30 @@ from __future__ import annotations
 import hashlib
 import ssl
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from postbote.cli import main
 from postbote.errors import ConfigError
+from postbote.plugins.signin import oauth2
+from postbote.testing.pop3server import POP3Server
 from structlog.testing import capture_logs
 
-from tests.harness import RigFactory, corpus, corpus_message
+from tests.harness import (
+    OAUTH_CLIENT_ID,
+    OAUTH_CLIENT_SECRET,
+    RigFactory,
+    corpus,
+    corpus_message,
+    oauth_browser,
+    secret_file,
+)
 from tests.servers.certs import TestPKI
+from tests.servers.dovecot_sasl import FakeOAuthProvider
 from tests.servers.smtp_relay import SMTPRelay
 
 # aiosmtpd warns when a relay takes AUTH without TLS: the tests that fail closed want such a relay on purpose
@@ -292,3 +306,55 @@ def test_check_shows_the_relay_login_without_the_secret(make_rig: RigFactory, pk
     shown = settings.describe()
     assert shown == f"STARTTLS, auth auto as {USER}, password_file {password_file}"
     assert PASSWORD not in shown and not settings.holds_inline_password
+
+
+class ProviderTokens:
+    """The relay's check of an XOAUTH2 token, as a provider's relay makes it: the access token the fake provider
+    issued the user last, while it is valid."""
+
+    def __init__(self, provider: FakeOAuthProvider) -> None:
+        self.provider = provider
+
+    def get(self, user: str, default: str | None = None) -> str | None:
+        issued = [token for token, (owner, expires) in self.provider.state.access_tokens.items()
+                  if owner == user and expires > time.time()]
+        return issued[-1] if issued else default
+
+
+def test_postbote_auth_authorizes_an_oauth2_relay_and_the_polls_log_in_to_it_with_xoauth2(
+        tmp_path: Path, pki: TestPKI, provider: FakeOAuthProvider, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An old POP3 account (a password) into a relay that takes only OAuth2: ``postbote auth ACCOUNT`` runs the
+    relay's authorization, and the polls then log in to it with XOAUTH2, the token cached under a name of its own."""
+    monkeypatch.setattr(oauth2, "_open_browser", oauth_browser(provider))
+    relay = SMTPRelay(tokens=ProviderTokens(provider), implicit_tls=pki.server_context())  # type: ignore[arg-type]
+    relay.start()
+    try:
+        with POP3Server(corpus(2)) as pop3:
+            config = tmp_path / "postbote.yaml"
+            config.write_text(yaml.safe_dump({
+                "state_dir": str(tmp_path / "state"), "log": {"level": "debug", "format": "json"},
+                "accounts": [{
+                    "name": "old", "host": "127.0.0.1", "port": pop3.port, "tls": "none", "username": "demo",
+                    "password": "demo", "timeout": "5s",
+                    "deliver": {"smtp": {
+                        "host": relay.host, "port": relay.port, "tls": "implicit", "tls_ca_file": str(pki.ca_file),
+                        "recipients": ["me@example.org"], "username": "alice", "auth": "xoauth2", "timeout": "10s",
+                        "oauth2": {"client_id": OAUTH_CLIENT_ID,
+                                   "client_secret_file": str(secret_file(tmp_path / "cs", OAUTH_CLIENT_SECRET)),
+                                   "token_url": provider.token_url, "authorize_url": "https://127.0.0.1:1/authorize",
+                                   "scope": "pop offline_access", "refresh_token_file": str(tmp_path / "rt"),
+                                   "ca_file": str(pki.ca_file)}}}}]}))
+            config.chmod(0o600)
+
+            assert main(["-c", str(config), "auth", "old", "--flow", "loopback"]) == 0
+            assert "Authorized. The refresh token is stored in" in capsys.readouterr().out
+            cached = sorted(path.name for path in (tmp_path / "state" / "oauth2").iterdir())
+            assert cached == [f"old.smtp-alice@{relay.host}_{relay.port}.json"], cached
+
+            assert main(["-c", str(config), "poll"]) == 0
+            assert pop3.uids() == []
+        assert [(message.login, message.tls) for message in relay.messages] == [("alice", True)] * 2
+        assert relay.logins == [("XOAUTH2", "alice", True)], "one login for the whole poll"
+    finally:
+        relay.stop()
