@@ -972,19 +972,55 @@ def test_list_answers_as_servers_vary_them() -> None:
         client.logout()
 
 
-def test_append_answers_are_matched_by_tag_in_order() -> None:
-    """An answer tagged for the second APPEND arriving before the first's is out of step: neither APPENDUID is
-    taken for the wrong message."""
+def test_append_answers_are_matched_by_their_tags_and_a_second_answer_to_one_tag_is_out_of_step() -> None:
+    """An answer tagged for the second APPEND may come before the first's (a server may finish pipelined APPENDs in
+    any order): it is the second's, never the first's. A server that then answers that tag again is out of step."""
     faults = Faults().on("APPEND", action=Action.before(b"A0003 OK [APPENDUID 1000 99] early\r\n"))
     with fault_server(faults) as server:
         client = on(server, select=False)
         data = message(5)
         client.send_append("INBOX", [data], len(data))
         client.send_append("INBOX", [data], len(data))
+        assert client.read_append().uid != 99
+        assert client.read_append() == AppendResult(1000, 99)
         with pytest.raises(IMAPProtocolError, match="tagged 'A0003'"):
-            client.read_append()
+            client.noop()
     faults = Faults().on("APPEND", action=Action.mutate(lambda answer: answer.replace(b"APPENDUID", b"APPENDUID x")))
     with fault_server(faults) as server:
         client = on(server, select=False)
         with pytest.raises(IMAPProtocolError, match="APPENDUID"):
             client.append("INBOX", [data], len(data))
+
+
+def test_pipelined_appends_answered_out_of_order_each_get_their_own_answer() -> None:
+    """A server may store pipelined APPENDs side by side and answer the one it finished first (RFC 3501 5.5):
+    each answer goes to the APPEND its tag names, and the session stays in step."""
+    import socket
+    import threading
+
+    ours, theirs = socket.socketpair()
+    tags: list[str] = []
+
+    def server() -> None:
+        theirs.sendall(b"* OK [CAPABILITY IMAP4rev1 LITERAL+ UIDPLUS] ready\r\n")
+        received = b""
+        while len(tags) < 2:
+            received += theirs.recv(65536)
+            tags[:] = re.findall(rb"^(\S+) APPEND ", received, re.MULTILINE)
+            tags[:] = [tag.decode() for tag in tags]
+            if len(tags) == 2 and not received.endswith(b"\r\n"):
+                tags.clear()
+        theirs.sendall(f"{tags[1]} OK [APPENDUID 7 2] second\r\n{tags[0]} OK [APPENDUID 7 1] first\r\n".encode())
+
+    thread = threading.Thread(target=server, daemon=True)
+    thread.start()
+    client = IMAPClient(ours, host="test", timeout=5)
+    client.read_greeting()
+    for number in (1, 2):
+        data = message(number)
+        client.send_append("INBOX", [data], len(data))
+    assert [client.read_append() for _ in range(2)] == [AppendResult(7, 1), AppendResult(7, 2)]
+    assert client.in_flight == 0
+    thread.join(5)
+    ours.close()
+    theirs.close()

@@ -1263,21 +1263,26 @@ class IMAPClient:
 
     def _dispatch(self, response: Response) -> None:
         """A response that is not a continuation and not kept: a tagged answer completes the oldest command still
-        waiting (any other tag is out of step); untagged ones update what the client tracks."""
+        waiting -- or, among pipelined APPENDs, any of them, since a server may store them side by side and answer
+        in the order it finished (RFC 3501 5.5); any other tag is out of step. Untagged ones update what the client
+        tracks."""
         if response.tag == "*":
             self._untagged(response)
             return
         for command in self._in_flight:
-            if command.done is None:
-                if command.tag != response.tag:
-                    break
-                command.done = response
-                if command.returned and response.kind != "OK" and (response.kind == "BAD" or command.had_data):
-                    raise IMAPProtocolError(f"{self.host}: {response.kind} for {command.shown} after its data was "
-                                            "read: out of step")
-                if response.code == "CAPABILITY":
-                    self._set_capabilities(response.code_args)
-                return
+            if command.done is not None:
+                continue
+            if command.tag != response.tag:
+                if command.kind == "APPEND":
+                    continue  # an APPEND still unanswered: a later one may have finished first
+                break
+            command.done = response
+            if command.returned and response.kind != "OK" and (response.kind == "BAD" or command.had_data):
+                raise IMAPProtocolError(f"{self.host}: {response.kind} for {command.shown} after its data was "
+                                        "read: out of step")
+            if response.code == "CAPABILITY":
+                self._set_capabilities(response.code_args)
+            return
         raise IMAPProtocolError(f"{self.host}: an answer tagged {response.tag!r} {self._doing}: out of step")
 
     def _untagged(self, response: Response) -> None:
