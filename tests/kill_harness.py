@@ -53,6 +53,25 @@ def phase_of(commands: list[str]) -> str:
     return "starting up"
 
 
+def kill_poll_when(config: Path, directory: Path, due: Callable[[float], bool]) -> bool:
+    """Run ``postbote poll`` on ``config`` and SIGKILL it as soon as ``due(seconds since its start)``; whether it
+    was killed (False: the poll ended first). A poll that reaches no kill point within a minute fails the test."""
+    with open(directory / "child.log", "ab") as log:
+        child = subprocess.Popen(postbote_argv(config, "poll"), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                 env=child_env(), cwd=directory)
+        started = time.monotonic()
+        while child.poll() is None:
+            elapsed = time.monotonic() - started
+            if due(elapsed) or elapsed > 60:
+                child.kill()  # SIGKILL
+                child.wait(timeout=30)
+                if elapsed > 60:
+                    pytest.fail("a poll ran for a minute without reaching its kill point")
+                return True
+            time.sleep(0.0005)
+    return False
+
+
 @dataclass
 class Tally:
     kills: int = 0
@@ -109,26 +128,16 @@ class Chain:
             delay = None
             share = (fraction - STARTUP_SHARE) / (1 - STARTUP_SHARE)
             commands = max(1, round(share * self.commands_left(measured)))
-        with open(self.rig.directory / "child.log", "ab") as log:
-            child = subprocess.Popen(postbote_argv(self.config, "poll"), stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=log, env=child_env(), cwd=self.rig.directory)
-            started = time.monotonic()
-            while child.poll() is None:
-                due = (time.monotonic() - started >= delay if delay is not None
-                       else len(self.server.commands) - seen_before >= (commands or 0))
-                if due:
-                    child.kill()  # SIGKILL
-                    child.wait(timeout=30)
-                    tally.kills += 1
-                    tally.phases[phase_of(self.server.commands[seen_before:])] += 1
-                    break
-                if time.monotonic() - started > 60:
-                    child.kill()
-                    child.wait(timeout=30)
-                    pytest.fail("a poll ran for a minute without reaching its kill point")
-                time.sleep(0.0005)
-            else:
-                tally.missed += 1  # the poll ended before its kill point
+        def due(elapsed: float) -> bool:
+            if delay is not None:
+                return elapsed >= delay
+            return len(self.server.commands) - seen_before >= (commands or 0)
+
+        if kill_poll_when(self.config, self.rig.directory, due):
+            tally.kills += 1
+            tally.phases[phase_of(self.server.commands[seen_before:])] += 1
+        else:
+            tally.missed += 1  # the poll ended before its kill point
         tally.runs += 1
         tally.check(self.rig.audit())
 

@@ -14,7 +14,6 @@ at most one duplicate per kill.
 from __future__ import annotations
 
 import imaplib
-import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,13 +26,12 @@ import yaml
 from tests.harness import (
     MaildirTarget,
     SinkTarget,
-    child_env,
     corpus_message,
     corpus_number,
     held_uids,
-    postbote_argv,
     run_postbote,
 )
+from tests.kill_harness import kill_poll_when
 from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp_sink import SMTPSink
 
@@ -109,32 +107,19 @@ class Chain:
         base = self.staged()
         staged = max(1, round((share or 0) * self.undelivered()))
 
-        def due() -> bool:
+        def due(elapsed: float) -> bool:
             if after is not None:
-                return time.monotonic() - started >= after
+                return elapsed >= after
             if all_delivered:
                 return self.undelivered() == 0
             return self.staged() - base >= staged
 
         phase = "start-up" if after is not None else "after fetch" if all_delivered else f"{share:.0%} staged"
-        with open(self.directory / "child.log", "ab") as log:
-            child = subprocess.Popen(postbote_argv(self.config, "poll"), stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=log, env=child_env(), cwd=self.directory)
-            started = time.monotonic()
-            while child.poll() is None:
-                if due():
-                    child.kill()  # SIGKILL
-                    child.wait(timeout=30)
-                    tally.kills += 1
-                    tally.phases[phase] += 1
-                    break
-                if time.monotonic() - started > 60:
-                    child.kill()
-                    child.wait(timeout=30)
-                    pytest.fail("a poll ran for a minute without reaching its kill point")
-                time.sleep(0.0005)
-            else:
-                tally.missed += 1
+        if kill_poll_when(self.config, self.directory, due):
+            tally.kills += 1
+            tally.phases[phase] += 1
+        else:
+            tally.missed += 1
         self.check()
 
     def finish(self, *, empties_inbox: bool) -> Counter[int]:

@@ -30,7 +30,7 @@ import enum
 import os
 import re
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -652,15 +652,6 @@ class IMAPSourceRun(CaseRun):
                      for ident, _ in found}
         self.ledger.after_poll(on_server, risky, self.kills)
         self.check_imap_stats(plan, result, faults, name)
-
-    def run_here(self, plan: PollPlan) -> PollResult:
-        plugin = ModelPlugin(plan, self.destinations, self.database, in_child=False)
-        try:
-            stats = self.poll_with(plugin)
-        finally:
-            locked = plugin.lock is not None
-            plugin.release()
-        return PollResult(asdict(stats), state_locked=locked, destination_refusals=plugin.refused)
 
     def poll_with(self, plugin: ModelPlugin) -> Any:
         folders = []
