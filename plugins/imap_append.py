@@ -85,6 +85,9 @@ DESTINATION_KINDS = ("imap",)
 INTERNALDATE_CHOICES = ("date", "fetch")
 FUTURE_SLACK = timedelta(days=1)  # a Date: further ahead than this is not believed (it would sort on top for ever)
 NUL_NOTE = " (the message holds a NUL byte, which IMAP allows only in a BINARY literal)"
+# Messages of one Message-ID and size whose headers are compared, newest first: a server (or a folder) with more
+# costs no more time than this; not found among them, the message is appended again -- a copy, never a loss.
+MAX_FIND_CANDIDATES = 20
 MAX_MESSAGE_ID = 900  # longer Message-IDs are not searched for (a line must fit in 1,000 octets)
 MAX_REOPENS = 3  # sessions opened again in a row, none taking a message, before the rest of the poll is deferred
 
@@ -466,7 +469,8 @@ class AppendSession:
             self.select_folder(client)
             if client.selected is None:
                 return None
-            for uid in client.search_message((message.message_id or "").encode("ascii"), length):
+            found = client.search_message((message.message_id or "").encode("ascii"), length)
+            for uid in sorted(found, reverse=True)[:MAX_FIND_CANDIDATES]:  # ours is most likely the newest
                 theirs = client.header_block(uid)
                 if theirs is not None and fields_besides_our_trace(theirs) == ours:
                     return f"{self.settings.folder}, UID {uid} (UIDVALIDITY {client.selected.uidvalidity})"

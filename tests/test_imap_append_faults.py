@@ -152,6 +152,27 @@ def test_an_answer_lost_after_the_server_stored_the_message_costs_no_copy_when_t
     assert found["answer"].startswith("found already delivered: INBOX, UID 1 ")
 
 
+def test_the_search_for_a_lost_answer_compares_at_most_twenty_candidates_and_else_appends_again(
+        make_rig: RigFactory, imap_server: IMAPServer) -> None:
+    """A folder (or a server) with many messages of one Message-ID and size costs at most 20 header fetches; the
+    message is then appended again -- one copy more, never taken for one of the others."""
+    faults(imap_server).on("APPEND", action=Action.drop_midway(after_bytes=3))
+    rig = make_rig(corpus(1), target=FaultyIMAPTarget(imap_server), source="fake")
+    assert rig.poll().deferred == 1
+    (stored,) = imap_server.messages()
+    for number in range(30):  # the same size, another Subject: newer than the message, so compared first
+        decoy = stored.data.replace(b"corpus message 1", f"decoy message {number:02d}".encode())
+        imap_server.add_message("INBOX", decoy)
+    before = len(imap_server.commands)
+
+    assert rig.poll().delivered == 1
+
+    header_fetches = [c for c in imap_server.commands[before:] if c.startswith("UID FETCH") and "HEADER" in c]
+    assert len(header_fetches) == 20
+    ours = [m for m in imap_server.messages() if b"Subject: corpus message 1\r\n" in m.data]
+    assert len(ours) == 2 and not rig.audit().on_server  # the decoys share its Message-ID: counted apart
+
+
 def test_a_message_that_cannot_be_searched_for_costs_one_copy_after_a_lost_answer_never_the_message(
         make_rig: RigFactory, imap_server: IMAPServer) -> None:
     """A message without a Message-ID to search by (here: one too long to send in a SEARCH) is appended again when
