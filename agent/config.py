@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from postbote import yaml_reader as s
+from postbote.credentials import redact
 from postbote.errors import ConfigError
 from postbote.yaml_reader import Node, Problems, Section
 
@@ -282,7 +283,7 @@ def _accounts_from_plugins(pm: PluginManager, defaults: Section | None, base_dir
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - a plugin's failure is a config error that names it
-            raise ConfigError(f"plugins.{name}: loading accounts failed: {type(exc).__name__}: {exc}") from None
+            raise ConfigError(redact(f"plugins.{name}: loading accounts failed: {type(exc).__name__}: {exc}")) from None
         for rows in supplied:
             problems = Problems(rows.where)
             root = Node({"accounts": Node([s.node_of(row, number, f"accounts[{index}]")

@@ -121,3 +121,24 @@ def test_a_reload_reads_the_table_again_and_polls_a_new_row(tmp_path: Path, dove
     wait_until(lambda: len(MaildirTarget(tmp_path / "bob").delivered()) == 1, 15, "bob's mail")
     assert len(daemon.events("poll.finished", account="alice")) == 1  # not polled again by the reload
     assert daemon.stop() == 0
+
+
+def test_a_plugin_that_fails_to_supply_accounts_is_one_config_error_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plugin = tmp_path / "plugins" / "broken_accounts.py"
+    plugin.parent.mkdir()
+    plugin.write_text("from postbote import hookimpl\n\n"
+                      "@hookimpl\ndef parse_plugin_options(name, options):\n"
+                      "    return {} if name == 'broken_accounts' else None\n\n"
+                      "@hookimpl\ndef load_accounts(name, options, base_dir):\n"
+                      "    if name == 'broken_accounts':\n"
+                      "        raise RuntimeError('the directory service is down')\n")
+    path = tmp_path / "postbote.yaml"
+    path.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "plugin_paths": [str(plugin.parent)],
+                                    "plugins": {"broken_accounts": {}}}))
+    path.chmod(0o600)
+
+    assert main(["-c", str(path), "check"]) == 2
+    err = capsys.readouterr().err
+    assert "plugins.broken_accounts: loading accounts failed: RuntimeError: the directory service is down" in err
+    assert "Traceback" not in err
