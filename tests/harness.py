@@ -78,8 +78,8 @@ FIXTURE_TIME_LIMIT = 120.0
 
 
 @contextmanager
-def fixtures_watched(item: pytest.Item, phase: str) -> Iterator[None]:
-    """End the whole run, printing every thread's stack, when a test's fixtures hang in ``phase``.
+def fixtures_watched(item: pytest.Item) -> Iterator[None]:
+    """End the whole run, printing every thread's stack, when a test's fixtures hang in their set-up or tear-down.
 
     Interrupting fixtures with an exception (as `limited_time` does the test's body) is not safe: pytest would keep
     a half-finalized fixture cached for the tests after it. A dead run with the stacks says where the hang is."""
