@@ -39,8 +39,8 @@ from tests.harness import (
     Postbote,
     RigFactory,
     SetupFactory,
+    body_watched,
     fixtures_watched,
-    limited_time,
     rig_factory,
     setup_factory,
 )
@@ -197,12 +197,10 @@ def time_limit() -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    """Bound the body of a test that asks for ``time_limit``, never its fixtures' set-up or tear-down: an
-    interrupt landing inside pytest's fixture machinery leaves a fixture cached, and every later test of the run
-    would share one ``tmp_path``."""
-    if "time_limit" not in getattr(item, "fixturenames", ()):
-        return (yield)
-    with limited_time(item):
+    """Bound the body of every test (`tests.harness.body_watched`), never its fixtures' set-up or tear-down with
+    an interrupt: one landing inside pytest's fixture machinery leaves a fixture cached, and every later test of
+    the run would share one ``tmp_path``."""
+    with body_watched(item):
         return (yield)
 
 

@@ -18,6 +18,7 @@ scripted POP3 server (the default, ``source="pop3"``).
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import io
 import json
@@ -75,22 +76,44 @@ def limited_time(item: pytest.Item) -> Iterator[None]:
 
 
 FIXTURE_TIME_LIMIT = 120.0
+# Whatever a test's body does (a test without ``time_limit``, or a hang the interrupt cannot break, such as a lock
+# taken by a thread that died), the run ends with every thread's stack after this long, never at CI's own limit.
+# A soak (thousands of model cases) sets POSTBOTE_TEST_BACKSTOP to more seconds, or to 0 for none.
+BODY_BACKSTOP = float(os.environ.get("POSTBOTE_TEST_BACKSTOP", "300"))
 
 
 @contextmanager
-def fixtures_watched(item: pytest.Item) -> Iterator[None]:
-    """End the whole run, printing every thread's stack, when a test's fixtures hang in their set-up or tear-down.
+def run_ended_after(seconds: float) -> Iterator[None]:
+    """End the whole run, printing every thread's stack, if the block is still running after ``seconds``.
 
     Interrupting fixtures with an exception (as `limited_time` does the test's body) is not safe: pytest would keep
     a half-finalized fixture cached for the tests after it. A dead run with the stacks says where the hang is."""
-    if "time_limit" not in getattr(item, "fixturenames", ()):
+    if seconds <= 0:
         yield
         return
-    faulthandler.dump_traceback_later(FIXTURE_TIME_LIMIT, exit=True)
+    faulthandler.dump_traceback_later(seconds, exit=True)
     try:
         yield
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+def fixtures_watched(item: pytest.Item) -> contextlib.AbstractContextManager[None]:
+    """Every test's set-up and tear-down, whether or not it asked for ``time_limit``, end the run when they hang."""
+    return run_ended_after(FIXTURE_TIME_LIMIT)
+
+
+@contextmanager
+def body_watched(item: pytest.Item) -> Iterator[None]:
+    """A test that asked for ``time_limit`` is interrupted after it (and the run ends a minute later if the
+    interrupt did not free it); any other test ends the run after `BODY_BACKSTOP`."""
+    if "time_limit" not in getattr(item, "fixturenames", ()):
+        with run_ended_after(BODY_BACKSTOP):
+            yield
+        return
+    limit = float(getattr(item.module, "TIME_LIMIT", TIME_LIMIT))  # type: ignore[attr-defined]
+    with run_ended_after(limit + 60.0), limited_time(item):
+        yield
 
 
 # --- the corpus ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ A second test plays random mutations through the real `postbote.testing.imapserv
 
 CI runs ``POSTBOTE_FUZZ_EXAMPLES`` cases (default 300), derandomised; a soak::
 
-    POSTBOTE_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/test_fuzz_imap_framing.py -q
+    POSTBOTE_TEST_BACKSTOP=0 POSTBOTE_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/test_fuzz_imap_framing.py -q
 """
 
 from __future__ import annotations

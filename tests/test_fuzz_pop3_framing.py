@@ -13,7 +13,7 @@ which commits the deletions, only then. Anything else means the client took anot
 
 CI runs ``POSTBOTE_FUZZ_EXAMPLES`` cases (default 300); a soak::
 
-    POSTBOTE_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/test_fuzz_pop3_framing.py -q
+    POSTBOTE_TEST_BACKSTOP=0 POSTBOTE_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/test_fuzz_pop3_framing.py -q
 """
 
 from __future__ import annotations

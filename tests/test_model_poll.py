@@ -13,7 +13,7 @@ stuck, no fault hidden from the poll's result.
 
 CI runs ``POSTBOTE_MODEL_EXAMPLES`` cases (default 150). The soak::
 
-    POSTBOTE_MODEL_EXAMPLES=5000 .venv/bin/python -m pytest tests/test_model_poll.py -x -s
+    POSTBOTE_TEST_BACKSTOP=0 POSTBOTE_MODEL_EXAMPLES=5000 .venv/bin/python -m pytest tests/test_model_poll.py -x -s
 
 A failure prints the shrunk case (``case.describe()``) and what each poll did; it reads as a regular test's setup.
 """
