@@ -124,6 +124,53 @@ class Account:
 
 
 @dataclass(frozen=True)
+class SharedState:
+    """``state: postgresql://...`` (or a libpq conninfo, ``host=... dbname=...``): the records of every account
+    live in a PostgreSQL database that several ``postbote run`` workers share (docs/scaling.md).
+
+    ``conninfo`` holds the text as written, password included: it is only ever handed to the driver. ``shown`` is
+    the same text with the password masked, for logs, errors and ``postbote status``; the password itself is
+    registered with `redact` as every other secret is. Better still, leave the password out and let libpq read
+    it from ``~/.pgpass`` (or ``PGPASSFILE``, or ``passfile=`` in the conninfo)."""
+
+    conninfo: str = field(repr=False)
+    shown: str
+
+    def __str__(self) -> str:
+        return self.shown
+
+
+_URI_PASSWORD = re.compile(r"^(postgres(?:ql)?://[^:@/?#]*:)([^@/?#]*)(@)")
+_CONNINFO_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)")
+
+
+def shared_state(value: object) -> SharedState | None:
+    """Parse ``state``: ``sqlite`` (the default, in ``state_dir``) or a PostgreSQL connection string."""
+    import importlib.util
+
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected sqlite, a postgresql:// URI or a libpq conninfo (host=... dbname=...)")
+    text = value.strip()
+    if text == "sqlite":
+        return None
+    if not (text.startswith(("postgresql://", "postgres://")) or "=" in text):
+        raise ValueError("expected sqlite, a postgresql:// URI or a libpq conninfo (host=... dbname=...)")
+    from postbote.credentials import MASK, register_secret
+
+    shown = text
+    for pattern in (_URI_PASSWORD, _CONNINFO_PASSWORD, _QUERY_PASSWORD):
+        for match in pattern.finditer(text):
+            register_secret(match.group(2).strip("'"))
+        shown = pattern.sub(lambda match: match.group(1) + MASK + (match.group(3) if match.re.groups > 2 else ""),
+                            shown)
+    if importlib.util.find_spec("psycopg") is None:
+        raise ValueError("a PostgreSQL state needs the driver psycopg 3, which is not installed "
+                         "(pip install 'postbote[postgresql]')")
+    return SharedState(text, shown)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     state_dir: Path
@@ -133,6 +180,8 @@ class Config:
     max_parallel_per_host: int = 8  # polls at once against one server host (providers limit connections per IP)
     backoff_max: float = 3600.0
     state_busy_timeout: float = 2.0
+    state: SharedState | None = None  # None: SQLite in state_dir, the default
+    worker_lease: float = 60.0  # with a shared state: how long a worker's claim on an account lasts unrenewed
 
     def account(self, name: str) -> Account:
         for account in self.accounts:
@@ -146,7 +195,7 @@ class Config:
 
 
 TOP_KEYS = {"state_dir", "log", "defaults", "accounts", "accounts_dir", "plugins", "plugin_paths", "max_parallel",
-            "max_parallel_per_host", "backoff_max", "state_busy_timeout"}
+            "max_parallel_per_host", "backoff_max", "state_busy_timeout", "state", "worker_lease"}
 ACCOUNT_FILE_PATTERNS = ("*.yaml", "*.yml")
 
 
@@ -160,12 +209,18 @@ def load_config(path: Path, pm: PluginManager) -> Config:
 def _no_cycle_collection() -> Iterator[None]:
     """Reading a config makes many objects that all stay alive, and no garbage in cycles: the cyclic collector's
     passes over the growing heap made reading 100,000 accounts quadratic (40,000: 20.6 s with it, 8.8 s without).
-    Reference counting still frees whatever is dropped meanwhile."""
+    Reference counting still frees whatever is dropped meanwhile.
+
+    What was read is then frozen (`gc.freeze`): it lives as long as the config, and a full collection over its
+    millions of objects cost a second right after reading, and again now and then while the daemon ran. An earlier
+    config's objects are unfrozen first, so that what a reload drops can be collected."""
     enabled = gc.isenabled()
     gc.disable()
+    gc.unfreeze()
     try:
         yield
     finally:
+        gc.freeze()
         if enabled:
             gc.enable()
 
@@ -199,10 +254,23 @@ def _load_config(path: Path, pm: PluginManager) -> Config:
                     max_parallel=top.get("max_parallel", s.integer(1, 1024), 4),
                     max_parallel_per_host=top.get("max_parallel_per_host", s.integer(1, 1024), 8),
                     backoff_max=top.get("backoff_max", s.duration, 3600.0),
-                    state_busy_timeout=top.get("state_busy_timeout", s.duration, 2.0))
+                    state_busy_timeout=top.get("state_busy_timeout", s.duration, 2.0),
+                    state=_shared_state(top), worker_lease=top.get("worker_lease", s.duration, 60.0))
     problems.raise_if_any()
     _refuse_exposed_inline_password(config)
     return config
+
+
+def _shared_state(top: Section) -> SharedState | None:
+    """``state``, with a mistake reported without the value (a connection string may hold a password)."""
+    node = top.raw("state")
+    if node is None or node.value is None:
+        return None
+    try:
+        return shared_state(node.value)
+    except ValueError as exc:
+        top.problem(str(exc), node)
+        return None
 
 
 def _log_settings(section: Section | None, base_dir: Path) -> LogSettings:
@@ -382,7 +450,7 @@ def _account(section: Section, problems: Problems, pm: PluginManager, base_dir: 
     return Account(**account_args)
 
 
-def _source(section: Section, protocol: str, protocols: set[str], problems: Problems, pm: PluginManager,
+def _source(section: Section, protocol: str, protocols: frozenset[str], problems: Problems, pm: PluginManager,
             base_dir: Path) -> Any:
     """The account's source settings, read by the plugin of its ``protocol`` (None when there are problems)."""
     if protocol not in protocols:
@@ -441,8 +509,8 @@ def _destinations(section: Section, problems: Problems, pm: PluginManager,
 
 def parse_destination_entry(entry: Node, problems: Problems, pm: pluggy.PluginManager,
                             base_dir: Path) -> Destination | None:
-    known = sorted(_known_destination_kinds(pm))
     if not isinstance(entry.value, dict) or len(entry.value) != 1:
+        known = sorted(_known_destination_kinds(pm))
         problems.add(entry.line, entry.path,
                      f"expected a mapping with exactly one of {', '.join(known)}, e.g. {{smtp: {{host: localhost}}}}")
         return None
@@ -452,6 +520,7 @@ def parse_destination_entry(entry: Node, problems: Problems, pm: pluggy.PluginMa
                                        pluginmanager=pm)
     if parsed is None:
         if len(problems.lines) == before:
+            known = sorted(_known_destination_kinds(pm))
             problems.add(options.line, options.path, f"unknown delivery target {kind!r} (known: {', '.join(known)})")
         return None
     if len(problems.lines) > before:
@@ -490,32 +559,49 @@ def _plugin_entries(section: Section | None, pm: PluginManager, problems: Proble
 class GlobalPlugins:
     """The top-level ``plugins:`` entries, and what each plugin parsed from them (or from no options at all), by the
     directory relative paths are taken from. Most accounts have no plugin options of their own: parsing the same
-    options again for each of 100,000 accounts was a third of reading the config."""
+    options again for each of 100,000 accounts was a third of reading the config. Directories are keys as text:
+    comparing `Path`s was a tenth of it."""
 
     entries: dict[str, Node | bool]
-    parsed: dict[tuple[str, Path], Any] = field(default_factory=dict)
+    parsed: dict[tuple[str, str], Any] = field(default_factory=dict)
+    without_own: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The plugins of an account without ``plugins:`` of its own, by directory: the same for all of them."""
 
 
 def _account_plugins(section: Section, pm: PluginManager, problems: Problems, base_dir: Path,
                      global_plugins: GlobalPlugins) -> dict[str, Any]:
     """The plugins enabled for one account, each with the options it parsed (global ones, shallowly overridden)."""
-    own = _plugin_entries(section.section("plugins"), pm, problems)
+    directory = str(base_dir)
+    own_section = section.section("plugins")
+    if own_section is None and directory in global_plugins.without_own:
+        return dict(global_plugins.without_own[directory])
+    before = len(problems.lines)
+    enabled = _enabled_plugins(_plugin_entries(own_section, pm, problems), section, pm, problems, base_dir,
+                               global_plugins)
+    if own_section is None and len(problems.lines) == before:
+        global_plugins.without_own[directory] = dict(enabled)
+    return enabled
+
+
+def _enabled_plugins(own: dict[str, Node | bool], section: Section, pm: PluginManager, problems: Problems,
+                     base_dir: Path, global_plugins: GlobalPlugins) -> dict[str, Any]:
     enabled: dict[str, Any] = {}
+    directory = str(base_dir)
     for name, source in pm.sources.items():
         entry = own.get(name, global_plugins.entries.get(name))
         if not source.essential and (entry is False or (entry is None and not source.on_by_default)):
             continue
         pm.load_builtin(name)  # an optional built-in is imported only once some account enables it
         shared = name not in own  # parsed from the top-level entry (or from nothing): the same for every account
-        if shared and (name, base_dir) in global_plugins.parsed:
-            enabled[name] = global_plugins.parsed[name, base_dir]
+        if shared and (name, directory) in global_plugins.parsed:
+            enabled[name] = global_plugins.parsed[name, directory]
             continue
         options = _merged_options(global_plugins.entries.get(name), own.get(name))
         before = len(problems.lines)
         enabled[name] = _parse_plugin_options(name, options or Node({}, section.line, f"{section.path}.plugins.{name}"),
                                               pm, problems, base_dir)
         if shared and len(problems.lines) == before:
-            global_plugins.parsed[name, base_dir] = enabled[name]
+            global_plugins.parsed[name, directory] = enabled[name]
     return enabled
 
 
@@ -538,18 +624,21 @@ def _parse_plugin_options(name: str, options: Node, pm: PluginManager, problems:
     return parsed
 
 
-def _known_destination_kinds(pm: pluggy.PluginManager) -> set[str]:
-    kinds: set[str] = set()
-    for plugin in pm.get_plugins():
-        kinds.update(getattr(plugin, "DESTINATION_KINDS", ()))
-    return kinds
+def _known_destination_kinds(pm: pluggy.PluginManager) -> frozenset[str]:
+    return _declared(pm, "DESTINATION_KINDS")
 
 
-def _known_source_protocols(pm: pluggy.PluginManager) -> set[str]:
-    protocols: set[str] = set()
-    for plugin in pm.get_plugins():
-        protocols.update(getattr(plugin, "SOURCE_PROTOCOLS", ()))
-    return protocols
+def _known_source_protocols(pm: pluggy.PluginManager) -> frozenset[str]:
+    return _declared(pm, "SOURCE_PROTOCOLS")
+
+
+def _declared(pm: pluggy.PluginManager, attribute: str) -> frozenset[str]:
+    """What the plugins declare in ``attribute``: postbote's manager keeps it (asked for every account); a plain
+    pluggy manager handed in by a third-party plugin is asked each time."""
+    declared = getattr(pm, "declared", None)
+    if declared is not None:
+        return frozenset(declared(attribute))
+    return frozenset(name for plugin in pm.get_plugins() for name in getattr(plugin, attribute, ()))
 
 
 def _plugin_settings(account: Account) -> list[Any]:

@@ -62,14 +62,28 @@ class PluginManager(pluggy.PluginManager):
         self.sources: dict[str, PluginSource] = {}
         self._not_loaded: set[str] = set()  # optional built-ins known by name, not imported yet
         self._subsets: dict[frozenset[str], AccountHooks] = {}
+        self._declared: dict[str, frozenset[str]] = {}
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
-        self._subsets.clear()  # the callers cached per account were made for the plugins registered before
+        self._forget_derived()  # what was cached was made for the plugins registered before
         return super().register(plugin, name)
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
-        self._subsets.clear()
+        self._forget_derived()
         return super().unregister(plugin, name)
+
+    def _forget_derived(self) -> None:
+        self._subsets.clear()
+        self._declared.clear()
+
+    def declared(self, attribute: str) -> frozenset[str]:
+        """What the registered plugins declare in ``attribute`` (``DESTINATION_KINDS``, ``SOURCE_PROTOCOLS``) together;
+        asked for every account of a config, so kept until a plugin is registered or unregistered."""
+        known = self._declared.get(attribute)
+        if known is None:
+            known = self._declared[attribute] = frozenset(
+                name for plugin in self.get_plugins() for name in getattr(plugin, attribute, ()))
+        return known
 
     def hooks_for(self, account: Any) -> AccountHooks:
         """The hooks as ``account`` sees them: without the plugins it turns off."""
