@@ -171,9 +171,14 @@ class _SimpleDocument:
     def _node(self, event: Any, path: str, depth: int) -> Node:
         line = event.start_mark.line + 1
         self.values += 1
-        _check_bounds(self.file, line, depth, self.values, alias_uses=0)
+        if self.values > MAX_VALUES or depth > MAX_DEPTH:
+            _check_bounds(self.file, line, depth, self.values, alias_uses=0)
         kind = type(event)
         if kind is yaml.ScalarEvent:
+            value = event.value
+            if event.tag is None and event.anchor is None and (
+                    not event.implicit[0] or value[:1] not in _RESOLVABLE_STARTS):
+                return Node(value, line, path)  # most values: text, quoted or plain
             return Node(self._scalar(event, line, path), line, path)
         if getattr(event, "anchor", None) is not None or getattr(event, "tag", None) is not None:
             raise _NotSimple
@@ -368,7 +373,8 @@ class Section:
 
     def get(self, key: str, parse: Parser[T], default: Any = ..., *, required: bool = False) -> Any:
         """The value of ``key`` parsed by ``parse``; ``default`` when absent (a problem when ``required``)."""
-        node = self.raw(key)
+        self.used.add(key)
+        node = self.entries.get(key)
         if node is None or node.value is None:
             if required:
                 self.problems.add(self.line, _join(self.path, key), "required key is missing")
@@ -420,8 +426,8 @@ def describe(value: Any) -> str:
 def text(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError("expected a string")
-    result = str(value)
-    if any(ch in result for ch in "\r\n\0"):
+    result = value if type(value) is str else str(value)
+    if "\n" in result or "\r" in result or "\0" in result:
         raise ValueError("expected a single line without control characters")
     return result
 
