@@ -28,11 +28,16 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from postbote.errors import StateError, StateLockedError
 
+if TYPE_CHECKING:
+    from postbote.config import Config, SharedState
+
 DATABASE_NAME = "postbote.sqlite3"
 LOCK_NAME = "postbote.lock"
+SHARED_PLACEHOLDER = "postbote.shared"  # `StateStore.path` of a shared store: no file, named under state_dir
 
 DEFAULT_BUSY_TIMEOUT = 2.0  # seconds to wait for another process's write lock before the message is deferred
 FORGET_AFTER_LISTINGS = 3  # a record goes only when its UID was missing from this many listings in a row ...
@@ -219,62 +224,430 @@ def _legacy_key(text: str) -> DeliveryKey:
     return DeliveryKey(int(position) if position.isdigit() else -1, label, recipient)
 
 
+class Writer(Protocol):
+    """The statements of one open transaction, whichever database holds the store. SQL is written once, in the
+    dialect SQLite and PostgreSQL share (``?`` placeholders, ``ON CONFLICT``, ``coalesce``); the PostgreSQL
+    connection translates the placeholders."""
+
+    def execute(self, sql: str, args: Sequence[object] = ()) -> int:
+        """Run one statement; returns the rows it changed."""
+        ...
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> int:
+        ...
+
+    def query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        ...
+
+
+class Database(Protocol):
+    """What `StateStore` needs of the database under it: `SQLiteDatabase` (one file under ``state_dir``, the
+    default) or ``postbote.state_postgres.PostgresDatabase`` (shared by several workers). Every failure is a
+    `StateError` whose text names the database (without a password)."""
+
+    shared: bool  # several processes, maybe on several machines, use this database at once
+    where: str  # the database as errors name it
+
+    def query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]: ...
+
+    def transaction(self, *, needs_sync: bool = True) -> contextlib.AbstractContextManager[Writer]:
+        """A transaction, committed at the end of the block (rolled back on an exception). ``needs_sync=False``:
+        its records need no sync before QUIT (`StateStore.make_durable`)."""
+        ...
+
+    def tables(self) -> set[str]: ...
+
+    def columns(self, table: str) -> set[str]: ...
+
+    def make_durable(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class StateStore:
-    def __init__(self, state_dir: Path, *, readonly: bool = False, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+    """The records of every account's messages and polls, on SQLite (``state_dir``) or, with ``shared``, on a
+    PostgreSQL database several workers share (`postbote.state_postgres`): one interface, the same statements."""
+
+    def __init__(self, state_dir: Path, *, readonly: bool = False, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+                 shared: SharedState | None = None) -> None:
         """Open (and create) the database; ``readonly`` opens an existing one for reading without creating files.
 
-        A read-only store never creates the ``-wal``/``-shm`` companions (which, made by root for
+        A read-only SQLite store never creates the ``-wal``/``-shm`` companions (which, made by root for
         ``postbote status``, would lock the service user out): while nobody has the database open it is read as an
         immutable file. A missing database is a `StateError`.
         """
-        self.path = state_dir / DATABASE_NAME
-        self._lock = threading.RLock()
-        self._unsynced = True  # whatever an earlier run left unsynced is synced by the first `make_durable`
-        self._tables = {"polls", "poll_counters", "poll_schedule"}
-        try:
-            if readonly:
-                self._db = _connect_readonly(self.path)
-                self._tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master")}
-                return
-            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _create_private(self.path)
-            self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            self._upgrade()
-        except (OSError, sqlite3.Error) as exc:
-            raise StateError(f"state database {self.path}: {exc}") from None
+        self.state_dir = state_dir
+        """Where this machine keeps what is not shared: plugin tables (`KeyedTable`), OAuth tokens, the lock."""
+        self._db: Database
+        if shared is None:
+            self.path = state_dir / DATABASE_NAME
+            self._db = SQLiteDatabase(self.path, readonly=readonly, busy_timeout=busy_timeout)
+        else:
+            from postbote.state_postgres import PostgresDatabase
 
-    def _upgrade(self) -> None:
-        """Bring a database written by an earlier version up to this schema (columns added, tables renamed)."""
-        present = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
-        for name, declaration in _MESSAGE_COLUMNS:
-            if name not in present:
-                self._db.execute(f"ALTER TABLE messages ADD COLUMN {name} {declaration}")
-        tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        legacy = [(f"SELECT account, uid, destination, '{DeliveryState.DONE}', answer, 1, updated FROM {table}"
-                   if table == "destinations_done" else
-                   f"SELECT account, uid, destination, state, answer, attempts, updated FROM {table}", table)
-                  for table in ("destinations_done", "deliveries") if table in tables]
-        for select, table in legacy:  # notes keyed by strings: their keys become structured
-            with self._transaction():
-                rows = self._db.execute(select).fetchall()
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO delivery_notes (account, uid, position, label, recipient, state, answer, "
-                    "attempts, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(account, uid, *astuple(_legacy_key(text)), state, answer, attempts, updated or time.time())
-                     for account, uid, text, state, answer, attempts, updated in rows])
-                self._db.execute(f"DROP TABLE {table}")
+            self.path = state_dir / SHARED_PLACEHOLDER  # no file: its parent is this machine's state directory
+            self._db = PostgresDatabase(shared, readonly=readonly)
+        self._tables = self._db.tables() if readonly or self._db.shared else {"polls", "poll_counters",
+                                                                                "poll_schedule"}
+
+    @property
+    def shared(self) -> bool:
+        """Whether other workers use this store at once (PostgreSQL): accounts are then claimed by leases."""
+        return self._db.shared
+
+    @property
+    def database(self) -> Database:
+        return self._db
 
     @staticmethod
     def exists(state_dir: Path) -> bool:
         return (state_dir / DATABASE_NAME).is_file()
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
+
+    def make_durable(self) -> None:
+        """Make every committed record survive a power cut before the server may delete a message (see the module
+        docstring); a no-op where every commit is durable already (PostgreSQL)."""
+        self._db.make_durable()
+
+    def records(self, account: str) -> dict[str, Record]:
+        rows = self._db.query("SELECT uid, status, reason, size, header_digest, absent, absent_since, updated "
+                              "FROM messages WHERE account = ?", (account,))
+        return {uid: Record(uid, Status(status), reason, size, digest, absent, absent_since, updated)
+                for uid, status, reason, size, digest, absent, absent_since, updated in rows}
+
+    def record(self, account: str, uid: str, status: Status, *, reason: str = "", message_id: str | None = None,
+               size: int | None = None, header_digest: str | None = None, in_doubt: bool = False) -> None:
+        """Record the outcome for one message, committed before returning (synced by `make_durable`)."""
+        self.record_batch(account, [Outcome(uid, status, reason, message_id, size, header_digest, in_doubt)])
+
+    def record_batch(self, account: str, outcomes: Sequence[Outcome], renames: Sequence[tuple[str, str, str]] = (),
+                     notes: Sequence[tuple[str, DeliveryKey]] = ()) -> None:
+        """Record many outcomes and the renames that complete their delivery, in one transaction (one sync). The
+        renames are journaled until `clear_renames`. A message that is handled (delivered, dropped) no longer needs
+        its per-destination notes; one that failed keeps the time it first failed and counts the attempt, and loses
+        its "in flight" notes (a destination answered no, or a plugin raised: no copy in doubt). ``notes`` are
+        "in flight" notes of other messages (see `begin_delivery`), committed with the rest."""
+        now = time.time()
+        with self._db.transaction() as tx:
+            tx.executemany(
+                "INSERT INTO messages (account, uid, status, reason, message_id, size, updated, header_digest, "
+                "since, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account, uid) DO UPDATE SET "
+                "since = CASE WHEN excluded.since IS NOT NULL AND messages.status IN (?, ?) "
+                "THEN coalesce(messages.since, excluded.since) ELSE excluded.since END, "
+                "attempts = CASE WHEN excluded.since IS NOT NULL AND messages.status IN (?, ?) "
+                "THEN messages.attempts + 1 ELSE excluded.attempts END, "
+                "status = excluded.status, reason = excluded.reason, "
+                "message_id = coalesce(excluded.message_id, messages.message_id), size = excluded.size, "
+                "updated = excluded.updated, header_digest = coalesce(excluded.header_digest, messages.header_digest), "
+                "absent = 0, absent_since = NULL",
+                [(account, o.uid, o.status, o.reason, o.message_id, o.size, now, o.header_digest,
+                  now if o.status in WAITING else None, 1 if o.status in WAITING else 0, *WAITING, *WAITING)
+                 for o in outcomes])
+            handled = [(account, o.uid) for o in outcomes if o.status in HANDLED]
+            if handled:
+                tx.executemany("DELETE FROM delivery_notes WHERE account = ? AND uid = ?", handled)
+            answered = [(account, o.uid, DeliveryState.IN_FLIGHT) for o in outcomes
+                        if o.status in WAITING and not o.in_doubt]
+            if answered:  # the destination said no: that attempt left no doubt behind
+                tx.executemany("DELETE FROM delivery_notes WHERE account = ? AND uid = ? AND state = ?", answered)
+            if renames:
+                tx.executemany("INSERT INTO pending_renames (account, uid, source, target) VALUES (?, ?, ?, ?)",
+                               [(account, uid, source, target) for uid, source, target in renames])
+            for uid, key in notes:
+                _note_in_flight(tx, account, uid, key)
+
+    def record_imported(self, account: str, uids: Iterable[str], *, reason: str,
+                        sizes: dict[str, int] | None = None) -> int:
+        """Record messages delivered by other means -- another tool's UID list (``postbote import-state``), or what
+        is on the server now (``postbote mark-seen``) -- as DELIVERED with ``reason``, in one transaction, so that
+        no poll delivers them again. A UID the store already has a record of keeps it (postbote's own knowledge
+        wins). ``sizes``: the size the server lists per UID, where known (a reused UID of another size is then
+        told apart). Returns how many records were added."""
+        now = time.time()
+        wanted = list(dict.fromkeys(uids))
+        sizes = sizes or {}
+        with self._db.transaction() as tx:
+            return tx.executemany(
+                "INSERT INTO messages (account, uid, status, reason, size, updated) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (account, uid) DO NOTHING",
+                [(account, uid, DELIVERED, reason, sizes.get(uid), now) for uid in wanted])
+
+    def waiting(self, account: str) -> list[WaitingMessage]:
+        """The messages of ``account`` that wait on the server undelivered: deferred or rejected, oldest first."""
+        return self._waiting("account = ? AND ", (account,)).get(account, [])
+
+    def waiting_everywhere(self) -> dict[str, list[WaitingMessage]]:
+        """`waiting` of every account that has such messages, in one query (the daemon's start-up asks for all)."""
+        return self._waiting("", ())
+
+    def _waiting(self, which: str, args: tuple[object, ...]) -> dict[str, list[WaitingMessage]]:
+        columns = self._db.columns("messages")  # read-only: maybe written by an older version
+        if not columns:
+            return {}
+        since = "coalesce(since, updated)" if "since" in columns else "updated"
+        attempts = "attempts" if "attempts" in columns else "1"
+        rows = self._db.query(
+            f"SELECT account, uid, status, reason, {since}, {attempts}, size, message_id FROM messages "
+            f"WHERE {which}status IN (?, ?) ORDER BY {since}, uid", (*args, *WAITING))
+        found: dict[str, list[WaitingMessage]] = {}
+        for account, uid, status, reason, when, count, size, message_id in rows:
+            found.setdefault(account, []).append(WaitingMessage(uid, Status(status), reason, when, count, size,
+                                                                message_id))
+        return found
+
+    def pending_renames(self, account: str) -> list[tuple[str, str, str]]:
+        return [tuple(row) for row in self._db.query(  # type: ignore[misc]
+            "SELECT uid, source, target FROM pending_renames WHERE account = ?", (account,))]
+
+    def clear_renames(self, account: str, uids: Iterable[str]) -> None:
+        uids = list(uids)
+        if not uids:
+            return
+        with self._db.transaction() as tx:
+            tx.executemany("DELETE FROM pending_renames WHERE account = ? AND uid = ?",
+                           [(account, uid) for uid in uids])
+
+    def deliveries(self, account: str, uid: str) -> dict[DeliveryKey, Delivery]:
+        """What each destination did with this message in earlier attempts that did not finish it."""
+        rows = self._db.query("SELECT position, label, recipient, state, answer, attempts FROM delivery_notes "
+                              "WHERE account = ? AND uid = ?", (account, uid))
+        notes = (Delivery(DeliveryKey(position, label, recipient), DeliveryState(state), answer, attempts)
+                 for position, label, recipient, state, answer, attempts in rows)
+        return {note.key: note for note in notes}
+
+    def partly_delivered(self, account: str) -> set[str]:
+        """UIDs with notes in `delivery_notes` (normally none: one query per poll, not per message)."""
+        return {uid for (uid,) in self._db.query("SELECT DISTINCT uid FROM delivery_notes WHERE account = ?",
+                                                 (account,))}
+
+    def begin_delivery(self, account: str, uid: str, key: DeliveryKey) -> None:
+        """Note, committed, that a destination is about to get this message: written *before* a hand-over that
+        cannot be undone, so that a state store that cannot be written stops the delivery instead of letting every
+        poll deliver again; a note still there at the next poll means the hand-over may have happened."""
+        with self._db.transaction() as tx:
+            _note_in_flight(tx, account, uid, key)
+
+    def finish_delivery(self, account: str, uid: str, key: DeliveryKey, answer: str) -> None:
+        """The destination (or recipient) of ``key`` took the message for good: it is not given it again."""
+        with self._db.transaction() as tx:
+            tx.execute(
+                "INSERT INTO delivery_notes (account, uid, position, label, recipient, state, answer, attempts, "
+                "updated) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?) "
+                "ON CONFLICT (account, uid, position, label, recipient) DO UPDATE SET "
+                "state = excluded.state, answer = excluded.answer, updated = excluded.updated",
+                (account, uid, *astuple(key), DeliveryState.DONE, answer, time.time()))
+
+    def note_listing(self, account: str, records: dict[str, Record], listed: set[str],
+                     now: float | None = None) -> list[str]:
+        """Count, per record, the listings in a row that did not list its UID, and forget those missing from
+        `FORGET_AFTER_LISTINGS` listings over at least `FORGET_AFTER_SECONDS`: one odd listing (a server hiccup,
+        a wrong folder, another client's expunge) never forgets what was delivered. Returns the forgotten UIDs."""
+        now = time.time() if now is None else now
+        missing = [uid for uid, record in records.items() if uid not in listed]
+        counting = [uid for uid in missing if records[uid].absent < FORGET_AFTER_LISTINGS]  # the rest wait for time
+        back = [uid for uid in listed if (record := records.get(uid)) is not None and record.absent]
+        due = [uid for uid in missing if (since := records[uid].absent_since) is not None
+               and since <= now - FORGET_AFTER_SECONDS]
+        if not counting and not back and not due:
+            return []  # the usual poll: nothing to write
+        with self._db.transaction() as tx:
+            if back:
+                tx.executemany("UPDATE messages SET absent = 0, absent_since = NULL WHERE account = ? AND uid = ?",
+                               [(account, uid) for uid in back])
+            if counting:
+                tx.executemany(
+                    "UPDATE messages SET absent = absent + 1, absent_since = coalesce(absent_since, ?) "
+                    "WHERE account = ? AND uid = ?", [(now, account, uid) for uid in counting])
+            gone = [uid for (uid,) in tx.query(
+                "SELECT uid FROM messages WHERE account = ? AND absent >= ? AND absent_since <= ?",
+                (account, FORGET_AFTER_LISTINGS, now - FORGET_AFTER_SECONDS))]
+            _delete(tx, account, gone)
+        return gone
+
+    def forget(self, account: str, uids: Iterable[str]) -> None:
+        """Drop the records of messages at once (a retry, a file that vanished); see `note_listing` for the rest."""
+        uids = list(uids)
+        if not uids:
+            return
+        with self._db.transaction() as tx:
+            _delete(tx, account, uids)
+
+    def record_poll(self, account: str, *, ok: bool, duration: float, counts: dict[str, int],
+                    error: str | None) -> None:
+        """Remember the last poll of an account and add its counts to the account's running totals."""
+        previous = self.last_poll(account)
+        totals = dict(previous.totals) if previous else {}
+        for key, value in counts.items():
+            totals[key] = totals.get(key, 0) + value
+        now = time.time()
+        last_success = now if ok else (previous.last_success if previous else None)
+        with self._db.transaction(needs_sync=False) as tx:
+            tx.execute(
+                "INSERT INTO polls (account, finished, ok, duration, counts, error, last_success, totals) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET finished = excluded.finished, "
+                "ok = excluded.ok, duration = excluded.duration, counts = excluded.counts, error = excluded.error, "
+                "last_success = excluded.last_success, totals = excluded.totals",
+                (account, now, int(ok), duration, json.dumps(counts), error, last_success, json.dumps(totals)))
+            tx.execute(
+                "INSERT INTO poll_counters (account, polls, failures, failure_streak, duration_total) "
+                "VALUES (?, 1, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET polls = poll_counters.polls + 1, "
+                "failures = poll_counters.failures + excluded.failures, "
+                "failure_streak = CASE WHEN excluded.failures = 0 THEN 0 ELSE poll_counters.failure_streak + 1 END, "
+                "duration_total = poll_counters.duration_total + excluded.duration_total",
+                (account, int(not ok), int(not ok), duration))
+
+    def last_poll(self, account: str) -> PollRecord | None:
+        if "polls" not in self._tables:  # read-only, written by an older version
+            return None
+        counters = "poll_counters" if "poll_counters" in self._tables else \
+            "(SELECT NULL AS account, 0 AS polls, 0 AS failures, 0 AS failure_streak, 0 AS duration_total)"
+        rows = self._db.query(
+            "SELECT p.account, finished, ok, duration, counts, error, last_success, totals, "
+            "coalesce(polls, 0), coalesce(failures, 0), coalesce(failure_streak, 0), coalesce(duration_total, 0) "
+            f"FROM polls p LEFT JOIN {counters} c ON c.account = p.account WHERE p.account = ?", (account,))
+        if not rows:
+            return None
+        name, finished, ok, duration, counts, error, last_success, totals = rows[0][:8]
+        polls, failures, failure_streak, duration_total = rows[0][8:]
+        return PollRecord(name, finished, bool(ok), duration, json.loads(counts), error, last_success,
+                          json.loads(totals), polls=polls, failures=failures, failure_streak=failure_streak,
+                          duration_total=duration_total)
+
+    def set_next_poll(self, account: str, when: float | None) -> None:
+        """Remember when the daemon means to poll ``account`` next (None: not planned, the daemon is not running)."""
+        self.set_next_polls({account: when})
+
+    def set_next_polls(self, planned: Mapping[str, float | None]) -> None:
+        """`set_next_poll` for many accounts in one transaction: the daemon plans 100,000 accounts at start-up and
+        notes a few hundred polls a second, which one commit each would make the state store's main cost."""
+        if not planned:
+            return
+        with self._db.transaction(needs_sync=False) as tx:
+            tx.executemany("INSERT INTO poll_schedule (account, next_poll) VALUES (?, ?) "
+                           "ON CONFLICT (account) DO UPDATE SET next_poll = excluded.next_poll", planned.items())
+
+    def next_poll(self, account: str) -> float | None:
+        """When ``account`` is polled next: as its daemon planned it, or, in a shared store, when it is due for
+        whichever worker claims it."""
+        if "account_leases" in self._tables:  # shared: the workers' schedule; a daemon's own note where none
+            rows = self._db.query("SELECT coalesce((SELECT next_due FROM account_leases WHERE account = ?), "
+                                  "(SELECT next_poll FROM poll_schedule WHERE account = ?))", (account, account))
+        elif "poll_schedule" in self._tables:
+            rows = self._db.query("SELECT next_poll FROM poll_schedule WHERE account = ?", (account,))
+        else:
+            return None
+        return rows[0][0] if rows else None
+
+    def clear_rejected(self, account: str, uids: Iterable[str] = ()) -> list[str]:
+        """Make rejected messages eligible again; all of the account's when ``uids`` is empty. Returns the UIDs.
+
+        Only the message's record goes: the destinations (and LMTP recipients) that did take it keep their notes, so
+        the retry gives it only to the ones that refused it, not a second copy to the others."""
+        wanted = set(uids)
+        rejected = [uid for uid, rec in self.records(account).items()
+                    if rec.status == REJECTED and (not wanted or uid in wanted)]
+        if rejected:
+            with self._db.transaction() as tx:
+                tx.executemany("DELETE FROM messages WHERE account = ? AND uid = ?",
+                               [(account, uid) for uid in rejected])
+        return rejected
+
+
+def _note_in_flight(tx: Writer, account: str, uid: str, key: DeliveryKey) -> None:
+    tx.execute(
+        "INSERT INTO delivery_notes (account, uid, position, label, recipient, state, answer, attempts, "
+        "updated) VALUES (?, ?, ?, ?, ?, ?, '', 1, ?) "
+        "ON CONFLICT (account, uid, position, label, recipient) DO UPDATE SET "
+        "attempts = delivery_notes.attempts + 1, updated = excluded.updated",
+        (account, uid, key.position, key.label, key.recipient, DeliveryState.IN_FLIGHT, time.time()))
+
+
+def _delete(tx: Writer, account: str, uids: list[str]) -> None:
+    pairs = [(account, uid) for uid in uids]
+    tx.executemany("DELETE FROM messages WHERE account = ? AND uid = ?", pairs)
+    tx.executemany("DELETE FROM delivery_notes WHERE account = ? AND uid = ?", pairs)
+
+
+def open_store(config: Config, *, readonly: bool = False) -> StateStore:
+    """The state store ``config`` names: its ``state`` database (PostgreSQL) if it has one, else SQLite in its
+    ``state_dir``."""
+    return StateStore(config.state_dir, readonly=readonly, busy_timeout=config.state_busy_timeout,
+                      shared=config.state)
+
+
+def store_exists(config: Config) -> bool:
+    """Whether there is a store to read: a shared one always is (its schema is made by whoever opens it first)."""
+    return config.state is not None or StateStore.exists(config.state_dir)
+
+
+class SQLiteDatabase:
+    """The embedded default: one SQLite database (WAL) under ``state_dir``, one connection shared by the poll
+    threads under a lock."""
+
+    shared = False
+
+    def __init__(self, path: Path, *, readonly: bool, busy_timeout: float) -> None:
+        self.path = path
+        self.where = str(path)
+        self._lock = threading.RLock()
+        self._unsynced = True  # whatever an earlier run left unsynced is synced by the first `make_durable`
+        try:
+            if readonly:
+                self._db = _connect_readonly(path)
+                return
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _create_private(path)
+            self._db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._upgrade()
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"state database {path}: {exc}") from None
+
+    def _upgrade(self) -> None:
+        """Bring a database written by an earlier version up to this schema (columns added, tables renamed)."""
+        present = self.columns("messages")
+        for name, declaration in _MESSAGE_COLUMNS:
+            if name not in present:
+                self._db.execute(f"ALTER TABLE messages ADD COLUMN {name} {declaration}")
+        tables = self.tables()
+        legacy = [(f"SELECT account, uid, destination, '{DeliveryState.DONE}', answer, 1, updated FROM {table}"
+                   if table == "destinations_done" else
+                   f"SELECT account, uid, destination, state, answer, attempts, updated FROM {table}", table)
+                  for table in ("destinations_done", "deliveries") if table in tables]
+        for select, table in legacy:  # notes keyed by strings: their keys become structured
+            with self.transaction() as tx:
+                rows = tx.query(select)
+                tx.executemany(
+                    "INSERT OR IGNORE INTO delivery_notes (account, uid, position, label, recipient, state, answer, "
+                    "attempts, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(account, uid, *astuple(_legacy_key(text)), state, answer, attempts, updated or time.time())
+                     for account, uid, text, state, answer, attempts, updated in rows])
+                tx.execute(f"DROP TABLE {table}")
+
+    def tables(self) -> set[str]:
+        return {name for (name,) in self.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def columns(self, table: str) -> set[str]:
+        return {row[1] for row in self.query(f"PRAGMA table_info({table})")}
+
+    def query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        try:
+            with self._lock:
+                return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StateError(f"state database {self.path}: {exc}") from None
+
+    @contextlib.contextmanager
+    def transaction(self, *, needs_sync: bool = True) -> Iterator[Writer]:
+        with _Transaction(self._db, self.path, self._lock, self._mark_unsynced if needs_sync else None):
+            yield _SQLiteWriter(self._db, self.path)
+
+    def _mark_unsynced(self) -> None:
+        self._unsynced = True
 
     def make_durable(self) -> None:
         """Sync every committed record to the disk (the write-ahead log, where WAL commits land).
@@ -302,270 +675,35 @@ class StateStore:
             finally:
                 os.close(fd)
 
-    def _mark_unsynced(self) -> None:
-        self._unsynced = True
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
 
-    def records(self, account: str) -> dict[str, Record]:
-        rows = self._query("SELECT uid, status, reason, size, header_digest, absent, absent_since, updated "
-                           "FROM messages WHERE account = ?", (account,))
-        return {uid: Record(uid, Status(status), reason, size, digest, absent, absent_since, updated)
-                for uid, status, reason, size, digest, absent, absent_since, updated in rows}
 
-    def record(self, account: str, uid: str, status: Status, *, reason: str = "", message_id: str | None = None,
-               size: int | None = None, header_digest: str | None = None, in_doubt: bool = False) -> None:
-        """Record the outcome for one message, committed before returning (synced by `make_durable`)."""
-        self.record_batch(account, [Outcome(uid, status, reason, message_id, size, header_digest, in_doubt)])
+class _SQLiteWriter:
+    """`Writer` on a SQLite connection inside `_Transaction`."""
 
-    def record_batch(self, account: str, outcomes: Sequence[Outcome], renames: Sequence[tuple[str, str, str]] = (),
-                     notes: Sequence[tuple[str, DeliveryKey]] = ()) -> None:
-        """Record many outcomes and the renames that complete their delivery, in one transaction (one sync). The
-        renames are journaled until `clear_renames`. A message that is handled (delivered, dropped) no longer needs
-        its per-destination notes; one that failed keeps the time it first failed and counts the attempt, and loses
-        its "in flight" notes (a destination answered no, or a plugin raised: no copy in doubt). ``notes`` are
-        "in flight" notes of other messages (see `begin_delivery`), committed with the rest."""
-        now = time.time()
-        with self._transaction():
-            self._db.executemany(
-                "INSERT INTO messages (account, uid, status, reason, message_id, size, updated, header_digest, "
-                "since, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account, uid) DO UPDATE SET "
-                "since = CASE WHEN excluded.since IS NOT NULL AND messages.status IN (?, ?) "
-                "THEN coalesce(messages.since, excluded.since) ELSE excluded.since END, "
-                "attempts = CASE WHEN excluded.since IS NOT NULL AND messages.status IN (?, ?) "
-                "THEN messages.attempts + 1 ELSE excluded.attempts END, "
-                "status = excluded.status, reason = excluded.reason, "
-                "message_id = coalesce(excluded.message_id, messages.message_id), size = excluded.size, "
-                "updated = excluded.updated, header_digest = coalesce(excluded.header_digest, messages.header_digest), "
-                "absent = 0, absent_since = NULL",
-                [(account, o.uid, o.status, o.reason, o.message_id, o.size, now, o.header_digest,
-                  now if o.status in WAITING else None, 1 if o.status in WAITING else 0, *WAITING, *WAITING)
-                 for o in outcomes])
-            handled = [(account, o.uid) for o in outcomes if o.status in HANDLED]
-            if handled:
-                self._db.executemany("DELETE FROM delivery_notes WHERE account = ? AND uid = ?", handled)
-            answered = [(account, o.uid, DeliveryState.IN_FLIGHT) for o in outcomes
-                        if o.status in WAITING and not o.in_doubt]
-            if answered:  # the destination said no: that attempt left no doubt behind
-                self._db.executemany("DELETE FROM delivery_notes WHERE account = ? AND uid = ? AND state = ?",
-                                     answered)
-            if renames:
-                self._db.executemany("INSERT INTO pending_renames VALUES (?, ?, ?, ?)",
-                                     [(account, uid, source, target) for uid, source, target in renames])
-            for uid, key in notes:
-                self._note_in_flight(account, uid, key)
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self._db = db
+        self._path = path
 
-    def record_imported(self, account: str, uids: Iterable[str], *, reason: str,
-                        sizes: dict[str, int] | None = None) -> int:
-        """Record messages delivered by other means -- another tool's UID list (``postbote import-state``), or what
-        is on the server now (``postbote mark-seen``) -- as DELIVERED with ``reason``, in one transaction, so that
-        no poll delivers them again. A UID the store already has a record of keeps it (postbote's own knowledge
-        wins). ``sizes``: the size the server lists per UID, where known (a reused UID of another size is then
-        told apart). Returns how many records were added."""
-        now = time.time()
-        wanted = list(dict.fromkeys(uids))
-        sizes = sizes or {}
-        with self._transaction():
-            before = self._db.total_changes
-            self._db.executemany(
-                "INSERT INTO messages (account, uid, status, reason, size, updated) VALUES (?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (account, uid) DO NOTHING",
-                [(account, uid, DELIVERED, reason, sizes.get(uid), now) for uid in wanted])
-            added = self._db.total_changes - before
-        return added
-
-    def waiting(self, account: str) -> list[WaitingMessage]:
-        """The messages of ``account`` that wait on the server undelivered: deferred or rejected, oldest first."""
-        return self._waiting("account = ? AND ", (account,)).get(account, [])
-
-    def waiting_everywhere(self) -> dict[str, list[WaitingMessage]]:
-        """`waiting` of every account that has such messages, in one query (the daemon's start-up asks for all)."""
-        return self._waiting("", ())
-
-    def _waiting(self, which: str, args: tuple[object, ...]) -> dict[str, list[WaitingMessage]]:
-        columns = {row[1] for row in self._query("PRAGMA table_info(messages)", ())}  # read-only: maybe older
-        if not columns:
-            return {}
-        since = "coalesce(since, updated)" if "since" in columns else "updated"
-        attempts = "attempts" if "attempts" in columns else "1"
-        rows = self._query(
-            f"SELECT account, uid, status, reason, {since}, {attempts}, size, message_id FROM messages "
-            f"WHERE {which}status IN (?, ?) ORDER BY {since}, uid", (*args, *WAITING))
-        found: dict[str, list[WaitingMessage]] = {}
-        for account, uid, status, reason, when, count, size, message_id in rows:
-            found.setdefault(account, []).append(WaitingMessage(uid, Status(status), reason, when, count, size,
-                                                                message_id))
-        return found
-
-    def pending_renames(self, account: str) -> list[tuple[str, str, str]]:
-        return [tuple(row) for row in self._query(  # type: ignore[misc]
-            "SELECT uid, source, target FROM pending_renames WHERE account = ?", (account,))]
-
-    def clear_renames(self, account: str, uids: Iterable[str]) -> None:
-        uids = list(uids)
-        if not uids:
-            return
-        with self._transaction():
-            self._db.executemany("DELETE FROM pending_renames WHERE account = ? AND uid = ?",
-                                 [(account, uid) for uid in uids])
-
-    def deliveries(self, account: str, uid: str) -> dict[DeliveryKey, Delivery]:
-        """What each destination did with this message in earlier attempts that did not finish it."""
-        rows = self._query("SELECT position, label, recipient, state, answer, attempts FROM delivery_notes "
-                           "WHERE account = ? AND uid = ?", (account, uid))
-        notes = (Delivery(DeliveryKey(position, label, recipient), DeliveryState(state), answer, attempts)
-                 for position, label, recipient, state, answer, attempts in rows)
-        return {note.key: note for note in notes}
-
-    def partly_delivered(self, account: str) -> set[str]:
-        """UIDs with notes in `delivery_notes` (normally none: one query per poll, not per message)."""
-        return {uid for (uid,) in self._query("SELECT DISTINCT uid FROM delivery_notes WHERE account = ?",
-                                              (account,))}
-
-    def begin_delivery(self, account: str, uid: str, key: DeliveryKey) -> None:
-        """Note, committed, that a destination is about to get this message: written *before* a hand-over that
-        cannot be undone, so that a state store that cannot be written stops the delivery instead of letting every
-        poll deliver again; a note still there at the next poll means the hand-over may have happened."""
-        with self._transaction():
-            self._note_in_flight(account, uid, key)
-
-    def _note_in_flight(self, account: str, uid: str, key: DeliveryKey) -> None:
-        self._db.execute(
-            "INSERT INTO delivery_notes (account, uid, position, label, recipient, state, answer, attempts, "
-            "updated) VALUES (?, ?, ?, ?, ?, ?, '', 1, ?) "
-            "ON CONFLICT (account, uid, position, label, recipient) DO UPDATE SET "
-            "attempts = delivery_notes.attempts + 1, updated = excluded.updated",
-            (account, uid, key.position, key.label, key.recipient, DeliveryState.IN_FLIGHT, time.time()))
-
-    def finish_delivery(self, account: str, uid: str, key: DeliveryKey, answer: str) -> None:
-        """The destination (or recipient) of ``key`` took the message for good: it is not given it again."""
-        with self._transaction():
-            self._db.execute(
-                "INSERT INTO delivery_notes (account, uid, position, label, recipient, state, answer, attempts, "
-                "updated) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?) "
-                "ON CONFLICT (account, uid, position, label, recipient) DO UPDATE SET "
-                "state = excluded.state, answer = excluded.answer, updated = excluded.updated",
-                (account, uid, *astuple(key), DeliveryState.DONE, answer, time.time()))
-
-    def note_listing(self, account: str, records: dict[str, Record], listed: set[str],
-                     now: float | None = None) -> list[str]:
-        """Count, per record, the listings in a row that did not list its UID, and forget those missing from
-        `FORGET_AFTER_LISTINGS` listings over at least `FORGET_AFTER_SECONDS`: one odd listing (a server hiccup,
-        a wrong folder, another client's expunge) never forgets what was delivered. Returns the forgotten UIDs."""
-        now = time.time() if now is None else now
-        missing = [uid for uid, record in records.items() if uid not in listed]
-        counting = [uid for uid in missing if records[uid].absent < FORGET_AFTER_LISTINGS]  # the rest wait for time
-        back = [uid for uid in listed if (record := records.get(uid)) is not None and record.absent]
-        due = [uid for uid in missing if (since := records[uid].absent_since) is not None
-               and since <= now - FORGET_AFTER_SECONDS]
-        if not counting and not back and not due:
-            return []  # the usual poll: nothing to write
-        with self._transaction():
-            if back:
-                self._db.executemany(
-                    "UPDATE messages SET absent = 0, absent_since = NULL WHERE account = ? AND uid = ?",
-                    [(account, uid) for uid in back])
-            if counting:
-                self._db.executemany(
-                    "UPDATE messages SET absent = absent + 1, absent_since = coalesce(absent_since, ?) "
-                    "WHERE account = ? AND uid = ?", [(now, account, uid) for uid in counting])
-            gone = [uid for (uid,) in self._db.execute(
-                "SELECT uid FROM messages WHERE account = ? AND absent >= ? AND absent_since <= ?",
-                (account, FORGET_AFTER_LISTINGS, now - FORGET_AFTER_SECONDS))]
-            self._delete(account, gone)
-        return gone
-
-    def forget(self, account: str, uids: Iterable[str]) -> None:
-        """Drop the records of messages at once (a retry, a file that vanished); see `note_listing` for the rest."""
-        uids = list(uids)
-        if not uids:
-            return
-        with self._transaction():
-            self._delete(account, uids)
-
-    def _delete(self, account: str, uids: list[str]) -> None:
-        pairs = [(account, uid) for uid in uids]
-        self._db.executemany("DELETE FROM messages WHERE account = ? AND uid = ?", pairs)
-        self._db.executemany("DELETE FROM delivery_notes WHERE account = ? AND uid = ?", pairs)
-
-    def record_poll(self, account: str, *, ok: bool, duration: float, counts: dict[str, int],
-                    error: str | None) -> None:
-        """Remember the last poll of an account and add its counts to the account's running totals."""
-        previous = self.last_poll(account)
-        totals = dict(previous.totals) if previous else {}
-        for key, value in counts.items():
-            totals[key] = totals.get(key, 0) + value
-        now = time.time()
-        last_success = now if ok else (previous.last_success if previous else None)
-        with self._transaction(needs_sync=False):
-            self._db.execute("INSERT OR REPLACE INTO polls VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                             (account, now, int(ok), duration, json.dumps(counts), error, last_success,
-                              json.dumps(totals)))
-            self._db.execute(
-                "INSERT INTO poll_counters (account, polls, failures, failure_streak, duration_total) "
-                "VALUES (?, 1, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET polls = polls + 1, "
-                "failures = failures + excluded.failures, "
-                "failure_streak = CASE WHEN excluded.failures = 0 THEN 0 ELSE failure_streak + 1 END, "
-                "duration_total = duration_total + excluded.duration_total",
-                (account, int(not ok), int(not ok), duration))
-
-    def last_poll(self, account: str) -> PollRecord | None:
-        if "polls" not in self._tables:  # read-only, written by an older version
-            return None
-        counters = "poll_counters" if "poll_counters" in self._tables else \
-            "(SELECT NULL AS account, 0 AS polls, 0 AS failures, 0 AS failure_streak, 0 AS duration_total)"
-        rows = self._query(
-            "SELECT p.account, finished, ok, duration, counts, error, last_success, totals, "
-            "coalesce(polls, 0), coalesce(failures, 0), coalesce(failure_streak, 0), coalesce(duration_total, 0) "
-            f"FROM polls p LEFT JOIN {counters} c ON c.account = p.account WHERE p.account = ?", (account,))
-        if not rows:
-            return None
-        name, finished, ok, duration, counts, error, last_success, totals = rows[0][:8]
-        polls, failures, failure_streak, duration_total = rows[0][8:]
-        return PollRecord(name, finished, bool(ok), duration, json.loads(counts), error, last_success,
-                          json.loads(totals), polls=polls, failures=failures, failure_streak=failure_streak,
-                          duration_total=duration_total)
-
-    def set_next_poll(self, account: str, when: float | None) -> None:
-        """Remember when the daemon means to poll ``account`` next (None: not planned, the daemon is not running)."""
-        self.set_next_polls({account: when})
-
-    def set_next_polls(self, planned: Mapping[str, float | None]) -> None:
-        """`set_next_poll` for many accounts in one transaction: the daemon plans 100,000 accounts at start-up and
-        notes a few hundred polls a second, which one commit each would make the state store's main cost."""
-        if not planned:
-            return
-        with self._transaction(needs_sync=False):
-            self._db.executemany("INSERT OR REPLACE INTO poll_schedule VALUES (?, ?)", planned.items())
-
-    def next_poll(self, account: str) -> float | None:
-        if "poll_schedule" not in self._tables:
-            return None
-        rows = self._query("SELECT next_poll FROM poll_schedule WHERE account = ?", (account,))
-        return rows[0][0] if rows else None
-
-    def clear_rejected(self, account: str, uids: Iterable[str] = ()) -> list[str]:
-        """Make rejected messages eligible again; all of the account's when ``uids`` is empty. Returns the UIDs.
-
-        Only the message's record goes: the destinations (and LMTP recipients) that did take it keep their notes, so
-        the retry gives it only to the ones that refused it, not a second copy to the others."""
-        wanted = set(uids)
-        rejected = [uid for uid, rec in self.records(account).items()
-                    if rec.status == REJECTED and (not wanted or uid in wanted)]
-        if rejected:
-            with self._transaction():
-                self._db.executemany("DELETE FROM messages WHERE account = ? AND uid = ?",
-                                     [(account, uid) for uid in rejected])
-        return rejected
-
-    def _query(self, sql: str, args: tuple[object, ...]) -> list[tuple]:
+    def execute(self, sql: str, args: Sequence[object] = ()) -> int:
         try:
-            with self._lock:
-                return self._db.execute(sql, args).fetchall()
+            return self._db.execute(sql, args).rowcount
         except sqlite3.Error as exc:
-            raise StateError(f"state database {self.path}: {exc}") from None
+            raise StateError(f"state database {self._path}: {exc}") from None
 
-    def _transaction(self, *, needs_sync: bool = True) -> _Transaction:
-        """A transaction; ``needs_sync=False`` for records `make_durable` need not sync (poll records, plans)."""
-        return _Transaction(self._db, self.path, self._lock, self._mark_unsynced if needs_sync else None)
+    def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> int:
+        try:
+            return self._db.executemany(sql, rows).rowcount
+        except sqlite3.Error as exc:
+            raise StateError(f"state database {self._path}: {exc}") from None
+
+    def query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StateError(f"state database {self._path}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -257,3 +257,61 @@ def daemons() -> Iterator[Callable[..., DaemonRun]]:
         if run.process.poll() is None:
             run.process.kill()
             run.wait(5)
+
+
+# --- PostgreSQL (issue 16: the shared state of several workers)
+#
+# ``postgres_server``  one private PostgreSQL for the session (`tests.servers.postgres.PostgresServer`), started on
+#                      first use and stopped at the end, even after failures
+# ``postgres_dsn``     a fresh database on it, as a postgresql:// URI with the password
+#
+# When PostgreSQL is not installed these tests are skipped -- except in CI (``CI`` set) or with
+# ``POSTBOTE_REQUIRE_POSTGRES=1``, where they fail loudly.
+
+POSTGRES_FIXTURES = {"postgres_server", "postgres_dsn"}
+
+
+def postgres_required() -> bool:
+    return bool(os.environ.get("CI")) or os.environ.get("POSTBOTE_REQUIRE_POSTGRES") == "1"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    from tests.servers.postgres import PostgresServer, postgres_bindir
+
+    if postgres_bindir() is None:
+        message = "PostgreSQL is not installed (apt-get install postgresql)"
+        if postgres_required():
+            pytest.fail(f"{message}; CI / POSTBOTE_REQUIRE_POSTGRES=1 requires it", pytrace=False)
+        pytest.skip(message)
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: Any) -> str:
+    return str(postgres_server.database())
+
+
+@pytest.fixture(autouse=True)
+def _postgres_marked(request: pytest.FixtureRequest) -> None:
+    """Tests using the PostgreSQL fixtures carry the ``postgres`` marker (``-m "not postgres"`` deselects them)."""
+    if POSTGRES_FIXTURES & set(request.fixturenames):
+        request.node.add_marker(pytest.mark.postgres)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """A `postbote.state.StateStore` on each backend in turn: SQLite in ``tmp_path``, and a fresh PostgreSQL
+    database (the same interface; the tests of the store's behaviour run against both)."""
+    from postbote.config import shared_state
+    from postbote.state import StateStore
+
+    shared = shared_state(request.getfixturevalue("postgres_dsn")) if request.param == "postgresql" else None
+    store = StateStore(tmp_path / "state", shared=shared)
+    yield store
+    store.close()

@@ -53,6 +53,10 @@ def test_only_the_state_store_imports_sqlite3() -> None:
     assert modules_importing("sqlite3") == [THE_STATE_STORE]
 
 
+def test_only_the_state_stores_postgresql_layer_imports_the_driver() -> None:
+    assert modules_importing("psycopg") == [REPOSITORY / "agent" / "state_postgres.py"]
+
+
 @pytest.mark.parametrize("source", ["import sqlite3", "import os, sqlite3.dbapi2 as db", "from sqlite3 import connect",
                                     "def lazy():\n    import sqlite3\n",
                                     "class Store:\n    def open(self):\n        from sqlite3 import connect\n"])

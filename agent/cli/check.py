@@ -66,7 +66,7 @@ def _connected(pm: PluginManager, config: Config, account: Account) -> list[str]
 
     from postbote.errors import AccountError, PostboteError
     from postbote.poll import Poll
-    from postbote.state import StateStore
+    from postbote.state import open_store, store_exists
 
     poll = Poll(account, state_dir=config.state_dir, deadline=time.monotonic() + 4 * account.timeout)
     try:
@@ -81,8 +81,8 @@ def _connected(pm: PluginManager, config: Config, account: Account) -> list[str]
     finally:
         poll.close()
     handled: set[str] = set()
-    if StateStore.exists(config.state_dir):
-        store = StateStore(config.state_dir, readonly=True)
+    if store_exists(config):
+        store = open_store(config, readonly=True)
         try:
             handled = {uid for uid, record in store.records(account.name).items() if record.handled}
         finally:

@@ -26,12 +26,12 @@ REASON = "marked seen by postbote mark-seen (on the server before postbote took 
 
 def run(args: argparse.Namespace) -> int:
     from postbote.jobs import plugins_started
-    from postbote.state import StateLock, StateStore
+    from postbote.state import StateLock, open_store
 
     pm, config = set_up(args)
     accounts = config.select(tuple(args.accounts))
     with StateLock(config.state_dir, role="poll"):
-        store = StateStore(config.state_dir, busy_timeout=config.state_busy_timeout)
+        store = open_store(config)
         try:
             with plugins_started(pm, config):
                 return mark_seen(pm, config, store, accounts)

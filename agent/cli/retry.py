@@ -16,10 +16,10 @@ if TYPE_CHECKING:
 
 
 def run(args: argparse.Namespace) -> int:
-    from postbote.state import StateStore
+    from postbote.state import open_store
 
     _pm, config = set_up(args)
-    store = StateStore(config.state_dir, busy_timeout=config.state_busy_timeout)
+    store = open_store(config)
     try:
         return retry(config, store, args.account, args.uids)
     finally:
