@@ -58,6 +58,7 @@ from postbote.poll import PollStats
 from postbote.poller import Poller
 from postbote.sdnotify import Notifier
 from postbote.state import StateStore, WaitingMessage
+from postbote.state_postgres import UNKNOWN_ACCOUNT_DELAY, LeaseBoard, LeaseKeeper, PostgresDatabase
 from postbote.status import WaitingSummary, stale_after, waiting_messages
 from postbote.tls import forget_contexts
 from postbote.watch import Watcher
@@ -176,6 +177,9 @@ class ReadyQueue:
         self._hosts.clear()
         self._names.clear()
 
+    def names(self) -> set[str]:
+        return set(self._names)
+
     def keep_only(self, names: Iterable[str]) -> None:
         wanted = set(names)
         for host, waiting in list(self._hosts.items()):
@@ -207,6 +211,104 @@ class ReadyQueue:
                 taken.append(name)
                 progress = True
         return taken
+
+
+class SharedSchedule:
+    """The daemon's part in a shared state store (PostgreSQL): which accounts it polls is decided by leases, not by
+    its own `DueQueue` (see `postbote.state_postgres`). It claims due accounts in batches, at most every
+    `CLAIM_EVERY` seconds and only as many as it has room for (twice ``max_parallel``, less those running or waiting
+    for a slot), so that a few hundred polls a second cost a few claims a second; a `LeaseKeeper` renews the leases
+    of the accounts it holds; a finished poll's lease is given back with the account's next due time in the next
+    `flush` (once a second, batched), so another worker may take the account from then on.
+
+    Every call that reaches the database may fail (`PostboteError`): the daemon logs it and goes on, and what was not
+    written is written on the next try; leases not renewed meanwhile simply run out."""
+
+    CLAIM_EVERY = 0.25
+
+    def __init__(self, board: LeaseBoard) -> None:
+        self.board = board
+        self.keeper = LeaseKeeper(board)
+        self._releases: dict[str, float] = {}  # account -> time.time() when due again, not yet written
+        self._polls = 0
+        self._failures = 0
+        self._next_claim = 0.0  # time.monotonic()
+
+    @property
+    def worker(self) -> str:
+        return self.board.worker
+
+    def start(self) -> None:
+        self.board.join()
+        self.keeper.start()
+        log.info("worker.joined", worker=self.worker, lease_s=self.board.lease)
+
+    def add(self, first_due_in: dict[str, float]) -> None:
+        """Accounts this worker knows, added to the shared schedule unless some worker added them already."""
+        try:
+            self.board.add_accounts(first_due_in)
+        except PostboteError as exc:
+            log.warning("worker.accounts_not_added", accounts=len(first_due_in), error=str(exc),
+                        effect="polled once a worker with them in its config adds them")
+
+    def claim(self, room: int) -> list[str]:
+        if room <= 0 or time.monotonic() < self._next_claim:
+            return []
+        self._next_claim = time.monotonic() + self.CLAIM_EVERY
+        try:
+            claimed = self.board.claim(room)
+        except PostboteError as exc:
+            log.warning("worker.claim_failed", worker=self.worker, error=str(exc))
+            return []
+        self.keeper.hold(claimed)
+        return claimed
+
+    def seconds_to_next_claim(self) -> float:
+        return max(0.0, self._next_claim - time.monotonic())
+
+    def finished(self, name: str, when: float, *, ok: bool | None) -> None:
+        """Give the lease back (at the next `flush`) with the account due at ``when``; ``ok`` counts a poll."""
+        self._releases[name] = when
+        if ok is not None:
+            self._polls += 1
+            self._failures += 0 if ok else 1
+
+    def flush(self) -> None:
+        releases, polls, failures = self._releases, self._polls, self._failures
+        if not releases and not polls:
+            return
+        now = time.time()
+        try:
+            self.board.release({name: when - now for name, when in releases.items()}, polls=polls,
+                               failures=failures)
+        except PostboteError as exc:
+            log.warning("worker.release_failed", worker=self.worker, accounts=len(releases), error=str(exc),
+                        effect="tried again in a second; the leases are renewed meanwhile")
+            return
+        self._releases = {name: when for name, when in self._releases.items() if name not in releases}
+        self._polls -= polls
+        self._failures -= failures
+        self.keeper.drop(releases)
+
+    def make_due(self, names: Iterable[str]) -> None:
+        try:
+            self.board.make_due(names)
+        except PostboteError as exc:
+            log.warning("worker.not_made_due", worker=self.worker, error=str(exc))
+
+    def stop(self, keeping: Iterable[str]) -> None:
+        """Write what is pending, then leave: every lease is released but those of ``keeping`` (polls abandoned
+        mid-session, whose accounts another worker must not take before the lease runs out)."""
+        self.flush()
+        kept = set(keeping)
+        self.keeper.drop(self.keeper.held() - kept)
+        self.keeper.stop()
+        try:
+            self.board.leave(keeping=kept)
+        except PostboteError as exc:
+            log.warning("worker.leave_failed", worker=self.worker, error=str(exc),
+                        effect="its leases run out after worker_lease")
+        log.info("worker.left", worker=self.worker)
 
 
 @dataclass(frozen=True)
@@ -374,6 +476,13 @@ class Daemon:
         self._mute = RepeatedLoginFailureFilter()
         self._last_summary = "no poll yet"
         self._waiting: dict[str, WaitingSummary] = {}
+        self._shared = SharedSchedule(LeaseBoard(store.database, lease=config.worker_lease)) \
+            if isinstance(store.database, PostgresDatabase) else None
+
+    @property
+    def worker(self) -> str | None:
+        """This worker's id in a shared state store (None on SQLite: one daemon per state directory)."""
+        return self._shared.worker if self._shared is not None else None
 
     @property
     def config(self) -> Config:
@@ -389,6 +498,8 @@ class Daemon:
             with self._signals_routed():
                 self._configure(self._current)
                 try:
+                    if self._shared is not None:
+                        self._shared.start()
                     self._plan(self.config.accounts, previous={})
                     self._refresh_all_waiting()
                     self._write_next_poll_notes()
@@ -442,6 +553,8 @@ class Daemon:
 
     def _sleep_time(self) -> float:
         candidates = [MAX_SLEEP]
+        if self._shared is not None and self._room():
+            candidates.append(self._shared.seconds_to_next_claim())
         if (due := self._due.seconds_to_next(time.time())) is not None:
             candidates.append(due)
         if (idle := self.scheduler.idle_seconds) is not None:
@@ -456,6 +569,9 @@ class Daemon:
         log.info("daemon.stopping", polls_running=running or None)
         self.notifier.stopping(f"stopping; finishing {', '.join(running)}" if running else "stopping")
         self.stop.set()
+        if self._shared is not None:  # claimed but not started: due now, for another worker
+            for name in self._ready.names():
+                self._shared.finished(name, time.time(), ok=None)
         self._ready.clear()
         deadline = time.monotonic() + self._stop_grace
         abandon_now = False
@@ -470,6 +586,9 @@ class Daemon:
                         reason="second stop signal" if abandon_now else f"still busy after {self._stop_grace:g} s",
                         effect="no QUIT sent, so the server deletes nothing from these sessions; a message whose "
                                "hand-off was cut short is fetched again next time (at worst delivered twice)")
+        if self._shared is not None:
+            self._shared.stop(keeping=self.abandoned)
+            return
         self._next_poll_notes = dict.fromkeys(self._slots)
         self._write_next_poll_notes()
 
@@ -499,8 +618,10 @@ class Daemon:
         for name in self._slots:
             if name in self._workers:
                 self._again.add(name)
-            else:
+            elif self._shared is None:
                 self._enqueue(name)
+        if self._shared is not None:
+            self._shared.make_due(name for name in self._slots if name not in self._workers)
 
     # --- push
 
@@ -516,6 +637,8 @@ class Daemon:
                 continue
             if name in self._workers:
                 self._again.add(name)  # its listing may predate the new mail
+            elif self._shared is not None:
+                self._shared.make_due([name])
             else:
                 self._enqueue(name)
 
@@ -529,7 +652,7 @@ class Daemon:
         with structlog.contextvars.bound_contextvars(account=account.name):
             try:
                 watches = hooks.call("watch_mailbox", passing=(PostboteError,), account=account,
-                                     state_dir=self.store.path.parent)
+                                     state_dir=self.store.state_dir)
             except PostboteError as exc:
                 log.warning("watch.unavailable", error=str(exc), effect="polled at its poll_interval")
                 return
@@ -541,6 +664,9 @@ class Daemon:
     def _plan(self, accounts: tuple[Account, ...], previous: dict[str, AccountSlot]) -> None:
         """Plan every account's next poll; accounts kept over a reload keep their next poll and their failure
         streak (one waiting for a free slot keeps its place, and is planned when its poll ends)."""
+        if self._shared is not None:
+            self._plan_shared(accounts, previous)
+            return
         now = time.time()
         old_due, self._due = self._due, DueQueue()
         self._slots = {}
@@ -561,9 +687,44 @@ class Daemon:
         self._failing = {name for name, slot in self._slots.items() if slot.backoff.failures}
         self._ready.keep_only(self._slots)
 
+    def _plan_shared(self, accounts: tuple[Account, ...], previous: dict[str, AccountSlot]) -> None:
+        """`_plan` with a shared store: new accounts join the shared schedule (spread over the first seconds, as
+        alone); the ones a reload removed and that wait here for a slot are given back, due now."""
+        assert self._shared is not None
+        self._slots = {}
+        for account in accounts:
+            old = previous.get(account.name)
+            backoff = Backoff(account.poll_interval, self.config.backoff_max, old.backoff.failures if old else 0)
+            self._slots[account.name] = AccountSlot(account, backoff, auth_failures=old.auth_failures if old else 0)
+        self._shared.add({account.name: start_delay(account.poll_interval, self._rng) for account in accounts
+                          if account.name not in previous})
+        for name in self._ready.names() - set(self._slots):
+            self._shared.finished(name, time.time(), ok=None)
+        self._failing = {name for name, slot in self._slots.items() if slot.backoff.failures}
+        self._ready.keep_only(self._slots)
+
+    def _room(self) -> int:
+        """How many more accounts a shared store's worker may claim: twice ``max_parallel``, less those running
+        or waiting for a slot (a reload waiting for the running polls claims none)."""
+        if self._stopping or self._pending is not None:
+            return 0
+        return 2 * self.config.max_parallel - len(self._workers) - len(self._ready)
+
     def _queue_due(self) -> None:
+        if self._shared is not None:
+            self._queue_claimed(self._shared)
+            return
         for name in self._due.pop_due(time.time()):
             self._enqueue(name)
+
+    def _queue_claimed(self, shared: SharedSchedule) -> None:
+        for name in shared.claim(self._room()):
+            if name in self._slots:
+                self._enqueue(name)
+                continue
+            log.warning("worker.account_unknown", account=name, worker=shared.worker,
+                        effect=f"left for a worker whose config has it (again in {UNKNOWN_ACCOUNT_DELAY:g} s)")
+            shared.finished(name, time.time() + UNKNOWN_ACCOUNT_DELAY, ok=None)
 
     def _enqueue(self, name: str) -> None:
         if name in self._workers or name in self._ready:
@@ -611,7 +772,9 @@ class Daemon:
             self._finished(result)
             if result.account in self._again:
                 self._again.discard(result.account)
-                if not self._stopping and result.account in self._slots:
+                if self._shared is not None:
+                    self._shared.finished(result.account, time.time(), ok=None)  # due now, for whoever is free
+                elif not self._stopping and result.account in self._slots:
                     self._enqueue(result.account)
 
     def _finished(self, result: PollResult) -> None:
@@ -619,6 +782,8 @@ class Daemon:
         self._last_summary = _summary(result.stats)
         self._status_due = True
         if slot is None:  # removed by a reload while it ran
+            if self._shared is not None:
+                self._shared.finished(result.account, time.time() + UNKNOWN_ACCOUNT_DELAY, ok=result.stats.ok)
             return
         if result.stats.deferred or result.stats.rejected or result.account in self._waiting:
             self._refresh_waiting(slot.account)  # else nothing waited before, and this poll left nothing waiting
@@ -635,7 +800,9 @@ class Daemon:
             level = logging.DEBUG if slot.auth_failures > 1 else logging.INFO
             log.log(level, "poll.backing_off", account=slot.account.name, failed_polls=slot.backoff.failures,
                     next_poll_in_s=round(delay, 3))
-        if not self._stopping:
+        if self._shared is not None:
+            self._shared.finished(result.account, max(result.started + delay, time.time()), ok=result.stats.ok)
+        elif not self._stopping:
             self._set_next_poll(result.account, max(result.started + delay, time.time()))
         if time.monotonic() - self._last_housekeeping >= HOUSEKEEPING_EVERY:
             self._housekeeping()  # the first poll after a quiet second is told at once; the next ones in a batch
@@ -663,6 +830,8 @@ class Daemon:
         """At most once a second: what ``postbote status`` and systemd are told, batched -- a few hundred polls a
         second would otherwise be as many commits and STATUS= datagrams."""
         self._last_housekeeping = time.monotonic()
+        if self._shared is not None:
+            self._shared.flush()
         self._write_next_poll_notes()
         if self._status_due:
             self._status_due = False
@@ -793,7 +962,8 @@ class Daemon:
         health = ", ".join(problems) if problems else "all fine"
         watched = self._watcher.count()
         push = f", {watched} watched for new mail" if watched else ""
-        return f"{len(self._slots)} account(s){push}, {health}; last poll: {self._last_summary}"
+        worker = f"worker {self.worker}: " if self.worker else ""
+        return f"{worker}{len(self._slots)} account(s){push}, {health}; last poll: {self._last_summary}"
 
 
 def _more(everything: set[str] | dict[str, WaitingSummary], named: list[Any]) -> str:

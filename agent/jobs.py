@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from postbote.config import Account, Config
     from postbote.poll import PollStats
     from postbote.poller import Poller
+    from postbote.state_postgres import LeaseKeeper
 
 
 class ExitStatus(enum.IntEnum):
@@ -110,6 +111,27 @@ def poll_guarded(poller: Poller, account: Account) -> PollStats:
         stats = PollStats(account.name, error=error, duration=round(time.monotonic() - started, 3))
         _remember_crash(poller, stats)
         return stats
+
+
+def poll_leased(poller: Poller, account: Account, leases: LeaseKeeper) -> PollStats | None:
+    """`poll_guarded` under the account's lease in a shared state store (``postbote poll`` beside running
+    workers): None, and nothing done, when a worker holds the lease -- it is polling the account right now. A lease
+    that cannot be taken or given back (the database is away) fails this account's poll, like any state failure."""
+    import structlog
+    from postbote.poll import PollStats
+
+    logger = structlog.get_logger("postbote.poll")
+    try:
+        with leases.leased(account.name, account.poll_interval) as holder:
+            if holder is not None:
+                logger.info("poll.skipped", account=account.name, held_by=holder.worker,
+                            reason="a worker is polling this account now")
+                return None
+            return poll_guarded(poller, account)
+    except PostboteError as exc:
+        error = _redacted(str(exc))
+        logger.error("account.failed", account=account.name, error=error, error_type=type(exc).__name__)
+        return PollStats(account.name, error=error)
 
 
 def _remember_crash(poller: Poller, stats: PollStats) -> None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from postbote.pluginmanager import PluginManager
     from postbote.poll import PollStats
     from postbote.state import Record, StateStore
+    from postbote.state_postgres import LeaseKeeper
 
 PROGRESS_PLUGIN_NAME = "postbote.progress"
 
@@ -77,11 +78,11 @@ def dry_run(pm: PluginManager, config: Config, names: Sequence[str], out: TextIO
 
 def read_records(config: Config, account: str) -> dict[str, Record]:
     """The account's records, read-only (none before the first poll)."""
-    from postbote.state import StateStore
+    from postbote.state import open_store, store_exists
 
-    if not StateStore.exists(config.state_dir):
+    if not store_exists(config):
         return {}
-    store = StateStore(config.state_dir, readonly=True)
+    store = open_store(config, readonly=True)
     try:
         return store.records(account)
     finally:
@@ -141,6 +142,8 @@ def poll_command(pm: PluginManager, config: Config, names: Sequence[str],
     from postbote.state import StateLock, StateStore, read_lock_holder
 
     config.select(tuple(names))
+    if config.state is not None:
+        return poll_shared(pm, config, names, results)
     lock = StateLock(config.state_dir, role="poll")
     try:
         lock.acquire()
@@ -159,6 +162,24 @@ def poll_command(pm: PluginManager, config: Config, names: Sequence[str],
             store.close()
     finally:
         lock.release()
+
+
+def poll_shared(pm: PluginManager, config: Config, names: Sequence[str],
+                results: list[PollStats | None] | None = None) -> int:
+    """`poll_command` with a shared state store (PostgreSQL): no lock on the state directory -- workers may run --
+    but each account is polled under its lease, so never beside a worker polling it (`postbote.jobs.poll_leased`)."""
+    from postbote.jobs import keep_out_of_the_collector, plugins_started
+    from postbote.state import open_store
+    from postbote.state_postgres import one_shot_worker
+
+    store = open_store(config)
+    try:
+        with one_shot_worker(store.database, config.worker_lease) as leases, plugins_started(pm, config), \
+                progress_shown(pm):
+            keep_out_of_the_collector()
+            return poll(pm, config, store, names, results, leases=leases)
+    finally:
+        store.close()
 
 
 def ask_daemon_to_poll(pid: int, config: Config, names: Sequence[str], out: TextIO | None = None) -> int:
@@ -201,13 +222,13 @@ def progress_shown(pm: PluginManager) -> Iterator[str | None]:
 
 
 def poll(pm: PluginManager, config: Config, store: StateStore, names: Sequence[str],
-         results: list[PollStats | None] | None = None) -> int:
+         results: list[PollStats | None] | None = None, leases: LeaseKeeper | None = None) -> int:
     """Poll ``names`` (all accounts when empty) once, up to ``max_parallel`` accounts at a time; the exit status
     says whether every listed message was taken care of (`postbote.jobs.exit_status`)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from postbote.jobs import exit_status, poll_guarded
+    from postbote.jobs import exit_status, poll_guarded, poll_leased
     from postbote.poller import Poller
 
     accounts = config.select(tuple(names))
@@ -217,7 +238,9 @@ def poll(pm: PluginManager, config: Config, store: StateStore, names: Sequence[s
 
     def poll_one(account: Account) -> PollStats | None:
         with hosts[account.server_host]:  # at most max_parallel_per_host polls against one server at a time
-            return None if stop.is_set() else poll_guarded(poller, account)
+            if stop.is_set():
+                return None
+            return poll_guarded(poller, account) if leases is None else poll_leased(poller, account, leases)
 
     with stop_on_signals(stop):
         poller = Poller(pm, store, stop)

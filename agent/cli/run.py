@@ -11,14 +11,19 @@ from postbote.cli.startup import apply_logging, load_setup, set_up
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
+
     from postbote.daemon import Daemon
     from postbote.sdnotify import Notifier
-    from postbote.state import StateLock, StateStore
+    from postbote.state import StateLock, open_store
 
     pm, config = set_up(args)
     notifier = Notifier.from_environment()
-    with StateLock(config.state_dir, role="daemon"):
-        store = StateStore(config.state_dir, busy_timeout=config.state_busy_timeout)
+    # SQLite: one daemon per state directory. A shared state (PostgreSQL): as many workers as wanted, sharing the
+    # accounts by leases; the state directory keeps only this machine's plugin tables and tokens.
+    lock = StateLock(config.state_dir, role="daemon") if config.state is None else contextlib.nullcontext()
+    with lock:
+        store = open_store(config)
         try:
             daemon = Daemon(pm, config, store, load=lambda: load_setup(args),
                             on_reload=lambda new: apply_logging(args, new), notifier=notifier)

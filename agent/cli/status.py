@@ -6,7 +6,8 @@ mail that is not arriving. An account is *stale* when a message has waited longe
 
 Everything comes from the state store, opened read-only (so it works while the daemon runs, and run as root it
 creates no file the service user could not open afterwards), and from the lock file, which names a running
-daemon. Nothing here talks to a mail server.
+daemon. With a shared state (PostgreSQL) there is no lock file: the workers, their heartbeats and which of them
+holds which account's lease come from the database. Nothing here talks to a mail server.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, TextIO
 from postbote.cli.startup import set_up
 from postbote.config import DEFAULT_STALE_AFTER, Account, Config
 from postbote.errors import StateError
-from postbote.state import PollRecord, StateStore, WaitingMessage, read_lock_holder
+from postbote.state import PollRecord, StateStore, WaitingMessage, open_store, read_lock_holder, store_exists
 from postbote.status import WaitingSummary, human_duration, stale_after, waiting_messages
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -59,10 +60,27 @@ class AccountStatus:
     waiting: list[WaitingMessage] = field(default_factory=list)
     stale_after: float = DEFAULT_STALE_AFTER
     stale: bool = False
+    held_by: str | None = None  # shared state: the worker whose lease on the account is live (polling it now)
 
     @property
     def needs_attention(self) -> bool:
         return self.outcome is Outcome.FAILED or bool(self.waiting)
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """A worker sharing the accounts through a PostgreSQL state (``postbote run``, or a ``postbote poll``)."""
+
+    id: str
+    host: str
+    pid: int
+    role: str
+    started: float
+    heartbeat: float
+    holding: int  # accounts it holds leases on now
+    polls: int  # polls it finished
+    failures: int
+    alive: bool  # its heartbeat is younger than the lease: it renews its leases
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,8 @@ class ServiceStatus:
     state_dir: Path
     daemon_pid: int | None
     accounts: list[AccountStatus]
+    state: str | None = None  # a shared state's database, password masked
+    workers: list[WorkerStatus] = field(default_factory=list)
 
     @property
     def exit_status(self) -> int:
@@ -84,24 +104,54 @@ class _Stored:
     last_poll: PollRecord | None = None
     next_poll: float | None = None
     waiting: Sequence[WaitingMessage] = ()
+    held_by: str | None = None
 
 
 def collect(config: Config, now: float | None = None) -> ServiceStatus:
     now = time.time() if now is None else now
+    if config.state is not None:
+        return _collect_shared(config, now)
     _check_readable(config.state_dir)
     holder = read_lock_holder(config.state_dir)
     daemon_pid = holder.pid if holder is not None and holder.role == "daemon" and holder.alive() else None
     stored: dict[str, _Stored] = {}
-    if StateStore.exists(config.state_dir):
-        store = StateStore(config.state_dir, readonly=True)
+    if store_exists(config):
+        store = open_store(config, readonly=True)
         try:
-            stored = {a.name: _Stored(store.last_poll(a.name), store.next_poll(a.name),
-                                      waiting_messages(store, a.name)) for a in config.accounts}
+            stored = _read_accounts(store, config)
         finally:
             store.close()
     accounts = [_account_status(a, stored.get(a.name, _Stored()), now, daemon_running=daemon_pid is not None)
                 for a in config.accounts]
     return ServiceStatus(config.path, config.state_dir, daemon_pid, accounts)
+
+
+def _read_accounts(store: StateStore, config: Config) -> dict[str, _Stored]:
+    return {a.name: _Stored(store.last_poll(a.name), store.next_poll(a.name), waiting_messages(store, a.name))
+            for a in config.accounts}
+
+
+def _collect_shared(config: Config, now: float) -> ServiceStatus:
+    """`collect` from a shared state: the accounts as on SQLite, plus the workers and which one holds what."""
+    from postbote.state_postgres import PostgresDatabase, holders, workers
+
+    store = open_store(config, readonly=True)
+    try:
+        database = store.database
+        assert isinstance(database, PostgresDatabase)
+        stored = _read_accounts(store, config)
+        leases = "workers" in database.tables()  # else no worker has opened this database yet
+        held = holders(database) if leases else {}
+        rows = workers(database) if leases else []
+    finally:
+        store.close()
+    found = [WorkerStatus(row.id, row.host, row.pid, row.role, row.started, row.heartbeat, row.holding, row.polls,
+                          row.failures, alive=now - row.heartbeat < config.worker_lease) for row in rows]
+    running = any(worker.alive for worker in found)
+    accounts = [_account_status(a, replace(stored.get(a.name, _Stored()),
+                                           held_by=held[a.name].worker if a.name in held else None),
+                                now, daemon_running=running) for a in config.accounts]
+    return ServiceStatus(config.path, config.state_dir, None, accounts, state=str(config.state), workers=found)
 
 
 def _check_readable(state_dir: Path) -> None:
@@ -124,7 +174,7 @@ def _account_status(account: Account, stored: _Stored, now: float, *, daemon_run
     never = AccountStatus(name=account.name, server=account.source.server,
                           poll_interval=account.poll_interval, outcome=Outcome.NEVER_POLLED,
                           next_poll=stored.next_poll if daemon_running else None, waiting=list(stored.waiting),
-                          stale_after=threshold, stale=bool(summary.stale))
+                          stale_after=threshold, stale=bool(summary.stale), held_by=stored.held_by)
     record = stored.last_poll
     if record is None:
         return never
@@ -162,18 +212,41 @@ def to_json(status: ServiceStatus) -> dict[str, Any]:
         for message in entry["waiting"]:
             message["since"] = _iso(message["since"])
         accounts.append(entry)
-    return {"config": str(status.config), "state_dir": str(status.state_dir),
-            "daemon": {"running": status.daemon_pid is not None, "pid": status.daemon_pid},
-            "accounts": accounts}
+    shown: dict[str, Any] = {"config": str(status.config), "state_dir": str(status.state_dir),
+                             "daemon": {"running": status.daemon_pid is not None, "pid": status.daemon_pid},
+                             "accounts": accounts}
+    if status.state is not None:
+        shown["state"] = status.state
+        shown["workers"] = [{**asdict(worker), "started": _iso(worker.started), "heartbeat": _iso(worker.heartbeat)}
+                            for worker in status.workers]
+    return shown
 
 
 def render(status: ServiceStatus, now: float) -> str:
-    daemon = f"running (pid {status.daemon_pid})" if status.daemon_pid else "not running"
-    lines = [f"daemon: {daemon}; config {status.config}; state {status.state_dir}"]
+    if status.state is not None:
+        lines = [f"state {status.state} (shared); config {status.config}", *_worker_lines(status.workers, now)]
+        running = any(worker.alive for worker in status.workers)
+    else:
+        daemon = f"running (pid {status.daemon_pid})" if status.daemon_pid else "not running"
+        lines = [f"daemon: {daemon}; config {status.config}; state {status.state_dir}"]
+        running = status.daemon_pid is not None
     width = max((len(a.name) for a in status.accounts), default=0)
     for account in status.accounts:
-        lines.extend(_account_lines(account, now, width, daemon_running=status.daemon_pid is not None))
+        lines.extend(_account_lines(account, now, width, daemon_running=running))
     return "\n".join(lines) + "\n"
+
+
+def _worker_lines(workers: list[WorkerStatus], now: float) -> list[str]:
+    """One line per worker: who, since when, its last heartbeat, what it holds and has done."""
+    if not workers:
+        return ["workers: none running"]
+    lines = [f"workers: {sum(worker.alive for worker in workers)} running"]
+    for worker in workers:
+        state = "" if worker.alive else " -- NOT RENEWING (stopped or cut off; its leases run out)"
+        lines.append(f"  {worker.id} ({worker.role}, {worker.host} pid {worker.pid}): heartbeat "
+                     f"{_when(worker.heartbeat, now)}, started {_when(worker.started, now)}, holds {worker.holding}, "
+                     f"{worker.polls} poll(s), {worker.failures} failed{state}")
+    return lines
 
 
 def _account_lines(account: AccountStatus, now: float, width: int, *, daemon_running: bool) -> list[str]:
@@ -193,7 +266,9 @@ def _account_lines(account: AccountStatus, now: float, width: int, *, daemon_run
     if account.last_poll is not None:
         totals = ", ".join(f"{account.totals.get(key, 0)} {key}" for key in ("delivered", "dropped", "bytes"))
         lines.append(f"{indent}in all: {totals}")
-    if account.next_poll is not None:
+    if account.held_by is not None:
+        lines.append(f"{indent}being polled by worker {account.held_by}")
+    elif account.next_poll is not None:
         lines.append(f"{indent}next poll {_when(account.next_poll, now)}")
     elif not daemon_running:
         lines.append(f"{indent}next poll: when the daemon runs (every {human_duration(account.poll_interval)})")

@@ -1,0 +1,212 @@
+"""Several ``postbote run`` workers sharing 300 accounts through a PostgreSQL state (issue 16), end to end.
+
+Real processes against a real Dovecot and a real PostgreSQL: three workers, a compressed ``poll_interval``, one
+worker SIGKILLed and another added mid-run. What a provider running them would check:
+
+- every account is polled in every interval (the gap between two polls of an account is at most an interval plus
+  the time the schedule's batching and a busy machine add, and one lease more across the kill);
+- no account is ever polled by two workers at once -- read from the server's side: Dovecot's log of logins and
+  logouts per user never shows two sessions of one user open together, and with ``mail_max_userip_connections = 1``
+  it never had to refuse one;
+- nothing is lost (every message put into a mailbox, before and after the kill, reaches the Maildir and leaves the
+  server) and a kill costs at most one duplicate per poll it cut short.
+
+The bounds come from the configured interval and lease, never from how fast this machine is.
+"""
+
+from __future__ import annotations
+
+import collections
+import email
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+
+from tests.harness import DaemonRun
+from tests.servers.dovecot import DovecotServer, dovecot_binary
+
+pytestmark = pytest.mark.usefixtures("time_limit")
+TIME_LIMIT = 240
+
+ACCOUNTS = 300
+INTERVAL = 6.0  # seconds: 50 polls a second across the workers, on two cores beside Dovecot and PostgreSQL
+LEASE = 5.0
+MAX_PARALLEL = 8
+BATCHING = 1.0 + 0.25  # a finished poll's lease is given back within a second; claims come every quarter second
+SLACK = 3.0  # a busy machine's share: a poll's own time, a late wake-up
+MAILBOXES_WITH_MAIL = 30
+
+
+def user(index: int) -> str:
+    return f"u{index:04d}"
+
+
+@pytest.fixture
+def many_users() -> Iterator[DovecotServer]:
+    if dovecot_binary() is None:
+        pytest.fail("the dovecot binary is not installed (apt-get install dovecot-pop3d)", pytrace=False)
+    server = DovecotServer(tls=False, users={}, clients=4 * MAX_PARALLEL,
+                           extra_config="mail_max_userip_connections = 1\n")
+    server.add_users({user(index): f"pw-{user(index)}" for index in range(ACCOUNTS)})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def write_config(directory: Path, name: str, server: DovecotServer, dsn: str, inbox: Path) -> Path:
+    """One worker's config: all 300 accounts (every worker runs the same list), its own state_dir."""
+    accounts = [{"name": user(index), "host": server.host, "port": server.pop3_port, "tls": "none",
+                 "username": user(index), "password": f"pw-{user(index)}", "poll_interval": f"{INTERVAL:g}s",
+                 "timeout": "10s", "deliver": {"maildir": str(inbox)}} for index in range(ACCOUNTS)]
+    config = {"state": dsn, "state_dir": str(directory / name), "worker_lease": f"{LEASE:g}s",
+              "max_parallel": MAX_PARALLEL, "max_parallel_per_host": MAX_PARALLEL,
+              "log": {"level": "info", "format": "json"}, "accounts": accounts}
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)
+    return path
+
+
+def mail(tag: str) -> bytes:
+    return (f"From: sender@example.org\r\nTo: {tag}@example.org\r\nSubject: {tag}\r\n"
+            f"Message-ID: <{tag}@postbote.test>\r\n\r\nbody of {tag}\r\n").encode()
+
+
+def delivered_ids(inbox: Path) -> collections.Counter[str]:
+    found: collections.Counter[str] = collections.Counter()
+    for folder in ("new", "cur"):
+        for path in (inbox / folder).glob("*") if (inbox / folder).is_dir() else []:
+            found[email.message_from_bytes(path.read_bytes())["Message-ID"]] += 1
+    return found
+
+
+def polls_by_account(runs: list[DaemonRun]) -> dict[str, list[float]]:
+    """When each account's polls finished, from every worker's log (the killed one's too)."""
+    finished: dict[str, list[float]] = collections.defaultdict(list)
+    for run in runs:
+        for event in run.events("poll.finished"):
+            finished[event["account"]].append(datetime.fromisoformat(event["timestamp"]).timestamp())
+    return {name: sorted(times) for name, times in finished.items()}
+
+
+def overlapping_sessions(log: str) -> list[str]:
+    """Users with two POP3 sessions open at once, from the order of Dovecot's login and logout lines."""
+    open_sessions: collections.Counter[str] = collections.Counter()
+    overlaps = []
+    for line in log.splitlines():
+        if login := re.search(r"pop3-login: (?:Info: )?Login: user=<([^>]+)>", line):
+            open_sessions[login.group(1)] += 1
+            if open_sessions[login.group(1)] > 1:
+                overlaps.append(line)
+        elif logout := re.search(r"pop3\(([^)]+)\)<\d+><[^>]*>: (?:Info: )?Disconnected", line):
+            open_sessions[logout.group(1)] -= 1
+    return overlaps
+
+
+def worker_holding(dsn: str, pid: int) -> tuple[str, set[str]]:
+    """The id of the worker process ``pid`` and the accounts it holds leases on now."""
+    with psycopg.connect(dsn) as db:
+        (worker,) = db.execute("SELECT id FROM workers WHERE pid = %s", (pid,)).fetchone() or (None,)
+        held = {name for (name,) in db.execute("SELECT account FROM account_leases WHERE lease_worker = %s",
+                                               (worker,))}
+    assert worker is not None, f"worker pid {pid} is not in the workers table"
+    return worker, held
+
+
+def wait(seconds: float, check: Callable[[], None]) -> None:
+    """Sleep ``seconds``, checking every second that the workers are still up."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        check()
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def test_three_workers_share_300_accounts_one_killed_one_added_every_account_polled_once_at_a_time_nothing_lost(
+        tmp_path: Path, postgres_dsn: str, many_users: DovecotServer,
+        daemons: Callable[..., DaemonRun]) -> None:
+    server = many_users
+    inbox = tmp_path / "inbox"
+    for index in range(MAILBOXES_WITH_MAIL):
+        server.deliver(user(index), mail(f"before-{index}"))
+    configs = [write_config(tmp_path, f"worker{number}", server, postgres_dsn, inbox) for number in range(4)]
+    runs = [daemons(config) for config in configs[:3]]
+
+    def all_up() -> None:
+        for run in runs:
+            if run is not killed and run.process.poll() is not None:
+                raise AssertionError(f"a worker exited ({run.process.returncode}):\n{run.log()[-5000:]}")
+
+    killed: DaemonRun | None = None
+    started = time.time()
+    wait(2 * INTERVAL, all_up)
+    for index in range(MAILBOXES_WITH_MAIL, 2 * MAILBOXES_WITH_MAIL):  # mail arriving around the kill
+        server.deliver(user(index), mail(f"around-{index}"))
+    killed = runs[0]
+    killed_id, held_at_kill = worker_holding(postgres_dsn, killed.process.pid)
+    killed.process.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    killed.wait(10)
+    wait(INTERVAL, all_up)
+    runs.append(daemons(configs[3]))
+    for index in range(2 * MAILBOXES_WITH_MAIL, 3 * MAILBOXES_WITH_MAIL):  # mail for the added worker's time
+        server.deliver(user(index), mail(f"after-{index}"))
+    wait(3 * INTERVAL, all_up)
+    for run in runs[1:]:
+        assert run.stop(timeout=30) == 0, run.log()[-5000:]
+    ended = time.time()
+
+    polls = polls_by_account(runs)
+    assert sorted(polls) == [user(index) for index in range(ACCOUNTS)], "every account was polled"
+    normal_gap = INTERVAL + BATCHING + SLACK
+    late = {}
+    for name, times in polls.items():
+        edges = [started + INTERVAL, *times, ended - normal_gap]  # the first round is spread over START_JITTER
+        for before, after in zip(edges, edges[1:], strict=False):
+            allowed = normal_gap + (LEASE if before <= killed_at <= after else 0.0)
+            if after - before > allowed:
+                late[name] = round(after - before, 2)
+    assert not late, f"accounts not polled in an interval ({normal_gap:g} s, {normal_gap + LEASE:g} s across the " \
+                     f"kill): {late}"
+
+    taken_over = [min(t for t in polls[name] if t > killed_at) - killed_at for name in held_at_kill]
+    print(f"\nworker {killed_id} killed holding {len(held_at_kill)} lease(s); taken over after "
+          f"{max(taken_over, default=0):.2f} s at most (lease {LEASE:g} s, interval {INTERVAL:g} s); "
+          f"{sum(len(times) for times in polls.values())} polls in {ended - started:.0f} s")
+
+    dovecot_log = server.log_text()
+    assert overlapping_sessions(dovecot_log) == [], "two sessions of one user at once"
+    assert "Maximum number of connections" not in dovecot_log
+    logins = len(re.findall(r"pop3-login: (?:Info: )?Login: user=", dovecot_log))
+    assert logins >= sum(len(times) for times in polls.values()), "the server saw every poll the workers logged"
+
+    copies = delivered_ids(inbox)
+    expected = {f"<{when}-{index}@postbote.test>" for when, first in (("before", 0), ("around", 1), ("after", 2))
+                for index in range(first * MAILBOXES_WITH_MAIL, (first + 1) * MAILBOXES_WITH_MAIL)}
+    assert expected - set(copies) == set(), "messages lost"
+    twice = {message for message, count in copies.items() if count > 1}
+    assert all(copies[message] == 2 for message in twice), copies
+    assert len(twice) <= MAX_PARALLEL, f"more duplicates than polls the kill could cut short: {twice}"
+    assert all(server.count(user(index)) == 0 for index in range(3 * MAILBOXES_WITH_MAIL)), "mail left on the server"
+
+    with psycopg.connect(postgres_dsn) as db:
+        rows = db.execute("SELECT id, polls FROM workers").fetchall()
+    assert [worker for worker, _ in rows] == [killed_id], "the stopped workers left; the killed one stays, stale"
+
+
+def test_the_overlap_check_sees_two_sessions_of_one_user_open_together() -> None:
+    """The check above is only as good as its reading of Dovecot's log: sessions in a row pass, nested ones not."""
+    login = "Dec 07 08:28:56 pop3-login: Info: Login: user=<{0}>, method=PLAIN, rip=127.0.0.1, session=<x>"
+    logout = "Dec 07 08:28:57 pop3({0})<301><x>: Info: Disconnected: Logged out top=0/0, retr=0/0, del=0/0, size=0"
+    in_a_row = [login.format("u1"), logout.format("u1"), login.format("u1"), logout.format("u1")]
+    nested = [login.format("u1"), login.format("u2"), login.format("u1"), logout.format("u1"), logout.format("u1")]
+    assert overlapping_sessions("\n".join(in_a_row)) == []
+    assert overlapping_sessions("\n".join(nested)) == [login.format("u1")]
