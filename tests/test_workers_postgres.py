@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import collections
 import email
+import json
+import os
 import re
 import signal
 import time
@@ -28,8 +30,9 @@ from pathlib import Path
 import psycopg
 import pytest
 import yaml
+from postbote.state_postgres import LeaseBoard, PostgresDatabase
 
-from tests.harness import DaemonRun
+from tests.harness import DaemonRun, Postbote
 from tests.servers.dovecot import DovecotServer, dovecot_binary
 
 pytestmark = pytest.mark.usefixtures("time_limit")
@@ -210,3 +213,63 @@ def test_the_overlap_check_sees_two_sessions_of_one_user_open_together() -> None
     nested = [login.format("u1"), login.format("u2"), login.format("u1"), logout.format("u1"), logout.format("u1")]
     assert overlapping_sessions("\n".join(in_a_row)) == []
     assert overlapping_sessions("\n".join(nested)) == [login.format("u1")]
+
+
+# --- postbote status and postbote poll beside the workers
+
+
+def shared_config(postbote: Postbote, dsn: str, dovecot: DovecotServer | None = None) -> Path:
+    port = dovecot.pop3_port if dovecot else 1
+    return postbote.configure([{"name": "alice", "host": "127.0.0.1", "port": port, "tls": "none",
+                                "username": "alice", "password": "alice-secret", "poll_interval": "5m",
+                                "timeout": "10s", "deliver": {"maildir": str(postbote.directory / "inbox")}}],
+                              top={"state": dsn, "worker_lease": "30s"})
+
+
+def a_worker(dsn: str) -> LeaseBoard:
+    """Another worker, as a running ``postbote run`` elsewhere appears in the database."""
+    from postbote.config import shared_state
+
+    state = shared_state(dsn)
+    assert state is not None
+    worker = LeaseBoard(PostgresDatabase(state), lease=30.0)
+    worker.join()
+    return worker
+
+
+def test_status_shows_the_workers_their_heartbeats_and_who_polls_which_account(
+        postbote: Postbote, postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    shared_config(postbote, postgres_dsn)
+    assert postbote.run("status") == 0  # no worker yet: the tables are made by the first to open the database
+    worker = a_worker(postgres_dsn)
+    worker.add_accounts({"alice": 0.0})
+    assert worker.claim(1) == ["alice"]
+    capsys.readouterr()
+    postbote.run("status")
+    text = capsys.readouterr().out
+    assert "workers: 1 running" in text and worker.worker in text and f"pid {os.getpid()}" in text
+    assert f"being polled by worker {worker.worker}" in text
+    assert "pg-test-secret" not in text and "********" in text
+    postbote.run("status", "--json")
+    shown = json.loads(capsys.readouterr().out)
+    assert [entry["id"] for entry in shown["workers"]] == [worker.worker]
+    assert shown["workers"][0]["holding"] == 1 and shown["accounts"][0]["held_by"] == worker.worker
+    worker.leave()
+    worker.database.close()
+
+
+def test_poll_leaves_an_account_a_worker_is_polling_and_polls_it_once_the_lease_is_free(
+        postbote: Postbote, postgres_dsn: str, dovecot: DovecotServer) -> None:
+    shared_config(postbote, postgres_dsn, dovecot)
+    dovecot.deliver("alice", mail("one-shot"))
+    worker = a_worker(postgres_dsn)
+    worker.add_accounts({"alice": 0.0})
+    assert worker.claim(1) == ["alice"]
+    assert postbote.poll() == 0, "the account is in a worker's hands: nothing to report"
+    assert dovecot.count("alice") == 1 and delivered_ids(postbote.directory / "inbox") == {}
+    worker.release({"alice": 300.0})
+    assert postbote.poll() == 0
+    assert dovecot.count("alice") == 0
+    assert delivered_ids(postbote.directory / "inbox") == {"<one-shot@postbote.test>": 1}
+    worker.leave()
+    worker.database.close()
