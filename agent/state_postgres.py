@@ -301,12 +301,12 @@ class LeaseBoard:
             return []
         with self.database.transaction(needs_sync=False) as tx:
             rows = tx.query(
-                f"WITH due AS (SELECT account FROM account_leases WHERE next_due <= {NOW} "
+                f"WITH due AS (SELECT account, next_due FROM account_leases WHERE next_due <= {NOW} "
                 f"AND (lease_until IS NULL OR lease_until < {NOW}) ORDER BY next_due LIMIT ? "
                 f"FOR UPDATE SKIP LOCKED) "
                 f"UPDATE account_leases AS l SET lease_worker = ?, lease_until = {NOW} + ? FROM due "
-                f"WHERE l.account = due.account RETURNING l.account", (limit, self.worker, self.lease))
-        return [name for (name,) in rows]
+                f"WHERE l.account = due.account RETURNING l.account, due.next_due", (limit, self.worker, self.lease))
+        return [name for name, _due in sorted(rows, key=lambda row: (row[1], row[0]))]
 
     def claim_now(self, account: str) -> Holder | None:
         """Lease ``account`` whether due or not (``postbote poll``): None when it is ours now, else who holds it."""
