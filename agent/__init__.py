@@ -31,7 +31,15 @@ if TYPE_CHECKING:
     from postbote.message import Message, Verdict
     from postbote.poll import Poll, PollStats
     from postbote.smtp import AuthRefused, Delivery, Reply, SenderRefused, SessionRefused, SMTPClient
-    from postbote.state import KeyedTable, LegacyTable, PollRecord, WaitingMessage, read_account_state
+    from postbote.state import (
+        KeyedTable,
+        LegacyTable,
+        PollRecord,
+        WaitingMessage,
+        WorkerFigures,
+        read_account_state,
+        read_workers,
+    )
     from postbote.status import WaitingSummary, stale_after
     from postbote.tls import TLSError, TLSPolicy, certificate_facts
     from postbote.trace import ProtocolTrace, protocol_trace
@@ -100,7 +108,8 @@ _FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
     # making written files survive a crash (each raises the kernel's OSError; turn it into your DeliveryError)
     "postbote.durable": ("fsync_directory", "fsync_file", "rename_durably", "sync_filesystems"),
     # keeping state: a plugin's own keyed table beside the state database, and read-only views of poll records
-    "postbote.state": ("KeyedTable", "LegacyTable", "PollRecord", "WaitingMessage", "read_account_state"),
+    "postbote.state": ("KeyedTable", "LegacyTable", "PollRecord", "WaitingMessage", "WorkerFigures",
+                       "read_account_state", "read_workers"),
     "postbote.status": ("WaitingSummary", "stale_after"),
 }
 
@@ -140,8 +149,8 @@ __all__ = [  # spelled out, so that type checkers see the re-exports; tests/test
     # making written files durable
     "fsync_directory", "fsync_file", "rename_durably", "sync_filesystems",
     # keeping state
-    "KeyedTable", "LegacyTable", "PollRecord", "WaitingMessage", "WaitingSummary", "read_account_state",
-    "stale_after",
+    "KeyedTable", "LegacyTable", "PollRecord", "WaitingMessage", "WaitingSummary", "WorkerFigures",
+    "read_account_state", "read_workers", "stale_after",
 ]
 
 

@@ -714,19 +714,65 @@ class AccountState:
     waiting: list[WaitingMessage]  # deferred and rejected, longest waiting first
 
 
-def read_account_state(state_dir: Path, account: str) -> AccountState | None:
+def read_account_state(where: Path | Config, account: str) -> AccountState | None:
     """The account's last poll and the messages waiting on its server, for readers outside the poller (metrics).
 
-    Read through a read-only store opened for this read alone: the reader never writes nor creates a file, and a
+    ``where``: a state directory (SQLite), or the config, whose ``state`` may name a shared database. A SQLite store
+    is read through a read-only store opened for this read alone: the reader never writes nor creates a file, and a
     store kept open could be one SQLite reads as an immutable file (opened while nobody had the database open),
-    blind to every later poll. None when there is no database yet or no poll of ``account``; a `StateError` when
-    the database cannot be read.
+    blind to every later poll. A shared store is read over one read-only connection kept for the process. None when
+    there is no database yet or no poll of ``account``; a `StateError` when the database cannot be read.
     """
+    if not isinstance(where, Path) and where.state is not None:
+        store = _shared_reader(where.state)
+        last_poll = store.last_poll(account)
+        return None if last_poll is None else AccountState(last_poll, store.waiting(account))
+    state_dir = where if isinstance(where, Path) else where.state_dir
     if not StateStore.exists(state_dir):
         return None
     with contextlib.closing(StateStore(state_dir, readonly=True)) as store:
         last_poll = store.last_poll(account)
         return None if last_poll is None else AccountState(last_poll, store.waiting(account))
+
+
+@dataclass(frozen=True)
+class WorkerFigures:
+    """What a worker sharing a PostgreSQL state has done, for the metrics (`read_workers`)."""
+
+    worker: str
+    host: str
+    pid: int
+    heartbeat: float  # seconds since the epoch (the database's clock)
+    holding: int  # accounts it holds leases on now
+    polls: int
+    failures: int
+
+
+def read_workers(config: Config) -> list[WorkerFigures]:
+    """The workers of ``config``'s shared state (none with a SQLite state: one daemon, no leases)."""
+    if config.state is None:
+        return []
+    from postbote.state_postgres import PostgresDatabase, workers
+
+    database = _shared_reader(config.state).database
+    if not isinstance(database, PostgresDatabase) or "workers" not in database.tables():
+        return []
+    return [WorkerFigures(row.id, row.host, row.pid, row.heartbeat, row.holding, row.polls, row.failures)
+            for row in workers(database)]
+
+
+_shared_readers: dict[str, StateStore] = {}
+_shared_readers_lock = threading.Lock()
+
+
+def _shared_reader(state: SharedState) -> StateStore:
+    """One read-only store per shared database for the process: a PostgreSQL connection costs a login (SCRAM) and
+    a few round trips, which a reader after every poll must not pay each time. Its state directory is never used."""
+    with _shared_readers_lock:
+        store = _shared_readers.get(state.conninfo)
+        if store is None:
+            store = _shared_readers[state.conninfo] = StateStore(Path("."), readonly=True, shared=state)
+        return store
 
 
 def _create_private(path: Path) -> None:

@@ -10,6 +10,11 @@ The numbers come from the state store (the same running totals and waiting messa
 read through a read-only store after every poll, so the counters survive restarts and do not depend on which process
 polled. ``postbote_messages_waiting`` and
 ``postbote_messages_stale`` are what to alert on: mail that stays on the server instead of arriving.
+
+With a shared state (``state: postgresql://...``, several workers) the per-account figures are those of all workers
+together, and ``postbote_worker_*`` give each worker's own, labelled ``worker`` (its id, as ``postbote status``
+shows it): polls and failures since it started, the accounts it holds leases on, and its last heartbeat -- a
+heartbeat that stops moving is a worker that died or lost the database.
 """
 
 from __future__ import annotations
@@ -37,11 +42,13 @@ from postbote import (
     Section,
     WaitingMessage,
     WaitingSummary,
+    WorkerFigures,
     boolean,
     hookimpl,
     nonempty_text,
     path_relative_to,
     read_account_state,
+    read_workers,
     stale_after,
 )
 
@@ -156,6 +163,27 @@ def render(records: Iterable[PollRecord], waiting: Mapping[str, WaitingSummary] 
     return "\n".join(lines) + "\n"
 
 
+def render_workers(workers: Iterable[WorkerFigures]) -> str:
+    """The ``postbote_worker_*`` families of a shared state's workers (nothing when there are none)."""
+    workers = sorted(workers, key=lambda w: w.worker)
+    if not workers:
+        return ""
+    families: list[tuple[str, str, str, Callable[[WorkerFigures], float]]] = [
+        ("postbote_worker_polls_total", "counter", "Polls a worker finished since it started.", lambda w: w.polls),
+        ("postbote_worker_poll_failures_total", "counter", "Polls of a worker that failed.", lambda w: w.failures),
+        ("postbote_worker_leases", "gauge", "Accounts a worker holds leases on now (polling or about to).",
+         lambda w: w.holding),
+        ("postbote_worker_heartbeat_timestamp_seconds", "gauge", "A worker's last heartbeat (Unix time).",
+         lambda w: w.heartbeat),
+    ]
+    lines: list[str] = []
+    for name, kind, help_text, value in families:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        lines += [f'{name}{{worker="{_label(w.worker)}",host="{_label(w.host)}"}} {_number(value(w))}'
+                  for w in workers]
+    return "\n".join(lines) + "\n"
+
+
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
@@ -225,7 +253,7 @@ class MetricsExporter:
     """The metrics of the accounts that enable the plugin, written to their textfiles and served on their ports."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
-        self.state_dir = config.state_dir
+        self.config = config
         self._clock = clock
         self.textfiles: dict[Path, list[str]] = {}
         self.listeners: dict[tuple[str, int], list[str]] = {}
@@ -262,7 +290,7 @@ class MetricsExporter:
     def refresh(self, account: str) -> None:
         """Read the account's latest poll record and its waiting messages from the state store (read-only)."""
         try:
-            state = read_account_state(self.state_dir, account)
+            state = read_account_state(self.config, account)
         except PostboteError as exc:
             log.warning("metrics.state_unreadable", error=str(exc))
             return
@@ -277,7 +305,18 @@ class MetricsExporter:
         with self._lock:
             waiting = {name: WaitingSummary.of(messages, now=now, stale_after=stale_after(self._accounts[name]))
                        for name, messages in self._waiting.items()}
-            return render((self._records[name] for name in accounts if name in self._records), waiting)
+            text = render((self._records[name] for name in accounts if name in self._records), waiting)
+        return text + self._workers()
+
+    def _workers(self) -> str:
+        """The workers of a shared state, read at each render (a scrape, a textfile write)."""
+        if self.config.state is None:
+            return ""
+        try:
+            return render_workers(read_workers(self.config))
+        except PostboteError as exc:
+            log.warning("metrics.workers_unreadable", error=str(exc))
+            return ""
 
     def write_textfiles(self, account: str | None = None) -> None:
         for path, names in self.textfiles.items():

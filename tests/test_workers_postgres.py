@@ -30,6 +30,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import yaml
+from postbote.state import StateStore
 from postbote.state_postgres import LeaseBoard, PostgresDatabase
 
 from tests.harness import DaemonRun, Postbote
@@ -271,5 +272,38 @@ def test_poll_leaves_an_account_a_worker_is_polling_and_polls_it_once_the_lease_
     assert postbote.poll() == 0
     assert dovecot.count("alice") == 0
     assert delivered_ids(postbote.directory / "inbox") == {"<one-shot@postbote.test>": 1}
+    worker.leave()
+    worker.database.close()
+
+
+def test_metrics_give_each_workers_figures_and_every_workers_polls_per_account(tmp_path: Path,
+                                                                              postgres_dsn: str) -> None:
+    from postbote.config import load_config
+    from postbote.pluginmanager import make_plugin_manager
+    from postbote.plugins import metrics
+
+    from tests.harness import account, write_config
+
+    path = write_config(tmp_path / "postbote.yaml", [account("alice", None, tmp_path / "Maildir")],
+                        plugins={"metrics": {"textfile": str(tmp_path / "postbote.prom")}}, state=postgres_dsn)
+    config = load_config(path, make_plugin_manager(entry_points=False))
+    worker = a_worker(postgres_dsn)
+    worker.add_accounts({"alice": 0.0})
+    worker.claim(1)
+    worker.release({"alice": 300.0}, polls=3, failures=1)
+    store = StateStore(tmp_path / "state", shared=config.state)
+    store.record_poll("alice", ok=True, duration=0.2, counts={}, error=None)
+    store.close()
+    exporter = metrics.MetricsExporter(config)
+    try:
+        exporter.refresh("alice")
+        text = exporter.render(["alice"])
+    finally:
+        exporter.close()
+    labels = f'worker="{worker.worker}",host="{worker.worker.split(":")[0]}"'
+    assert f"postbote_worker_polls_total{{{labels}}} 3" in text
+    assert f"postbote_worker_poll_failures_total{{{labels}}} 1" in text
+    assert f"postbote_worker_leases{{{labels}}} 0" in text
+    assert 'postbote_polls_total{account="alice"} 1' in text
     worker.leave()
     worker.database.close()
