@@ -737,15 +737,17 @@ def read_account_state(where: Path | Config, account: str) -> AccountState | Non
 
 @dataclass(frozen=True)
 class WorkerFigures:
-    """What a worker sharing a PostgreSQL state has done, for the metrics (`read_workers`)."""
+    """A worker sharing a PostgreSQL state, as its row in ``workers`` says (``postbote status``, the metrics)."""
 
-    worker: str
+    id: str  # HOST:PID:RANDOM
     host: str
     pid: int
-    heartbeat: float  # seconds since the epoch (the database's clock)
-    holding: int  # accounts it holds leases on now
-    polls: int
+    role: str  # daemon (postbote run) or poll (postbote poll)
+    started: float  # seconds since the epoch, by the database's clock
+    heartbeat: float  # its last renewal of its leases
+    polls: int  # polls it finished
     failures: int
+    holding: int  # accounts whose lease it holds now
 
 
 def read_workers(config: Config) -> list[WorkerFigures]:
@@ -757,8 +759,7 @@ def read_workers(config: Config) -> list[WorkerFigures]:
     database = _shared_reader(config.state).database
     if not isinstance(database, PostgresDatabase) or "workers" not in database.tables():
         return []
-    return [WorkerFigures(row.id, row.host, row.pid, row.heartbeat, row.holding, row.polls, row.failures)
-            for row in workers(database)]
+    return workers(database)
 
 
 _shared_readers: dict[str, StateStore] = {}

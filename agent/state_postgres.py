@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from postbote.credentials import redact
 from postbote.errors import ConfigError, StateError
-from postbote.state import _MESSAGE_COLUMNS, _SCHEMA, Database, Writer
+from postbote.state import _MESSAGE_COLUMNS, _SCHEMA, Database, WorkerFigures, Writer
 
 if TYPE_CHECKING:
     import psycopg
@@ -234,21 +234,6 @@ class Role(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class WorkerRow:
-    """A worker as ``postbote status`` shows it."""
-
-    id: str
-    host: str
-    pid: int
-    role: str
-    started: float
-    heartbeat: float
-    polls: int
-    failures: int
-    holding: int  # accounts whose lease it holds now
-
-
-@dataclass(frozen=True)
 class Holder:
     """Who holds an account's lease, and until when (the database's clock)."""
 
@@ -366,13 +351,13 @@ def holders(database: PostgresDatabase) -> dict[str, Holder]:
         f"SELECT account, lease_worker, lease_until FROM account_leases WHERE lease_until >= {NOW}")}
 
 
-def workers(database: PostgresDatabase) -> list[WorkerRow]:
+def workers(database: PostgresDatabase) -> list[WorkerFigures]:
     """The workers in ``workers``, oldest first, with how many accounts each holds now."""
     rows = database.query(
         "SELECT w.id, w.host, w.pid, w.role, w.started, w.heartbeat, w.polls, w.failures, "
         f"(SELECT count(*) FROM account_leases l WHERE l.lease_worker = w.id AND l.lease_until >= {NOW}) "
         "FROM workers w ORDER BY w.started, w.id")
-    return [WorkerRow(*row) for row in rows]
+    return [WorkerFigures(*row) for row in rows]
 
 
 class LeaseKeeper:

@@ -165,7 +165,7 @@ def render(records: Iterable[PollRecord], waiting: Mapping[str, WaitingSummary] 
 
 def render_workers(workers: Iterable[WorkerFigures]) -> str:
     """The ``postbote_worker_*`` families of a shared state's workers (nothing when there are none)."""
-    workers = sorted(workers, key=lambda w: w.worker)
+    workers = sorted(workers, key=lambda w: w.id)
     if not workers:
         return ""
     families: list[tuple[str, str, str, Callable[[WorkerFigures], float]]] = [
@@ -179,7 +179,7 @@ def render_workers(workers: Iterable[WorkerFigures]) -> str:
     lines: list[str] = []
     for name, kind, help_text, value in families:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        lines += [f'{name}{{worker="{_label(w.worker)}",host="{_label(w.host)}"}} {_number(value(w))}'
+        lines += [f'{name}{{worker="{_label(w.id)}",host="{_label(w.host)}"}} {_number(value(w))}'
                   for w in workers]
     return "\n".join(lines) + "\n"
 

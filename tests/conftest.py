@@ -305,13 +305,26 @@ def _postgres_marked(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def state_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    """A `postbote.state.StateStore` on each backend in turn: SQLite in ``tmp_path``, and a fresh PostgreSQL
-    database (the same interface; the tests of the store's behaviour run against both)."""
+def open_state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Any]]:
+    """Opens one `postbote.state.StateStore` -- again and again, as a restart after a crash does -- on each backend
+    in turn: SQLite in ``tmp_path``, then a fresh PostgreSQL database (the same interface: the tests of the store's
+    behaviour run against both). Every store opened is closed after the test."""
     from postbote.config import shared_state
     from postbote.state import StateStore
 
     shared = shared_state(request.getfixturevalue("postgres_dsn")) if request.param == "postgresql" else None
-    store = StateStore(tmp_path / "state", shared=shared)
-    yield store
-    store.close()
+    opened: list[StateStore] = []
+
+    def open_() -> StateStore:
+        opened.append(StateStore(tmp_path / "state", shared=shared))
+        return opened[-1]
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def state_store(open_state: Callable[[], Any]) -> Any:
+    """One store opened by ``open_state`` (on SQLite, then on PostgreSQL)."""
+    return open_state()

@@ -29,6 +29,7 @@ from postbote.state import (
 )
 from postbote.state_postgres import MIGRATIONS, SCHEMA_VERSION, LeaseBoard, PostgresDatabase, holders
 
+from tests import harness
 from tests.servers.postgres import PASSWORD, PostgresServer
 
 StoreOpener = Callable[[], StateStore]
@@ -36,24 +37,10 @@ SMTP = DeliveryKey(0, "smtp")
 MAILDIR = DeliveryKey(1, "maildir")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def open_state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreOpener]:
-    """Opens the same store again and again (a restart after a crash), on SQLite and then on PostgreSQL."""
-    shared = shared_state(request.getfixturevalue("postgres_dsn")) if request.param == "postgresql" else None
-    opened: list[StateStore] = []
-
-    def open_() -> StateStore:
-        opened.append(StateStore(tmp_path / "state", shared=shared))
-        return opened[-1]
-
-    yield open_
-    for store in opened:
-        store.close()
-
-
 @pytest.fixture
-def store(open_state: StoreOpener) -> StateStore:
-    return open_state()
+def store(state_store: StateStore) -> StateStore:
+    """On SQLite, then on PostgreSQL (``open_state`` and ``state_store`` in conftest)."""
+    return state_store
 
 
 # --- the records, on both backends
@@ -250,19 +237,16 @@ def test_a_conninfo_is_accepted_and_its_password_masked() -> None:
 
 
 def write_config(tmp_path: Path, state: str) -> Path:
-    config = tmp_path / "postbote.yaml"
-    config.write_text(f"state_dir: {tmp_path / 'state'}\nstate: {state}\naccounts:\n"
-                      f"  - {{name: alice, host: 127.0.0.1, port: 1, tls: none, username: alice,\n"
-                      f"     password_command: [echo, x], deliver: {{maildir: {tmp_path / 'inbox'}}}}}\n")
-    return config
+    return harness.write_config(tmp_path / "postbote.yaml", [harness.account("alice", None, tmp_path / "inbox")],
+                                state=state)
 
 
 def test_a_state_that_is_no_connection_string_is_a_config_error_with_file_line_and_key(tmp_path: Path) -> None:
     from postbote.config import load_config
     from postbote.pluginmanager import make_plugin_manager
 
-    with pytest.raises(ConfigError, match=r"postbote.yaml:2: state: expected sqlite, a postgresql:// URI or a libpq "
-                                          r"conninfo"):
+    with pytest.raises(ConfigError, match=r"postbote.yaml:[0-9]+: state: expected sqlite, a postgresql:// URI "
+                                          r"or a libpq conninfo"):
         load_config(write_config(tmp_path, "mysql://somewhere"), make_plugin_manager(entry_points=False))
 
 
@@ -276,8 +260,9 @@ def test_a_missing_driver_is_a_config_error_with_file_line_and_key(tmp_path: Pat
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psycopg" else real(name, *a))
     config = write_config(tmp_path, "postgresql://postbote:hunter22@localhost/postbote")
-    with pytest.raises(ConfigError, match=r"postbote.yaml:2: state: a PostgreSQL state needs the driver psycopg 3, "
-                                          r"which is not installed \(pip install 'postbote\[postgresql\]'\)") as raised:
+    with pytest.raises(ConfigError, match=r"postbote.yaml:[0-9]+: state: a PostgreSQL state needs the driver "
+                                          r"psycopg 3, which is not installed \(pip install "
+                                          r"'postbote\[postgresql\]'\)") as raised:
         load_config(config, make_plugin_manager(entry_points=False))
     assert "hunter22" not in str(raised.value)
 

@@ -27,7 +27,15 @@ from typing import Any, TextIO
 from postbote.cli.startup import set_up
 from postbote.config import DEFAULT_STALE_AFTER, Account, Config
 from postbote.errors import StateError
-from postbote.state import PollRecord, StateStore, WaitingMessage, open_store, read_lock_holder, store_exists
+from postbote.state import (
+    PollRecord,
+    StateStore,
+    WaitingMessage,
+    WorkerFigures,
+    open_store,
+    read_lock_holder,
+    store_exists,
+)
 from postbote.status import WaitingSummary, human_duration, stale_after, waiting_messages
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -68,19 +76,10 @@ class AccountStatus:
 
 
 @dataclass(frozen=True)
-class WorkerStatus:
+class WorkerStatus(WorkerFigures):
     """A worker sharing the accounts through a PostgreSQL state (``postbote run``, or a ``postbote poll``)."""
 
-    id: str
-    host: str
-    pid: int
-    role: str
-    started: float
-    heartbeat: float
-    holding: int  # accounts it holds leases on now
-    polls: int  # polls it finished
-    failures: int
-    alive: bool  # its heartbeat is younger than the lease: it renews its leases
+    alive: bool = False  # its heartbeat is younger than the lease: it renews its leases
 
 
 @dataclass(frozen=True)
@@ -145,8 +144,7 @@ def _collect_shared(config: Config, now: float) -> ServiceStatus:
         rows = workers(database) if leases else []
     finally:
         store.close()
-    found = [WorkerStatus(row.id, row.host, row.pid, row.role, row.started, row.heartbeat, row.holding, row.polls,
-                          row.failures, alive=now - row.heartbeat < config.worker_lease) for row in rows]
+    found = [WorkerStatus(**asdict(row), alive=now - row.heartbeat < config.worker_lease) for row in rows]
     running = any(worker.alive for worker in found)
     accounts = [_account_status(a, replace(stored.get(a.name, _Stored()),
                                            held_by=held[a.name].worker if a.name in held else None),
