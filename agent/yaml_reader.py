@@ -8,6 +8,7 @@ plugins read their own options with the same `Section`, so their errors look the
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -221,20 +222,37 @@ class _SimpleDocument:
         value = event.value
         if not event.implicit[0] or (value[:1] not in _RESOLVABLE_STARTS):
             return value  # quoted, or plain text no implicit type can start with
+        known = _RESOLVED.get(value, _UNKNOWN)
+        if known is not _UNKNOWN:
+            return known
         tag = _RESOLVER.resolve(yaml.ScalarNode, value, (True, False))
         if tag == _STR_TAG:
-            return value
+            return _remembered(value, value)
         if tag in _COMPOSER_ONLY_TAGS:
             raise _NotSimple
         node = yaml.ScalarNode(tag, value, event.start_mark, event.end_mark, event.style)
         try:
-            return _CONSTRUCTOR.construct_object(node, deep=True)
+            resolved = _CONSTRUCTOR.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{self.file}:{line}: {path}: {exc}") from None
+        return _remembered(value, resolved) if isinstance(resolved, _IMMUTABLE_SCALARS) else resolved
 
 
 _RESOLVER = yaml.resolver.Resolver()
 _RESOLVABLE_STARTS = frozenset(_RESOLVER.yaml_implicit_resolvers)
+_UNKNOWN = object()
+_RESOLVED: dict[str, Any] = {}
+"""Plain scalars read before and what they meant (``995``, ``5m``, ``true``): a provider's accounts repeat the same
+few ports, intervals and switches, and the resolver tries a dozen patterns on each."""
+MAX_RESOLVED = 4096
+_IMMUTABLE_SCALARS = (bool, int, float, type(None), datetime.date)
+
+
+def _remembered(text: str, meaning: Any) -> Any:
+    if len(_RESOLVED) < MAX_RESOLVED:
+        _RESOLVED[text] = meaning
+    return meaning
+
 _COMPOSER_ONLY_TAGS = frozenset({_MERGE_TAG, "tag:yaml.org,2002:value", "tag:yaml.org,2002:yaml"})
 _CONSTRUCTOR = yaml.SafeLoader("")
 
