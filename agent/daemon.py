@@ -856,6 +856,10 @@ class Daemon:
         except PostboteError as exc:
             self._reload_failed(str(exc))
             return
+        if config.state != self.config.state:
+            self._reload_failed(f"state changed from {self.config.state or 'sqlite'} to {config.state or 'sqlite'}: "
+                                f"restart postbote to move to another state store")
+            return
         if config.state_dir != self.config.state_dir:
             self._reload_failed(f"state_dir changed from {self.config.state_dir} to {config.state_dir}: "
                                 f"restart postbote to move to another state directory")

@@ -65,10 +65,11 @@ def _run_as(uid: int | None, gid: int | None) -> None:
 class PostgresServer:
     host = LOOPBACK
 
-    def __init__(self, *, fsync: bool = False) -> None:
+    def __init__(self, *, fsync: bool = False, settings: dict[str, str] | None = None) -> None:
         """``fsync=False`` (tests): commits are not flushed to disk, which a test's throwaway cluster never needs;
-        bench/workers.py measures with it on."""
+        bench/workers.py measures with it on. ``settings``: more server settings (``-c key=value``)."""
         self.fsync = fsync
+        self.settings = dict(settings or {})
         self.root = Path(tempfile.mkdtemp(prefix="pbpg-"))
         self.data = self.root / "data"
         self.socket_dir = self.root / "run"
@@ -104,7 +105,8 @@ class PostgresServer:
                        check=True, capture_output=True, preexec_fn=lambda: _run_as(self._uid, self._gid))
         settings = {"listen_addresses": self.host, "port": str(self.port), "unix_socket_directories":
                     str(self.socket_dir), "fsync": "on" if self.fsync else "off", "max_connections": "200",
-                    "shared_buffers": "32MB", "log_min_messages": "warning", "logging_collector": "off"}
+                    "shared_buffers": "32MB", "log_min_messages": "warning", "logging_collector": "off",
+                    **self.settings}
         with self.log_file.open("ab") as log:
             self._proc = subprocess.Popen(
                 [str(bindir / "postgres"), "-D", str(self.data),
@@ -146,6 +148,11 @@ class PostgresServer:
             return self.log_file.read_text(errors="replace")
         except OSError:
             return ""
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's pid (its children are the server's other processes)."""
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def running(self) -> bool:
