@@ -53,6 +53,13 @@ log = structlog.get_logger("postbote.state")
 
 NOW = "extract(epoch FROM clock_timestamp())::double precision"
 CONNECT_TIMEOUT = 10  # seconds to reach the server; a poll that cannot is deferred like any state failure
+# A server or network that stops answering must not hold a poll (and with it the account's lease) for ever: libpq's
+# TCP keepalives and user timeout find a dead peer in about 30 s, the statement timeout bounds a stuck statement.
+# Where the conninfo sets one of these itself, its value is kept.
+CONNECTION_DEFAULTS = {"connect_timeout": str(CONNECT_TIMEOUT), "keepalives": "1", "keepalives_idle": "10",
+                       "keepalives_interval": "5", "keepalives_count": "3", "tcp_user_timeout": "30000",
+                       "application_name": "postbote"}
+STATEMENT_TIMEOUT = "30s"
 MIGRATION_LOCK = 0x706F7374  # pg_advisory_xact_lock key: one worker at a time migrates the schema
 UNKNOWN_ACCOUNT_DELAY = 60.0  # an account claimed by a worker whose config lacks it is left this long for the others
 
@@ -110,14 +117,19 @@ class PostgresDatabase:
 
     def _connection(self) -> psycopg.Connection[Any]:
         import psycopg
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
         from psycopg.types.string import StrDumper
 
-        if self._conn is not None and not self._conn.closed:
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
             return self._conn
-        conn = psycopg.connect(self._state.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
-                               application_name="postbote")
+        self.close()  # a connection the server or the network dropped: the next use opens a new one
+        given = conninfo_to_dict(self._state.conninfo)
+        conninfo = make_conninfo(self._state.conninfo, **{key: value for key, value in CONNECTION_DEFAULTS.items()
+                                                          if key not in given})
+        conn = psycopg.connect(conninfo, autocommit=True)
         conn.adapters.register_dumper(enum.StrEnum, StrDumper)  # our enums as their values, not their names
         conn.execute("SET synchronous_commit TO on")  # a commit is on the server's disk before DELE
+        conn.execute(f"SET statement_timeout TO '{STATEMENT_TIMEOUT}'")
         if self._readonly:
             conn.execute("SET default_transaction_read_only TO on")
         self._conn = conn

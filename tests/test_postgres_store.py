@@ -373,3 +373,22 @@ def test_a_worker_leaving_releases_its_leases_but_those_it_keeps(database: Calla
     leaving.leave(keeping=["bob"])
     assert other.claim(5) == ["alice"]
     assert leaving.worker not in {row[0] for row in other.database.query("SELECT id FROM workers")}
+
+
+def test_a_connection_the_server_dropped_fails_one_call_and_the_next_reconnects(postgres_dsn: str,
+                                                                                tmp_path: Path) -> None:
+    """A PostgreSQL restart or a network cut mid-run: the poll in hand fails (its mail stays on the server), and the
+    worker goes on with a new connection instead of failing every poll until restarted."""
+    import psycopg
+
+    store = StateStore(tmp_path, shared=shared_state(postgres_dsn))
+    try:
+        store.record("alice", "1", DELIVERED)
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE application_name = 'postbote' AND pid <> pg_backend_pid()")
+        with pytest.raises(StateError, match="state database postgresql://postbote:\\*+@"):
+            store.records("alice")
+        assert set(store.records("alice")) == {"1"}
+    finally:
+        store.close()
