@@ -29,7 +29,9 @@ def check(config: Config, out: TextIO | None = None) -> int:
 
     out = out or sys.stdout
     check_files(config)
-    print(f"config {config.path}: OK, {len(config.accounts)} account(s); state in {config.state_dir}", file=out)
+    where = f"{config.state} (shared; this machine's plugin tables in {config.state_dir})" if config.state \
+        else str(config.state_dir)
+    print(f"config {config.path}: OK, {len(config.accounts)} account(s); state in {where}", file=out)
     for account in config.accounts:
         describe = getattr(account.source, "describe", None)  # POP3: TLS, auth and where the secret comes from
         print(f"  {account.name}: {account.source.server}{f' ({describe()})' if describe else ''}", file=out)
