@@ -9,6 +9,8 @@ plugins read their own options with the same `Section`, so their errors look the
 from __future__ import annotations
 
 import datetime
+import functools
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -506,16 +508,22 @@ def duration(value: Any) -> float:
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
-        compact = value.strip().lower().replace(" ", "")
-        parts = _DURATION.findall(compact)
-        if not parts or "".join(n + u for n, u in parts) != compact:
-            raise ValueError(expected)
-        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+        seconds = _duration_text(value)
     else:
         raise ValueError(expected)
     if seconds <= 0:
         raise ValueError("expected a positive duration")
     return seconds
+
+
+@functools.lru_cache(maxsize=1024)
+def _duration_text(value: str) -> float:
+    """The seconds ``5m`` stands for; remembered, as every account of a large config says the same few."""
+    compact = value.strip().lower().replace(" ", "")
+    parts = _DURATION.findall(compact)
+    if not parts or "".join(n + u for n, u in parts) != compact:
+        raise ValueError("expected a duration such as 30, 30s, 5m or 1h")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
@@ -552,7 +560,14 @@ def path_relative_to(base: Path) -> Parser[Path]:
 
     def parse(value: Any) -> Path:
         raw = nonempty_text(value)
-        candidate = Path(raw).expanduser()
-        return candidate if candidate.is_absolute() else (base / candidate)
+        return _path_from(base, raw, os.environ.get("HOME") if raw.startswith("~") else None)
 
     return parse
+
+
+@functools.lru_cache(maxsize=4096)
+def _path_from(base: Path, raw: str, home: str | None) -> Path:
+    """``raw`` as a path, ``~`` expanded (from ``home``, part of what is remembered), relative ones under ``base``;
+    remembered (paths are immutable), as the accounts of a large config name the same few Maildirs and CA files."""
+    candidate = Path(raw).expanduser()
+    return candidate if candidate.is_absolute() else (base / candidate)
