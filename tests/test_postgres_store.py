@@ -392,3 +392,18 @@ def test_a_connection_the_server_dropped_fails_one_call_and_the_next_reconnects(
         assert set(store.records("alice")) == {"1"}
     finally:
         store.close()
+
+
+def test_the_password_can_stay_out_of_the_config_in_a_libpq_passfile(postgres_server: PostgresServer,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"{postgres_server.host}:{postgres_server.port}:*:postbote:{PASSWORD}\n")
+    passfile.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(passfile))
+    store = StateStore(tmp_path, shared=shared_state(postgres_server.dsn(password=False)))
+    try:
+        store.record("alice", "1", DELIVERED)
+        assert set(store.records("alice")) == {"1"}
+    finally:
+        store.close()

@@ -35,6 +35,7 @@ from postbote.state_postgres import LeaseBoard, PostgresDatabase
 
 from tests.harness import DaemonRun, Postbote
 from tests.servers.dovecot import DovecotServer, dovecot_binary
+from tests.servers.postgres import PASSWORD
 
 pytestmark = pytest.mark.usefixtures("time_limit")
 TIME_LIMIT = 240
@@ -172,6 +173,7 @@ def test_three_workers_share_300_accounts_one_killed_one_added_every_account_pol
         assert run.stop(timeout=30) == 0, run.log()[-5000:]
     ended = time.time()
 
+    assert not [run for run in runs if PASSWORD in run.log()], "the database password in a worker's log"
     polls = polls_by_account(runs)
     assert sorted(polls) == [user(index) for index in range(ACCOUNTS)], "every account was polled"
     normal_gap = INTERVAL + BATCHING + SLACK
