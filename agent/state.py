@@ -11,6 +11,11 @@ the records must survive a power cut. One sync per poll instead of one per messa
 It also keeps, per account, the summary of the last poll, running totals, and the next poll the daemon has
 planned, so that ``postbote status`` and the metrics plugin can tell what happened without asking the daemon.
 One store may be shared by the daemon's poll threads: its connection is used by one thread at a time.
+
+With ``state: postgresql://...`` the same records live in a PostgreSQL database that several workers share: the
+`StateStore` is the same class running the same statements, over `postbote.state_postgres.PostgresDatabase` instead
+of `SQLiteDatabase` (see the `Database` protocol). Plugin tables (`KeyedTable`) stay in ``state_dir`` on each
+machine.
 """
 
 from __future__ import annotations
