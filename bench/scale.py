@@ -4,6 +4,7 @@
     python bench/scale.py cpu --users 3000 --login-reuse        # Dovecot's login processes reused: TLS resumption
     python bench/scale.py startup --accounts 10000,100000       # READY, RSS and `check` with a conf.d of accounts
     python bench/scale.py profile --users 1000 --out /tmp/prof  # in process, one poll after another, cProfile
+    python bench/scale.py profile --users 1000 --spy             # the same, sampled by py-spy (network waits count)
 
 A private Dovecot (the test suite's, `tests/servers/dovecot.py`, with its limits raised for ``--parallel``
 connections) holds ``--users`` users, all empty but ``--with-mail`` of them (one message each), served over POP3S
@@ -387,7 +388,10 @@ def run_profile(args: argparse.Namespace) -> int:
             config = daemon_config(setup, setup.users, "5m", 1, f"profile-{repetition}")
             for profiled in (False, True):
                 stats = args.out / f"poll-{repetition}.pstats" if profiled else None
-                done = subprocess.run([sys.executable, str(driver), str(config), str(stats) if stats else "-"],
+                spy = [] if profiled or args.spy is None else [
+                    str(py_spy(environment.DEFAULT_CACHE)), "record", "-r", "1000", "-f", "raw", "-o",
+                    str(args.out / f"spy-{repetition}.txt"), "--"]
+                done = subprocess.run([*spy, sys.executable, str(driver), str(config), str(stats) if stats else "-"],
                                       cwd=setup.work, env={**os.environ, "PYTHONPATH": str(setup.code)},
                                       capture_output=True, text=True, check=False)
                 line = next((line for line in done.stdout.splitlines() if line.startswith("POLLS ")), None)
@@ -396,6 +400,9 @@ def run_profile(args: argparse.Namespace) -> int:
                 polls, ok, seconds = line.split()[1:]
                 print(f"run {repetition}{' (under cProfile)' if profiled else ''}: {ok}/{polls} polls ok, "
                       f"{1000 * float(seconds) / int(polls):.2f} ms CPU per poll, one after another", flush=True)
+        if args.spy:
+            print(summarise(args.out / f"spy-{args.repeat}.txt", args.top, ""), flush=True)
+            return 0
         import pstats
 
         pstats.Stats(str(args.out / f"poll-{args.repeat}.pstats")).sort_stats("tottime").print_stats(args.top)
@@ -425,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     startup.add_argument("--settle", type=float, default=20.0)
     profile.add_argument("--out", type=Path, default=Path("/var/tmp/scale-profile"))
     profile.add_argument("--top", type=int, default=30)
+    profile.add_argument("--spy", action="store_true",
+                         help="sample the unprofiled runs with py-spy and show those shares (network waits count)")
     args = parser.parse_args(argv)
     return {"cpu": run_cpu, "startup": run_startup, "profile": run_profile}[args.command](args)
 

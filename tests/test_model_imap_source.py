@@ -22,7 +22,8 @@ when ``CI`` is set); the three findings the model made (a move by UID COPY copyi
 behind after a lost UID EXPUNGE, \\Seen never set again after a failed STORE) are fixed and kept at the end as
 regression cases; their switches (`tests.model.imap_source_runner.TOLERATE_*`) are off. The soak::
 
-    POSTBOTE_TEST_BACKSTOP=0 POSTBOTE_MODEL_IMAP_EXAMPLES=2000 .venv/bin/python -m pytest tests/test_model_imap_source.py -x -s
+    POSTBOTE_TEST_BACKSTOP=0 POSTBOTE_MODEL_IMAP_EXAMPLES=2000 \
+        .venv/bin/python -m pytest tests/test_model_imap_source.py -x -s
 
 (``POSTBOTE_MODEL_SHRINK=0``: report the first failing case as drawn, without shrinking it.)
 """

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from email import message_from_bytes
 from email.policy import default as default_policy
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from postbote.cli import main
 from postbote.config import load_config
 from postbote.pluginmanager import make_plugin_manager
 from postbote.testing import FakeMailbox, FakeSource, poll_once
+from postbote.testing.https import StandInHTTPServer
 from postbote.testing.pop3server import Action, Faults, POP3Server
 
 from tests.harness import DaemonRun, account, fake_account, fake_mailbox, make_message, write_config
@@ -66,16 +67,11 @@ class Hook:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server's signature
                 pass
 
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        if tls is not None:
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.server = StandInHTTPServer(("127.0.0.1", 0), Handler, tls)
         # a connection that goes away between the server's select and its accept must not block the serving
         # thread in accept: `close` would then wait for it forever
         self.server.socket.settimeout(1.0)
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_address[1]}"
+        self.url = self.server.base_url
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

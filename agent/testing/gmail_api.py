@@ -42,15 +42,16 @@ import secrets
 import shutil
 import socket
 import ssl
-import sys
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
+
+from postbote.testing.https import StandInHTTPServer
 
 MULTIPART_LIMIT = 5 * 1024 * 1024
 MAX_MESSAGE = 150 * 1024 * 1024
@@ -167,17 +168,6 @@ def _part(part: bytes) -> tuple[bytes, bytes]:
     return head, data
 
 
-HANDSHAKE_TIMEOUT = 10.0
-
-
-class _QuietServer(ThreadingHTTPServer):
-    """A connection that fails its handshake or drops is the client's business (a fault, a kill): no traceback."""
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], OSError):
-            super().handle_error(request, client_address)
-
-
 @dataclass
 class GmailAPIServer:
     """The fake API on https://127.0.0.1:PORT (``context``: the server's certificate, e.g. the test PKI's)."""
@@ -203,8 +193,7 @@ class GmailAPIServer:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         for name in SYSTEM_LABELS:
             self.labels[name] = {"id": name, "name": name, "type": "system"}
-        self._server = _QuietServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = StandInHTTPServer(("127.0.0.1", 0), self._handler_class(), self.context)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
 
@@ -255,18 +244,7 @@ class GmailAPIServer:
             protocol_version = "HTTP/1.1"
 
             def setup(self) -> None:
-                # The TLS handshake happens here, in this connection's own thread and bounded: done by the accepting
-                # thread, one client that connects and says nothing would hold up every later one, and stop().
-                self.request.settimeout(HANDSHAKE_TIMEOUT)
-                self.request = api.context.wrap_socket(self.request, server_side=True)
-                self.request.settimeout(None)
                 super().setup()
-
-            def finish(self) -> None:
-                try:
-                    super().finish()
-                finally:
-                    self.request.close()  # the server closes only the socket it accepted, now detached
                 # the header and the body of an answer go in two writes: without this, Nagle holds the second
                 # until the client's delayed ACK (40 ms), which Google's front ends never make a client wait
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -26,9 +26,11 @@ import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
+
+from postbote.testing.https import StandInHTTPServer
 
 from tests.servers import LOOPBACK
 from tests.servers.certs import TestPKI
@@ -74,12 +76,9 @@ class FakeOAuthProvider:
     def __init__(self, pki: TestPKI | None) -> None:
         self.state = ProviderState()
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer((LOOPBACK, 0), self._handler_class())
-        self._server.daemon_threads = True
-        if pki is not None:
-            self._server.socket = pki.server_context().wrap_socket(self._server.socket, server_side=True)
-        scheme = "https" if pki is not None else "http"
-        self.base_url = f"{scheme}://{LOOPBACK}:{self._server.server_address[1]}"
+        self._server = StandInHTTPServer((LOOPBACK, 0), self._handler_class(),
+                                      pki.server_context() if pki is not None else None)
+        self.base_url = self._server.base_url
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
 
