@@ -43,7 +43,6 @@ apart from any token of the source.
 
 from __future__ import annotations
 
-import email.utils
 import re
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -543,6 +542,8 @@ def sent_at(date_field: str | None, *, now: datetime) -> datetime | None:
     if not date_field:
         return None
     try:
+        import email.utils  # only for an APPEND: every poll imports this plugin
+
         when = email.utils.parsedate_to_datetime(date_field)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None

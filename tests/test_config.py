@@ -173,10 +173,10 @@ def test_an_inline_password_readable_by_another_group_is_refused(tmp_path: Path)
 
 def test_check_refuses_a_password_file_others_can_read_as_a_poll_would(tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    secret = tmp_path / "secret"
+    secret = tmp_path / "pop-pw.txt"  # not "secret": an earlier test of the run may have used that as a password
     secret.write_text("pw\n")
     secret.chmod(0o644)
-    path = write(tmp_path, "accounts:\n  - {name: a, host: h, username: u, password_file: secret, "
+    path = write(tmp_path, "accounts:\n  - {name: a, host: h, username: u, password_file: pop-pw.txt, "
                            "deliver: {maildir: m}}\n")
     assert main(["-c", str(path), "check"]) == 2
     assert f"accounts[0].password_file: {secret} is readable by other users" in capsys.readouterr().err

@@ -67,13 +67,13 @@ from postbote import (
     TLSPolicy,
     hookimpl,
 )
-from postbote.plugins.gmail.settings import SYSTEM_LABELS, GmailSettings, parse_settings
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from postbote import Account, Poll
     from postbote.plugins.gmail.api import APIError, GmailAPI, Response
+    from postbote.plugins.gmail.settings import GmailSettings
 
 DESTINATION_KINDS = ("gmail",)
 MAX_PACE = 2.0  # the longest wait for the rate limit's next token; longer, and the rest of the poll is deferred
@@ -91,6 +91,9 @@ T = TypeVar("T")
 def parse_destination(kind: str, options: Node, problems: Problems, base_dir: Path) -> GmailSettings | None:
     if kind not in DESTINATION_KINDS:
         return None
+    # Read only when an account names a Gmail destination: every poll of every other account imports this module.
+    from postbote.plugins.gmail.settings import parse_settings
+
     return parse_settings(options, problems, base_dir)
 
 
@@ -261,6 +264,8 @@ class ImportSession:
         created when missing and allowed; another client creating one first (a 409) is fine."""
         if self.label_ids is not None:
             return self.label_ids
+        from postbote.plugins.gmail.settings import SYSTEM_LABELS
+
         wanted = self.settings.user_labels
         known = self.known_labels(api) if wanted else {}
         ids: list[str] = []

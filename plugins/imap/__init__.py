@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from postbote import Account, Poll, Section, hookimpl
-from postbote.plugins.imap.settings import IMAPSettings, imap_settings
 
 if TYPE_CHECKING:
     from postbote.plugins.imap.idle import IMAPWatch
     from postbote.plugins.imap.mailbox import IMAPMailbox
+    from postbote.plugins.imap.settings import IMAPSettings
 
 SOURCE_PROTOCOLS: tuple[str, ...] = ("imap",)
 
@@ -25,6 +25,9 @@ SOURCE_PROTOCOLS: tuple[str, ...] = ("imap",)
 def parse_source(protocol: str, section: Section, base_dir: Path) -> IMAPSettings | None:
     if protocol not in SOURCE_PROTOCOLS:
         return None
+    # Read only when an account is an IMAP one: every poll of a POP3 account imports this module too.
+    from postbote.plugins.imap.settings import imap_settings
+
     return imap_settings(section, base_dir)
 
 
