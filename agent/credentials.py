@@ -16,6 +16,7 @@ Where a password comes from (inline, a file, a command, the environment) is the 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import re
@@ -114,13 +115,15 @@ class _SecretRegistry:
 _secrets = _SecretRegistry()
 
 
-def secret_forms(value: str) -> set[str]:
+@functools.lru_cache(maxsize=MAX_REGISTERED_FORMS // 5)
+def secret_forms(value: str) -> frozenset[str]:
     """The ways ``value`` can be written in a log or a traceback: as it is, escaped inside a ``repr`` of a str or
-    of its UTF-8 bytes, escaped in JSON, and base64-encoded alone (AUTH LOGIN, HTTP basic auth)."""
+    of its UTF-8 bytes, escaped in JSON, and base64-encoded alone (AUTH LOGIN, HTTP basic auth). Remembered: every
+    poll registers its account's password and login again, and the registry holds them anyway."""
     encoded = value.encode("utf-8", "surrogateescape")
     forms = {value, repr(value)[1:-1], repr(encoded)[2:-1], json.dumps(value)[1:-1],
              base64.b64encode(encoded).decode("ascii")}
-    return {form for form in forms if len(form) >= MIN_SECRET_LENGTH}
+    return frozenset(form for form in forms if len(form) >= MIN_SECRET_LENGTH)
 
 
 def register_secret(value: str | bytes) -> None:
