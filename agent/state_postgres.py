@@ -287,9 +287,10 @@ class LeaseBoard:
         workers may be polling them)."""
         if not first_due_in:
             return
-        with self.database.transaction(needs_sync=False) as tx:
-            tx.executemany(f"INSERT INTO account_leases (account, next_due) VALUES (?, {NOW} + ?) "
-                           "ON CONFLICT (account) DO NOTHING", list(first_due_in.items()))
+        with self.database.transaction(needs_sync=False) as tx:  # one statement for 100,000 accounts too
+            tx.execute(f"INSERT INTO account_leases (account, next_due) SELECT account, {NOW} + delay "
+                       "FROM unnest(?::text[], ?::double precision[]) AS given (account, delay) "
+                       "ON CONFLICT (account) DO NOTHING", (list(first_due_in), list(first_due_in.values())))
 
     def claim(self, limit: int) -> list[str]:
         """Up to ``limit`` due accounts that no live lease holds, soonest due first, now leased to this worker.
@@ -338,9 +339,10 @@ class LeaseBoard:
             return
         with self.database.transaction(needs_sync=False) as tx:
             if next_due_in:
-                tx.executemany(f"UPDATE account_leases SET next_due = {NOW} + ?, lease_worker = NULL, "
-                               "lease_until = NULL WHERE account = ? AND lease_worker = ?",
-                               [(max(0.0, delay), name, self.worker) for name, delay in next_due_in.items()])
+                tx.execute(f"UPDATE account_leases AS l SET next_due = {NOW} + given.delay, lease_worker = NULL, "
+                           "lease_until = NULL FROM unnest(?::text[], ?::double precision[]) AS given (account, delay) "
+                           "WHERE l.account = given.account AND l.lease_worker = ?",
+                           (list(next_due_in), [max(0.0, delay) for delay in next_due_in.values()], self.worker))
             if polls:
                 tx.execute("UPDATE workers SET polls = polls + ?, failures = failures + ? WHERE id = ?",
                            (polls, failures, self.worker))

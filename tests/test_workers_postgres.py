@@ -209,7 +209,10 @@ def test_three_workers_share_300_accounts_one_killed_one_added_every_account_pol
 
     with psycopg.connect(postgres_dsn) as db:
         rows = db.execute("SELECT id, polls FROM workers").fetchall()
+        leased = db.execute("SELECT account, lease_worker FROM account_leases WHERE lease_worker IS NOT NULL"
+                            ).fetchall()
     assert [worker for worker, _ in rows] == [killed_id], "the stopped workers left; the killed one stays, stale"
+    assert leased == [], "a stopped worker gives its leases back; the killed one's were taken over"
 
 
 def test_the_overlap_check_sees_two_sessions_of_one_user_open_together() -> None:
