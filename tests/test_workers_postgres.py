@@ -316,3 +316,19 @@ def test_metrics_give_each_workers_figures_and_every_workers_polls_per_account(t
     assert 'postbote_polls_total{account="alice"} 1' in text
     worker.leave()
     worker.database.close()
+
+
+def test_a_worker_reloaded_with_a_new_account_adds_it_to_the_shared_schedule_and_polls_it(
+        postbote: Postbote, postgres_dsn: str, dovecot: DovecotServer, daemons: Callable[..., DaemonRun]) -> None:
+    config = shared_config(postbote, postgres_dsn, dovecot)
+    run = daemons(config)
+    run.wait_for("poll.finished", account="alice", timeout=30)
+    document = yaml.safe_load(config.read_text())
+    document["accounts"].append({**document["accounts"][0], "name": "bob", "username": "bob",
+                                 "password": "bob-secret"})
+    config.write_text(yaml.safe_dump(document, sort_keys=False))
+    dovecot.deliver("bob", mail("after-reload"))
+    run.send(signal.SIGHUP)
+    run.wait_for("poll.finished", account="bob", timeout=30)
+    assert run.stop(timeout=30) == 0
+    assert delivered_ids(postbote.directory / "inbox") == {"<after-reload@postbote.test>": 1}
