@@ -478,6 +478,7 @@ class Daemon:
         self._waiting: dict[str, WaitingSummary] = {}
         self._shared = SharedSchedule(LeaseBoard(store.database, lease=config.worker_lease)) \
             if isinstance(store.database, PostgresDatabase) else None
+        self._unknown: set[str] = set()  # accounts claimed from the shared schedule that this config lacks
 
     @property
     def worker(self) -> str | None:
@@ -718,12 +719,17 @@ class Daemon:
             self._enqueue(name)
 
     def _queue_claimed(self, shared: SharedSchedule) -> None:
+        """Queue the accounts claimed; one missing from this config (removed here, or another worker's config is
+        newer) is given back for a while, with a warning the first time (a row no config names any more stays in
+        the shared schedule until deleted there: ``DELETE FROM account_leases WHERE account = ...``)."""
         for name in shared.claim(self._room()):
             if name in self._slots:
                 self._enqueue(name)
                 continue
-            log.warning("worker.account_unknown", account=name, worker=shared.worker,
-                        effect=f"left for a worker whose config has it (again in {UNKNOWN_ACCOUNT_DELAY:g} s)")
+            if name not in self._unknown:
+                self._unknown.add(name)
+                log.warning("worker.account_unknown", account=name, worker=shared.worker,
+                            effect=f"left for a worker whose config has it (again in {UNKNOWN_ACCOUNT_DELAY:g} s)")
             shared.finished(name, time.time() + UNKNOWN_ACCOUNT_DELAY, ok=None)
 
     def _enqueue(self, name: str) -> None:
