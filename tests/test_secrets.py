@@ -202,6 +202,25 @@ def test_a_secret_logged_through_the_standard_library_is_masked(secret: str, log
     assert "the login exploded" in log_output.getvalue()
 
 
+@pytest.mark.parametrize("awkward", ['quote"and\\backslash', "na\u00efve-p\u00e4sswort", "tab\tinside-it",
+                                     "it's-\U0001f511"])
+def test_a_secret_the_renderer_escapes_is_masked_in_text_objects_and_exceptions(awkward: str,
+                                                                                 log_output: io.StringIO) -> None:
+    register_secret(awkward)
+    log = structlog.get_logger("t")
+    log.warning("login.refused", reply=f"-ERR {awkward}", holder=Holder(awkward), nested={"k": [awkward, (awkward,)]})
+    try:
+        raise ValueError(f"the server said {awkward}")
+    except ValueError as exc:
+        log.error("account.failed", error=exc)
+        log.exception("poll.crashed")
+    written = log_output.getvalue()
+    forms = {awkward, *credentials.secret_forms(awkward)}
+    escaped_again = {again for form in forms for again in (json.dumps(form)[1:-1], repr(form)[1:-1])}
+    assert [form for form in forms | escaped_again if form in written] == []
+    assert written.count(MASK) >= 6
+
+
 def test_redact_masks_every_form_of_a_secret_an_error_line_may_quote(secret: str) -> None:
     line = f"postbote: error: {secret!r} {secret.encode()!r} {json.dumps({'t': secret})}"
     assert redact(line) == f"postbote: error: '{MASK}' b'{MASK}' {{\"t\": \"{MASK}\"}}"
