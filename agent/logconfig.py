@@ -102,8 +102,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         renderer = JournalPriority(renderer)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, redact_secrets, renderer,
-                    redact_rendered],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, redact_secrets, renderer],
     ))
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -178,40 +177,32 @@ def hold_back_routine_events() -> HeldBack | None:
 
 
 def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Mask every known secret that only a ``repr`` would show (an exception, a path, bytes, an object; nested in
-    lists and dicts too), before the renderer: it escapes that repr once more, into a form `redact` does not know.
-    Text is left as it is for `redact_rendered`, which masks the whole rendered line in one pass (a value at a time
-    was a fifth of each event's cost). Runs on structlog events and standard-library records alike."""
+    """Mask every known secret in the event: in every value, nested dicts and lists, the rendered exception.
+    Runs last before the renderer, on structlog events and standard-library records alike."""
     if not knows_secrets():
         return event_dict
     for key, value in list(event_dict.items()):
-        if type(value) is str or isinstance(value, _PLAIN):
-            continue
         masked = _redacted(value)
         if masked is not value:
             event_dict[key] = masked
     return event_dict
 
 
-def redact_rendered(_logger: Any, _method: str, rendered: Any) -> str:
-    """The rendered line with every known secret masked, in the forms text takes there: as it is (console), escaped
-    in JSON, inside a repr (`postbote.credentials.secret_forms` registers each)."""
-    text = rendered.decode() if isinstance(rendered, bytes) else str(rendered)
-    return redact(text) if knows_secrets() else text
-
-
-_PLAIN: tuple[type, ...] = (int, float, bool, type(None))
+_PLAIN = (int, float, bool, type(None))
 
 
 def _redacted(value: Any) -> Any:
-    """``value`` itself when no repr in it shows a secret, else a copy with each such repr masked; text is kept for
-    `redact_rendered`."""
-    if isinstance(value, (str, *_PLAIN)):
+    """``value`` itself when it shows no secret, else a copy (or, for an object, its repr) with each one masked."""
+    if isinstance(value, str):
+        masked = redact(value)
+        return value if masked == value else masked
+    if isinstance(value, _PLAIN):
         return value
     if isinstance(value, dict):
-        pairs = [(key, _redacted(item)) for key, item in value.items()]
-        return value if all(new is item for (_, new), item in zip(pairs, value.values(), strict=True)) else \
-            dict(pairs)
+        pairs = [(_redacted(key), _redacted(item)) for key, item in value.items()]
+        unchanged = all(new_key is key and new_item is item
+                        for (new_key, new_item), (key, item) in zip(pairs, value.items(), strict=True))
+        return value if unchanged else dict(pairs)
     if type(value) in (list, tuple):
         items = [_redacted(item) for item in value]
         return value if all(a is b for a, b in zip(items, value, strict=True)) else type(value)(items)
