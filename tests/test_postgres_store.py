@@ -407,3 +407,36 @@ def test_the_password_can_stay_out_of_the_config_in_a_libpq_passfile(postgres_se
         assert set(store.records("alice")) == {"1"}
     finally:
         store.close()
+
+
+def test_poll_threads_share_a_few_connections_and_never_open_more(postgres_dsn: str, tmp_path: Path) -> None:
+    import psycopg
+    from postbote.state_postgres import POOL_SIZE
+
+    store = StateStore(tmp_path, shared=shared_state(postgres_dsn))
+    errors: list[BaseException] = []
+
+    def poll_like(account: str) -> None:
+        try:
+            for uid in range(20):
+                store.begin_delivery(account, str(uid), SMTP)
+                store.record_batch(account, [Outcome(str(uid), DELIVERED)])
+                store.records(account)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=poll_like, args=(f"a{index}",)) for index in range(3 * POOL_SIZE)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        assert all(len(store.records(f"a{index}")) == 20 for index in range(3 * POOL_SIZE))
+        assert store.partly_delivered("a0") == set()
+        with psycopg.connect(postgres_dsn) as admin:
+            (connections,) = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                                           "'postbote'").fetchone() or (0,)
+        assert 1 <= connections <= POOL_SIZE
+    finally:
+        store.close()
