@@ -156,9 +156,10 @@ class Poller:
         messages) and messages to fetch; note the UIDs the listing lacks (`StateStore.note_listing`)."""
         records = self.store.records(account.name)
         now = time.time()
-        session.partly_delivered.update(self.store.partly_delivered(account.name))
+        if entries:  # the notes concern messages to fetch: an empty mailbox (most polls) needs no query
+            session.partly_delivered.update(self.store.partly_delivered(account.name))
         self.store.note_listing(account.name, records, {entry.uid for entry in entries})
-        duplicated = {uid for uid, count in Counter(e.uid for e in entries).items() if count > 1}
+        duplicated = listed_twice(entries)
         to_verify: list[tuple[MailboxEntry, Record]] = []
         to_fetch: list[MailboxEntry] = []
         for entry in entries:
@@ -496,6 +497,13 @@ def kept_long_enough(account: Account, record: Record, now: float) -> bool:
     if not account.keep or account.delete_after is None or record.updated is None:
         return False
     return now - record.updated >= account.delete_after
+
+
+def listed_twice(entries: Sequence[MailboxEntry]) -> set[str]:
+    """The UIDs a listing names more than once (a broken server); counted only when there are any."""
+    if len({entry.uid for entry in entries}) == len(entries):
+        return set()
+    return {uid for uid, count in Counter(entry.uid for entry in entries).items() if count > 1}
 
 
 def session_deadline(account: Account, started: float, to_fetch: Sequence[MailboxEntry]) -> float:
