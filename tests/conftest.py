@@ -297,11 +297,22 @@ def postgres_dsn(postgres_server: Any) -> str:
     return str(postgres_server.database())
 
 
-@pytest.fixture(autouse=True)
-def _postgres_marked(request: pytest.FixtureRequest) -> None:
-    """Tests using the PostgreSQL fixtures carry the ``postgres`` marker (``-m "not postgres"`` deselects them)."""
-    if POSTGRES_FIXTURES & set(request.fixturenames):
-        request.node.add_marker(pytest.mark.postgres)
+class _PostgresMarker:
+    """Marks the tests using a PostgreSQL fixture ``postgres`` at collection, so that ``-m "not postgres"``
+    deselects them (the ``open_state`` parameter ``postgresql`` included); a plugin of its own, beside the
+    collection hook above."""
+
+    @staticmethod
+    def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+        for item in items:
+            callspec = getattr(item, "callspec", None)
+            shared = callspec is not None and callspec.params.get("open_state") == "postgresql"
+            if shared or POSTGRES_FIXTURES & set(getattr(item, "fixturenames", ())):
+                item.add_marker(pytest.mark.postgres)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_PostgresMarker(), "postbote-postgres-marker")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
