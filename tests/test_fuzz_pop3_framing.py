@@ -1,11 +1,11 @@
 """A framing fuzzer for the POP3 client, driven through the real poller (issue 11, "How we test from now on").
 
-Each case renders what a well-behaved server would send to postbote's commands (greeting, CAPA, USER, PASS,
-UIDL, LIST, RETR of each message, DELE of each, QUIT) for a few random messages (dot lines, bare CR and LF, NUL,
-8-bit), applies one or two random byte-level mutations (flip, insert, delete, duplicate a line, truncate, a stray
-line, a changed terminator), and plays it to a real `Poller` through a fake socket: each reply is released only
-when its command has been sent (as from a real server), in random chunk sizes; a read with nothing left to
-release times out at once, so no case can hang.
+Each case renders what a well-behaved server would send to postbote's commands (greeting, CAPA, USER and PASS or one
+AUTH PLAIN -- with UIDL and LIST pipelined behind it --, UIDL, LIST, RETR of each message, DELE of each, QUIT) for a
+few random messages (dot lines, bare CR and LF, NUL, 8-bit), applies one or two random byte-level mutations (flip,
+insert, delete, duplicate a line, truncate, a stray line, a changed terminator), and plays it to a real `Poller`
+through a fake socket: each reply is released only when its command has been sent (as from a real server), in random
+chunk sizes; a read with nothing left to release times out at once, so no case can hang.
 
 The property: a ``DELE n`` is only ever sent for message n when the Maildir holds, byte for byte, either message n
 as the server had it or exactly what the (mutated) reply to ``RETR n`` carried as one well-formed reply; and QUIT,
@@ -66,11 +66,14 @@ class Segment:
     message: int | None = None  # for a RETR reply: the message number
 
 
-def transcript(messages: list[bytes], pipelining: bool) -> list[Segment]:
-    capabilities = ["USER", "UIDL", "TOP", *(["PIPELINING"] if pipelining else [])]
+def transcript(messages: list[bytes], pipelining: bool, sasl: bool = False) -> list[Segment]:
+    """``sasl``: the login is one AUTH PLAIN line, which a pipelining client sends with UIDL and LIST behind it."""
+    capabilities = ["USER", "UIDL", "TOP", *(["PIPELINING"] if pipelining else []), *(["SASL PLAIN"] if sasl else [])]
+    login = [Segment("AUTH", b"+OK logged in\r\n")] if sasl else [Segment("USER", b"+OK\r\n"),
+                                                                   Segment("PASS", b"+OK logged in\r\n")]
     segments = [Segment("", b"+OK fuzz server ready\r\n"),
                 Segment("CAPA", b"+OK\r\n" + b"".join(c.encode() + CRLF for c in capabilities) + b".\r\n"),
-                Segment("USER", b"+OK\r\n"), Segment("PASS", b"+OK logged in\r\n"),
+                *login,
                 Segment("UIDL", b"+OK\r\n" + b"".join(b"%d uid-%d\r\n" % (n, n) for n in range(1, len(messages) + 1))
                         + b".\r\n"),
                 Segment("LIST", b"+OK\r\n" + b"".join(b"%d %d\r\n" % (n, len(m)) for n, m in enumerate(messages, 1))
@@ -157,7 +160,7 @@ class FakeServer:
         self._release("")  # the greeting
 
     def _release(self, command: str) -> None:
-        keyword = command.split(" ")[0] if command.split(" ")[0] in ("USER", "PASS") else command
+        keyword = command.split(" ")[0] if command.split(" ")[0] in ("USER", "PASS", "AUTH") else command
         for segment in self.unused:
             if segment.command == keyword:
                 self.unused.remove(segment)
@@ -221,7 +224,7 @@ def connected_to(server: FakeServer) -> Iterator[None]:
 # --- one poll -----------------------------------------------------------------------------------------------------
 
 
-def poll(directory: Path, server: FakeServer) -> list[bytes]:
+def poll(directory: Path, server: FakeServer, *, sasl: bool = False) -> list[bytes]:
     """Poll the fake server with the real poller into a Maildir; the delivered messages, less postbote's trace
     field, with CRLF as the Maildir stores it (LF)."""
     maildir = directory / "Maildir"
@@ -229,7 +232,8 @@ def poll(directory: Path, server: FakeServer) -> list[bytes]:
     config.write_text(yaml.safe_dump({
         "state_dir": str(directory / "state"), "log": {"level": "error"},
         "accounts": [{"name": "fuzz", "host": "127.0.0.1", "port": 110, "tls": "none", "username": "demo",
-                      "password": "demo", "timeout": "1s", "deliver": {"maildir": str(maildir)}}]}))
+                      "password": "demo-password", "timeout": "1s", "deliver": {"maildir": str(maildir)},
+                      **({"auth": "plain"} if sasl else {})}]}))
     config.chmod(0o600)
     with connected_to(server):
         poll_once(config)
@@ -251,7 +255,7 @@ def on_disk(data: bytes) -> bytes:
 # --- the property --------------------------------------------------------------------------------------------------
 
 cases = st.tuples(st.lists(bodies, min_size=1, max_size=4), st.booleans(), st.integers(min_value=0, max_value=2),
-                  st.integers(min_value=0, max_value=2**32))
+                  st.integers(min_value=0, max_value=2**32), st.booleans())
 
 
 def note(text: str) -> None:
@@ -262,15 +266,15 @@ def note(text: str) -> None:
         print(text)
 
 
-def run_case(messages_bodies: list[bytes], pipelining: bool, mutations: int, seed: int) -> None:
+def run_case(messages_bodies: list[bytes], pipelining: bool, mutations: int, seed: int, sasl: bool = False) -> None:
     rng = random.Random(seed)
     messages = [message_of(n, body) for n, body in enumerate(messages_bodies, 1)]
-    segments = transcript(messages, pipelining)
+    segments = transcript(messages, pipelining, sasl)
     done = [mutate(segments, rng) for _ in range(mutations)]
     note(f"mutations: {done}")
     server = FakeServer(segments, rng, truncated=any(kind.startswith("truncate") for kind in done))
     with tempfile.TemporaryDirectory() as scratch:
-        delivered = poll(Path(scratch), server)
+        delivered = poll(Path(scratch), server, sasl=sasl)
     note(f"commands: {server.commands}")
     replies = {segment.message: decoded(segment) for segment in segments if segment.message is not None}
     for command in server.commands:
@@ -289,11 +293,12 @@ def test_an_unmutated_transcript_delivers_everything_and_quits() -> None:
     """The harness itself: a good server's transcript is a clean poll (else the fuzzer proves nothing)."""
     run_case([b"one\r\n", b".dot\r\n..two\r\n", b"bare\nlf\n.\nx"], True, 0, 1)
     run_case([b"one\r\n", b"\x00\xff\r\n"], False, 0, 2)
+    run_case([b"one\r\n", b".dot\r\n"], True, 0, 3, True)  # AUTH PLAIN with UIDL and LIST sent behind it
 
 
 # CI, which decides whether a change lands, runs the same cases every time; the soak explores new ones.
 @settings(max_examples=EXAMPLES, deadline=None, print_blob=True, derandomize=bool(os.environ.get("CI")))
 @given(cases)
-@example(([b"", b"", b"\r\n.\r\n.", b""], True, 1, 551))  # a stray "+OK" after RETR 3: RETR 4's reply read late
+@example(([b"", b"", b"\r\n.\r\n.", b""], True, 1, 551, False))  # a stray "+OK" after RETR 3: RETR 4's reply read late
 def test_a_dele_is_only_sent_for_a_message_whose_exact_bytes_were_delivered(case: tuple[Any, ...]) -> None:
     run_case(*case)
