@@ -82,16 +82,35 @@ FIXTURE_TIME_LIMIT = 120.0
 BODY_BACKSTOP = float(os.environ.get("POSTBOTE_TEST_BACKSTOP", "300"))
 
 
+HANG_REPORT = Path(os.environ.get("POSTBOTE_HANG_REPORT")
+                   or Path(tempfile.gettempdir()) / f"postbote-test-hang-{os.getpid()}.txt")
+"""Where a run ended by a hang leaves the test's name and every thread's stack: pytest captures file descriptor 2
+while a test runs, and what faulthandler wrote there was lost with the process. `.ci/run` prints it on failure."""
+_hang_report: Any = None
+
+
+def _hang_report_for(what: str) -> Any:
+    """The hang report, holding only the name of what is watched now (the stacks follow it if it hangs)."""
+    global _hang_report
+    if _hang_report is None:
+        _hang_report = HANG_REPORT.open("w", encoding="utf-8")
+    _hang_report.seek(0)
+    _hang_report.truncate()
+    _hang_report.write(f"the test run (pid {os.getpid()}) was ended by a hang in {what}; every thread's stack:\n")
+    _hang_report.flush()
+    return _hang_report
+
+
 @contextmanager
-def run_ended_after(seconds: float) -> Iterator[None]:
-    """End the whole run, printing every thread's stack, if the block is still running after ``seconds``.
+def run_ended_after(seconds: float, what: str) -> Iterator[None]:
+    """End the whole run, writing every thread's stack to `HANG_REPORT`, if the block still runs after ``seconds``.
 
     Interrupting fixtures with an exception (as `limited_time` does the test's body) is not safe: pytest would keep
     a half-finalized fixture cached for the tests after it. A dead run with the stacks says where the hang is."""
     if seconds <= 0:
         yield
         return
-    faulthandler.dump_traceback_later(seconds, exit=True)
+    faulthandler.dump_traceback_later(seconds, exit=True, file=_hang_report_for(f"{what} (after {seconds:g} s)"))
     try:
         yield
     finally:
@@ -100,7 +119,7 @@ def run_ended_after(seconds: float) -> Iterator[None]:
 
 def fixtures_watched(item: pytest.Item) -> contextlib.AbstractContextManager[None]:
     """Every test's set-up and tear-down, whether or not it asked for ``time_limit``, end the run when they hang."""
-    return run_ended_after(FIXTURE_TIME_LIMIT)
+    return run_ended_after(FIXTURE_TIME_LIMIT, f"the set-up or tear-down of {item.nodeid}")
 
 
 @contextmanager
@@ -108,11 +127,11 @@ def body_watched(item: pytest.Item) -> Iterator[None]:
     """A test that asked for ``time_limit`` is interrupted after it (and the run ends a minute later if the
     interrupt did not free it); any other test ends the run after `BODY_BACKSTOP`."""
     if "time_limit" not in getattr(item, "fixturenames", ()):
-        with run_ended_after(BODY_BACKSTOP):
+        with run_ended_after(BODY_BACKSTOP, item.nodeid):
             yield
         return
     limit = float(getattr(item.module, "TIME_LIMIT", TIME_LIMIT))  # type: ignore[attr-defined]
-    with run_ended_after(limit + 60.0), limited_time(item):
+    with run_ended_after(limit + 60.0, item.nodeid), limited_time(item):
         yield
 
 
