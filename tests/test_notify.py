@@ -68,9 +68,6 @@ class Hook:
                 pass
 
         self.server = StandInHTTPServer(("127.0.0.1", 0), Handler, tls)
-        # a connection that goes away between the server's select and its accept must not block the serving
-        # thread in accept: `close` would then wait for it forever
-        self.server.socket.settimeout(1.0)
         self.url = self.server.base_url
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

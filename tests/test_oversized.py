@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
 from postbote.state import DROPPED, REJECTED
+from postbote.testing.https import StandInHTTPServer
 
 from tests.harness import MaildirTarget, Postbote, make_message
 from tests.servers.dovecot import DovecotServer
@@ -40,7 +41,7 @@ class Webhook:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server's signature
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = StandInHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

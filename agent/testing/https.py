@@ -3,7 +3,9 @@
 Each connection's TLS handshake happens in that connection's own thread, bounded by `HANDSHAKE_TIMEOUT`. Wrapping
 the listening socket instead (the obvious way) makes the accepting thread do every handshake: one client that
 connects and says nothing (a killed poll, a probe) then holds up every later connection, and ``shutdown()`` with
-them, which is how a test run can hang in a fixture's tear-down.
+them. And the listening socket does not block: a connection that vanished between the serving thread's select and
+its accept left it blocked in accept, and ``shutdown()`` waiting for ever -- the model test's hang in CI (the Gmail
+stand-in's ``stop``, caught by py-spy).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ class StandInHTTPServer(ThreadingHTTPServer):
         super().__init__(address, handler)
         self.context = context
         self.host = address[0]
+        # A connection that is gone between the select and the accept (a killed poll's, say) must not leave the
+        # serving thread blocked in accept, and shutdown() waiting for it for ever: accept fails at once instead.
+        self.socket.setblocking(False)
 
     @property
     def scheme(self) -> str:
@@ -38,10 +43,11 @@ class StandInHTTPServer(ThreadingHTTPServer):
         return f"{self.scheme}://{self.host}:{self.server_address[1]}"
 
     def finish_request(self, request: Any, client_address: Any) -> None:
-        if self.context is None:
-            super().finish_request(request, client_address)
-            return
         raw: socket.socket = request
+        if self.context is None:
+            raw.settimeout(None)
+            super().finish_request(raw, client_address)
+            return
         raw.settimeout(HANDSHAKE_TIMEOUT)
         wrapped = self.context.wrap_socket(raw, server_side=True)  # takes over the descriptor
         try:

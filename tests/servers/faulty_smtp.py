@@ -201,6 +201,9 @@ class _ThreadingServer(socketserver.ThreadingTCPServer):
         self.sessions: set[socket.socket] = set()
         self.sessions_lock = threading.Lock()
         super().__init__(address, handler)
+        # A client gone between the select and the accept (a killed poll) must not block the serving thread in
+        # accept, and stop() with it: the accept fails at once instead (postbote.testing.https says more).
+        self.socket.setblocking(False)
 
     def close_sessions(self) -> None:
         with self.sessions_lock:
