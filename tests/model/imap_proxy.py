@@ -70,6 +70,8 @@ class AppendProxy:
             self.at = at
 
     def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread, which close() alone does not
         self._listener.close()
         for sock in list(self._open):
             _close(sock)
