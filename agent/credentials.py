@@ -39,10 +39,46 @@ PATTERN_FORMS = 256
 # --- the registry of secrets and redaction ------------------------------------------------------------------------
 
 
+class _Bucket:
+    """The forms that start with the same `MIN_SECRET_LENGTH` characters, by length. Thousands can share a start --
+    the base64 of logins whose user names do (``AHVzZXI...`` for ``\\0user...``) -- so neither adding one nor finding
+    one at a position of a text may walk them all: a set per length, and the lengths longest first."""
+
+    def __init__(self) -> None:
+        self.lengths: tuple[int, ...] = ()  # replaced whole, so that `longest_at` reads it without a lock
+        self.forms: dict[int, set[str]] = {}
+
+    def add(self, form: str) -> None:
+        group = self.forms.get(len(form))
+        if group is None:
+            self.forms[len(form)] = {form}
+            self.lengths = tuple(sorted(self.forms, reverse=True))
+        else:
+            group.add(form)
+
+    def discard(self, form: str) -> bool:
+        """Forget ``form``; True when the bucket is empty now."""
+        group = self.forms.get(len(form))
+        if group is not None:
+            group.discard(form)
+            if not group:
+                del self.forms[len(form)]
+                self.lengths = tuple(sorted(self.forms, reverse=True))
+        return not self.forms
+
+    def longest_at(self, text: str, start: int) -> str | None:
+        """The longest form that ``text`` has at ``start`` (the longest wins: one secret may contain another)."""
+        for length in self.lengths:
+            candidate = text[start:start + length]
+            if len(candidate) == length and candidate in self.forms.get(length, ()):
+                return candidate
+        return None
+
+
 class _SecretRegistry:
     """The secret texts this process has seen, newest last, bounded. `redact` reads without locking: it uses one
     compiled pattern while the forms are few, and an index of them by their first `MIN_SECRET_LENGTH` characters
-    once they are many (a provider's thousands of accounts); both are replaced whole when a form is added."""
+    once they are many (a provider's thousands of accounts), whose buckets change in place one form at a time."""
 
     def __init__(self, limit: int = MAX_REGISTERED_FORMS, pattern_forms: int = PATTERN_FORMS) -> None:
         self._limit = limit
@@ -50,7 +86,7 @@ class _SecretRegistry:
         self._lock = threading.Lock()
         self._forms: OrderedDict[str, None] = OrderedDict()
         self._pattern: re.Pattern[str] | None = None
-        self._index: dict[str, tuple[str, ...]] | None = None  # first characters -> forms, longest first
+        self._index: dict[str, _Bucket] | None = None  # first characters -> the forms starting so
 
     def add(self, forms: Iterable[str]) -> None:
         with self._lock:
@@ -76,14 +112,18 @@ class _SecretRegistry:
                 self._index, added, forgotten = {}, list(self._forms), []
             for form in forgotten:
                 head = form[:MIN_SECRET_LENGTH]
-                rest = tuple(kept for kept in self._index.get(head, ()) if kept != form)
-                if rest:
-                    self._index[head] = rest
-                else:
-                    self._index.pop(head, None)
+                bucket = self._index.get(head)
+                if bucket is not None and bucket.discard(form):
+                    del self._index[head]
             for form in added:
                 head = form[:MIN_SECRET_LENGTH]
-                self._index[head] = tuple(sorted((*self._index.get(head, ()), form), key=len, reverse=True))
+                bucket = self._index.get(head)
+                if bucket is None:
+                    bucket = _Bucket()
+                    bucket.add(form)
+                    self._index[head] = bucket  # published only once it holds its form
+                else:
+                    bucket.add(form)
             self._pattern = None
 
     def __bool__(self) -> bool:
@@ -99,8 +139,8 @@ class _SecretRegistry:
         position = start = 0
         end = len(text) - MIN_SECRET_LENGTH + 1
         while start < end:
-            candidates = index.get(text[start:start + MIN_SECRET_LENGTH])
-            found = next((form for form in candidates if text.startswith(form, start)), None) if candidates else None
+            bucket = index.get(text[start:start + MIN_SECRET_LENGTH])
+            found = bucket.longest_at(text, start) if bucket is not None else None
             if found is None:
                 start += 1
                 continue

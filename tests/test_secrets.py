@@ -9,6 +9,7 @@ inherit the environment variables that password_env names. A password that is no
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -424,6 +425,22 @@ def test_a_secret_that_contains_another_is_masked_whole_however_many_there_are()
     register_secret("token-abcd")
     register_secret("token-abcd-and-more")
     assert redact("x token-abcd-and-more y token-abcd z") == f"x {MASK} y {MASK} z"
+
+
+def test_secrets_that_all_start_alike_are_masked_each_longest_first_and_forgotten_one_by_one() -> None:
+    """The base64 of logins whose user names start alike all start with the same characters (``AHVzZXI`` for
+    ``\\0user``): thousands of them share the index's first characters, and each is still found, the longest first."""
+    registry = credentials._SecretRegistry(limit=12_000, pattern_forms=4)
+    logins = [base64.b64encode(f"\0user{number:05d}\0pw-{number:05d}".encode()).decode() for number in range(5000)]
+    for login in logins:
+        registry.add([login, login[-12:]])  # a shorter secret inside each: the longer one must win
+    assert len({login[:credentials.MIN_SECRET_LENGTH] for login in logins}) < 10
+    assert registry.redact(f"said {logins[0]}; {logins[4999]} and {logins[2500][-12:]}") == \
+        f"said {MASK}; {MASK} and {MASK}"
+    for number in range(2100):  # past the bound: the oldest are forgotten, the rest stay found
+        registry.add([f"token-{number:05d}-of-an-hour"])
+    assert registry.redact(logins[0]) == logins[0]  # and its inner secret with it
+    assert registry.redact(logins[4999]) == MASK
 
 
 def test_beyond_its_bound_the_registry_forgets_the_forms_not_seen_for_longest() -> None:
