@@ -100,7 +100,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
     if writes_to_the_journal(stream):
         renderer = JournalPriority(renderer)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+    handler.setFormatter(_EventFormatter(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, redact_secrets, renderer],
     ))
@@ -174,6 +174,28 @@ def hold_back_routine_events() -> HeldBack | None:
     root.removeHandler(target)
     root.addHandler(held)
     return held
+
+
+class _EventFormatter(structlog.stdlib.ProcessorFormatter):
+    """structlog's formatter, with a short way for postbote's own events: their event dict is masked and rendered
+    as it is (copied, as another handler may format the same record), without the copy of the whole record and the
+    standard library's formatting around it that the general way makes -- a fifth of each event's cost, and a
+    message's delivery logs one. Records from the standard library take the general way."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # what the general way adds (and removes again) is not there on the short way
+        meta = structlog.stdlib.ProcessorFormatter.remove_processors_meta
+        self._rendering = [processor for processor in self.processors if processor is not meta]
+
+    def format(self, record: logging.LogRecord) -> str:
+        method = getattr(record, "_name", None)
+        if method is None or not isinstance(record.msg, dict) or not hasattr(record, "_logger"):
+            return super().format(record)
+        event: Any = dict(record.msg)
+        for processor in self._rendering:
+            event = processor(None, method, event)
+        return event if isinstance(event, str) else str(event)
 
 
 def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
