@@ -1,11 +1,11 @@
 """A framing fuzzer for the POP3 client, driven through the real poller (issue 11, "How we test from now on").
 
 Each case renders what a well-behaved server would send to postbote's commands (greeting, CAPA, USER and PASS or one
-AUTH PLAIN -- with UIDL and LIST pipelined behind it --, UIDL, LIST, RETR of each message, DELE of each, QUIT) for a
-few random messages (dot lines, bare CR and LF, NUL, 8-bit), applies one or two random byte-level mutations (flip,
-insert, delete, duplicate a line, truncate, a stray line, a changed terminator), and plays it to a real `Poller`
-through a fake socket: each reply is released only when its command has been sent (as from a real server), in random
-chunk sizes; a read with nothing left to release times out at once, so no case can hang.
+AUTH PLAIN, UIDL, LIST, RETR of each message, DELE of each, QUIT) for a few random messages (dot lines, bare CR and
+LF, NUL, 8-bit), applies one or two random byte-level mutations (flip, insert, delete, duplicate a line, truncate, a
+stray line, a changed terminator), and plays it to a real `Poller` through a fake socket: each reply is released
+only when its command has been sent (as from a real server), in random chunk sizes; a read with nothing left to
+release times out at once, so no case can hang.
 
 The property: a ``DELE n`` is only ever sent for message n when the Maildir holds, byte for byte, either message n
 as the server had it or exactly what the (mutated) reply to ``RETR n`` carried as one well-formed reply; and QUIT,
@@ -67,7 +67,7 @@ class Segment:
 
 
 def transcript(messages: list[bytes], pipelining: bool, sasl: bool = False) -> list[Segment]:
-    """``sasl``: the login is one AUTH PLAIN line, which a pipelining client sends with UIDL and LIST behind it."""
+    """``sasl``: the login is one AUTH PLAIN line with its initial response (RFC 5034), in place of USER and PASS."""
     capabilities = ["USER", "UIDL", "TOP", *(["PIPELINING"] if pipelining else []), *(["SASL PLAIN"] if sasl else [])]
     login = [Segment("AUTH", b"+OK logged in\r\n")] if sasl else [Segment("USER", b"+OK\r\n"),
                                                                    Segment("PASS", b"+OK logged in\r\n")]
@@ -293,7 +293,7 @@ def test_an_unmutated_transcript_delivers_everything_and_quits() -> None:
     """The harness itself: a good server's transcript is a clean poll (else the fuzzer proves nothing)."""
     run_case([b"one\r\n", b".dot\r\n..two\r\n", b"bare\nlf\n.\nx"], True, 0, 1)
     run_case([b"one\r\n", b"\x00\xff\r\n"], False, 0, 2)
-    run_case([b"one\r\n", b".dot\r\n"], True, 0, 3, True)  # AUTH PLAIN with UIDL and LIST sent behind it
+    run_case([b"one\r\n", b".dot\r\n"], True, 0, 3, True)  # one AUTH PLAIN line instead of USER and PASS
 
 
 # CI, which decides whether a change lands, runs the same cases every time; the soak explores new ones.

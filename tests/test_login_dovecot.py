@@ -113,52 +113,6 @@ def test_wrong_password_is_refused_clearly(server: SaslDovecotServer, pki: TestP
     assert WRONG_PASSWORD not in message
 
 
-def writes_of(client: POP3Client) -> list[bytes]:
-    """Every write the client makes on its connection from now on."""
-    writes: list[bytes] = []
-    sendall = client._sock.sendall
-
-    def recorded(data: bytes) -> None:
-        writes.append(bytes(data))
-        sendall(data)
-
-    client._sock.sendall = recorded  # type: ignore[method-assign]
-    return writes
-
-
-def test_a_poll_sends_its_listing_with_a_plain_auth_one_round_trip_fewer(server: SaslDovecotServer,
-                                                                         pki: TestPKI) -> None:
-    client = connect(server, pki)
-    assert client.pipelining
-    client.listing_ahead = True  # as the POP3 source does: the listing follows the login
-    writes = writes_of(client)
-    login(client, password_settings("alice", "plain"), RecordingLog())
-    assert [write.split(b" ")[0] for write in writes] == [b"AUTH"]
-    assert writes[0].endswith(b"\r\nUIDL\r\nLIST\r\n")
-    assert client.listing() == []  # the replies sent with the login's, read in order
-    client.quit()
-    assert len(writes) == 2  # and the QUIT: three round trips after CAPA, where there were four
-
-
-def test_a_refused_plain_auth_with_the_listing_sent_along_leaves_the_session_in_step(server: SaslDovecotServer,
-                                                                                    pki: TestPKI) -> None:
-    client = connect(server, pki)
-    client.listing_ahead = True
-    with pytest.raises(POP3AuthError, match="check the username and the password"):
-        login(client, password_settings("alice", "plain", WRONG_PASSWORD), RecordingLog())
-    client.quit()  # the two -ERR to UIDL and LIST were read: QUIT's reply is QUIT's
-
-
-@pytest.mark.parametrize("auth", ["login", "scram-sha-256"])
-def test_only_a_one_line_auth_carries_the_listing(server: SaslDovecotServer, pki: TestPKI, auth: str) -> None:
-    client = connect(server, pki)
-    client.listing_ahead = True
-    writes = writes_of(client)
-    login(client, password_settings("alice", auth), RecordingLog())
-    assert not any(b"UIDL" in write for write in writes)
-    assert logged_in(client)
-
-
 def test_starttls_then_auto(server: SaslDovecotServer, pki: TestPKI) -> None:
     client = connect(server, pki, tls="starttls")
     log = RecordingLog()

@@ -44,7 +44,6 @@ def open_mailbox(account: Account, poll: Poll) -> POP3Mailbox | None:
         client.capa()
         if source.tls is TLSMode.STARTTLS:
             client.starttls(tls)
-        client.listing_ahead = True  # a mailbox is asked for its listing first
         mechanism = login(client, AuthSettings.from_account(account, poll.state_dir), log)
     except BaseException:
         client.close()

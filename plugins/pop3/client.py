@@ -140,10 +140,6 @@ class POP3Client:
         self.capabilities: dict[str, list[str]] = {}
         self.refused_deletions: dict[int, str] = {}
         self.has_uidl = True  # until the server answers -ERR to UIDL
-        # The listing follows the login (a poll's session): UIDL and LIST may then go out with a one-line AUTH PLAIN
-        # when the server pipelines, one round trip fewer for every poll (set by the source before logging in).
-        self.listing_ahead = False
-        self._listing_sent = False  # UIDL and LIST sent behind the AUTH, their replies not read yet
         self._first_line = b""  # the start of the data block read last
         self._outgoing = bytearray()
         self._queued = 0
@@ -262,23 +258,14 @@ class POP3Client:
         initial = mechanism.initial_response()
         encoded = None if initial is None else (base64.b64encode(initial).decode("ascii") or "=")
         if encoded is not None and len(encoded) <= 255 - len(f"AUTH {mechanism.name} "):
-            # PLAIN only: its one line is the whole exchange, where an OAuth2 refusal is a challenge to answer
-            ahead = self.listing_ahead and self.pipelining and mechanism.name == "PLAIN"
-            self._send(f"AUTH {mechanism.name} {encoded}", shown=f"AUTH {mechanism.name}", defer=ahead)
-            if ahead:
-                self._send_listing(defer=True)
-                self._doing = f"waiting for the reply to AUTH {mechanism.name}"
+            self._send(f"AUTH {mechanism.name} {encoded}", shown=f"AUTH {mechanism.name}")
             encoded = None
         else:
             self._send(f"AUTH {mechanism.name}")
         for _ in range(max_rounds):
             line = self._read_reply_line()
             if not line.startswith(b"+ ") and line != b"+":
-                try:
-                    self._auth_result(line)
-                except POP3Error:
-                    self._drop_listing_replies()
-                    raise
+                self._auth_result(line)
                 return
             if encoded is not None:
                 reply, encoded = encoded, None
@@ -313,10 +300,8 @@ class POP3Client:
         entries come with an empty ``uid`` and `has_uidl` turns false, for the caller to name the messages another
         way. A ``-ERR`` from a server whose CAPA lists UIDL is a passing refusal, raised: naming its messages
         another way for one poll would fetch them all again."""
-        if self._listing_sent:
-            self._listing_sent = False  # sent with the AUTH
-        elif self.pipelining:
-            self._send_listing()
+        if self.pipelining:
+            self._send_all(["UIDL", "LIST"])
         else:
             self._send("UIDL")
         self._doing = "waiting for the reply to UIDL"
@@ -344,23 +329,6 @@ class POP3Client:
         if not self.has_uidl:
             return [ListingEntry(n, "", size) for n, size in sorted(sizes.items())]
         return [ListingEntry(n, uid, sizes.get(n, 0)) for n, uid in sorted(uids.items()) if n in sizes]
-
-    def _send_listing(self, *, defer: bool = False) -> None:
-        """UIDL and LIST at once (pipelining): their replies are read in order by `listing`."""
-        self._send("UIDL", defer=True)
-        self._send("LIST", defer=defer)
-        self._listing_sent = defer
-
-    def _drop_listing_replies(self) -> None:
-        """After a refused AUTH, the replies (``-ERR``: not logged in) to the UIDL and LIST sent with it, so that the
-        session stays in step for its QUIT; a server that hangs up meanwhile has ended it anyway."""
-        if not self._listing_sent:
-            return
-        self._listing_sent = False
-        with contextlib.suppress(POP3Error, POP3ConnectionError):
-            for command in ("UIDL", "LIST"):
-                self._doing = f"waiting for the reply to {command} (sent with the AUTH)"
-                self._read_reply_line()
 
     def _unique_ids(self) -> dict[int, str]:
         """The lines of a UIDL reply: message number -> UID."""
@@ -454,8 +422,6 @@ class POP3Client:
 
     def settle(self) -> None:
         """Read every reply still owed (abandoning the data of RETRs nobody will read)."""
-        if self._listing_sent:
-            self.listing()  # sent with the AUTH, and the session ends before anyone asked for it
         while self._in_flight:
             if self._in_flight[0][0] == "RETR":
                 with contextlib.suppress(POP3Error):  # a -ERR to an abandoned RETR: nothing to read
@@ -512,6 +478,10 @@ class POP3Client:
         if not (ahead.startswith((b"+OK", b"-ERR")) or b"+OK".startswith(ahead) or b"-ERR".startswith(ahead)):
             raise POP3ProtocolError(f"{self.host}: what follows the reply is not a reply ({ahead!r}, after "
                                     f"{self._doing}): the session is out of step", ahead.decode("latin-1"))
+
+    def _send_all(self, commands: list[str]) -> None:
+        """Several commands in one write (pipelining); their replies are read in order by the caller."""
+        self._send("\r\n".join(commands), shown=" + ".join(commands))
 
     def _send(self, command: str, *, shown: str | None = None, defer: bool = False) -> None:
         """Write a command; ``defer`` (pipelining only) collects it with others until a read has to wait for the
