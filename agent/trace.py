@@ -15,10 +15,9 @@ A plain stream rather than log events: the trace is read live at a terminal, lin
 JSON logs and the journal, which are for events.
 
 Secrets never show: `redact_line` keeps only the verb of PASS, LOGIN and APOP and the verb and a known mechanism
-name of AUTH/AUTHENTICATE; every line the client sends in answer to the server's continuations during an AUTH, until
-its final answer, is a SASL response and shows as ``[redacted]`` (commands pipelined behind an AUTH that carried its
-initial response are shown); and every secret the process knows (`postbote.redact`) is masked in every line as well.
-Message bodies are never shown: the clients report a literal, RETR data, DATA or BDAT payload as one line
+name of AUTH/AUTHENTICATE; every line the client sends after an AUTH line, until the server's final answer, is a SASL
+response and shows as ``[redacted]``; and every secret the process knows (`postbote.redact`) is masked in every line
+as well. Message bodies are never shown: the clients report a literal, RETR data, DATA or BDAT payload as one line
 ``[... N bytes ...]`` (`ProtocolTrace.elided`).
 
 Off (the default), `protocol_trace` returns None and a client's hooks cost one ``if`` per line: nothing is
@@ -88,37 +87,32 @@ def protocol_trace(protocol: str) -> ProtocolTrace | None:
 
 
 class ProtocolTrace:
-    """One session's trace. It follows SASL exchanges itself: once an AUTH/AUTHENTICATE line is sent, every line
-    the client sends after the server's continuation (``+ ...`` in POP3 and IMAP, ``334`` in SMTP) is a mechanism's
-    response (a password, a token, a proof), hidden until the server's final answer. Lines sent after an AUTH with
-    its initial response and before any answer are not responses (a mechanism answers only a continuation): the
-    commands pipelined behind it, shown."""
+    """One session's trace. It follows SASL exchanges itself: after an AUTH/AUTHENTICATE line, the lines sent are
+    the mechanism's responses (passwords, tokens, proofs) until the server answers with anything but a continuation
+    (``+ ...`` in POP3 and IMAP, ``334`` in SMTP)."""
 
     def __init__(self, protocol: str) -> None:
         self.protocol = protocol
-        self._in_sasl = False  # an AUTH exchange is open
-        self._responding = False  # ... and the server's last line was a continuation: the client's next is a response
+        self._in_sasl = False
 
     def sent(self, line: str | bytes) -> None:
         """One or more command lines (CRLF-separated) as the client writes them. What follows a line that carries
         a secret in the same write (a literal, a line break inside a password) is hidden too."""
         hide = False
         for text in _lines(line):
-            if self._responding or hide:
+            if self._in_sasl or hide:
                 self._write(Direction.SENT, REDACTED)
                 continue
             shown = redact_line(text)
-            if starts_sasl(text):
-                self._in_sasl, self._responding = True, not carries_initial_response(text)
+            self._in_sasl = starts_sasl(text)
             hide = shown != redact(text)
             self._write(Direction.SENT, shown)
 
     def received(self, line: str | bytes) -> None:
         """One reply line as the server sent it."""
         for text in _lines(line):
-            if self._in_sasl:
-                self._responding = _continuation(text)
-                self._in_sasl = self._responding
+            if self._in_sasl and not _continuation(text):
+                self._in_sasl = False
             self._write(Direction.RECEIVED, redact(text))
 
     def elided(self, size: int, *, sent: bool) -> None:
@@ -161,14 +155,6 @@ def starts_sasl(line: str) -> bool:
     """Whether ``line`` opens a SASL exchange (POP3/SMTP ``AUTH``, IMAP ``tag AUTHENTICATE``)."""
     words = line.split(None, 2)
     return bool(words) and words[0].upper() in _AUTH_VERBS or (len(words) > 1 and words[1].upper() in _AUTH_VERBS)
-
-
-def carries_initial_response(line: str) -> bool:
-    """Whether an AUTH/AUTHENTICATE line holds the mechanism's first response itself (SASL-IR): more words than the
-    verb (an IMAP tag before it) and the mechanism."""
-    words = line.split()
-    verb_at = 0 if words and words[0].upper() in _AUTH_VERBS else 1
-    return len(words) > verb_at + 2
 
 
 def _continuation(line: str) -> bool:
