@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from postbote import yaml_reader as s
-from postbote.credentials import redact
+from postbote.credentials import MASK, redact, register_secret
 from postbote.errors import ConfigError
 from postbote.yaml_reader import Node, Problems, Section
 
@@ -156,8 +156,6 @@ def shared_state(value: object) -> SharedState | None:
         return None
     if not (text.startswith(("postgresql://", "postgres://")) or "=" in text):
         raise ValueError("expected sqlite, a postgresql:// URI or a libpq conninfo (host=... dbname=...)")
-    from postbote.credentials import MASK, register_secret
-
     shown = text
     for pattern in (_URI_PASSWORD, _CONNINFO_PASSWORD, _QUERY_PASSWORD):
         for match in pattern.finditer(text):

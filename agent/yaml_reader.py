@@ -219,11 +219,10 @@ class _SimpleDocument:
             items.append(self._node(event, f"{path}[{len(items)}]", depth + 1))
 
     def _scalar(self, event: Any, line: int, path: str) -> Any:
+        """A plain scalar that may be more than text (`_node` takes the others), resolved as the composer would."""
         if event.anchor is not None or event.tag is not None:
             raise _NotSimple
         value = event.value
-        if not event.implicit[0] or (value[:1] not in _RESOLVABLE_STARTS):
-            return value  # quoted, or plain text no implicit type can start with
         known = _RESOLVED.get(value, _UNKNOWN)
         if known is not _UNKNOWN:
             return known
@@ -242,6 +241,8 @@ class _SimpleDocument:
 
 _RESOLVER = yaml.resolver.Resolver()
 _RESOLVABLE_STARTS = frozenset(_RESOLVER.yaml_implicit_resolvers)
+_COMPOSER_ONLY_TAGS = frozenset({_MERGE_TAG, "tag:yaml.org,2002:value", "tag:yaml.org,2002:yaml"})
+_CONSTRUCTOR = yaml.SafeLoader("")
 _UNKNOWN = object()
 _RESOLVED: dict[str, Any] = {}
 """Plain scalars read before and what they meant (``995``, ``5m``, ``true``): a provider's accounts repeat the same
@@ -254,9 +255,6 @@ def _remembered(text: str, meaning: Any) -> Any:
     if len(_RESOLVED) < MAX_RESOLVED:
         _RESOLVED[text] = meaning
     return meaning
-
-_COMPOSER_ONLY_TAGS = frozenset({_MERGE_TAG, "tag:yaml.org,2002:value", "tag:yaml.org,2002:yaml"})
-_CONSTRUCTOR = yaml.SafeLoader("")
 
 
 def _check_bounds(file: str, line: int, depth: int, values: int, *, alias_uses: int) -> None:
