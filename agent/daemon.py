@@ -274,9 +274,9 @@ class SharedSchedule:
             self._failures += 0 if ok else 1
 
     def flush(self) -> None:
-        releases, polls, failures = self._releases, self._polls, self._failures
-        if not releases and not polls:
+        if not self._releases and not self._polls:
             return
+        releases, polls, failures = self._releases, self._polls, self._failures
         now = time.time()
         try:
             self.board.release({name: when - now for name, when in releases.items()}, polls=polls,
@@ -285,9 +285,7 @@ class SharedSchedule:
             log.warning("worker.release_failed", worker=self.worker, accounts=len(releases), error=str(exc),
                         effect="tried again in a second; the leases are renewed meanwhile")
             return
-        self._releases = {name: when for name, when in self._releases.items() if name not in releases}
-        self._polls -= polls
-        self._failures -= failures
+        self._releases, self._polls, self._failures = {}, 0, 0  # the main loop's own: nothing came in meanwhile
         self.keeper.drop(releases)
 
     def make_due(self, names: Iterable[str]) -> None:
