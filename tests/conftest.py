@@ -206,13 +206,13 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
-    with fixtures_watched(item):
+    with fixtures_watched(item, "set-up"):
         return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    with fixtures_watched(item):
+    with fixtures_watched(item, "tear-down"):
         return (yield)
 
 

@@ -117,9 +117,10 @@ def run_ended_after(seconds: float, what: str) -> Iterator[None]:
         faulthandler.cancel_dump_traceback_later()
 
 
-def fixtures_watched(item: pytest.Item) -> contextlib.AbstractContextManager[None]:
-    """Every test's set-up and tear-down, whether or not it asked for ``time_limit``, end the run when they hang."""
-    return run_ended_after(FIXTURE_TIME_LIMIT, f"the set-up or tear-down of {item.nodeid}")
+def fixtures_watched(item: pytest.Item, phase: str) -> contextlib.AbstractContextManager[None]:
+    """Every test's set-up and tear-down (``phase``), whether or not it asked for ``time_limit``, end the run when
+    they hang."""
+    return run_ended_after(FIXTURE_TIME_LIMIT, f"the {phase} of {item.nodeid}")
 
 
 @contextmanager
