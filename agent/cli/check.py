@@ -31,15 +31,18 @@ def check(config: Config, out: TextIO | None = None) -> int:
     check_files(config)
     where = f"{config.state} (shared; this machine's plugin tables in {config.state_dir})" if config.state \
         else str(config.state_dir)
-    print(f"config {config.path}: OK, {len(config.accounts)} account(s); state in {where}", file=out)
+    lines = [f"config {config.path}: OK, {len(config.accounts)} account(s); state in {where}"]
+    durations: dict[float, str] = {}  # a provider's 100,000 accounts share a few intervals
     for account in config.accounts:
         describe = getattr(account.source, "describe", None)  # POP3: TLS, auth and where the secret comes from
-        print(f"  {account.name}: {account.source.server}{f' ({describe()})' if describe else ''}", file=out)
+        lines.append(f"  {account.name}: {account.source.server}{f' ({describe()})' if describe else ''}")
         after = getattr(account.source, "after_delivery", None) or ("keep" if account.keep else "delete")
-        print(f"    every {human_duration(account.poll_interval)}; {after} after delivery; "
-              f"{'all messages' if account.fetch_all else 'new messages only'}", file=out)
-        for destination in account.destinations:
-            print(f"    -> {destination.label}", file=out)
+        every = durations.get(account.poll_interval) or durations.setdefault(account.poll_interval,
+                                                                              human_duration(account.poll_interval))
+        lines.append(f"    every {every}; {after} after delivery; "
+                     f"{'all messages' if account.fetch_all else 'new messages only'}")
+        lines.extend(f"    -> {destination.label}" for destination in account.destinations)
+    out.write("\n".join(lines) + "\n")  # one write: 300,000 prints took a second at 100,000 accounts
     return ExitStatus.OK
 
 
