@@ -462,7 +462,8 @@ class Daemon:
         self._failing: set[str] = set()
         self._status_due = False
         self._last_housekeeping = float("-inf")  # time.monotonic() of the last one
-        self._workers: set[str] = set()  # accounts being polled
+        self._workers: dict[str, str] = {}  # accounts being polled -> the server host each connects to
+        self._running_per_host: Counter[str] = Counter()  # kept as polls start and end, not counted per tick
         self._threads = PollThreads()
         self._again: set[str] = set()  # asked to poll now while polling: polled once more when that poll ends
         self._results: SimpleQueue[PollResult] = SimpleQueue()
@@ -472,7 +473,7 @@ class Daemon:
         self._wakeup = Wakeup()
         self._stopping = False
         self._mute = RepeatedLoginFailureFilter()
-        self._last_summary = "no poll yet"
+        self._last_poll: tuple[PollStats, float] | None = None  # its summary is made when the status line is
         self._waiting: dict[str, WaitingSummary] = {}
         self._shared = SharedSchedule(LeaseBoard(store.database, lease=config.worker_lease)) \
             if isinstance(store.database, PostgresDatabase) else None
@@ -739,13 +740,12 @@ class Daemon:
     def _start_queued(self) -> None:
         if self._pending is not None or not self._ready:
             return  # a reload waits for the running polls; start nothing on the old config meanwhile
-        running = Counter(self._slots[name].account.server_host for name in self._workers if name in self._slots)
         free = self.config.max_parallel - len(self._workers)
-        for name in self._ready.take(free, running, self.config.max_parallel_per_host):
+        for name in self._ready.take(free, self._running_per_host, self.config.max_parallel_per_host):
             self._start(self._slots[name])
 
     def _start(self, slot: AccountSlot) -> None:
-        self._workers.add(slot.account.name)
+        self._workers[slot.account.name] = slot.account.server_host  # counted in `_running_per_host` by `take`
         self._threads.run(self._work, self._poller, self._current.auth_watch, slot.account)
 
     def _work(self, poller: Poller, auth_watch: AuthFailureWatch, account: Account) -> Callable[[], None]:
@@ -772,7 +772,7 @@ class Daemon:
                 result = self._results.get_nowait()
             except Empty:
                 return
-            self._workers.discard(result.account)
+            self._poll_ended(result.account)
             self._finished(result)
             if result.account in self._again:
                 self._again.discard(result.account)
@@ -781,9 +781,15 @@ class Daemon:
                 elif not self._stopping and result.account in self._slots:
                     self._enqueue(result.account)
 
+    def _poll_ended(self, name: str) -> None:
+        host = self._workers.pop(name)
+        self._running_per_host[host] -= 1
+        if not self._running_per_host[host]:
+            del self._running_per_host[host]
+
     def _finished(self, result: PollResult) -> None:
         slot = self._slots.get(result.account)
-        self._last_summary = _summary(result.stats)
+        self._last_poll = (result.stats, time.time())
         self._status_due = True
         if slot is None:  # removed by a reload while it ran
             if self._shared is not None:
@@ -971,15 +977,16 @@ class Daemon:
         watched = self._watcher.count()
         push = f", {watched} watched for new mail" if watched else ""
         worker = f"worker {self.worker}: " if self.worker else ""
-        return f"{worker}{len(self._slots)} account(s){push}, {health}; last poll: {self._last_summary}"
+        last = _summary(*self._last_poll) if self._last_poll else "no poll yet"
+        return f"{worker}{len(self._slots)} account(s){push}, {health}; last poll: {last}"
 
 
 def _more(everything: set[str] | dict[str, WaitingSummary], named: list[Any]) -> str:
     return f", and {len(everything) - len(named)} more" if len(everything) > len(named) else ""
 
 
-def _summary(stats: PollStats) -> str:
-    at = datetime.now().strftime("%H:%M:%S")
+def _summary(stats: PollStats, finished: float) -> str:
+    at = datetime.fromtimestamp(finished).strftime("%H:%M:%S")
     if not stats.ok:
         return f"{stats.account} failed at {at}: {stats.error}"
     return (f"{stats.account} ok at {at}: {stats.delivered} delivered, {stats.dropped} dropped, "
