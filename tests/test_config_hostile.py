@@ -88,6 +88,12 @@ def test_a_file_of_too_many_plain_values_is_refused(tmp_path: Path) -> None:
         load_yaml(path)
 
 
+def test_a_block_list_of_too_many_plain_values_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "a:\n" + "- x\n" * (MAX_VALUES + 1))
+    with pytest.raises(ConfigError, match=r"postbote\.yaml:\d+: too many YAML values \(more than 100000\)$"):
+        load_yaml(path)
+
+
 def test_aliases_beyond_the_limit_are_refused_even_when_each_is_small(tmp_path: Path) -> None:
     uses = ", ".join(["*h"] * (MAX_ALIAS_USES + 1))
     path = write(tmp_path, f"host: &h pop.example.org\nhosts: [{uses}]\n")
