@@ -24,7 +24,7 @@ T = TypeVar("T")
 Parser = Callable[[Any], T]
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     """A value read from YAML: scalars as Python values, mappings as ``dict[str, Node]``, lists as ``list[Node]``."""
 
