@@ -612,6 +612,7 @@ def boolean(value: Any) -> bool:
     return value
 
 
+@functools.lru_cache(maxsize=256)  # the same parser for every account that asks
 def integer(minimum: int | None = None, maximum: int | None = None) -> Parser[int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -634,6 +635,7 @@ def _range_text(minimum: int | None, maximum: int | None) -> str:
 port_number = integer(1, 65535)
 
 
+@functools.lru_cache(maxsize=256)  # the same parser for every account that asks
 def choice(*options: str) -> Parser[str]:
     def parse(value: Any) -> str:
         if not isinstance(value, str) or value.lower() not in options:
@@ -702,6 +704,7 @@ def text_list(value: Any) -> list[str]:
     return [nonempty_text(item.value if isinstance(item, Node) else item) for item in value]
 
 
+@functools.lru_cache(maxsize=256)  # the same parser for every account that asks
 def path_relative_to(base: Path) -> Parser[Path]:
     """A filesystem path; ``~`` is expanded and relative paths are taken from the config file's directory."""
 

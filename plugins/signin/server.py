@@ -72,6 +72,7 @@ class ServerSettings:
 
 
 Settings = TypeVar("Settings", bound=ServerSettings)
+_TLS_MODE = choice(*TLSMode)
 
 
 def read_server(section: Section, base_dir: Path, settings_type: type[Settings], *,
@@ -79,7 +80,7 @@ def read_server(section: Section, base_dir: Path, settings_type: type[Settings],
                 default_tls: TLSMode = TLSMode.IMPLICIT) -> Settings | None:
     """The server keys of ``section`` as a ``settings_type``; None when some are wrong (recorded as problems)."""
     before = len(section.problems.lines)
-    tls = TLSMode(section.get("tls", choice(*TLSMode), default_tls.value))
+    tls = TLSMode(section.get("tls", _TLS_MODE, default_tls.value))
     port = section.get("port", port_number, default_ports[tls])
     host = section.get("host", nonempty_text, required=True)
     tls_verify = section.get("tls_verify", boolean, True)
