@@ -491,12 +491,17 @@ def check_files(config: Config) -> None:
     problems.raise_if_any()
 
 
+#: The destination the error messages suggest; valid as written (tests/test_config.py loads it). An smtp example
+#: would need recipients too.
+DESTINATION_EXAMPLE = "{maildir: ~/Maildir}"
+
+
 def _destinations(section: Section, problems: Problems, pm: PluginManager,
                   base_dir: Path) -> tuple[Destination, ...]:
     node = section.raw("deliver")
     if node is None or node.value is None:
         problems.add(section.line, f"{section.path}.deliver",
-                     "required key is missing: say where messages go, e.g. deliver: {maildir: ~/Maildir}")
+                     f"required key is missing: say where messages go, e.g. deliver: {DESTINATION_EXAMPLE}")
         return ()
     entries = node.value if isinstance(node.value, list) else [node]
     if not entries:
@@ -510,7 +515,7 @@ def parse_destination_entry(entry: Node, problems: Problems, pm: pluggy.PluginMa
     if not isinstance(entry.value, dict) or len(entry.value) != 1:
         known = sorted(_known_destination_kinds(pm))
         problems.add(entry.line, entry.path,
-                     f"expected a mapping with exactly one of {', '.join(known)}, e.g. {{smtp: {{host: localhost}}}}")
+                     f"expected a mapping with exactly one of {', '.join(known)}, e.g. {DESTINATION_EXAMPLE}")
         return None
     ((kind, options),) = entry.value.items()
     before = len(problems.lines)

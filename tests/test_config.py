@@ -269,3 +269,43 @@ def test_a_source_plugin_reads_only_its_own_keys(tmp_path: Path) -> None:
     path = write(tmp_path, "accounts:\n  - {name: a, protocol: fake, host: h, deliver: {maildir: m}}\n")
     with pytest.raises(ConfigError, match=r":2: accounts\[0\].host: unknown key"):
         load_config(path, pm)
+
+
+ACCOUNT_HEAD = "accounts:\n  - name: a\n    host: h\n    username: u\n    password: p\n"
+
+
+@pytest.mark.parametrize(("broken", "fixed"), [
+    pytest.param(ACCOUNT_HEAD, ACCOUNT_HEAD + "    {hint}\n", id="deliver missing"),
+    pytest.param(ACCOUNT_HEAD + "    deliver: {maildir: m, mbox: n}\n", ACCOUNT_HEAD + "    deliver: {hint}\n",
+                 id="deliver entry not one destination"),
+    pytest.param(ACCOUNT_HEAD + "    deliver: [smtp]\n", ACCOUNT_HEAD + "    deliver: [{hint}]\n",
+                 id="deliver list item not a mapping"),
+    pytest.param(ACCOUNT_HEAD + "    deliver: {mda: {command: procmail -d a}}\n",
+                 ACCOUNT_HEAD + "    deliver: {{mda: {{command: {hint}}}}}\n", id="mda command a shell line"),
+    pytest.param("accounts:\n  - {name: a, host: h, username: u, deliver: {maildir: m},password_command: pass show}\n",
+                 "accounts:\n  - {{name: a, host: h, username: u, deliver: {{maildir: m}},password_command: {hint}}}\n",
+                 id="password_command a shell line"),
+    pytest.param("plugins:\n  rules: {stop: first}\n" + ACCOUNT_HEAD + "    deliver: {maildir: m}\n",
+                 "plugins:\n  rules: {{{hint}}}\n" + ACCOUNT_HEAD + "    deliver: {{maildir: m}}\n",
+                 id="rules missing"),
+    pytest.param(ACCOUNT_HEAD + "    protocol: imap\n    folders: []\n    deliver: {maildir: m}\n",
+                 ACCOUNT_HEAD + "    protocol: imap\n    folders: {hint}\n    deliver: {{maildir: m}}\n",
+                 id="imap folders empty"),
+])
+def test_every_example_a_config_error_suggests_passes_check_as_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        broken: str, fixed: str) -> None:
+    """A hint like ``e.g. {smtp: {host: localhost}}`` that itself fails ``check`` (recipients missing) sends a new
+    user round in circles: each example is taken from the error message the user sees and checked as written."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    message = problems_of(tmp_path, broken)
+    hints = re.findall(r"e\.g\. (.+?)(?:, got .*)?$", message, flags=re.MULTILINE)  # a parser adds ", got ..."
+    assert len(hints) == 1, message
+    (hint,) = hints
+    path = write(tmp_path, fixed.format(hint=hint))
+    assert main(["-c", str(path), "check"]) == 0, (hint, capsys.readouterr().err)
+
+
+def test_the_destination_hint_is_not_an_smtp_destination_without_recipients(tmp_path: Path) -> None:
+    message = problems_of(tmp_path, ACCOUNT_HEAD + "    deliver: {maildir: m, mbox: n}\n")
+    assert "e.g. {maildir: ~/Maildir}" in message and "{smtp: {host: localhost}}" not in message
