@@ -8,13 +8,18 @@ access tokens from the fake OAuth2 provider the IMAP destination's tests use.
 
 from __future__ import annotations
 
+import json
 import re
+import stat
 import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
+from datetime import time as time_of_day
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
@@ -29,7 +34,7 @@ from postbote.testing.gmail_api import Fault, GmailAPIServer
 
 from tests.harness import OAUTH_CLIENT_ID as CLIENT_ID
 from tests.harness import OAUTH_CLIENT_SECRET as CLIENT_SECRET
-from tests.harness import make_message, secret_file, strip_trace_header, to_crlf, uidls, wait_until
+from tests.harness import make_message, run_postbote, secret_file, strip_trace_header, to_crlf, uidls, wait_until
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot import DovecotServer
 from tests.servers.dovecot_sasl import FakeOAuthProvider
@@ -409,6 +414,119 @@ def test_the_rate_limit_defers_the_rest_of_the_poll_instead_of_waiting(rig: Rig)
     assert rig.subjects() == ["m0"] and rig.on_source() == 2
     deferred = [record for record in rig.records().values() if record.status == DEFERRED]
     assert len(deferred) == 2 and all("rate_limit" in record.reason for record in deferred)
+
+
+# ---- the limits outlive the process: a systemd timer starts a new `postbote poll` every few minutes
+
+
+class MovableClock:
+    """The plugin's wall clock, which a test moves forward instead of waiting (the next timer run, hours later)."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.ahead
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> MovableClock:
+    moved = MovableClock()
+    monkeypatch.setattr(gmail_plugin, "wall_clock", moved)
+    return moved
+
+
+def new_process() -> None:
+    """What the next `postbote poll` process starts with: nothing in memory about the mailbox's limits."""
+    with gmail_plugin._LIMITS_LOCK:
+        gmail_plugin._LIMITS.clear()
+
+
+def quiet_files(rig: Rig) -> list[Path]:
+    directory = rig.state_dir / "gmail"
+    return sorted(directory.iterdir()) if directory.exists() else []
+
+
+def test_a_retry_after_is_kept_so_the_next_timer_started_poll_asks_gmail_nothing_until_it_has_passed(
+        rig: Rig, clock: MovableClock) -> None:
+    rig.send(make_message("a"), make_message("b"))
+    rig.gmail.faults.append(Fault("import", status=429, reason="rateLimitExceeded", retry_after="600",
+                                  message="Too many concurrent requests for user"))
+    config = rig.configure()
+
+    first = run_postbote(config, "poll")  # a process of its own, as the timer starts it
+    assert first.status == 1, first.output
+    assert rig.gmail.requests("import") == 1
+    requests = len(rig.gmail.log)
+
+    second = run_postbote(config, "poll")  # started at once, another process: Gmail gets no request
+    assert second.status == 1, second.output
+    assert len(rig.gmail.log) == requests and rig.on_source() == 2
+    reasons = {record.reason for record in rig.records().values()}
+    assert all("429" in reason and "Gmail is left alone for another" in reason for reason in reasons), reasons
+    (kept,) = quiet_files(rig)  # one file for the mailbox, no temporary one left behind
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert 590 < json.loads(kept.read_text())["quiet_until"] - time.time() <= 600
+
+    clock.ahead = 601.0  # ten minutes later: the next run imports
+    new_process()
+    assert rig.poll() == 0
+    assert sorted(rig.subjects()) == ["a", "b"] and rig.on_source() == 0
+
+
+@pytest.mark.parametrize("kept", ["{not json", '{"quiet_until": "tomorrow"}', "\xff\xfe", "past"])
+def test_a_kept_quiet_time_that_cannot_be_read_or_has_passed_is_ignored(rig: Rig, kept: str) -> None:
+    rig.send(make_message("a"))
+    rig.gmail.faults.append(Fault("import", status=429, reason="rateLimitExceeded", retry_after="3600"))
+    assert rig.poll() == 1
+    (path,) = quiet_files(rig)
+    path.write_text(json.dumps({"quiet_until": time.time() - 5, "reason": "old"}) if kept == "past" else kept,
+                    encoding="latin-1")
+
+    new_process()
+    assert rig.poll() == 0
+
+    assert rig.subjects() == ["a"] and rig.gmail.requests("import") == 2
+
+
+@pytest.mark.parametrize(("now", "reset"), [
+    ("2026-12-07T12:00:00+00:00", "2026-12-08T08:05:00+00:00"),  # winter (PST): midnight is 08:00 UTC
+    ("2026-07-01T06:30:00+00:00", "2026-07-01T07:05:00+00:00"),  # summer (PDT), 23:30 in California
+    ("2026-03-08T09:00:00+00:00", "2026-03-09T07:05:00+00:00"),  # the day summer time starts: a 23-hour day
+])
+def test_the_daily_quota_is_taken_to_reset_just_after_midnight_us_pacific_time(now: str, reset: str) -> None:
+    assert gmail_plugin.next_quota_reset(datetime.fromisoformat(now).timestamp()) == \
+        datetime.fromisoformat(reset).timestamp()
+
+
+def test_without_the_time_zone_database_the_daily_quota_is_tried_again_after_an_hour(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gmail_plugin, "QUOTA_TIMEZONE", "Nowhere/Atlantis")
+    assert gmail_plugin.next_quota_reset(1_000_000.0) == 1_000_000.0 + 3600
+
+
+def test_the_daily_limit_leaves_the_mailbox_alone_until_the_quota_resets_even_across_processes(
+        rig: Rig, clock: MovableClock) -> None:
+    rig.send(make_message("a"), make_message("b"))
+    rig.gmail.faults.append(Fault("import", status=403, reason="dailyLimitExceeded", message="Daily Limit Exceeded"))
+
+    assert rig.poll() == 1
+
+    (kept,) = quiet_files(rig)
+    reset = json.loads(kept.read_text())["quiet_until"]
+    pacific = datetime.fromtimestamp(reset - gmail_plugin.QUOTA_RESET_MARGIN, ZoneInfo("America/Los_Angeles"))
+    assert pacific.time() == time_of_day(0) and 0 < reset - time.time() <= 25 * 3600 + 300
+    reasons = {record.reason for record in rig.records().values()}
+    assert all("daily quota" in reason and "midnight US Pacific time" in reason for reason in reasons), reasons
+
+    clock.ahead = reset - time.time() - 60  # a minute before the reset, a new process: still no request
+    new_process()
+    assert rig.poll() == 1 and rig.gmail.requests("import") == 1
+
+    clock.ahead = reset - time.time() + 1
+    new_process()
+    assert rig.poll() == 0
+    assert sorted(rig.subjects()) == ["a", "b"] and rig.on_source() == 0
 
 
 def test_an_answer_lost_after_gmail_stored_the_message_leaves_it_in_doubt_and_it_comes_once_more(

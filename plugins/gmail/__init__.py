@@ -19,15 +19,19 @@ Options (`postbote.plugins.gmail.settings`), with what they mean to the API:
   mail sorts by when it was sent; ``received_time``: when Gmail took it);
 - ``never_mark_spam`` (false): ``neverMarkSpam``: with true, Gmail's spam filter never sends it to Spam;
 - ``process_for_calendar`` (false): ``processForCalendar``: invitations go into Google Calendar;
-- ``rate_limit`` (10): imports a second, a token bucket per Gmail mailbox (Gmail allows 250 quota units a second per
-  user, an import costs 25): a poll waits at most `MAX_PACE` for the next token, else defers the rest;
+- ``rate_limit`` (10): imports a second, a token bucket per Gmail mailbox (an import costs 25 of Gmail's quota units;
+  docs/gmail.md has Google's figures): a poll waits at most `MAX_PACE` for the next token, else defers the rest;
 - ``timeout`` (60s): for each wait on the API; ``pipeline`` (true): see below;
 - ``api_url``, ``tls_ca_file``: another endpoint and its CA (tests, a proxy).
 
 What counts: a 200 with the new message's id is delivered, and the answer recorded with the message names the id.
 A 429, a 5xx, or a 403 for a rate or quota limit is "not now": the message is deferred, and the mailbox is left
 alone for as long as Gmail's Retry-After says (`DEFAULT_BACKOFF` without one): the rest of the poll is deferred at
-once, and later polls of this process make no request before that time. A 400 (or 413, 422) about the message is a
+once, and later polls make no request before that time -- of this process, and of the next ones: the time is kept in
+``STATE_DIR/gmail/quiet-USER-KEY.json`` (written whole or not at all, mode 0600; read when the mailbox's limits are
+first needed, ignored when unreadable or past), so a ``postbote poll`` a systemd timer starts every few minutes does
+not ask again before it. The daily quota used up (a 403 ``dailyLimitExceeded``) leaves the mailbox alone until the
+quota resets, at midnight US Pacific time (`next_quota_reset`). A 400 (or 413, 422) about the message is a
 rejection like an SMTP 5xx, with Gmail's text; one about a label is deferred (the label may come back). A 401 gets
 one fresh token and one more try, then the poll's remaining messages are deferred with "run: postbote auth ACCOUNT
 --destination gmail", as for a refresh token that was revoked. A 403 for a missing scope, or any other 403 or 404,
@@ -45,11 +49,18 @@ Gmail could tell only by searching the mailbox (``q=rfc822msgid:``), which needs
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import math
+import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO, TypeVar
 
@@ -80,11 +91,18 @@ MAX_PACE = 2.0  # the longest wait for the rate limit's next token; longer, and 
 DEFAULT_BACKOFF = 60.0  # how long a mailbox is left alone after a 429, 5xx or rate 403 that names no Retry-After
 RATE_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "dailyLimitExceeded", "quotaExceeded",
                           "RESOURCE_EXHAUSTED", "backendError"})
+DAILY_REASONS = frozenset({"dailyLimitExceeded"})  # the day's quota is used up: no use asking before it resets
+QUOTA_TIMEZONE = "America/Los_Angeles"  # Google's daily API quotas reset at midnight US Pacific time
+QUOTA_RESET_MARGIN = 300.0  # asked a little after midnight: a clock a bit ahead would otherwise lose a whole day
+FALLBACK_DAILY_BACKOFF = 3600.0  # without the time zone database: try again in an hour
+MAX_QUIET = 26 * 3600.0  # a kept "quiet until" further away than this is not believed (a clock that jumped back)
+QUIET_DIR = "gmail"  # STATE_DIR/gmail/: the plugin's own files
 SCOPE_REASONS = frozenset({"insufficientPermissions", "ACCESS_TOKEN_SCOPE_INSUFFICIENT"})
 REJECTING_STATUSES = frozenset({400, 413, 422})
 
 log = structlog.get_logger("postbote.gmail")
 T = TypeVar("T")
+wall_clock: Callable[[], float] = time.time  # the "quiet until" times are kept across processes: wall-clock time
 
 
 @hookimpl
@@ -163,24 +181,104 @@ class TokenBucket:
 
 @dataclass
 class MailboxLimits:
-    """What a Gmail mailbox allows now: its rate limit, and after a "not now" the time until which it is left alone."""
+    """What a Gmail mailbox allows now: its rate limit, and after a "not now" the time (`wall_clock`) until which it
+    is left alone, kept in ``quiet_file`` for the next process."""
 
     bucket: TokenBucket
+    quiet_file: Path
     quiet_until: float = 0.0
     quiet_reason: str = ""
 
+    def leave_alone(self, until: float, reason: str, label: str) -> float:
+        """Leave the mailbox alone until ``until`` (or longer, if it already is); returns the time it now is, which
+        is kept for the next process. Call with `_LIMITS_LOCK` held: the file then always holds the latest."""
+        if until > self.quiet_until:
+            self.quiet_until, self.quiet_reason = until, reason
+            try:
+                write_quiet(self.quiet_file, until, reason, label)
+            except OSError as exc:  # this process still waits; only a later one may ask too early
+                log.warning("gmail.quiet_not_kept", destination=label, file=str(self.quiet_file), error=str(exc))
+        return self.quiet_until
 
-_LIMITS: dict[tuple[str, str, str], MailboxLimits] = {}
+
+_LIMITS: dict[tuple[str, str, str, str], MailboxLimits] = {}
 _LIMITS_LOCK = threading.Lock()
 
 
-def limits_for(settings: GmailSettings) -> MailboxLimits:
-    key = (settings.api_url, settings.user, settings.label)
+def limits_for(settings: GmailSettings, state_dir: Path) -> MailboxLimits:
+    """The limits of the destination's mailbox, shared by the polls of the process; on first use its "quiet until"
+    is read from the state directory, where the previous process may have left it."""
+    key = (str(state_dir), settings.api_url, settings.user, settings.label)
     with _LIMITS_LOCK:
         found = _LIMITS.get(key)
-        if found is None or found.bucket.rate != settings.rate_limit:
-            found = _LIMITS[key] = MailboxLimits(TokenBucket(settings.rate_limit))
+        if found is None:
+            path = quiet_file(state_dir, settings)
+            found = _LIMITS[key] = MailboxLimits(TokenBucket(settings.rate_limit), path)
+            found.quiet_until, found.quiet_reason = read_quiet(path, wall_clock())
+        elif found.bucket.rate != settings.rate_limit:  # a reloaded config with another rate_limit
+            found.bucket = TokenBucket(settings.rate_limit)
         return found
+
+
+def quiet_file(state_dir: Path, settings: GmailSettings) -> Path:
+    """STATE_DIR/gmail/quiet-USER-KEY.json: one per mailbox as the destination names it (endpoint, user, token)."""
+    key = hashlib.sha256("\0".join((settings.api_url, settings.user, settings.label)).encode()).hexdigest()[:16]
+    user = re.sub(r"[^\w.@+-]", "_", settings.user)[:64]
+    return state_dir / QUIET_DIR / f"quiet-{user}-{key}.json"
+
+
+def write_quiet(path: Path, until: float, reason: str, label: str) -> None:
+    """Keep "quiet until ``until``" in ``path``: a temporary file (0600) renamed over it, so a reader finds the old
+    time or the new one, never half of one."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            json.dump({"quiet_until": until, "reason": reason, "destination": label,
+                       "until_utc": utc_text(until)}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def read_quiet(path: Path, now: float) -> tuple[float, str]:
+    """The kept "quiet until" time and its reason; (0, "") when there is none, it is past, or it cannot be read (a
+    damaged file must not keep the mailbox from ever being asked again)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return 0.0, ""
+    except (OSError, ValueError) as exc:
+        log.warning("gmail.quiet_unreadable", file=str(path), error=str(exc))
+        return 0.0, ""
+    until = data.get("quiet_until") if isinstance(data, dict) else None
+    if isinstance(until, bool) or not isinstance(until, int | float) or not math.isfinite(until) or until <= now:
+        return 0.0, ""
+    reason = data.get("reason")
+    return min(float(until), now + MAX_QUIET), reason if isinstance(reason, str) and reason else "Gmail said not now"
+
+
+def next_quota_reset(now: float) -> float:
+    """When Gmail's daily quota is next reset (midnight US Pacific time, `QUOTA_RESET_MARGIN` after it), as a
+    `wall_clock` time; without the time zone database, `FALLBACK_DAILY_BACKOFF` from ``now``."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        zone = ZoneInfo(QUOTA_TIMEZONE)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return now + FALLBACK_DAILY_BACKOFF
+    today = datetime.fromtimestamp(now, zone).date()
+    midnight = datetime(today.year, today.month, today.day, tzinfo=zone) + timedelta(days=1)
+    return midnight.timestamp() + QUOTA_RESET_MARGIN
+
+
+def utc_text(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))
 
 
 # ------------------------------------------------------------------ the session
@@ -230,11 +328,11 @@ class ImportSession:
     # ---- before a message goes: limits, the connection, the labels
 
     def check_limits(self) -> None:
-        limits = limits_for(self.settings)
-        now = time.monotonic()
+        limits = limits_for(self.settings, self.poll.state_dir)
+        now = wall_clock()
         if now < limits.quiet_until:
-            self.give_up(f"{limits.quiet_reason}; Gmail is left alone for another {limits.quiet_until - now:.0f} s, "
-                         "the remaining messages are tried on a later poll")
+            self.give_up(f"{limits.quiet_reason}; Gmail is left alone for another {limits.quiet_until - now:.0f} s "
+                         f"(until {utc_text(limits.quiet_until)}), the remaining messages are tried on a later poll")
         wait = limits.bucket.reserve(MAX_PACE)
         if wait > MAX_PACE:
             self.give_up(f"the rate limit of {self.settings.rate_limit:g} imports a second (rate_limit) is reached; "
@@ -385,14 +483,22 @@ class ImportSession:
         return DeliveryError(said, temporary=True)
 
     def back_off(self, response: Response, said: str) -> DeliveryError:
-        """Leave the mailbox alone for Retry-After (or `DEFAULT_BACKOFF`): in this poll and the process's next."""
-        wait = response.retry_after
-        wait = DEFAULT_BACKOFF if wait is None else wait
-        limits = limits_for(self.settings)
+        """Leave the mailbox alone for Retry-After (or `DEFAULT_BACKOFF`), or until the daily quota resets: in this
+        poll, the process's next ones, and those of the processes after it (the time is kept in the state dir)."""
+        now = wall_clock()
+        asked = response.retry_after
+        if response.reason in DAILY_REASONS:
+            until = max(now + (asked or 0.0), next_quota_reset(now))
+            wait = until - now
+            reason = (f"{said}; Gmail's daily quota for the mailbox is used up: the remaining messages are tried once "
+                      f"it resets at midnight US Pacific time ({utc_text(until)}, in {wait:.0f} s)")
+        else:
+            wait = DEFAULT_BACKOFF if asked is None else asked
+            until = now + wait
+            reason = f"{said}; Gmail asked to wait {wait:g} s: the remaining messages are tried on a later poll"
+        limits = limits_for(self.settings, self.poll.state_dir)
         with _LIMITS_LOCK:
-            limits.quiet_until = max(limits.quiet_until, time.monotonic() + wait)
-            limits.quiet_reason = f"Gmail said {said}"
-        reason = f"{said}; Gmail asked to wait {wait:g} s: the remaining messages are tried on a later poll"
+            limits.leave_alone(until, f"Gmail said {said}", self.settings.label)
         self.failure = DeliveryError(f"{self.where}: {reason}", temporary=True)
         log.warning("gmail.backing_off", destination=self.settings.label, seconds=wait, answer=said)
         return self.failure
