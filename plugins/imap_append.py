@@ -27,8 +27,15 @@ once it broke. A message goes as a literal of its CRLF form (`postbote.crlf_line
 every other byte passes untouched, 8-bit and long lines included); the literal's length is counted by a first pass
 over the spooled message, so a 200 MB message is streamed, never held. With LITERAL+ the command and the literal go
 out at once, and the tagged answer is read later (`postbote.Pending`): the server stores this message while the
-source sends the next. A message holding a NUL byte, which IMAP allows only in a BINARY literal (RFC 3516), goes
-as a plain literal all the same: Dovecot, for one, stores it as sent; a server that refuses it (NO, or BAD) rejects
+source sends the next. Without LITERAL+ (Outlook; Gmail above 4 KB, where its LITERAL- stops) each literal waits
+for the server's "+", one round trip, and its tagged answer is still read later. MULTIAPPEND (RFC 3502) is not
+used where offered: it takes no round trip off (every literal of a MULTIAPPEND waits for its "+" just the same
+without LITERAL+, and with LITERAL+ there is none to take off), and it is all or nothing -- one message the server
+refuses for good would fail the whole batch, so each message's own answer (delivered, deferred, rejected) would
+be lost; neither Gmail nor Outlook offers it.
+
+A message holding a NUL byte, which IMAP allows only in a BINARY literal (RFC 3516), goes as a plain literal all
+the same: Dovecot, for one, stores it as sent; a server that refuses it (NO, or BAD) rejects
 the message for good, with a reason that names the NUL, and it stays on the source.
 
 Once the session cannot be opened (the server is unreachable, the login is refused), every later message of the
