@@ -263,6 +263,55 @@ def test_a_label_another_client_created_first_is_used_after_gmails_409(
     assert '"event": "gmail.label_exists"' in capsys.readouterr().err
 
 
+def test_a_label_gmail_says_exists_but_does_not_list_defers_the_messages_with_the_fix_and_asks_once(
+        rig: Rig) -> None:
+    """Gmail's 409 for a name that conflicts with something the label list does not show: the messages wait with a
+    reason that says what to do; postbote asks once a poll, it does not loop."""
+    rig.send(make_message("a"), make_message("b"))
+    rig.gmail.faults.append(Fault("labels.create", status=409, reason="conflict",
+                                  message="Label name exists or conflicts"))
+
+    assert rig.poll(labels=["INBOX", "Old ISP"]) == 1
+
+    assert rig.gmail.requests("labels.create") == 1 and rig.gmail.requests("labels.list") == 2  # the re-list
+    assert rig.gmail.imported == [] and rig.on_source() == 2
+    assert {record.status for record in rig.records().values()} == {DEFERRED}
+    reasons = {record.reason for record in rig.records().values()}
+    assert len(reasons) == 1
+    reason = reasons.pop()
+    assert "creating the label 'Old ISP'" in reason and "conflicts with an existing label" in reason
+    assert "rename it in labels:" in reason
+
+    assert rig.poll(labels=["INBOX", "Old ISP"]) == 0  # the conflict gone: created, and both arrive
+    assert sorted(rig.subjects()) == ["a", "b"] and rig.on_source() == 0
+    assert {tuple(rig.gmail.label_names(message)) for message in rig.gmail.imported} == {("INBOX", "Old ISP")}
+
+
+def test_two_accounts_that_create_the_same_new_label_at_once_make_one_label_and_both_messages_carry_it(
+        rig: Rig) -> None:
+    """alice's and bob's old mailboxes into one Gmail mailbox, polled together: both list the labels before either
+    creates "Old ISP" (the stand-in holds the lists until both arrived), one create wins, the other gets Gmail's 409
+    and uses the winner's label."""
+    rig.send(make_message("for alice"))
+    rig.dovecot.deliver("bob", make_message("for bob"))
+    config = rig.configure(labels=["INBOX", "Old ISP"])
+    document = yaml.safe_load(config.read_text())
+    alice = document["accounts"][0]
+    bob = {**alice, "name": "bob-old", "username": "bob", "password": rig.dovecot.password("bob")}
+    document["accounts"].append(bob)
+    config.write_text(yaml.safe_dump(document))
+    rig.gmail.hold("labels.list", 2)
+
+    assert main(["-c", str(config), "poll"]) == 0
+
+    assert rig.gmail.held_together("labels.list")  # the race happened: both listed before either created
+    assert rig.gmail.requests("labels.create") == 2  # one made it, the other was told 409
+    (label_id,) = [key for key, label in rig.gmail.labels.items() if label["name"] == "Old ISP"]
+    assert sorted(rig.subjects()) == ["for alice", "for bob"]
+    assert [message.label_ids for message in rig.gmail.imported] == [["INBOX", label_id]] * 2
+    assert rig.on_source() == 0 and uidls(rig.dovecot, "bob") == []
+
+
 def test_without_create_labels_a_missing_label_defers_the_poll_with_the_fix(rig: Rig) -> None:
     rig.send(make_message("a"), make_message("b"))
 

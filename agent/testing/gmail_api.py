@@ -28,9 +28,10 @@ and Retry-After (a 429 storm, a 503); a 503 after reading part of an upload's bo
 connection then closed; storing the message and then dropping the connection unanswered (``store`` with ``drop``:
 the answer lost); a 200, which only takes its turn (a schedule: the first import fails, the second goes
 through, the third fails). ``fired`` lists the faults played. ``race_label(name)`` makes another client create a
-label just before postbote's create
-reaches the server. ``rtt`` delays every answer (the bench's 20 ms); ``after_answer`` is called once an answer is
-written (a kill test kills postbote there: between Gmail's 200 and postbote's record of it).
+label just before postbote's create reaches the server; ``hold(kind, parties)`` answers the next ``parties``
+requests of a kind only once all of them arrived (two clients that both list the labels before either creates one).
+``rtt`` delays every answer (the bench's 20 ms); ``after_answer`` is called once an answer is written (a kill test
+kills postbote there: between Gmail's 200 and postbote's record of it).
 """
 
 from __future__ import annotations
@@ -187,6 +188,7 @@ class GmailAPIServer:
     after_answer: Callable[[Logged], None] | None = None  # called once an answer is written (a kill test's moment)
     _sessions: dict[str, _Session] = field(default_factory=dict)
     _races: set[str] = field(default_factory=set)
+    _holds: dict[str, tuple[threading.Barrier, list[int]]] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
@@ -229,6 +231,27 @@ class GmailAPIServer:
         with self._lock:
             self._races.add(name.casefold())
 
+    def hold(self, kind: str, parties: int, timeout: float = 20.0) -> None:
+        """Answer the next ``parties`` requests of ``kind`` (e.g. ``labels.list``) only once all of them have arrived,
+        or after ``timeout`` (`held_together` then says False): clients racing each other, made to."""
+        with self._lock:
+            self._holds[kind] = (threading.Barrier(parties, timeout=timeout), [0])
+
+    def held_together(self, kind: str) -> bool:
+        """Whether the requests ``hold`` held for ``kind`` all arrived and went on together."""
+        with self._lock:
+            barrier, _ = self._holds[kind]
+            return not barrier.broken
+
+    def _wait_held(self, kind: str) -> None:
+        with self._lock:
+            held = self._holds.get(kind)
+            if held is None or held[1][0] >= held[0].parties:
+                return
+            held[1][0] += 1
+        with contextlib.suppress(threading.BrokenBarrierError):
+            held[0].wait()
+
     def label_names(self, imported: Imported) -> list[str]:
         return [self.labels[label_id]["name"] for label_id in imported.label_ids]
 
@@ -267,6 +290,7 @@ class GmailAPIServer:
         parts = urllib.parse.urlsplit(handler.path)
         query = {key: values[-1] for key, values in urllib.parse.parse_qs(parts.query, keep_blank_values=True).items()}
         kind = self._kind(handler.command, parts.path, query)
+        self._wait_held(kind)
         try:
             status, body, headers = self._route(handler, kind, parts.path, query)
         except _Answer as answer:
