@@ -171,6 +171,9 @@ def flag(value: Any) -> str:
 
 
 def flags(value: Any) -> list[str]:
+    """The flags a message is appended with; ``[]`` says none, as the default does (docs/imap.md shows it)."""
+    if value == []:
+        return []
     return list(dict.fromkeys(flag(item) for item in text_list(value)))
 
 
