@@ -112,20 +112,29 @@ class TLSPolicy:
     def _untrusted(self, exc: ssl.SSLCertVerificationError, where: str, fresh: tuple[str, int] | None,
                    timeout: float | None) -> str:
         """What went wrong and what to do: for a connection that was TLS from its first byte, the certificate's
-        SHA-256 fingerprint (read on a second, unverified connection that sends nothing) and the line that pins it."""
+        subject, names and SHA-256 fingerprint (read on a second, unverified connection that sends nothing) and the
+        line that pins it. Whatever the probe finds or fails to find, the reason of the refusal is always shown."""
         reason = exc.verify_message or exc.reason
         message = f"TLS certificate of {where} not trusted: {reason}"
+        der = _presented_certificate(fresh, timeout) if fresh else None
+        subject, names = _subject_and_names(der) if der else ("", ())
         if "hostname mismatch" in str(reason).lower() or "ip address mismatch" in str(reason).lower():
-            return message + (" (the certificate is for another name: connect to a name it holds, or pin it "
-                              "with tls_fingerprint)")
+            held = (f"the certificate is for {', '.join(names)}" if names
+                    else f"the certificate is for {subject}" if subject else "the certificate is for another name")
+            return message + f" ({held}: connect to a name it holds, or pin it with tls_fingerprint)"
         advice = "" if self.ca_file else "set tls_ca_file for a private CA, or "
-        fingerprint = _presented_fingerprint(fresh, timeout) if fresh else None
-        if fingerprint is None:
+        if der is None:
             return (f"{message} ({advice}tls_fingerprint for a self-signed server; its SHA-256 fingerprint: "
                     "openssl s_client -connect HOST:PORT [-starttls pop3|imap|smtp] </dev/null | "
                     "openssl x509 -noout -fingerprint -sha256)")
-        return (f"{message}. The server presented a certificate with SHA-256 fingerprint {_colons(fingerprint)}: "
-                f"{advice}to trust this one certificate, add\n    tls_fingerprint: {_colons(fingerprint)}\n"
+        import hashlib
+
+        fingerprint = _colons(hashlib.sha256(der).hexdigest())
+        described = f" for {subject}" if subject else ""
+        if names:
+            described += f" (names: {', '.join(names)})"
+        return (f"{message}. The server presented a certificate{described} with SHA-256 fingerprint {fingerprint}: "
+                f"{advice}to trust this one certificate, add\n    tls_fingerprint: {fingerprint}\n"
                 "only after checking it out of band (with the server's admin, or on the server itself): pinning a "
                 "certificate you have not verified trusts whoever answered this time")
 
@@ -295,10 +304,9 @@ def _peer(sock: socket.socket) -> tuple[str, int] | None:
     return (peer[0], peer[1])
 
 
-def _presented_fingerprint(address: tuple[str, int], timeout: float | None) -> str | None:
-    """The SHA-256 of the certificate the server at ``address`` presents, from a handshake that verifies nothing
-    and is closed at once (no data is sent on it); None when that fails."""
-    import hashlib
+def _presented_certificate(address: tuple[str, int], timeout: float | None) -> bytes | None:
+    """The certificate (DER) the server at ``address`` presents, from a handshake that verifies nothing and is
+    closed at once (no data is sent on it); None when that fails."""
     import socket
     import ssl
 
@@ -310,7 +318,48 @@ def _presented_fingerprint(address: tuple[str, int], timeout: float | None) -> s
             der = wrapped.getpeercert(binary_form=True)
     except (OSError, ssl.SSLError):
         return None
-    return hashlib.sha256(der).hexdigest() if der else None
+    return der or None
+
+
+MAX_DESCRIBED_CERTIFICATE = 64 << 10  # bytes of DER: a server certificate is 1-3 KiB; a larger one is not parsed
+MAX_SHOWN_NAMES = 10
+
+
+def _subject_and_names(der: bytes) -> tuple[str, tuple[str, ...]]:
+    """The subject (``CN=mail.example.org, O=...``) and the DNS names and IP addresses of a certificate that was
+    not verified, parsed by the ssl module's own decoder (the one behind ``getpeercert()``, which shows nothing of
+    an unverified certificate) from a private temporary file. Only for error messages: ("", ()) when the
+    certificate is too large or cannot be parsed, and at most ``MAX_SHOWN_NAMES`` names (then "...")."""
+    import os
+    import ssl
+    import tempfile
+
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None or len(der) > MAX_DESCRIBED_CERTIFICATE:
+        return "", ()
+    try:
+        with tempfile.TemporaryDirectory(prefix="postbote-cert-") as directory:
+            path = os.path.join(directory, "presented.pem")
+            with open(path, "w", encoding="ascii") as handle:
+                handle.write(ssl.DER_cert_to_PEM_cert(der))
+            parsed: dict[str, Any] = dict(decode(path))
+        pairs = [pair for rdn in parsed.get("subject", ()) for pair in rdn]
+        subject = ", ".join(f"{_SHORT_NAMES.get(pair[0], pair[0])}={pair[1]}" for pair in pairs)
+        names = [str(entry[1]) for entry in parsed.get("subjectAltName", ()) if entry[0] in ("DNS", "IP Address")]
+    except Exception:  # noqa: BLE001 -- a certificate that cannot be described must not hide why it was refused
+        return "", ()
+    shown = tuple(names[:MAX_SHOWN_NAMES]) + (("...",) if len(names) > MAX_SHOWN_NAMES else ())
+    return _printable(subject), tuple(_printable(name) for name in shown)
+
+
+_SHORT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+                "localityName": "L", "stateOrProvinceName": "ST"}
+
+
+def _printable(text: str) -> str:
+    """A certificate's text as one line of printable characters, at most 200 of them (it is the server's word)."""
+    cleaned = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return cleaned if len(cleaned) <= 200 else cleaned[:197] + "..."
 
 
 def _colons(digits: str) -> str:

@@ -47,15 +47,16 @@ MEMORY_BOUND = 256 << 20  # bytes: a poll idles at about 35 MB; 2,000,000 listed
 
 
 class SelfSigned:
-    """A self-signed certificate for localhost/127.0.0.1 and its key, made with openssl."""
+    """A self-signed certificate for localhost/127.0.0.1 (or other names) and its key, made with openssl."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, subject: str = "/CN=localhost",
+                 names: str = "DNS:localhost,IP:127.0.0.1") -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.cert = directory / "self-signed.pem"
         self.key = directory / "self-signed.key"
         subprocess.run([openssl_binary(), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                        "-nodes", "-keyout", str(self.key), "-out", str(self.cert), "-subj", "/CN=localhost",
-                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-days", "2"],
+                        "-nodes", "-keyout", str(self.key), "-out", str(self.cert), "-subj", subject,
+                        "-addext", f"subjectAltName={names}", "-days", "2"],
                        check=True, capture_output=True, timeout=60)
         self.key.chmod(0o600)
 
@@ -136,6 +137,47 @@ def test_with_tls_ca_file_set_a_refused_certificate_does_not_suggest_setting_it(
 
     assert status == 1 and "not trusted" in output and "set tls_ca_file" not in output
     assert "tls_fingerprint:" in output
+
+
+def test_a_refused_certificate_is_shown_with_its_subject_and_names(alice: DovecotAccount) -> None:
+    """The user can tell whose certificate it is before pinning it: subject and names next to the fingerprint."""
+    status, output = alice.poll()
+
+    assert status == 1
+    assert "presented a certificate for CN=localhost (names: localhost, 127.0.0.1) with SHA-256 fingerprint" in output
+
+
+def test_a_hostname_mismatch_names_what_the_certificate_holds_and_gives_no_ca_file_advice(
+        dovecot_factory: DovecotFactory, tmp_path: Path) -> None:
+    """The certificate is trusted (its own tls_ca_file) but for other names: the error lists them; a CA file would
+    not help, so none is suggested."""
+    other = SelfSigned(tmp_path / "mail-pki", subject="/O=Example/CN=mail.example.org",
+                       names="DNS:mail.example.org,DNS:pop.example.org")
+    server = dovecot_factory(extra_config=f"ssl_cert = <{other.cert}\nssl_key = <{other.key}\n")
+    account = DovecotAccount(tmp_path / "alice", server)
+
+    status, output = account.poll(tls_ca_file=str(other.cert))
+
+    assert status == 1 and "not trusted" in output and "mismatch" in output
+    assert "the certificate is for mail.example.org, pop.example.org: connect to a name it holds" in output
+    assert "set tls_ca_file" not in output
+
+
+def test_a_certificate_that_cannot_be_parsed_still_shows_why_it_was_refused_and_its_fingerprint(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Describing the certificate is for the message only: a parse failure leaves the reason and the pin line."""
+    from postbote import tls
+
+    garbage = b"\x30\x82\xff\xffnot a certificate"
+    monkeypatch.setattr(tls, "_presented_certificate", lambda address, timeout: garbage)
+    refused = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    refused.verify_message = "self-signed certificate"
+
+    message = TLSPolicy()._untrusted(refused, "alice@127.0.0.1:995", ("127.0.0.1", 995), 5.0)
+
+    pin = ":".join(f"{byte:02X}" for byte in hashlib.sha256(garbage).digest())
+    assert message.startswith("TLS certificate of alice@127.0.0.1:995 not trusted: self-signed certificate")
+    assert f"tls_fingerprint: {pin}" in message and "presented a certificate with SHA-256" in message
 
 
 def test_starttls_to_an_untrusted_server_says_how_to_read_its_fingerprint(alice: DovecotAccount) -> None:
