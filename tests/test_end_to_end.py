@@ -458,6 +458,45 @@ def test_check_connect_logs_in_and_shows_what_a_poll_would_find_without_touching
     assert postbote.run_process("check", "--connect", "alice").returncode == 0
 
 
+@pytest.mark.dovecot
+def test_check_connect_does_not_count_a_message_over_max_size_as_one_a_poll_would_fetch(
+    dovecot: DovecotServer, smtp_sink: SMTPSink, postbote: Postbote
+) -> None:
+    """The count ``check --connect`` gives is the one a poll acts on: a message over max_size stays on the server."""
+    too_big = make_message("too big", (b"y" * 76 + b"\n") * 28_000)  # ~2.2 MB
+    for message in (make_message("small 1"), too_big, make_message("small 2")):
+        dovecot.deliver("alice", message)
+    postbote.configure([account(dovecot, smtp_sink, max_size="1MB")])
+
+    result = postbote.run_process("check", "--connect")
+
+    output = output_of(result)
+    assert result.returncode == 0, output
+    assert "3 not delivered yet (a poll would fetch 2: 1 larger than max_size, left on the server)" in output
+    postbote.poll()
+    assert len(smtp_sink.messages) == 2 and dovecot.messages("alice") == [too_big]
+
+
+@pytest.mark.dovecot
+def test_check_connect_counts_messages_delivered_before_that_fetch_all_fetches_again(
+    dovecot: DovecotServer, smtp_sink: SMTPSink, postbote: Postbote
+) -> None:
+    for subject in ("one", "two"):
+        dovecot.deliver("alice", make_message(subject))
+    postbote.configure([account(dovecot, smtp_sink, keep=True)])
+    assert postbote.poll() == 0
+
+    kept = output_of(postbote.run_process("check", "--connect"))
+    postbote.configure([account(dovecot, smtp_sink, keep=True, fetch_all=True)])
+    result = postbote.run_process("check", "--connect")
+
+    assert "2 message(s)" in kept and "0 not delivered yet" in kept and "a poll would fetch" not in kept
+    output = output_of(result)
+    assert result.returncode == 0, output
+    assert "0 not delivered yet (a poll would fetch 2: 2 delivered before, fetched again: fetch_all)" in output
+    assert len(smtp_sink.messages) == 2 and dovecot.count("alice") == 2
+
+
 def test_config_with_an_inline_password_readable_by_others_is_refused(
     smtp_sink: SMTPSink, postbote: Postbote
 ) -> None:

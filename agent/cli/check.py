@@ -11,8 +11,12 @@ from postbote.cli.startup import set_up
 from postbote.jobs import ExitStatus
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     from postbote.config import Account, Config
+    from postbote.mailbox import MailboxEntry
     from postbote.pluginmanager import PluginManager
+    from postbote.state import Record
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,14 +89,14 @@ def _connected(pm: PluginManager, config: Config, account: Account) -> list[str]
             mailbox.abort()  # no QUIT or EXPUNGE: nothing can be deleted
     finally:
         poll.close()
-    handled: set[str] = set()
+    records: dict[str, Record] = {}
     if store_exists(config):
         store = open_store(config, readonly=True)
         try:
-            handled = {uid for uid, record in store.records(account.name).items() if record.handled}
+            records = dict(store.records(account.name))
         finally:
             store.close()
-    new = [entry for entry in entries if entry.uid not in handled]
+    new = [entry for entry in entries if not ((record := records.get(entry.uid)) and record.handled)]
     lines = [f"logged in ({facts['login']})" if facts.get("login") else "logged in"]
     if facts.get("capabilities"):
         lines.append(f"capabilities: {facts['capabilities']}")
@@ -104,11 +108,42 @@ def _connected(pm: PluginManager, config: Config, account: Account) -> list[str]
             lines.append(f"tls_fingerprint: {tls['sha256']}")
     size = sum(entry.size for entry in entries)
     lines.append(f"{len(entries)} message(s), {size} octets on the server; "
-                 f"{len(new)} not delivered yet{_fetch_note(account, new)}")
+                 f"{len(new)} not delivered yet{_fetch_note(account, entries, records, new)}")
     return lines
 
 
-def _fetch_note(account: Account, new: list) -> str:  # type: ignore[type-arg]
-    if account.max_messages is not None and len(new) > account.max_messages:
-        return f" (a poll fetches {account.max_messages}: max_messages)"
-    return " (a poll would fetch them)" if new else ""
+def _fetch_note(account: Account, entries: Sequence[MailboxEntry], records: Mapping[str, Record],
+                new: Sequence[MailboxEntry]) -> str:
+    """How many of the listed messages a poll would fetch, decided as `postbote poll --dry-run` decides it (so
+    max_size, fetch_all, earlier rejections and max_messages count), and why the others would not be."""
+    import time
+
+    from postbote.dry_run import Fate, planned_without_fetching
+    from postbote.state import REJECTED
+
+    now = time.time()
+    to_fetch: list[MailboxEntry] = []
+    oversized = rejected = 0
+    for entry in entries:
+        record = records.get(entry.uid)
+        planned = planned_without_fetching(account, entry, record, now)
+        if planned is None:
+            to_fetch.append(entry)
+        elif planned[0] is Fate.LEAVE and record is not None and record.status == REJECTED:
+            rejected += 1
+        elif planned[0] is Fate.LEAVE and account.max_size is not None and entry.size > account.max_size:
+            oversized += 1
+    limit = account.max_messages if account.max_messages is not None else len(to_fetch)
+    fetched = to_fetch[:limit]
+    if [entry.uid for entry in fetched] == [entry.uid for entry in new]:
+        return " (a poll would fetch them)" if new else ""
+    new_uids = {entry.uid for entry in new}
+    again = sum(1 for entry in fetched if entry.uid not in new_uids)
+    reasons = [f"{oversized} larger than max_size, left on the server" if oversized else "",
+               f"{rejected} rejected before, until `postbote retry`" if rejected else "",
+               f"{len(to_fetch) - len(fetched)} left for a later poll by max_messages"
+               if len(fetched) < len(to_fetch) else "",
+               f"{again} delivered before, fetched again"
+               + (": fetch_all" if account.fetch_all else " (another message under the same UID now)") if again else ""]
+    why = "; ".join(reason for reason in reasons if reason)
+    return f" (a poll would fetch {len(fetched)}{': ' + why if why else ''})"
