@@ -125,6 +125,8 @@ class Logged:
     method: str
     kind: str
     status: int
+    user_id: str = ""  # the userId in the request's path: "me" or the mailbox's address
+    message_id: str = ""  # the id of the imported message the answer names (a 200 to an import)
 
 
 class _Answer(Exception):
@@ -290,6 +292,8 @@ class GmailAPIServer:
         parts = urllib.parse.urlsplit(handler.path)
         query = {key: values[-1] for key, values in urllib.parse.parse_qs(parts.query, keep_blank_values=True).items()}
         kind = self._kind(handler.command, parts.path, query)
+        path_match = _IMPORT_PATH.fullmatch(parts.path) or _LABELS_PATH.fullmatch(parts.path)
+        user_id = urllib.parse.unquote(path_match.group(1)) if path_match else ""
         self._wait_held(kind)
         try:
             status, body, headers = self._route(handler, kind, parts.path, query)
@@ -298,7 +302,7 @@ class GmailAPIServer:
                 with self._lock:
                     self.refused.append(f"{handler.command} {parts.path} {kind}: {answer.status} {answer}")
             if answer.status == 0:  # a dropped connection: no answer at all
-                self._log(handler.command, kind, 0)
+                self._log(Logged(handler.command, kind, 0, user_id))
                 handler.close_connection = True
                 with contextlib.suppress(OSError):
                     handler.connection.shutdown(2)
@@ -308,7 +312,9 @@ class GmailAPIServer:
             if answer.close:
                 headers["Connection"] = "close"
                 handler.close_connection = True
-        self._log(handler.command, kind, status)
+        message_id = str(body.get("id", "")) if body is not None and kind in ("import", "upload") else ""
+        entry = Logged(handler.command, kind, status, user_id, message_id)
+        self._log(entry)
         if self.rtt:
             time.sleep(self.rtt)
         data = json.dumps(body).encode() if body is not None else b""
@@ -321,11 +327,11 @@ class GmailAPIServer:
         handler.wfile.write(data)
         handler.wfile.flush()
         if self.after_answer is not None:
-            self.after_answer(Logged(handler.command, kind, status))
+            self.after_answer(entry)
 
-    def _log(self, method: str, kind: str, status: int) -> None:
+    def _log(self, entry: Logged) -> None:
         with self._lock:
-            self.log.append(Logged(method, kind, status))
+            self.log.append(entry)
 
     @staticmethod
     def _kind(method: str, path: str, query: Mapping[str, str]) -> str:
