@@ -149,7 +149,7 @@ def test_multidrop_maps_the_login_and_one_destination_and_lists_the_routing_as_n
     status, out, err, _ = run_import(tmp_path, capsys, str(DATA / "fetchmailrc-multidrop"))
     assert status == 0
     accounts = accounts_of(out)
-    catchall = accounts["catchall@example.com@mx.provider.example"]
+    catchall = accounts["catchall@example.com"]  # an address as user name names the account alone
     assert catchall["tls"] == "starttls" and "port" not in catchall  # sslproto without ssl: STARTTLS on 110
     assert catchall["deliver"] == {"smtp": {"host": "mail.internal", "port": 2525,
                                             "recipients": ["postmaster@example.com"]}}  # smtpname

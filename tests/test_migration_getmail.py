@@ -49,7 +49,7 @@ def test_an_imap_ssl_retriever_with_a_password_command_an_mda_and_options(
 def test_a_plain_pop3_retriever_into_a_maildir_deleting_after_delivery(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     accounts, out, err = imported(tmp_path, capsys, "getmailrc-pop")
-    account = accounts["bob@example.org@pop.example.org"]
+    account = accounts["bob@example.org"]  # the user name is an address: it names the account alone
     assert account["tls"] == "none" and account["port"] == 1110
     assert "keep" not in account and "fetch_all" not in account  # delete = true: read_all changes nothing
     assert account["max_size"] == 5000000
@@ -72,6 +72,20 @@ def test_several_getmail_files_make_one_config_with_unique_names(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     accounts, _out, _err = imported(tmp_path, capsys, "getmailrc-imap", "getmailrc-pop", "getmailrc-multi")
     assert len(accounts) == 3
+
+
+def test_an_address_as_user_name_names_the_account_and_a_second_one_on_another_server_stays_unique(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not ``bob@example.org@pop.example.org``: the address alone, with the usual ``-2`` for the same address on
+    another server."""
+    other = tmp_path / "getmailrc-pop-backup"
+    other.write_text((DATA / "getmailrc-pop").read_text().replace("pop.example.org", "backup.example.net"))
+
+    accounts, out, _err = imported(tmp_path, capsys, "getmailrc-pop", str(other))
+
+    assert set(accounts) == {"bob@example.org", "bob@example.org-2"}
+    assert accounts["bob@example.org-2"]["host"] == "backup.example.net"
+    assert "@example.org@" not in out
 
 
 def test_files_of_both_tools_at_once_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

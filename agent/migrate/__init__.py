@@ -64,7 +64,10 @@ _NAME_CHARS = re.compile(r"[^A-Za-z0-9._@+-]+")
 
 
 def account_name(*parts: str, taken: set[str]) -> str:
-    """A valid, unused postbote account name made of ``parts`` (``user@host``), ``-2``, ``-3``… when taken."""
+    """A valid, unused postbote account name made of ``parts`` (``user@host``), ``-2``, ``-3``… when taken. A user
+    name that is an address already names the account alone (``me@gmx.net``, not ``me@gmx.net@pop.gmx.net``)."""
+    if parts and "@" in parts[0].strip("@"):
+        parts = parts[:1]
     base = _NAME_CHARS.sub("-", "@".join(part for part in parts if part)).strip("-._@+") or "account"
     if not base[0].isalnum():
         base = "a" + base
