@@ -7,6 +7,10 @@ fails closed when the server does not offer it), then `login` picks the mechanis
 LOGINDISABLED); a password or token crosses an unencrypted connection only when ``tls: none`` was chosen. OAuth2
 tokens (XOAUTH2, OAUTHBEARER) come from ``token_command`` or ``oauth2`` and a refused cached token is refreshed once.
 Refusals are `IMAPAuthError`s naming the user and the mechanism; no message or log event carries a secret.
+
+After login, a server that offers ID (RFC 2971) is told postbote's name and version (`introduce`): some servers
+(NetEase's 163.com, for one) refuse SELECT to a client that has not said who it is. Nothing about the user or the
+machine is sent, and a server that answers NO or BAD is not an error: the session goes on without.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from postbote import CredentialError, TLSPolicy
-from postbote.plugins.imap.client import IMAPAuthError, IMAPClient
+from postbote import CredentialError, TLSPolicy, __version__
+from postbote.plugins.imap.client import IMAPAuthError, IMAPClient, IMAPError
 from postbote.plugins.imap.settings import TLSMode
 from postbote.plugins.signin.login import (
     AuthSettings,
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
     from postbote.plugins.signin.oauth2 import TokenSource
 
 LOGIN_COMMAND = "user"  # the auth choice that stands for IMAP's own LOGIN command (POP3's USER/PASS)
+CLIENT_ID: dict[str, str] = {"name": "postbote", "version": __version__}  # all that ID says: nothing of the user
 
 
 def open_session(conn: ConnectionSettings, *, account: str, state_dir: Path | None, timeout: float,
@@ -49,10 +54,22 @@ def open_session(conn: ConnectionSettings, *, account: str, state_dir: Path | No
         if conn.tls is TLSMode.STARTTLS:
             client.starttls(tls)
         client.login_choice = login(client, AuthSettings.from_source(account, conn, state_dir), log)
+        introduce(client, log)
     except BaseException:
         client.close()
         raise
     return client
+
+
+def introduce(client: IMAPClient, log: Any = default_log) -> None:
+    """ID (RFC 2971) with `CLIENT_ID`, when the server offers it; a NO or BAD answer is ignored (a dropped
+    connection is not: the session is over)."""
+    if not client.has("ID"):
+        return
+    try:
+        client.identify(CLIENT_ID)
+    except IMAPError as exc:
+        log.debug("imap.id_refused", server=client.host, error=str(exc))
 
 
 def login(client: IMAPClient, settings: AuthSettings, log: Any = default_log, *,
@@ -89,4 +106,4 @@ def refusal(error: Exception, message: str) -> IMAPAuthError:
     return IMAPAuthError(message, status=status, code=code, text=getattr(error, "text", ""))
 
 
-__all__ = ["AuthSettings", "login", "open_session", "refusal"]
+__all__ = ["CLIENT_ID", "AuthSettings", "introduce", "login", "open_session", "refusal"]
