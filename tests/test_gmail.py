@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import stat
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -700,6 +701,53 @@ def test_two_gmail_destinations_of_one_account_each_get_every_message(
         assert sorted(rig.subjects()) == ["a", "b"] and len(other.imported) == 2
         assert other.refused == []
     assert rig.on_source() == 0
+
+
+def test_a_workspace_service_account_imports_into_the_users_mailbox_by_address_with_a_token_command(
+        rig: Rig, tmp_path: Path) -> None:
+    """docs/gmail.md's Google Workspace path: ``user: ADDRESS`` and a ``token_command`` that trades a service
+    account's key for a token of that user (domain-wide delegation). Every request names the address, the program
+    runs without a shell (an argument with a space arrives whole), and a withdrawn delegation says what to check."""
+    address = "alice@example.com"
+    key = tmp_path / "service account.json"
+    key.write_text("sa-key-1\n")
+    calls = tmp_path / "token-calls"
+    program = tmp_path / "workspace-token"
+    program.write_text(f"#!{sys.executable}\n" + textwrap.dedent(f"""\
+        import pathlib, sys
+        args = sys.argv[1:]
+        key = pathlib.Path(args[args.index("--key") + 1]).read_text().strip()
+        with open({str(calls)!r}, "a") as log:
+            log.write(repr(args) + "\\n")
+        print(f"ya29.{{key}}.{{args[args.index('--sub') + 1]}}")
+    """))
+    program.chmod(0o755)
+    delegated = {f"ya29.sa-key-1.{address}"}
+    rig.gmail.address = address
+    rig.gmail.token_user = lambda token: address if token in delegated else None
+    config = rig.configure(user=address, labels=["INBOX", "UNREAD", "Old ISP"],
+                           token_command=[str(program), "--key", str(key), "--sub", address])
+    document = yaml.safe_load(config.read_text())
+    del document["accounts"][0]["deliver"]["gmail"]["oauth2"]
+    config.write_text(yaml.safe_dump(document))
+    rig.send(make_message("a"), make_message("b"))
+
+    assert main(["-c", str(config), "poll"]) == 0
+
+    assert sorted(rig.subjects()) == ["a", "b"] and rig.on_source() == 0
+    assert {entry.user_id for entry in rig.gmail.log} == {address}  # never "me"
+    assert {tuple(rig.gmail.label_names(message)) for message in rig.gmail.imported} == {("INBOX", "UNREAD", "Old ISP")}
+    runs = calls.read_text().splitlines()
+    assert runs and set(runs) == {repr(["--key", str(key), "--sub", address])}
+    assert not (rig.state_dir / "oauth2").exists() or not any((rig.state_dir / "oauth2").iterdir())
+
+    delegated.clear()  # the admin withdrew the delegation: Gmail refuses the tokens
+    rig.send(make_message("c"))
+    assert main(["-c", str(config), "poll"]) == 1
+    (record,) = [record for record in rig.records().values() if record.status == DEFERRED]
+    assert "HTTP 401" in record.reason and f"check token_command ({program})" in record.reason
+    assert "domain-wide delegation" in record.reason and "postbote auth" not in record.reason
+    assert rig.on_source() == 1
 
 
 def test_a_connection_broken_before_the_message_went_out_never_counts_as_a_possible_copy(

@@ -455,10 +455,15 @@ class ImportSession:
         return f"gmail: imported as message {message_id[:64]} (labels {labels})"
 
     def token_problem(self, text: str) -> str:
-        """A token that cannot be had, with the right command to fix it (the OAuth2 code names the token cache)."""
+        """A token that cannot be had, with the right command to fix it (the OAuth2 code names the token cache), or
+        for ``token_command`` what to check: ``postbote auth`` cannot help there."""
+        if self.settings.token_command:
+            return (f"{text}; check token_command ({self.settings.token_command[0]}): it must print a current access "
+                    f"token for {self.settings.user} with the gmail.insert and gmail.labels scopes (a Workspace "
+                    "service account needs domain-wide delegation of both)")
         cache_name = token_cache_name(self.account, self.settings)
         text = text.replace(f"run: postbote auth {cache_name}", self.auth_hint)
-        return text if self.auth_hint in text or self.settings.token_command else f"{text}; {self.auth_hint}"
+        return text if self.auth_hint in text else f"{text}; {self.auth_hint}"
 
     def refused(self, exc: APIError) -> DeliveryError:
         """What an error answer means for this message (and, for most, for the rest of the poll)."""
