@@ -41,3 +41,13 @@ def test_the_public_face_is_importable_under_the_installed_name(tmp_path: Path) 
     agent = subprocess.run([sys.executable, "-c", "import agent"], cwd=tmp_path, capture_output=True, timeout=60,
                            check=False)
     assert agent.returncode != 0, "the core must not be importable as the top-level package 'agent'"
+
+
+def test_the_readme_installs_from_a_checkout_or_a_wheel_never_from_a_package_index() -> None:
+    """postbote is on no package index: ``pip install postbote`` or ``'postbote[postgresql]'`` fails for a reader."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    from_an_index = re.findall(r"pip install (?:-\S+ )*['\"]?postbote(?:\[[^\]]*\])?['\"]?(?=[\s`|]|$)", readme)
+    assert from_an_index == []
+    assert "pip install '.[postgresql]'" in readme
