@@ -70,6 +70,9 @@ BACKOFF_JITTER = 0.1  # a delay after failures is shortened by up to this fracti
 STOP_GRACE = 20.0  # seconds the polls in hand get to finish after SIGTERM (the unit's TimeoutStopSec is 30 s)
 MAX_SLEEP = 60.0
 HOUSEKEEPING_EVERY = 1  # seconds between two STATUS= updates and two writes of the next-poll notes
+NO_PUSH_RECHECK = 3600.0
+"""Seconds before the daemon asks again for the watches of an account whose source offered none (an IMAP server
+without IDLE): asking opens a session of its own, and was done after every poll."""
 STATUS_NAMES = 10  # failing or waiting accounts named in STATUS= (systemd shows one line; the rest are counted)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1)
@@ -469,6 +472,7 @@ class Daemon:
         self._results: SimpleQueue[PollResult] = SimpleQueue()
         self._requests: deque[int] = deque()
         self._pushed: deque[str] = deque()  # accounts a watch said have new mail
+        self._no_push_until: dict[str, float] = {}  # accounts whose source offered no watch, until time.monotonic()
         self._watcher = Watcher(self._new_mail)
         self._wakeup = Wakeup()
         self._stopping = False
@@ -646,6 +650,8 @@ class Daemon:
         """Open the account's watches after a successful poll, if its source offers push and none is open."""
         if self.stop.is_set() or self._watcher.watching(account.name):
             return
+        if self._no_push_until.get(account.name, 0.0) > time.monotonic():
+            return  # its server offered no push a while ago: not asked again after every poll (a login each time)
         hooks = poller.pm.hooks_for(account)
         if not hooks.implemented("watch_mailbox"):
             return
@@ -658,6 +664,8 @@ class Daemon:
                 return
         if watches:
             self._watcher.add(account.name, list(watches))
+        else:
+            self._no_push_until[account.name] = time.monotonic() + NO_PUSH_RECHECK
 
     # --- scheduling
 
@@ -901,6 +909,7 @@ class Daemon:
         self._poller = self._make_poller(new.pm, self.store, self.stop)
         self._on_reload(new.config)
         before = set(self._slots)
+        self._no_push_until.clear()  # a changed account may name another server now
         for name, slot in self._slots.items():
             if self._watcher.watching(name) and slot.account not in new.config.accounts:
                 self._watcher.drop(name)  # removed or changed: the next poll watches with the new settings

@@ -163,3 +163,44 @@ def test_stopping_the_daemon_closes_every_watch(fake: FakeSource, push: PushSour
     assert wait_until(lambda: push.watches, 15)
     daemon.request(signal.SIGTERM)
     assert wait_until(lambda: push.watches[0].closed, 15)
+
+
+class NoPushSource:
+    """Answers ``watch_mailbox`` with no watch (an IMAP server without IDLE), counting the questions."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    @hookimpl
+    def watch_mailbox(self, account, state_dir):  # type: ignore[no-untyped-def]
+        self.asked += 1
+        return []
+
+
+def test_a_source_that_offers_no_push_is_not_asked_again_after_every_poll(tmp_path: Path, fake: FakeSource) -> None:
+    """Asking opens a session of its own (an IMAP login to read the capabilities): once an hour is enough."""
+    no_push = NoPushSource()
+    config = tmp_path / "push.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\naccounts:\n"
+                      f"  - {{name: fake, protocol: fake, poll_interval: 1h, "
+                      f"deliver: {{maildir: {tmp_path / 'Maildir'}}}}}\n")
+    pm = make_plugin_manager(entry_points=False, extra=[fake, no_push])
+    loaded = load_config(config, pm)
+    store = StateStore(loaded.state_dir)
+    daemon = Daemon(pm, loaded, store, rng=Soonest())
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        fake.mailbox("fake").add(mail(1))
+        assert wait_until(lambda: delivered(tmp_path) == 1, 15)
+        for number in (2, 3):
+            fake.mailbox("fake").add(mail(number))
+            daemon.request(signal.SIGUSR1)  # poll every account now
+            assert wait_until(lambda number=number: delivered(tmp_path) == number, 15)
+        assert fake.mailbox("fake").sessions == 3
+        assert no_push.asked == 1, "asked for watches after every poll"
+    finally:
+        daemon.request(signal.SIGTERM)
+        thread.join(30)
+        store.close()
+    assert not thread.is_alive()
