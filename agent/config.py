@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from postbote import yaml_reader as s
 from postbote.credentials import MASK, redact, register_secret
-from postbote.errors import ConfigError
+from postbote.errors import PSYCOPG_MISSING, ConfigError
 from postbote.yaml_reader import Node, Problems, Section
 
 if TYPE_CHECKING:
@@ -163,8 +163,7 @@ def shared_state(value: object) -> SharedState | None:
         shown = pattern.sub(lambda match: match.group(1) + MASK + (match.group(3) if match.re.groups > 2 else ""),
                             shown)
     if importlib.util.find_spec("psycopg") is None:
-        raise ValueError("a PostgreSQL state needs the driver psycopg 3, which is not installed "
-                         "(pip install 'postbote[postgresql]')")
+        raise ValueError(PSYCOPG_MISSING)
     return SharedState(text, shown)
 
 

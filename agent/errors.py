@@ -67,3 +67,9 @@ class PluginError(PostboteError):
         self.plugin = plugin
         self.hook = hook
         self.error = error
+
+
+PSYCOPG_MISSING = ("a PostgreSQL state needs the driver psycopg 3, which is not installed (pip install "
+                   "'psycopg[binary]>=3.1' beside postbote, or install postbote with its extra: pip install "
+                   "'.[postgresql]' in its checkout)")
+"""What the config and the PostgreSQL store say when the optional driver is missing (postbote is on no index)."""

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from postbote.credentials import redact
-from postbote.errors import ConfigError, StateError
+from postbote.errors import PSYCOPG_MISSING, ConfigError, StateError
 from postbote.state import _MESSAGE_COLUMNS, _SCHEMA, Database, WorkerFigures, Writer
 
 if TYPE_CHECKING:
@@ -103,8 +103,7 @@ class PostgresDatabase:
         try:
             import psycopg  # noqa: F401 - the optional extra; `shared_state` checked it at config time
         except ImportError:
-            raise ConfigError("state: a PostgreSQL state needs the driver psycopg 3, which is not installed "
-                              "(pip install 'postbote[postgresql]')") from None
+            raise ConfigError(f"state: {PSYCOPG_MISSING}") from None
         self._state = state
         self.where = state.shown
         self._readonly = readonly

@@ -262,7 +262,7 @@ def test_a_missing_driver_is_a_config_error_with_file_line_and_key(tmp_path: Pat
     config = write_config(tmp_path, "postgresql://postbote:hunter22@localhost/postbote")
     with pytest.raises(ConfigError, match=r"postbote.yaml:[0-9]+: state: a PostgreSQL state needs the driver "
                                           r"psycopg 3, which is not installed \(pip install "
-                                          r"'postbote\[postgresql\]'\)") as raised:
+                                          r"'psycopg\[binary\]>=3.1' beside postbote") as raised:
         load_config(config, make_plugin_manager(entry_points=False))
     assert "hunter22" not in str(raised.value)
 
