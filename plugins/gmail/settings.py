@@ -29,7 +29,7 @@ DEFAULT_LABELS = ("INBOX", "UNREAD")
 SYSTEM_LABELS = frozenset({"INBOX", "UNREAD", "STARRED", "IMPORTANT", "SPAM", "TRASH", "CATEGORY_PERSONAL",
                            "CATEGORY_SOCIAL", "CATEGORY_PROMOTIONS", "CATEGORY_UPDATES", "CATEGORY_FORUMS"})
 NOT_SETTABLE = frozenset({"SENT", "DRAFT", "CHAT"})
-DEFAULT_RATE = 10.0  # imports a second: Gmail's 250 quota units a second per user, 25 units an import
+DEFAULT_RATE = 4.0  # imports a second: 6,000 quota units a minute per user (Gmail's 2026 quota page), 25 an import
 MAX_LABEL = 225  # Gmail refuses longer label names
 _USER = re.compile(r"me|[^@\s]+@[^@\s]+")
 
