@@ -444,6 +444,18 @@ def test_a_wrong_pin_is_refused_even_with_a_trusting_ca_file(rig: IMAPRig, dovec
     assert rig.delivered() == [] and subjects_in(dovecot) == ["stays"]
 
 
+def test_starttls_against_an_implicit_tls_port_says_to_set_tls_implicit(rig: IMAPRig, dovecot: DovecotServer,
+                                                                         pki: TestPKI) -> None:
+    """The server waits for a TLS handshake while postbote waits for a greeting: the timeout says why."""
+    append(dovecot, "INBOX", *messages("stays"))
+
+    assert rig.poll(tls="starttls", port=dovecot.imaps_port, tls_ca_file=str(pki.ca_file), timeout="1s") == 1
+
+    error = rig.events("account.failed")[0]["error"]
+    assert "timed out" in error and "set tls: implicit" in error and "993" in error
+    assert rig.delivered() == [] and subjects_in(dovecot) == ["stays"]
+
+
 def test_starttls_fails_closed_when_the_server_does_not_offer_it(rig: IMAPRig, dovecot_factory: Any,
                                                                   pki: TestPKI) -> None:
     plain_only = dovecot_factory(tls=False)

@@ -348,7 +348,13 @@ class IMAPClient:
     def read_greeting(self) -> str:
         """``* OK`` (or ``* PREAUTH``) and its text; ``* BYE`` raises `IMAPConnectionError`."""
         self._doing = "reading the greeting"
-        response = self._read_response()
+        try:
+            response = self._read_response()
+        except IMAPConnectionError as exc:
+            if self.encrypted or "timed out" not in str(exc):
+                raise
+            raise IMAPConnectionError(f"{exc}: if this port speaks TLS from the first byte (IMAPS, usually 993), "
+                                      "set tls: implicit") from None
         if response.tag != "*" or response.kind not in ("OK", "PREAUTH", "BYE"):
             raise IMAPProtocolError(f"{self.host}: not an IMAP greeting: {response.kind}")
         if response.kind == "BYE":
