@@ -127,6 +127,8 @@ def _imports_of(importer: str, path: Path) -> Iterator[Import]:
             elif source == "postbote" and alias.name in postbote._LAZY:
                 # a name on the face: importing it loads the module behind it
                 yield Import(importer, postbote._LAZY[alias.name][0], node.lineno, when, spelled, alias.name)
+            elif source == "postbote" and alias.name in postbote.__all__:  # __version__, defined by the face itself
+                yield Import(importer, source, node.lineno, when, spelled, alias.name)
             else:
                 yield Import(importer, source, node.lineno, when, spelled)
 
