@@ -41,7 +41,7 @@ if TYPE_CHECKING:
         read_workers,
     )
     from postbote.status import WaitingSummary, stale_after
-    from postbote.tls import TLSError, TLSPolicy, certificate_facts
+    from postbote.tls import StartTLS, TLSError, TLSPolicy, certificate_facts
     from postbote.trace import ProtocolTrace, protocol_trace
     from postbote.watch import Watch
     from postbote.wire import (
@@ -96,7 +96,7 @@ _FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
     # errors
     "postbote.errors": ("AccountError", "ConfigError", "CredentialError", "DeliveryError", "LoginRefused",
                         "PluginError", "PostboteError", "StateError", "StateLockedError"),
-    "postbote.tls": ("TLSError", "TLSPolicy", "certificate_facts"),
+    "postbote.tls": ("StartTLS", "TLSError", "TLSPolicy", "certificate_facts"),
     # delivering: line endings for the wire and for files, an SMTP/LMTP client
     "postbote.wire": ("CRLFEncoder", "LFEncoder", "LengthChanged", "SMTPDataEncoder", "checked_length", "crlf_lines",
                       "lf_lines", "smtp_data"),
@@ -142,7 +142,8 @@ __all__ = [  # spelled out, so that type checkers see the re-exports; tests/test
     "StateError", "StateLockedError", "TLSError",
     # delivering
     "AuthRefused", "CRLFEncoder", "Delivery", "LFEncoder", "Reply", "SMTPClient", "SMTPDataEncoder", "SenderRefused",
-    "SessionRefused", "TLSPolicy", "certificate_facts", "child_environment", "ProtocolTrace", "protocol_trace",
+    "SessionRefused", "StartTLS", "TLSPolicy", "certificate_facts", "child_environment", "ProtocolTrace",
+    "protocol_trace",
     "crlf_lines", "lf_lines", "smtp_data", "LengthChanged", "checked_length",
     # secrets
     "Secret", "redact", "register_secret", "register_secret_variable",

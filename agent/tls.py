@@ -71,13 +71,16 @@ class TLSPolicy:
         context.sslsocket_class = _session_keeping_socket()
         return context
 
-    def wrap(self, sock: socket.socket, host: str, where: str, *, implicit: bool = False) -> ssl.SSLSocket:
+    def wrap(self, sock: socket.socket, host: str, where: str, *, implicit: bool = False,
+             starttls: StartTLS | None = None) -> ssl.SSLSocket:
         """Handshake on ``sock`` (closed on failure) and check the pin; errors name the server, the reason and
-        what to do. ``implicit``: the connection is TLS from its first byte, so a refused certificate's fingerprint
-        can be read on a second connection and shown, ready to pin."""
+        what to do. A refused certificate is read on a second, unverified connection and shown, ready to pin: for
+        ``implicit`` TLS (from the first byte) that connection sends nothing; after STARTTLS it says what
+        ``starttls`` says (the protocol's greeting, its STARTTLS command and answer) and nothing else."""
         import ssl
 
-        fresh = _peer(sock) if implicit else None
+        peer = _peer(sock)
+        fresh = None if peer is None or not (implicit or starttls) else _Probe(peer, starttls)
         context = self.context()
         key = _session_key(self, host, sock)
         session = _session_for(key, context)
@@ -109,11 +112,11 @@ class TLSPolicy:
             log.debug("tls.connected", where=where, version=wrapped.version(), resumed=wrapped.session_reused)
         return wrapped
 
-    def _untrusted(self, exc: ssl.SSLCertVerificationError, where: str, fresh: tuple[str, int] | None,
+    def _untrusted(self, exc: ssl.SSLCertVerificationError, where: str, fresh: _Probe | None,
                    timeout: float | None) -> str:
-        """What went wrong and what to do: for a connection that was TLS from its first byte, the certificate's
-        subject, names and SHA-256 fingerprint (read on a second, unverified connection that sends nothing) and the
-        line that pins it. Whatever the probe finds or fails to find, the reason of the refusal is always shown."""
+        """What went wrong and what to do: the certificate's subject, names and SHA-256 fingerprint (read on a
+        second, unverified connection, `_Probe`) and the line that pins it. Whatever the probe finds or fails to
+        find, the reason of the refusal is always shown."""
         reason = exc.verify_message or exc.reason
         message = f"TLS certificate of {where} not trusted: {reason}"
         der = _presented_certificate(fresh, timeout) if fresh else None
@@ -304,17 +307,65 @@ def _peer(sock: socket.socket) -> tuple[str, int] | None:
     return (peer[0], peer[1])
 
 
-def _presented_certificate(address: tuple[str, int], timeout: float | None) -> bytes | None:
-    """The certificate (DER) the server at ``address`` presents, from a handshake that verifies nothing and is
-    closed at once (no data is sent on it); None when that fails."""
-    import socket
+@dataclass(frozen=True)
+class StartTLS:
+    """How a protocol asks for TLS on its plain-text port, for reading a refused certificate again: the start of
+    the server's greeting line, the command that asks for TLS, and the start of the answer line that grants it
+    (POP3: ``+OK``, ``STLS``, ``+OK``; IMAP: ``* OK``, ``P STARTTLS``, ``P OK``)."""
+
+    greeting: bytes
+    command: bytes
+    granted: bytes
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """A second connection to the server that presented a refused certificate, up to its TLS handshake."""
+
+    address: tuple[str, int]
+    starttls: StartTLS | None = None
+
+    def open(self, timeout: float) -> socket.socket:
+        import socket
+
+        raw = socket.create_connection(self.address, timeout=timeout)
+        try:
+            if self.starttls is not None:
+                self._expect(raw, self.starttls.greeting)
+                raw.sendall(self.starttls.command + b"\r\n")
+                self._expect(raw, self.starttls.granted)
+        except BaseException:
+            raw.close()
+            raise
+        return raw
+
+    @staticmethod
+    def _expect(raw: socket.socket, start: bytes) -> None:
+        """Read one line, byte by byte (nothing of the handshake after it may be taken), up to `MAX_PROBE_LINE`;
+        OSError unless it starts with ``start``."""
+        line = b""
+        while not line.endswith(b"\n"):
+            byte = raw.recv(1)
+            if not byte or len(line) >= MAX_PROBE_LINE:
+                raise OSError("the server did not answer as before")
+            line += byte
+        if not line.startswith(start):
+            raise OSError(f"the server answered {line[:40]!r}")
+
+
+MAX_PROBE_LINE = 1024
+
+
+def _presented_certificate(probe: _Probe, timeout: float | None) -> bytes | None:
+    """The certificate (DER) the server presents on the probe's connection, from a handshake that verifies nothing
+    and is closed at once (no data is sent on it); None when that fails."""
     import ssl
 
-    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    probe.check_hostname = False
-    probe.verify_mode = ssl.CERT_NONE
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
     try:
-        with socket.create_connection(address, timeout=timeout or 10) as raw, probe.wrap_socket(raw) as wrapped:
+        with probe.open(timeout or 10) as raw, context.wrap_socket(raw) as wrapped:
             der = wrapped.getpeercert(binary_form=True)
     except (OSError, ssl.SSLError):
         return None

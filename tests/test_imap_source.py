@@ -444,6 +444,21 @@ def test_a_wrong_pin_is_refused_even_with_a_trusting_ca_file(rig: IMAPRig, dovec
     assert rig.delivered() == [] and subjects_in(dovecot) == ["stays"]
 
 
+def test_starttls_to_an_untrusted_server_shows_the_certificate_and_the_line_that_pins_it(
+        rig: IMAPRig, dovecot: DovecotServer, pki: TestPKI) -> None:
+    """The certificate is read again on a second connection that says only STARTTLS; pinned, the poll goes on."""
+    append(dovecot, "INBOX", *messages("stays"))
+    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pki.cert_file.read_text())).hexdigest().upper()
+    pin = ":".join(digest[index:index + 2] for index in range(0, len(digest), 2))
+
+    assert rig.poll(tls="starttls") == 1
+
+    error = rig.events("account.failed")[0]["error"]
+    assert "not trusted" in error and f"tls_fingerprint: {pin}" in error and "out of band" in error
+    assert rig.poll(tls="starttls", tls_fingerprint=pin) == 0
+    assert rig.delivered() == ["stays"]
+
+
 def test_starttls_against_an_implicit_tls_port_says_to_set_tls_implicit(rig: IMAPRig, dovecot: DovecotServer,
                                                                          pki: TestPKI) -> None:
     """The server waits for a TLS handshake while postbote waits for a greeting: the timeout says why."""

@@ -169,23 +169,42 @@ def test_a_certificate_that_cannot_be_parsed_still_shows_why_it_was_refused_and_
     from postbote import tls
 
     garbage = b"\x30\x82\xff\xffnot a certificate"
-    monkeypatch.setattr(tls, "_presented_certificate", lambda address, timeout: garbage)
+    monkeypatch.setattr(tls, "_presented_certificate", lambda probe, timeout: garbage)
     refused = ssl.SSLCertVerificationError(1, "certificate verify failed")
     refused.verify_message = "self-signed certificate"
 
-    message = TLSPolicy()._untrusted(refused, "alice@127.0.0.1:995", ("127.0.0.1", 995), 5.0)
+    message = TLSPolicy()._untrusted(refused, "alice@127.0.0.1:995", tls._Probe(("127.0.0.1", 995)), 5.0)
 
     pin = ":".join(f"{byte:02X}" for byte in hashlib.sha256(garbage).digest())
     assert message.startswith("TLS certificate of alice@127.0.0.1:995 not trusted: self-signed certificate")
     assert f"tls_fingerprint: {pin}" in message and "presented a certificate with SHA-256" in message
 
 
-def test_starttls_to_an_untrusted_server_says_how_to_read_its_fingerprint(alice: DovecotAccount) -> None:
-    """After STARTTLS a second connection cannot read the certificate without speaking the protocol: the error
-    gives the openssl command instead."""
+def test_starttls_to_an_untrusted_server_shows_the_certificate_and_the_line_that_pins_it(
+        alice: DovecotAccount, self_signed: SelfSigned) -> None:
+    """After STLS the certificate is read again on a second connection that says only the greeting's answer and
+    STLS; no login goes out on either."""
+    mark = alice.dovecot.log_mark()
+
     status, output = alice.poll(tls="starttls", port=alice.dovecot.pop3_port)
 
-    assert status == 1 and "not trusted" in output and "-starttls pop3" in output
+    assert status == 1 and "not trusted" in output and f"tls_fingerprint: {self_signed.sha256}" in output
+    assert "presented a certificate for CN=localhost" in output and "out of band" in output
+    assert "Login: user=<alice>" not in alice.dovecot.new_log(mark)
+    assert alice.poll(tls="starttls", port=alice.dovecot.pop3_port, tls_fingerprint=self_signed.sha256)[0] == 0
+
+
+def test_when_the_second_connection_cannot_read_the_certificate_the_openssl_command_is_given(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from postbote import tls
+
+    monkeypatch.setattr(tls, "_presented_certificate", lambda probe, timeout: None)
+    refused = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    refused.verify_message = "self-signed certificate"
+
+    message = TLSPolicy()._untrusted(refused, "alice@127.0.0.1:110", None, 5.0)
+
+    assert "not trusted: self-signed certificate" in message and "-starttls pop3|imap|smtp" in message
 
 
 def test_implicit_tls_against_a_plain_text_port_says_so(alice: DovecotAccount) -> None:

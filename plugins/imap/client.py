@@ -52,11 +52,13 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Protocol, TypeVar, cast
 
-from postbote import AccountError, LoginRefused, Secret, TLSPolicy, protocol_trace
+from postbote import AccountError, LoginRefused, Secret, StartTLS, TLSPolicy, protocol_trace
 from postbote.plugins.imap import wire
 from postbote.plugins.imap.wire import Atom, Response, Streamed, Value, WireError
 
 MAX_LINE = 64 * 1024  # one response line (a segment between literals)
+STARTTLS = StartTLS(greeting=b"* OK", command=b"P STARTTLS", granted=b"P OK")
+"""How a second connection asks for TLS, to read a refused certificate again (`TLSPolicy.wrap`)."""
 # What IMAP4rev2 (RFC 9051, appendix E) makes part of the base protocol: a server that speaks it offers these
 # commands and answers whether or not it names them (and a rev2-only server answers SEARCH with ESEARCH).
 IMAP4REV2_INCLUDES = frozenset({"UIDPLUS", "MOVE", "ESEARCH", "LITERAL-", "IDLE", "NAMESPACE", "ENABLE", "SASL-IR",
@@ -412,7 +414,7 @@ class IMAPClient:
                             status="NO")
         self._simple("STARTTLS")
         self._receiver = Receiver(self._sock, self._receiver.size)  # drop what came before the handshake
-        self._sock = tls.wrap(self._sock, self.host, self.host)
+        self._sock = tls.wrap(self._sock, self.host, self.host, starttls=STARTTLS)
         self._socket_timeout = self._sock.gettimeout()
         self._receiver = Receiver(self._sock, self._receiver.size)
         self.capabilities = frozenset()

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from postbote import AccountError, LoginRefused, Secret, TLSPolicy, protocol_trace
+from postbote import AccountError, LoginRefused, Secret, StartTLS, TLSPolicy, protocol_trace
 
 MAX_REPLY_LINE = 8192
+STLS = StartTLS(greeting=b"+OK", command=b"STLS", granted=b"+OK")
+"""How a second connection asks for TLS, to read a refused certificate again (`TLSPolicy.wrap`)."""
 MAX_LISTING_ENTRIES = 2_000_000
 MAX_LISTING_LINE = 100  # "NUMBER UID" with a UID of at most 70 characters (RFC 1939 7), with room to spare
 MAX_HEADER_BLOCK = 256 * 1024  # the most a ``TOP n 0`` reply may carry
@@ -220,7 +222,7 @@ class POP3Client:
         self._send("STLS")
         self._expect_ok()
         # Anything the server (or a man in the middle) sent before the handshake is discarded with the old receiver.
-        self._sock = tls.wrap(self._sock, self.host, self.host)
+        self._sock = tls.wrap(self._sock, self.host, self.host, starttls=STLS)
         self._socket_timeout = self._sock.gettimeout()
         self._receiver = Receiver(self._sock, self._receiver.size)
         self.capa()
