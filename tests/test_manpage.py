@@ -116,7 +116,17 @@ def test_postbote_manual_writes_them_under_the_directory_given(tmp_path: Path) -
     assert (tmp_path / "share" / "man" / "man1" / "postbote.1").read_text().startswith(".TH POSTBOTE 1")
 
 
-def test_postbote_manual_outside_a_checkout_asks_for_the_example(tmp_path: Path) -> None:
+def test_postbote_manual_with_an_example_that_is_not_there_says_so(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "postbote", "manual", "-o", str(tmp_path / "share"), "--example",
+                           str(tmp_path / "missing.yaml")], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 2 and "--example" in done.stderr
+
+
+def test_the_pages_are_made_outside_a_checkout_from_the_example_postbote_ships(tmp_path: Path) -> None:
+    """Installed from a wheel there is no examples/ directory: the annotated example is installed with the code."""
     done = subprocess.run([sys.executable, "-m", "postbote", "manual", "-o", str(tmp_path / "share")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 2 and "--example" in done.stderr
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "share" / "man" / "man5" / "postbote.yaml.5").read_text()
+    assert "poll_interval" in page and ".SH EXAMPLE" in page

@@ -20,6 +20,8 @@ def test_the_wheel_holds_one_top_level_package_postbote_with_its_plugins_and_typ
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
     assert top_level == {"postbote"}
     assert {"postbote/__main__.py", "postbote/plugins/maildir.py", "postbote/py.typed"} <= set(names)
+    example = zipfile.ZipFile(wheel).read("postbote/example.yaml")  # postbote.yaml(5) is made from it
+    assert example == (REPO / "examples" / "postbote.yaml").read_bytes()
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "postbote = postbote.cli:main" in entry_points
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names), "the wheel ships the licence"

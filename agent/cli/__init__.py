@@ -176,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "zsh/site-functions/_postbote and fish/vendor_completions.d/postbote.fish under DIR (the layout "
                     "of /usr/share or ~/.local/share), from this parser and the annotated example config.")
     manual.add_argument("-o", "--output", metavar="DIR", required=True, help="where to write them")
-    manual.add_argument("--example", metavar="FILE", default="examples/postbote.yaml",
-                        help="the annotated example config (default: examples/postbote.yaml, in a checkout)")
+    manual.add_argument("--example", metavar="FILE",
+                        help="the annotated example config (default: the one postbote ships, examples/postbote.yaml "
+                             "in a checkout)")
     manual.set_defaults(build_parser=build_parser)  # the command module may not import this one
     return parser
 

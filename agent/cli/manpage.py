@@ -21,7 +21,11 @@ from pathlib import Path
 
 from postbote import __version__
 
-EXAMPLE = Path("examples") / "postbote.yaml"
+
+def shipped_example() -> Path:
+    """The annotated example config, ``examples/postbote.yaml``, which the package links to and installs beside
+    its code (a wheel holds the file itself), so that the pages can be made wherever postbote is installed."""
+    return Path(__file__).parent.parent / "example.yaml"
 _KEY_LINE = re.compile(r"^(?P<indent>\s*)(?:#\s*)?(?:- )?(?P<key>[a-z][a-z0-9_]*):(?P<value>[^#]*?)\s*"
                        r"(?:#\s*(?P<comment>.*))?$")
 
@@ -191,10 +195,9 @@ def write_all(parser: argparse.ArgumentParser, output: Path, example: Path, date
 def run(args: argparse.Namespace) -> int:
     from postbote.errors import ConfigError
 
-    example = Path(args.example)
+    example = Path(args.example) if args.example else shipped_example()
     if not example.is_file():
-        raise ConfigError(f"{example}: no such file; run this in a checkout of postbote or name the annotated example "
-                          "config with --example")
+        raise ConfigError(f"{example}: no such file; name the annotated example config with --example")
     for path in write_all(args.build_parser(), Path(args.output), example):
         print(path)
     return 0
