@@ -26,6 +26,8 @@ def shipped_example() -> Path:
     """The annotated example config, ``examples/postbote.yaml``, which the package links to and installs beside
     its code (a wheel holds the file itself), so that the pages can be made wherever postbote is installed."""
     return Path(__file__).parent.parent / "example.yaml"
+
+
 _KEY_LINE = re.compile(r"^(?P<indent>\s*)(?:#\s*)?(?:- )?(?P<key>[a-z][a-z0-9_]*):(?P<value>[^#]*?)\s*"
                        r"(?:#\s*(?P<comment>.*))?$")
 
