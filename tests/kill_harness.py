@@ -4,6 +4,7 @@ kill cost."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import time
 from collections import Counter
@@ -56,20 +57,28 @@ def phase_of(commands: list[str]) -> str:
 def kill_poll_when(config: Path, directory: Path, due: Callable[[float], bool]) -> bool:
     """Run ``postbote poll`` on ``config`` and SIGKILL it as soon as ``due(seconds since its start)``; whether it
     was killed (False: the poll ended first). A poll that reaches no kill point within a minute fails the test."""
-    with open(directory / "child.log", "ab") as log:
-        child = subprocess.Popen(postbote_argv(config, "poll"), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                 env=child_env(), cwd=directory)
-        started = time.monotonic()
-        while child.poll() is None:
-            elapsed = time.monotonic() - started
-            if due(elapsed) or elapsed > 60:
-                child.kill()  # SIGKILL
-                child.wait(timeout=30)
-                if elapsed > 60:
-                    pytest.fail("a poll ran for a minute without reaching its kill point")
-                return True
-            time.sleep(0.0005)
-    return False
+    # No cyclic collection while watching: late in a suite the test process's heap is large, and one full pass
+    # stalled this loop long enough for a poll to run past its kill point (or to its end).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with open(directory / "child.log", "ab") as log:
+            child = subprocess.Popen(postbote_argv(config, "poll"), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                     env=child_env(), cwd=directory)
+            started = time.monotonic()
+            while child.poll() is None:
+                elapsed = time.monotonic() - started
+                if due(elapsed) or elapsed > 60:
+                    child.kill()  # SIGKILL
+                    child.wait(timeout=30)
+                    if elapsed > 60:
+                        pytest.fail("a poll ran for a minute without reaching its kill point")
+                    return True
+                time.sleep(0.0005)
+        return False
+    finally:
+        if collecting:
+            gc.enable()
 
 
 @dataclass
