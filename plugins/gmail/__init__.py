@@ -49,13 +49,10 @@ Gmail could tell only by searching the mailbox (``q=rfc822msgid:``), which needs
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -228,22 +225,12 @@ def quiet_file(state_dir: Path, settings: GmailSettings) -> Path:
 
 
 def write_quiet(path: Path, until: float, reason: str, label: str) -> None:
-    """Keep "quiet until ``until``" in ``path``: a temporary file (0600) renamed over it, so a reader finds the old
-    time or the new one, never half of one."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            json.dump({"quiet_until": until, "reason": reason, "destination": label,
-                       "until_utc": utc_text(until)}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    """Keep "quiet until ``until``" in ``path``, replaced whole (a 0600 temporary file renamed over it, as the
+    token caches are), so a reader finds the old time or the new one, never half of one."""
+    from postbote.plugins.signin.oauth2 import write_secret_file
+
+    write_secret_file(path, json.dumps({"quiet_until": until, "reason": reason, "destination": label,
+                                        "until_utc": utc_text(until)}))
 
 
 def read_quiet(path: Path, now: float) -> tuple[float, str]:
