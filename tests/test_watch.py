@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -89,23 +90,32 @@ def push() -> Iterator[PushSource]:
         server.close()
 
 
-@pytest.fixture
-def daemon(tmp_path: Path, fake: FakeSource, push: PushSource) -> Iterator[Daemon]:
+@contextmanager
+def running_daemon(tmp_path: Path, *plugins: object) -> Iterator[Daemon]:
+    """``postbote run`` in this process, one fake account polled hourly into a Maildir, with ``plugins``."""
     config = tmp_path / "push.yaml"
     config.write_text(f"state_dir: {tmp_path / 'state'}\naccounts:\n"
                       f"  - {{name: fake, protocol: fake, poll_interval: 1h, "
                       f"deliver: {{maildir: {tmp_path / 'Maildir'}}}}}\n")
-    pm = make_plugin_manager(entry_points=False, extra=[fake, push])
+    pm = make_plugin_manager(entry_points=False, extra=list(plugins))
     loaded = load_config(config, pm)
     store = StateStore(loaded.state_dir)
     daemon = Daemon(pm, loaded, store, rng=Soonest())
     thread = threading.Thread(target=daemon.run, daemon=True)
     thread.start()
-    yield daemon
-    daemon.request(signal.SIGTERM)
-    thread.join(30)
-    store.close()
+    try:
+        yield daemon
+    finally:
+        daemon.request(signal.SIGTERM)
+        thread.join(30)
+        store.close()
     assert not thread.is_alive()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, fake: FakeSource, push: PushSource) -> Iterator[Daemon]:
+    with running_daemon(tmp_path, fake, push) as daemon:
+        yield daemon
 
 
 def delivered(tmp_path: Path) -> int:
@@ -180,17 +190,7 @@ class NoPushSource:
 def test_a_source_that_offers_no_push_is_not_asked_again_after_every_poll(tmp_path: Path, fake: FakeSource) -> None:
     """Asking opens a session of its own (an IMAP login to read the capabilities): once an hour is enough."""
     no_push = NoPushSource()
-    config = tmp_path / "push.yaml"
-    config.write_text(f"state_dir: {tmp_path / 'state'}\naccounts:\n"
-                      f"  - {{name: fake, protocol: fake, poll_interval: 1h, "
-                      f"deliver: {{maildir: {tmp_path / 'Maildir'}}}}}\n")
-    pm = make_plugin_manager(entry_points=False, extra=[fake, no_push])
-    loaded = load_config(config, pm)
-    store = StateStore(loaded.state_dir)
-    daemon = Daemon(pm, loaded, store, rng=Soonest())
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    try:
+    with running_daemon(tmp_path, fake, no_push) as daemon:
         fake.mailbox("fake").add(mail(1))
         assert wait_until(lambda: delivered(tmp_path) == 1, 15)
         for number in (2, 3):
@@ -199,8 +199,3 @@ def test_a_source_that_offers_no_push_is_not_asked_again_after_every_poll(tmp_pa
             assert wait_until(lambda number=number: delivered(tmp_path) == number, 15)
         assert fake.mailbox("fake").sessions == 3
         assert no_push.asked == 1, "asked for watches after every poll"
-    finally:
-        daemon.request(signal.SIGTERM)
-        thread.join(30)
-        store.close()
-    assert not thread.is_alive()
