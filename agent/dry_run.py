@@ -115,12 +115,18 @@ def planned_without_fetching(account: Account, entry: MailboxEntry, record: Reco
         if kept_long_enough(account, record, now):
             return Fate.DELETE, "kept for delete_after since its delivery: deleted"
     if record is not None and record.status == REJECTED:
-        return Fate.LEAVE, f"rejected before ({record.reason}); tried again after `postbote retry`"
+        return Fate.LEAVE, f"{LEFT_REJECTED} ({record.reason}); tried again after `postbote retry`"
     if record is not None and record.handled and not account.fetch_all:
         return Fate.LEAVE, "delivered before (keep)"
     if account.max_size is not None and entry.size > account.max_size:
-        return Fate.LEAVE, f"larger than max_size ({entry.size} > {account.max_size} octets): reported, not fetched"
+        return Fate.LEAVE, f"{LEFT_OVERSIZED} ({entry.size} > {account.max_size} octets): reported, not fetched"
     return None
+
+
+LEFT_REJECTED = "rejected before"
+LEFT_OVERSIZED = "larger than max_size"
+"""How the reasons of `planned_without_fetching` for a message left on the server start (``check --connect``
+counts them by these)."""
 
 
 def previewed(mailbox: Mailbox, hooks: AccountHooks, account: Account, entry: MailboxEntry) -> Preview:

@@ -118,21 +118,18 @@ def _fetch_note(account: Account, entries: Sequence[MailboxEntry], records: Mapp
     max_size, fetch_all, earlier rejections and max_messages count), and why the others would not be."""
     import time
 
-    from postbote.dry_run import Fate, planned_without_fetching
-    from postbote.state import REJECTED
+    from postbote.dry_run import LEFT_OVERSIZED, LEFT_REJECTED, Fate, planned_without_fetching
 
     now = time.time()
     to_fetch: list[MailboxEntry] = []
     oversized = rejected = 0
     for entry in entries:
-        record = records.get(entry.uid)
-        planned = planned_without_fetching(account, entry, record, now)
+        planned = planned_without_fetching(account, entry, records.get(entry.uid), now)
         if planned is None:
             to_fetch.append(entry)
-        elif planned[0] is Fate.LEAVE and record is not None and record.status == REJECTED:
-            rejected += 1
-        elif planned[0] is Fate.LEAVE and account.max_size is not None and entry.size > account.max_size:
-            oversized += 1
+        elif planned[0] is Fate.LEAVE:
+            rejected += planned[1].startswith(LEFT_REJECTED)
+            oversized += planned[1].startswith(LEFT_OVERSIZED)
     limit = account.max_messages if account.max_messages is not None else len(to_fetch)
     fetched = to_fetch[:limit]
     if [entry.uid for entry in fetched] == [entry.uid for entry in new]:
