@@ -326,28 +326,39 @@ class _Probe:
     starttls: StartTLS | None = None
 
     def open(self, timeout: float) -> socket.socket:
+        """The connection, ready for the handshake; the STARTTLS exchange takes ``timeout`` in all, however slowly
+        the server sends."""
         import socket
+        import time
 
+        deadline = time.monotonic() + timeout
         raw = socket.create_connection(self.address, timeout=timeout)
         try:
             if self.starttls is not None:
-                self._expect(raw, self.starttls.greeting)
+                self._expect(raw, self.starttls.greeting, deadline)
                 raw.sendall(self.starttls.command + b"\r\n")
-                self._expect(raw, self.starttls.granted)
+                self._expect(raw, self.starttls.granted, deadline)
         except BaseException:
             raw.close()
             raise
+        raw.settimeout(max(0.1, deadline - time.monotonic()))  # the handshake gets what is left
         return raw
 
     @staticmethod
-    def _expect(raw: socket.socket, start: bytes) -> None:
-        """Read one line, byte by byte (nothing of the handshake after it may be taken), up to `MAX_PROBE_LINE`;
-        OSError unless it starts with ``start``."""
+    def _expect(raw: socket.socket, start: bytes, deadline: float) -> None:
+        """Read one line, byte by byte (nothing of the handshake after it may be taken), up to `MAX_PROBE_LINE`,
+        before ``deadline``; OSError unless it starts with ``start``."""
+        import time
+
         line = b""
         while not line.endswith(b"\n"):
-            byte = raw.recv(1)
-            if not byte or len(line) >= MAX_PROBE_LINE:
+            left = deadline - time.monotonic()
+            if left <= 0 or len(line) >= MAX_PROBE_LINE:
                 raise OSError("the server did not answer as before")
+            raw.settimeout(left)
+            byte = raw.recv(1)
+            if not byte:
+                raise OSError("the server closed the connection")
             line += byte
         if not line.startswith(start):
             raise OSError(f"the server answered {line[:40]!r}")

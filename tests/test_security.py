@@ -482,3 +482,37 @@ def test_a_tls_policy_builds_its_context_once_until_the_contexts_are_forgotten()
     before = verified.context()
     forget_contexts()
     assert verified.context() is not before
+
+
+def test_reading_a_refused_certificate_again_after_starttls_is_bounded_in_time() -> None:
+    """A server that trickles its greeting a byte at a time cannot hold the error path: the second connection's
+    STARTTLS exchange takes its timeout in all, not a timeout per byte."""
+    import socket
+    import threading
+    import time
+
+    from postbote import StartTLS
+    from postbote.tls import _presented_certificate, _Probe
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    connection.sendall(b"+")
+                time.sleep(0.05)
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        probe = _Probe(listener.getsockname()[:2], StartTLS(b"+OK", b"STLS", b"+OK"))
+        assert _presented_certificate(probe, 1.0) is None
+        assert time.monotonic() - started < 10  # a timeout per byte would take 1,024 x 1 s
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
