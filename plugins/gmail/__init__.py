@@ -19,7 +19,7 @@ Options (`postbote.plugins.gmail.settings`), with what they mean to the API:
   mail sorts by when it was sent; ``received_time``: when Gmail took it);
 - ``never_mark_spam`` (false): ``neverMarkSpam``: with true, Gmail's spam filter never sends it to Spam;
 - ``process_for_calendar`` (false): ``processForCalendar``: invitations go into Google Calendar;
-- ``rate_limit`` (10): imports a second, a token bucket per Gmail mailbox (an import costs 25 of Gmail's quota units;
+- ``rate_limit`` (4): imports a second, a token bucket per Gmail mailbox (an import costs 25 of Gmail's quota units;
   docs/gmail.md has Google's figures): a poll waits at most `MAX_PACE` for the next token, else defers the rest;
 - ``timeout`` (60s): for each wait on the API; ``pipeline`` (true): see below;
 - ``api_url``, ``tls_ca_file``: another endpoint and its CA (tests, a proxy).
