@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from postbote.digest import header_block_digest
+from postbote.mailbox import NotFetched
 from postbote.message import Message
 from postbote.plugins.pop3.client import (
     DATA_READ_SIZE,
@@ -27,6 +28,7 @@ from postbote.plugins.pop3.client import (
     POP3Error,
     POP3ProtocolError,
 )
+from postbote.plugins.pop3.mailbox import POP3Mailbox
 from postbote.testing.pop3server import Action, Faults, POP3Server, Stuffing
 from postbote.tls import TLSPolicy
 
@@ -151,6 +153,37 @@ def test_a_stray_line_between_pipelined_replies_ends_the_session_at_that_message
         assert corpus_number(b"".join(_read_one(client))) == 1
         with pytest.raises(POP3ProtocolError, match="not a reply"):
             _read_one(client)
+
+
+def test_a_stray_err_line_read_as_a_refused_retr_ends_the_session_before_a_message_gets_anothers_data() -> None:
+    """The stray ``-ERR`` looks like a refused RETR 2; read on, RETR 3 would get message 2's data. With a DELE sent
+    behind the RETRs (a reply owed, so nothing looks out of turn) that went through in CI: the -ERR must be proven
+    to belong to RETR 2 before another message is read."""
+    faults = Faults().on("RETR 1", action=Action.followed_by(b"-ERR no such message\r\n"))
+    with POP3Server(corpus(4), faults=faults) as server:
+        mailbox = POP3Mailbox(logged_in(server), max_size=None)
+        fetched = mailbox.fetch(mailbox.listing(), stop=lambda: False)
+        first, message = next(fetched)
+        assert isinstance(message, Message) and corpus_number(message.as_bytes()) == first.ref == 1
+        mailbox.delete(first)
+        handed_on: list[tuple[int, bytes]] = []
+        with pytest.raises(POP3ProtocolError, match="out of step"):
+            for entry, item in fetched:
+                if isinstance(item, Message):
+                    handed_on.append((entry.ref, item.as_bytes()))
+        assert all(corpus_number(data) == number for number, data in handed_on), handed_on
+
+
+def test_a_refused_retr_among_pipelined_ones_is_confirmed_and_the_messages_behind_it_are_asked_for_again() -> None:
+    faults = Faults().on("RETR 2", action=Action.reply("-ERR [SYS/TEMP] cannot open"))
+    with POP3Server(corpus(4), faults=faults) as server:
+        mailbox = POP3Mailbox(logged_in(server), max_size=None)
+        results = [(entry.ref, item) for entry, item in mailbox.fetch(mailbox.listing(), stop=lambda: False)]
+        mailbox.finish()
+    assert [number for number, item in results if isinstance(item, NotFetched)] == [2]
+    assert [(number, corpus_number(item.as_bytes())) for number, item in results if isinstance(item, Message)] \
+        == [(1, 1), (3, 3), (4, 4)]
+    assert "LIST 3" in server.commands and server.commands.count("RETR 3") == 2
 
 
 def _read_one(client: POP3Client) -> list[bytes]:

@@ -433,6 +433,29 @@ class POP3Client:
             else:
                 self._read_deletion_replies(stop_at_retrieve=True)
 
+    def confirm_in_step(self, number: int, size: int) -> None:
+        """Prove that replies are still read against their own commands, after a ``-ERR`` to a RETR.
+
+        A ``-ERR`` line the server sent twice, or out of turn, looks exactly like a refused RETR, and every reply
+        after it would then be read one command late: the next message would be handed on with the data of the
+        one before. So every reply still owed is read (the data of RETRs sent behind it discarded; the caller asks
+        for those messages again), and ``LIST number`` of a message listed and not deleted must be answered with
+        its own number and size, with nothing behind it. Anything else ends the session as out of step."""
+        self.settle()
+        self._doing = f"confirming the session is in step (LIST {number})"
+        self._send(f"LIST {number}")
+        try:
+            fields = self._expect_ok().split()
+        except POP3Error as exc:
+            raise POP3ProtocolError(f"{self.host}: -ERR {self._doing}, a message the server listed: the replies "
+                                    "cannot be told apart from replies read one command late; the session is out "
+                                    "of step", exc.reply) from None
+        if fields[:2] != [str(number), str(size)]:
+            raise POP3ProtocolError(f"{self.host}: the reply {self._doing} names {' '.join(fields[:2])!r}, not "
+                                    f"'{number} {size}': a reply came out of turn; the session is out of step",
+                                    " ".join(fields))
+        self._check_in_step()
+
     def _read_deletion_replies(self, *, stop_at_retrieve: bool) -> None:
         while self._in_flight and self._in_flight[0][0] == "DELE":
             _, number, _ = self._in_flight.popleft()
@@ -656,8 +679,9 @@ class POP3Client:
             try:
                 piece, done = read(at_line_start)
             except _BrokenTerminator:
-                raise POP3ProtocolError(f"{self.host}: a data line is a dot and a line end that does not end the "
-                                        f"data {self._doing}: a broken terminator, out of step") from None
+                raise POP3ProtocolError(f"{self.host}: a dot line that does not end the data {self._doing} (a dot "
+                                        "and a stray line end, or a dot glued to a status line): a broken "
+                                        "terminator, out of step") from None
             if piece is None:
                 self._receive()  # a dot at a line start, and the one or two bytes that tell what it is still to come
                 continue
@@ -750,6 +774,8 @@ class Receiver:
                 return None, False
             if head[1:2] in (b"\r", b"\n"):
                 raise _BrokenTerminator
+            if self._glued_status(start):
+                return None, False
         end = data.find(b"\r\n.\r\n", start)
         if end != -1:
             block = self._take(end + 2)
@@ -776,6 +802,8 @@ class Receiver:
                 return None, False
             if head[1:2] == b"\r":
                 raise _BrokenTerminator
+            if self._glued_status(start):
+                return None, False
         end = data.find(b"\n.\r\n", start)
         bare = data.find(b"\n.\n", start, len(data) if end == -1 else end)
         end = bare if bare != -1 else end
@@ -789,19 +817,39 @@ class Receiver:
             return _unstuffed(self._take(len(data)), at_line_start, b"\n"), False  # a piece of a long line
         return _unstuffed(self._take(last_line_end + 1), at_line_start, b"\n"), False
 
+    def _glued_status(self, start: int) -> bool:
+        """Whether the dot line at ``start`` is still too short to tell from a dot glued to a status line (True:
+        wait for more); raises `_BrokenTerminator` when it is one."""
+        head = self._data[start:start + 6]
+        for status in _GLUED_HEAD:
+            if head[:len(status)] == status:
+                if len(head) == len(status):
+                    return True
+                if head[len(status):len(status) + 1] in b" \t\r\n":
+                    raise _BrokenTerminator
+            elif status.startswith(head):
+                return True
+        return False
+
     def _take(self, end: int) -> bytes:
         taken = self._data[self._pos:end]
         self._pos = end
         return taken
 
 
-_BROKEN_TERMINATOR = {b"\r\n": re.compile(rb"\r\n\.[\r\n]"), b"\n": re.compile(rb"\n\.\r(?!\n)")}
+# A dot line that does not end the data: a dot and a stray line end, or a dot glued to the next reply's status
+# ("." sent without its line end, then "+OK ..."), which would take that reply and the message after it for data.
+_GLUED_STATUS = rb"\.(?:\+OK|-ERR)(?:[ \t\r\n]|\Z)"
+_BROKEN_TERMINATOR = {b"\r\n": re.compile(rb"\r\n(?:\.[\r\n]|" + _GLUED_STATUS + rb")"),
+                      b"\n": re.compile(rb"\n(?:\.\r(?!\n)|" + _GLUED_STATUS + rb")")}
+_GLUED_HEAD = (b".+OK", b".-ERR")
 
 
 def _unstuffed(block: bytes, at_line_start: bool, line_end: bytes) -> bytes:
     """Undo RFC 1939 byte-stuffing: a line that starts with two dots lost one to the server's stuffing; one that
-    starts with a single dot and more text was not stuffed by the server and stays as it is. A dot and a line end
-    that is not the terminator is a broken terminator (the caller judged the first line already)."""
+    starts with a single dot and more text was not stuffed by the server and stays as it is -- unless that text is
+    a status line. A dot and a line end that is not the terminator, or a dot and a status line, is a broken
+    terminator (the caller judged the first line already)."""
     if at_line_start and block.startswith(b".."):
         block = block[1:]
     marker = line_end + b"."

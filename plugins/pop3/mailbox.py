@@ -129,7 +129,15 @@ class POP3Mailbox:
                 log.info("poll.stopping", not_fetched=len(waiting) + len(in_flight))
                 return  # messages already requested are read and discarded before QUIT
             entry = in_flight.popleft()
-            yield entry, self._retrieved(entry)
+            fetched = self._retrieved(entry)
+            if isinstance(fetched, _Refused):
+                # Was it this RETR that was refused, or a reply out of turn? Find out before reading on; the
+                # messages requested behind it are asked for again.
+                verifier = in_flight[0] if in_flight else waiting[0] if waiting else entry
+                self.client.confirm_in_step(verifier.ref, verifier.size)
+                waiting.extendleft(reversed(in_flight))
+                in_flight.clear()
+            yield entry, fetched
 
     def _retrieved(self, entry: MailboxEntry) -> Fetched:
         from postbote import Message  # loaded once there is a message: an empty poll does without
@@ -148,9 +156,10 @@ class POP3Mailbox:
             raise AccountError(f"cannot spool the message to a temporary file: {exc.strerror or exc} "
                                "(is the temporary directory full?)") from None
         except POP3Error as exc:
-            # A -ERR to this RETR: the session is still in step, so only this message waits for the next poll.
+            # A -ERR to this RETR: only this message waits for the next poll, once `fetch` has made sure the
+            # session is still in step.
             message.discard()
-            return NotFetched(str(exc), facts=(("size", entry.size),))
+            return _Refused(str(exc), facts=(("size", entry.size),))
         message.close_writing()
         if looks_truncated(received, entry.size):
             message.discard()
@@ -172,6 +181,10 @@ class POP3Mailbox:
 
     def abort(self) -> None:
         self.client.close()
+
+
+class _Refused(NotFetched):
+    """The server answered a RETR with ``-ERR``."""
 
 
 def header_block(data: bytes) -> bytes:
