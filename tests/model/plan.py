@@ -20,6 +20,8 @@ class ServerFault(enum.Enum):
     GARBAGE = "a line that is not a POP3 reply"
     STALL = "no reply until after the client's timeout"
     STRAY_LINE = "an extra empty line after the message's terminator"
+    STRAY_STATUS = "an extra -ERR status line after the message's terminator: the next RETR looks refused"
+    RETR_REFUSED = "-ERR to RETR: the message cannot be given now"
     LENIENT_STUFFING = "message sent as stored, dot-stuffed only after CRLF"
     EMPTY_LISTING = "UIDL and LIST list no message"
     QUIT_WITHOUT_COMMIT = "+OK to QUIT, deletions not applied"
@@ -28,7 +30,9 @@ class ServerFault(enum.Enum):
     @property
     def makes_the_poll_fail(self) -> bool:
         """Whether the client can tell: a poll that met this fault must not look clean."""
-        return self not in (ServerFault.EMPTY_LISTING, ServerFault.QUIT_WITHOUT_COMMIT, ServerFault.LENIENT_STUFFING)
+        return self not in (ServerFault.EMPTY_LISTING, ServerFault.QUIT_WITHOUT_COMMIT, ServerFault.LENIENT_STUFFING,
+                            ServerFault.RETR_REFUSED,  # logged, the message left for the next poll
+                            ServerFault.STRAY_STATUS)  # read as a DELE's refusal, it is harmless and may go unseen
 
 
 FAULT_COMMANDS: dict[ServerFault, tuple[str, ...]] = {
@@ -37,6 +41,8 @@ FAULT_COMMANDS: dict[ServerFault, tuple[str, ...]] = {
     ServerFault.GARBAGE: ("UIDL", "TOP", "RETR", "DELE", "QUIT"),
     ServerFault.STALL: ("UIDL", "TOP", "RETR", "DELE", "QUIT"),
     ServerFault.STRAY_LINE: ("RETR",),
+    ServerFault.STRAY_STATUS: ("RETR",),
+    ServerFault.RETR_REFUSED: ("RETR",),
     ServerFault.LENIENT_STUFFING: ("RETR",),
     ServerFault.EMPTY_LISTING: ("UIDL",),
     ServerFault.QUIT_WITHOUT_COMMIT: ("QUIT",),

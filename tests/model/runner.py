@@ -52,9 +52,9 @@ TALLY: Counter[str] = Counter()
 
 @dataclass(frozen=True)
 class Crafted(Action):
-    """RETR answered by the model: the stored bytes dot-stuffed only after CRLF, optionally a stray empty line."""
+    """RETR answered by the model: the stored bytes dot-stuffed only after CRLF, then ``stray`` (a stray line)."""
 
-    stray_line: bool
+    stray: bytes
 
 
 class ModelFaults(Faults):
@@ -85,16 +85,16 @@ class ModelFaults(Faults):
             if fault not in self.fired_faults:
                 self.fired_faults.append(fault)
         if isinstance(action, Crafted):
-            return self.crafted_retr(arguments, action.stray_line)
+            return self.crafted_retr(arguments, action.stray)
         return action
 
-    def crafted_retr(self, arguments: str, stray_line: bool) -> Action | None:
+    def crafted_retr(self, arguments: str, stray: bytes) -> Action | None:
         number = int(arguments) if arguments.isdigit() else 0
         if not 1 <= number <= len(self.snapshot):
             return None
         data = self.snapshot[number - 1] if self.raw_line_endings else crlf_normalised(self.snapshot[number - 1])
         stuffed = re.sub(rb"(\A|\r\n)\.", rb"\1..", data)
-        return Reply(b"+OK %d octets\r\n" % len(data) + stuffed + b".\r\n" + (b"\r\n" if stray_line else b""))
+        return Reply(b"+OK %d octets\r\n" % len(data) + stuffed + b".\r\n" + stray)
 
 
 def actions_for(fault: InjectedFault) -> list[tuple[str, Action]]:
@@ -106,8 +106,10 @@ def actions_for(fault: InjectedFault) -> list[tuple[str, Action]]:
         ServerFault.DROP_MIDWAY: lambda: Action.drop_midway(after_bytes=20),
         ServerFault.GARBAGE: lambda: Action.reply("what is this"),
         ServerFault.STALL: lambda: Action.stall(STALL_SECONDS),
-        ServerFault.STRAY_LINE: lambda: Crafted(stray_line=True),
-        ServerFault.LENIENT_STUFFING: lambda: Crafted(stray_line=False),
+        ServerFault.STRAY_LINE: lambda: Crafted(stray=b"\r\n"),
+        ServerFault.STRAY_STATUS: lambda: Crafted(stray=b"-ERR no such message\r\n"),
+        ServerFault.RETR_REFUSED: lambda: Action.reply("-ERR [SYS/TEMP] cannot open the message now"),
+        ServerFault.LENIENT_STUFFING: lambda: Crafted(stray=b""),
         ServerFault.QUIT_WITHOUT_COMMIT: lambda: Action.reply("+OK bye"),
         ServerFault.QUIT_REPLY_LOST: lambda: Action.drop_midway(after_bytes=0),
     }[kind]()
