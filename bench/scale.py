@@ -250,7 +250,7 @@ def sampled(pid: int, args: argparse.Namespace, repetition: int) -> subprocess.P
     args.spy.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen([str(py_spy(environment.DEFAULT_CACHE)), "record", "-p", str(pid), "-d",
                              str(int(args.seconds)), "-r", "250", "-f", "raw", "-o",
-                             str(args.spy / f"daemon-{repetition}.txt")],
+                             str(args.spy / f"daemon-{repetition}.txt"), *(["--gil"] if args.gil else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -428,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu.add_argument("--warmup", type=float, default=10.0)
     cpu.add_argument("--seconds", type=float, default=20.0)
     cpu.add_argument("--spy", type=Path, metavar="DIR", help="sample the daemon with py-spy into DIR (slower)")
+    cpu.add_argument("--gil", action="store_true", help="with --spy: only samples of the thread holding the GIL")
     startup.add_argument("--accounts", default="10000,100000")
     startup.add_argument("--settle", type=float, default=20.0)
     profile.add_argument("--out", type=Path, default=Path("/var/tmp/scale-profile"))
