@@ -9,6 +9,7 @@ source or target brings its own options and their errors look the same.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import re
@@ -108,7 +109,7 @@ class Account:
     # ``received_protocol`` (the ``Received:`` trace field's ``from`` and ``with``).
     source: Any = None
 
-    @property
+    @functools.cached_property
     def server_host(self) -> str:
         """The server host the account's polls connect to (``max_parallel_per_host`` counts by it); its own name when
         its source names none."""

@@ -465,6 +465,7 @@ class Daemon:
         self._failing: set[str] = set()
         self._status_due = False
         self._last_housekeeping = float("-inf")  # time.monotonic() of the last one
+        self._scheduled_check = float("-inf")  # time.monotonic() when `schedule` may have a job due
         self._workers: dict[str, str] = {}  # accounts being polled -> the server host each connects to
         self._running_per_host: Counter[str] = Counter()  # kept as polls start and end, not counted per tick
         self._threads = PollThreads()
@@ -550,19 +551,30 @@ class Daemon:
             self._poll_pushed()
             self._apply_pending_reload()
             self._queue_due()
-            self.scheduler.run_pending()
+            self._run_scheduled()
             self._start_queued()
             self.notifier.ping_if_due()
             self._wakeup.wait(self._sleep_time())
 
+    def _run_scheduled(self) -> None:
+        """The `schedule` jobs (the housekeeping), asked for only when one may be due: the loop turns once or more
+        for every poll, and asking `schedule` reads the wall clock and looks at every job."""
+        now = time.monotonic()
+        if now < self._scheduled_check:
+            return
+        self.scheduler.run_pending()
+        idle = self.scheduler.idle_seconds
+        self._scheduled_check = now + (MAX_SLEEP if idle is None else max(0.0, idle))
+
     def _sleep_time(self) -> float:
-        candidates = [MAX_SLEEP]
+        candidates = [MAX_SLEEP, self._scheduled_check - time.monotonic()]
         if self._shared is not None and self._room():
             candidates.append(self._shared.seconds_to_next_claim())
-        if (due := self._due.seconds_to_next(time.time())) is not None:
+        # With every slot busy, an account falling due could not start: it is queued when a poll ends, and that
+        # wakes the loop anyway. Waking for it too doubled the loop's turns when accounts are due back to back.
+        slot_free = len(self._workers) < self.config.max_parallel
+        if slot_free and (due := self._due.seconds_to_next(time.time())) is not None:
             candidates.append(due)
-        if (idle := self.scheduler.idle_seconds) is not None:
-            candidates.append(idle)
         if (ping := self.notifier.seconds_to_next_ping()) is not None:
             candidates.append(ping)
         return max(0.0, min(candidates))
