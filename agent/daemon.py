@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from queue import Empty, SimpleQueue
+from queue import SimpleQueue
 from typing import Any
 
 import schedule
@@ -69,6 +69,7 @@ START_JITTER = 5.0  # the first polls are spread over this many seconds (at most
 BACKOFF_JITTER = 0.1  # a delay after failures is shortened by up to this fraction, so that accounts drift apart
 STOP_GRACE = 20.0  # seconds the polls in hand get to finish after SIGTERM (the unit's TimeoutStopSec is 30 s)
 MAX_SLEEP = 60.0
+WAKEUP_READ = 65536  # bytes of pokes read at once
 HOUSEKEEPING_EVERY = 1  # seconds between two STATUS= updates and two writes of the next-poll notes
 NO_PUSH_RECHECK = 3600.0
 """Seconds before the daemon asks again for the watches of an account whose source offered none (an IMAP server
@@ -428,11 +429,10 @@ class Wakeup:
 
     def wait(self, timeout: float) -> None:
         if self._selector.select(max(0.0, timeout)):
-            try:
-                while self.reader.recv(4096):
-                    pass
-            except BlockingIOError:
-                pass
+            # One byte per poke, one poke per finished poll: one read takes them all (anything left over only
+            # wakes the loop once more).
+            with contextlib.suppress(BlockingIOError):
+                self.reader.recv(WAKEUP_READ)
 
     def close(self) -> None:
         self._selector.close()
@@ -787,11 +787,8 @@ class Daemon:
         self._wakeup.poke()
 
     def _collect_results(self) -> None:
-        while True:
-            try:
-                result = self._results.get_nowait()
-            except Empty:
-                return
+        while not self._results.empty():  # the main loop is the only reader: not empty, so get() does not wait
+            result = self._results.get()
             self._poll_ended(result.account)
             self._finished(result)
             if result.account in self._again:
