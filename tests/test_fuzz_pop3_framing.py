@@ -12,8 +12,8 @@ as the server had it or exactly what the (mutated) reply to ``RETR n`` carried a
 which commits the deletions, only then. Anything else means the client took another reply's data for message n.
 Then a second poll of the same state from a server that behaves (TOP included) must bring every message not yet in
 the Maildir: a message recorded as delivered with another's bytes is found out there by its headers, not skipped and
-deleted. (A message may arrive followed by more, when the server broke its terminator in a way no client can tell
-from data: its own bytes are all there.)
+deleted. (A message may arrive followed by more, when the server broke or dropped its terminator in a way no client
+can tell from data: then it arrives as the server had it or as it sent it.)
 
 CI runs ``POSTBOTE_FUZZ_EXAMPLES`` cases (default 300); a soak::
 
