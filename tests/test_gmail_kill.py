@@ -126,13 +126,19 @@ def test_a_kill_between_gmails_200_and_the_record_costs_at_most_one_copy_and_los
         number_of = {message.id: corpus_number(message.data()) for message in gmail.imported}
         arrived = Counter(number_of.values())
         assert gmail.refused == []
+        # Imports Gmail has that no record names: the copies the kills cost. Usually the import whose 200 the kill
+        # followed; on a slow machine the signal may land after postbote recorded that one and sent the next.
+        recorded = recorded_ids(tmp_path / "state")
+        in_doubt = [message.id for message in gmail.imported if message.id not in recorded]
     assert sorted(arrived) == list(range(1, MESSAGES + 1))  # none lost
     # the kill comes as Gmail's 200 is written, long before postbote could record it: it landed in between at least
     # once (if one came after the record, that kill costs no copy)
     assert unrecorded, "no kill landed between Gmail's 200 and postbote's record: the test proved nothing"
+    assert set(unrecorded) <= set(in_doubt)
+    assert len(in_doubt) <= len(KILL_AFTER), f"more copies than kills: {in_doubt}"
     duplicated = sorted(number for number, count in arrived.items() if count > 1)
     assert all(count <= 2 for count in arrived.values()), arrived
-    assert duplicated == sorted(number_of[message_id] for message_id in unrecorded), (arrived, unrecorded)
+    assert duplicated == sorted(number_of[message_id] for message_id in in_doubt), (arrived, in_doubt)
     assert uidls(dovecot, "alice") == []
 
 
