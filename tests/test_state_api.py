@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from postbote.errors import StateError
-from postbote.state import DEFERRED, REJECTED, KeyedTable, LegacyTable, StateStore, read_account_state
+from postbote.state import DEFERRED, DELIVERED, REJECTED, KeyedTable, LegacyTable, StateStore, read_account_state
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 PRODUCT_FOLDERS = ("agent", "plugins")
@@ -302,3 +302,31 @@ def test_an_older_versions_table_is_moved_in_once_and_dropped(tmp_path: Path) ->
 def test_a_legacy_table_names_only_plain_identifiers() -> None:
     with pytest.raises(ValueError, match="not a plain SQL identifier"):
         LegacyTable(table="delivered; DROP TABLE entries", namespace="a", key="b", written="c")
+
+
+# --- a state database an earlier version wrote
+
+
+def test_a_database_of_the_first_release_is_upgraded_in_place_and_keeps_its_records(tmp_path: Path) -> None:
+    """The first release's ``messages`` table: a rowid table without the columns added since (new databases are
+    clustered on their key). The store adds the columns and reads and writes it as it does a new one."""
+    with sqlite3.connect(tmp_path / "postbote.sqlite3") as db:
+        db.execute("CREATE TABLE messages (account TEXT NOT NULL, uid TEXT NOT NULL, status TEXT NOT NULL, "
+                   "reason TEXT NOT NULL DEFAULT '', message_id TEXT, size INTEGER, updated REAL NOT NULL, "
+                   "PRIMARY KEY (account, uid))")
+        db.execute("INSERT INTO messages VALUES ('alice', 'u1', 'delivered', '250 ok', '<m1@x>', 100, 1000.0)")
+    db.close()
+    store = StateStore(tmp_path)
+    try:
+        store.record("alice", "u2", DELIVERED, reason="250 queued", size=200, header_digest="d2")
+        store.record("alice", "u3", DEFERRED, reason="451 later")
+        store.record("alice", "u3", DEFERRED, reason="451 still later")
+        records = store.records("alice")
+        assert {uid: (record.status, record.reason) for uid, record in records.items()} == {
+            "u1": (DELIVERED, "250 ok"), "u2": (DELIVERED, "250 queued"), "u3": (DEFERRED, "451 still later")}
+        assert (records["u2"].size, records["u2"].header_digest) == (200, "d2")
+        assert [(message.uid, message.attempts) for message in store.waiting("alice")] == [("u3", 2)]
+        store.forget("alice", ["u1"])
+        assert set(store.records("alice")) == {"u2", "u3"}
+    finally:
+        store.close()
