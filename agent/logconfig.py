@@ -14,8 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator, MutableMapping
-from contextlib import contextmanager
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -115,9 +114,32 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         # Events below the level are dropped first, before any formatting work is done for them.
         processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        wrapper_class=_LevelFirstLogger,
         cache_logger_on_first_use=False,
     )
+
+
+class _LevelFirstLogger(structlog.stdlib.BoundLogger):
+    """structlog's standard-library logger that drops a debug or info event below the logger's level before any work
+    is done for it: the same decision `structlog.stdlib.filter_by_level` makes as the first processor, taken before
+    the context is copied and the processor chain entered. A poll logging at ``warning`` drops one event per message.
+    Only while that filter leads the chain: a test capturing every event (`structlog.testing.capture_logs`) gets
+    them all."""
+
+    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if self._dropped(logging.DEBUG):
+            return None
+        return self._proxy_to_logger("debug", event, *args, **kw)
+
+    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if self._dropped(logging.INFO):
+            return None
+        return self._proxy_to_logger("info", event, *args, **kw)
+
+    def _dropped(self, level: int) -> bool:
+        processors: Any = self._processors  # the configured list
+        return bool(processors) and processors[0] is structlog.stdlib.filter_by_level \
+            and not self._logger.isEnabledFor(level)
 
 
 class HeldBack(logging.Handler):
@@ -260,13 +282,19 @@ def _skip_unrendered_record_fields() -> None:
     logging.logMultiprocessing = False
 
 
-@contextmanager
-def bound(**values: Any) -> Iterator[None]:
+class bound:  # noqa: N801 - used as a function: ``with bound(uid=...):``
     """Log ``values`` with every event inside the block (``uid`` of the message in hand), as structlog's
     ``bound_contextvars`` does, for less: it sets and resets only these variables instead of copying the whole
-    context first, which matters on the per-message path."""
-    tokens = structlog.contextvars.bind_contextvars(**values)
-    try:
-        yield
-    finally:
-        structlog.contextvars.reset_contextvars(**tokens)
+    context first, and is a class rather than a generator, which matters on the per-message path."""
+
+    __slots__ = ("_values", "_tokens")
+
+    def __init__(self, **values: Any) -> None:
+        self._values = values
+        self._tokens: Mapping[str, Any] = {}
+
+    def __enter__(self) -> None:
+        self._tokens = structlog.contextvars.bind_contextvars(**self._values)
+
+    def __exit__(self, *_exc: object) -> None:
+        structlog.contextvars.reset_contextvars(**self._tokens)
