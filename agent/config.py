@@ -518,6 +518,9 @@ def parse_destination_entry(entry: Node, problems: Problems, pm: pluggy.PluginMa
                      f"expected a mapping with exactly one of {', '.join(known)}, e.g. {DESTINATION_EXAMPLE}")
         return None
     ((kind, options),) = entry.value.items()
+    load = getattr(pm, "load_destination_kind", None)  # postbote's manager: the built-in delivering there
+    if load is not None:
+        load(kind)
     before = len(problems.lines)
     parsed = pm.hook.parse_destination(kind=kind, options=options, problems=problems, base_dir=base_dir,
                                        pluginmanager=pm)
@@ -594,7 +597,7 @@ def _enabled_plugins(own: dict[str, Node | bool], section: Section, pm: PluginMa
         entry = own.get(name, global_plugins.entries.get(name))
         if not source.essential and (entry is False or (entry is None and not source.on_by_default)):
             continue
-        pm.load_builtin(name)  # an optional built-in is imported only once some account enables it
+        pm.load_enabled(name)  # an optional built-in is imported only once some account enables it
         shared = name not in own  # parsed from the top-level entry (or from nothing): the same for every account
         if shared and (name, directory) in global_plugins.parsed:
             enabled[name] = global_plugins.parsed[name, directory]

@@ -6,7 +6,9 @@ Built-ins come in two tiers, as in pytest: *essential* ones (the trace header, t
 *optional* ones (backup, rules, spamassassin, dedupe, metrics, notify) are on only where the config's ``plugins:`` names
 them. An optional built-in is known by name from the start but imported only once the config enables it (or
 ``postbote plugins`` lists it), so a poll does not pay for plugins it does not use; it is then registered where it
-would have been had it been loaded at once, so the order in which plugins are called does not depend on it.
+would have been had it been loaded at once, so the order in which plugins are called does not depend on it. The
+built-in delivery targets are loaded the same way, each once the config names one of its kinds
+(`BUILTIN_DESTINATION_KINDS`): a poll into SMTP does not import the IMAP, Gmail, Maildir, mbox and MDA code.
 Third-party and local plugins are on unless the config turns them off.
 """
 
@@ -35,6 +37,11 @@ ENTRY_POINT_GROUP = "postbote"
 ESSENTIAL_PLUGINS = ("pop3", "imap", "received", "smtp", "imap_append", "gmail", "maildir", "mbox", "mda")
 OPTIONAL_PLUGINS: tuple[str, ...] = ("backup", "rules", "dedupe", "spamassassin", "metrics", "notify")
 BUILTIN_PLUGINS = (*ESSENTIAL_PLUGINS, *OPTIONAL_PLUGINS)
+# The built-in delivery targets and the destination kinds each declares (its ``DESTINATION_KINDS``, which a test
+# keeps equal to this): known before they are imported, so that only the ones a config uses are.
+BUILTIN_DESTINATION_KINDS: dict[str, tuple[str, ...]] = {
+    "smtp": ("smtp", "lmtp"), "imap_append": ("imap",), "gmail": ("gmail",), "maildir": ("maildir",),
+    "mbox": ("mbox",), "mda": ("mda",)}
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,7 @@ class PluginManager(pluggy.PluginManager):
     def __init__(self) -> None:
         super().__init__(hookspecs.PROJECT)
         self.sources: dict[str, PluginSource] = {}
-        self._not_loaded: set[str] = set()  # optional built-ins known by name, not imported yet
+        self._not_loaded: set[str] = set()  # optional built-ins and delivery targets known by name, not imported yet
         self._subsets: dict[frozenset[str], AccountHooks] = {}
         self._declared: dict[str, frozenset[str]] = {}
 
@@ -81,8 +88,10 @@ class PluginManager(pluggy.PluginManager):
         asked for every account of a config, so kept until a plugin is registered or unregistered."""
         known = self._declared.get(attribute)
         if known is None:
-            known = self._declared[attribute] = frozenset(
-                name for plugin in self.get_plugins() for name in getattr(plugin, attribute, ()))
+            declared = {name for plugin in self.get_plugins() for name in getattr(plugin, attribute, ())}
+            if attribute == "DESTINATION_KINDS":
+                declared.update(kind for name in self._not_loaded for kind in BUILTIN_DESTINATION_KINDS.get(name, ()))
+            known = self._declared[attribute] = frozenset(declared)
         return known
 
     def hooks_for(self, account: Any) -> AccountHooks:
@@ -105,7 +114,7 @@ class PluginManager(pluggy.PluginManager):
         self.sources[source.name] = source
 
     def add_builtin_later(self, name: str) -> None:
-        """Know the optional built-in ``name`` without importing it; `load_builtin` does that when it is needed."""
+        """Know the built-in ``name`` without importing it; `load_builtin` does that when it is needed."""
         self.sources[name] = _builtin_source(name)
         self._not_loaded.add(name)
 
@@ -125,6 +134,18 @@ class PluginManager(pluggy.PluginManager):
         self._not_loaded.discard(name)
         for other, plugin in later:
             self.register(plugin, name=other)
+
+    def load_enabled(self, name: str) -> None:
+        """Some account enables plugin ``name``: a built-in not loaded yet is imported now -- unless it is a delivery
+        target, imported once a destination of its kind is read (`load_destination_kind`)."""
+        if name not in BUILTIN_DESTINATION_KINDS:
+            self.load_builtin(name)
+
+    def load_destination_kind(self, kind: str) -> None:
+        """A destination of ``kind`` is about to be read: import the built-in delivery targets that declare it."""
+        for name, kinds in BUILTIN_DESTINATION_KINDS.items():
+            if kind in kinds:
+                self.load_builtin(name)
 
     def load_all_builtins(self) -> None:
         for name in BUILTIN_PLUGINS:
@@ -177,7 +198,7 @@ class AccountHooks:
         self._pm = pm
         self._disabled = disabled
         self._callers: dict[str, pluggy.HookCaller] = {}
-        self._implemented: dict[str, bool] = {}
+        self._implemented: dict[str, pluggy.HookCaller | None] = {}  # None: no plugin of the account implements it
 
     def caller(self, name: str, skip: Iterable[object] = ()) -> pluggy.HookCaller:
         """Hook ``name`` for this account, less the plugins in ``skip`` too."""
@@ -194,10 +215,16 @@ class AccountHooks:
     def implemented(self, name: str) -> bool:
         """Whether some plugin of this account implements hook ``name``; remembered until a plugin registers or
         unregisters (`PluginManager.hooks_for` then makes new `AccountHooks`)."""
-        known = self._implemented.get(name)
-        if known is None:
-            known = self._implemented[name] = bool(self.caller(name).get_hookimpls())
-        return known
+        return self._implementing(name) is not None
+
+    def _implementing(self, name: str) -> pluggy.HookCaller | None:
+        """`caller` of hook ``name``, or None when no plugin of this account implements it: one lookup per call."""
+        try:
+            return self._implemented[name]
+        except KeyError:
+            caller = self.caller(name)
+            found = self._implemented[name] = caller if caller.get_hookimpls() else None
+            return found
 
     def _disabled_plugins(self) -> list[object]:
         return [plugin for name in self._disabled if (plugin := self._pm.get_plugin(name)) is not None]
@@ -206,9 +233,9 @@ class AccountHooks:
              **kwargs: Any) -> Any:
         """Call hook ``name``; exceptions other than ``passing`` become a `PluginError` naming the plugin. None,
         without a call, when no plugin of this account implements it (most accounts have no backups, no observers)."""
-        if not self.implemented(name):
+        caller = self._implementing(name)
+        if caller is None:
             return None
-        caller = self.caller(name)
         try:
             return caller(**kwargs)
         except passing:
@@ -218,7 +245,7 @@ class AccountHooks:
 
     def notify(self, name: str, **kwargs: Any) -> None:
         """Call observer hook ``name``; each failing observer is logged and those after it are still called."""
-        if not self.implemented(name):
+        if self._implementing(name) is None:
             return
         done: list[object] = []
         while True:
@@ -260,7 +287,10 @@ def make_plugin_manager(*, builtins: bool = True, entry_points: bool = True,
     pm.add_hookspecs(hookspecs)
     if builtins:
         for name in ESSENTIAL_PLUGINS:
-            pm.add(importlib.import_module(f"postbote.plugins.{name}"), _builtin_source(name))
+            if name in BUILTIN_DESTINATION_KINDS:
+                pm.add_builtin_later(name)
+            else:
+                pm.add(importlib.import_module(f"postbote.plugins.{name}"), _builtin_source(name))
         for name in OPTIONAL_PLUGINS:
             pm.add_builtin_later(name)
     if entry_points and may_have_entry_points():

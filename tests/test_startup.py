@@ -16,7 +16,9 @@ import pytest
 from postbote import hookimpl
 from postbote.cli import COMMAND_MODULES
 from postbote.config import load_config
+from postbote.errors import ConfigError
 from postbote.pluginmanager import (
+    BUILTIN_DESTINATION_KINDS,
     BUILTIN_PLUGINS,
     ESSENTIAL_PLUGINS,
     OPTIONAL_PLUGINS,
@@ -105,9 +107,46 @@ def test_a_plain_poll_imports_neither_http_nor_oauth2_nor_the_plugins_it_does_no
         assert done.returncode == 0, done.stderr
         assert server.uids() == []
     assert len(list((tmp_path / "Maildir" / "new").iterdir())) == 1
-    assert {f"postbote.plugins.{name}" for name in ESSENTIAL_PLUGINS} <= loaded
+    assert {f"postbote.plugins.{name}" for name in ESSENTIAL_PLUGINS
+            if name not in BUILTIN_DESTINATION_KINDS or name == "maildir"} <= loaded
     assert UNUSED_BY_A_PLAIN_POLL & loaded == set()
+    other_destinations = {f"postbote.plugins.{name}" for name in BUILTIN_DESTINATION_KINDS if name != "maildir"}
+    assert other_destinations & loaded == set()
     assert "postbote.cli.poll" in loaded
+
+
+def test_a_built_in_delivery_target_is_imported_once_a_destination_names_one_of_its_kinds(tmp_path: Path) -> None:
+    path = write_config(tmp_path, """\
+        accounts:
+          - {name: a, host: h, username: u, password: p, deliver: {maildir: m}}
+          - {name: b, host: h, username: u, password: p, deliver: {lmtp: {host: 127.0.0.1, recipients: [b@x.org]}}}
+        """)
+    pm = make_plugin_manager(entry_points=False)
+    assert all(pm.get_plugin(name) is None for name in BUILTIN_DESTINATION_KINDS)
+    config = load_config(path, pm)
+    assert {name for name in BUILTIN_DESTINATION_KINDS if pm.get_plugin(name) is not None} == {"maildir", "smtp"}
+    assert [destination.kind for account in config.accounts for destination in account.destinations] == [
+        "maildir", "lmtp"]
+
+
+def test_the_table_of_built_in_delivery_targets_says_what_each_declares() -> None:
+    """The kinds are known before the modules are imported: the table must not drift from the modules."""
+    import importlib
+
+    assert set(BUILTIN_DESTINATION_KINDS) <= set(ESSENTIAL_PLUGINS)
+    for name in ESSENTIAL_PLUGINS:
+        declared = getattr(importlib.import_module(f"postbote.plugins.{name}"), "DESTINATION_KINDS", ())
+        assert tuple(declared) == BUILTIN_DESTINATION_KINDS.get(name, ()), name
+
+
+def test_an_unknown_destination_kind_names_every_built_in_kind_loaded_or_not(tmp_path: Path) -> None:
+    path = write_config(tmp_path, """\
+        accounts:
+          - {name: a, host: h, username: u, password: p, deliver: {maildri: m}}
+        """)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, make_plugin_manager(entry_points=False))
+    assert "unknown delivery target 'maildri' (known: gmail, imap, lmtp, maildir, mbox, mda, smtp)" in str(raised.value)
 
 
 def test_an_optional_built_in_is_imported_once_an_account_enables_it(tmp_path: Path) -> None:
@@ -135,7 +174,7 @@ class Observer:
         pass
 
 
-def test_optional_built_ins_loaded_late_take_the_place_they_would_have_had_if_loaded_at_once(tmp_path: Path) -> None:
+def test_built_ins_loaded_late_take_the_place_they_would_have_had_if_loaded_at_once(tmp_path: Path) -> None:
     """pluggy calls plugins in the reverse order of registration: the order must not depend on the lazy loading."""
     import importlib
 
@@ -145,7 +184,7 @@ def test_optional_built_ins_loaded_late_take_the_place_they_would_have_had_if_lo
     path = write_config(tmp_path, """\
         plugins: {spamassassin: {host: 127.0.0.1}, dedupe: true, backup: {maildir: b}, metrics: {textfile: m.prom}}
         accounts:
-          - {name: a, host: h, username: u, password: p, deliver: {maildir: m}}
+          - {name: a, host: h, username: u, password: p, deliver: [{mbox: m}, {smtp: {recipients: [a@x.org]}}]}
         """)
     pm = make_plugin_manager(entry_points=False, extra=[Observer()])
     load_config(path, pm)
@@ -155,7 +194,8 @@ def test_optional_built_ins_loaded_late_take_the_place_they_would_have_had_if_lo
     for name in BUILTIN_PLUGINS:
         eager.register(importlib.import_module(f"postbote.plugins.{name}"), name=name)
     eager.register(Observer(), name="observer")
-    for hook in ("filter_message", "backup_message", "configure", "poll_finished", "parse_plugin_options"):
+    for hook in ("filter_message", "backup_message", "configure", "poll_finished", "parse_plugin_options",
+                 "parse_destination", "deliver_message", "find_delivered", "authorize"):
         lazy_order = [impl.plugin_name for impl in getattr(pm.hook, hook).get_hookimpls()]
         eager_order = [impl.plugin_name for impl in getattr(eager.hook, hook).get_hookimpls()]
         assert lazy_order == eager_order, hook
