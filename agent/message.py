@@ -27,6 +27,7 @@ _FIELD_START = re.compile(rb"^([^\s:]+)[ \t]*:", re.MULTILINE)
 _FIELD_END = re.compile(rb"\n(?![ \t])")  # a line end not followed by a continuation line
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 _FIELD_NAME = re.compile(r"[!-9;-~]+")
+_BARE_LINE_BREAK = re.compile(r"\r?\n(?![ \t])")  # a line break in a value not followed by folding white space
 
 
 class VerdictAction(enum.StrEnum):
@@ -293,7 +294,7 @@ def _field(name: str, value: str, newline: bytes) -> bytes:
     if not _FIELD_NAME.fullmatch(name):
         raise ValueError(f"invalid header field name {name!r}")
     if "\r" in value or "\n" in value:
-        value = re.sub(r"\r?\n(?![ \t])", "\n ", value).replace("\r", "")
+        value = _BARE_LINE_BREAK.sub("\n ", value).replace("\r", "")
         value = value.replace("\n", newline.decode())
     return f"{name}: {value}".encode() + newline
 

@@ -307,11 +307,19 @@ class Unusable:
 
 
 def _session(poll: Poll, key: tuple[str, str], settings: SMTPSettings, account: Account) -> SMTPClient:
-    held: SMTPClient | Unusable = poll.resource(key, lambda: _connect(settings, account, poll),
-                                                usable=lambda c: c.usable, close=lambda c: c.quit())
+    held: SMTPClient | Unusable = poll.resource(key, lambda: _connect(settings, account, poll), usable=_usable,
+                                                close=_quit)
     if isinstance(held, Unusable):
         raise held.error
     return held
+
+
+def _usable(held: SMTPClient | Unusable) -> bool:
+    return held.usable
+
+
+def _quit(held: SMTPClient | Unusable) -> None:
+    held.quit()
 
 
 def _connect(settings: SMTPSettings, account: Account, poll: Poll) -> SMTPClient | Unusable:
