@@ -1,5 +1,5 @@
 import sys
 
-from postbote.cli import main
+from postbote.cli import run_command
 
-sys.exit(main())
+sys.exit(run_command())

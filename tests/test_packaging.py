@@ -23,7 +23,7 @@ def test_the_wheel_holds_one_top_level_package_postbote_with_its_plugins_and_typ
     example = zipfile.ZipFile(wheel).read("postbote/example.yaml")  # postbote.yaml(5) is made from it
     assert example == (REPO / "examples" / "postbote.yaml").read_bytes()
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "postbote = postbote.cli:main" in entry_points
+    assert "postbote = postbote.cli:run_command" in entry_points
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names), "the wheel ships the licence"
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: MIT" in metadata and "Classifier: Topic :: Communications :: Email" in metadata

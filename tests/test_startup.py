@@ -49,6 +49,7 @@ RUN_AND_LIST_MODULES = textwrap.dedent("""\
 HTTP_AND_OAUTH2 = {"http.server", "http.client", "urllib.request", "webbrowser", "postbote.plugins.signin.oauth2",
                    "postbote.plugins.signin.authorize"}
 UNUSED_BY_A_PLAIN_POLL = {*HTTP_AND_OAUTH2, "postbote.plugins.signin.oauth2_settings", "importlib.metadata",
+                          "asyncio.events", "asyncio.base_events",  # "asyncio" itself is a stand-in
                           "difflib", "hmac", "postbote.daemon",
                           "postbote.status", "postbote.sdnotify", "postbote.cli.progress", "schedule",
                           *(f"postbote.cli.{module}" for command, module in COMMAND_MODULES.items()
@@ -73,7 +74,7 @@ def write_config(tmp_path: Path, body: str) -> Path:
 def test_help_imports_no_plugin_no_yaml_no_logging_and_no_network_code(tmp_path: Path) -> None:
     loaded, done = modules_loaded_by(tmp_path, "--help")
     assert done.returncode == 0 and "poll" in done.stdout
-    heavy = {"pluggy", "yaml", "structlog", "asyncio", "logging", "ssl", "sqlite3", "importlib.metadata",
+    heavy = {"pluggy", "yaml", "structlog", "asyncio.base_events", "logging", "ssl", "sqlite3", "importlib.metadata",
              "postbote.config", "postbote.message", "postbote.poller", "postbote.plugins", *HTTP_AND_OAUTH2}
     assert heavy & loaded == set()
 
@@ -147,6 +148,29 @@ def test_an_unknown_destination_kind_names_every_built_in_kind_loaded_or_not(tmp
     with pytest.raises(ConfigError) as raised:
         load_config(path, make_plugin_manager(entry_points=False))
     assert "unknown delivery target 'maildri' (known: gmail, imap, lmtp, maildir, mbox, mda, smtp)" in str(raised.value)
+
+
+# Defers asyncio as the command does, imports structlog, then uses asyncio through structlog's own reference.
+USE_ASYNCIO_THROUGH_STRUCTLOG = textwrap.dedent("""\
+    import sys
+    from postbote.cli.deferred import defer_unused_imports, is_deferred
+    defer_unused_imports()
+    import structlog
+    from postbote.logconfig import configure_logging
+    configure_logging("info", "json")
+    print("after structlog:", is_deferred("asyncio"), "asyncio.base_events" in sys.modules)
+    import asyncio
+    asyncio.run(structlog.get_logger("check").ainfo("async.event", answer=42))
+    print("after use:", is_deferred("asyncio"), sys.modules["asyncio"] is asyncio.events.sys.modules["asyncio"])
+    """)
+
+
+def test_asyncio_is_imported_only_once_something_uses_it_and_then_works_as_usual() -> None:
+    done = subprocess.run([sys.executable, "-c", USE_ASYNCIO_THROUGH_STRUCTLOG], capture_output=True, text=True,
+                          timeout=60, check=False, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["after structlog: True False", "after use: False True"]
+    assert '"answer": 42, "event": "async.event"' in done.stderr  # structlog's async method ran on the real asyncio
 
 
 def test_an_optional_built_in_is_imported_once_an_account_enables_it(tmp_path: Path) -> None:

@@ -196,6 +196,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return guarded(lambda: command_runner(args.command)(args))
 
 
+def run_command() -> int:
+    """The ``postbote`` command (the console script, ``python -m postbote``): `main` in a process of its own, in
+    which the imports postbote never uses are deferred (`postbote.cli.deferred`)."""
+    from postbote.cli.deferred import defer_unused_imports
+
+    defer_unused_imports()
+    return main()
+
+
 def command_runner(command: str) -> Callable[[argparse.Namespace], int]:
     """The ``run`` function of ``command``'s module, imported now: only the command that runs is ever loaded."""
     module = importlib.import_module(f"{__name__}.{COMMAND_MODULES[command]}")
