@@ -68,7 +68,7 @@ class Poller:
         stats = PollStats(account.name)
         started = time.monotonic()
         hooks = self.pm.hooks_for(account)
-        with structlog.contextvars.bound_contextvars(account=account.name):
+        with bound(account=account.name):
             hooks.notify("poll_started", account=account)
             poll = Poll(account, state_dir=self.store.path.parent, deadline=session_deadline(account, started, []))
             crashed = False
