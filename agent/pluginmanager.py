@@ -119,9 +119,10 @@ class PluginManager(pluggy.PluginManager):
         self._not_loaded.add(name)
 
     def load_builtin(self, name: str) -> None:
-        """Import and register an optional built-in not loaded yet, at the place it would have had if registered at
-        once: pluggy calls plugins in the reverse order of registration, so those registered after that place are
-        registered again after it. Meant for loading the config, before the ``configure`` hook is called."""
+        """Import and register a built-in not loaded yet (an optional one, or a delivery target), at the place it
+        would have had if registered at once: pluggy calls plugins in the reverse order of registration, so those
+        registered after that place are registered again after it. Meant for loading the config, before the
+        ``configure`` hook is called."""
         if name not in self._not_loaded:
             return
         module = importlib.import_module(f"postbote.plugins.{name}")
