@@ -47,6 +47,7 @@ SHARED_PLACEHOLDER = "postbote.shared"  # `StateStore.path` of a shared store: n
 DEFAULT_BUSY_TIMEOUT = 2.0  # seconds to wait for another process's write lock before the message is deferred
 FORGET_AFTER_LISTINGS = 3  # a record goes only when its UID was missing from this many listings in a row ...
 FORGET_AFTER_SECONDS = 86400.0  # ... and for at least this long: one odd listing must never forget a mailbox
+MAX_HELD_POLLS = 100_000  # poll records kept in memory while the state store cannot be written (the oldest go)
 UNCERTAIN_ATTEMPTS = 2  # deliveries that ended without an answer (a crash) before the message is held for the admin
 
 
@@ -153,6 +154,18 @@ class PollRecord:
     failures: int = 0
     failure_streak: int = 0
     duration_total: float = 0.0
+
+
+@dataclass(frozen=True)
+class FinishedPoll:
+    """A poll's record on its way to the state store (`StateStore.record_poll`)."""
+
+    account: str
+    ok: bool
+    duration: float
+    counts: dict[str, int]
+    error: str | None
+    finished: float
 
 
 @dataclass(frozen=True)
@@ -297,6 +310,9 @@ class StateStore:
             self._db = PostgresDatabase(shared, readonly=readonly)
         self._tables = self._db.tables() if readonly or self._db.shared else {"polls", "poll_counters",
                                                                                 "poll_schedule"}
+        self._held_lock = threading.Lock()
+        self._holding = False
+        self._held: list[FinishedPoll] = []  # poll records waiting to be written (`hold_poll_records`)
 
     @property
     def shared(self) -> bool:
@@ -312,6 +328,10 @@ class StateStore:
         return (state_dir / DATABASE_NAME).is_file()
 
     def close(self) -> None:
+        """Close the database, writing the poll records still held first (the daemon writes, and reports a failure
+        to, before it gets here)."""
+        with contextlib.suppress(StateError):
+            self.write_held_poll_records()
         self._db.close()
 
     def make_durable(self) -> None:
@@ -483,30 +503,80 @@ class StateStore:
             _delete(tx, account, uids)
 
     def record_poll(self, account: str, *, ok: bool, duration: float, counts: dict[str, int],
-                    error: str | None) -> None:
-        """Remember the last poll of an account and add its counts to the account's running totals."""
-        previous = self.last_poll(account)
-        totals = dict(previous.totals) if previous else {}
-        for key, value in counts.items():
-            totals[key] = totals.get(key, 0) + value
-        now = time.time()
-        last_success = now if ok else (previous.last_success if previous else None)
+                    error: str | None, may_hold: bool = False) -> None:
+        """Remember the last poll of an account and add its counts to the account's running totals.
+
+        While `hold_poll_records` is on, a record the caller ``may_hold`` waits in memory for
+        `write_held_poll_records`; any other is written at once, together with those waiting before it."""
+        finished = FinishedPoll(account, ok, duration, counts, error, time.time())
+        with self._held_lock:
+            if self._holding and may_hold:
+                if len(self._held) >= MAX_HELD_POLLS:
+                    del self._held[0]  # the oldest goes: every record that follows it is newer anyway
+                self._held.append(finished)
+                return
+            polls, self._held = [*self._held, finished], []
+        self._write_polls(polls)
+
+    def hold_poll_records(self, hold: bool = True) -> None:
+        """Keep the records of polls in memory until `write_held_poll_records` (the daemon: once a second, and
+        whenever no poll runs). Each poll's record was its own transaction, the main cost of an empty poll's state
+        writes at a few hundred polls a second; a crash loses the summaries of the last second's polls, never a
+        message's record. Turning it off writes what is held."""
+        with self._held_lock:
+            self._holding = hold
+        if not hold:
+            self.write_held_poll_records()
+
+    def write_held_poll_records(self) -> None:
+        """Write the held poll records in one transaction; they stay held if the write fails (`StateError`)."""
+        with self._held_lock:
+            polls, self._held = self._held, []
+        if not polls:
+            return
+        try:
+            self._write_polls(polls)
+        except BaseException:
+            with self._held_lock:
+                self._held[:0] = polls
+                del self._held[:-MAX_HELD_POLLS]  # the oldest go first: the newer records of the same accounts stay
+            raise
+
+    def _write_polls(self, polls: Sequence[FinishedPoll]) -> None:
+        """One transaction for ``polls``, in order. A poll that moved nothing (most polls: an empty mailbox) leaves
+        the totals as they are and needs no read: the last success is kept in SQL when it failed."""
+        totals: dict[str, dict[str, int]] = {}  # the running totals of accounts whose polls added to them
+        rows = []
         with self._db.transaction(needs_sync=False) as tx:
-            tx.execute(
+            for poll in polls:
+                encoded = json.dumps(poll.counts)
+                adds = any(poll.counts.values())
+                if adds:
+                    if poll.account not in totals:
+                        found = tx.query("SELECT totals FROM polls WHERE account = ?", (poll.account,))
+                        totals[poll.account] = json.loads(found[0][0]) if found else {}
+                    running = totals[poll.account]
+                    for key, value in poll.counts.items():
+                        running[key] = running.get(key, 0) + value
+                rows.append((poll.account, poll.finished, int(poll.ok), poll.duration, encoded, poll.error,
+                             poll.finished if poll.ok else None,
+                             json.dumps(totals[poll.account]) if adds else encoded, int(adds)))
+            tx.executemany(
                 "INSERT INTO polls (account, finished, ok, duration, counts, error, last_success, totals) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET finished = excluded.finished, "
                 "ok = excluded.ok, duration = excluded.duration, counts = excluded.counts, error = excluded.error, "
-                "last_success = excluded.last_success, totals = excluded.totals",
-                (account, now, int(ok), duration, json.dumps(counts), error, last_success, json.dumps(totals)))
-            tx.execute(
+                "last_success = coalesce(excluded.last_success, polls.last_success), "
+                "totals = CASE WHEN ? = 1 THEN excluded.totals ELSE polls.totals END", rows)
+            tx.executemany(
                 "INSERT INTO poll_counters (account, polls, failures, failure_streak, duration_total) "
                 "VALUES (?, 1, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET polls = poll_counters.polls + 1, "
                 "failures = poll_counters.failures + excluded.failures, "
                 "failure_streak = CASE WHEN excluded.failures = 0 THEN 0 ELSE poll_counters.failure_streak + 1 END, "
                 "duration_total = poll_counters.duration_total + excluded.duration_total",
-                (account, int(not ok), int(not ok), duration))
+                [(poll.account, int(not poll.ok), int(not poll.ok), poll.duration) for poll in polls])
 
     def last_poll(self, account: str) -> PollRecord | None:
+        self.write_held_poll_records()  # what this process recorded is read back
         if "polls" not in self._tables:  # read-only, written by an older version
             return None
         counters = "poll_counters" if "poll_counters" in self._tables else \
@@ -599,6 +669,7 @@ class SQLiteDatabase:
     def __init__(self, path: Path, *, readonly: bool, busy_timeout: float) -> None:
         self.path = path
         self.where = str(path)
+        self._wal = path.with_name(path.name + "-wal")  # where WAL commits land (`make_durable`)
         self._lock = threading.RLock()
         self._unsynced = True  # whatever an earlier run left unsynced is synced by the first `make_durable`
         try:
@@ -661,13 +732,12 @@ class SQLiteDatabase:
         Skipped when no message's record was committed since the last sync: an empty poll has nothing to make
         durable before its QUIT (its poll record, and the next-poll notes, need no sync before anything), and the
         fsync was a tenth of its CPU."""
-        wal = self.path.with_name(self.path.name + "-wal")
         with self._lock:
             if not self._unsynced:
                 return
             self._unsynced = False  # before the sync: a commit made during it marks the store again
             try:
-                fd = os.open(wal, os.O_RDONLY)
+                fd = os.open(self._wal, os.O_RDONLY)
             except FileNotFoundError:
                 return  # everything is checkpointed into the database file, which SQLite synced then
             except OSError as exc:

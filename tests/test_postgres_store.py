@@ -141,6 +141,50 @@ def test_polls_keep_the_last_outcome_running_totals_and_the_failure_streak(store
     assert last.last_success is not None and last.last_success < last.finished
 
 
+def test_a_poll_that_moved_nothing_keeps_the_totals_and_a_success_is_remembered(store: StateStore) -> None:
+    nothing = {"listed": 0, "delivered": 0, "deleted": 0}
+    store.record_poll("alice", ok=True, duration=0.5, counts={"delivered": 2, "listed": 2}, error=None)
+    store.record_poll("alice", ok=True, duration=0.1, counts=nothing, error=None)
+    last = store.last_poll("alice")
+    assert last is not None
+    assert (last.totals, last.counts, last.polls, last.last_success) == (
+        {"delivered": 2, "listed": 2}, nothing, 2, last.finished)
+    store.record_poll("bob", ok=False, duration=0.1, counts=nothing, error="connection refused")
+    first = store.last_poll("bob")
+    assert first is not None and (first.totals, first.last_success) == (nothing, None)
+
+
+def test_held_poll_records_are_written_together_in_order_and_read_back_by_the_store(
+        store: StateStore, open_state: StoreOpener) -> None:
+    """The daemon holds poll records to write many in one transaction: another reader sees them once written; the
+    store itself reads them back at once, and a record written at once never lands under an older held one."""
+    store.hold_poll_records()
+    store.record_poll("alice", ok=True, duration=0.1, counts={"delivered": 1}, error=None, may_hold=True)
+    store.record_poll("alice", ok=True, duration=0.2, counts={"delivered": 2}, error=None, may_hold=True)
+    other = open_state()
+    assert other.last_poll("alice") is None  # held: not written yet
+    store.write_held_poll_records()
+    written = other.last_poll("alice")
+    assert written is not None and (written.duration, written.totals, written.polls) == (0.2, {"delivered": 3}, 2)
+    store.record_poll("bob", ok=True, duration=0.3, counts={}, error=None, may_hold=True)
+    store.record_poll("bob", ok=False, duration=0.4, counts={}, error="refused", may_hold=False)  # not held
+    bob = other.last_poll("bob")
+    assert bob is not None and (bob.ok, bob.polls, bob.failure_streak) == (False, 2, 1)
+    store.record_poll("carol", ok=True, duration=0.5, counts={}, error=None, may_hold=True)
+    assert store.last_poll("carol") is not None  # the store's own read writes what it holds first
+    store.record_poll("dave", ok=True, duration=0.6, counts={}, error=None, may_hold=True)
+    store.hold_poll_records(False)  # turning it off writes the rest
+    assert other.last_poll("dave") is not None
+
+
+def test_a_poll_record_that_may_not_be_held_is_written_at_once(store: StateStore, open_state: StoreOpener) -> None:
+    store.record_poll("alice", ok=True, duration=0.1, counts={}, error=None, may_hold=True)  # not holding: written
+    store.hold_poll_records()
+    store.record_poll("bob", ok=True, duration=0.1, counts={}, error=None)  # may_hold defaults to False
+    other = open_state()
+    assert other.last_poll("alice") is not None and other.last_poll("bob") is not None
+
+
 def test_the_waiting_messages_are_listed_longest_waiting_first(store: StateStore) -> None:
     store.record("alice", "b", REJECTED, reason="550")
     store.record("alice", "a", DEFERRED, reason="451")

@@ -330,3 +330,24 @@ def test_a_database_of_the_first_release_is_upgraded_in_place_and_keeps_its_reco
         assert set(store.records("alice")) == {"u2", "u3"}
     finally:
         store.close()
+
+
+def test_held_poll_records_stay_held_while_the_database_cannot_be_written(tmp_path: Path) -> None:
+    """A write of the held poll records that fails (another process holds the write lock) keeps them, in order,
+    for the next write."""
+    store = StateStore(tmp_path, busy_timeout=0.05)
+    store.hold_poll_records()
+    store.record_poll("alice", ok=True, duration=0.1, counts={"delivered": 1}, error=None, may_hold=True)
+    blocker = sqlite3.connect(tmp_path / "postbote.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StateError, match="locked"):
+            store.write_held_poll_records()
+        store.record_poll("alice", ok=False, duration=0.2, counts={}, error="refused", may_hold=True)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    store.write_held_poll_records()
+    last = store.last_poll("alice")
+    assert last is not None and (last.ok, last.polls, last.totals) == (False, 2, {"delivered": 1})
+    store.close()
