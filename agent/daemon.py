@@ -508,6 +508,7 @@ class Daemon:
                     self._plan(self.config.accounts, previous={})
                     self._refresh_all_waiting()
                     self._write_next_poll_notes()
+                    self.store.hold_poll_records()  # written by the housekeeping, and whenever no poll runs
                     self.scheduler.every(HOUSEKEEPING_EVERY).seconds.do(self._housekeeping)
                     log.info("daemon.started", accounts=len(self.config.accounts), config=str(self.config.path),
                              max_parallel=self.config.max_parallel)
@@ -518,6 +519,7 @@ class Daemon:
                 finally:
                     self._unconfigure(self._current)
         finally:
+            self.store.hold_poll_records(False)
             poll_logger.removeFilter(self._mute)
             self._wakeup.close()
             self._threads.close()
@@ -602,6 +604,7 @@ class Daemon:
                         reason="second stop signal" if abandon_now else f"still busy after {self._stop_grace:g} s",
                         effect="no QUIT sent, so the server deletes nothing from these sessions; a message whose "
                                "hand-off was cut short is fetched again next time (at worst delivered twice)")
+        self._write_poll_records()
         if self._shared is not None:
             self._shared.stop(keeping=self.abandoned)
             return
@@ -787,6 +790,8 @@ class Daemon:
         self._wakeup.poke()
 
     def _collect_results(self) -> None:
+        if self._results.empty():
+            return
         while not self._results.empty():  # the main loop is the only reader: not empty, so get() does not wait
             result = self._results.get()
             self._poll_ended(result.account)
@@ -797,6 +802,8 @@ class Daemon:
                     self._shared.finished(result.account, time.time(), ok=None)  # due now, for whoever is free
                 elif not self._stopping and result.account in self._slots:
                     self._enqueue(result.account)
+        if not self._workers:
+            self._write_poll_records()  # nothing running: what `status` shows is up to date at once
 
     def _poll_ended(self, name: str) -> None:
         host = self._workers.pop(name)
@@ -859,10 +866,17 @@ class Daemon:
         self._last_housekeeping = time.monotonic()
         if self._shared is not None:
             self._shared.flush()
+        self._write_poll_records()
         self._write_next_poll_notes()
         if self._status_due:
             self._status_due = False
             self.notifier.status(self._status_line())
+
+    def _write_poll_records(self) -> None:
+        try:
+            self.store.write_held_poll_records()
+        except PostboteError as exc:
+            log.error("state.poll_not_recorded", error=str(exc), effect="kept in memory and written later")
 
     def _write_next_poll_notes(self) -> None:
         notes, self._next_poll_notes = self._next_poll_notes, {}

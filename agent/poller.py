@@ -85,16 +85,19 @@ class Poller:
                 poll.close()
                 stats.duration = round(time.monotonic() - started, 3)
                 if not crashed:
+                    counts = stats.counts()
                     log.log(40 if stats.error else 20, "poll.finished", ok=stats.ok, duration_s=stats.duration,
-                            **stats.counts())
-                    self._remember(stats)
+                            **counts)
+                    self._remember(stats, counts, hooks)
                     hooks.notify("poll_finished", account=account, stats=stats)
         return stats
 
-    def _remember(self, stats: PollStats) -> None:
+    def _remember(self, stats: PollStats, counts: dict[str, int], hooks: AccountHooks) -> None:
+        """Record the poll; the daemon may hold the record a moment to write many together, unless a plugin
+        watching ``poll_finished`` (the metrics) may read it right after."""
         try:
-            self.store.record_poll(stats.account, ok=stats.ok, duration=stats.duration, counts=stats.counts(),
-                                   error=stats.error)
+            self.store.record_poll(stats.account, ok=stats.ok, duration=stats.duration, counts=counts,
+                                   error=stats.error, may_hold=not hooks.implemented("poll_finished"))
         except PostboteError as exc:
             log.error("state.poll_not_recorded", error=str(exc))
 
