@@ -34,6 +34,11 @@ MAX_REGISTERED_FORMS = 50_000
 # expression's cost grows with every alternative (a millisecond a line at 10,000), so the forms are looked up by
 # their first characters instead, at a cost that grows with the text only.
 PATTERN_FORMS = 256
+# Texts found to show no secret are remembered until a new form is registered: the same event names, account names
+# and values come back in every poll's log line, and each would be searched again. Short texts only, and a bounded
+# number of them (the memory is forgotten whole when full).
+CLEAN_TEXTS = 4096
+CLEAN_TEXT_LENGTH = 200
 
 
 # --- the registry of secrets and redaction ------------------------------------------------------------------------
@@ -87,52 +92,65 @@ class _SecretRegistry:
         self._forms: OrderedDict[str, None] = OrderedDict()
         self._pattern: re.Pattern[str] | None = None
         self._index: dict[str, _Bucket] | None = None  # first characters -> the forms starting so
+        self._clean: dict[str, None] = {}  # texts that show none of the forms registered (`CLEAN_TEXTS`)
 
     def add(self, forms: Iterable[str]) -> None:
         with self._lock:
-            added: list[str] = []
-            for form in forms:
-                if form not in self._forms:
-                    added.append(form)
-                self._forms[form] = None
-                self._forms.move_to_end(form)  # seen again: the newest, the last to be forgotten
-            forgotten = []
-            while len(self._forms) > self._limit:
-                forgotten.append(self._forms.popitem(last=False)[0])
-            if not added and not forgotten:
-                return
-            if len(self._forms) <= self._pattern_forms:
-                # Longest first: at any position the longest secret wins, so one containing another is masked whole.
-                ordered = sorted(self._forms, key=len, reverse=True)
-                self._pattern = re.compile("|".join(map(re.escape, ordered)))
-                re.purge()  # the module's cache would keep every earlier version of this pattern alive
-                self._index = None
-                return
-            if self._index is None:  # many forms now: index them all, once
-                self._index, added, forgotten = {}, list(self._forms), []
-            for form in forgotten:
-                head = form[:MIN_SECRET_LENGTH]
-                bucket = self._index.get(head)
-                if bucket is not None and bucket.discard(form):
-                    del self._index[head]
-            for form in added:
-                head = form[:MIN_SECRET_LENGTH]
-                bucket = self._index.get(head)
-                if bucket is None:
-                    bucket = _Bucket()
-                    bucket.add(form)
-                    self._index[head] = bucket  # published only once it holds its form
-                else:
-                    bucket.add(form)
-            self._pattern = None
+            if self._add(forms):
+                # after the forms are searchable: a `redact` that took the new memory searches with them too
+                self._clean = {}
+
+    def _add(self, forms: Iterable[str]) -> bool:
+        """Register ``forms``; True when any of them is new."""
+        added: list[str] = []
+        for form in forms:
+            if form not in self._forms:
+                added.append(form)
+            self._forms[form] = None
+            self._forms.move_to_end(form)  # seen again: the newest, the last to be forgotten
+        forgotten = []
+        while len(self._forms) > self._limit:
+            forgotten.append(self._forms.popitem(last=False)[0])
+        if not added and not forgotten:
+            return False
+        if len(self._forms) <= self._pattern_forms:
+            # Longest first: at any position the longest secret wins, so one containing another is masked whole.
+            ordered = sorted(self._forms, key=len, reverse=True)
+            self._pattern = re.compile("|".join(map(re.escape, ordered)))
+            re.purge()  # the module's cache would keep every earlier version of this pattern alive
+            self._index = None
+            return bool(added)
+        if self._index is None:  # many forms now: index them all, once
+            self._index, added, forgotten = {}, list(self._forms), []
+        for form in forgotten:
+            head = form[:MIN_SECRET_LENGTH]
+            bucket = self._index.get(head)
+            if bucket is not None and bucket.discard(form):
+                del self._index[head]
+        for form in added:
+            head = form[:MIN_SECRET_LENGTH]
+            bucket = self._index.get(head)
+            if bucket is None:
+                bucket = _Bucket()
+                bucket.add(form)
+                self._index[head] = bucket  # published only once it holds its form
+            else:
+                bucket.add(form)
+        self._pattern = None
+        return bool(added)
 
     def __bool__(self) -> bool:
         return self._pattern is not None or self._index is not None
 
     def redact(self, text: str) -> str:
+        clean = self._clean  # first: the pattern and index read next are at least as new as this memory
+        if text in clean:
+            return text
         pattern, index = self._pattern, self._index
         if pattern is not None:
-            return pattern.sub(MASK, text) if pattern.search(text) else text
+            if pattern.search(text):
+                return pattern.sub(MASK, text)
+            return self._clean_text(clean, text)
         if index is None or len(text) < MIN_SECRET_LENGTH:
             return text
         pieces: list[str] = []
@@ -147,9 +165,17 @@ class _SecretRegistry:
             pieces += [text[position:start], MASK]
             position = start = start + len(found)
         if not pieces:
-            return text
+            return self._clean_text(clean, text)
         pieces.append(text[position:])
         return "".join(pieces)
+
+    @staticmethod
+    def _clean_text(clean: dict[str, None], text: str) -> str:
+        if len(text) <= CLEAN_TEXT_LENGTH:
+            if len(clean) >= CLEAN_TEXTS:
+                clean.clear()
+            clean[text] = None
+        return text
 
 
 _secrets = _SecretRegistry()

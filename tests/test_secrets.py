@@ -450,3 +450,26 @@ def test_beyond_its_bound_the_registry_forgets_the_forms_not_seen_for_longest() 
         registry.add([f"hourly-token-{number:02d}", "kept-password"])  # the password is seen at every login
     assert registry.redact("old-token-1") == "old-token-1"  # forgotten
     assert registry.redact("kept-password hourly-token-11") == f"{MASK} {MASK}"
+
+
+@pytest.mark.parametrize("pattern_forms", [256, 4], ids=["one pattern", "indexed"])
+def test_a_text_found_clean_is_searched_again_once_a_secret_it_shows_is_registered(pattern_forms: int) -> None:
+    """The registry remembers texts that showed no secret (event and account names come back in every log line);
+    a secret registered later is masked in them all the same."""
+    registry = credentials._SecretRegistry(pattern_forms=pattern_forms)
+    registry.add([f"earlier-secret-{number}" for number in range(8)])
+    line = "login refused for alice: late-token-1234 expired"
+    assert registry.redact(line) is line
+    assert registry.redact(line) is line  # remembered clean
+    registry.add(["late-token-1234"])
+    assert registry.redact(line) == f"login refused for alice: {MASK} expired"
+
+
+def test_the_memory_of_clean_texts_stays_bounded() -> None:
+    registry = credentials._SecretRegistry(pattern_forms=4)
+    registry.add([f"secret-number-{number}" for number in range(8)])
+    for number in range(3 * credentials.CLEAN_TEXTS):
+        registry.redact(f"account-{number}")
+    registry.redact("x" * (credentials.CLEAN_TEXT_LENGTH + 1))
+    assert len(registry._clean) <= credentials.CLEAN_TEXTS
+    assert "x" * (credentials.CLEAN_TEXT_LENGTH + 1) not in registry._clean
