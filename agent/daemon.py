@@ -33,6 +33,7 @@ import contextlib
 import gc
 import heapq
 import logging
+import math
 import random
 import selectors
 import signal
@@ -53,6 +54,7 @@ from postbote.config import Account, Config
 from postbote.errors import LoginRefused, PostboteError
 from postbote.hookspecs import hookimpl
 from postbote.jobs import keep_out_of_the_collector, poll_guarded, start_plugins
+from postbote.logconfig import bound
 from postbote.pluginmanager import PluginManager
 from postbote.poll import PollStats
 from postbote.poller import Poller
@@ -670,7 +672,7 @@ class Daemon:
         hooks = poller.pm.hooks_for(account)
         if not hooks.implemented("watch_mailbox"):
             return
-        with structlog.contextvars.bound_contextvars(account=account.name):
+        with bound(account=account.name):
             try:
                 watches = hooks.call("watch_mailbox", passing=(PostboteError,), account=account,
                                      state_dir=self.store.state_dir)
@@ -679,6 +681,8 @@ class Daemon:
                 return
         if watches:
             self._watcher.add(account.name, list(watches))
+        elif watches is None:  # no plugin watches this account's source (POP3): not asked again until a reload
+            self._no_push_until[account.name] = math.inf
         else:
             self._no_push_until[account.name] = time.monotonic() + NO_PUSH_RECHECK
 

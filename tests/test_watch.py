@@ -199,3 +199,36 @@ def test_a_source_that_offers_no_push_is_not_asked_again_after_every_poll(tmp_pa
             assert wait_until(lambda number=number: delivered(tmp_path) == number, 15)
         assert fake.mailbox("fake").sessions == 3
         assert no_push.asked == 1, "asked for watches after every poll"
+
+
+class NoWatcherSource:
+    """Answers ``watch_mailbox`` with None: no plugin watches this account's source (POP3 has no push)."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    @hookimpl
+    def watch_mailbox(self, account, state_dir):  # type: ignore[no-untyped-def]
+        self.asked += 1
+        return None
+
+
+def test_an_account_no_plugin_watches_is_not_asked_again_while_the_config_stays(
+        tmp_path: Path, fake: FakeSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server without push is asked again after a while (it may gain IDLE); a source no plugin watches is not
+    asked again until a reload could have brought one: a POP3 account's polls pay nothing for push."""
+    monkeypatch.setattr("postbote.daemon.NO_PUSH_RECHECK", 0.0)  # a server without push: asked after every poll
+    no_watcher, no_push = NoWatcherSource(), NoPushSource()
+    with running_daemon(tmp_path, fake, no_watcher) as daemon:
+        fake.mailbox("fake").add(mail(1))
+        assert wait_until(lambda: delivered(tmp_path) == 1, 15)
+        for number in (2, 3):
+            fake.mailbox("fake").add(mail(number))
+            daemon.request(signal.SIGUSR1)
+            assert wait_until(lambda number=number: delivered(tmp_path) == number, 15)
+    assert no_watcher.asked == 1
+    (tmp_path / "again").mkdir()
+    with running_daemon(tmp_path / "again", fake, no_push) as daemon:
+        assert wait_until(lambda: no_push.asked == 1, 15)
+        daemon.request(signal.SIGUSR1)
+        assert wait_until(lambda: no_push.asked == 2, 15), "a server without push was never asked again"
