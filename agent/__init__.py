@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         StateLockedError,
     )
     from postbote.hookspecs import hookimpl
+    from postbote.logconfig import get_logger
     from postbote.mailbox import Fetched, Mailbox, MailboxEntry, NotFetched, TooLarge
     from postbote.message import Message, Verdict
     from postbote.poll import Poll, PollStats
@@ -111,6 +112,8 @@ _FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
     "postbote.state": ("KeyedTable", "LegacyTable", "PollRecord", "WaitingMessage", "WorkerFigures",
                        "read_account_state", "read_workers"),
     "postbote.status": ("WaitingSummary", "stale_after"),
+    # a plugin's logger: structlog's, assembled once per configuration instead of at every event
+    "postbote.logconfig": ("get_logger",),
 }
 
 
@@ -152,6 +155,8 @@ __all__ = [  # spelled out, so that type checkers see the re-exports; tests/test
     # keeping state
     "KeyedTable", "LegacyTable", "PollRecord", "WaitingMessage", "WaitingSummary", "WorkerFigures",
     "read_account_state", "read_workers", "stale_after",
+    # logging
+    "get_logger",
 ]
 
 

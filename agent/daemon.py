@@ -54,7 +54,7 @@ from postbote.config import Account, Config
 from postbote.errors import LoginRefused, PostboteError
 from postbote.hookspecs import hookimpl
 from postbote.jobs import keep_out_of_the_collector, poll_guarded, start_plugins
-from postbote.logconfig import bound
+from postbote.logconfig import bound, get_logger
 from postbote.pluginmanager import PluginManager
 from postbote.poll import PollStats
 from postbote.poller import Poller
@@ -65,7 +65,7 @@ from postbote.status import WaitingSummary, stale_after, waiting_messages
 from postbote.tls import forget_contexts
 from postbote.watch import Watcher
 
-log = structlog.get_logger("postbote.daemon")
+log = get_logger("postbote.daemon")
 
 START_JITTER = 5.0  # the first polls are spread over this many seconds (at most one poll_interval)
 BACKOFF_JITTER = 0.1  # a delay after failures is shortened by up to this fraction, so that accounts drift apart

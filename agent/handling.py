@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import structlog
 from postbote.delivery import Delivered, DeliveryResult, Pending, Staged, as_result, wait_for
 from postbote.durable import fsync_file, rename_durably
 from postbote.errors import DeliveryError, PluginError
+from postbote.logconfig import get_logger
 from postbote.message import Message, Verdict
 from postbote.state import UNCERTAIN_ATTEMPTS, Delivery, DeliveryKey, DeliveryState
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from postbote.poll import Poll
     from postbote.state import StateStore
 
-log = structlog.get_logger("postbote.deliver")
+log = get_logger("postbote.deliver")
 
 
 @dataclass

@@ -24,11 +24,11 @@ from types import ModuleType
 from typing import Any
 
 import pluggy
-import structlog
 from postbote import hookspecs
 from postbote.errors import ConfigError, DeliveryError, PluginError
+from postbote.logconfig import get_logger
 
-log = structlog.get_logger("postbote.plugins")
+log = get_logger("postbote.plugins")
 
 ENTRY_POINT_GROUP = "postbote"
 

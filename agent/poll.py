@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
+from postbote.logconfig import get_logger
 
 if TYPE_CHECKING:
     from postbote.config import Account
 
-log = structlog.get_logger("postbote.poll")
+log = get_logger("postbote.poll")
 
 
 @dataclass

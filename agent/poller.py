@@ -17,13 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from postbote.config import Account
 from postbote.credentials import redact
 from postbote.digest import header_block_digest
 from postbote.durable import rename_all_durably, rename_durably, sync_filesystems
 from postbote.errors import AccountError, DeliveryError, PluginError, PostboteError, StateError
-from postbote.logconfig import bound
+from postbote.logconfig import bound, get_logger
 from postbote.mailbox import Mailbox, MailboxEntry, NotFetched, TooLarge
 from postbote.pluginmanager import AccountHooks, PluginManager
 from postbote.poll import Poll, PollStats
@@ -33,7 +32,7 @@ if TYPE_CHECKING:
     from postbote import handling
     from postbote.message import Message
 
-log = structlog.get_logger("postbote.poll")
+log = get_logger("postbote.poll")
 BATCH_SIZE = 64
 # Answers a poll leaves outstanding at once when every destination still to answer can find a message it never
 # answered (`postbote.Pending.confirmable`): a window of APPENDs on the wire instead of one round trip per message.

@@ -15,9 +15,9 @@ import socket
 import time
 from collections.abc import Mapping
 
-import structlog
+from postbote.logconfig import get_logger
 
-log = structlog.get_logger("postbote.sdnotify")
+log = get_logger("postbote.sdnotify")
 
 NOTIFY_SOCKET = "NOTIFY_SOCKET"
 WATCHDOG_USEC = "WATCHDOG_USEC"

@@ -40,16 +40,16 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from postbote.credentials import redact
 from postbote.errors import PSYCOPG_MISSING, ConfigError, StateError
+from postbote.logconfig import get_logger
 from postbote.state import _MESSAGE_COLUMNS, _SCHEMA, Database, WorkerFigures, Writer
 
 if TYPE_CHECKING:
     import psycopg
     from postbote.config import SharedState
 
-log = structlog.get_logger("postbote.state")
+log = get_logger("postbote.state")
 
 NOW = "extract(epoch FROM clock_timestamp())::double precision"
 CONNECT_TIMEOUT = 10  # seconds to reach the server; a poll that cannot is deferred like any state failure

@@ -25,14 +25,14 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from postbote.errors import AccountError
+from postbote.logconfig import get_logger
 
 if TYPE_CHECKING:
     import socket
     import ssl
 
-log = structlog.get_logger("postbote.tls")
+log = get_logger("postbote.tls")
 
 
 class TLSError(AccountError):

@@ -23,8 +23,9 @@ from typing import Protocol, runtime_checkable
 
 import structlog
 from postbote.errors import PostboteError
+from postbote.logconfig import get_logger
 
-log = structlog.get_logger("postbote.watch")
+log = get_logger("postbote.watch")
 MAX_WAIT = 60.0  # the watcher looks at its deadlines at least this often
 
 

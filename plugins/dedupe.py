@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import structlog
 from postbote import (
     Account,
     Config,
@@ -51,6 +50,7 @@ from postbote import (
     StateError,
     Verdict,
     duration,
+    get_logger,
     hookimpl,
 )
 
@@ -63,7 +63,7 @@ PRUNE_INTERVAL = 3600.0
 OLDER_HISTORY = LegacyTable(table="delivered", namespace="message_id", key="recipient", written="delivered_at")
 """The history as versions before the keyed table kept it in the same file: moved into the table on first open."""
 
-log = structlog.get_logger("postbote.dedupe")
+log = get_logger("postbote.dedupe")
 
 clock: Callable[[], float] = time.time
 """Seconds since the epoch for the stores opened by ``configure``; tests replace it to cross the window at once."""

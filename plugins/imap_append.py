@@ -58,7 +58,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-import structlog
 from postbote import (
     AccountError,
     CredentialError,
@@ -77,6 +76,7 @@ from postbote import (
     choice,
     crlf_lines,
     duration,
+    get_logger,
     hookimpl,
     nonempty_text,
     text_list,
@@ -114,7 +114,7 @@ PERMANENT_CODES = frozenset({"TOOBIG", "LIMIT", "PARSE", "CANNOT", "UNKNOWN-CTE"
 _NOT_NOW_TEXT = re.compile(r"quota|mailbox (is )?full|try (again|later)|temporar|unavailable|throttl|too many|"
                            r"rate limit|bandwidth|busy", re.IGNORECASE)
 
-log = structlog.get_logger("postbote.imap_append")
+log = get_logger("postbote.imap_append")
 
 
 def not_now(code: str | None, text: str) -> bool:

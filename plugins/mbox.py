@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
 from postbote import (
     Delivered,
     DeliveryError,
@@ -44,12 +43,13 @@ from postbote import (
     boolean,
     duration,
     fsync_directory,
+    get_logger,
     hookimpl,
     lf_lines,
     path_relative_to,
 )
 
-log = structlog.get_logger("postbote.mbox")
+log = get_logger("postbote.mbox")
 
 DESTINATION_KINDS = ("mbox",)
 DEFAULT_LOCK_TIMEOUT = 10.0

@@ -30,7 +30,6 @@ from pathlib import Path
 from socket import AF_INET, AF_INET6
 from typing import TYPE_CHECKING
 
-import structlog
 from postbote import (
     Account,
     Config,
@@ -44,6 +43,7 @@ from postbote import (
     WaitingSummary,
     WorkerFigures,
     boolean,
+    get_logger,
     hookimpl,
     nonempty_text,
     path_relative_to,
@@ -61,7 +61,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HTTP_TIMEOUT = 10.0
 MESSAGE_OUTCOMES = ("delivered", "dropped", "rejected", "deferred")
 
-log = structlog.get_logger("postbote.metrics")
+log = get_logger("postbote.metrics")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
 from postbote import (
     Account,
     Config,
@@ -48,6 +47,7 @@ from postbote import (
     WaitingSummary,
     boolean,
     duration,
+    get_logger,
     hookimpl,
     integer,
     nonempty_text,
@@ -75,7 +75,7 @@ GOTIFY_PRIORITY = {FAILING: 8, REJECTED: 8, STALE: 5, RECOVERED: 2}
 _SECRET_HEADER = re.compile(r"authorization|cookie|token|key|secret|password", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
-log = structlog.get_logger("postbote.notify")
+log = get_logger("postbote.notify")
 
 
 # --- options

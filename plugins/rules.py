@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pluggy
-import structlog
 from postbote import (
     Account,
     Destination,
@@ -65,6 +64,7 @@ from postbote import (
     Verdict,
     choice,
     describe,
+    get_logger,
     hookimpl,
     nonempty_text,
     parse_destination_entry,
@@ -119,7 +119,7 @@ _FIELD_NAME = re.compile(r"[!-9;-~]+")
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?\s]*)\?=")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
-log = structlog.get_logger("postbote.rules")
+log = get_logger("postbote.rules")
 
 
 # --- reading header fields tolerantly ---

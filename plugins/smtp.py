@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-import structlog
 from postbote import (
     AccountError,
     AuthRefused,
@@ -51,6 +50,7 @@ from postbote import (
     boolean,
     choice,
     duration,
+    get_logger,
     hookimpl,
     nonempty_text,
     path_relative_to,
@@ -73,7 +73,7 @@ DEFAULT_PORTS = {TLSMode.IMPLICIT: 465, TLSMode.STARTTLS: 587, TLSMode.NONE: 25}
 AUTH_CHOICES = tuple(c.value for c in AuthChoice if c not in (AuthChoice.USER, AuthChoice.APOP))
 LOGIN_KEYS = ("username", "auth", *SECRET_KEYS)
 
-log = structlog.get_logger("postbote.smtp")
+log = get_logger("postbote.smtp")
 
 
 @dataclass(frozen=True)

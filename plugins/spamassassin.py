@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
 from postbote import (
     Account,
     Message,
@@ -46,6 +45,7 @@ from postbote import (
     Verdict,
     choice,
     duration,
+    get_logger,
     hookimpl,
     nonempty_text,
     path_relative_to,
@@ -77,7 +77,7 @@ _SPAM_FIELD = re.compile(r"x-spam-(?!prev-)[!-9;-~]+", re.IGNORECASE)
 _USER = re.compile(r"[!-~]{1,128}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
-log = structlog.get_logger("postbote.spamassassin")
+log = get_logger("postbote.spamassassin")
 
 
 class SpamdError(PostboteError):

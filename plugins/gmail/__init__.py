@@ -61,7 +61,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO, TypeVar
 
-import structlog
 from postbote import (
     AccountError,
     CredentialError,
@@ -73,6 +72,7 @@ from postbote import (
     Pending,
     Problems,
     TLSPolicy,
+    get_logger,
     hookimpl,
 )
 
@@ -97,7 +97,7 @@ QUIET_DIR = "gmail"  # STATE_DIR/gmail/: the plugin's own files
 SCOPE_REASONS = frozenset({"insufficientPermissions", "ACCESS_TOKEN_SCOPE_INSUFFICIENT"})
 REJECTING_STATUSES = frozenset({400, 413, 422})
 
-log = structlog.get_logger("postbote.gmail")
+log = get_logger("postbote.gmail")
 T = TypeVar("T")
 wall_clock: Callable[[], float] = time.time  # the "quiet until" times are kept across processes: wall-clock time
 

@@ -35,8 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import structlog
-from postbote import LengthChanged, TLSPolicy, checked_length, redact
+from postbote import LengthChanged, TLSPolicy, checked_length, get_logger, redact
 
 if TYPE_CHECKING:
     from postbote.plugins.signin.oauth2 import TokenSource
@@ -48,7 +47,7 @@ MAX_RESUMES = 2  # a resumable upload asked "how much arrived?" and continued at
 MAX_RETRY_AFTER = 24 * 3600.0
 WRITE_SIZE = 64 * 1024  # the spool's chunks are joined into writes of this size
 
-log = structlog.get_logger("postbote.gmail")
+log = get_logger("postbote.gmail")
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,7 @@ import contextlib
 import time
 from typing import TYPE_CHECKING
 
-import structlog
-from postbote import AccountError
+from postbote import AccountError, get_logger
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -27,7 +26,7 @@ if TYPE_CHECKING:
     from postbote.plugins.imap.client import IMAPClient
     from postbote.plugins.imap.settings import IMAPSettings
 
-log = structlog.get_logger("postbote.imap")
+log = get_logger("postbote.imap")
 RENEW_AFTER = 25 * 60.0  # seconds: RFC 2177 servers may log an idle client out after 30 minutes
 CLOSE_WITHIN = 2.0  # seconds a closing watch gets for DONE and LOGOUT before the socket is just closed
 

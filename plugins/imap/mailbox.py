@@ -23,8 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
-from postbote import AccountError, Fetched, MailboxEntry, NotFetched, StateError, TooLarge
+from postbote import AccountError, Fetched, MailboxEntry, NotFetched, StateError, TooLarge, get_logger
 from postbote.plugins.imap.client import (
     IMAPClient,
     IMAPConnectionError,
@@ -37,7 +36,7 @@ from postbote.plugins.imap.settings import AfterFetch, FolderRule, IMAPSettings
 if TYPE_CHECKING:
     from postbote import KeyedTable
 
-log = structlog.get_logger("postbote.imap")
+log = get_logger("postbote.imap")
 PIPELINE_WINDOW = 64  # UID FETCHes in flight: enough to hide a 20 ms round trip behind small messages
 FOLDER_TABLE = "imap_folders"  # state_dir/imap_folders.sqlite3: each folder's last UIDVALIDITY, per account
 DELETED = "\\Deleted"

@@ -7,15 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-import structlog
-from postbote import Account, Poll, Section, hookimpl
+from postbote import Account, Poll, Section, get_logger, hookimpl
 from postbote.plugins.pop3.settings import POP3Settings, TLSMode, pop3_settings
 
 if TYPE_CHECKING:
     from postbote.plugins.pop3.mailbox import POP3Mailbox
 
 SOURCE_PROTOCOLS = ("pop3",)
-log = structlog.get_logger("postbote.poll")
+log = get_logger("postbote.poll")
 
 
 @hookimpl

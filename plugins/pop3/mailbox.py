@@ -15,8 +15,7 @@ import hashlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-import structlog
-from postbote import AccountError, Fetched, MailboxEntry, NotFetched, TooLarge
+from postbote import AccountError, Fetched, MailboxEntry, NotFetched, TooLarge, get_logger
 from postbote.plugins.pop3.client import (
     MAX_HEADER_BLOCK,
     ListingEntry,
@@ -26,7 +25,7 @@ from postbote.plugins.pop3.client import (
     POP3Error,
 )
 
-log = structlog.get_logger("postbote.pop3")
+log = get_logger("postbote.pop3")
 PIPELINE_WINDOW = 64  # RETRs in flight: enough to hide a 20 ms round trip behind small messages
 HEADERS_NAME = "headers:"  # a message named by the digest of its header block (a server without UIDL)
 CONTENT_NAME = "message:"  # ... by the digest of the whole message (a server without UIDL and TOP)

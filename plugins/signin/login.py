@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import structlog
-from postbote import Secret, register_secret
+from postbote import Secret, get_logger, register_secret
 from postbote.plugins.signin.sasl import (
     SASL_NAMES,
     TOKEN_MECHANISMS,
@@ -34,7 +33,7 @@ if TYPE_CHECKING:
     from postbote.plugins.signin.oauth2 import OAuth2Settings, TokenSource
     from postbote.plugins.signin.passwords import PasswordSource
 
-default_log = structlog.get_logger("postbote.login")
+default_log = get_logger("postbote.login")
 
 
 class SASLClient(Protocol):

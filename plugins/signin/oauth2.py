@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-import structlog
 from postbote import (
     AccountError,
     CredentialError,
     Secret,
     TLSPolicy,
     fsync_directory,
+    get_logger,
     register_secret,
 )
 from postbote import redact as redact_registered
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 __all__ = ["OAUTH2_KEYS", "PRESETS", "OAuth2Settings", "Preset", "oauth2_from_section", "oauth2_settings",
            "require_https"]  # and everything defined below
 
-log = structlog.get_logger("postbote.oauth2")
+log = get_logger("postbote.oauth2")
 
 TOKEN_COMMAND_TIMEOUT = 30.0
 HTTP_TIMEOUT = 30.0
