@@ -511,6 +511,7 @@ class Daemon:
                     self._refresh_all_waiting()
                     self._write_next_poll_notes()
                     self.store.hold_poll_records()  # written by the housekeeping, and whenever no poll runs
+                    self.store.remember_journal()  # this daemon alone polls this store (it holds the state lock)
                     self.scheduler.every(HOUSEKEEPING_EVERY).seconds.do(self._housekeeping)
                     log.info("daemon.started", accounts=len(self.config.accounts), config=str(self.config.path),
                              max_parallel=self.config.max_parallel)

@@ -310,6 +310,7 @@ class StateStore:
             self._db = PostgresDatabase(shared, readonly=readonly)
         self._tables = self._db.tables() if readonly or self._db.shared else {"polls", "poll_counters",
                                                                                 "poll_schedule"}
+        self._journaled: set[str] | None = None  # accounts that may have renames journaled (`remember_journal`)
         self._held_lock = threading.Lock()
         self._holding = False
         self._held: list[FinishedPoll] = []  # poll records waiting to be written (`hold_poll_records`)
@@ -381,6 +382,8 @@ class StateStore:
             if answered:  # the destination said no: that attempt left no doubt behind
                 tx.executemany("DELETE FROM delivery_notes WHERE account = ? AND uid = ? AND state = ?", answered)
             if renames:
+                if self._journaled is not None:
+                    self._journaled.add(account)  # before the commit: the set may say more than the table, never less
                 tx.executemany("INSERT INTO pending_renames (account, uid, source, target) VALUES (?, ?, ?, ?)",
                                [(account, uid, source, target) for uid, source, target in renames])
             for uid, key in notes:
@@ -426,8 +429,23 @@ class StateStore:
         return found
 
     def pending_renames(self, account: str) -> list[tuple[str, str, str]]:
-        return [tuple(row) for row in self._db.query(  # type: ignore[misc]
+        journaled = self._journaled
+        if journaled is not None and account not in journaled:
+            return []  # the sole poller knows: nothing journaled for this account
+        renames = [tuple(row) for row in self._db.query(
             "SELECT uid, source, target FROM pending_renames WHERE account = ?", (account,))]
+        if journaled is not None and not renames:
+            journaled.discard(account)
+        return renames  # type: ignore[return-value]
+
+    def remember_journal(self) -> None:
+        """For the one process that polls this store (the daemon, holding the state lock): know which accounts
+        have renames journaled (`pending_renames`), read once now and kept as this store journals and clears
+        them, instead of asking the database at the start of every poll. Not for a shared store: another worker
+        may journal renames for an account this one takes over."""
+        if self._db.shared:
+            return
+        self._journaled = {account for (account,) in self._db.query("SELECT DISTINCT account FROM pending_renames")}
 
     def clear_renames(self, account: str, uids: Iterable[str]) -> None:
         uids = list(uids)

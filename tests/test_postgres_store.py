@@ -98,6 +98,24 @@ def test_renames_are_journaled_until_cleared(store: StateStore) -> None:
     assert store.pending_renames("alice") == []
 
 
+def test_the_sole_poller_remembers_the_journal_and_still_finds_what_a_crash_left(open_state: StoreOpener) -> None:
+    """The daemon asks the database once which accounts have renames journaled (an earlier run's crash), then
+    keeps that knowledge as it journals and clears renames itself."""
+    crashed = open_state()
+    crashed.record_batch("alice", [Outcome("1", DELIVERED)], renames=[("1", "/tmp/a", "/new/a")])
+    store = open_state()
+    store.remember_journal()
+    assert store.pending_renames("alice") == [("1", "/tmp/a", "/new/a")]
+    assert store.pending_renames("bob") == []
+    store.record_batch("bob", [Outcome("2", DELIVERED)], renames=[("2", "/tmp/b", "/new/b")])
+    assert store.pending_renames("bob") == [("2", "/tmp/b", "/new/b")]
+    store.clear_renames("alice", ["1"])
+    store.clear_renames("bob", ["2"])
+    assert store.pending_renames("alice") == [] and store.pending_renames("bob") == []
+    store.record_batch("alice", [Outcome("3", DELIVERED)], renames=[("3", "/tmp/c", "/new/c")])
+    assert store.pending_renames("alice") == [("3", "/tmp/c", "/new/c")]
+
+
 def test_a_record_is_forgotten_only_after_three_listings_without_it_over_a_day(store: StateStore) -> None:
     store.record("alice", "1", DELIVERED)
     now = time.time()
