@@ -112,13 +112,14 @@ class Poller:
                 mailbox.deadline = session_deadline(account, started, to_fetch + [entry for entry, _ in to_verify])
             hooks.notify("messages_listed", account=account, count=len(to_fetch),
                          octets=sum(entry.size for entry in to_fetch))
-            for entry in session.verified(to_verify, to_fetch):
+            for entry in session.verified(to_verify, to_fetch) if to_verify else ():
                 session.delete(entry)
                 if entry.stays:
                     log.info("message.action_again", uid=entry.uid, reason="its action did not happen last time")
                 else:
                     log.info("message.deleted", uid=entry.uid, reason=deletion_reason(account, entry, session))
-            session.fetch(to_fetch)
+            if to_fetch:  # most polls at scale find nothing new: no fetch loop is set up for them
+                session.fetch(to_fetch)
             session.settle()
             self.store.make_durable()  # deletions take effect when the mailbox finishes: their records must be on disk
             deleted = mailbox.finish()
