@@ -79,16 +79,16 @@ class TLSPolicy:
         ``starttls`` says (the protocol's greeting, its STARTTLS command and answer) and nothing else."""
         import ssl
 
-        peer = _peer(sock)
-        fresh = None if peer is None or not (implicit or starttls) else _Probe(peer, starttls)
+        peer = _peer(sock)  # now: the wrapped socket takes the connection over, a failed one closes it
         context = self.context()
-        key = _session_key(self, host, sock)
+        key = None if peer is None else (self, host, peer[1])
         session = _session_for(key, context)
         try:
             wrapped = context.wrap_socket(sock, server_hostname=host, session=session)
         except ssl.SSLCertVerificationError as exc:
             _forget_session(key)
             sock.close()
+            fresh = None if peer is None or not (implicit or starttls) else _Probe(peer, starttls)
             raise TLSError(self._untrusted(exc, where, fresh, sock.gettimeout())) from None
         except TimeoutError:
             sock.close()
@@ -214,11 +214,6 @@ class _Kept:
 _SESSIONS: dict[_SessionKey, _Kept] = {}  # one per server and policy: bounded by the config
 
 
-def _session_key(policy: TLSPolicy, host: str, sock: socket.socket) -> _SessionKey | None:
-    peer = _peer(sock)
-    return None if peer is None else (policy, host, peer[1])
-
-
 def _session_for(key: _SessionKey | None, context: ssl.SSLContext) -> ssl.SSLSession | None:
     """The session to offer: the one kept for this server, if the same context made it."""
     if key is None:
@@ -286,10 +281,13 @@ def _connection_closed(key: _SessionKey, sock: ssl.SSLSocket) -> None:
             kept.session = session
 
 
+_STDLIB_LOGGER = logging.getLogger("postbote.tls")
+
+
 def _debugging() -> bool:
     """Whether ``tls.connected`` would be logged: asked first, because most polls log at info and this is on every
     connection's path."""
-    return logging.getLogger("postbote.tls").isEnabledFor(logging.DEBUG)
+    return _STDLIB_LOGGER.isEnabledFor(logging.DEBUG)
 
 
 # OpenSSL's reasons when the other end answered a TLS ClientHello in plain text.
