@@ -522,9 +522,10 @@ class POP3Client:
             self._trace.sent(command)
         self._outgoing += command.encode("utf-8") + b"\r\n"
         self._queued += 1
+        what = shown or command.split(" ", 1)[0]
         if not defer or self._queued >= FLUSH_AFTER:
-            self._flush(shown or command.split(" ")[0])
-        self._doing = f"waiting for the reply to {shown or command.split(' ')[0]}"
+            self._flush(what)
+        self._doing = f"waiting for the reply to {what}"
 
     def _flush(self, what: str = "commands") -> None:
         if not self._outgoing:
@@ -587,21 +588,25 @@ class POP3Client:
         """One line with its line end, or ``limit`` bytes of a longer one; the whole line must arrive within
         ``timeout``, however the server spreads it over time."""
         line = self._receiver.line(limit)
-        if line is not None:
-            return line
+        return line if line is not None else self._wait_for_line(limit)
+
+    def _wait_for_line(self, limit: int) -> bytes:
+        """The next line, which has not arrived whole yet (see `_readline`)."""
         line_deadline = time.monotonic() + self.timeout
-        while (line := self._receiver.line(limit)) is None:
+        while True:
             self._receive(line_deadline)
-        return line
+            line = self._receiver.line(limit)
+            if line is not None:
+                return line
 
     def _check_complete(self, line: bytes, limit: int) -> None:
         if not line.endswith(b"\n"):
             raise POP3ProtocolError(f"{self.host}: reply line longer than {limit} bytes {self._doing}")
 
     def _read_reply_line(self, limit: int = MAX_REPLY_LINE) -> bytes:
-        line = self._receiver.line(limit + 1)  # the line has usually arrived already: no wait to bound
+        line = self._receiver.line(limit + 1)  # the line has often arrived already: no wait to bound
         if line is None:
-            line = self._readline(limit + 1)
+            line = self._wait_for_line(limit + 1)
         if self._trace:
             self._trace.received(line)
         if line.endswith(b"\r\n"):
@@ -736,7 +741,7 @@ class Receiver:
         """The next line (at most ``limit`` bytes of it), or None when it has not arrived yet."""
         end = self._data.find(b"\n", self._pos, self._pos + limit)
         if end == -1:
-            if self.pending < limit:
+            if len(self._data) - self._pos < limit:  # not yet arrived whole
                 return None
             end = self._pos + limit - 1
         return self._take(end + 1)
