@@ -69,7 +69,7 @@ class Poller:
         hooks = self.pm.hooks_for(account)
         with bound(account=account.name):
             hooks.notify("poll_started", account=account)
-            poll = Poll(account, state_dir=self.store.path.parent, deadline=session_deadline(account, started, []))
+            poll = Poll(account, state_dir=self.store.state_dir, deadline=session_deadline(account, started, []))
             crashed = False
             try:
                 self._session(account, stats, poll, hooks, started)

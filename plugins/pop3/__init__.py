@@ -4,6 +4,8 @@ serves the mailbox through `POP3Mailbox`; ``postbote auth`` runs the account's o
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -11,6 +13,9 @@ from postbote import Account, Poll, Section, get_logger, hookimpl
 from postbote.plugins.pop3.settings import POP3Settings, TLSMode, pop3_settings
 
 if TYPE_CHECKING:
+    from postbote import TLSPolicy
+    from postbote.plugins.pop3.client import POP3Client
+    from postbote.plugins.pop3.login import AuthSettings
     from postbote.plugins.pop3.mailbox import POP3Mailbox
 
 SOURCE_PROTOCOLS = ("pop3",)
@@ -28,12 +33,7 @@ def parse_source(protocol: str, section: Section, base_dir: Path) -> POP3Setting
 def open_mailbox(account: Account, poll: Poll) -> POP3Mailbox | None:
     if account.protocol not in SOURCE_PROTOCOLS:
         return None
-    # The client, TLS and login code are loaded by a poll only: `check`, `status` and `plugins` need none of it.
-    from postbote import TLSPolicy
-    from postbote.plugins.pop3.client import POP3Client
-    from postbote.plugins.pop3.login import AuthSettings, login
-    from postbote.plugins.pop3.mailbox import POP3Mailbox
-
+    TLSPolicy, POP3Client, AuthSettings, login, POP3Mailbox = _session_code()  # noqa: N806 - classes, as imported
     source: POP3Settings = account.source
     tls = TLSPolicy(verify=source.tls_verify, fingerprint=source.tls_fingerprint,
                     ca_file=str(source.tls_ca_file) if source.tls_ca_file else None)
@@ -48,6 +48,19 @@ def open_mailbox(account: Account, poll: Poll) -> POP3Mailbox | None:
         client.close()
         raise
     return POP3Mailbox(client, max_size=account.max_size, mechanism=mechanism, keep=account.keep)
+
+
+@functools.cache
+def _session_code() -> tuple[type[TLSPolicy], type[POP3Client], type[AuthSettings], Callable[..., str],
+                             type[POP3Mailbox]]:
+    """The client, TLS and login code, loaded by the first poll (and then at hand): `check`, `status` and `plugins`
+    need none of it."""
+    from postbote import TLSPolicy
+    from postbote.plugins.pop3.client import POP3Client
+    from postbote.plugins.pop3.login import AuthSettings, login
+    from postbote.plugins.pop3.mailbox import POP3Mailbox
+
+    return TLSPolicy, POP3Client, AuthSettings, login, POP3Mailbox
 
 
 @hookimpl
