@@ -89,39 +89,48 @@ class _SecretRegistry:
         self._limit = limit
         self._pattern_forms = pattern_forms
         self._lock = threading.Lock()
-        self._forms: OrderedDict[str, None] = OrderedDict()
+        self._forms: OrderedDict[str, None] = OrderedDict()  # bounded, least recently seen first
+        self._lasting: set[str] = set()  # the configuration's: never forgotten
         self._pattern: re.Pattern[str] | None = None
         self._index: dict[str, _Bucket] | None = None  # first characters -> the forms starting so
         self._clean: dict[str, None] = {}  # texts that show none of the forms registered (`CLEAN_TEXTS`)
 
-    def add(self, forms: Iterable[str]) -> None:
+    def add(self, forms: Iterable[str], *, lasting: bool = False) -> None:
+        """Mask ``forms`` from now on. ``lasting`` forms (the configuration's passwords) stay for the life of the
+        process; the others are bounded (`MAX_REGISTERED_FORMS`), the forms not seen for longest going first."""
         with self._lock:
-            if self._add(forms):
+            if self._add(forms, lasting):
                 # after the forms are searchable: a `redact` that took the new memory searches with them too
                 self._clean = {}
 
-    def _add(self, forms: Iterable[str]) -> bool:
+    def _add(self, forms: Iterable[str], lasting: bool) -> bool:
         """Register ``forms``; True when any of them is new."""
         added: list[str] = []
         for form in forms:
-            if form not in self._forms:
-                added.append(form)
-            self._forms[form] = None
-            self._forms.move_to_end(form)  # seen again: the newest, the last to be forgotten
+            if lasting:
+                if form not in self._lasting:
+                    self._lasting.add(form)
+                    if self._forms.pop(form, False) is False:  # not known yet (else known, now for good)
+                        added.append(form)
+            elif form not in self._lasting:
+                if form not in self._forms:
+                    added.append(form)
+                self._forms[form] = None
+                self._forms.move_to_end(form)  # seen again: the newest, the last to be forgotten
         forgotten = []
         while len(self._forms) > self._limit:
             forgotten.append(self._forms.popitem(last=False)[0])
         if not added and not forgotten:
             return False
-        if len(self._forms) <= self._pattern_forms:
+        if len(self._forms) + len(self._lasting) <= self._pattern_forms:
             # Longest first: at any position the longest secret wins, so one containing another is masked whole.
-            ordered = sorted(self._forms, key=len, reverse=True)
+            ordered = sorted([*self._lasting, *self._forms], key=len, reverse=True)
             self._pattern = re.compile("|".join(map(re.escape, ordered)))
             re.purge()  # the module's cache would keep every earlier version of this pattern alive
             self._index = None
             return bool(added)
         if self._index is None:  # many forms now: index them all, once
-            self._index, added, forgotten = {}, list(self._forms), []
+            self._index, added, forgotten = {}, [*self._lasting, *self._forms], []
         for form in forgotten:
             head = form[:MIN_SECRET_LENGTH]
             bucket = self._index.get(head)
@@ -192,12 +201,14 @@ def secret_forms(value: str) -> frozenset[str]:
     return frozenset(form for form in forms if len(form) >= MIN_SECRET_LENGTH)
 
 
-def register_secret(value: str | bytes) -> None:
-    """Have `redact` mask ``value`` from now on (values shorter than `MIN_SECRET_LENGTH` are not masked)."""
+def register_secret(value: str | bytes, *, lasting: bool = False) -> None:
+    """Have `redact` mask ``value`` from now on (values shorter than `MIN_SECRET_LENGTH` are not masked).
+    ``lasting``: for as long as the process runs (a password in the configuration, which no login registers again);
+    else the registry may forget it once `MAX_REGISTERED_FORMS` newer forms have been seen."""
     if isinstance(value, bytes):
         value = value.decode("utf-8", "surrogateescape")
     if len(value) >= MIN_SECRET_LENGTH:
-        _secrets.add(secret_forms(value))
+        _secrets.add(secret_forms(value), lasting=lasting)
 
 
 def redact(text: str) -> str:
@@ -254,9 +265,10 @@ class Secret:
 
     __slots__ = ("_value",)
 
-    def __init__(self, value: str) -> None:
+    def __init__(self, value: str, *, lasting: bool = False) -> None:
+        """``lasting``: a secret of the configuration, masked for the life of the process (`register_secret`)."""
         self._value = value
-        register_secret(value)
+        register_secret(value, lasting=lasting)
 
     def reveal(self) -> str:
         return self._value

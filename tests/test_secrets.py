@@ -473,3 +473,32 @@ def test_the_memory_of_clean_texts_stays_bounded() -> None:
     registry.redact("x" * (credentials.CLEAN_TEXT_LENGTH + 1))
     assert len(registry._clean) <= credentials.CLEAN_TEXTS
     assert "x" * (credentials.CLEAN_TEXT_LENGTH + 1) not in registry._clean
+
+
+@pytest.mark.parametrize("pattern_forms", [256, 4], ids=["one pattern", "indexed"])
+def test_the_configurations_passwords_are_masked_however_many_secrets_come_after(pattern_forms: int) -> None:
+    """No login registers an inline password again: with a provider's 100,000 accounts the registry's bound would
+    forget the first ones. The configuration's secrets last; passwords and tokens that come and go stay bounded."""
+    registry = credentials._SecretRegistry(limit=10, pattern_forms=pattern_forms)
+    registry.add(["configured-password-1", "seen-now-token-0"], lasting=False)
+    registry.add(["configured-password-1", "configured-password-2"], lasting=True)  # a known one made lasting
+    for number in range(30):
+        registry.add([f"hourly-token-{number:02d}"])
+    assert registry.redact("configured-password-1 configured-password-2") == f"{MASK} {MASK}"
+    assert registry.redact("hourly-token-29") == MASK
+    assert registry.redact("hourly-token-00") == "hourly-token-00"  # runtime forms: bounded, oldest forgotten
+    assert registry.redact("seen-now-token-0") == "seen-now-token-0"
+
+
+def test_an_inline_password_from_the_configuration_is_registered_to_last(tmp_path: Path) -> None:
+    from postbote.config import load_config
+    from postbote.pluginmanager import make_plugin_manager
+
+    password = fresh_secret("inline-password")
+    config = tmp_path / "postbote.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "accounts": [
+        {"name": "a", "host": "pop.example", "username": "a", "password": password,
+         "deliver": {"maildir": str(tmp_path / "Maildir")}}]}))
+    config.chmod(0o600)
+    load_config(config, make_plugin_manager(entry_points=False))
+    assert password in credentials._secrets._lasting

@@ -99,7 +99,9 @@ def credentials_from_section(section: Section, base_dir: Path, auth: str | None)
 def _password_source(section: Section, base_dir: Path, kind: PasswordKind) -> PasswordSource | None:
     if kind is PasswordKind.INLINE:
         value = section.get(kind.value, text)
-        return PasswordSource(kind, inline=Secret(value)) if value is not None else None
+        # lasting: no login registers an inline password again, and with many accounts the registry's bound
+        # would otherwise forget the first ones
+        return PasswordSource(kind, inline=Secret(value, lasting=True)) if value is not None else None
     if kind is PasswordKind.FILE:
         file = section.get(kind.value, _password_file_path(base_dir))
         return PasswordSource(kind, file=file) if file is not None else None
