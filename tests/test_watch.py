@@ -176,15 +176,17 @@ def test_stopping_the_daemon_closes_every_watch(fake: FakeSource, push: PushSour
 
 
 class NoPushSource:
-    """Answers ``watch_mailbox`` with no watch (an IMAP server without IDLE), counting the questions."""
+    """Answers ``watch_mailbox`` with no watch, counting the questions: ``[]`` (an IMAP server without IDLE), or
+    None with ``no_watcher`` (no plugin watches this source: POP3)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, no_watcher: bool = False) -> None:
         self.asked = 0
+        self.no_watcher = no_watcher
 
     @hookimpl
     def watch_mailbox(self, account, state_dir):  # type: ignore[no-untyped-def]
         self.asked += 1
-        return []
+        return None if self.no_watcher else []
 
 
 def test_a_source_that_offers_no_push_is_not_asked_again_after_every_poll(tmp_path: Path, fake: FakeSource) -> None:
@@ -201,24 +203,12 @@ def test_a_source_that_offers_no_push_is_not_asked_again_after_every_poll(tmp_pa
         assert no_push.asked == 1, "asked for watches after every poll"
 
 
-class NoWatcherSource:
-    """Answers ``watch_mailbox`` with None: no plugin watches this account's source (POP3 has no push)."""
-
-    def __init__(self) -> None:
-        self.asked = 0
-
-    @hookimpl
-    def watch_mailbox(self, account, state_dir):  # type: ignore[no-untyped-def]
-        self.asked += 1
-        return None
-
-
 def test_an_account_no_plugin_watches_is_not_asked_again_while_the_config_stays(
         tmp_path: Path, fake: FakeSource, monkeypatch: pytest.MonkeyPatch) -> None:
     """A server without push is asked again after a while (it may gain IDLE); a source no plugin watches is not
     asked again until a reload could have brought one: a POP3 account's polls pay nothing for push."""
     monkeypatch.setattr("postbote.daemon.NO_PUSH_RECHECK", 0.0)  # a server without push: asked after every poll
-    no_watcher, no_push = NoWatcherSource(), NoPushSource()
+    no_watcher, no_push = NoPushSource(no_watcher=True), NoPushSource()
     with running_daemon(tmp_path, fake, no_watcher) as daemon:
         fake.mailbox("fake").add(mail(1))
         assert wait_until(lambda: delivered(tmp_path) == 1, 15)
