@@ -151,6 +151,10 @@ class _SecretRegistry:
     def __bool__(self) -> bool:
         return self._pattern is not None or self._index is not None
 
+    def lasts(self, value: str) -> bool:
+        """Whether ``value`` is registered for good (`add` with ``lasting``); read without the lock."""
+        return value in self._lasting
+
     def redact(self, text: str) -> str:
         clean = self._clean  # first: the pattern and index read next are at least as new as this memory
         if text in clean:
@@ -207,6 +211,8 @@ def register_secret(value: str | bytes, *, lasting: bool = False) -> None:
     else the registry may forget it once `MAX_REGISTERED_FORMS` newer forms have been seen."""
     if isinstance(value, bytes):
         value = value.decode("utf-8", "surrogateescape")
+    if lasting and _secrets.lasts(value):
+        return  # a login registers the same wire form at every poll: known for good already
     if len(value) >= MIN_SECRET_LENGTH:
         _secrets.add(secret_forms(value), lasting=lasting)
 
@@ -263,11 +269,12 @@ def child_environment(keep: Iterable[str] = ()) -> dict[str, str]:
 class Secret:
     """A string that does not print itself, and that `redact` masks wherever it appears in a log."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_value", "lasting")
 
     def __init__(self, value: str, *, lasting: bool = False) -> None:
         """``lasting``: a secret of the configuration, masked for the life of the process (`register_secret`)."""
         self._value = value
+        self.lasting = lasting
         register_secret(value, lasting=lasting)
 
     def reveal(self) -> str:

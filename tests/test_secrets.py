@@ -502,3 +502,16 @@ def test_an_inline_password_from_the_configuration_is_registered_to_last(tmp_pat
     config.chmod(0o600)
     load_config(config, make_plugin_manager(entry_points=False))
     assert password in credentials._secrets._lasting
+
+
+def test_the_wire_form_of_a_configured_password_lasts_as_the_password_does() -> None:
+    """A PLAIN login's initial response carries the password whole: registered with it for good, so that the
+    login at every later poll finds it known."""
+    from postbote.plugins.signin.login import register_wire_form
+    from postbote.plugins.signin.sasl import Plain
+
+    password = Secret(fresh_secret("configured"), lasting=True)
+    register_wire_form(Plain("alice", password), lasting=password.lasting)
+    wire = base64.b64encode(f"\0alice\0{password.reveal()}".encode()).decode()
+    assert credentials._secrets.lasts(wire)
+    assert redact(f"server said: {wire}") == f"server said: {MASK}"

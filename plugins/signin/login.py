@@ -121,7 +121,7 @@ def label(choice: str) -> str:
 def sasl_login(client: SASLClient, settings: AuthSettings, choice: str, password: Secret) -> None:
     """A SASL password mechanism (``choice``) on ``client``; the client's refusal propagates."""
     mechanism = make_mechanism(choice, settings.username, password, host=client.host)
-    register_wire_form(mechanism)
+    register_wire_form(mechanism, lasting=password.lasting)
     client.authenticate(mechanism)
     mechanism.complete()
 
@@ -146,11 +146,12 @@ def token_login(client: SASLClient, settings: AuthSettings, choice: str, tokens:
                                 f"{_token_hint(settings, service)}") from None
 
 
-def register_wire_form(mechanism: Mechanism) -> None:
+def register_wire_form(mechanism: Mechanism, *, lasting: bool = False) -> None:
     """The base64 of a one-shot initial response holds the password or token whole, and a server may echo it in
-    its error reply: have it masked in logs too. Only these mechanisms' initial responses can be built twice."""
+    its error reply: have it masked in logs too. Only these mechanisms' initial responses can be built twice.
+    ``lasting``: the password is the configuration's, so is this form (registered once, then known at each poll)."""
     if isinstance(mechanism, (Plain, XOAuth2, OAuthBearer)):
-        register_secret(base64.b64encode(mechanism.initial_response()).decode("ascii"))
+        register_secret(base64.b64encode(mechanism.initial_response()).decode("ascii"), lasting=lasting)
 
 
 def _token_status(mechanism: Any) -> str:
