@@ -522,7 +522,9 @@ class Daemon:
                 finally:
                     self._unconfigure(self._current)
         finally:
-            self.store.hold_poll_records(False)
+            self._write_poll_records()  # what is still held (a failure is logged, not raised over the real exit)
+            with contextlib.suppress(PostboteError):  # written or reported just now: stop holding, whatever is left
+                self.store.hold_poll_records(False)
             poll_logger.removeFilter(self._mute)
             self._wakeup.close()
             self._threads.close()

@@ -112,7 +112,7 @@ class Poller:
                 mailbox.deadline = session_deadline(account, started, to_fetch + [entry for entry, _ in to_verify])
             hooks.notify("messages_listed", account=account, count=len(to_fetch),
                          octets=sum(entry.size for entry in to_fetch))
-            for entry in session.verified(to_verify, to_fetch) if to_verify else ():
+            for entry in session.verified(to_verify, to_fetch):
                 session.delete(entry)
                 if entry.stays:
                     log.info("message.action_again", uid=entry.uid, reason="its action did not happen last time")
