@@ -123,15 +123,16 @@ def delivered(tmp_path: Path) -> int:
     return len(list(new.iterdir())) if new.exists() else 0
 
 
-def test_hook_watch_mailbox(tmp_path: Path, fake: FakeSource, push: PushSource, daemon: Daemon) -> None:
+def test_hook_watch_mailbox(tmp_path: Path, fake: FakeSource, push: PushSource) -> None:
     """New mail a watch reports is fetched at once, not at the next poll interval."""
-    fake.mailbox("fake").add(mail(1))
-    assert wait_until(lambda: delivered(tmp_path) == 1 and push.watches, 15)
-    fake.mailbox("fake").add(mail(2))
-    push.servers[0].send(b"NEW")
-    assert wait_until(lambda: delivered(tmp_path) == 2, 15), "the watch's news did not start a poll"
-    assert fake.mailbox("fake").sessions == 2 and len(push.watches) == 1  # the watch stays open across polls
-    assert "1 watched for new mail" in daemon._status_line()  # systemd's STATUS= shows push at work
+    fake.mailbox("fake").add(mail(1))  # before the start: the first poll finds it, however quick it is
+    with running_daemon(tmp_path, fake, push) as daemon:
+        assert wait_until(lambda: delivered(tmp_path) == 1 and push.watches, 15)
+        fake.mailbox("fake").add(mail(2))
+        push.servers[0].send(b"NEW")
+        assert wait_until(lambda: delivered(tmp_path) == 2, 15), "the watch's news did not start a poll"
+        assert fake.mailbox("fake").sessions == 2 and len(push.watches) == 1  # the watch stays open across polls
+        assert "1 watched for new mail" in daemon._status_line()  # systemd's STATUS= shows push at work
 
 
 def test_a_broken_watch_is_closed_and_the_next_successful_poll_watches_again(
@@ -192,8 +193,8 @@ class NoPushSource:
 def test_a_source_that_offers_no_push_is_not_asked_again_after_every_poll(tmp_path: Path, fake: FakeSource) -> None:
     """Asking opens a session of its own (an IMAP login to read the capabilities): once an hour is enough."""
     no_push = NoPushSource()
+    fake.mailbox("fake").add(mail(1))  # before the start: the first poll finds it, however quick it is
     with running_daemon(tmp_path, fake, no_push) as daemon:
-        fake.mailbox("fake").add(mail(1))
         assert wait_until(lambda: delivered(tmp_path) == 1, 15)
         for number in (2, 3):
             fake.mailbox("fake").add(mail(number))
@@ -209,8 +210,8 @@ def test_an_account_no_plugin_watches_is_not_asked_again_while_the_config_stays(
     asked again until a reload could have brought one: a POP3 account's polls pay nothing for push."""
     monkeypatch.setattr("postbote.daemon.NO_PUSH_RECHECK", 0.0)  # a server without push: asked after every poll
     no_watcher, no_push = NoPushSource(no_watcher=True), NoPushSource()
+    fake.mailbox("fake").add(mail(1))  # before the start: the first poll finds it, however quick it is
     with running_daemon(tmp_path, fake, no_watcher) as daemon:
-        fake.mailbox("fake").add(mail(1))
         assert wait_until(lambda: delivered(tmp_path) == 1, 15)
         for number in (2, 3):
             fake.mailbox("fake").add(mail(number))
