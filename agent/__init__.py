@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         WaitingMessage,
         WorkerFigures,
         read_account_state,
+        read_accounts_state,
         read_workers,
     )
     from postbote.status import WaitingSummary, stale_after
@@ -110,7 +111,7 @@ _FACE: dict[str, tuple[str, ...] | dict[str, str]] = {
     "postbote.durable": ("fsync_directory", "fsync_file", "rename_durably", "sync_filesystems"),
     # keeping state: a plugin's own keyed table beside the state database, and read-only views of poll records
     "postbote.state": ("KeyedTable", "LegacyTable", "PollRecord", "WaitingMessage", "WorkerFigures",
-                       "read_account_state", "read_workers"),
+                       "read_account_state", "read_accounts_state", "read_workers"),
     "postbote.status": ("WaitingSummary", "stale_after"),
     # a plugin's logger: structlog's, assembled once per configuration instead of at every event
     "postbote.logconfig": ("get_logger",),
@@ -154,7 +155,7 @@ __all__ = [  # spelled out, so that type checkers see the re-exports; tests/test
     "fsync_directory", "fsync_file", "rename_durably", "sync_filesystems",
     # keeping state
     "KeyedTable", "LegacyTable", "PollRecord", "WaitingMessage", "WaitingSummary", "WorkerFigures",
-    "read_account_state", "read_workers", "stale_after",
+    "read_account_state", "read_accounts_state", "read_workers", "stale_after",
     # logging
     "get_logger",
 ]

@@ -809,24 +809,37 @@ class AccountState:
 
 
 def read_account_state(where: Path | Config, account: str) -> AccountState | None:
-    """The account's last poll and the messages waiting on its server, for readers outside the poller (metrics).
+    """The account's last poll and the messages waiting on its server, for readers outside the poller (metrics,
+    notifications): `read_accounts_state` of one account. None when there is no database yet or no poll of it."""
+    return read_accounts_state(where, [account]).get(account)
+
+
+def read_accounts_state(where: Path | Config, accounts: Iterable[str]) -> dict[str, AccountState]:
+    """`AccountState` of each of ``accounts`` that has been polled, read together (a reader of many accounts opens
+    the database once for all of them).
 
     ``where``: a state directory (SQLite), or the config, whose ``state`` may name a shared database. A SQLite store
     is read through a read-only store opened for this read alone: the reader never writes nor creates a file, and a
     store kept open could be one SQLite reads as an immutable file (opened while nobody had the database open),
-    blind to every later poll. A shared store is read over one read-only connection kept for the process. None when
-    there is no database yet or no poll of ``account``; a `StateError` when the database cannot be read.
+    blind to every later poll. A shared store is read over one read-only connection kept for the process. Empty when
+    there is no database yet; a `StateError` when the database cannot be read.
     """
     if not isinstance(where, Path) and where.state is not None:
-        store = _shared_reader(where.state)
-        last_poll = store.last_poll(account)
-        return None if last_poll is None else AccountState(last_poll, store.waiting(account))
+        return _states(_shared_reader(where.state), accounts)
     state_dir = where if isinstance(where, Path) else where.state_dir
     if not StateStore.exists(state_dir):
-        return None
+        return {}
     with contextlib.closing(StateStore(state_dir, readonly=True)) as store:
+        return _states(store, accounts)
+
+
+def _states(store: StateStore, accounts: Iterable[str]) -> dict[str, AccountState]:
+    states = {}
+    for account in accounts:
         last_poll = store.last_poll(account)
-        return None if last_poll is None else AccountState(last_poll, store.waiting(account))
+        if last_poll is not None:
+            states[account] = AccountState(last_poll, store.waiting(account))
+    return states
 
 
 @dataclass(frozen=True)
