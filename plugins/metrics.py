@@ -1,14 +1,14 @@
 """Prometheus metrics per account: messages, bytes, polls, failures and poll durations.
 
 Optional; enable it with ``plugins: {metrics: {textfile: /var/lib/prometheus/node-exporter/postbote.prom}}`` for
-node-exporter's textfile collector (rewritten atomically after every poll, so it suits ``postbote poll`` from a
-timer as well as the daemon) and/or ``listen: 127.0.0.1:9465`` for an HTTP endpoint serving ``/metrics``. The
-endpoint only binds to loopback addresses unless ``allow_remote: true`` says otherwise: the metrics name the
-accounts and their errors' frequency, which is nobody else's business.
+node-exporter's textfile collector (rewritten atomically after polls: within a second in the daemon, and when
+``postbote poll`` ends, so it suits a timer as well as the daemon) and/or ``listen: 127.0.0.1:9465`` for an HTTP
+endpoint serving ``/metrics``. The endpoint only binds to loopback addresses unless ``allow_remote: true`` says
+otherwise: the metrics name the accounts and their errors' frequency, which is nobody else's business.
 
 The numbers come from the state store (the same running totals and waiting messages ``postbote status`` shows),
-read through a read-only store after every poll, so the counters survive restarts and do not depend on which process
-polled. ``postbote_messages_waiting`` and
+read through a read-only store when a scrape or a textfile write follows polls (the accounts polled meanwhile all
+at once), so the counters survive restarts and do not depend on which process polled. ``postbote_messages_waiting`` and
 ``postbote_messages_stale`` are what to alert on: mail that stays on the server instead of arriving.
 
 With a shared state (``state: postgresql://...``, several workers) the per-account figures are those of all workers
@@ -47,7 +47,7 @@ from postbote import (
     hookimpl,
     nonempty_text,
     path_relative_to,
-    read_account_state,
+    read_accounts_state,
     read_workers,
     stale_after,
 )
@@ -60,6 +60,11 @@ DEFAULT_PORT = 9465
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HTTP_TIMEOUT = 10.0
 MESSAGE_OUTCOMES = ("delivered", "dropped", "rejected", "deferred")
+# The textfiles are written after polls finish, at most once every WRITE_INTERVAL seconds and for at most WRITE_SHARE
+# of the time (`MetricsExporter`): node-exporter reads them every 15 s or so, and a daemon finishes hundreds of polls
+# a second.
+WRITE_INTERVAL = 1.0
+WRITE_SHARE = 0.1
 
 log = get_logger("postbote.metrics")
 
@@ -118,48 +123,65 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+Samples = Callable[[PollRecord, WaitingSummary], list[tuple[str, float]]]
+# name, type, help, and each account's samples: (a suffix such as "_sum" or extra labels such as ',outcome="x"', value)
+FAMILIES: list[tuple[str, str, str, Samples]] = [
+    ("postbote_messages_total", "counter", "Messages handled, by outcome (deferred counts every attempt).",
+     lambda r, w: [(f',outcome="{o}"', r.totals.get(o, 0)) for o in MESSAGE_OUTCOMES]),
+    ("postbote_bytes_total", "counter", "Bytes of messages fetched.", lambda r, w: [("", r.totals.get("bytes", 0))]),
+    ("postbote_polls_total", "counter", "Polls finished, successful or not.", lambda r, w: [("", r.polls)]),
+    ("postbote_poll_failures_total", "counter", "Polls that failed (connection, TLS, login, protocol).",
+     lambda r, w: [("", r.failures)]),
+    ("postbote_poll_duration_seconds", "summary", "Time spent polling.",
+     lambda r, w: [("_sum", r.duration_total), ("_count", r.polls)]),
+    ("postbote_last_poll_duration_seconds", "gauge", "Duration of the last poll.", lambda r, w: [("", r.duration)]),
+    ("postbote_last_poll_timestamp_seconds", "gauge", "When the last poll finished (Unix time).",
+     lambda r, w: [("", r.finished)]),
+    ("postbote_last_poll_success", "gauge", "1 if the last poll succeeded, else 0.", lambda r, w: [("", int(r.ok))]),
+    ("postbote_last_success_timestamp_seconds", "gauge", "When the last successful poll finished (Unix time).",
+     lambda r, w: [("", r.last_success)] if r.last_success is not None else []),
+    ("postbote_consecutive_poll_failures", "gauge", "Failed polls since the last success.",
+     lambda r, w: [("", r.failure_streak)]),
+    ("postbote_messages_left", "gauge", "Messages left on the server by the last poll.",
+     lambda r, w: [("", r.counts.get("left", 0))]),
+    ("postbote_messages_waiting", "gauge",
+     "Messages waiting on the server: deferred (retried every poll) or rejected (until postbote retry).",
+     lambda r, w: [(',state="deferred"', w.deferred), (',state="rejected"', w.rejected)]),
+    ("postbote_messages_stale", "gauge", "Messages that have waited longer than the account's stale_after.",
+     lambda r, w: [("", w.stale)]),
+]
+NOTHING_WAITING = WaitingSummary()
+
+
 def render(records: Iterable[PollRecord], waiting: Mapping[str, WaitingSummary] | None = None) -> str:
     """The Prometheus text exposition format (version 0.0.4) for the given accounts' poll records and the messages
     waiting on their servers (``waiting``, by account name; none where missing)."""
-    records = sorted(records, key=lambda r: r.account)
     waiting = waiting or {}
+    return render_samples(account_samples(record, waiting.get(record.account, NOTHING_WAITING))
+                          for record in sorted(records, key=lambda r: r.account))
 
-    def waits(record: PollRecord) -> WaitingSummary:
-        return waiting.get(record.account, WaitingSummary())
 
-    families: list[tuple[str, str, str, Callable[[PollRecord], list[tuple[str, float]]]]] = [
-        ("postbote_messages_total", "counter", "Messages handled, by outcome (deferred counts every attempt).",
-         lambda r: [(f',outcome="{o}"', r.totals.get(o, 0)) for o in MESSAGE_OUTCOMES]),
-        ("postbote_bytes_total", "counter", "Bytes of messages fetched.", lambda r: [("", r.totals.get("bytes", 0))]),
-        ("postbote_polls_total", "counter", "Polls finished, successful or not.", lambda r: [("", r.polls)]),
-        ("postbote_poll_failures_total", "counter", "Polls that failed (connection, TLS, login, protocol).",
-         lambda r: [("", r.failures)]),
-        ("postbote_poll_duration_seconds", "summary", "Time spent polling.",
-         lambda r: [("_sum", r.duration_total), ("_count", r.polls)]),
-        ("postbote_last_poll_duration_seconds", "gauge", "Duration of the last poll.", lambda r: [("", r.duration)]),
-        ("postbote_last_poll_timestamp_seconds", "gauge", "When the last poll finished (Unix time).",
-         lambda r: [("", r.finished)]),
-        ("postbote_last_poll_success", "gauge", "1 if the last poll succeeded, else 0.", lambda r: [("", int(r.ok))]),
-        ("postbote_last_success_timestamp_seconds", "gauge", "When the last successful poll finished (Unix time).",
-         lambda r: [("", r.last_success)] if r.last_success is not None else []),
-        ("postbote_consecutive_poll_failures", "gauge", "Failed polls since the last success.",
-         lambda r: [("", r.failure_streak)]),
-        ("postbote_messages_left", "gauge", "Messages left on the server by the last poll.",
-         lambda r: [("", r.counts.get("left", 0))]),
-        ("postbote_messages_waiting", "gauge",
-         "Messages waiting on the server: deferred (retried every poll) or rejected (until postbote retry).",
-         lambda r: [(',state="deferred"', waits(r).deferred), (',state="rejected"', waits(r).rejected)]),
-        ("postbote_messages_stale", "gauge", "Messages that have waited longer than the account's stale_after.",
-         lambda r: [("", waits(r).stale)]),
-    ]
+def account_samples(record: PollRecord, waits: WaitingSummary) -> tuple[str, ...]:
+    """One account's lines of each family in `FAMILIES` (several joined, or empty): what `render_samples` puts
+    together, and what the exporter keeps while the account's figures stay the same."""
+    account = f'account="{_label(record.account)}"'
+    blocks = []
+    for name, _kind, _help, samples in FAMILIES:
+        lines = []
+        for extra, value in samples(record, waits):
+            suffix, labels = (extra, "") if extra.startswith("_") else ("", extra)
+            lines.append(f"{name}{suffix}{{{account}{labels}}} {_number(value)}")
+        blocks.append("\n".join(lines))
+    return tuple(blocks)
+
+
+def render_samples(accounts: Iterable[tuple[str, ...]]) -> str:
+    """The exposition of the accounts' `account_samples`, family by family, in the order given."""
+    accounts = list(accounts)
     lines: list[str] = []
-    for name, kind, help_text, samples in families:
+    for index, (name, kind, help_text, _samples) in enumerate(FAMILIES):
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        for record in records:
-            account = f'account="{_label(record.account)}"'
-            for extra, value in samples(record):
-                suffix, labels = (extra, "") if extra.startswith("_") else ("", extra)
-                lines.append(f"{name}{suffix}{{{account}{labels}}} {_number(value)}")
+        lines += [blocks[index] for blocks in accounts if blocks[index]]
     return "\n".join(lines) + "\n"
 
 
@@ -250,7 +272,14 @@ def _http_server(address: tuple[str, int], render_metrics: Callable[[], str]) ->
 
 
 class MetricsExporter:
-    """The metrics of the accounts that enable the plugin, written to their textfiles and served on their ports."""
+    """The metrics of the accounts that enable the plugin, written to their textfiles and served on their ports.
+
+    A finished poll only marks its account's figures as out of date (`poll_finished`): they are read from the state
+    store, together with those of every other account polled meanwhile, when a scrape asks or when the textfiles are
+    written next -- by a writer thread, at most once every `WRITE_INTERVAL` seconds, and never more than
+    `WRITE_SHARE` of the time (a file of 100,000 accounts takes a while to render). A daemon polling hundreds of
+    accounts a second then reads the state and renders each file once a second, not once a poll. What is still out
+    of date when the plugin stops (a `postbote poll` ending, a reload) is written then."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
         self.config = config
@@ -265,18 +294,26 @@ class MetricsExporter:
                 self.textfiles.setdefault(settings.textfile, []).append(account.name)
             if settings.listen is not None:
                 self.listeners.setdefault(settings.listen, []).append(account.name)
+        for names in (*self.textfiles.values(), *self.listeners.values()):
+            names.sort()  # the order they are shown in, sorted once
         self._accounts = {account.name: account for account in config.accounts}
         self._records: dict[str, PollRecord] = {}
         self._waiting: dict[str, list[WaitingMessage]] = {}
+        # each account's lines, kept while its record and waiting messages stay the same (`account_samples`)
+        self._samples: dict[str, tuple[PollRecord, WaitingSummary, tuple[str, ...]]] = {}
         self._lock = threading.Lock()
+        self._out_of_date: set[str] = set()  # accounts polled since their figures were read
+        self._out_of_date_lock = threading.Lock()
         self._servers: list[MetricsServer] = []
+        self._polled = threading.Event()  # wakes the writer
+        self._closing = threading.Event()
+        self._writer: threading.Thread | None = None
 
     def start(self) -> None:
         for path in self.textfiles:
             if not path.parent.is_dir():
                 raise ConfigError(f"plugins.metrics.textfile: {path.parent} is not a directory")
-        for name in {name for names in (*self.textfiles.values(), *self.listeners.values()) for name in names}:
-            self.refresh(name)
+        self.refresh(*{name for names in (*self.textfiles.values(), *self.listeners.values()) for name in names})
         for address, names in self.listeners.items():
             try:
                 self._servers.append(MetricsServer(address, functools.partial(self.render, names)))
@@ -284,29 +321,58 @@ class MetricsExporter:
                 self.close()
                 raise ConfigError(f"plugins.metrics.listen: cannot listen on {_show(address)}: "
                                   f"{exc.strerror or exc}") from None
-            log.info("metrics.listening", address=_show(address), accounts=names)
+            log.info("metrics.listening", address=_show(address), accounts=len(names))
         self.write_textfiles()
+        if self.textfiles:
+            self._writer = threading.Thread(target=self._write_when_polled, name="metrics-textfiles", daemon=True)
+            self._writer.start()
 
-    def refresh(self, account: str) -> None:
-        """Read the account's latest poll record and its waiting messages from the state store (read-only)."""
+    def poll_finished(self, account: str) -> None:
+        """``account``'s figures changed: read again at the next scrape or textfile write."""
+        with self._out_of_date_lock:
+            self._out_of_date.add(account)
+        self._polled.set()
+
+    def refresh(self, *accounts: str) -> None:
+        """Read the accounts' latest poll records and waiting messages from the state store (read-only, at once)."""
         try:
-            state = read_account_state(self.config, account)
+            states = read_accounts_state(self.config, accounts)
         except PostboteError as exc:
             log.warning("metrics.state_unreadable", error=str(exc))
+            with self._out_of_date_lock:  # read again next time
+                self._out_of_date.update(accounts)
             return
-        if state is not None:
-            with self._lock:
-                self._records[account] = state.last_poll
-                self._waiting[account] = state.waiting
+        with self._lock:
+            for name, state in states.items():
+                self._records[name] = state.last_poll
+                self._waiting[name] = state.waiting
+
+    def _refresh_out_of_date(self) -> set[str]:
+        """Read the accounts polled since they were last read; returns their names."""
+        with self._out_of_date_lock:
+            accounts, self._out_of_date = self._out_of_date, set()
+        if accounts:
+            self.refresh(*accounts)
+        return accounts
 
     def render(self, accounts: list[str]) -> str:
-        """The metrics of ``accounts``; staleness is judged now, so a scrape sees mail turn stale between polls."""
+        """The metrics of ``accounts``, every finished poll included; staleness is judged now, so a scrape sees mail
+        turn stale between polls."""
+        self._refresh_out_of_date()
         now = self._clock()
         with self._lock:
-            waiting = {name: WaitingSummary.of(messages, now=now, stale_after=stale_after(self._accounts[name]))
-                       for name, messages in self._waiting.items()}
-            text = render((self._records[name] for name in accounts if name in self._records), waiting)
+            text = render_samples(self._account_samples(name, record, now) for name in accounts
+                                  if (record := self._records.get(name)) is not None)
         return text + self._workers()
+
+    def _account_samples(self, name: str, record: PollRecord, now: float) -> tuple[str, ...]:
+        messages = self._waiting.get(name)
+        waits = WaitingSummary.of(messages, now=now, stale_after=stale_after(self._accounts[name])) if messages \
+            else NOTHING_WAITING
+        kept = self._samples.get(name)
+        if kept is None or kept[0] is not record or kept[1] != waits:
+            kept = self._samples[name] = (record, waits, account_samples(record, waits))
+        return kept[2]
 
     def _workers(self) -> str:
         """The workers of a shared state, read at each render (a scrape, a textfile write)."""
@@ -318,16 +384,35 @@ class MetricsExporter:
             log.warning("metrics.workers_unreadable", error=str(exc))
             return ""
 
-    def write_textfiles(self, account: str | None = None) -> None:
+    def write_textfiles(self, only: set[str] | None = None) -> None:
+        """Write every textfile, or with ``only`` those showing one of these accounts."""
         for path, names in self.textfiles.items():
-            if account is not None and account not in names:
+            if only is not None and only.isdisjoint(names):
                 continue
             try:
                 write_textfile(path, self.render(names))
             except OSError as exc:
                 log.warning("metrics.textfile_failed", path=str(path), error=exc.strerror or str(exc))
 
+    def _write_when_polled(self) -> None:
+        """The writer thread: after polls finish, the textfiles that show them, then a pause (see the class)."""
+        while not self._closing.is_set():
+            self._polled.wait()
+            if self._closing.is_set():
+                return
+            self._polled.clear()
+            started = time.monotonic()
+            self.write_textfiles(self._refresh_out_of_date())
+            if self._closing.wait(max(WRITE_INTERVAL, (time.monotonic() - started) / WRITE_SHARE)):
+                return
+
     def close(self) -> None:
+        if self._writer is not None:
+            self._closing.set()
+            self._polled.set()
+            self._writer.join()
+            self._writer = None
+            self.write_textfiles(self._refresh_out_of_date())  # the polls since the last write
         for server in self._servers:
             server.close()
         self._servers = []
@@ -355,10 +440,8 @@ def configure(config: Config) -> None:
 @hookimpl
 def poll_finished(account: Account) -> None:
     exporter = _exporter
-    if exporter is None or not account.uses(NAME):
-        return
-    exporter.refresh(account.name)
-    exporter.write_textfiles(account.name)
+    if exporter is not None and account.uses(NAME):
+        exporter.poll_finished(account.name)
 
 
 @hookimpl

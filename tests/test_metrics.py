@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,7 +25,7 @@ from postbote.state import PollRecord, StateStore
 from postbote.status import WaitingSummary
 from postbote.testing import FakeSource
 
-from tests.harness import account, fake_account, fake_mailbox, mail, write_config
+from tests.harness import account, fake_account, fake_mailbox, mail, wait_until, write_config
 from tests.servers import free_port
 
 
@@ -122,7 +123,8 @@ def test_render_gives_counters_gauges_and_a_summary_per_account() -> None:
 # --- exporting
 
 
-def test_textfile_is_rewritten_atomically_after_each_poll(tmp_path: Path, source: FakeSource) -> None:
+def test_textfile_shows_the_polls_soon_after_they_finish_and_is_replaced_atomically(tmp_path: Path,
+                                                                                     source: FakeSource) -> None:
     textfile = tmp_path / "textfiles" / "postbote.prom"
     textfile.parent.mkdir()
     pm = make_plugin_manager(entry_points=False, extra=[source])
@@ -134,14 +136,49 @@ def test_textfile_is_rewritten_atomically_after_each_poll(tmp_path: Path, source
             assert textfile.read_text().count("# TYPE") == 13  # written at start-up, before any poll
             Poller(pm, store).poll(config.accounts[0])
             Poller(pm, store).poll(config.accounts[1])
-            text = textfile.read_text()
+            shown = wait_until(lambda: 'postbote_polls_total{account="alice"} 1' in textfile.read_text(), 10,
+                               "the textfile showing alice's poll")  # while the daemon runs: within a second
     finally:
         store.close()
-    assert 'postbote_messages_total{account="alice",outcome="delivered"} 2' in text
-    assert 'postbote_polls_total{account="alice"} 1' in text
+    text = textfile.read_text()
+    assert shown and 'postbote_messages_total{account="alice",outcome="delivered"} 2' in text
     assert 'account="bob"' not in text  # bob turned the plugin off
     assert os.listdir(textfile.parent) == ["postbote.prom"]
     assert stat.S_IMODE(textfile.stat().st_mode) == 0o644
+
+
+def test_polls_finishing_together_are_read_and_written_together_not_one_by_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon finishing hundreds of polls a second writes the textfile (all its accounts rendered) about once a
+    second, reading the state for the accounts polled meanwhile in one go -- not once per poll, which with
+    thousands of accounts in the file took longer than the polls themselves."""
+    names = [f"user{number}" for number in range(200)]
+    textfile = tmp_path / "postbote.prom"
+    config = load(tmp_path, {"textfile": str(textfile)},
+                  *(account(name, None, tmp_path / "Maildir") for name in names))
+    writes: list[str] = []
+    reads: list[int] = []
+    real_write, real_read = metrics.write_textfile, metrics.read_accounts_state
+    monkeypatch.setattr(metrics, "write_textfile", lambda path, text: (writes.append(text), real_write(path, text)))
+    monkeypatch.setattr(metrics, "read_accounts_state",
+                        lambda where, accounts: (reads.append(len(accounts)), real_read(where, accounts))[1])
+    store = StateStore(config.state_dir)
+    exporter = metrics.MetricsExporter(config)
+    try:
+        exporter.start()
+        started = time.monotonic()
+        for name in names:
+            store.record_poll(name, ok=True, duration=0.1, counts={}, error=None)
+            exporter.poll_finished(name)
+        assert wait_until(lambda: writes and writes[-1].count("postbote_polls_total{") == len(names), 10,
+                          "every poll in the textfile")
+        elapsed = time.monotonic() - started
+    finally:
+        exporter.close()
+        store.close()
+    # the start-up write, then at most one per WRITE_INTERVAL while polls kept finishing, and one at the end
+    assert len(writes) <= 3 + elapsed / metrics.WRITE_INTERVAL < len(names)
+    assert sum(reads[1:]) == len(names) and len(reads) <= len(writes) + 1  # each poll read once, in batches
 
 
 def test_http_endpoint_serves_metrics_on_loopback_and_stops_with_the_config(tmp_path: Path,
@@ -205,14 +242,14 @@ def test_textfile_shows_the_messages_a_failing_destination_left_waiting(tmp_path
                   fake_account("alice", tmp_path / "Maildir", deliver={"mda": [str(mda)]}, stale_after="1s"), pm=pm)
     store = StateStore(config.state_dir)
     try:
-        with configured(pm, config):
+        with configured(pm, config):  # as `postbote poll` runs: the textfile is written when it ends, at the latest
             Poller(pm, store).poll(config.accounts[0])
-            text = textfile.read_text()
     finally:
         store.close()
+    text = textfile.read_text()
     assert 'postbote_messages_waiting{account="alice",state="deferred"} 2' in text
     assert 'postbote_messages_waiting{account="alice",state="rejected"} 0' in text
-    assert 'postbote_messages_stale{account="alice"} 0' in text  # written right after the poll: not yet stale
+    assert 'postbote_messages_stale{account="alice"} 0' in text  # written as the poll ended: not yet stale
 
 
 def test_a_scrape_sees_mail_turn_stale_between_polls(tmp_path: Path) -> None:
