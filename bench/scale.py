@@ -2,6 +2,7 @@
 
     python bench/scale.py cpu --users 3000 --repeat 3           # postbote run vs. the stdlib floor, same Dovecot
     python bench/scale.py cpu --users 3000 --login-reuse        # Dovecot's login processes reused: TLS resumption
+    python bench/scale.py cpu --users 3000 --metrics            # with the metrics plugin's textfile
     python bench/scale.py startup --accounts 10000,100000       # READY, RSS and `check` with a conf.d of accounts
     python bench/scale.py profile --users 1000 --out /tmp/prof  # in process, one poll after another, cProfile
     python bench/scale.py profile --users 1000 --spy             # the same, sampled by py-spy (network waits count)
@@ -19,6 +20,9 @@ taken over ``--seconds`` seconds. In the same repetition the floor (`pop3_floor.
 CAPA, AUTH PLAIN, UIDL, LIST, QUIT, ``--parallel`` threads) polls every user once. Dovecot's CPU is taken around
 both, so the server's share of a poll is known too. Everything runs on this machine's cores: polls/s is what
 postbote sustains with Dovecot beside it.
+
+With ``--metrics`` the metrics plugin is on, every account in one node-exporter textfile (what a provider
+watching its accounts in Prometheus runs).
 
 ``startup``: ``postbote run`` with ``N`` accounts (files of 1,000 accounts in an ``accounts_dir``, the users round
 robin, ``poll_interval: 5m``): seconds from the start to systemd's READY=1 (a notify socket of our own), RSS
@@ -207,18 +211,24 @@ class Daemon:
         self.notify.close()
 
 
-def daemon_config(setup: Setup, count: int, interval: str, parallel: int, name: str) -> Path:
+def daemon_config(setup: Setup, count: int, interval: str, parallel: int, name: str, *,
+                  metrics: bool = False) -> Path:
+    """With ``metrics``: the metrics plugin on, every account in one node-exporter textfile."""
     entries = accounts(count, setup.users, setup.server.host, setup.server.pop3s_port or 0,
                        fingerprint=setup.fingerprint, maildir=setup.work / "Maildir", interval=interval)
     directory = setup.work / name
     if directory.exists():
         shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    plugins = {"metrics": {"textfile": str(directory / "postbote.prom")}} if metrics else None
     return write(directory / "postbote.yaml", entries, state_dir=directory / "state",
-                 per_file=1000 if count > 1000 else 0, max_parallel=parallel, max_parallel_per_host=parallel)
+                 per_file=1000 if count > 1000 else 0, max_parallel=parallel, max_parallel_per_host=parallel,
+                 plugins=plugins)
 
 
 def measure_postbote(setup: Setup, args: argparse.Namespace, repetition: int) -> dict[str, Any]:
-    config = daemon_config(setup, setup.users, f"{args.interval}s", args.parallel, f"run-{repetition}")
+    config = daemon_config(setup, setup.users, f"{args.interval}s", args.parallel, f"run-{repetition}",
+                           metrics=args.metrics)
     daemon = Daemon(setup, config, config.parent / "daemon.log")
     try:
         ready = daemon.wait_ready()
@@ -304,7 +314,8 @@ def print_cpu_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> Non
     ratios = [p["cpu_ms_per_poll"] / f["cpu_ms_per_poll"] for p, f in zip(postbote, floor, strict=True)]
     print(f"\n{args.users} users, --parallel {args.parallel}, login processes "
           f"{'reused' if args.login_reuse else 'one per connection'}"
-          f"{'; measured once every account was polled' if args.steady else ''}; median (min–max) of "
+          f"{'; measured once every account was polled' if args.steady else ''}"
+          f"{'; metrics textfile of every account' if args.metrics else ''}; median (min–max) of "
           f"{args.repeat} runs\n")
     print("| | CPU ms per empty poll | × floor | polls/s | Dovecot CPU ms per poll | failed polls |")
     print("|---|---|---|---|---|---|")
@@ -437,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu.add_argument("--steady", action="store_true",
                      help="measure once every account has been polled (the daemon's steady state): an account's "
                           "first poll also asks for push and registers its login's secrets")
+    cpu.add_argument("--metrics", action="store_true",
+                     help="the metrics plugin on: every account in one node-exporter textfile")
     cpu.add_argument("--spy", type=Path, metavar="DIR", help="sample the daemon with py-spy into DIR (slower)")
     cpu.add_argument("--gil", action="store_true", help="with --spy: only samples of the thread holding the GIL")
     startup.add_argument("--accounts", default="10000,100000")

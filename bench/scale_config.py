@@ -41,11 +41,14 @@ def accounts(count: int, users: int, host: str, port: int, *, fingerprint: str |
 
 
 def write(path: Path, entries: list[dict[str, Any]], *, state_dir: Path, per_file: int = 0,
-          max_parallel: int = 32, max_parallel_per_host: int = 32, level: str = "info") -> Path:
+          max_parallel: int = 32, max_parallel_per_host: int = 32, level: str = "info",
+          plugins: dict[str, Any] | None = None) -> Path:
     """The config at ``path`` (0600); with ``per_file`` the accounts go into ``path``'s ``accounts.d``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     top: dict[str, Any] = {"state_dir": str(state_dir), "log": {"format": "json", "level": level},
                            "max_parallel": max_parallel, "max_parallel_per_host": max_parallel_per_host}
+    if plugins:
+        top["plugins"] = plugins
     if per_file:
         directory = path.parent / "accounts.d"
         directory.mkdir(exist_ok=True)
