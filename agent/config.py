@@ -411,7 +411,7 @@ def _with_defaults(item: Node, defaults: Section | None) -> tuple[Node, set[str]
 
 def _account(section: Section, problems: Problems, pm: PluginManager, base_dir: Path,
              global_plugins: GlobalPlugins, inherited: set[str], known: set[str]) -> Account | None:
-    before = len(problems.lines)
+    before = problems.reported
     name = section.get("name", s.nonempty_text, required=True)
     if name is not None and not _ACCOUNT_NAME.fullmatch(name):
         section.problem("expected letters, digits and . _ @ + - (up to 100 characters)", section.raw("name"))
@@ -443,7 +443,7 @@ def _account(section: Section, problems: Problems, pm: PluginManager, base_dir: 
         # Every key the source reads is now known: the rest are mistakes. Keys from ``defaults:`` are checked there.
         _finish_own_keys(section, inherited)
         known.update(section.used)
-    if len(problems.lines) > before:
+    if problems.reported > before:
         return None
     return Account(**account_args)
 
@@ -455,9 +455,9 @@ def _source(section: Section, protocol: str, protocols: frozenset[str], problems
         section.problem(f"unknown protocol {protocol!r} (known: {', '.join(sorted(protocols))})",
                         section.raw("protocol"))
         return None
-    before = len(problems.lines)
+    before = problems.reported
     parsed = pm.hook.parse_source(protocol=protocol, section=section, problems=problems, base_dir=base_dir)
-    if parsed is None and len(problems.lines) == before:
+    if parsed is None and problems.reported == before:
         section.problem(f"no plugin read the settings of protocol {protocol!r}", section.raw("protocol"))
     return parsed
 
@@ -521,15 +521,15 @@ def parse_destination_entry(entry: Node, problems: Problems, pm: pluggy.PluginMa
     load = getattr(pm, "load_destination_kind", None)  # postbote's manager: the built-in delivering there
     if load is not None:
         load(kind)
-    before = len(problems.lines)
+    before = problems.reported
     parsed = pm.hook.parse_destination(kind=kind, options=options, problems=problems, base_dir=base_dir,
                                        pluginmanager=pm)
     if parsed is None:
-        if len(problems.lines) == before:
+        if problems.reported == before:
             known = sorted(_known_destination_kinds(pm))
             problems.add(options.line, options.path, f"unknown delivery target {kind!r} (known: {', '.join(known)})")
         return None
-    if len(problems.lines) > before:
+    if problems.reported > before:
         return None
     label = getattr(parsed, "label", None) or kind
     return Destination(kind=kind, settings=parsed, label=f"{kind}:{label}" if label != kind else kind,
@@ -581,10 +581,10 @@ def _account_plugins(section: Section, pm: PluginManager, problems: Problems, ba
     own_section = section.section("plugins")
     if own_section is None and directory in global_plugins.without_own:
         return dict(global_plugins.without_own[directory])
-    before = len(problems.lines)
+    before = problems.reported
     enabled = _enabled_plugins(_plugin_entries(own_section, pm, problems), section, pm, problems, base_dir,
                                global_plugins)
-    if own_section is None and len(problems.lines) == before:
+    if own_section is None and problems.reported == before:
         global_plugins.without_own[directory] = dict(enabled)
     return enabled
 
@@ -603,10 +603,10 @@ def _enabled_plugins(own: dict[str, Node | bool], section: Section, pm: PluginMa
             enabled[name] = global_plugins.parsed[name, directory]
             continue
         options = _merged_options(global_plugins.entries.get(name), own.get(name))
-        before = len(problems.lines)
+        before = problems.reported
         enabled[name] = _parse_plugin_options(name, options or Node({}, section.line, f"{section.path}.plugins.{name}"),
                                               pm, problems, base_dir)
-        if shared and len(problems.lines) == before:
+        if shared and problems.reported == before:
             global_plugins.parsed[name, directory] = enabled[name]
     return enabled
 
@@ -622,10 +622,10 @@ def _merged_options(global_entry: Node | bool | None, own_entry: Node | bool | N
 
 
 def _parse_plugin_options(name: str, options: Node, pm: PluginManager, problems: Problems, base_dir: Path) -> Any:
-    before = len(problems.lines)
+    before = problems.reported
     parsed = pm.hook.parse_plugin_options(name=name, options=options, problems=problems, base_dir=base_dir,
                                           pluginmanager=pm)
-    if parsed is None and options.value and len(problems.lines) == before:
+    if parsed is None and options.value and problems.reported == before:
         problems.add(options.line, options.path, f"plugin {name!r} takes no options")
     return parsed
 

@@ -61,8 +61,12 @@ class Problems:
         self.file = file
         self.lines: list[str] = []
         self._line_of: dict[str, int] = {}
+        # every problem added, the repeated ones too: whether a parser found any is told by this growing, not by
+        # `lines` (the second account sharing a bad option adds no line, and must not look fine)
+        self.reported = 0
 
     def add(self, line: int, path: str, message: str) -> None:
+        self.reported += 1
         where = f"{self.file}:{line}" if line else self.file
         text = f"{where}: {path}: {message}" if path else f"{where}: {message}"
         if text not in self._line_of:  # options shared by several accounts are checked once per account

@@ -80,14 +80,16 @@ class MetricsSettings:
 def parse_plugin_options(name: str, options: Node, problems: Problems, base_dir: Path) -> MetricsSettings | None:
     if name != NAME:
         return None
+    before = problems.reported
     section = Section(options, problems)
     settings = MetricsSettings(textfile=section.get("textfile", path_relative_to(base_dir), None),
                                listen=section.get("listen", listen_address, None),
                                allow_remote=section.get("allow_remote", boolean, False))
     section.finish({"textfile", "listen", "allow_remote"})
     if settings.textfile is None and settings.listen is None:
-        section.problem("give textfile: PATH (for node-exporter's textfile collector) and/or "
-                        f"listen: 127.0.0.1:{DEFAULT_PORT} (an HTTP endpoint)")
+        if problems.reported == before:  # else what is wrong with them is said already
+            section.problem("give textfile: PATH (for node-exporter's textfile collector) and/or "
+                            f"listen: 127.0.0.1:{DEFAULT_PORT} (an HTTP endpoint)")
         return None
     if settings.textfile is not None and settings.textfile.suffix != ".prom":
         section.problem("textfile: node-exporter reads only files ending in .prom", section.raw("textfile"))

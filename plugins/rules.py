@@ -407,11 +407,11 @@ def _rule(node: Node, index: int, reader: _Reader) -> Rule | None:
 
 
 def _condition(node: Node, reader: _Reader) -> Condition | None:
-    before = len(reader.problems.lines)
+    before = reader.problems.reported
     section = Section(node, reader.problems, what="a mapping of conditions, e.g. {header: Subject, regex: ...}")
     parts = [part for part in _condition_parts(section, reader) if part is not None]
     section.finish(CONDITION_KEYS)
-    if len(reader.problems.lines) > before:
+    if reader.problems.reported > before:
         return None
     if not parts:
         reader.problem(node, f"expected at least one condition: {', '.join(sorted(CONDITION_KEYS - set(TEXT_TESTS)))}")
@@ -546,12 +546,12 @@ def _action(node: Node, reader: _Reader) -> Action | None:
 
 
 def _tag(node: Node, reader: _Reader) -> Tag | None:
-    before = len(reader.problems.lines)
+    before = reader.problems.reported
     section = Section(node, reader.problems, what="a mapping with header: and/or subject_prefix:")
     headers = section.get("header", _tag_headers, None)
     prefix = section.get("subject_prefix", nonempty_text, None)
     section.finish({"header", "subject_prefix"})
-    if len(reader.problems.lines) > before:
+    if reader.problems.reported > before:
         return None
     if headers is None and prefix is None:
         reader.problem(node, "expected header: \"Name: value\" and/or subject_prefix: TEXT")
@@ -582,9 +582,9 @@ def _deliver(node: Node, reader: _Reader) -> Deliver | None:
     if not entries:
         reader.problem(node, "expected at least one destination")
         return None
-    before = len(reader.problems.lines)
+    before = reader.problems.reported
     destinations = [parse_destination_entry(entry, reader.problems, reader.pm, reader.base_dir) for entry in entries]
-    if len(reader.problems.lines) > before or any(d is None for d in destinations):
+    if reader.problems.reported > before or any(d is None for d in destinations):
         return None
     return Deliver(tuple(d for d in destinations if d is not None))
 

@@ -261,6 +261,15 @@ def test_defaults_may_hold_source_keys_and_a_misspelt_one_is_reported_once(tmp_p
         ("pop.example.org", TLSMode.STARTTLS, 110)] * 2
 
 
+def test_a_bad_default_shared_by_several_accounts_is_one_problem_and_nothing_else(tmp_path: Path) -> None:
+    """The second account sharing a bad key adds no new line; it must not look fine to what reads after it (which
+    said, for it, that no plugin read its protocol's settings)."""
+    account = "  - {name: %s, username: u, password: p, deliver: {maildir: m}}\n"
+    text = "defaults:\n  host: pop.example.org\n  port: 99999\naccounts:\n" + account % "a" + account % "b"
+    assert problems_of(tmp_path, text).splitlines() == [
+        f"{tmp_path / 'postbote.yaml'}:3: defaults.port: expected an integer from 1 to 65535, got 99999 (int)"]
+
+
 def test_a_source_plugin_reads_only_its_own_keys(tmp_path: Path) -> None:
     """The POP3 keys mean nothing to another source: there they are unknown keys."""
     from postbote.testing import FakeSource

@@ -78,6 +78,13 @@ def test_the_textfile_must_be_a_prom_file(tmp_path: Path) -> None:
     assert "node-exporter reads only files ending in .prom" in problems(tmp_path, {"textfile": "postbote.txt"})
 
 
+def test_a_bad_listen_address_is_the_one_problem_said_however_many_accounts_share_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, {"listen": "127.0.0.1:0"}, *(account(name, None, tmp_path / "Maildir") for name in "abc"))
+    text = str(caught.value)  # not also "give textfile or listen", nor "plugin 'metrics' takes no options"
+    assert text.count("\n") == 0 and "plugins.metrics.listen: expected HOST:PORT" in text, text
+
+
 def test_listen_refuses_addresses_off_loopback_unless_allowed(tmp_path: Path) -> None:
     assert "0.0.0.0 is not a loopback address" in problems(tmp_path, {"listen": "0.0.0.0:9465"})
     config = load(tmp_path, {"listen": "0.0.0.0:9465", "allow_remote": True})

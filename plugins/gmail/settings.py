@@ -162,7 +162,7 @@ def argv(value: Any) -> list[str]:
 
 def parse_settings(options: Node, problems: Problems, base_dir: Path) -> GmailSettings | None:
     section = Section(options, problems)
-    before = len(problems.lines)
+    before = problems.reported
     fields: dict[str, Any] = dict(
         user=section.get("user", user_id, "me"),
         labels=tuple(section.get("labels", label_list, list(DEFAULT_LABELS))),
@@ -186,7 +186,7 @@ def parse_settings(options: Node, problems: Problems, base_dir: Path) -> GmailSe
         section.problem("give exactly one of oauth2 (postbote refreshes the tokens; run postbote auth ACCOUNT "
                         "--destination gmail once) or token_command")
     section.finish()
-    if len(problems.lines) > before:
+    if problems.reported > before:
         return None
     return GmailSettings(**fields)
 

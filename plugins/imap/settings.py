@@ -100,7 +100,7 @@ def connection_settings(section: Section, base_dir: Path, *,
 
 def imap_settings(section: Section, base_dir: Path) -> IMAPSettings | None:
     """The keys of one ``protocol: imap`` account (``defaults:`` merged in); None when some are wrong."""
-    before = len(section.problems.lines)
+    before = section.problems.reported
     connection = connection_settings(section, base_dir)
     keep = _account_keeps(section)
     after_fetch = AfterFetch(section.get("after_fetch", choice(*AfterFetch),
@@ -111,7 +111,7 @@ def imap_settings(section: Section, base_dir: Path) -> IMAPSettings | None:
     unseen_only = section.get("unseen_only", boolean, False)
     gmail = section.get("gmail", boolean, False)
     idle = section.get("idle", boolean, True)
-    if connection is None or len(section.problems.lines) > before:
+    if connection is None or section.problems.reported > before:
         return None
     shared = {item.name: getattr(connection, item.name) for item in fields(ConnectionSettings)}
     return IMAPSettings(**shared, folders=folders, after_fetch=after_fetch, move_to=move_to,
@@ -181,14 +181,14 @@ def _folder(section: Section, item: Node, after_fetch: AfterFetch, move_to: str 
             section.problem(str(exc), item)
             return None
     entry = Section(item, section.problems)
-    before = len(section.problems.lines)
+    before = section.problems.reported
     name = entry.get("name", _folder_name, required=True)
     own = AfterFetch(entry.get("after_fetch", choice(*AfterFetch), after_fetch.value))
     inherited = move_to if own in (after_fetch, AfterFetch.MOVE) else None
     own_move_to = entry.get("move_to", nonempty_text, inherited)
     entry.finish()
     _check_action(section, item, own, own_move_to, keep)
-    if name is None or len(section.problems.lines) > before:
+    if name is None or section.problems.reported > before:
         return None
     return FolderRule(name, own, own_move_to)
 

@@ -95,7 +95,7 @@ OAUTH2_KEYS = frozenset({"provider", "tenant", "token_url", "client_id", "client
 
 def oauth2_from_section(section: Section, base_dir: Path) -> OAuth2Settings | None:
     """An account's ``oauth2:`` mapping read with `postbote.Section` (problems recorded as ``file:line: key:``)."""
-    before = len(section.problems.lines)
+    before = section.problems.reported
     provider = section.get("provider", choice(*PRESETS), None)
     fields = dict(
         tenant=section.get("tenant", nonempty_text, None),
@@ -109,7 +109,7 @@ def oauth2_from_section(section: Section, base_dir: Path) -> OAuth2Settings | No
         ca_file=section.get("ca_file", path_relative_to(base_dir), None),
     )
     section.finish(set(OAUTH2_KEYS))
-    if len(section.problems.lines) > before:
+    if section.problems.reported > before:
         return None
     try:
         return oauth2_settings(provider=provider, **fields)

@@ -79,7 +79,7 @@ def read_server(section: Section, base_dir: Path, settings_type: type[Settings],
                 default_ports: Mapping[TLSMode, int], auth_choices: tuple[str, ...],
                 default_tls: TLSMode = TLSMode.IMPLICIT) -> Settings | None:
     """The server keys of ``section`` as a ``settings_type``; None when some are wrong (recorded as problems)."""
-    before = len(section.problems.lines)
+    before = section.problems.reported
     tls = TLSMode(section.get("tls", _TLS_MODE, default_tls.value))
     port = section.get("port", port_number, default_ports[tls])
     host = section.get("host", nonempty_text, required=True)
@@ -92,7 +92,7 @@ def read_server(section: Section, base_dir: Path, settings_type: type[Settings],
     named = {"tls_ca_file": tls_ca_file, "password_file": credentials.password_file}
     files = {key: (path, node.line, node.path) for key, path in named.items()
              if path is not None and (node := section.raw(key)) is not None}
-    if len(section.problems.lines) > before:
+    if section.problems.reported > before:
         return None
     return settings_type(host=host, port=port, tls=tls, username=username, auth=auth, credentials=credentials,
                          tls_verify=tls_verify, tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, files=files)
