@@ -404,7 +404,10 @@ class MetricsExporter:
                 return
             self._polled.clear()
             started = time.monotonic()
-            self.write_textfiles(self._refresh_out_of_date())
+            try:
+                self.write_textfiles(self._refresh_out_of_date())
+            except Exception as exc:  # noqa: BLE001 - a bug here must not end the writing for good, unseen
+                log.error("metrics.write_failed", error=f"{type(exc).__name__}: {exc}")
             if self._closing.wait(max(WRITE_INTERVAL, (time.monotonic() - started) / WRITE_SHARE)):
                 return
 

@@ -24,6 +24,7 @@ from postbote.poller import Poller
 from postbote.state import PollRecord, StateStore
 from postbote.status import WaitingSummary
 from postbote.testing import FakeSource
+from structlog.testing import capture_logs
 
 from tests.harness import account, fake_account, fake_mailbox, mail, wait_until, write_config
 from tests.servers import free_port
@@ -186,6 +187,38 @@ def test_polls_finishing_together_are_read_and_written_together_not_one_by_one(
     # the start-up write, then at most one per WRITE_INTERVAL while polls kept finishing, and one at the end
     assert len(writes) <= 3 + elapsed / metrics.WRITE_INTERVAL < len(names)
     assert sum(reads[1:]) == len(names) and len(reads) <= len(writes) + 1  # each poll read once, in batches
+
+
+def test_a_failed_textfile_write_is_logged_and_later_polls_are_written_all_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    textfile = tmp_path / "postbote.prom"
+    config = load(tmp_path, {"textfile": str(textfile)})
+    store = StateStore(config.state_dir)
+    exporter = metrics.MetricsExporter(config)
+    real_render, calls = metrics.render_samples, []
+
+    def render_failing_once(accounts):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 2:  # the first write after start-up
+            raise RuntimeError("a bug in rendering")
+        return real_render(accounts)
+
+    monkeypatch.setattr(metrics, "render_samples", render_failing_once)
+    try:
+        with capture_logs() as events:
+            exporter.start()
+            for polls in (1, 2):
+                store.record_poll("alice", ok=True, duration=0.1, counts={}, error=None)
+                exporter.poll_finished("alice")
+                if polls == 1:
+                    assert wait_until(lambda: any(e["event"] == "metrics.write_failed" for e in events), 10)
+            assert wait_until(lambda: 'postbote_polls_total{account="alice"} 2' in textfile.read_text(), 10,
+                              "the second poll written after the failed write")
+    finally:
+        exporter.close()
+        store.close()
+    (failed,) = [event for event in events if event["event"] == "metrics.write_failed"]
+    assert failed["error"] == "RuntimeError: a bug in rendering"
 
 
 def test_http_endpoint_serves_metrics_on_loopback_and_stops_with_the_config(tmp_path: Path,
