@@ -167,7 +167,8 @@ def test_polls_finishing_together_are_read_and_written_together_not_one_by_one(
     writes: list[str] = []
     reads: list[int] = []
     real_write, real_read = metrics.write_textfile, metrics.read_accounts_state
-    monkeypatch.setattr(metrics, "write_textfile", lambda path, text: (writes.append(text), real_write(path, text)))
+    monkeypatch.setattr(metrics, "write_textfile",
+                        lambda path, pieces: (writes.append(text := "".join(pieces)), real_write(path, [text])))
     monkeypatch.setattr(metrics, "read_accounts_state",
                         lambda where, accounts: (reads.append(len(accounts)), real_read(where, accounts))[1])
     store = StateStore(config.state_dir)
@@ -195,15 +196,15 @@ def test_a_failed_textfile_write_is_logged_and_later_polls_are_written_all_the_s
     config = load(tmp_path, {"textfile": str(textfile)})
     store = StateStore(config.state_dir)
     exporter = metrics.MetricsExporter(config)
-    real_render, calls = metrics.render_samples, []
+    real_exposition, calls = metrics.exposition, []
 
-    def render_failing_once(accounts):  # type: ignore[no-untyped-def]
+    def exposition_failing_once(accounts):  # type: ignore[no-untyped-def]
         calls.append(1)
         if len(calls) == 2:  # the first write after start-up
             raise RuntimeError("a bug in rendering")
-        return real_render(accounts)
+        return real_exposition(accounts)
 
-    monkeypatch.setattr(metrics, "render_samples", render_failing_once)
+    monkeypatch.setattr(metrics, "exposition", exposition_failing_once)
     try:
         with capture_logs() as events:
             exporter.start()
