@@ -22,6 +22,7 @@ from postbote.daemon import Daemon
 from postbote.pluginmanager import make_plugin_manager
 from postbote.state import StateStore
 from postbote.testing import FakeSource
+from structlog.testing import capture_logs
 
 from tests.harness import mail, wait_until
 
@@ -102,13 +103,14 @@ def running_daemon(tmp_path: Path, *plugins: object) -> Iterator[Daemon]:
     store = StateStore(loaded.state_dir)
     daemon = Daemon(pm, loaded, store, rng=Soonest())
     thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    try:
-        yield daemon
-    finally:
-        daemon.request(signal.SIGTERM)
-        thread.join(30)
-        store.close()
+    with capture_logs():  # the daemon's events are kept, not printed into the test run's output
+        thread.start()
+        try:
+            yield daemon
+        finally:
+            daemon.request(signal.SIGTERM)
+            thread.join(30)
+            store.close()
     assert not thread.is_alive()
 
 
