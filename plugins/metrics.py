@@ -310,6 +310,8 @@ class MetricsExporter:
         self._samples: dict[str, tuple[PollRecord, WaitingSummary, tuple[str, ...]]] = {}
         self._lock = threading.Lock()
         self._out_of_date: set[str] = set()  # accounts polled since their figures were read
+        self._unwritten: set[str] = set()  # accounts polled since their textfiles were written (a scrape reads them
+        # too, which must not keep their files from being written)
         self._out_of_date_lock = threading.Lock()
         self._servers: list[MetricsServer] = []
         self._polled = threading.Event()  # wakes the writer
@@ -338,7 +340,9 @@ class MetricsExporter:
         """``account``'s figures changed: read again at the next scrape or textfile write."""
         with self._out_of_date_lock:
             self._out_of_date.add(account)
-        self._polled.set()
+            if self._writer is not None:
+                self._unwritten.add(account)
+                self._polled.set()
 
     def refresh(self, *accounts: str) -> None:
         """Read the accounts' latest poll records and waiting messages from the state store (read-only, at once)."""
@@ -354,12 +358,17 @@ class MetricsExporter:
                 self._records[name] = state.last_poll
                 self._waiting[name] = state.waiting
 
-    def _refresh_out_of_date(self) -> set[str]:
-        """Read the accounts polled since they were last read; returns their names."""
+    def _refresh_out_of_date(self) -> None:
+        """Read the accounts polled since they were last read."""
         with self._out_of_date_lock:
             accounts, self._out_of_date = self._out_of_date, set()
         if accounts:
             self.refresh(*accounts)
+
+    def _take_unwritten(self) -> set[str]:
+        """The accounts polled since the textfiles were written (a poll finishing from now on is written next time)."""
+        with self._out_of_date_lock:
+            accounts, self._unwritten = self._unwritten, set()
         return accounts
 
     def render(self, accounts: list[str]) -> str:
@@ -415,7 +424,7 @@ class MetricsExporter:
             self._polled.clear()
             started = time.monotonic()
             try:
-                self.write_textfiles(self._refresh_out_of_date())
+                self.write_textfiles(self._take_unwritten())
             except Exception as exc:  # noqa: BLE001 - a bug here must not end the writing for good, unseen
                 log.error("metrics.write_failed", error=f"{type(exc).__name__}: {exc}")
             if self._closing.wait(max(WRITE_INTERVAL, (time.monotonic() - started) / WRITE_SHARE)):
@@ -427,7 +436,7 @@ class MetricsExporter:
             self._polled.set()
             self._writer.join()
             self._writer = None
-            self.write_textfiles(self._refresh_out_of_date())  # the polls since the last write
+            self.write_textfiles(self._take_unwritten())  # the polls since the last write
         for server in self._servers:
             server.close()
         self._servers = []

@@ -190,6 +190,34 @@ def test_polls_finishing_together_are_read_and_written_together_not_one_by_one(
     assert sum(reads[1:]) == len(names) and len(reads) <= len(writes) + 1  # each poll read once, in batches
 
 
+def test_each_textfile_shows_its_accounts_polls_whoever_read_them_first(tmp_path: Path) -> None:
+    """Two textfiles, and an endpoint scraped in between: a scrape reading alice's poll does not keep her textfile
+    from being written, nor does writing alice's file keep bob's from it."""
+    port = free_port()
+    alice_file, bob_file = tmp_path / "alice.prom", tmp_path / "bob.prom"
+    config = load(tmp_path, True,
+                  account("alice", None, tmp_path / "Maildir",
+                          plugins={"metrics": {"textfile": str(alice_file), "listen": f"127.0.0.1:{port}"}}),
+                  account("bob", None, tmp_path / "Maildir", plugins={"metrics": {"textfile": str(bob_file)}}))
+    store = StateStore(config.state_dir)
+    exporter = metrics.MetricsExporter(config)
+    try:
+        exporter.start()
+        for polls in (1, 2):
+            for name in ("alice", "bob"):
+                store.record_poll(name, ok=True, duration=0.1, counts={}, error=None)
+                exporter.poll_finished(name)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                assert f'postbote_polls_total{{account="alice"}} {polls}' in response.read().decode()
+            for name, textfile in (("alice", alice_file), ("bob", bob_file)):
+                line = f'postbote_polls_total{{account="{name}"}} {polls}'
+                assert wait_until(lambda line=line, textfile=textfile: line in textfile.read_text(), 10,
+                                  f"{line} in {textfile.name}")
+    finally:
+        exporter.close()
+        store.close()
+
+
 def test_a_failed_textfile_write_is_logged_and_later_polls_are_written_all_the_same(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     textfile = tmp_path / "postbote.prom"
