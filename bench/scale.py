@@ -219,7 +219,6 @@ def daemon_config(setup: Setup, count: int, interval: str, parallel: int, name: 
     directory = setup.work / name
     if directory.exists():
         shutil.rmtree(directory)
-    directory.mkdir(parents=True)
     plugins = {"metrics": {"textfile": str(directory / "postbote.prom")}} if metrics else None
     return write(directory / "postbote.yaml", entries, state_dir=directory / "state",
                  per_file=1000 if count > 1000 else 0, max_parallel=parallel, max_parallel_per_host=parallel,
